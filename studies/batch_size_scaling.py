@@ -1,0 +1,105 @@
+"""Steps to a target loss vs batch size on the NQM, each point tuned (lecture seed 004, NQM slides).
+
+Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned) and iterate
+averaging (SGD + EMA, lr and decay tuned), with the information-theoretic lower bound, and the tuned
+learning rate per batch size (linear scaling in the noise-dominated regime).
+
+    python -m studies.batch_size_scaling            # dimension 10^4, batch sizes 2^0..2^20
+    python -m studies.batch_size_scaling --quick    # dimension 10^3, batch sizes 2^0..2^16 step 4
+
+Writes ``batch_size_scaling.nc`` and ``batch_size_scaling.png`` into ``--out`` (default ``results``);
+per-family sweeps are saved as they go and resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from toymodels import NQM  # noqa: E402
+from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.sweep import batch_size_sweep  # noqa: E402
+
+FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
+COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3"}
+
+
+def run(*, quick: bool = False, out: str = "results", dim: int | None = None, target_fraction: float = 0.01,
+        progress: bool = True) -> xr.Dataset:
+    """Run the sweeps and write the netCDF file and the figure; returns the dataset."""
+    os.makedirs(out, exist_ok=True)
+    dim = dim or (1000 if quick else 10_000)
+    batch_sizes = 2.0 ** (np.arange(0, 17, 4) if quick else np.arange(0, 21))
+    nqm = NQM.power_law(dim)
+    target = target_fraction * nqm.initial_loss
+    parts = []
+    for fam in FAMILIES:
+        path = os.path.join(out, f"batch_size_scaling_{fam}_{dim}.nc")
+        ds = batch_size_sweep(nqm, fam, batch_sizes, target, precond=0.5, progress=progress, path=path)
+        for name in ("momentum_opt", "decay_opt"):
+            if name not in ds:
+                ds[name] = ("batch_size", np.full(batch_sizes.size, np.nan))
+        parts.append(ds.drop_attrs().expand_dims(optimizer=[fam]))
+    result = xr.concat(parts, dim="optimizer")
+    result["steps_lower_bound"] = ("batch_size", np.array([nqm.lower_bound_steps(b, target) for b in batch_sizes]))
+    attach_attrs(result, model="nqm", source="exact", target=target, target_fraction=target_fraction, dim=dim,
+                 hessian_power=1.0, noise_power=1.0, init_sq=1.0, precond=0.5)
+    validate(result)
+    result.to_netcdf(os.path.join(out, "batch_size_scaling.nc"))
+    plot(result, os.path.join(out, "batch_size_scaling.png"))
+    return result
+
+
+def plot(result: xr.Dataset, path: str) -> None:
+    """Two panels: steps vs batch size with the lower bound; tuned learning rate vs batch size."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bs = result.batch_size.values
+    for fam, label in FAMILIES.items():
+        if fam not in result.optimizer.values:
+            continue
+        r = result.sel(optimizer=fam)
+        ax1.loglog(bs, r.steps_to_target.values, "-o", ms=3, color=COLORS[fam], label=label)
+        lr = r.lr_opt.values
+        if fam == "momentum":  # the effective learning rate lr / (1 - beta) is comparable with SGD's
+            lr = lr / (1.0 - r.momentum_opt.values)
+            label = label + ": lr/(1-β)"
+        ax2.loglog(bs, lr, "-o", ms=3, color=COLORS[fam], label=label)
+    ax1.loglog(bs, np.maximum(result.steps_lower_bound.values, 1), ":", color="k", label="lower bound")
+    ax1.set_xlabel("batch size")
+    ax1.set_ylabel("steps to target")
+    ax1.set_title(f"NQM, d={result.attrs['dim']}, target={result.attrs['target_fraction']:g}·L0")
+    ax1.legend(fontsize=8)
+    ref = bs * result.sel(optimizer="sgd").lr_opt.values[0]
+    ax2.loglog(bs, ref, "--", color="0.6", lw=1, label="linear scaling")
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("tuned learning rate")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="dimension 10^3 and 5 batch sizes")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--dim", type=int, default=None, help="NQM dimension (default 10^4, 10^3 with --quick)")
+    p.add_argument("--target-fraction", type=float, default=0.01, help="target loss as a fraction of L0")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    res = run(quick=a.quick, out=a.out, dim=a.dim, target_fraction=a.target_fraction, progress=not a.no_progress)
+    print(res.steps_to_target.to_pandas().T.to_string())
+    print(f"wrote {a.out}/batch_size_scaling.nc and .png in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

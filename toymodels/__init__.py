@@ -1,0 +1,20 @@
+"""Toy models of stochastic optimization: exact moment dynamics with Monte Carlo beside them."""
+
+from .nqm import NQM
+from .optimizers import EMA, SGD, Momentum
+from .schedules import Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
+from .spectra import power_law
+
+__all__ = [
+    "NQM",
+    "SGD",
+    "Momentum",
+    "EMA",
+    "Constant",
+    "PiecewiseConstant",
+    "StepDecay",
+    "Exponential",
+    "Cosine",
+    "Warmup",
+    "power_law",
+]

@@ -1,0 +1,371 @@
+"""The noisy quadratic model (NQM) of the lecture (seed 004, "Noisy Quadratic Model").
+
+Loss L(theta) = 1/2 sum_i h_i theta_i^2; a mini-batch gradient of size B is H theta + eps with
+Cov(eps) = diag(c) / B, independent across steps; E[theta_i^2] = init_sq_i at step 0.  With H and C
+co-diagonal every coordinate evolves on its own, so the expected loss of any optimizer in
+:mod:`toymodels.optimizers` follows exactly from the per-mode second moments
+(:mod:`toymodels.dynamics`).  For SGD the per-mode loss is the lecture's
+
+    E L_i(k) = (1 - a h_i)^(2k) E L_i(0) + (1 - (1 - a h_i)^(2k)) a c_i / (2 B (2 - a h_i)).
+
+Example:
+    >>> from toymodels import NQM, SGD
+    >>> nqm = NQM.power_law(1000)
+    >>> k = nqm.steps_to_target(SGD(0.5), batch_size=64, target=0.1)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from . import dynamics
+from ._validate import check_int, check_real, check_spectrum, check_steps
+from .montecarlo import simulate_linear_system
+from .optimizers import Optimizer
+from .schema import attach_attrs
+from .spectra import power_law
+from .stats import gradient_statistics
+
+__all__ = ["NQM", "check_batch_size"]
+
+
+def check_batch_size(batch_size) -> float:
+    """Batch size: a real number >= 1 (large powers of two are common, so floats are accepted)."""
+    return check_real("batch_size", batch_size, low=1.0, high=math.inf, high_open=True)
+
+
+def _check_optimizer(optimizer):
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"`optimizer` must be an SGD, Momentum or EMA spec; got {type(optimizer).__name__}.")
+    return optimizer
+
+
+def _check_target(target):
+    return check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+
+
+class NQM:
+    """Noisy quadratic model with curvature ``h``, per-example noise variance ``c`` and E[theta_0^2].
+
+    Args:
+        h: ``(d,)`` curvatures, finite and > 0.
+        c: ``(d,)`` per-example gradient-noise variances, finite and >= 0 (default: ``h``, i.e. H = C).
+        init_sq: E[theta_i^2] at step 0, scalar or ``(d,)``, > 0.
+    """
+
+    model_name = "nqm"
+
+    def __init__(self, h, c=None, init_sq=1.0):
+        self.h = check_spectrum("h", h)
+        d = self.h.size
+        self.c = self.h.copy() if c is None else check_spectrum("c", c, dim=d, positive=False)
+        self.init_sq = check_spectrum("init_sq", init_sq, dim=d)
+
+    @classmethod
+    def power_law(cls, dim: int, hessian_power: float = 1.0, noise_power: float = 1.0, init_sq: float = 1.0):
+        """h_i = i^-hessian_power, c_i = i^-noise_power (the lecture's choice is both = 1)."""
+        return cls(power_law(dim, hessian_power), power_law(dim, noise_power), init_sq)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.h.size
+
+    @property
+    def initial_loss(self) -> float:
+        """L_0 = 1/2 sum_i h_i init_sq_i."""
+        return float(0.5 * np.sum(self.h * self.init_sq))
+
+    @property
+    def params(self) -> dict:
+        return {"dim": self.dim, "initial_loss": self.initial_loss}
+
+    def _S0(self, optimizer):
+        u = optimizer.init
+        return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+
+    def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
+        """The closed form of the expected loss for a constant learning rate (default: the spec's)."""
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        if lr is None:
+            sched = optimizer.lr
+            if not hasattr(sched, "lr") or type(sched).__name__ != "Constant":
+                raise ValueError("`optimizer` must have a constant learning rate here.")
+            lr = sched.lr
+        A, b = optimizer.transition(self.h, lr)
+        return dynamics.ModalForm(A, b, self.c / bs, self.h, optimizer.readout, self._S0(optimizer))
+
+    def lr_limit(self, optimizer) -> float:
+        """Largest stable constant learning rate of ``optimizer`` on this spectrum."""
+        return float(_check_optimizer(optimizer).lr_limit(self.h))
+
+    def noise_floor(self, optimizer, batch_size) -> float:
+        """Stationary expected loss for the spec's constant learning rate (``inf`` if unstable)."""
+        return self.modal_form(optimizer, batch_size).loss_inf
+
+    # ------------------------------------------------------------------------------------------
+    def _trajectory(self, optimizer, batch_size, ks):
+        """Exact expected loss and sum h^2 E[theta^2] at sorted steps ``ks``."""
+        q = self.c / batch_size
+        a0, a1, b1 = optimizer.affine(self.h)
+        sched = optimizer.lr
+        S = self._S0(optimizer)
+        r = optimizer.readout
+        if not sched.piecewise_constant:
+            return dynamics.propagate(a0, a1, b1, q, self.h, r, sched.values(int(ks[-1])), ks, S)
+        starts, lrs = sched.pieces()
+        loss = np.empty(ks.size)
+        gsq = np.empty(ks.size)
+        k_cur = 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            for m, k in enumerate(ks):
+                while k_cur < k:  # move piece by piece
+                    p = np.searchsorted(starts, k_cur, side="right") - 1
+                    end = starts[p + 1] if p + 1 < starts.size else np.iinfo(np.int64).max
+                    n = int(min(k, end) - k_cur)
+                    A, b = a0 + lrs[p] * a1, lrs[p] * b1
+                    S = dynamics.jump(A, b, q, S, n)
+                    k_cur += n
+                loss[m] = 0.5 * np.sum(self.h * S[:, r, r])
+                gsq[m] = np.sum(self.h**2 * S[:, 0, 0])
+        return loss, gsq
+
+    def loss_curve(self, optimizer, batch_size, steps) -> xr.DataArray:
+        """Exact expected loss over steps.
+
+        Args:
+            optimizer: an optimizer spec (its ``lr`` a number or a schedule).
+            batch_size: B >= 1.
+            steps: a count n (the curve at 0..n) or a strictly increasing array of step indices; for
+                piecewise-constant schedules the cost grows with log(step), so a 10^7-step curve on a
+                log grid is cheap.
+
+        Returns:
+            ``DataArray`` named ``loss`` over ``step``; ``inf`` where the run has overflowed
+            (``attrs["diverged"]`` says whether it did).
+        """
+        ds = self.gradient_stats(optimizer, batch_size, steps)
+        return ds["loss"]
+
+    def gradient_stats(self, optimizer, batch_size, steps) -> xr.Dataset:
+        """Loss and the gradient statistics along the exact expected trajectory.
+
+        At step k the expected squared norm of the full-batch gradient is sum_i h_i^2 E[theta_i^2]
+        (taken at the base iterate theta, also under iterate averaging), the per-example noise
+        covariance trace is sum_i c_i; the statistics follow :func:`toymodels.stats.gradient_statistics`.
+
+        Returns:
+            Dataset over ``step`` with ``loss``, ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``
+            and ``noise_scale``; ``source="exact"``.
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        ks = check_steps(steps)
+        loss, gsq = self._trajectory(optimizer, bs, ks)
+        bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
+        loss[bad] = np.inf
+        gsq[bad] = np.inf
+        stats = gradient_statistics(gsq, np.sum(self.c), self.dim, bs)
+        ds = xr.Dataset(
+            {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
+            coords={"step": ks},
+        )
+        for v in ds.data_vars.values():
+            v.values[np.isnan(v.values)] = np.inf
+        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
+                     **self.params, **optimizer.hyperparameters)
+        for v in ds.data_vars.values():
+            v.attrs.update(ds.attrs)
+        return ds
+
+    # ------------------------------------------------------------------------------------------
+    def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int = 10**15, full_output: bool = False):
+        """The first step k with expected loss L_k <= target.
+
+        Exact, also for the non-monotone curves of momentum and iterate averaging: per constant-lr
+        piece the loss is a finite sum of exponentials, and :meth:`toymodels.dynamics.ModalForm.first_crossing`
+        discards only step intervals whose rigorous lower bound exceeds the target and checks every
+        step of the rest, so L_{k-1} > target >= L_k and no earlier step crosses.  Schedules that are
+        not piecewise constant are stepped one update at a time (up to ``max_steps``).
+
+        Args:
+            optimizer: an optimizer spec.
+            batch_size: B >= 1.
+            target: a loss > 0.
+            max_steps: give up (``inf``) beyond this step.
+            full_output: also return a dict with ``reason`` (why inf), ``noise_floor`` and the spec.
+
+        Returns:
+            ``float`` holding an integer, or ``math.inf`` when the target is below the noise floor,
+            the run diverges (a mode with spectral radius >= 1 after step 0), or it is not reached
+            by ``max_steps``.
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        target = _check_target(target)
+        max_steps = check_int("max_steps", max_steps, low=1)
+        k, reason, floor = self._first_crossing(optimizer, bs, target, max_steps)
+        steps = float(k) if k >= 0 else math.inf
+        if full_output:
+            return steps, {"reason": reason, "noise_floor": floor}
+        return steps
+
+    def _first_crossing(self, optimizer, bs, target, max_steps):
+        if self.initial_loss <= target:
+            return 0, "", math.nan
+        sched = optimizer.lr
+        q = self.c / bs
+        S = self._S0(optimizer)
+        a0, a1, b1 = optimizer.affine(self.h)
+        r = optimizer.readout
+        if not sched.piecewise_constant:
+            return self._scan(a0, a1, b1, q, r, S, sched.values(max_steps), target)
+        starts, lrs = sched.pieces()
+        floor = math.nan
+        for p in range(starts.size):
+            start = int(starts[p])
+            if start > max_steps:
+                break
+            last = p + 1 == starts.size
+            length = max_steps - start if last else int(min(starts[p + 1], max_steps) - start)
+            A, b = a0 + lrs[p] * a1, lrs[p] * b1
+            mf = dynamics.ModalForm(A, b, q, self.h, r, S)
+            floor = mf.loss_inf
+            if not mf.stable:
+                if last:
+                    return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
+                k, _ = self._scan(a0, a1, b1, q, r, S, np.full(length, lrs[p]), target)[:2]
+                if k >= 0:
+                    return start + k, "", floor
+                S = dynamics.jump(A, b, q, S, length)
+                continue
+            k_hi = self._horizon(mf, target, length)
+            if k_hi >= 0:
+                k = mf.first_crossing(target, k_hi)
+                if k >= 0:
+                    return start + k, "", floor
+            if last:
+                if floor > target:
+                    return -1, f"unreachable: noise floor {floor:.6g} > target {target:.6g}", floor
+                return -1, f"not reached within max_steps={max_steps}", floor
+            S = dynamics.jump(A, b, q, S, length)
+        return -1, f"not reached within max_steps={max_steps}", floor
+
+    @staticmethod
+    def _horizon(mf, target, length):
+        """A step K <= length such that no crossing is possible after K, or -1 if none before."""
+        if mf.loss_inf <= target:
+            k = 1
+            while k < length and mf.loss(np.array([k]))[0] > target:
+                k *= 2
+            return min(k, length)
+        k = 1
+        while k < length and mf.lower_bound(k) <= target:
+            k *= 2
+        return min(k, length)
+
+    def _scan(self, a0, a1, b1, q, r, S, lrs, target):
+        """Step-by-step search for schedules without closed-form pieces (chunks of 4096 updates)."""
+        k0 = 0
+        chunk = 4096
+        while k0 < lrs.size:
+            part = lrs[k0 : k0 + chunk]
+            rec = np.arange(part.size + 1, dtype=np.int64)
+            loss, _ = dynamics.propagate(a0, a1, b1, q, self.h, r, part, rec, S)
+            if not np.all(np.isfinite(loss)):
+                return -1, "diverges: the loss overflowed", math.inf
+            hit = np.nonzero(loss <= target)[0]
+            if hit.size:
+                return k0 + int(hit[0]), "", math.nan
+            k0 += part.size
+        return -1, f"not reached within max_steps={lrs.size}", math.nan
+
+    # ------------------------------------------------------------------------------------------
+    def lower_bound_loss(self, n_samples) -> np.ndarray:
+        """Information-theoretic lower bound on the expected loss after ``n_samples`` gradient samples.
+
+        Any algorithm that has seen n noisy gradients g = H(theta - theta*) + eps, eps ~ N(0, C),
+        knows theta*_i at best up to the Bayes posterior variance 1 / (1 / init_sq_i + n h_i^2 / c_i)
+        (the prior being theta*_i ~ N(0, init_sq_i)), so
+
+            L(n) >= sum_i h_i / 2 / (1 / init_sq_i + n h_i^2 / c_i)
+
+        ("exact optimum for the training data so far", the lecture's dotted line).
+        """
+        n = np.asarray(n_samples, dtype=np.float64)
+        if np.any(n < 0):
+            raise ValueError("`n_samples` must be >= 0.")
+        with np.errstate(divide="ignore"):
+            prec = 1.0 / self.init_sq + np.multiply.outer(n, self.h**2 / self.c)
+        return np.sum(0.5 * self.h / prec, axis=-1)
+
+    def lower_bound_steps(self, batch_size, target) -> float:
+        """Fewest steps any algorithm needs with batch size B: ceil(n* / B) for the bound above."""
+        bs = check_batch_size(batch_size)
+        target = _check_target(target)
+        if self.initial_loss <= target:
+            return 0.0
+        hi = 1
+        while self.lower_bound_loss(hi) > target:
+            hi *= 2
+            if hi > 2**62:
+                return math.inf
+        lo = hi // 2  # loss(lo) > target (or lo == 0)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.lower_bound_loss(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+        return float(math.ceil(hi / bs))
+
+    # ------------------------------------------------------------------------------------------
+    def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0, progress: bool = False) -> xr.Dataset:
+        """Monte Carlo runs of the stochastic NQM: Gaussian theta_0 and gradient noise.
+
+        Args:
+            optimizer, batch_size, steps: as in :meth:`loss_curve`.
+            n_runs: independent runs (>= 2).
+            seed: seed of the ``numpy.random.Generator``.
+            progress: show a tqdm bar.
+
+        Returns:
+            Dataset over ``step``: ``loss`` (mean over runs), ``loss_sem`` (its standard error) and the
+            gradient statistics of the mean |H theta|^2; ``source="simulation"``.
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        ks = check_steps(steps)
+        n_runs = check_int("n_runs", n_runs, low=2)
+        seed = check_int("seed", seed, low=0)
+        rng = np.random.default_rng(seed)
+        a0, a1, b1 = optimizer.affine(self.h)
+        n = int(ks[-1])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="simulate", unit="step")
+        loss, gsq = simulate_linear_system(
+            a0, a1, b1, self.c / bs, self.h, optimizer.readout, optimizer.init, self.init_sq,
+            optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+        )
+        if bar is not None:
+            bar.close()
+        g2 = gsq.mean(axis=1)
+        stats = gradient_statistics(g2, np.sum(self.c), self.dim, bs)
+        ds = xr.Dataset(
+            {
+                "loss": ("step", loss.mean(axis=1)),
+                "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
+                **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()},
+            },
+            coords={"step": ks},
+        )
+        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
+                     **self.params, **optimizer.hyperparameters)
+        return ds

@@ -1,0 +1,212 @@
+"""Optimizer specs as per-mode linear systems.
+
+On a quadratic with diagonal curvature h_i and gradient noise eps_i (variance c_i / B per step), every
+optimizer here is linear in its state x (a vector of ``n_state`` numbers per eigen-direction):
+
+    x' = A(lr) x + b(lr) eps,        A(lr) = A0 + lr * A1,   b(lr) = lr * b1.
+
+A spec only writes (A0, A1, b1); :mod:`toymodels.dynamics` propagates the moments of any such system.
+``init`` says how the state starts from theta_0 (x_0 = init * theta_0) and ``readout`` which state entry
+the loss is measured at.
+
+* :class:`SGD` -- theta' = theta - a (h theta + eps), with a = lr * h^-gamma for P = H^gamma
+  (lecture seed 004, "NQM: Preconditioning").  State (theta,).
+* :class:`Momentum` -- heavy ball in the lecture's form, v' = beta v - a g, theta' = theta + v'.
+  State (theta, v).
+* :class:`EMA` -- exponential moving average of the iterates of any base optimizer,
+  avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is read at avg.  State (base..., avg).
+
+Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iterate averaging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ._validate import check_real
+from .schedules import Schedule, as_schedule
+
+__all__ = ["Optimizer", "SGD", "Momentum", "EMA"]
+
+
+class Optimizer:
+    """Base class of the optimizer specs."""
+
+    n_state: int
+    readout: int
+
+    @property
+    def init(self) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def affine(self, h: np.ndarray):  # pragma: no cover - abstract
+        """Per-mode ``(A0, A1, b1)`` of shapes ``(d, s, s)``, ``(d, s, s)``, ``(d, s)``."""
+        raise NotImplementedError
+
+    def transition(self, h: np.ndarray, lr: float):
+        """Per-mode ``(A, b)`` at learning rate ``lr``: shapes ``(d, s, s)`` and ``(d, s)``."""
+        a0, a1, b1 = self.affine(np.asarray(h, dtype=np.float64))
+        return a0 + lr * a1, lr * b1
+
+    def lr_limit(self, h: np.ndarray) -> float:  # pragma: no cover - abstract
+        """Largest constant learning rate with every mode stable (spectral radius < 1)."""
+        raise NotImplementedError
+
+    def with_lr(self, lr):
+        """A copy with another learning rate (number or schedule)."""
+        return replace(self, lr=lr)
+
+    @property
+    def hyperparameters(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _check_precond(precond):
+    return check_real("precond", precond, low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """(Preconditioned) SGD, P = H^precond.  ``lr`` is a number or a :class:`Schedule`."""
+
+    lr: Schedule | float
+    precond: float = 0.0
+    n_state = 1
+    readout = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", as_schedule(self.lr))
+        object.__setattr__(self, "precond", _check_precond(self.precond))
+
+    @property
+    def init(self):
+        return np.array([1.0])
+
+    def affine(self, h):
+        d = h.size
+        a0 = np.ones((d, 1, 1))
+        a1 = (-(h ** (1.0 - self.precond))).reshape(d, 1, 1)
+        b1 = (-(h ** (-self.precond))).reshape(d, 1)
+        return a0, a1, b1
+
+    def lr_limit(self, h):
+        return 2.0 / np.max(h ** (1.0 - self.precond))
+
+    @property
+    def hyperparameters(self):
+        return {"optimizer": "sgd" if self.precond == 0 else "precond", "precond": self.precond}
+
+
+@dataclass(frozen=True)
+class Momentum(Optimizer):
+    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v' (lecture seed 004), beta in [0, 1)."""
+
+    lr: Schedule | float
+    beta: float = 0.9
+    precond: float = 0.0
+    n_state = 2
+    readout = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", as_schedule(self.lr))
+        object.__setattr__(self, "beta", check_real("beta", self.beta, low=0.0, high=1.0, high_open=True))
+        object.__setattr__(self, "precond", _check_precond(self.precond))
+
+    @property
+    def init(self):
+        return np.array([1.0, 0.0])
+
+    def affine(self, h):
+        # State (theta, v):  theta' = (1 - a h) theta + beta v - a eps,  v' = -a h theta + beta v - a eps.
+        d = h.size
+        heff = h ** (1.0 - self.precond)
+        a0 = np.zeros((d, 2, 2))
+        a0[:, 0, 0] = 1.0
+        a0[:, 0, 1] = self.beta
+        a0[:, 1, 1] = self.beta
+        a1 = np.zeros((d, 2, 2))
+        a1[:, 0, 0] = -heff
+        a1[:, 1, 0] = -heff
+        b1 = np.repeat(-(h ** (-self.precond))[:, None], 2, axis=1)
+        return a0, a1, b1
+
+    def lr_limit(self, h):
+        # Eigenvalues of [[1 - x, beta], [-x, beta]] (x = a h) lie inside the unit circle iff
+        # 0 < x < 2 (1 + beta).
+        return 2.0 * (1.0 + self.beta) / np.max(h ** (1.0 - self.precond))
+
+    @property
+    def hyperparameters(self):
+        return {"optimizer": "momentum", "precond": self.precond, "momentum": self.beta}
+
+
+@dataclass(frozen=True)
+class EMA(Optimizer):
+    """Exponential moving average of a base optimizer's iterates, decay mu in [0, 1).
+
+    avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is measured at the average.
+    ``lr`` is the base optimizer's (``EMA(...).lr`` reads it, ``with_lr`` sets it).
+    """
+
+    base: Optimizer
+    decay: float = 0.99
+
+    def __post_init__(self):
+        if not isinstance(self.base, (SGD, Momentum)):
+            raise TypeError(f"`base` must be an SGD or Momentum spec; got {type(self.base).__name__}.")
+        object.__setattr__(self, "decay", check_real("decay", self.decay, low=0.0, high=1.0, high_open=True))
+
+    @property
+    def lr(self):
+        return self.base.lr
+
+    @property
+    def n_state(self):
+        return self.base.n_state + 1
+
+    @property
+    def readout(self):
+        return self.base.n_state
+
+    @property
+    def init(self):
+        return np.concatenate([self.base.init, [1.0]])
+
+    def affine(self, h):
+        a0b, a1b, b1b = self.base.affine(h)
+        d, s = h.size, self.base.n_state
+        mu = self.decay
+        a0 = np.zeros((d, s + 1, s + 1))
+        a1 = np.zeros((d, s + 1, s + 1))
+        a0[:, :s, :s] = a0b
+        a1[:, :s, :s] = a1b
+        r = self.base.readout
+        a0[:, s, :s] = (1 - mu) * a0b[:, r, :]
+        a1[:, s, :s] = (1 - mu) * a1b[:, r, :]
+        a0[:, s, s] = mu
+        b1 = np.concatenate([b1b, (1 - mu) * b1b[:, r : r + 1]], axis=1)
+        return a0, a1, b1
+
+    def lr_limit(self, h):
+        return self.base.lr_limit(h)
+
+    def with_lr(self, lr):
+        return replace(self, base=self.base.with_lr(lr))
+
+    @property
+    def hyperparameters(self):
+        hp = dict(self.base.hyperparameters)
+        hp["optimizer"] = hp["optimizer"] + "+ema"
+        hp["decay"] = self.decay
+        return hp
+
+
+def stable_lr_limit(optimizer: Optimizer, h) -> float:
+    """Alias of ``optimizer.lr_limit(h)`` that checks the result is finite."""
+    lim = float(optimizer.lr_limit(np.asarray(h, dtype=np.float64)))
+    if not math.isfinite(lim) or lim <= 0:  # pragma: no cover - defensive
+        raise ValueError("the stability limit of the learning rate is not finite.")
+    return lim

@@ -1,0 +1,212 @@
+"""Learning-rate schedules.
+
+A schedule maps the update index k = 0, 1, 2, ... (the update that takes the iterate from step k to
+step k + 1) to a learning rate.  Piecewise-constant schedules expose their pieces, so the exact
+dynamics can jump over a whole piece at once; the others are propagated step by step.
+
+All schedules are small frozen values::
+
+    >>> StepDecay(0.5, factor=0.1, every=1000).values(3)
+    array([0.5, 0.5, 0.5])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._validate import check_int, check_real
+
+__all__ = [
+    "Schedule",
+    "Constant",
+    "PiecewiseConstant",
+    "StepDecay",
+    "Exponential",
+    "Cosine",
+    "Warmup",
+    "as_schedule",
+]
+
+_POSITIVE = dict(low=0.0, high=math.inf, low_open=True, high_open=True)
+
+
+class Schedule:
+    """Base class.  Subclasses implement :meth:`values`; piecewise-constant ones :meth:`pieces`."""
+
+    piecewise_constant = False
+
+    def values(self, n: int) -> np.ndarray:  # pragma: no cover - abstract
+        """Learning rates of updates 0..n-1, shape ``(n,)``."""
+        raise NotImplementedError
+
+    def pieces(self):  # pragma: no cover - abstract
+        """``(starts, lrs)``: piece p uses ``lrs[p]`` for updates ``starts[p] <= k < starts[p+1]``."""
+        raise NotImplementedError
+
+    @property
+    def max_lr(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """The same learning rate at every update."""
+
+    lr: float
+    piecewise_constant = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+
+    def values(self, n):
+        return np.full(check_int("n", n), self.lr)
+
+    def pieces(self):
+        return np.array([0], dtype=np.int64), np.array([self.lr])
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@dataclass(frozen=True)
+class PiecewiseConstant(Schedule):
+    """``lrs[p]`` for updates ``boundaries[p-1] <= k < boundaries[p]`` (boundaries strictly increasing).
+
+    ``len(lrs) == len(boundaries) + 1``; the last piece lasts for ever.
+    """
+
+    boundaries: tuple
+    lrs: tuple
+    piecewise_constant = True
+
+    def __post_init__(self):
+        b = tuple(check_int("boundaries", x, low=1) for x in np.atleast_1d(self.boundaries))
+        lrs = tuple(check_real("lrs", x, **_POSITIVE) for x in np.atleast_1d(self.lrs))
+        if len(lrs) != len(b) + 1:
+            raise ValueError(f"`lrs` must have len(boundaries) + 1 = {len(b) + 1} entries; got {len(lrs)}.")
+        if any(b2 <= b1 for b1, b2 in zip(b, b[1:])):
+            raise ValueError("`boundaries` must be strictly increasing.")
+        object.__setattr__(self, "boundaries", b)
+        object.__setattr__(self, "lrs", lrs)
+
+    def values(self, n):
+        k = np.arange(check_int("n", n))
+        return np.asarray(self.lrs)[np.searchsorted(self.boundaries, k, side="right")]
+
+    def pieces(self):
+        return np.array((0,) + self.boundaries, dtype=np.int64), np.array(self.lrs)
+
+    @property
+    def max_lr(self):
+        return max(self.lrs)
+
+
+@dataclass(frozen=True)
+class StepDecay(Schedule):
+    """``lr * factor**(k // every)``, for ``n_decays`` decays (then constant)."""
+
+    lr: float
+    factor: float = 0.1
+    every: int = 1000
+    n_decays: int = 3
+    piecewise_constant = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "factor", check_real("factor", self.factor, low=0.0, high=1.0, low_open=True))
+        object.__setattr__(self, "every", check_int("every", self.every, low=1))
+        object.__setattr__(self, "n_decays", check_int("n_decays", self.n_decays, low=0, high=1000))
+
+    def _as_piecewise(self):
+        b = tuple(self.every * (j + 1) for j in range(self.n_decays))
+        return PiecewiseConstant(b, tuple(self.lr * self.factor**j for j in range(self.n_decays + 1)))
+
+    def values(self, n):
+        return self._as_piecewise().values(n)
+
+    def pieces(self):
+        return self._as_piecewise().pieces()
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Exponential(Schedule):
+    """``lr * gamma**k``, floored at ``min_lr``."""
+
+    lr: float
+    gamma: float = 0.999
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "gamma", check_real("gamma", self.gamma, low=0.0, high=1.0, low_open=True))
+        object.__setattr__(self, "min_lr", check_real("min_lr", self.min_lr, low=0.0, high=self.lr))
+
+    def values(self, n):
+        k = np.arange(check_int("n", n), dtype=np.float64)
+        return np.maximum(self.lr * self.gamma**k, self.min_lr)
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Cosine(Schedule):
+    """Cosine decay from ``lr`` to ``final_lr`` over ``total_steps`` updates, then ``final_lr``."""
+
+    lr: float
+    total_steps: int
+    final_lr: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "total_steps", check_int("total_steps", self.total_steps, low=1))
+        object.__setattr__(self, "final_lr", check_real("final_lr", self.final_lr, low=0.0, high=self.lr))
+
+    def values(self, n):
+        k = np.minimum(np.arange(check_int("n", n), dtype=np.float64), self.total_steps)
+        return self.final_lr + 0.5 * (self.lr - self.final_lr) * (1 + np.cos(np.pi * k / self.total_steps))
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Warmup(Schedule):
+    """Linear warm-up over ``warmup_steps`` updates to the base schedule's rate, then the base schedule.
+
+    During warm-up update k uses ``base(k) * (k + 1) / warmup_steps``.
+    """
+
+    base: Schedule
+    warmup_steps: int
+
+    def __post_init__(self):
+        if not isinstance(self.base, Schedule):
+            raise TypeError(f"`base` must be a Schedule; got {type(self.base).__name__}.")
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=1))
+
+    def values(self, n):
+        v = self.base.values(n)
+        k = np.arange(v.size, dtype=np.float64)
+        return v * np.minimum(1.0, (k + 1) / self.warmup_steps)
+
+    @property
+    def max_lr(self):
+        return self.base.max_lr
+
+
+def as_schedule(lr) -> Schedule:
+    """A number becomes :class:`Constant`; a :class:`Schedule` is returned as is."""
+    if isinstance(lr, Schedule):
+        return lr
+    return Constant(check_real("lr", lr, **_POSITIVE))

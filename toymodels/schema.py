@@ -1,0 +1,89 @@
+"""The shared xarray vocabulary (DESIGN.md "The shared vocabulary") and a validator.
+
+Theory and measurement write the same names; a curve from a toy model and one from a network differ
+in the ``source`` attribute, not in shape or names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
+
+STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
+DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer")
+
+VARIABLES = {
+    "loss": "expected (theory) or measured training loss",
+    "loss_sem": "standard error of a Monte Carlo or measured mean loss",
+    "test_loss": "test loss",
+    "accuracy": "accuracy",
+    "steps_to_target": "first step whose loss is <= target (inf: unreachable or divergent)",
+    "steps_lower_bound": "information-theoretic lower bound on steps_to_target",
+    "lr_opt": "tuned learning rate",
+    "momentum_opt": "tuned heavy-ball momentum",
+    "decay_opt": "tuned iterate-averaging decay",
+    "lr_schedule_opt": "tuned piecewise-constant learning rates",
+    "piece_fraction_opt": "fraction of the steps spent in each schedule piece",
+    "reason": "why steps_to_target is inf (empty when finite)",
+    "grad_norm_sq": "|E g|^2",
+    "grad_var": "average per-coordinate variance of the mini-batch gradient",
+    "grad_nvar": "normalized variance tr Cov / E|g|^2",
+    "noise_scale": "B_simple = tr Sigma / |E g|^2",
+    "snr": "|E g|^2 / tr Cov",
+    "eigenvalue": "eigenvalue",
+    "curvature": "curvature h_i",
+    "noise_variance": "per-example gradient noise variance c_i",
+}
+
+SOURCES = ("exact", "simulation", "measurement")
+
+# results that must never be NaN (hyper-parameters may be NaN where they do not apply, e.g. momentum_opt of SGD)
+NO_NAN = ("loss", "test_loss", "steps_to_target", "steps_lower_bound", "grad_norm_sq", "grad_var", "grad_nvar",
+          "noise_scale", "snr")
+
+
+def attach_attrs(obj, *, model: str, source: str, **params):
+    """Set DESIGN.md's attrs (``model``, ``source`` and the generating parameters) in place.
+
+    Values that netCDF cannot store (None, bool, dicts) are converted to strings.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"`source` must be one of {SOURCES}; got {source!r}.")
+    obj.attrs["model"] = model
+    obj.attrs["source"] = source
+    for k, v in params.items():
+        if v is None or isinstance(v, (bool, np.bool_, dict, list, tuple)):
+            v = str(v)
+        obj.attrs[k] = v
+    return obj
+
+
+def validate(obj) -> None:
+    """Check an xarray object against the vocabulary.
+
+    Raises:
+        ValueError: an unknown variable or dimension name, a non-float64 numeric variable, a missing
+            or unknown ``model`` / ``source`` attribute, or NaN in a data variable.
+    """
+    if isinstance(obj, xr.DataArray):
+        obj = obj.to_dataset(name=obj.name if obj.name is not None else "loss", promote_attrs=True)
+    if not isinstance(obj, xr.Dataset):
+        raise TypeError(f"expected an xarray Dataset or DataArray; got {type(obj).__name__}.")
+    for attr in ("model", "source"):
+        if attr not in obj.attrs:
+            raise ValueError(f"missing attribute `{attr}`.")
+    if obj.attrs["source"] not in SOURCES:
+        raise ValueError(f"attribute `source` must be one of {SOURCES}; got {obj.attrs['source']!r}.")
+    for dim in obj.dims:
+        if dim not in DIMS:
+            raise ValueError(f"unknown dimension `{dim}`; known: {DIMS}.")
+    for name, var in obj.data_vars.items():
+        if name not in VARIABLES:
+            raise ValueError(f"unknown variable `{name}`; known: {tuple(VARIABLES)}.")
+        if var.dtype.kind in "fc":
+            if var.dtype != np.float64:
+                raise ValueError(f"variable `{name}` must be float64; got {var.dtype}.")
+            if name in NO_NAN and np.any(np.isnan(var.values)):
+                raise ValueError(f"variable `{name}` holds NaN; report divergence as inf with a reason.")

@@ -1,0 +1,59 @@
+"""The shared gradient statistics (numpy in, numpy out).
+
+Defined once here and used by the toy models and by the deep-net probes, so that theory and
+measurement mean the same thing by the same name (names as in DESIGN.md / :mod:`toymodels.schema`).
+
+Conventions, for a mini-batch gradient g_B = mean of B per-example gradients, P parameters:
+
+* ``grad_norm_sq``  |E g|^2, the squared norm of the full-batch (expected) gradient;
+* ``grad_var``      tr Cov(g_B) / P = tr Sigma / (B P), the average per-coordinate variance of the
+  mini-batch gradient (Faghri et al. Sec. 4 "average variance"), Sigma the per-example covariance;
+* ``grad_nvar``     tr Cov(g_B) / E|g_B|^2 = (tr Sigma / B) / (|E g|^2 + tr Sigma / B), variance over
+  the second non-central moment (Faghri et al. Sec. 4 "normalized variance");
+* ``snr``           |E g|^2 / tr Cov(g_B), the inverse of the noise-to-signal power ratio;
+* ``noise_scale``   B_simple = tr Sigma / |E g|^2 (McCandlish et al. 2018), independent of B.
+
+Variances are population (biased) variances of the per-example distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["gradient_statistics", "STAT_NAMES"]
+
+STAT_NAMES = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
+
+
+def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
+    """The five statistics from |E g|^2 and the per-example covariance trace.
+
+    Args:
+        grad_norm_sq: |E g|^2, array-like (any shape), >= 0.
+        trace_cov: tr Sigma of the per-example gradient covariance, broadcastable, >= 0.
+        n_params: P, the number of coordinates (> 0).
+        batch_size: B (>= 1), broadcastable.
+
+    Returns:
+        dict name -> float64 array (broadcast shape).  Ratios with a zero denominator are ``inf``
+        (e.g. ``noise_scale`` at a stationary point), never NaN unless both parts are zero.
+    """
+    g2 = np.asarray(grad_norm_sq, dtype=np.float64)
+    tr = np.asarray(trace_cov, dtype=np.float64)
+    bs = np.asarray(batch_size, dtype=np.float64)
+    if np.any(g2 < 0) or np.any(tr < 0):
+        raise ValueError("`grad_norm_sq` and `trace_cov` must be >= 0.")
+    if np.any(bs < 1):
+        raise ValueError("`batch_size` must be >= 1.")
+    if n_params <= 0:
+        raise ValueError(f"`n_params` must be > 0; got {n_params}.")
+    cov_b = tr / bs
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "grad_norm_sq": g2 * np.ones_like(cov_b),
+            "grad_var": cov_b / n_params * np.ones_like(g2),
+            "grad_nvar": cov_b / (g2 + cov_b),
+            "snr": np.where(cov_b > 0, g2 / np.where(cov_b > 0, cov_b, 1.0), np.inf),
+            "noise_scale": np.where(g2 > 0, tr / np.where(g2 > 0, g2, 1.0), np.inf) * np.ones_like(bs),
+        }
+    return out

@@ -1,0 +1,369 @@
+"""Batch-size sweeps: steps to a target loss per batch size, each point tuned over the optimizer.
+
+Any *problem* with the methods ``steps_to_target(optimizer, batch_size, target, full_output=True)``,
+``modal_form(optimizer, batch_size, lr)`` (an object with ``.loss(ks)``, ``.lower_bound(a, b)``,
+``.first_crossing(target, k_max)``), ``lr_limit(optimizer)`` and a ``model_name`` can be swept.
+
+Tuning (:func:`tune`) uses the exchange of minima
+
+    min_theta  min{k : L_k(theta) <= target}  =  min{k : min_theta L_k(theta) <= target},
+
+so it bisects over the integer k while the inner problem, minimising the smooth L_k(theta) over the
+learning rate (and momentum or averaging decay), is continuous.  Every accepted step count comes from
+an exact first-crossing search at a concrete theta, so the reported optimum is always achieved.
+:func:`grid_search` is the exact minimum over a given grid (each point's exact first crossing,
+pruned by the incumbent), used to check the tuner and as the straightforward reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+from scipy import optimize
+
+from ._validate import check_real
+from .nqm import check_batch_size
+from .optimizers import EMA, SGD, Momentum
+from .schedules import PiecewiseConstant
+from .schema import attach_attrs
+
+__all__ = ["FAMILIES", "make_optimizer", "tune", "grid_search", "batch_size_sweep", "tune_schedule", "default_grid"]
+
+FAMILIES = ("sgd", "precond", "momentum", "ema", "momentum_ema")
+_EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", "momentum_ema": "momentum"}
+_ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
+_X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
+
+
+def _check_family(family):
+    if family not in FAMILIES:
+        raise ValueError(f"`family` must be one of {FAMILIES}; got {family!r}.")
+    return family
+
+
+def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99):
+    """The optimizer of a family: ``extra`` is beta for momentum families, mu for "ema".
+
+    ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``.
+    """
+    _check_family(family)
+    if family == "sgd":
+        return SGD(lr)
+    if family == "precond":
+        return SGD(lr, precond=precond)
+    if family == "momentum":
+        return Momentum(lr, extra)
+    if family == "ema":
+        return EMA(SGD(lr), extra)
+    return EMA(Momentum(lr, extra), decay)
+
+
+@dataclass
+class _Evaluator:
+    """L_k(theta) in tuning coordinates x = log(lr / limit(theta)), y = log(1 - extra)."""
+
+    problem: object
+    family: str
+    batch_size: float
+    precond: float
+    decay: float
+    n_evals: int = 0
+
+    def optimizer(self, x, y=None):
+        extra = None if y is None else 1.0 - math.exp(y)
+        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
+        lr = math.exp(x) * self.problem.lr_limit(probe)
+        return probe.with_lr(lr)
+
+    def form(self, x, y=None):
+        opt = self.optimizer(x, y)
+        return opt, self.problem.modal_form(opt, self.batch_size, opt.lr.lr)
+
+    def log_loss(self, k, x, y=None):
+        self.n_evals += 1
+        if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
+            return math.inf
+        _, mf = self.form(min(x, -1e-9), y)
+        v = mf.loss(np.array([k], dtype=np.int64))[0]
+        return math.log(v) if v > 0 and math.isfinite(v) else math.inf
+
+
+def _inner_min(ev, k, start):
+    """argmin over theta of log L_k(theta), local search from ``start``; returns (theta, value)."""
+    if len(start) == 1:
+        x0 = start[0]
+        lo, hi = max(_X_MIN, x0 - 2.0), min(-1e-9, x0 + 2.0)
+        for _ in range(12):
+            res = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
+                                           options={"xatol": 1e-5})
+            xm = float(res.x)
+            if xm - lo < 0.05 and lo > _X_MIN:
+                lo, hi = max(_X_MIN, lo - 4.0), lo + 0.1
+            elif hi - xm < 0.05 and hi < -1e-9:
+                lo, hi = hi - 0.1, min(-1e-9, hi + 4.0)
+            else:
+                break
+        return (xm,), float(res.fun)
+    x0 = np.asarray(start, dtype=np.float64)
+    simplex = np.array([x0, x0 + [0.3, 0.0], x0 + [0.0, 0.3]])
+    res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), x0, method="Nelder-Mead",
+                            options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-9, "maxfev": 400})
+    return tuple(float(v) for v in res.x), float(res.fun)
+
+
+def _exact_steps(ev, theta, target, k_max):
+    opt, mf = ev.form(*theta)
+    if not mf.stable:
+        return math.inf
+    if mf.lower_bound(0, k_max) > target:
+        return math.inf
+    k = mf.first_crossing(target, k_max)
+    return float(k) if k >= 0 else math.inf
+
+
+def _start_point(ev, target, two_d):
+    """A coarse exact scan for a first feasible theta: lr on a log grid (and extra in {0.5..0.999})."""
+    ys = [None] if not two_d else [math.log(v) for v in (0.1, 0.03, 0.01, 0.003, 0.001)]
+    best = (math.inf, None)
+    for y in ys:
+        for x in np.log(np.geomspace(0.5, 1e-6, 14)):
+            theta = (float(x),) if y is None else (float(x), y)
+            k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
+            s = _exact_steps(ev, theta, target, k_max)
+            if s < best[0]:
+                best = (s, theta)
+    return best
+
+
+def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None):
+    """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
+
+    Args:
+        problem: a model (e.g. :class:`toymodels.NQM`).
+        family: one of :data:`FAMILIES`.
+        batch_size: B >= 1.
+        target: loss target > 0.
+        precond: gamma for ``"precond"``.
+        decay: the averaging decay of ``"momentum_ema"``.
+        start: optional warm start in tuning coordinates (see :class:`_Evaluator`).
+
+    Returns:
+        dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
+        (beta or mu, NaN for SGD), ``theta`` (warm start for the next batch size), ``n_evals``.
+    """
+    _check_family(family)
+    bs = check_batch_size(batch_size)
+    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    two_d = _EXTRA[family] is not None
+    ev = _Evaluator(problem, family, bs, precond, decay)
+    if problem.initial_loss <= target:
+        return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0}
+    hi, theta = math.inf, None
+    if start is not None:
+        hi = _exact_steps(ev, tuple(start), target, 10**12)
+        theta = tuple(start) if math.isfinite(hi) else None
+    if theta is None:
+        hi, theta = _start_point(ev, target, two_d)
+    if theta is None:
+        return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals}
+    lo = 0  # L_0 > target
+    log_target = math.log(target)
+    while hi - lo > 1:
+        mid = int(math.sqrt(lo * hi)) if lo >= 1 and hi > 4 * lo else (lo + hi) // 2
+        mid = min(max(mid, lo + 1), int(hi) - 1)
+        cand, val = _inner_min(ev, mid, theta)
+        if val <= log_target:
+            s = _exact_steps(ev, cand, target, mid)
+            if math.isfinite(s) and s < hi:
+                hi, theta = s, cand
+                continue
+        lo = mid
+    opt = ev.optimizer(*theta)
+    extra = math.nan if not two_d else 1.0 - math.exp(theta[1])
+    return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals}
+
+
+def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond: float = 0.5, decay: float = 0.99):
+    """The reference grid: ``n_lr`` log-spaced lrs over [1e-6, 1) x the stability limit, and
+    ``n_extra`` values of beta or mu with 1 - value log-spaced over [1e-3, 0.5]."""
+    probe = make_optimizer(family, 1.0, 0.5 if _EXTRA[family] else None, precond=precond, decay=decay)
+    fr = np.geomspace(1e-6, 0.99, n_lr)
+    extras = [None] if _EXTRA[family] is None else list(1.0 - np.geomspace(1e-3, 0.5, n_extra))
+    del probe
+    return fr, extras
+
+
+def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, precond=0.5, decay=0.99, incumbent=math.inf):
+    """Exact minimum of steps_to_target over a grid (lr given as fractions of the stability limit).
+
+    Each point's first crossing is exact; points whose lower bound cannot beat the incumbent are
+    skipped.  Returns dict like :func:`tune`.
+    """
+    bs = check_batch_size(batch_size)
+    ev = _Evaluator(problem, family, bs, precond, decay)
+    best = (incumbent, None)
+    for extra in extras:
+        y = None if extra is None else math.log(1.0 - extra)
+        for f in lr_fractions:
+            theta = (math.log(f),) if y is None else (math.log(f), y)
+            k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
+            if k_max < 0:
+                break
+            s = _exact_steps(ev, theta, target, k_max)
+            if s < best[0]:
+                best = (s, theta)
+    if best[1] is None:
+        return {"steps": incumbent, "lr": math.nan, "extra": math.nan, "theta": None}
+    opt = ev.optimizer(*best[1])
+    extra = math.nan if len(best[1]) == 1 else 1.0 - math.exp(best[1][1])
+    return {"steps": float(best[0]), "lr": opt.lr.lr, "extra": extra, "theta": best[1]}
+
+
+def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay):
+    extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
+    data = {
+        "steps_to_target": ("batch_size", np.array([r["steps"] for r in rows], dtype=np.float64)),
+        "lr_opt": ("batch_size", np.array([r["lr"] for r in rows], dtype=np.float64)),
+    }
+    if extra_name:
+        data[extra_name] = ("batch_size", np.array([r["extra"] for r in rows], dtype=np.float64))
+    data["reason"] = ("batch_size", np.array([r.get("reason", "") for r in rows], dtype=object).astype(str))
+    ds = xr.Dataset(data, coords={"batch_size": np.asarray(batch_sizes, dtype=np.float64)})
+    attach_attrs(ds, model=problem.model_name, source="exact", optimizer=family, target=target,
+                 precond=precond if family == "precond" else 0.0,
+                 decay=decay if family == "momentum_ema" else math.nan, **problem.params)
+    return ds
+
+
+def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0.5, decay: float = 0.99,
+                     progress: bool = True, path: str | os.PathLike | None = None):
+    """Tuned steps-to-target for each batch size.
+
+    Args:
+        problem: a model with ``steps_to_target`` (see the module docstring).
+        family: ``"sgd"``, ``"precond"`` (P = H^precond), ``"momentum"`` (tunes lr and beta), ``"ema"``
+            (SGD with iterate averaging; tunes lr and the decay) or ``"momentum_ema"`` (tunes lr and
+            beta; averaging decay fixed at ``decay``).
+        batch_sizes: increasing batch sizes >= 1.
+        target: loss target > 0.
+        progress: tqdm bar over batch sizes.
+        path: a netCDF file written after every batch size; an existing file with the same settings
+            is resumed (finished batch sizes are not recomputed).
+
+    Returns:
+        Dataset over ``batch_size`` with ``steps_to_target``, ``lr_opt``, ``momentum_opt`` or
+        ``decay_opt`` and ``reason``; attrs ``model``, ``source="exact"``, ``optimizer``, ``target``.
+        The optimum per batch size is at least as good as the exact optimum over
+        :func:`default_grid` (checked in the tests).
+    """
+    _check_family(family)
+    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    bss = [check_batch_size(b) for b in np.atleast_1d(batch_sizes)]
+    if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
+        raise ValueError("`batch_sizes` must be strictly increasing.")
+    rows = []
+    if path is not None and os.path.exists(path):
+        old = xr.load_dataset(path)
+        same = (old.attrs.get("optimizer") == family and float(old.attrs.get("target")) == target
+                and np.array_equal(old.batch_size.values[: len(bss)], np.asarray(bss)[: old.batch_size.size]))
+        if same:
+            extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
+            for j in range(old.batch_size.size):
+                rows.append({
+                    "steps": float(old.steps_to_target[j]), "lr": float(old.lr_opt[j]),
+                    "extra": float(old[extra_name][j]) if extra_name else math.nan,
+                    "reason": str(old.reason.values[j]), "theta": None,
+                })
+    start = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(bss), initial=len(rows), desc=f"sweep {family}", unit="B")
+    if rows and math.isfinite(rows[-1]["steps"]) and math.isfinite(rows[-1]["lr"]):
+        ev = _Evaluator(problem, family, bss[len(rows) - 1], precond, decay)
+        probe = ev.optimizer(0.0, None if math.isnan(rows[-1]["extra"]) else math.log(1 - rows[-1]["extra"]))
+        x = math.log(rows[-1]["lr"] / problem.lr_limit(probe))
+        start = (x,) if _EXTRA[family] is None else (x, math.log(1 - rows[-1]["extra"]))
+    for bs in bss[len(rows):]:
+        res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start)
+        if math.isfinite(res["steps"]):
+            start = res["theta"]
+            res["reason"] = ""
+        else:
+            res["reason"] = "no setting reaches the target"
+        rows.append(res)
+        if path is not None:
+            _result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay).to_netcdf(path)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return _result_dataset(problem, family, bss, rows, target, precond, decay)
+
+
+def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0, start_steps=None):
+    """Fewest steps to ``target`` over piecewise-constant SGD schedules with ``n_pieces`` pieces.
+
+    The lecture's "fitting optimal learning rate schedules": for a horizon K the schedule is
+    ``n_pieces`` learning rates and the fraction of K spent in each; the loss at step K is exact (piece
+    by piece jumps), minimised over the schedule, and K is bisected as in :func:`tune`.
+
+    Returns:
+        dict with ``steps``, ``schedule`` (a :class:`PiecewiseConstant`), ``lrs`` and ``fractions``.
+    """
+    from . import dynamics
+
+    bs = check_batch_size(batch_size)
+    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    probe = SGD(1.0, precond=precond)
+    limit = problem.lr_limit(probe)
+    a0, a1, b1 = probe.affine(problem.h)
+    q = problem.c / bs
+    S0 = problem.init_sq.reshape(-1, 1, 1).copy()
+
+    def unpack(z, K):
+        lrs = limit * np.exp(np.minimum(z[:n_pieces], -1e-9))
+        w = np.exp(np.concatenate([[0.0], z[n_pieces:]]))
+        frac = w / w.sum()
+        bounds = np.round(np.cumsum(frac)[:-1] * K).astype(np.int64)
+        return lrs, frac, bounds
+
+    def loss_at(z, K):
+        lrs, _, bounds = unpack(z, K)
+        if np.any(z[:n_pieces] > 0):
+            return math.inf
+        S = S0
+        edges = np.concatenate([[0], bounds, [K]])
+        for p in range(n_pieces):
+            n = int(edges[p + 1] - edges[p])
+            if n > 0:
+                S = dynamics.jump(a0 + lrs[p] * a1, lrs[p] * b1, q, S, n)
+        v = 0.5 * float(np.sum(problem.h * S[:, 0, 0]))
+        return math.log(v) if v > 0 else -math.inf
+
+    base = tune(problem, "precond" if precond else "sgd", bs, target, precond=precond) if start_steps is None else None
+    hi = base["steps"] if base else float(start_steps)
+    x0 = math.log(base["lr"] / limit) if base else -1.0
+    z = np.concatenate([x0 - np.arange(n_pieces) * 1.0, np.zeros(n_pieces - 1)])
+    best_z = z.copy()
+    lo = 0
+    log_target = math.log(target)
+    while hi - lo > 1:
+        K = (lo + int(hi)) // 2
+        res = optimize.minimize(lambda v: loss_at(v, K), best_z, method="Nelder-Mead",
+                                options={"xatol": 1e-4, "fatol": 1e-10, "maxfev": 400 * n_pieces})
+        if res.fun <= log_target:
+            hi, best_z = float(K), res.x
+        else:
+            lo = K
+    lrs, frac, bounds = unpack(best_z, int(hi))
+    keep = np.concatenate([[True], np.diff(np.concatenate([[0], bounds])) > 0])[: n_pieces]
+    sched_b = tuple(int(b) for b in bounds if 0 < b)
+    sched = PiecewiseConstant(tuple(sorted(set(sched_b))), tuple(lrs[: len(set(sched_b)) + 1])) if sched_b else None
+    del keep
+    return {"steps": float(hi), "schedule": sched, "lrs": lrs, "fractions": frac}
