@@ -33,7 +33,7 @@ from numba import njit
 
 __all__ = ["propagate", "jump", "ModalForm", "lyapunov"]
 
-_COND_LIMIT = 1e6  # eigenvector condition number above which a mode is flagged
+_COND_LIMIT = 1e4  # eigenvector condition number above which a mode is flagged
 _NO_END = -1  # "b = infinity" in interval bounds
 
 

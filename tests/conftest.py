@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from toymodels import EMA, SGD, Momentum
+
+
+def reference_curve(h, c, init_sq, optimizer, batch_size, n_steps):
+    """Independent slow recursion: per-mode 2nd moments stepped with plain numpy, lr from the schedule."""
+    u = optimizer.init
+    S = init_sq[:, None, None] * np.outer(u, u)[None]
+    lrs = optimizer.lr.values(n_steps)
+    r = optimizer.readout
+    out = []
+    for k in range(n_steps + 1):
+        out.append(0.5 * np.sum(h * S[:, r, r]))
+        if k == n_steps:
+            break
+        A, b = optimizer.transition(h, lrs[k])
+        S = np.einsum("ijk,ikl,iml->ijm", A, S, A) + (c / batch_size)[:, None, None] * np.einsum("ij,ik->ijk", b, b)
+    return np.array(out)
+
+
+OPTIMIZERS = {
+    "sgd": SGD(0.6),
+    "precond": SGD(0.3, precond=0.5),
+    "momentum": Momentum(0.2, 0.8),
+    "ema": EMA(SGD(0.6), 0.9),
+    "momentum_ema": EMA(Momentum(0.2, 0.8), 0.9),
+}
+
+
+@pytest.fixture(params=list(OPTIMIZERS))
+def optimizer(request):
+    return OPTIMIZERS[request.param]

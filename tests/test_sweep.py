@@ -1,0 +1,86 @@
+"""Tuned batch-size sweeps: at least as good as the exact grid optimum, resumable, validated."""
+
+import math
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from toymodels import NQM
+from toymodels.schema import validate
+from toymodels.sweep import batch_size_sweep, default_grid, grid_search, tune, tune_schedule
+
+
+@pytest.fixture(scope="module")
+def nqm():
+    return NQM.power_law(30)
+
+
+@pytest.mark.parametrize("family", ["sgd", "precond", "momentum", "ema"])
+@pytest.mark.parametrize("batch_size", [1, 64, 4096])
+def test_tuned_at_least_as_good_as_grid(nqm, family, batch_size):
+    target = 0.02 * nqm.initial_loss
+    res = tune(nqm, family, batch_size, target)
+    lrs, extras = default_grid(nqm, family)  # 100 lrs (x 20 betas or decays)
+    grid = grid_search(nqm, family, batch_size, target, lr_fractions=lrs, extras=extras)
+    assert res["steps"] <= grid["steps"]
+    # the tuned setting achieves the reported steps exactly
+    opt = __import__("toymodels.sweep", fromlist=["make_optimizer"]).make_optimizer(family, res["lr"], None if math.isnan(res["extra"]) else res["extra"])
+    assert nqm.steps_to_target(opt, batch_size, target) == res["steps"]
+
+
+def test_sweep_shapes_names_and_scaling(nqm, tmp_path):
+    bs = 2.0 ** np.arange(0, 13, 3)
+    ds = batch_size_sweep(nqm, "momentum", bs, 0.05 * nqm.initial_loss, progress=False)
+    validate(ds)
+    assert set(ds.data_vars) >= {"steps_to_target", "lr_opt", "momentum_opt", "reason"}
+    assert ds.attrs["source"] == "exact" and ds.attrs["optimizer"] == "momentum"
+    s = ds.steps_to_target.values
+    assert np.all(np.diff(s) <= 0)  # more data per step never hurts when tuned
+    assert s[0] / s[1] > 4  # near-linear scaling at small batch (8x batch)
+    path = tmp_path / "sweep.nc"
+    ds.to_netcdf(path)
+    xr.testing.assert_identical(xr.load_dataset(path), ds)
+
+
+def test_sweep_resumes(nqm, tmp_path):
+    bs = 2.0 ** np.arange(0, 10, 3)
+    target = 0.05 * nqm.initial_loss
+    path = tmp_path / "ema.nc"
+    full = batch_size_sweep(nqm, "ema", bs, target, progress=False)
+    batch_size_sweep(nqm, "ema", bs[:2], target, progress=False, path=path)  # "interrupted" after 2
+    resumed = batch_size_sweep(nqm, "ema", bs, target, progress=False, path=path)
+    xr.testing.assert_allclose(resumed[["steps_to_target"]], full[["steps_to_target"]])
+    assert xr.load_dataset(path).batch_size.size == bs.size
+
+
+def test_unreachable_everywhere_reports_reason():
+    nqm = NQM.power_law(5)
+    ds = batch_size_sweep(nqm, "sgd", [1.0, 2.0], 10 * nqm.initial_loss, progress=False)
+    assert np.all(ds.steps_to_target.values == 0)
+
+
+def test_schedule_tuning_beats_constant(nqm):
+    target = 0.02 * nqm.initial_loss
+    const = tune(nqm, "sgd", 1, target)
+    sched = tune_schedule(nqm, 1, target, n_pieces=3)
+    assert sched["steps"] <= const["steps"]
+    assert sched["steps"] < 0.9 * const["steps"]  # decaying the lr helps in the noise-dominated regime
+    if sched["schedule"] is not None:
+        assert nqm.loss_curve(__import__("toymodels").SGD(sched["schedule"]), 1, np.array([int(sched["steps"])])).values[0] <= target * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(family="adam"), "`family` must be one of"),
+        (dict(batch_sizes=[4.0, 2.0]), "`batch_sizes` must be strictly increasing"),
+        (dict(batch_sizes=[0.5]), "`batch_size` must be a float in \\[1, inf\\)"),
+        (dict(target=0.0), "`target` must be a float in \\(0, inf\\)"),
+    ],
+)
+def test_sweep_bad_input(nqm, kwargs, match):
+    args = dict(problem=nqm, family="sgd", batch_sizes=[1.0, 2.0], target=0.1, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        batch_size_sweep(**args)
