@@ -191,6 +191,32 @@ def _lyapunov_mode(A, b, q, out):
     out[:, :] = Q
 
 
+@njit(cache=True)
+def _stein2(A, b, q, out):
+    """Stationary S = A S A^T + q b b^T of a stable 2x2 system in closed form, stable at repeated
+    eigenvalues: S = Q G2 + (N Q + Q N^T) GS + N Q N^T S2 with A^j = g_j I + s_j N and
+    G2 = sum g_j^2, GS = sum g_j s_j, S2 = sum s_j^2 written through tr A and det A."""
+    tau = A[0, 0] + A[1, 1]
+    det = A[0, 0] * A[1, 1] - A[0, 1] * A[1, 0]
+    c = 0.5 * tau
+    uv = (1.0 + det - tau) * (1.0 + det + tau)  # (1 - lam1^2)(1 - lam2^2)
+    pp = 1.0 - det  # 1 - lam1 lam2
+    g2 = 0.25 * ((2.0 - tau * tau + 2.0 * det) / uv + 2.0 / pp)
+    gs = 0.5 * tau / uv
+    s2 = (1.0 + det) / (uv * pp)
+    n00 = A[0, 0] - c
+    n11 = A[1, 1] - c
+    n01 = A[0, 1]
+    n10 = A[1, 0]
+    # Q = q b b^T; N Q N^T = q (N b)(N b)^T; N Q + Q N^T = q ((N b) b^T + b (N b)^T)
+    nb0 = n00 * b[0] + n01 * b[1]
+    nb1 = n10 * b[0] + n11 * b[1]
+    out[0, 0] = q * (b[0] * b[0] * g2 + 2.0 * nb0 * b[0] * gs + nb0 * nb0 * s2)
+    out[0, 1] = q * (b[0] * b[1] * g2 + (nb0 * b[1] + b[0] * nb1) * gs + nb0 * nb1 * s2)
+    out[1, 0] = out[0, 1]
+    out[1, 1] = q * (b[1] * b[1] * g2 + 2.0 * nb1 * b[1] * gs + nb1 * nb1 * s2)
+
+
 def lyapunov(A, b, q):
     """Stationary second moments ``S = A S A^T + q b b^T`` per mode, ``(d, s, s)``."""
     out = np.empty(A.shape)
@@ -198,6 +224,141 @@ def lyapunov(A, b, q):
         _lyapunov_mode(A[i], b[i], q[i], out[i])
     return out
 
+
+
+# --------------------------------------------------------------------------------------------------
+# the (g, s) form of 2x2 powers, for flagged modes:  A^k = g_k I + s_k N,  N = A - c I,  c = tr(A) / 2
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _gs_values(c, w, cplx, k):
+    """(g_k, s_k) with w = sqrt(|tr^2/4 - det|); stable for w -> 0 (repeated eigenvalues)."""
+    if k == 0:
+        return 1.0, 0.0
+    if cplx:
+        rho = math.sqrt(c * c + w * w)
+        phi = math.atan2(w, c)
+        rk = rho**k
+        return rk * math.cos(k * phi), rk * math.sin(k * phi) / w
+    big = c + w if c >= 0 else c - w  # eigenvalue of larger modulus
+    small = c - w if c >= 0 else c + w
+    g = 0.5 * (big**k + small**k)
+    if w == 0.0:
+        return g, k * big ** (k - 1)
+    if big == 0.0:
+        return g, 0.0
+    if small * big > 0.0:
+        # s_k = big^(k-1) (1 - x^k) / (1 - x), x = small / big in (0, 1), 1 - x = 2 w / |big|
+        delta = 2.0 * w / abs(big)
+        frac = -math.expm1(k * math.log1p(-delta)) / delta
+        return g, big ** (k - 1) * frac
+    return g, (big**k - small**k) / (big - small)
+
+
+@njit(cache=True)
+def _interval_mul(a1, a2, b1, b2):
+    p1 = a1 * b1
+    p2 = a1 * b2
+    p3 = a2 * b1
+    p4 = a2 * b2
+    return min(min(p1, p2), min(p3, p4)), max(max(p1, p2), max(p3, p4))
+
+
+@njit(cache=True)
+def _cos_range(t1, t2):
+    """Range of cos over the angle interval [t1, t2]."""
+    if t2 - t1 >= 2 * math.pi:
+        return -1.0, 1.0
+    lo = min(math.cos(t1), math.cos(t2))
+    hi = max(math.cos(t1), math.cos(t2))
+    m = math.ceil(t1 / math.pi)
+    while m * math.pi <= t2:
+        if m % 2 == 0:
+            hi = 1.0
+        else:
+            lo = -1.0
+        m += 1
+    return lo, hi
+
+
+@njit(cache=True)
+def _gs_box(c, w, cplx, a, bend):
+    """Boxes [g1, g2] x [s1, s2] containing (g_k, s_k) for every integer k in [a, bend] (-1: inf)."""
+    if cplx:
+        rho = math.sqrt(c * c + w * w)
+        phi = math.atan2(w, c)
+        r_hi = rho**a
+        r_lo = rho**bend if bend >= 0 else 0.0
+        if bend < 0:
+            c1, c2, s1, s2 = -1.0, 1.0, -1.0, 1.0
+        else:
+            c1, c2 = _cos_range(a * phi, bend * phi)
+            s1, s2 = _cos_range(a * phi - 0.5 * math.pi, bend * phi - 0.5 * math.pi)
+        g1, g2 = _interval_mul(r_lo, r_hi, c1, c2)
+        t1, t2 = _interval_mul(r_lo, r_hi, s1 / w, s2 / w)
+        return g1, g2, t1, t2
+    big = c + w if c >= 0 else c - w
+    small = c - w if c >= 0 else c + w
+    if small >= 0.0 and big >= 0.0:
+        # g decreasing; s >= 0 and unimodal (a difference of two exponentials), peak near kstar
+        ga, _ = _gs_values(c, w, False, a)
+        sa = _gs_values(c, w, False, a)[1]
+        if bend >= 0:
+            gb, sb = _gs_values(c, w, False, bend)
+        else:
+            gb, sb = 0.0, 0.0
+        smax = max(sa, sb)
+        if big > 0.0:
+            if small > 0.0 and w > 0.0:
+                la, lb = math.log(big), math.log(small)
+                kstar = math.log(lb / la) / (la - lb)
+            elif small == 0.0:
+                kstar = 1.0
+            else:
+                kstar = -1.0 / math.log(big)
+            for kk in (float(math.floor(kstar)), float(math.floor(kstar)) + 1.0):
+                if kk >= a and (bend < 0 or kk <= bend):
+                    smax = max(smax, _gs_values(c, w, False, int(kk))[1])
+        return gb, ga, min(sa, sb), smax
+    # mixed signs or both negative: symmetric boxes from |lam|^k and k |lam|^(k-1)
+    m = max(abs(big), abs(small))
+    ga = m**a
+    if m == 0.0:
+        return -1.0, 1.0, -1.0, 1.0
+    kpk = -1.0 / math.log(m) if m < 1.0 else 1e18
+    best = 0.0
+    for kk in (float(a), float(math.floor(kpk)), float(math.floor(kpk)) + 1.0):
+        kc = max(kk, float(a))
+        if bend >= 0:
+            kc = min(kc, float(bend))
+        if kc >= 1.0:
+            best = max(best, kc * m ** (kc - 1.0))
+    return -ga, ga, -best, best
+
+
+@njit(cache=True)
+def _quad_min_1d(aa, bb, cc, x1, x2):
+    """min of aa x^2 + 2 bb x + cc over [x1, x2]."""
+    v = min(aa * x1 * x1 + 2 * bb * x1 + cc, aa * x2 * x2 + 2 * bb * x2 + cc)
+    if aa > 0.0:
+        xv = -bb / aa
+        if x1 < xv < x2:
+            v = min(v, cc - bb * bb / aa)
+    return v
+
+
+@njit(cache=True)
+def _quad_min_box(n, m, p, g1, g2, s1, s2):
+    """Exact min of n g^2 + 2 m g s + p s^2 over the box [g1, g2] x [s1, s2]."""
+    best = np.inf
+    for g in (g1, g2):
+        best = min(best, _quad_min_1d(p, m * g, n * g * g, s1, s2))
+    for t in (s1, s2):
+        best = min(best, _quad_min_1d(n, m * t, p * t * t, g1, g2))
+    if g1 <= 0.0 <= g2 and s1 <= 0.0 <= s2 and n >= 0.0 and p >= 0.0 and n * p >= m * m:
+        best = min(best, 0.0)
+    elif n * p < m * m or n < 0.0 or p < 0.0:
+        pass  # indefinite: the minimum lies on the boundary, already covered
+    return best
 
 # --------------------------------------------------------------------------------------------------
 # modal closed form for a constant learning rate
@@ -298,7 +459,7 @@ def _eig_mode(A, lam, V):
 
 
 @njit(cache=True)
-def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm):
+def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm, gsq):
     """Fill the modal form per mode; flag modes whose eigenvectors are ill-conditioned."""
     d, s = b.shape
     V = np.empty((s, s), dtype=np.complex128)
@@ -346,13 +507,36 @@ def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm):
         if not ok:
             # real-arithmetic fallback data: stationary moments by doubling (if stable)
             if rr < 1.0:
-                _lyapunov_mode(A[i], b[i], q[i], Sreal)
+                if s == 2:
+                    _stein2(A[i], b[i], q[i], Sreal)
+                else:
+                    _lyapunov_mode(A[i], b[i], q[i], Sreal)
                 linf[i] = 0.5 * h[i] * Sreal[r, r]
                 dn = 0.0
                 for j in range(s):
                     for k in range(s):
                         dn += (S0[i, j, k] - Sreal[j, k]) ** 2
                 dnorm[i] = math.sqrt(dn)
+                if s == 2:
+                    # (g, s) form: A^k = g I + s N; t(k) = n g^2 + 2 m g s + p s^2 with D = S0 - S_inf
+                    cc = 0.5 * (A[i, 0, 0] + A[i, 1, 1])
+                    det = A[i, 0, 0] * A[i, 1, 1] - A[i, 0, 1] * A[i, 1, 0]
+                    disc = cc * cc - det
+                    n00 = A[i, 0, 0] - cc
+                    n11 = A[i, 1, 1] - cc
+                    nr0 = n00 if r == 0 else A[i, 1, 0]
+                    nr1 = A[i, 0, 1] if r == 0 else n11
+                    d00 = S0[i, 0, 0] - Sreal[0, 0]
+                    d01 = S0[i, 0, 1] - Sreal[0, 1]
+                    d11 = S0[i, 1, 1] - Sreal[1, 1]
+                    dr0 = d00 if r == 0 else d01
+                    dr1 = d01 if r == 0 else d11
+                    gsq[i, 0] = cc
+                    gsq[i, 1] = math.sqrt(abs(disc))
+                    gsq[i, 2] = 1.0 if disc < 0 else 0.0
+                    gsq[i, 3] = dr0 if r == 0 else dr1  # e^T D e
+                    gsq[i, 4] = dr0 * nr0 + dr1 * nr1  # e^T D N^T e
+                    gsq[i, 5] = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
             else:
                 linf[i] = np.inf
                 dnorm[i] = np.inf
@@ -400,7 +584,7 @@ def _cpow(z, k):
 
 
 @njit(cache=True)
-def _modal_values_kernel(lam, C, linf, flag, A, b, q, h, r, S0, ks, out):
+def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
     """out[m] = L_{ks[m]} for sorted ks; good modes by the closed form, flagged ones by jumping."""
     d, s = lam.shape
     n = ks.size
@@ -410,9 +594,14 @@ def _modal_values_kernel(lam, C, linf, flag, A, b, q, h, r, S0, ks, out):
     T = np.empty((s, s))
     for i in range(d):
         if flag[i]:
-            for m in range(n):
-                _jump_mode(A[i], b[i], q[i], S0[i], ks[m], T)
-                out[m] += 0.5 * h[i] * T[r, r]
+            if s == 2 and linf[i] < np.inf:  # stable (g, s) closed form
+                for m in range(n):
+                    g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, ks[m])
+                    out[m] += linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+            else:
+                for m in range(n):
+                    _jump_mode(A[i], b[i], q[i], S0[i], ks[m], T)
+                    out[m] += 0.5 * h[i] * T[r, r]
             continue
         for m in range(n):
             k = ks[m]
@@ -459,14 +648,18 @@ def _henrici_sup(rho, nu, s, a, bend):
 
 
 @njit(cache=True)
-def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, h, a, bend):
+def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """A lower bound on L_k valid for every integer k in [a, bend] (bend = -1: infinity).
 
     Good modes, term c mu^k with mu = lam_j lam_l:
       * mu real >= 0: monotone, so >= Re(c) mu^bend if Re(c) > 0 (0 at infinity), Re(c) mu^a otherwise;
       * otherwise (oscillating): >= -|c| |mu|^a.
-    Flagged modes: loss_i >= max(0, L_inf,i - h_i/2 ||S0 - S_inf||_F sup ||A^k||^2), with the Henrici
-    bound ||A^k||_2 <= sum_{j<s} C(k,j) rho^(k-j) nu^j (nu = departure from normality).
+    Flagged 2x2 modes: A^k = g_k I + s_k N (N = A - tr(A)/2 I), so the transient is the quadratic
+    form n g_k^2 + 2 m g_k s_k + p s_k^2; (g_k, s_k) are boxed over [a, bend] (modulus and angle
+    ranges, or monotone / unimodal pieces for real eigenvalues) and the form is minimised exactly
+    over the box.  Flagged 3x3 modes: loss_i >= max(0, L_inf,i - h_i/2 ||S0 - S_inf||_F sup ||A^k||^2),
+    with the Henrici bound ||A^k||_2 <= sum_{j<s} C(k,j) rho^(k-j) nu^j (nu = departure from
+    normality).
     A relative margin of 1e-8 covers rounding in the modal coefficients (measured <= 1e-9).
     """
     d, s = lam.shape
@@ -474,8 +667,14 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, h, a, bend):
     slack = 0.0
     for i in range(d):
         if flag[i]:
-            e = _henrici_sup(rho[i], nu[i], s, a, bend)
-            total += max(0.0, linf[i] - 0.5 * h[i] * dnorm[i] * e * e)
+            if s == 2:
+                g1, g2, s1, s2 = _gs_box(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, a, bend)
+                tmin = _quad_min_box(gsq[i, 3], gsq[i, 4], gsq[i, 5], g1, g2, s1, s2)
+                lb = linf[i] + 0.5 * h[i] * tmin
+                total += max(0.0, lb - 1e-8 * (abs(linf[i]) + abs(0.5 * h[i] * tmin)))
+            else:
+                e = _henrici_sup(rho[i], nu[i], s, a, bend)
+                total += max(0.0, linf[i] - 0.5 * h[i] * dnorm[i] * e * e)
             continue
         total += linf[i]
         slack += abs(linf[i])
@@ -506,7 +705,7 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, h, a, bend):
 
 
 @njit(cache=True)
-def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, A, b, q, h, r, S0, target, k_lo, k_hi, leaf):
+def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf):
     """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1."""
     stack_a = np.empty(256, dtype=np.int64)
     stack_b = np.empty(256, dtype=np.int64)
@@ -520,13 +719,13 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, A, b, q, h, r, S0
         top -= 1
         a = stack_a[top]
         bb = stack_b[top]
-        if _lower_bound(lam, C, linf, flag, rho, nu, dnorm, h, a, bb) > target:
+        if _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb) > target:
             continue
         if bb - a + 1 <= leaf:
             n = bb - a + 1
             for m in range(n):
                 ks[m] = a + m
-            _modal_values_kernel(lam, C, linf, flag, A, b, q, h, r, S0, ks[:n], vals[:n])
+            _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks[:n], vals[:n])
             for m in range(n):
                 if vals[m] <= target:
                     return a + m
@@ -572,9 +771,10 @@ class ModalForm:
         self.rho = np.zeros(d)
         self.nu = np.zeros(d)
         self.dnorm = np.zeros(d)
+        self.gsq = np.zeros((d, 6))
         _modal_setup_kernel(
             self.A, self.b, self.q, self.h, self.readout, self.S0,
-            self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm,
+            self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
         )
         self.stable = bool(np.all(self.rho < 1.0))
         self.loss_inf = float(np.sum(self.linf)) if self.stable else math.inf
@@ -585,7 +785,7 @@ class ModalForm:
         ks = np.ascontiguousarray(ks, dtype=np.int64)
         out = np.empty(ks.size)
         _modal_values_kernel(
-            self.lam, self.C, self.linf, self.flag, self.A, self.b, self.q, self.h,
+            self.lam, self.C, self.linf, self.flag, self.gsq, self.A, self.b, self.q, self.h,
             self.readout, self.S0, ks, out,
         )
         return out
@@ -593,7 +793,7 @@ class ModalForm:
     def lower_bound(self, a: int, b: int | None = None) -> float:
         """A lower bound on L_k for all k in [a, b] (b None: infinity)."""
         return float(
-            _lower_bound(self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm,
+            _lower_bound(self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
                          self.h, int(a), -1 if b is None else int(b))
         )
 
@@ -612,7 +812,7 @@ class ModalForm:
             raise ValueError("first_crossing needs a stable system (spectral radius < 1).")
         return int(
             _first_crossing_kernel(
-                self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm,
+                self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
                 self.A, self.b, self.q, self.h, self.readout, self.S0,
                 float(target), 0, int(k_max), int(leaf),
             )
