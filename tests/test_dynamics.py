@@ -114,3 +114,21 @@ def test_lower_bound_is_valid(nqm, optimizer):
     for a, b in [(0, 400), (0, 10), (13, 77), (200, 400), (399, 400)]:
         assert mf.lower_bound(a, b) <= ref[a : b + 1].min()
     assert mf.lower_bound(300) <= min(ref[300:].min(), mf.loss_inf)
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [Momentum(1e-7, 0.99999), Momentum(0.1, 0.81), Momentum(0.1 * (1 + 1e-9), 0.81), EMA(SGD(0.1), 0.99)],
+    ids=["overdamped", "critical", "near-critical-complex", "ema"],
+)
+def test_flagged_modes_values_and_bounds(opt):
+    """Modes with ill-conditioned eigenvectors use the (g, s) form: exact values, valid bounds."""
+    nqm = NQM.power_law(40)
+    mf = nqm.modal_form(opt, 1)
+    assert mf.n_flagged >= 1
+    ref = reference_curve(nqm.h, nqm.c, nqm.init_sq, opt, 1, 3000)
+    np.testing.assert_allclose(mf.loss(np.arange(3001)), ref, rtol=1e-9)
+    for a, b in [(0, 3000), (0, 5), (10, 400), (1000, 1100), (2999, 3000)]:
+        assert mf.lower_bound(a, b) <= ref[a : b + 1].min() * (1 + 1e-12)
+    target = 0.5 * (ref[1500] + ref[0])
+    assert mf.first_crossing(target, 10**9) == int(np.argmax(ref <= target))
