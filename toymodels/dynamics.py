@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-__all__ = ["propagate", "jump", "ModalForm", "lyapunov"]
+__all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a mode is flagged
 _NO_END = -1  # "b = infinity" in interval bounds
@@ -192,29 +192,35 @@ def _lyapunov_mode(A, b, q, out):
 
 
 @njit(cache=True)
-def _stein2(A, b, q, out):
+def _stein2_scalar(a00, a01, a10, a11, b0, b1, q):
     """Stationary S = A S A^T + q b b^T of a stable 2x2 system in closed form, stable at repeated
     eigenvalues: S = Q G2 + (N Q + Q N^T) GS + N Q N^T S2 with A^j = g_j I + s_j N and
-    G2 = sum g_j^2, GS = sum g_j s_j, S2 = sum s_j^2 written through tr A and det A."""
-    tau = A[0, 0] + A[1, 1]
-    det = A[0, 0] * A[1, 1] - A[0, 1] * A[1, 0]
+    G2 = sum g_j^2, GS = sum g_j s_j, S2 = sum s_j^2 written through tr A and det A.
+    Returns (S00, S01, S11)."""
+    tau = a00 + a11
+    det = a00 * a11 - a01 * a10
     c = 0.5 * tau
     uv = (1.0 + det - tau) * (1.0 + det + tau)  # (1 - lam1^2)(1 - lam2^2)
     pp = 1.0 - det  # 1 - lam1 lam2
     g2 = 0.25 * ((2.0 - tau * tau + 2.0 * det) / uv + 2.0 / pp)
     gs = 0.5 * tau / uv
     s2 = (1.0 + det) / (uv * pp)
-    n00 = A[0, 0] - c
-    n11 = A[1, 1] - c
-    n01 = A[0, 1]
-    n10 = A[1, 0]
-    # Q = q b b^T; N Q N^T = q (N b)(N b)^T; N Q + Q N^T = q ((N b) b^T + b (N b)^T)
-    nb0 = n00 * b[0] + n01 * b[1]
-    nb1 = n10 * b[0] + n11 * b[1]
-    out[0, 0] = q * (b[0] * b[0] * g2 + 2.0 * nb0 * b[0] * gs + nb0 * nb0 * s2)
-    out[0, 1] = q * (b[0] * b[1] * g2 + (nb0 * b[1] + b[0] * nb1) * gs + nb0 * nb1 * s2)
-    out[1, 0] = out[0, 1]
-    out[1, 1] = q * (b[1] * b[1] * g2 + 2.0 * nb1 * b[1] * gs + nb1 * nb1 * s2)
+    nb0 = (a00 - c) * b0 + a01 * b1  # N b
+    nb1 = a10 * b0 + (a11 - c) * b1
+    s00 = q * (b0 * b0 * g2 + 2.0 * nb0 * b0 * gs + nb0 * nb0 * s2)
+    s01 = q * (b0 * b1 * g2 + (nb0 * b1 + b0 * nb1) * gs + nb0 * nb1 * s2)
+    s11 = q * (b1 * b1 * g2 + 2.0 * nb1 * b1 * gs + nb1 * nb1 * s2)
+    return s00, s01, s11
+
+
+@njit(cache=True)
+def _stein2(A, b, q, out):
+    """Array form of :func:`_stein2_scalar` into ``out`` (2x2)."""
+    s00, s01, s11 = _stein2_scalar(A[0, 0], A[0, 1], A[1, 0], A[1, 1], b[0], b[1], q)
+    out[0, 0] = s00
+    out[0, 1] = s01
+    out[1, 0] = s01
+    out[1, 1] = s11
 
 
 def lyapunov(A, b, q):
@@ -459,6 +465,30 @@ def _eig_mode(A, lam, V):
 
 
 @njit(cache=True)
+def _gs_setup(A, b, q, S0, r, h, row):
+    """Fill row = (c, w, complex?, n, m, p) of a stable 2x2 mode; returns its stationary loss."""
+    a00, a01, a10, a11 = A[0, 0], A[0, 1], A[1, 0], A[1, 1]
+    cc = 0.5 * (a00 + a11)
+    det = a00 * a11 - a01 * a10
+    disc = cc * cc - det
+    s00, s01, s11 = _stein2_scalar(a00, a01, a10, a11, b[0], b[1], q)
+    d00 = S0[0, 0] - s00
+    d01 = S0[0, 1] - s01
+    d11 = S0[1, 1] - s11
+    if r == 0:
+        nr0, nr1, dr0, dr1, drr, srr = a00 - cc, a01, d00, d01, d00, s00
+    else:
+        nr0, nr1, dr0, dr1, drr, srr = a10, a11 - cc, d01, d11, d11, s11
+    row[0] = cc
+    row[1] = math.sqrt(abs(disc))
+    row[2] = 1.0 if disc < 0 else 0.0
+    row[3] = drr  # e^T D e
+    row[4] = dr0 * nr0 + dr1 * nr1  # e^T D N^T e
+    row[5] = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)  # e^T N D N^T e
+    return 0.5 * h * srr
+
+
+@njit(cache=True)
 def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm, gsq):
     """Fill the modal form per mode; flag modes whose eigenvectors are ill-conditioned."""
     d, s = b.shape
@@ -504,39 +534,23 @@ def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm, g
         if rr >= 1.0:
             ok = False
         flag[i] = not ok
+        linf_gs = np.inf
+        if s == 2 and rr < 1.0:
+            linf_gs = _gs_setup(A[i], b[i], q[i], S0[i], r, h[i], gsq[i])
         if not ok:
-            # real-arithmetic fallback data: stationary moments by doubling (if stable)
+            # real-arithmetic fallback data: stationary moments (closed form for 2x2, doubling else)
             if rr < 1.0:
                 if s == 2:
-                    _stein2(A[i], b[i], q[i], Sreal)
+                    linf[i] = linf_gs
+                    dnorm[i] = 0.0
                 else:
                     _lyapunov_mode(A[i], b[i], q[i], Sreal)
-                linf[i] = 0.5 * h[i] * Sreal[r, r]
-                dn = 0.0
-                for j in range(s):
-                    for k in range(s):
-                        dn += (S0[i, j, k] - Sreal[j, k]) ** 2
-                dnorm[i] = math.sqrt(dn)
-                if s == 2:
-                    # (g, s) form: A^k = g I + s N; t(k) = n g^2 + 2 m g s + p s^2 with D = S0 - S_inf
-                    cc = 0.5 * (A[i, 0, 0] + A[i, 1, 1])
-                    det = A[i, 0, 0] * A[i, 1, 1] - A[i, 0, 1] * A[i, 1, 0]
-                    disc = cc * cc - det
-                    n00 = A[i, 0, 0] - cc
-                    n11 = A[i, 1, 1] - cc
-                    nr0 = n00 if r == 0 else A[i, 1, 0]
-                    nr1 = A[i, 0, 1] if r == 0 else n11
-                    d00 = S0[i, 0, 0] - Sreal[0, 0]
-                    d01 = S0[i, 0, 1] - Sreal[0, 1]
-                    d11 = S0[i, 1, 1] - Sreal[1, 1]
-                    dr0 = d00 if r == 0 else d01
-                    dr1 = d01 if r == 0 else d11
-                    gsq[i, 0] = cc
-                    gsq[i, 1] = math.sqrt(abs(disc))
-                    gsq[i, 2] = 1.0 if disc < 0 else 0.0
-                    gsq[i, 3] = dr0 if r == 0 else dr1  # e^T D e
-                    gsq[i, 4] = dr0 * nr0 + dr1 * nr1  # e^T D N^T e
-                    gsq[i, 5] = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
+                    linf[i] = 0.5 * h[i] * Sreal[r, r]
+                    dn = 0.0
+                    for j in range(s):
+                        for k in range(s):
+                            dn += (S0[i, j, k] - Sreal[j, k]) ** 2
+                    dnorm[i] = math.sqrt(dn)
             else:
                 linf[i] = np.inf
                 dnorm[i] = np.inf
@@ -651,33 +665,38 @@ def _henrici_sup(rho, nu, s, a, bend):
 def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """A lower bound on L_k valid for every integer k in [a, bend] (bend = -1: infinity).
 
-    Good modes, term c mu^k with mu = lam_j lam_l:
-      * mu real >= 0: monotone, so >= Re(c) mu^bend if Re(c) > 0 (0 at infinity), Re(c) mu^a otherwise;
-      * otherwise (oscillating): >= -|c| |mu|^a.
-    Flagged 2x2 modes: A^k = g_k I + s_k N (N = A - tr(A)/2 I), so the transient is the quadratic
-    form n g_k^2 + 2 m g_k s_k + p s_k^2; (g_k, s_k) are boxed over [a, bend] (modulus and angle
-    ranges, or monotone / unimodal pieces for real eigenvalues) and the form is minimised exactly
-    over the box.  Flagged 3x3 modes: loss_i >= max(0, L_inf,i - h_i/2 ||S0 - S_inf||_F sup ||A^k||^2),
+    Per mode, the larger of two rigorous bounds (each also >= 0, since a loss is):
+      * modal (well-conditioned modes), term c mu^k with mu = lam_j lam_l: mu real >= 0 is monotone,
+        so >= Re(c) mu^bend if Re(c) > 0 (0 at infinity), Re(c) mu^a otherwise; any other term
+        (oscillating) >= -|c| |mu|^a;
+      * (g, s) form (every stable 2x2 mode): A^k = g_k I + s_k N (N = A - tr(A)/2 I), so the transient
+        is the quadratic form n g_k^2 + 2 m g_k s_k + p s_k^2; (g_k, s_k) are boxed over [a, bend]
+        (modulus and angle ranges, or monotone / unimodal pieces for real eigenvalues) and the form
+        is minimised exactly over the box.  Its coefficients stay O(1) where near-repeated
+        eigenvalues make the modal ones huge and cancelling.
+    Flagged 3x3 modes: loss_i >= max(0, L_inf,i - h_i/2 ||S0 - S_inf||_F sup ||A^k||^2),
     with the Henrici bound ||A^k||_2 <= sum_{j<s} C(k,j) rho^(k-j) nu^j (nu = departure from
     normality).
     A relative margin of 1e-8 covers rounding in the modal coefficients (measured <= 1e-9).
     """
     d, s = lam.shape
     total = 0.0
-    slack = 0.0
     for i in range(d):
+        gs_lb = -np.inf
+        if s == 2 and linf[i] < np.inf:
+            g1, g2, s1, s2 = _gs_box(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, a, bend)
+            tmin = _quad_min_box(gsq[i, 3], gsq[i, 4], gsq[i, 5], g1, g2, s1, s2)
+            gs_lb = linf[i] + 0.5 * h[i] * tmin
+            gs_lb = max(0.0, gs_lb - 1e-8 * (abs(linf[i]) + abs(0.5 * h[i] * tmin)))
         if flag[i]:
             if s == 2:
-                g1, g2, s1, s2 = _gs_box(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, a, bend)
-                tmin = _quad_min_box(gsq[i, 3], gsq[i, 4], gsq[i, 5], g1, g2, s1, s2)
-                lb = linf[i] + 0.5 * h[i] * tmin
-                total += max(0.0, lb - 1e-8 * (abs(linf[i]) + abs(0.5 * h[i] * tmin)))
+                total += gs_lb
             else:
                 e = _henrici_sup(rho[i], nu[i], s, a, bend)
                 total += max(0.0, linf[i] - 0.5 * h[i] * dnorm[i] * e * e)
             continue
-        total += linf[i]
-        slack += abs(linf[i])
+        mode_lb = linf[i]
+        mode_slack = abs(linf[i])
         for j in range(s):
             lj = lam[i, j]
             for l in range(j, s):
@@ -690,18 +709,19 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
                     cr = c.real
                     if cr > 0.0:
                         if bend >= 0 and amu > 0.0:
-                            total += cr * _apow(math.log(amu), bend)
+                            mode_lb += cr * _apow(math.log(amu), bend)
                         elif bend == 0:
-                            total += cr
+                            mode_lb += cr
                     else:
                         v = cr * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
-                        total += v
-                        slack += -v
+                        mode_lb += v
+                        mode_slack += -v
                 else:
                     v = abs(c) * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
-                    total -= v
-                    slack += v
-    return total - 1e-8 * slack
+                    mode_lb -= v
+                    mode_slack += v
+        total += max(gs_lb, mode_lb - 1e-8 * mode_slack)
+    return total
 
 
 @njit(cache=True)
@@ -817,3 +837,64 @@ class ModalForm:
                 float(target), 0, int(k_max), int(leaf),
             )
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# fused loss at one step (the tuner's inner loop): closed forms for s <= 2, no eigenvectors
+# --------------------------------------------------------------------------------------------------
+@njit(cache=True, parallel=True)
+def _loss_at_kernel(A, b, q, h, r, S0, k):
+    d, s = b.shape
+    total = 0.0
+    for i in prange(d):
+        if s == 1:
+            a = A[i, 0, 0]
+            one_minus_a2 = (1.0 - a) * (1.0 + a)
+            if one_minus_a2 <= 0.0:
+                total += np.inf
+                continue
+            sinf = q[i] * b[i, 0] * b[i, 0] / one_minus_a2
+            ak = abs(a)
+            decay = 0.0 if ak == 0.0 else math.exp(2.0 * k * math.log(ak))
+            if k == 0:
+                decay = 1.0
+            total += 0.5 * h[i] * (sinf + (S0[i, 0, 0] - sinf) * decay)
+        else:
+            a00 = A[i, 0, 0]
+            a01 = A[i, 0, 1]
+            a10 = A[i, 1, 0]
+            a11 = A[i, 1, 1]
+            c = 0.5 * (a00 + a11)
+            det = a00 * a11 - a01 * a10
+            disc = c * c - det
+            w = math.sqrt(abs(disc))
+            rho = math.sqrt(det) if disc < 0 else max(abs(c + w), abs(c - w))
+            if rho >= 1.0:
+                total += np.inf
+                continue
+            s00, s01, s11 = _stein2_scalar(a00, a01, a10, a11, b[i, 0], b[i, 1], q[i])
+            d00 = S0[i, 0, 0] - s00
+            d01 = S0[i, 0, 1] - s01
+            d11 = S0[i, 1, 1] - s11
+            if r == 0:
+                nr0, nr1, dr0, dr1, drr, srr = a00 - c, a01, d00, d01, d00, s00
+            else:
+                nr0, nr1, dr0, dr1, drr, srr = a10, a11 - c, d01, d11, d11, s11
+            nn = drr
+            mm = dr0 * nr0 + dr1 * nr1
+            pp = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
+            g, t = _gs_values(c, w, disc < 0, k)
+            total += 0.5 * h[i] * (srr + nn * g * g + 2.0 * mm * g * t + pp * t * t)
+    return total
+
+
+def loss_at(A, b, q, h, readout, S0, k) -> float:
+    """Expected loss after k constant-lr steps, fused and parallel over modes (s = 1 or 2 only).
+
+    Same value as ``ModalForm(...).loss([k])`` without eigenvectors: for 2x2 systems
+    A^k = g_k I + s_k N and the stationary moments come from :func:`_stein2_scalar`.
+    Returns ``inf`` if any mode is unstable.
+    """
+    if b.shape[1] > 2:
+        raise ValueError("loss_at handles 1- and 2-state systems; use ModalForm for 3 states.")
+    return float(_loss_at_kernel(A, b, q, h, int(readout), S0, int(k)))

@@ -103,6 +103,15 @@ class NQM:
         """Largest stable constant learning rate of ``optimizer`` on this spectrum."""
         return float(_check_optimizer(optimizer).lr_limit(self.h))
 
+    def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
+        """Exact expected loss at step k for a constant learning rate (the tuner's inner loop)."""
+        lr = optimizer.lr.lr if lr is None else lr
+        A, b = optimizer.transition(self.h, lr)
+        if optimizer.n_state <= 2:
+            return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
+        mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
+        return float(mf.loss(np.array([k]))[0])
+
     def noise_floor(self, optimizer, batch_size) -> float:
         """Stationary expected loss for the spec's constant learning rate (``inf`` if unstable)."""
         return self.modal_form(optimizer, batch_size).loss_inf

@@ -2,7 +2,8 @@
 
 Any *problem* with the methods ``steps_to_target(optimizer, batch_size, target, full_output=True)``,
 ``modal_form(optimizer, batch_size, lr)`` (an object with ``.loss(ks)``, ``.lower_bound(a, b)``,
-``.first_crossing(target, k_max)``), ``lr_limit(optimizer)`` and a ``model_name`` can be swept.
+``.first_crossing(target, k_max)``), ``loss_at_step(optimizer, batch_size, k)``,
+``lr_limit(optimizer)``, ``initial_loss``, ``params`` and a ``model_name`` can be swept.
 
 Tuning (:func:`tune`) uses the exchange of minima
 
@@ -87,8 +88,8 @@ class _Evaluator:
         self.n_evals += 1
         if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
             return math.inf
-        _, mf = self.form(min(x, -1e-9), y)
-        v = mf.loss(np.array([k], dtype=np.int64))[0]
+        opt = self.optimizer(min(x, -1e-9), y)
+        v = self.problem.loss_at_step(opt, self.batch_size, k)
         return math.log(v) if v > 0 and math.isfinite(v) else math.inf
 
 
@@ -170,18 +171,33 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         hi, theta = _start_point(ev, target, two_d)
     if theta is None:
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals}
-    lo = 0  # L_0 > target
+    # Bracket [lo, hi]: no setting reaches the target by step lo (as far as the inner minimisation
+    # can tell), the setting ``theta`` reaches it exactly at hi.  v(k) = min_theta log L_k(theta) is
+    # smooth and roughly linear in log k, so the next k is interpolated in log k (regula falsi),
+    # with a bisection whenever the bracket fails to halve.
     log_target = math.log(target)
+    lo, v_lo = 0, math.log(problem.initial_loss)
+    v_hi = ev.log_loss(int(hi), *theta)
+    stalls = 0
     while hi - lo > 1:
-        mid = int(math.sqrt(lo * hi)) if lo >= 1 and hi > 4 * lo else (lo + hi) // 2
+        width = hi - lo
+        if stalls < 2 and math.isfinite(v_hi) and v_lo > v_hi:
+            frac = (v_lo - log_target) / (v_lo - v_hi)
+            u = math.log1p(lo) + frac * (math.log1p(hi) - math.log1p(lo))
+            mid = int(round(math.expm1(u)))
+        else:
+            mid = int(math.sqrt(lo * hi)) if lo >= 1 and hi > 4 * lo else (lo + int(hi)) // 2
         mid = min(max(mid, lo + 1), int(hi) - 1)
         cand, val = _inner_min(ev, mid, theta)
+        moved = False
         if val <= log_target:
             s = _exact_steps(ev, cand, target, mid)
             if math.isfinite(s) and s < hi:
-                hi, theta = s, cand
-                continue
-        lo = mid
+                hi, theta, v_hi = s, cand, ev.log_loss(int(s), *cand)
+                moved = True
+        if not moved:
+            lo, v_lo = mid, val
+        stalls = stalls + 1 if (hi - lo) > width / 2 else 0
     opt = ev.optimizer(*theta)
     extra = math.nan if not two_d else 1.0 - math.exp(theta[1])
     return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals}
