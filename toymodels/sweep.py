@@ -26,7 +26,7 @@ import numpy as np
 import xarray as xr
 from scipy import optimize
 
-from ._validate import check_real
+from ._validate import check_int, check_real
 from .nqm import check_batch_size
 from .optimizers import EMA, SGD, Momentum
 from .schedules import PiecewiseConstant
@@ -322,7 +322,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     return _result_dataset(problem, family, bss, rows, target, precond, decay)
 
 
-def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0, start_steps=None):
+def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0):
     """Fewest steps to ``target`` over piecewise-constant SGD schedules with ``n_pieces`` pieces.
 
     The lecture's "fitting optimal learning rate schedules": for a horizon K the schedule is
@@ -330,10 +330,13 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
     by piece jumps), minimised over the schedule, and K is bisected as in :func:`tune`.
 
     Returns:
-        dict with ``steps``, ``schedule`` (a :class:`PiecewiseConstant`), ``lrs`` and ``fractions``.
+        dict with ``steps`` (the exact first crossing of the returned schedule, at most the tuned
+        constant learning rate's), ``schedule`` (a :class:`PiecewiseConstant`), ``lrs`` and
+        ``fractions``.
     """
     from . import dynamics
 
+    n_pieces = check_int("n_pieces", n_pieces, low=1, high=10)
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     probe = SGD(1.0, precond=precond)
@@ -362,11 +365,12 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         v = 0.5 * float(np.sum(problem.h * S[:, 0, 0]))
         return math.log(v) if v > 0 else -math.inf
 
-    base = tune(problem, "precond" if precond else "sgd", bs, target, precond=precond) if start_steps is None else None
-    hi = base["steps"] if base else float(start_steps)
-    x0 = math.log(base["lr"] / limit) if base else -1.0
-    z = np.concatenate([x0 - np.arange(n_pieces) * 1.0, np.zeros(n_pieces - 1)])
-    best_z = z.copy()
+    base = tune(problem, "precond" if precond else "sgd", bs, target, precond=precond)
+    if not math.isfinite(base["steps"]) or base["steps"] == 0:
+        return {"steps": base["steps"], "schedule": None, "lrs": np.array([base["lr"]]), "fractions": np.ones(1)}
+    hi = base["steps"]
+    # start from the tuned constant schedule, which reaches the target at hi
+    best_z = np.concatenate([np.full(n_pieces, math.log(base["lr"] / limit)), np.zeros(n_pieces - 1)])
     lo = 0
     log_target = math.log(target)
     while hi - lo > 1:
@@ -378,8 +382,8 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         else:
             lo = K
     lrs, frac, bounds = unpack(best_z, int(hi))
-    keep = np.concatenate([[True], np.diff(np.concatenate([[0], bounds])) > 0])[: n_pieces]
-    sched_b = tuple(int(b) for b in bounds if 0 < b)
-    sched = PiecewiseConstant(tuple(sorted(set(sched_b))), tuple(lrs[: len(set(sched_b)) + 1])) if sched_b else None
-    del keep
-    return {"steps": float(hi), "schedule": sched, "lrs": lrs, "fractions": frac}
+    edges = np.concatenate([[0], bounds, [int(hi)]])
+    kept = [p for p in range(n_pieces) if edges[p + 1] > edges[p]] or [0]
+    sched = PiecewiseConstant(tuple(int(edges[p]) for p in kept[1:]), tuple(float(lrs[p]) for p in kept))
+    steps = problem.steps_to_target(SGD(sched, precond=precond), bs, target)
+    return {"steps": float(steps), "schedule": sched, "lrs": lrs, "fractions": frac}
