@@ -86,3 +86,26 @@ def test_sweep_bad_input(nqm, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         batch_size_sweep(**args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["momentum", "ema", "momentum_ema"])
+def test_tuned_beats_grid_at_larger_dimension(family):
+    """d = 1000, the oscillating families: tuned <= exact optimum of the 100 x 20 grid (about a minute)."""
+    nqm = NQM.power_law(1000)
+    target = 0.01 * nqm.initial_loss
+    lrs, extras = default_grid(nqm, family)
+    for batch_size in (256.0, 65536.0):
+        res = tune(nqm, family, batch_size, target)
+        grid = grid_search(nqm, family, batch_size, target, lr_fractions=lrs, extras=extras)
+        assert res["steps"] <= grid["steps"]
+
+
+def test_momentum_ema_family(nqm):
+    target = 0.05 * nqm.initial_loss
+    ds = batch_size_sweep(nqm, "momentum_ema", [1.0, 64.0], target, progress=False)
+    validate(ds)
+    assert np.all(np.isfinite(ds.steps_to_target.values)) and "momentum_opt" in ds
+    lrs, extras = default_grid(nqm, "momentum_ema", n_lr=30, n_extra=6)
+    grid = grid_search(nqm, "momentum_ema", 64.0, target, lr_fractions=lrs, extras=extras)
+    assert ds.steps_to_target.values[1] <= grid["steps"]

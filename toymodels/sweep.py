@@ -93,8 +93,12 @@ class _Evaluator:
         return math.log(v) if v > 0 and math.isfinite(v) else math.inf
 
 
-def _inner_min(ev, k, start):
-    """argmin over theta of log L_k(theta), local search from ``start``; returns (theta, value)."""
+def _inner_min(ev, k, start, *, step=0.3):
+    """argmin over theta of log L_k(theta), local search from ``start``; returns (theta, value).
+
+    1-D: bounded Brent on a window that follows the minimum.  2-D: Nelder-Mead with an initial
+    simplex of size ``step`` (log units), then a second Nelder-Mead restarted at the result.
+    """
     if len(start) == 1:
         x0 = start[0]
         lo, hi = max(_X_MIN, x0 - 2.0), min(-1e-9, x0 + 2.0)
@@ -110,10 +114,15 @@ def _inner_min(ev, k, start):
                 break
         return (xm,), float(res.fun)
     x0 = np.asarray(start, dtype=np.float64)
-    simplex = np.array([x0, x0 + [0.3, 0.0], x0 + [0.0, 0.3]])
-    res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), x0, method="Nelder-Mead",
-                            options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-9, "maxfev": 400})
-    return tuple(float(v) for v in res.x), float(res.fun)
+    best = None
+    for size in (step, 0.1 * step):
+        simplex = np.array([x0, x0 + [size, 0.0], x0 + [0.0, size]])
+        res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), x0, method="Nelder-Mead",
+                                options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-9, "maxfev": 400})
+        if best is None or res.fun < best.fun:
+            best = res
+        x0 = best.x
+    return tuple(float(v) for v in best.x), float(best.fun)
 
 
 def _exact_steps(ev, theta, target, k_max):
@@ -138,6 +147,33 @@ def _start_point(ev, target, two_d):
             if s < best[0]:
                 best = (s, theta)
     return best
+
+
+def _basin_check(ev, hi, theta, target, two_d):
+    """Look for a better basin than the incumbent's: a coarse scan of L_{hi-1} over the search box,
+    then local minimisation from the best point of each momentum / decay row (the landscape of L_k
+    is multimodal, e.g. through the phase of momentum's oscillation at small k)."""
+    k = int(hi) - 1
+    if k < 1:
+        return hi, theta
+    xs = np.linspace(math.log(1e-6), -0.01, 16)
+    ys = [None] if not two_d else [math.log(v) for v in (1.0, 0.5, 0.2, 0.1, 0.03, 0.01, 0.003, 1e-3, 1e-4)]
+    pts = [((x,) if y is None else (x, y)) for y in ys for x in xs]
+    vals = np.array([ev.log_loss(k, *p) for p in pts]).reshape(len(ys), xs.size)
+    log_target = math.log(target)
+    # one start per row (per momentum / decay value): basins differ mostly along that axis
+    starts = [pts[r * xs.size + int(np.argmin(vals[r]))] for r in range(len(ys)) if np.isfinite(vals[r].min())]
+    row_min = {p: ev.log_loss(k, *p) for p in starts}
+    best = min(row_min.values(), default=math.inf)
+    # rows far above the best (a factor e^2 in loss) are not worth a local search
+    starts = sorted((p for p in starts if row_min[p] <= best + 2.0), key=row_min.get)
+    for start in starts:
+        cand, val = _inner_min(ev, k, start)
+        if val <= log_target:
+            s = _exact_steps(ev, cand, target, k)
+            if math.isfinite(s) and s < hi:
+                hi, theta, k = s, cand, int(s) - 1
+    return hi, theta
 
 
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None):
@@ -171,6 +207,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         hi, theta = _start_point(ev, target, two_d)
     if theta is None:
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals}
+    hi, theta = _basin_check(ev, hi, theta, target, two_d)
     # Bracket [lo, hi]: no setting reaches the target by step lo (as far as the inner minimisation
     # can tell), the setting ``theta`` reaches it exactly at hi.  v(k) = min_theta log L_k(theta) is
     # smooth and roughly linear in log k, so the next k is interpolated in log k (regula falsi),
@@ -179,7 +216,23 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     lo, v_lo = 0, math.log(problem.initial_loss)
     v_hi = ev.log_loss(int(hi), *theta)
     stalls = 0
-    while hi - lo > 1:
+    polish = 2  # re-check hi - 1 from a wider start before accepting hi
+    while hi - lo > 1 or (polish > 0 and hi > 1):
+        if hi - lo <= 1:
+            # bracket closed: look once more at hi - 1, from a wider step and from every basin
+            polish -= 1
+            old_hi = hi
+            cand, val = _inner_min(ev, int(hi) - 1, theta, step=1.0)
+            if val <= log_target:
+                s = _exact_steps(ev, cand, target, int(hi) - 1)
+                if math.isfinite(s) and s < hi:
+                    hi, theta = s, cand
+            if polish == 0 and hi == old_hi:
+                hi, theta = _basin_check(ev, hi, theta, target, two_d)
+            if hi < old_hi:
+                v_hi = ev.log_loss(int(hi), *theta)
+                lo, stalls, polish = min(lo, int(hi) - 1), 0, 1
+            continue
         width = hi - lo
         if stalls < 2 and math.isfinite(v_hi) and v_lo > v_hi:
             frac = (v_lo - log_target) / (v_lo - v_hi)
