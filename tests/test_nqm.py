@@ -183,3 +183,23 @@ def test_gradient_stats_definitions(nqm):
     np.testing.assert_allclose(ds.snr.values, g2 / (tr / 8))
     assert ds.grad_norm_sq.values[0] == pytest.approx(np.sum(nqm.h**2 * nqm.init_sq))
     assert ds.attrs["source"] == "exact" and ds.attrs["model"] == "nqm"
+
+
+def test_coarsen_is_exact_for_equal_curvatures():
+    h = np.repeat([1.0, 0.3, 0.01], [1, 4, 7])
+    c = np.linspace(0.5, 2.0, h.size)
+    s0 = np.linspace(1.0, 3.0, h.size)
+    full = NQM(h, c, s0)
+    small = full.coarsen()
+    assert small.dim == 3
+    for opt in (SGD(0.7), Momentum(0.2, 0.9)):
+        np.testing.assert_allclose(small.loss_curve(opt, 4, 200).values, full.loss_curve(opt, 4, 200).values, rtol=1e-12)
+
+
+def test_coarsen_power_law_is_close():
+    full = NQM.power_law(3000)
+    small = full.coarsen(0.02)
+    assert small.dim < full.dim / 5
+    ks = np.array([0, 10, 1000, 10**5])
+    for opt in (SGD(0.5), Momentum(0.05, 0.95), EMA(SGD(0.5), 0.99)):
+        np.testing.assert_allclose(small.loss_curve(opt, 8, ks).values, full.loss_curve(opt, 8, ks).values, rtol=1e-4)

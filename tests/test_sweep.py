@@ -109,3 +109,13 @@ def test_momentum_ema_family(nqm):
     lrs, extras = default_grid(nqm, "momentum_ema", n_lr=30, n_extra=6)
     grid = grid_search(nqm, "momentum_ema", 64.0, target, lr_fractions=lrs, extras=extras)
     assert ds.steps_to_target.values[1] <= grid["steps"]
+
+
+def test_tune_through_the_coarsened_model():
+    """Above 2000 modes the tuner searches on NQM.coarsen() first; the result is exact and beats the grid."""
+    nqm = NQM.power_law(3000)
+    target = 0.02 * nqm.initial_loss
+    res = tune(nqm, "sgd", 64, target)
+    assert nqm.steps_to_target(SGD(res["lr"]), 64, target) == res["steps"]
+    lrs, extras = default_grid(nqm, "sgd")
+    assert res["steps"] <= grid_search(nqm, "sgd", 64, target, lr_fractions=lrs, extras=extras)["steps"]

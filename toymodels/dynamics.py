@@ -34,7 +34,6 @@ from numba import njit, prange
 __all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a mode is flagged
-_NO_END = -1  # "b = infinity" in interval bounds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,8 +305,7 @@ def _gs_box(c, w, cplx, a, bend):
     small = c - w if c >= 0 else c + w
     if small >= 0.0 and big >= 0.0:
         # g decreasing; s >= 0 and unimodal (a difference of two exponentials), peak near kstar
-        ga, _ = _gs_values(c, w, False, a)
-        sa = _gs_values(c, w, False, a)[1]
+        ga, sa = _gs_values(c, w, False, a)
         if bend >= 0:
             gb, sb = _gs_values(c, w, False, bend)
         else:
@@ -842,50 +840,63 @@ class ModalForm:
 # --------------------------------------------------------------------------------------------------
 # fused loss at one step (the tuner's inner loop): closed forms for s <= 2, no eigenvectors
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True, parallel=True)
-def _loss_at_kernel(A, b, q, h, r, S0, k):
-    d, s = b.shape
-    total = 0.0
-    for i in prange(d):
-        if s == 1:
-            a = A[i, 0, 0]
-            one_minus_a2 = (1.0 - a) * (1.0 + a)
-            if one_minus_a2 <= 0.0:
-                total += np.inf
-                continue
-            sinf = q[i] * b[i, 0] * b[i, 0] / one_minus_a2
-            ak = abs(a)
-            decay = 0.0 if ak == 0.0 else math.exp(2.0 * k * math.log(ak))
-            if k == 0:
-                decay = 1.0
-            total += 0.5 * h[i] * (sinf + (S0[i, 0, 0] - sinf) * decay)
+@njit(cache=True)
+def _mode_loss_at(A, b, q, h, r, S0, i, k):
+    """Expected loss of one 1- or 2-state mode after k constant-lr steps (inf if unstable)."""
+    if A.shape[1] == 1:
+        a = A[i, 0, 0]
+        one_minus_a2 = (1.0 - a) * (1.0 + a)
+        if one_minus_a2 <= 0.0:
+            return np.inf
+        sinf = q[i] * b[i, 0] * b[i, 0] / one_minus_a2
+        ak = abs(a)
+        if k == 0:
+            decay = 1.0
         else:
-            a00 = A[i, 0, 0]
-            a01 = A[i, 0, 1]
-            a10 = A[i, 1, 0]
-            a11 = A[i, 1, 1]
-            c = 0.5 * (a00 + a11)
-            det = a00 * a11 - a01 * a10
-            disc = c * c - det
-            w = math.sqrt(abs(disc))
-            rho = math.sqrt(det) if disc < 0 else max(abs(c + w), abs(c - w))
-            if rho >= 1.0:
-                total += np.inf
-                continue
-            s00, s01, s11 = _stein2_scalar(a00, a01, a10, a11, b[i, 0], b[i, 1], q[i])
-            d00 = S0[i, 0, 0] - s00
-            d01 = S0[i, 0, 1] - s01
-            d11 = S0[i, 1, 1] - s11
-            if r == 0:
-                nr0, nr1, dr0, dr1, drr, srr = a00 - c, a01, d00, d01, d00, s00
-            else:
-                nr0, nr1, dr0, dr1, drr, srr = a10, a11 - c, d01, d11, d11, s11
-            nn = drr
-            mm = dr0 * nr0 + dr1 * nr1
-            pp = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
-            g, t = _gs_values(c, w, disc < 0, k)
-            total += 0.5 * h[i] * (srr + nn * g * g + 2.0 * mm * g * t + pp * t * t)
+            decay = 0.0 if ak == 0.0 else math.exp(2.0 * k * math.log(ak))
+        return 0.5 * h[i] * (sinf + (S0[i, 0, 0] - sinf) * decay)
+    a00 = A[i, 0, 0]
+    a01 = A[i, 0, 1]
+    a10 = A[i, 1, 0]
+    a11 = A[i, 1, 1]
+    c = 0.5 * (a00 + a11)
+    det = a00 * a11 - a01 * a10
+    disc = c * c - det
+    w = math.sqrt(abs(disc))
+    rho = math.sqrt(det) if disc < 0 else max(abs(c + w), abs(c - w))
+    if rho >= 1.0:
+        return np.inf
+    s00, s01, s11 = _stein2_scalar(a00, a01, a10, a11, b[i, 0], b[i, 1], q[i])
+    d00 = S0[i, 0, 0] - s00
+    d01 = S0[i, 0, 1] - s01
+    d11 = S0[i, 1, 1] - s11
+    if r == 0:
+        nr0, nr1, dr0, dr1, drr, srr = a00 - c, a01, d00, d01, d00, s00
+    else:
+        nr0, nr1, dr0, dr1, drr, srr = a10, a11 - c, d01, d11, d11, s11
+    mm = dr0 * nr0 + dr1 * nr1
+    pp = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
+    g, t = _gs_values(c, w, disc < 0, k)
+    return 0.5 * h[i] * (srr + drr * g * g + 2.0 * mm * g * t + pp * t * t)
+
+
+@njit(cache=True, parallel=True)
+def _loss_at_parallel(A, b, q, h, r, S0, k):
+    total = 0.0
+    for i in prange(b.shape[0]):
+        total += _mode_loss_at(A, b, q, h, r, S0, i, k)
     return total
+
+
+@njit(cache=True)
+def _loss_at_serial(A, b, q, h, r, S0, k):
+    total = 0.0
+    for i in range(b.shape[0]):
+        total += _mode_loss_at(A, b, q, h, r, S0, i, k)
+    return total
+
+
+_PARALLEL_MIN_MODES = 4096  # below this, thread start-up costs more than it saves
 
 
 def loss_at(A, b, q, h, readout, S0, k) -> float:
@@ -897,4 +908,5 @@ def loss_at(A, b, q, h, readout, S0, k) -> float:
     """
     if b.shape[1] > 2:
         raise ValueError("loss_at handles 1- and 2-state systems; use ModalForm for 3 states.")
-    return float(_loss_at_kernel(A, b, q, h, int(readout), S0, int(k)))
+    kernel = _loss_at_parallel if b.shape[0] >= _PARALLEL_MIN_MODES else _loss_at_serial
+    return float(kernel(A, b, q, h, int(readout), S0, int(k)))

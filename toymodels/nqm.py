@@ -99,6 +99,26 @@ class NQM:
         A, b = optimizer.transition(self.h, lr)
         return dynamics.ModalForm(A, b, self.c / bs, self.h, optimizer.readout, self._S0(optimizer))
 
+    def coarsen(self, rel_width: float = 0.02) -> "NQM":
+        """A smaller NQM for fast approximate searches: modes binned by curvature.
+
+        Modes whose curvatures lie in one log-bin of relative width ``rel_width`` merge into one mode
+        with the loss-weighted geometric mean curvature and the *summed* noise variance and initial
+        second moment.  The loss is linear in (init_sq, c) at fixed h, so the merged mode reproduces
+        the bin's loss exactly when the curvatures coincide and to second order in the bin width
+        otherwise.  Used by :func:`toymodels.sweep.tune` to locate optima; exact answers always come
+        from the full model.
+        """
+        rel_width = check_real("rel_width", rel_width, low=0.0, high=1.0, low_open=True)
+        order = np.argsort(-self.h, kind="stable")
+        h, c, s0 = self.h[order], self.c[order], self.init_sq[order]
+        logh = np.log(h)
+        group = np.floor((logh[0] - logh) / math.log1p(rel_width)).astype(np.int64)
+        idx = np.flatnonzero(np.diff(group, prepend=-1))
+        w = s0 * h
+        hb = np.exp(np.add.reduceat(w * logh, idx) / np.add.reduceat(w, idx))
+        return NQM(hb, np.add.reduceat(c, idx), np.add.reduceat(s0, idx))
+
     def lr_limit(self, optimizer) -> float:
         """Largest stable constant learning rate of ``optimizer`` on this spectrum."""
         return float(_check_optimizer(optimizer).lr_limit(self.h))

@@ -176,7 +176,8 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
-def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None):
+def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
+         coarse: bool = True):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
 
     Args:
@@ -187,6 +188,9 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         precond: gamma for ``"precond"``.
         decay: the averaging decay of ``"momentum_ema"``.
         start: optional warm start in tuning coordinates (see :class:`_Evaluator`).
+        coarse: for large problems with a ``coarsen()`` method, first tune on the coarsened problem
+            (global basin search included), then refine on the full one from its optimum.  The steps
+            reported are always the full problem's exact first crossing.
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
@@ -199,6 +203,14 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     ev = _Evaluator(problem, family, bs, precond, decay)
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0}
+    global_checks = True
+    if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
+        surrogate = problem.coarsen()
+        if surrogate.dim <= problem.dim // 4:
+            rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False)
+            if rs["theta"] is not None:
+                start, global_checks = rs["theta"], False
+                ev.n_evals += rs["n_evals"]
     hi, theta = math.inf, None
     if start is not None:
         hi = _exact_steps(ev, tuple(start), target, 10**12)
@@ -207,7 +219,8 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         hi, theta = _start_point(ev, target, two_d)
     if theta is None:
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals}
-    hi, theta = _basin_check(ev, hi, theta, target, two_d)
+    if global_checks:
+        hi, theta = _basin_check(ev, hi, theta, target, two_d)
     # Bracket [lo, hi]: no setting reaches the target by step lo (as far as the inner minimisation
     # can tell), the setting ``theta`` reaches it exactly at hi.  v(k) = min_theta log L_k(theta) is
     # smooth and roughly linear in log k, so the next k is interpolated in log k (regula falsi),
@@ -227,7 +240,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
                 s = _exact_steps(ev, cand, target, int(hi) - 1)
                 if math.isfinite(s) and s < hi:
                     hi, theta = s, cand
-            if polish == 0 and hi == old_hi:
+            if polish == 0 and hi == old_hi and global_checks:
                 hi, theta = _basin_check(ev, hi, theta, target, two_d)
             if hi < old_hi:
                 v_hi = ev.log_loss(int(hi), *theta)
