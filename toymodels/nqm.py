@@ -25,6 +25,7 @@ from . import dynamics
 from ._validate import check_int, check_real, check_spectrum, check_steps
 from .montecarlo import simulate_linear_system
 from .optimizers import Optimizer
+from .schedules import Constant
 from .schema import attach_attrs
 from .spectra import power_law
 from .stats import gradient_statistics
@@ -93,7 +94,7 @@ class NQM:
         bs = check_batch_size(batch_size)
         if lr is None:
             sched = optimizer.lr
-            if not hasattr(sched, "lr") or type(sched).__name__ != "Constant":
+            if not isinstance(sched, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here.")
             lr = sched.lr
         A, b = optimizer.transition(self.h, lr)

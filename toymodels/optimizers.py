@@ -21,7 +21,6 @@ Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iter
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -203,10 +202,3 @@ class EMA(Optimizer):
         hp["decay"] = self.decay
         return hp
 
-
-def stable_lr_limit(optimizer: Optimizer, h) -> float:
-    """Alias of ``optimizer.lr_limit(h)`` that checks the result is finite."""
-    lim = float(optimizer.lr_limit(np.asarray(h, dtype=np.float64)))
-    if not math.isfinite(lim) or lim <= 0:  # pragma: no cover - defensive
-        raise ValueError("the stability limit of the learning rate is not finite.")
-    return lim

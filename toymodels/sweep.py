@@ -272,10 +272,9 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
 def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond: float = 0.5, decay: float = 0.99):
     """The reference grid: ``n_lr`` log-spaced lrs over [1e-6, 1) x the stability limit, and
     ``n_extra`` values of beta or mu with 1 - value log-spaced over [1e-3, 0.5]."""
-    probe = make_optimizer(family, 1.0, 0.5 if _EXTRA[family] else None, precond=precond, decay=decay)
+    _check_family(family)
     fr = np.geomspace(1e-6, 0.99, n_lr)
     extras = [None] if _EXTRA[family] is None else list(1.0 - np.geomspace(1e-3, 0.5, n_extra))
-    del probe
     return fr, extras
 
 
