@@ -1,8 +1,9 @@
 """Steps to a target loss vs batch size on the NQM, each point tuned (lecture seed 004, NQM slides).
 
-Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned) and iterate
-averaging (SGD + EMA, lr and decay tuned), with the information-theoretic lower bound, and the tuned
-learning rate per batch size (linear scaling in the noise-dominated regime).
+Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned), iterate
+averaging (SGD + EMA, lr and decay tuned) and SGD with a tuned 3-piece learning-rate schedule, with the
+information-theoretic lower bound, and the tuned learning rate per batch size (linear scaling in the
+noise-dominated regime).
 
     python -m studies.batch_size_scaling            # dimension 10^4, batch sizes 2^0..2^20
     python -m studies.batch_size_scaling --quick    # dimension 10^3, batch sizes 2^0..2^16 step 4
@@ -26,10 +27,11 @@ import xarray as xr  # noqa: E402
 
 from toymodels import NQM  # noqa: E402
 from toymodels.schema import attach_attrs, validate  # noqa: E402
-from toymodels.sweep import batch_size_sweep  # noqa: E402
+from toymodels.sweep import batch_size_sweep, tune_schedule  # noqa: E402
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
-COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3"}
+COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
+SCHEDULE_LABEL = "SGD, tuned 3-piece schedule"
 
 
 def run(*, quick: bool = False, out: str = "results", dim: int | None = None, target_fraction: float = 0.01,
@@ -48,6 +50,8 @@ def run(*, quick: bool = False, out: str = "results", dim: int | None = None, ta
             if name not in ds:
                 ds[name] = ("batch_size", np.full(batch_sizes.size, np.nan))
         parts.append(ds.drop_attrs().expand_dims(optimizer=[fam]))
+    parts.append(_schedule_sweep(nqm, batch_sizes, target, os.path.join(out, f"batch_size_scaling_schedule_{dim}.nc"),
+                                 progress))
     result = xr.concat(parts, dim="optimizer")
     result["steps_lower_bound"] = ("batch_size", np.array([nqm.lower_bound_steps(b, target) for b in batch_sizes]))
     attach_attrs(result, model="nqm", source="exact", target=target, target_fraction=target_fraction, dim=dim,
@@ -56,6 +60,39 @@ def run(*, quick: bool = False, out: str = "results", dim: int | None = None, ta
     result.to_netcdf(os.path.join(out, "batch_size_scaling.nc"))
     plot(result, os.path.join(out, "batch_size_scaling.png"))
     return result
+
+
+def _schedule_sweep(nqm, batch_sizes, target, path, progress):
+    """SGD with a tuned 3-piece piecewise-constant schedule per batch size (the lecture's "fitting
+    optimal learning rate schedules"); resumes from ``path``."""
+    done = xr.load_dataset(path) if os.path.exists(path) else None
+    steps, lrs = [], []
+    if done is not None and float(done.attrs.get("target", -1)) == target:
+        steps, lrs = list(done.steps_to_target.values), list(done.lr_opt.values)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=batch_sizes.size, initial=len(steps), desc="sweep schedule", unit="B")
+    for b in batch_sizes[len(steps):]:
+        res = tune_schedule(nqm, b, target, n_pieces=3)
+        steps.append(res["steps"])
+        lrs.append(res["schedule"].lrs[0] if res["schedule"] is not None else np.nan)
+        part = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps)),
+                           "lr_opt": ("batch_size", np.array(lrs))},
+                          coords={"batch_size": batch_sizes[: len(steps)]}, attrs={"target": target})
+        part.to_netcdf(path)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ds = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps, dtype=np.float64)),
+                     "lr_opt": ("batch_size", np.array(lrs, dtype=np.float64)),
+                     "momentum_opt": ("batch_size", np.full(batch_sizes.size, np.nan)),
+                     "decay_opt": ("batch_size", np.full(batch_sizes.size, np.nan)),
+                     "reason": ("batch_size", np.full(batch_sizes.size, "", dtype=object).astype(str))},
+                    coords={"batch_size": batch_sizes})
+    return ds.expand_dims(optimizer=["sgd_schedule"])
 
 
 def plot(result: xr.Dataset, path: str) -> None:
@@ -72,6 +109,9 @@ def plot(result: xr.Dataset, path: str) -> None:
             lr = lr / (1.0 - r.momentum_opt.values)
             label = label + ": lr/(1-β)"
         ax2.loglog(bs, lr, "-o", ms=3, color=COLORS[fam], label=label)
+    if "sgd_schedule" in result.optimizer.values:
+        ax1.loglog(bs, result.sel(optimizer="sgd_schedule").steps_to_target.values, "--", color=COLORS["sgd_schedule"],
+                   label=SCHEDULE_LABEL)
     ax1.loglog(bs, np.maximum(result.steps_lower_bound.values, 1), ":", color="k", label="lower bound")
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("steps to target")

@@ -387,12 +387,14 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     return _result_dataset(problem, family, bss, rows, target, precond, decay)
 
 
-def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0):
+def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0, coarse: bool = True):
     """Fewest steps to ``target`` over piecewise-constant SGD schedules with ``n_pieces`` pieces.
 
     The lecture's "fitting optimal learning rate schedules": for a horizon K the schedule is
     ``n_pieces`` learning rates and the fraction of K spent in each; the loss at step K is exact (piece
-    by piece jumps), minimised over the schedule, and K is bisected as in :func:`tune`.
+    by piece jumps), minimised over the schedule, and K is bisected as in :func:`tune`.  Problems
+    above 2000 modes are fitted on ``problem.coarsen()`` (``coarse=True``); the steps reported are
+    the full problem's exact first crossing for the fitted schedule.
 
     Returns:
         dict with ``steps`` (the exact first crossing of the returned schedule, at most the tuned
@@ -402,6 +404,12 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
     from . import dynamics
 
     n_pieces = check_int("n_pieces", n_pieces, low=1, high=10)
+    if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
+        # fit the schedule on the coarsened model; report the full model's exact steps for it
+        res = tune_schedule(problem.coarsen(), batch_size, target, n_pieces=n_pieces, precond=precond, coarse=False)
+        if res["schedule"] is not None:
+            res["steps"] = float(problem.steps_to_target(SGD(res["schedule"], precond=precond), batch_size, target))
+        return res
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     probe = SGD(1.0, precond=precond)
