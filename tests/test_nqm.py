@@ -202,3 +202,15 @@ def test_coarsen_power_law_is_close():
     ks = np.array([0, 10, 1000, 10**5])
     for opt in (SGD(0.5), Momentum(0.05, 0.95), EMA(SGD(0.5), 0.99)):
         np.testing.assert_allclose(small.loss_curve(opt, 8, ks).values, full.loss_curve(opt, 8, ks).values, rtol=1e-4)
+
+
+def test_cached_initial_moments_are_not_mutated():
+    from toymodels import Cosine
+
+    nqm = NQM.power_law(10)
+    opt = Momentum(Cosine(0.5, total_steps=50), 0.9)
+    before = nqm._S0(opt).copy()
+    a = nqm.loss_curve(opt, 2, 60).values
+    nqm.steps_to_target(opt, 2, 0.5 * nqm.initial_loss)
+    np.testing.assert_array_equal(nqm._S0(opt), before)
+    np.testing.assert_array_equal(nqm.loss_curve(opt, 2, 60).values, a)

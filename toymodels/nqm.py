@@ -85,8 +85,13 @@ class NQM:
         return {"dim": self.dim, "initial_loss": self.initial_loss}
 
     def _S0(self, optimizer):
+        """Second moments at step 0, ``(d, s, s)``; cached per state layout (treat as read-only)."""
         u = optimizer.init
-        return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        key = tuple(u)
+        cache = self.__dict__.setdefault("_s0_cache", {})
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        return cache[key]
 
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """The closed form of the expected loss for a constant learning rate (default: the spec's)."""
@@ -143,7 +148,7 @@ class NQM:
         q = self.c / batch_size
         a0, a1, b1 = optimizer.affine(self.h)
         sched = optimizer.lr
-        S = self._S0(optimizer)
+        S = self._S0(optimizer).copy()
         r = optimizer.readout
         if not sched.piecewise_constant:
             return dynamics.propagate(a0, a1, b1, q, self.h, r, sched.values(int(ks[-1])), ks, S)
@@ -249,7 +254,7 @@ class NQM:
             return 0, "", math.nan
         sched = optimizer.lr
         q = self.c / bs
-        S = self._S0(optimizer)
+        S = self._S0(optimizer).copy()
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
         if not sched.piecewise_constant:

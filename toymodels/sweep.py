@@ -88,8 +88,10 @@ class _Evaluator:
         self.n_evals += 1
         if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
             return math.inf
-        opt = self.optimizer(min(x, -1e-9), y)
-        v = self.problem.loss_at_step(opt, self.batch_size, k)
+        extra = None if y is None else 1.0 - math.exp(y)
+        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
+        lr = math.exp(min(x, -1e-9)) * self.problem.lr_limit(probe)
+        v = self.problem.loss_at_step(probe, self.batch_size, k, lr=lr)
         return math.log(v) if v > 0 and math.isfinite(v) else math.inf
 
 
