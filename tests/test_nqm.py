@@ -214,3 +214,22 @@ def test_cached_initial_moments_are_not_mutated():
     nqm.steps_to_target(opt, 2, 0.5 * nqm.initial_loss)
     np.testing.assert_array_equal(nqm._S0(opt), before)
     np.testing.assert_array_equal(nqm.loss_curve(opt, 2, 60).values, a)
+
+
+@pytest.mark.parametrize("family", ["sgd", "momentum"])
+def test_steps_with_smooth_schedules(family):
+    """Cosine / warm-up / exponential: stepped exactly while they change, closed form afterwards."""
+    from toymodels import Cosine, Exponential, Warmup
+
+    nqm = NQM.power_law(15)
+    for sched in (Cosine(0.8, total_steps=80, final_lr=0.05), Warmup(Cosine(0.8, total_steps=80, final_lr=0.05), 20),
+                  Exponential(0.9, gamma=0.98, min_lr=0.02)):
+        opt = SGD(sched) if family == "sgd" else Momentum(sched, 0.5)
+        ref = reference_curve(nqm.h, nqm.c, nqm.init_sq, opt, 4, 3000)
+        for target in (ref[40] * 1.0001, ref[2500] * 1.0001):
+            k = int(nqm.steps_to_target(opt, 4, target))
+            assert ref[k] <= target < ref[:k].min()
+    steps, info = nqm.steps_to_target(SGD(Cosine(0.5, total_steps=50)), 4, 1e-9, full_output=True)
+    assert steps == math.inf and "decays to 0" in info["reason"]
+    steps, info = nqm.steps_to_target(SGD(Exponential(0.5, gamma=0.9)), 4, 1e-9, full_output=True, max_steps=5000)
+    assert steps == math.inf and "not reached" in info["reason"]

@@ -32,6 +32,8 @@ from .stats import gradient_statistics
 
 __all__ = ["NQM", "check_batch_size"]
 
+_SCAN_LIMIT = 10**7  # step-by-step updates for schedules that never become constant
+
 
 def check_batch_size(batch_size) -> float:
     """Batch size: a real number >= 1 (large powers of two are common, so floats are accepted)."""
@@ -258,8 +260,20 @@ class NQM:
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
         if not sched.piecewise_constant:
-            return self._scan(a0, a1, b1, q, r, S, sched.values(max_steps), target)
-        starts, lrs = sched.pieces()
+            # step by step while the rate changes, then one constant piece in closed form
+            change = sched.constant_after
+            n_scan = min(max_steps, _SCAN_LIMIT if change is None else change)
+            k, reason, _ = self._scan(a0, a1, b1, q, r, S, sched, n_scan, target)
+            if k >= 0 or reason.startswith("diverges") or change is None or change > n_scan:
+                if k < 0 and not reason.startswith("diverges"):
+                    reason = f"not reached within {n_scan} step-by-step updates (the schedule keeps changing)"
+                return k, reason, math.nan
+            final = float(sched.at(np.array([change]))[0])
+            if final <= 0.0:
+                return -1, "unreachable: the learning rate decays to 0 before the target", math.nan
+            starts, lrs = np.array([change], dtype=np.int64), np.array([final])
+        else:
+            starts, lrs = sched.pieces()
         floor = math.nan
         for p in range(starts.size):
             start = int(starts[p])
@@ -273,7 +287,7 @@ class NQM:
             if not mf.stable:
                 if last:
                     return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
-                k, _ = self._scan(a0, a1, b1, q, r, S, np.full(length, lrs[p]), target)[:2]
+                k, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), length, target)[:2]
                 if k >= 0:
                     return start + k, "", floor
                 S = dynamics.jump(A, b, q, S, length)
@@ -303,12 +317,12 @@ class NQM:
             k *= 2
         return min(k, length)
 
-    def _scan(self, a0, a1, b1, q, r, S, lrs, target):
-        """Step-by-step search for schedules without closed-form pieces (chunks of 4096 updates)."""
+    def _scan(self, a0, a1, b1, q, r, S, schedule, n_steps, target):
+        """Step-by-step search over updates 0..n_steps-1 (chunks of 4096); S ends at step n_steps."""
         k0 = 0
         chunk = 4096
-        while k0 < lrs.size:
-            part = lrs[k0 : k0 + chunk]
+        while k0 < n_steps:
+            part = schedule.at(np.arange(k0, min(n_steps, k0 + chunk)))
             rec = np.arange(part.size + 1, dtype=np.int64)
             loss, _ = dynamics.propagate(a0, a1, b1, q, self.h, r, part, rec, S)
             if not np.all(np.isfinite(loss)):
@@ -317,7 +331,7 @@ class NQM:
             if hit.size:
                 return k0 + int(hit[0]), "", math.nan
             k0 += part.size
-        return -1, f"not reached within max_steps={lrs.size}", math.nan
+        return -1, f"not reached within max_steps={n_steps}", math.nan
 
     # ------------------------------------------------------------------------------------------
     def lower_bound_loss(self, n_samples) -> np.ndarray:

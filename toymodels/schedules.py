@@ -38,8 +38,17 @@ class Schedule:
 
     piecewise_constant = False
 
-    def values(self, n: int) -> np.ndarray:  # pragma: no cover - abstract
+    def values(self, n: int) -> np.ndarray:
         """Learning rates of updates 0..n-1, shape ``(n,)``."""
+        return self.at(np.arange(check_int("n", n)))
+
+    def at(self, k: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """Learning rates of the updates with indices ``k`` (int array), same shape."""
+        raise NotImplementedError
+
+    @property
+    def constant_after(self) -> int | None:  # pragma: no cover - abstract
+        """The update index from which the rate no longer changes (None: it changes for ever)."""
         raise NotImplementedError
 
     def pieces(self):  # pragma: no cover - abstract
@@ -61,8 +70,12 @@ class Constant(Schedule):
     def __post_init__(self):
         object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
 
-    def values(self, n):
-        return np.full(check_int("n", n), self.lr)
+    def at(self, k):
+        return np.full(np.shape(k), self.lr)
+
+    @property
+    def constant_after(self):
+        return 0
 
     def pieces(self):
         return np.array([0], dtype=np.int64), np.array([self.lr])
@@ -93,9 +106,12 @@ class PiecewiseConstant(Schedule):
         object.__setattr__(self, "boundaries", b)
         object.__setattr__(self, "lrs", lrs)
 
-    def values(self, n):
-        k = np.arange(check_int("n", n))
+    def at(self, k):
         return np.asarray(self.lrs)[np.searchsorted(self.boundaries, k, side="right")]
+
+    @property
+    def constant_after(self):
+        return self.boundaries[-1] if self.boundaries else 0
 
     def pieces(self):
         return np.array((0,) + self.boundaries, dtype=np.int64), np.array(self.lrs)
@@ -125,8 +141,12 @@ class StepDecay(Schedule):
         b = tuple(self.every * (j + 1) for j in range(self.n_decays))
         return PiecewiseConstant(b, tuple(self.lr * self.factor**j for j in range(self.n_decays + 1)))
 
-    def values(self, n):
-        return self._as_piecewise().values(n)
+    def at(self, k):
+        return self._as_piecewise().at(k)
+
+    @property
+    def constant_after(self):
+        return self.every * self.n_decays
 
     def pieces(self):
         return self._as_piecewise().pieces()
@@ -149,9 +169,14 @@ class Exponential(Schedule):
         object.__setattr__(self, "gamma", check_real("gamma", self.gamma, low=0.0, high=1.0, low_open=True))
         object.__setattr__(self, "min_lr", check_real("min_lr", self.min_lr, low=0.0, high=self.lr))
 
-    def values(self, n):
-        k = np.arange(check_int("n", n), dtype=np.float64)
-        return np.maximum(self.lr * self.gamma**k, self.min_lr)
+    def at(self, k):
+        return np.maximum(self.lr * self.gamma ** np.asarray(k, dtype=np.float64), self.min_lr)
+
+    @property
+    def constant_after(self):
+        if self.min_lr <= 0 or self.gamma == 1.0:
+            return None if self.gamma < 1.0 else 0
+        return max(0, math.ceil(math.log(self.min_lr / self.lr) / math.log(self.gamma)))
 
     @property
     def max_lr(self):
@@ -171,9 +196,13 @@ class Cosine(Schedule):
         object.__setattr__(self, "total_steps", check_int("total_steps", self.total_steps, low=1))
         object.__setattr__(self, "final_lr", check_real("final_lr", self.final_lr, low=0.0, high=self.lr))
 
-    def values(self, n):
-        k = np.minimum(np.arange(check_int("n", n), dtype=np.float64), self.total_steps)
+    def at(self, k):
+        k = np.minimum(np.asarray(k, dtype=np.float64), self.total_steps)
         return self.final_lr + 0.5 * (self.lr - self.final_lr) * (1 + np.cos(np.pi * k / self.total_steps))
+
+    @property
+    def constant_after(self):
+        return self.total_steps
 
     @property
     def max_lr(self):
@@ -195,10 +224,14 @@ class Warmup(Schedule):
             raise TypeError(f"`base` must be a Schedule; got {type(self.base).__name__}.")
         object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=1))
 
-    def values(self, n):
-        v = self.base.values(n)
-        k = np.arange(v.size, dtype=np.float64)
-        return v * np.minimum(1.0, (k + 1) / self.warmup_steps)
+    def at(self, k):
+        k = np.asarray(k)
+        return self.base.at(k) * np.minimum(1.0, (k + 1.0) / self.warmup_steps)
+
+    @property
+    def constant_after(self):
+        base = self.base.constant_after
+        return None if base is None else max(base, self.warmup_steps)
 
     @property
     def max_lr(self):
