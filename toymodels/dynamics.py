@@ -34,6 +34,7 @@ from numba import njit, prange
 __all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a mode is flagged
+_PARALLEL_MIN_MODES = 4096  # below this, thread start-up costs more than it saves
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,6 +661,49 @@ def _henrici_sup(rho, nu, s, a, bend):
 
 
 @njit(cache=True)
+def _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i):
+    """Lower bound of mode i's loss over [a, bend]; see :func:`_lower_bound`."""
+    s = lam.shape[1]
+    gs_lb = -np.inf
+    if s == 2 and linf[i] < np.inf:
+        g1, g2, s1, s2 = _gs_box(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, a, bend)
+        tmin = _quad_min_box(gsq[i, 3], gsq[i, 4], gsq[i, 5], g1, g2, s1, s2)
+        gs_lb = linf[i] + 0.5 * h[i] * tmin
+        gs_lb = max(0.0, gs_lb - 1e-8 * (abs(linf[i]) + abs(0.5 * h[i] * tmin)))
+    if flag[i]:
+        if s == 2:
+            return gs_lb
+        e = _henrici_sup(rho[i], nu[i], s, a, bend)
+        return max(0.0, linf[i] - 0.5 * h[i] * dnorm[i] * e * e)
+    mode_lb = linf[i]
+    mode_slack = abs(linf[i])
+    for j in range(s):
+        lj = lam[i, j]
+        for l in range(j, s):
+            c = C[i, j, l]
+            if c == 0:
+                continue
+            mu = lj * lam[i, l]
+            amu = abs(mu)
+            if mu.imag == 0.0 and mu.real >= 0.0:
+                cr = c.real
+                if cr > 0.0:
+                    if bend >= 0 and amu > 0.0:
+                        mode_lb += cr * _apow(math.log(amu), bend)
+                    elif bend == 0:
+                        mode_lb += cr
+                else:
+                    v = cr * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
+                    mode_lb += v
+                    mode_slack += -v
+            else:
+                v = abs(c) * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
+                mode_lb -= v
+                mode_slack += v
+    return max(gs_lb, mode_lb - 1e-8 * mode_slack)
+
+
+@njit(cache=True, parallel=True)
 def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """A lower bound on L_k valid for every integer k in [a, bend] (bend = -1: infinity).
 
@@ -677,53 +721,24 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     normality).
     A relative margin of 1e-8 covers rounding in the modal coefficients (measured <= 1e-9).
     """
-    d, s = lam.shape
     total = 0.0
-    for i in range(d):
-        gs_lb = -np.inf
-        if s == 2 and linf[i] < np.inf:
-            g1, g2, s1, s2 = _gs_box(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, a, bend)
-            tmin = _quad_min_box(gsq[i, 3], gsq[i, 4], gsq[i, 5], g1, g2, s1, s2)
-            gs_lb = linf[i] + 0.5 * h[i] * tmin
-            gs_lb = max(0.0, gs_lb - 1e-8 * (abs(linf[i]) + abs(0.5 * h[i] * tmin)))
-        if flag[i]:
-            if s == 2:
-                total += gs_lb
-            else:
-                e = _henrici_sup(rho[i], nu[i], s, a, bend)
-                total += max(0.0, linf[i] - 0.5 * h[i] * dnorm[i] * e * e)
-            continue
-        mode_lb = linf[i]
-        mode_slack = abs(linf[i])
-        for j in range(s):
-            lj = lam[i, j]
-            for l in range(j, s):
-                c = C[i, j, l]
-                if c == 0:
-                    continue
-                mu = lj * lam[i, l]
-                amu = abs(mu)
-                if mu.imag == 0.0 and mu.real >= 0.0:
-                    cr = c.real
-                    if cr > 0.0:
-                        if bend >= 0 and amu > 0.0:
-                            mode_lb += cr * _apow(math.log(amu), bend)
-                        elif bend == 0:
-                            mode_lb += cr
-                    else:
-                        v = cr * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
-                        mode_lb += v
-                        mode_slack += -v
-                else:
-                    v = abs(c) * (_apow(math.log(amu), a) if amu > 0 else (1.0 if a == 0 else 0.0))
-                    mode_lb -= v
-                    mode_slack += v
-        total += max(gs_lb, mode_lb - 1e-8 * mode_slack)
+    for i in prange(lam.shape[0]):
+        total += _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i)
     return total
 
 
 @njit(cache=True)
-def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf):
+def _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
+    """:func:`_lower_bound` on one thread (small models, where thread start-up dominates)."""
+    total = 0.0
+    for i in range(lam.shape[0]):
+        total += _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i)
+    return total
+
+
+@njit(cache=True)
+def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
+                           parallel):
     """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1."""
     stack_a = np.empty(256, dtype=np.int64)
     stack_b = np.empty(256, dtype=np.int64)
@@ -737,7 +752,11 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
         top -= 1
         a = stack_a[top]
         bb = stack_b[top]
-        if _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb) > target:
+        if parallel:
+            lb = _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb)
+        else:
+            lb = _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb)
+        if lb > target:
             continue
         if bb - a + 1 <= leaf:
             n = bb - a + 1
@@ -810,9 +829,10 @@ class ModalForm:
 
     def lower_bound(self, a: int, b: int | None = None) -> float:
         """A lower bound on L_k for all k in [a, b] (b None: infinity)."""
+        bound = _lower_bound if self.h.size >= _PARALLEL_MIN_MODES else _lower_bound_serial
         return float(
-            _lower_bound(self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
-                         self.h, int(a), -1 if b is None else int(b))
+            bound(self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
+                  self.h, int(a), -1 if b is None else int(b))
         )
 
     def first_crossing(self, target: float, k_max: int, *, leaf: int = 32) -> int:
@@ -832,7 +852,7 @@ class ModalForm:
             _first_crossing_kernel(
                 self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
                 self.A, self.b, self.q, self.h, self.readout, self.S0,
-                float(target), 0, int(k_max), int(leaf),
+                float(target), 0, int(k_max), int(leaf), self.h.size >= _PARALLEL_MIN_MODES,
             )
         )
 
@@ -894,9 +914,6 @@ def _loss_at_serial(A, b, q, h, r, S0, k):
     for i in range(b.shape[0]):
         total += _mode_loss_at(A, b, q, h, r, S0, i, k)
     return total
-
-
-_PARALLEL_MIN_MODES = 4096  # below this, thread start-up costs more than it saves
 
 
 def loss_at(A, b, q, h, readout, S0, k) -> float:

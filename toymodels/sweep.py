@@ -204,14 +204,18 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     two_d = _EXTRA[family] is not None
     ev = _Evaluator(problem, family, bs, precond, decay)
     if problem.initial_loss <= target:
-        return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0}
+        return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
     global_checks = True
+    lo_hint = 0
     if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
         surrogate = problem.coarsen()
         if surrogate.dim <= problem.dim // 4:
             rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False)
             if rs["theta"] is not None:
                 start, global_checks = rs["theta"], False
+                # the coarsened loss is within ~1e-5 of the full one, so its infeasible steps are
+                # infeasible here too up to a small shift; keep a margin of 0.2% (at least 2 steps)
+                lo_hint = max(0, int(rs["lo"] - max(2, 2e-3 * rs["lo"])))
                 ev.n_evals += rs["n_evals"]
     hi, theta = math.inf, None
     if start is not None:
@@ -220,7 +224,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     if theta is None:
         hi, theta = _start_point(ev, target, two_d)
     if theta is None:
-        return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals}
+        return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals, "lo": 0}
     if global_checks:
         hi, theta = _basin_check(ev, hi, theta, target, two_d)
     # Bracket [lo, hi]: no setting reaches the target by step lo (as far as the inner minimisation
@@ -229,9 +233,15 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     # with a bisection whenever the bracket fails to halve.
     log_target = math.log(target)
     lo, v_lo = 0, math.log(problem.initial_loss)
+    if 0 < lo_hint < hi - 1:
+        lo = lo_hint
+        v_lo = _inner_min(ev, lo, theta)[1]
+        if v_lo <= log_target:  # the hint was wrong: fall back to the full bracket
+            lo, v_lo = 0, math.log(problem.initial_loss)
     v_hi = ev.log_loss(int(hi), *theta)
     stalls = 0
-    polish = 2  # re-check hi - 1 from a wider start before accepting hi
+    # re-check hi - 1 from a wider start before accepting hi (the coarsened search already did)
+    polish = 2 if global_checks else 0
     while hi - lo > 1 or (polish > 0 and hi > 1):
         if hi - lo <= 1:
             # bracket closed: look once more at hi - 1, from a wider step and from every basin
@@ -268,7 +278,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         stalls = stalls + 1 if (hi - lo) > width / 2 else 0
     opt = ev.optimizer(*theta)
     extra = math.nan if not two_d else 1.0 - math.exp(theta[1])
-    return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals}
+    return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals, "lo": lo}
 
 
 def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond: float = 0.5, decay: float = 0.99):
