@@ -628,6 +628,39 @@ def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
 
 
 @njit(cache=True)
+def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
+    """out[m] = L_{k0 + m}: like :func:`_modal_values_kernel` on consecutive steps, with the powers
+    lam^k advanced by one multiplication per step."""
+    d, s = lam.shape
+    n = out.size
+    for m in range(n):
+        out[m] = 0.0
+    pw = np.empty(s, dtype=np.complex128)
+    T = np.empty((s, s))
+    for i in range(d):
+        if flag[i]:
+            for m in range(n):
+                k = k0 + m
+                if s == 2 and linf[i] < np.inf:
+                    g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, k)
+                    out[m] += linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+                else:
+                    _jump_mode(A[i], b[i], q[i], S0[i], k, T)
+                    out[m] += 0.5 * h[i] * T[r, r]
+            continue
+        for j in range(s):
+            pw[j] = _cpow(lam[i, j], k0)
+        for m in range(n):
+            acc = linf[i]
+            for j in range(s):
+                for l in range(j, s):
+                    acc += (C[i, j, l] * pw[j] * pw[l]).real
+            out[m] += acc
+            for j in range(s):
+                pw[j] *= lam[i, j]
+
+
+@njit(cache=True)
 def _apow(logabs, k):
     if k == 0:
         return 1.0
@@ -746,7 +779,6 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
     stack_a[0] = k_lo
     stack_b[0] = k_hi
     top = 1
-    ks = np.empty(leaf, dtype=np.int64)
     vals = np.empty(leaf)
     while top > 0:
         top -= 1
@@ -760,9 +792,7 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
             continue
         if bb - a + 1 <= leaf:
             n = bb - a + 1
-            for m in range(n):
-                ks[m] = a + m
-            _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks[:n], vals[:n])
+            _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
             for m in range(n):
                 if vals[m] <= target:
                     return a + m

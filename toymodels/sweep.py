@@ -99,7 +99,8 @@ def _inner_min(ev, k, start, *, step=0.3):
     """argmin over theta of log L_k(theta), local search from ``start``; returns (theta, value).
 
     1-D: bounded Brent on a window that follows the minimum.  2-D: Nelder-Mead with an initial
-    simplex of size ``step`` (log units), then a second Nelder-Mead restarted at the result.
+    simplex of size ``step`` (log units), then (for steps > 0.1) a second Nelder-Mead restarted at the
+    result with a ten times smaller simplex.
     """
     if len(start) == 1:
         x0 = start[0]
@@ -117,7 +118,7 @@ def _inner_min(ev, k, start, *, step=0.3):
         return (xm,), float(res.fun)
     x0 = np.asarray(start, dtype=np.float64)
     best = None
-    for size in (step, 0.1 * step):
+    for size in (step, 0.1 * step) if step > 0.1 else (step,):
         simplex = np.array([x0, x0 + [size, 0.0], x0 + [0.0, size]])
         res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), x0, method="Nelder-Mead",
                                 options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-9, "maxfev": 400})
@@ -235,7 +236,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     lo, v_lo = 0, math.log(problem.initial_loss)
     if 0 < lo_hint < hi - 1:
         lo = lo_hint
-        v_lo = _inner_min(ev, lo, theta)[1]
+        v_lo = _inner_min(ev, lo, theta, step=0.05)[1]
         if v_lo <= log_target:  # the hint was wrong: fall back to the full bracket
             lo, v_lo = 0, math.log(problem.initial_loss)
     v_hi = ev.log_loss(int(hi), *theta)
@@ -266,7 +267,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         else:
             mid = int(math.sqrt(lo * hi)) if lo >= 1 and hi > 4 * lo else (lo + int(hi)) // 2
         mid = min(max(mid, lo + 1), int(hi) - 1)
-        cand, val = _inner_min(ev, mid, theta)
+        cand, val = _inner_min(ev, mid, theta, step=0.3 if global_checks else 0.05)
         moved = False
         if val <= log_target:
             s = _exact_steps(ev, cand, target, mid)
