@@ -119,3 +119,19 @@ def test_tune_through_the_coarsened_model():
     assert nqm.steps_to_target(SGD(res["lr"]), 64, target) == res["steps"]
     lrs, extras = default_grid(nqm, "sgd")
     assert res["steps"] <= grid_search(nqm, "sgd", 64, target, lr_fractions=lrs, extras=extras)["steps"]
+
+
+@pytest.mark.parametrize("family", ["sgd", "precond", "momentum", "ema", "momentum_ema"])
+def test_fast_family_evaluation_matches_optimizer_objects(family):
+    """The tuner's fast path (A, b affine in the hyper-parameter) equals building each optimizer."""
+    from toymodels.sweep import _EXTRA, _Evaluator, make_optimizer
+
+    nqm = NQM.power_law(60)
+    ev = _Evaluator(nqm, family, 8.0, 0.5, 0.99)
+    assert (ev._fast is not None) == (family != "momentum_ema")  # 3-state systems use the slow path
+    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0), (-12.0, -0.01)]:
+        y = y if _EXTRA[family] else None
+        extra = None if y is None else 1 - math.exp(y)
+        probe = make_optimizer(family, 1.0, extra, precond=0.5, decay=0.99)
+        slow = math.log(nqm.loss_at_step(probe, 8.0, 500, lr=math.exp(x) * nqm.lr_limit(probe)))
+        assert ev.log_loss(500, x, y) == pytest.approx(slow, abs=1e-10)

@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at"]
+__all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at", "loss_at_parts"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a mode is flagged
 _PARALLEL_MIN_MODES = 4096  # below this, thread start-up costs more than it saves
@@ -891,24 +891,24 @@ class ModalForm:
 # fused loss at one step (the tuner's inner loop): closed forms for s <= 2, no eigenvectors
 # --------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def _mode_loss_at(A, b, q, h, r, S0, i, k):
-    """Expected loss of one 1- or 2-state mode after k constant-lr steps (inf if unstable)."""
-    if A.shape[1] == 1:
-        a = A[i, 0, 0]
-        one_minus_a2 = (1.0 - a) * (1.0 + a)
-        if one_minus_a2 <= 0.0:
-            return np.inf
-        sinf = q[i] * b[i, 0] * b[i, 0] / one_minus_a2
-        ak = abs(a)
-        if k == 0:
-            decay = 1.0
-        else:
-            decay = 0.0 if ak == 0.0 else math.exp(2.0 * k * math.log(ak))
-        return 0.5 * h[i] * (sinf + (S0[i, 0, 0] - sinf) * decay)
-    a00 = A[i, 0, 0]
-    a01 = A[i, 0, 1]
-    a10 = A[i, 1, 0]
-    a11 = A[i, 1, 1]
+def _loss1(a, b0, q, h, s00, k):
+    """Expected loss of a 1-state mode x' = a x + b0 eps after k steps from E x^2 = s00."""
+    one_minus_a2 = (1.0 - a) * (1.0 + a)
+    if one_minus_a2 <= 0.0:
+        return np.inf
+    sinf = q * b0 * b0 / one_minus_a2
+    ak = abs(a)
+    if k == 0:
+        decay = 1.0
+    else:
+        decay = 0.0 if ak == 0.0 else math.exp(2.0 * k * math.log(ak))
+    return 0.5 * h * (sinf + (s00 - sinf) * decay)
+
+
+@njit(cache=True)
+def _loss2(a00, a01, a10, a11, b0, b1, q, h, r, s00, s01, s11, k):
+    """Expected loss of a 2-state mode after k steps from second moments (s00, s01, s11), read at
+    entry r: stationary part by :func:`_stein2_scalar`, transient by the (g, s) form."""
     c = 0.5 * (a00 + a11)
     det = a00 * a11 - a01 * a10
     disc = c * c - det
@@ -916,18 +916,42 @@ def _mode_loss_at(A, b, q, h, r, S0, i, k):
     rho = math.sqrt(det) if disc < 0 else max(abs(c + w), abs(c - w))
     if rho >= 1.0:
         return np.inf
-    s00, s01, s11 = _stein2_scalar(a00, a01, a10, a11, b[i, 0], b[i, 1], q[i])
-    d00 = S0[i, 0, 0] - s00
-    d01 = S0[i, 0, 1] - s01
-    d11 = S0[i, 1, 1] - s11
+    t00, t01, t11 = _stein2_scalar(a00, a01, a10, a11, b0, b1, q)
+    d00 = s00 - t00
+    d01 = s01 - t01
+    d11 = s11 - t11
     if r == 0:
-        nr0, nr1, dr0, dr1, drr, srr = a00 - c, a01, d00, d01, d00, s00
+        nr0, nr1, dr0, dr1, drr, srr = a00 - c, a01, d00, d01, d00, t00
     else:
-        nr0, nr1, dr0, dr1, drr, srr = a10, a11 - c, d01, d11, d11, s11
+        nr0, nr1, dr0, dr1, drr, srr = a10, a11 - c, d01, d11, d11, t11
     mm = dr0 * nr0 + dr1 * nr1
     pp = nr0 * (d00 * nr0 + d01 * nr1) + nr1 * (d01 * nr0 + d11 * nr1)
     g, t = _gs_values(c, w, disc < 0, k)
-    return 0.5 * h[i] * (srr + drr * g * g + 2.0 * mm * g * t + pp * t * t)
+    return 0.5 * h * (srr + drr * g * g + 2.0 * mm * g * t + pp * t * t)
+
+
+@njit(cache=True)
+def _mode_loss_at(A, b, q, h, r, S0, i, k):
+    """Expected loss of mode i (1 or 2 states) after k constant-lr steps (inf if unstable)."""
+    if A.shape[1] == 1:
+        return _loss1(A[i, 0, 0], b[i, 0], q[i], h[i], S0[i, 0, 0], k)
+    return _loss2(A[i, 0, 0], A[i, 0, 1], A[i, 1, 0], A[i, 1, 1], b[i, 0], b[i, 1], q[i], h[i], r,
+                  S0[i, 0, 0], S0[i, 0, 1], S0[i, 1, 1], k)
+
+
+@njit(cache=True)
+def _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k):
+    """Like :func:`_mode_loss_at` with A = P0 + e P1 + lr (Q0 + e Q1), b = lr (R0 + e R1) built here."""
+    if P0.shape[1] == 1:
+        a = P0[i, 0, 0] + e * P1[i, 0, 0] + lr * (Q0[i, 0, 0] + e * Q1[i, 0, 0])
+        return _loss1(a, lr * (R0[i, 0] + e * R1[i, 0]), q[i], h[i], S0[i, 0, 0], k)
+    a00 = P0[i, 0, 0] + e * P1[i, 0, 0] + lr * (Q0[i, 0, 0] + e * Q1[i, 0, 0])
+    a01 = P0[i, 0, 1] + e * P1[i, 0, 1] + lr * (Q0[i, 0, 1] + e * Q1[i, 0, 1])
+    a10 = P0[i, 1, 0] + e * P1[i, 1, 0] + lr * (Q0[i, 1, 0] + e * Q1[i, 1, 0])
+    a11 = P0[i, 1, 1] + e * P1[i, 1, 1] + lr * (Q0[i, 1, 1] + e * Q1[i, 1, 1])
+    b0 = lr * (R0[i, 0] + e * R1[i, 0])
+    b1 = lr * (R0[i, 1] + e * R1[i, 1])
+    return _loss2(a00, a01, a10, a11, b0, b1, q[i], h[i], r, S0[i, 0, 0], S0[i, 0, 1], S0[i, 1, 1], k)
 
 
 @njit(cache=True, parallel=True)
@@ -944,6 +968,30 @@ def _loss_at_serial(A, b, q, h, r, S0, k):
     for i in range(b.shape[0]):
         total += _mode_loss_at(A, b, q, h, r, S0, i, k)
     return total
+
+
+@njit(cache=True, parallel=True)
+def _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
+    total = 0.0
+    for i in prange(q.shape[0]):
+        total += _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k)
+    return total
+
+
+@njit(cache=True)
+def _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
+    total = 0.0
+    for i in range(q.shape[0]):
+        total += _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k)
+    return total
+
+
+def loss_at_parts(parts, e, lr, q, h, readout, S0, k) -> float:
+    """:func:`loss_at` for systems affine in a hyper-parameter e and the learning rate:
+    A = P0 + e P1 + lr (Q0 + e Q1), b = lr (R0 + e R1), ``parts = (P0, P1, Q0, Q1, R0, R1)``.
+    Lets a tuner sweep (lr, beta) or (lr, decay) without rebuilding arrays in Python."""
+    kernel = _loss_parts_parallel if q.shape[0] >= _PARALLEL_MIN_MODES else _loss_parts_serial
+    return float(kernel(*parts, float(e), float(lr), q, h, int(readout), S0, int(k)))
 
 
 def loss_at(A, b, q, h, readout, S0, k) -> float:

@@ -50,6 +50,21 @@ def _check_target(target):
     return check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
 
 
+class _FamilyLoss:
+    """L_k(lr, e) of an optimizer family affine in e, evaluated without building optimizer objects."""
+
+    def __init__(self, parts, lim0, lim1, q, h, readout, S0):
+        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de)
+        self.parts, self.lim0, self.lim1 = parts, lim0, lim1
+        self.q, self.h, self.readout, self.S0 = q, h, readout, S0
+
+    def limit(self, e):
+        return self.lim0 + e * self.lim1
+
+    def loss(self, e, lr, k):
+        return dynamics.loss_at_parts(self.parts, e, lr, self.q, self.h, self.readout, self.S0, k)
+
+
 class NQM:
     """Noisy quadratic model with curvature ``h``, per-example noise variance ``c`` and E[theta_0^2].
 
@@ -139,6 +154,29 @@ class NQM:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
         mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
         return float(mf.loss(np.array([k]))[0])
+
+    def family_loss(self, make, batch_size):
+        """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e.
+
+        Returns an object with ``limit(e)`` (stable lr limit) and ``loss(e, lr, k)``, or None when the
+        family has more than 2 states or is not affine in e (checked at e = 0, 0.25, 0.5).
+        """
+        opts = [make(e) for e in (0.0, 0.25, 0.5)]
+        if opts[0].n_state > 2:
+            return None
+        aff = [o.affine(self.h) for o in opts]
+        lim = [self.lr_limit(o) for o in opts]
+        parts = []
+        for j in range(3):
+            z0, zq, z1 = aff[0][j], aff[1][j], aff[2][j]
+            slope = (z1 - z0) / 0.5
+            if not np.allclose(z0 + 0.25 * slope, zq, rtol=1e-12, atol=1e-15):
+                return None
+            parts += [np.ascontiguousarray(z0), np.ascontiguousarray(slope)]
+        if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) > 1e-12 * abs(lim[1]):
+            return None
+        return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
+                           opts[0].readout, self._S0(opts[0]))
 
     def noise_floor(self, optimizer, batch_size) -> float:
         """Stationary expected loss for the spec's constant learning rate (``inf`` if unstable)."""

@@ -84,11 +84,26 @@ class _Evaluator:
         opt = self.optimizer(x, y)
         return opt, self.problem.modal_form(opt, self.batch_size, opt.lr.lr)
 
+    def __post_init__(self):
+        # fast path: problems that evaluate a whole family affine in its hyper-parameter
+        self._fast = None
+        if hasattr(self.problem, "family_loss"):
+            two_d = _EXTRA[self.family] is not None
+            self._fast = self.problem.family_loss(
+                lambda e: make_optimizer(self.family, 1.0, e if two_d else None, precond=self.precond,
+                                         decay=self.decay),
+                self.batch_size,
+            )
+
     def log_loss(self, k, x, y=None):
         self.n_evals += 1
         if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
             return math.inf
         extra = None if y is None else 1.0 - math.exp(y)
+        if self._fast is not None:
+            e = 0.0 if extra is None else extra
+            v = self._fast.loss(e, math.exp(min(x, -1e-9)) * self._fast.limit(e), k)
+            return math.log(v) if v > 0 and math.isfinite(v) else math.inf
         probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
         lr = math.exp(min(x, -1e-9)) * self.problem.lr_limit(probe)
         v = self.problem.loss_at_step(probe, self.batch_size, k, lr=lr)
