@@ -236,7 +236,11 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
                 ev.n_evals += rs["n_evals"]
     hi, theta = math.inf, None
     if start is not None:
-        hi = _exact_steps(ev, tuple(start), target, 10**12)
+        # search up to just past the coarsened optimum first (a shorter search), then everywhere
+        k_guess = int(rs["steps"] * 1.01) + 16 if not global_checks and math.isfinite(rs["steps"]) else 10**12
+        hi = _exact_steps(ev, tuple(start), target, k_guess)
+        if not math.isfinite(hi) and k_guess < 10**12:
+            hi = _exact_steps(ev, tuple(start), target, 10**12)
         theta = tuple(start) if math.isfinite(hi) else None
     if theta is None:
         hi, theta = _start_point(ev, target, two_d)
