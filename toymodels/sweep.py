@@ -3,14 +3,16 @@
 Any *problem* with the methods ``steps_to_target(optimizer, batch_size, target, full_output=True)``,
 ``modal_form(optimizer, batch_size, lr)`` (an object with ``.loss(ks)``, ``.lower_bound(a, b)``,
 ``.first_crossing(target, k_max)``), ``loss_at_step(optimizer, batch_size, k)``,
-``lr_limit(optimizer)``, ``initial_loss``, ``params`` and a ``model_name`` can be swept.
+``lr_limit(optimizer)``, ``initial_loss``, ``params`` and a ``model_name`` can be swept; optional
+``coarsen()`` and ``family_loss(make, batch_size)`` make tuning faster.
 
 Tuning (:func:`tune`) uses the exchange of minima
 
     min_theta  min{k : L_k(theta) <= target}  =  min{k : min_theta L_k(theta) <= target},
 
-so it bisects over the integer k while the inner problem, minimising the smooth L_k(theta) over the
-learning rate (and momentum or averaging decay), is continuous.  Every accepted step count comes from
+so it brackets the integer k (regula falsi in log k) while the inner problem, minimising the smooth
+L_k(theta) over the learning rate (and momentum or averaging decay), is continuous.  Large NQMs are
+first tuned on ``problem.coarsen()`` and refined on the full model.  Every accepted step count comes from
 an exact first-crossing search at a concrete theta, so the reported optimum is always achieved.
 :func:`grid_search` is the exact minimum over a given grid (each point's exact first crossing,
 pruned by the incumbent), used to check the tuner and as the straightforward reference.
@@ -74,16 +76,6 @@ class _Evaluator:
     decay: float
     n_evals: int = 0
 
-    def optimizer(self, x, y=None):
-        extra = None if y is None else 1.0 - math.exp(y)
-        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
-        lr = math.exp(x) * self.problem.lr_limit(probe)
-        return probe.with_lr(lr)
-
-    def form(self, x, y=None):
-        opt = self.optimizer(x, y)
-        return opt, self.problem.modal_form(opt, self.batch_size, opt.lr.lr)
-
     def __post_init__(self):
         # fast path: problems that evaluate a whole family affine in its hyper-parameter
         self._fast = None
@@ -95,18 +87,31 @@ class _Evaluator:
                 self.batch_size,
             )
 
+    def _probe(self, y):
+        """The family's optimizer at lr = 1 and extra = 1 - exp(y), and its learning-rate limit."""
+        extra = None if y is None else 1.0 - math.exp(y)
+        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
+        return probe, self.problem.lr_limit(probe)
+
+    def optimizer(self, x, y=None):
+        probe, limit = self._probe(y)
+        return probe.with_lr(math.exp(x) * limit)
+
+    def form(self, x, y=None):
+        opt = self.optimizer(x, y)
+        return opt, self.problem.modal_form(opt, self.batch_size, opt.lr.lr)
+
     def log_loss(self, k, x, y=None):
         self.n_evals += 1
         if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
             return math.inf
-        extra = None if y is None else 1.0 - math.exp(y)
+        x = min(x, -1e-9)
         if self._fast is not None:
-            e = 0.0 if extra is None else extra
-            v = self._fast.loss(e, math.exp(min(x, -1e-9)) * self._fast.limit(e), k)
-            return math.log(v) if v > 0 and math.isfinite(v) else math.inf
-        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
-        lr = math.exp(min(x, -1e-9)) * self.problem.lr_limit(probe)
-        v = self.problem.loss_at_step(probe, self.batch_size, k, lr=lr)
+            e = 0.0 if y is None else 1.0 - math.exp(y)
+            v = self._fast.loss(e, math.exp(x) * self._fast.limit(e), k)
+        else:
+            probe, limit = self._probe(y)
+            v = self.problem.loss_at_step(probe, self.batch_size, k, lr=math.exp(x) * limit)
         return math.log(v) if v > 0 and math.isfinite(v) else math.inf
 
 
