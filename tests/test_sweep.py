@@ -135,3 +135,21 @@ def test_fast_family_evaluation_matches_optimizer_objects(family):
         probe = make_optimizer(family, 1.0, extra, precond=0.5, decay=0.99)
         slow = math.log(nqm.loss_at_step(probe, 8.0, 500, lr=math.exp(x) * nqm.lr_limit(probe)))
         assert ev.log_loss(500, x, y) == pytest.approx(slow, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr_fractions=[0.5, 1.5]), "`lr_fractions` must be a non-empty 1-D array of values in \\(0, 1\\)"),
+        (dict(lr_fractions=[]), "`lr_fractions` must be a non-empty"),
+        (dict(extras=[0.9]), "`extras` must be \\[None\\]"),
+        (dict(family="momentum", extras=[None]), "`extras` must hold momentum values"),
+        (dict(family="momentum", extras=[1.0]), "`extras` must be a float in \\[0, 1\\)"),
+        (dict(target=-1.0), "`target` must be a float in \\(0, inf\\)"),
+    ],
+)
+def test_grid_search_bad_input(nqm, kwargs, match):
+    args = dict(family="sgd", batch_size=1.0, target=0.1, lr_fractions=[0.1, 0.5], extras=[None])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        grid_search(nqm, **args)

@@ -322,12 +322,23 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
     Each point's first crossing is exact; points whose lower bound cannot beat the incumbent are
     skipped.  Returns dict like :func:`tune`.
     """
+    _check_family(family)
     bs = check_batch_size(batch_size)
+    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    fr = np.asarray(lr_fractions, dtype=np.float64)
+    if fr.ndim != 1 or fr.size == 0 or np.any(~(fr > 0)) or np.any(fr >= 1):
+        raise ValueError("`lr_fractions` must be a non-empty 1-D array of values in (0, 1).")
+    for extra in extras:
+        if (extra is None) != (_EXTRA[family] is None):
+            raise ValueError(f"`extras` must be [None] for {family!r}" if _EXTRA[family] is None
+                             else f"`extras` must hold {_EXTRA[family]} values in [0, 1) for {family!r}")
+        if extra is not None:
+            check_real("extras", extra, low=0.0, high=1.0, high_open=True)
     ev = _Evaluator(problem, family, bs, precond, decay)
     best = (incumbent, None)
     for extra in extras:
         y = None if extra is None else math.log(1.0 - extra)
-        for f in lr_fractions:
+        for f in fr:
             theta = (math.log(f),) if y is None else (math.log(f), y)
             k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
             if k_max < 0:
