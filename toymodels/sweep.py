@@ -154,7 +154,10 @@ def _exact_steps(ev, theta, target, k_max):
         return math.inf
     if mf.lower_bound(0, k_max) > target:
         return math.inf
-    k = mf.first_crossing(target, k_max)
+    try:
+        k = mf.first_crossing(target, k_max)
+    except RuntimeError:  # undecidable within budget: treat the setting as unusable
+        return math.inf
     return float(k) if k >= 0 else math.inf
 
 
