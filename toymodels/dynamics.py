@@ -601,6 +601,24 @@ def _cpow(z, k):
 
 
 @njit(cache=True)
+def _gs_mode_loss(gsq, linf, h, i, k):
+    """Loss of flagged 2x2 mode i at step k from its (g, s) data: L_inf + h/2 (n g^2 + 2 m g s + p s^2)."""
+    g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, k)
+    return linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+
+
+@njit(cache=True)
+def _modal_mode_loss(C, linf, i, pw):
+    """Loss of modal mode i given the eigenvalue powers pw[j] = lam_j^k."""
+    s = pw.size
+    acc = linf[i]
+    for j in range(s):
+        for l in range(j, s):
+            acc += (C[i, j, l] * pw[j] * pw[l]).real
+    return acc
+
+
+@njit(cache=True)
 def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
     """out[m] = L_{ks[m]} for sorted ks; good modes by the closed form, flagged ones by jumping."""
     d, s = lam.shape
@@ -613,22 +631,16 @@ def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
         if flag[i]:
             if s == 2 and linf[i] < np.inf:  # stable (g, s) closed form
                 for m in range(n):
-                    g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, ks[m])
-                    out[m] += linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+                    out[m] += _gs_mode_loss(gsq, linf, h, i, ks[m])
             else:
                 for m in range(n):
                     _jump_mode(A[i], b[i], q[i], S0[i], ks[m], T)
                     out[m] += 0.5 * h[i] * T[r, r]
             continue
         for m in range(n):
-            k = ks[m]
             for j in range(s):
-                pw[j] = _cpow(lam[i, j], k)
-            acc = linf[i]
-            for j in range(s):
-                for l in range(j, s):
-                    acc += (C[i, j, l] * pw[j] * pw[l]).real
-            out[m] += acc
+                pw[j] = _cpow(lam[i, j], ks[m])
+            out[m] += _modal_mode_loss(C, linf, i, pw)
 
 
 @njit(cache=True)
@@ -646,8 +658,7 @@ def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
         if flag[i]:
             if s == 2 and linf[i] < np.inf:
                 for m in range(n):
-                    g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, k0 + m)
-                    out[m] += linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+                    out[m] += _gs_mode_loss(gsq, linf, h, i, k0 + m)
             else:  # jump to k0 once, then exact single steps
                 _jump_mode(A[i], b[i], q[i], S0[i], k0, T)
                 for m in range(n):
@@ -660,11 +671,7 @@ def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
         for j in range(s):
             pw[j] = _cpow(lam[i, j], k0)
         for m in range(n):
-            acc = linf[i]
-            for j in range(s):
-                for l in range(j, s):
-                    acc += (C[i, j, l] * pw[j] * pw[l]).real
-            out[m] += acc
+            out[m] += _modal_mode_loss(C, linf, i, pw)
             for j in range(s):
                 pw[j] *= lam[i, j]
 
