@@ -233,3 +233,13 @@ def test_steps_with_smooth_schedules(family):
     assert steps == math.inf and "decays to 0" in info["reason"]
     steps, info = nqm.steps_to_target(SGD(Exponential(0.5, gamma=0.9)), 4, 1e-9, full_output=True, max_steps=5000)
     assert steps == math.inf and "not reached" in info["reason"]
+
+
+def test_steps_after_a_briefly_unstable_piece():
+    """A first piece above the stability limit is stepped exactly; the state then carries on."""
+    nqm = NQM.power_law(12)
+    opt = SGD(PiecewiseConstant((3,), (2.3, 0.4)))  # lr * h_1 = 2.3 > 2 for three updates
+    ref = reference_curve(nqm.h, nqm.c, nqm.init_sq, opt, 4, 2000)
+    target = ref[300] * 1.0001
+    k = int(nqm.steps_to_target(opt, 4, target))
+    assert ref[k] <= target < ref[:k].min()

@@ -325,11 +325,12 @@ class NQM:
             if not mf.stable:
                 if last:
                     return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
-                k, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), length, target)[:2]
+                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), length, target)
                 if k >= 0:
                     return start + k, "", floor
-                S = dynamics.jump(A, b, q, S, length)
-                continue
+                if reason.startswith("diverges"):
+                    return -1, reason, math.inf
+                continue  # _scan has advanced S to the end of the piece
             k_hi = self._horizon(mf, target, length)
             if k_hi >= 0:
                 k = mf.first_crossing(target, k_hi)
