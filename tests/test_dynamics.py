@@ -132,3 +132,22 @@ def test_flagged_modes_values_and_bounds(opt):
         assert mf.lower_bound(a, b) <= ref[a : b + 1].min() * (1 + 1e-12)
     target = 0.5 * (ref[1500] + ref[0])
     assert mf.first_crossing(target, 10**9) == int(np.argmax(ref <= target))
+
+
+def test_closed_form_stein_matches_doubling():
+    """The 2x2 closed-form stationary moments equal the doubling solution, also at repeated eigenvalues."""
+    rng = np.random.default_rng(4)
+    mats = [rng.normal(size=(2, 2)) * 0.45 for _ in range(5)]
+    mats.append(np.array([[0.9, 1.0], [0.0, 0.9]]))  # defective: a double eigenvalue
+    x, beta = (1 - math.sqrt(0.81)) ** 2, 0.81
+    mats.append(np.array([[1 - x, beta], [-x, beta]]))  # critically damped momentum
+    for A in mats:
+        if np.max(np.abs(np.linalg.eigvals(A))) >= 1:
+            continue
+        b = rng.normal(size=2)
+        ref = dynamics.lyapunov(A[None], b[None], np.array([0.7]))[0]
+        s00, s01, s11 = dynamics._stein2_scalar(A[0, 0], A[0, 1], A[1, 0], A[1, 1], b[0], b[1], 0.7)
+        np.testing.assert_allclose([s00, s01, s11], [ref[0, 0], ref[0, 1], ref[1, 1]], rtol=1e-10, atol=1e-14)
+        # and it is stationary: S = A S A^T + q b b^T
+        S = np.array([[s00, s01], [s01, s11]])
+        np.testing.assert_allclose(A @ S @ A.T + 0.7 * np.outer(b, b), S, rtol=1e-10, atol=1e-14)

@@ -217,16 +217,6 @@ def _stein2_scalar(a00, a01, a10, a11, b0, b1, q):
     return s00, s01, s11
 
 
-@njit(cache=True)
-def _stein2(A, b, q, out):
-    """Array form of :func:`_stein2_scalar` into ``out`` (2x2)."""
-    s00, s01, s11 = _stein2_scalar(A[0, 0], A[0, 1], A[1, 0], A[1, 1], b[0], b[1], q)
-    out[0, 0] = s00
-    out[0, 1] = s01
-    out[1, 0] = s01
-    out[1, 1] = s11
-
-
 def lyapunov(A, b, q):
     """Stationary second moments ``S = A S A^T + q b b^T`` per mode, ``(d, s, s)``."""
     out = np.empty(A.shape)
