@@ -161,18 +161,26 @@ def _exact_steps(ev, theta, target, k_max):
     return float(k) if k >= 0 else math.inf
 
 
-def _start_point(ev, target, two_d):
-    """A coarse exact scan for a first feasible theta: lr on a log grid (and extra in {0.5..0.999})."""
-    ys = [None] if not two_d else [math.log(v) for v in (0.1, 0.03, 0.01, 0.003, 0.001)]
-    best = (math.inf, None)
-    for y in ys:
-        for x in np.log(np.geomspace(0.5, 1e-6, 14)):
-            theta = (float(x),) if y is None else (float(x), y)
-            k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
-            s = _exact_steps(ev, theta, target, k_max)
-            if s < best[0]:
-                best = (s, theta)
+def _grid_best(ev, target, thetas, incumbent=math.inf):
+    """(steps, theta) of the exact best over ``thetas`` (tuning coordinates); each point's first
+    crossing is searched only below the incumbent, so hopeless points cost one bound."""
+    best = (incumbent, None)
+    for theta in thetas:
+        k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
+        if k_max < 0:
+            break
+        s = _exact_steps(ev, theta, target, k_max)
+        if s < best[0]:
+            best = (s, theta)
     return best
+
+
+def _start_point(ev, target, two_d):
+    """A coarse exact scan for a first feasible theta: 14 lrs from 0.5 to 1e-6 of the stability
+    limit (times beta or mu in {0.9, 0.97, 0.99, 0.997, 0.999})."""
+    ys = [None] if not two_d else [math.log(v) for v in (0.1, 0.03, 0.01, 0.003, 0.001)]
+    xs = np.log(np.geomspace(0.5, 1e-6, 14))
+    return _grid_best(ev, target, [(float(x),) if y is None else (float(x), y) for y in ys for x in xs])
 
 
 def _basin_check(ev, hi, theta, target, two_d):
@@ -338,17 +346,9 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
         if extra is not None:
             check_real("extras", extra, low=0.0, high=1.0, high_open=True)
     ev = _Evaluator(problem, family, bs, precond, decay)
-    best = (incumbent, None)
-    for extra in extras:
-        y = None if extra is None else math.log(1.0 - extra)
-        for f in fr:
-            theta = (math.log(f),) if y is None else (math.log(f), y)
-            k_max = int(best[0]) - 1 if math.isfinite(best[0]) else 10**12
-            if k_max < 0:
-                break
-            s = _exact_steps(ev, theta, target, k_max)
-            if s < best[0]:
-                best = (s, theta)
+    ys = [None if extra is None else math.log(1.0 - extra) for extra in extras]
+    thetas = [(math.log(f),) if y is None else (math.log(f), y) for y in ys for f in fr]
+    best = _grid_best(ev, target, thetas, incumbent)
     if best[1] is None:
         return {"steps": incumbent, "lr": math.nan, "extra": math.nan, "theta": None}
     opt = ev.optimizer(*best[1])
