@@ -27,7 +27,7 @@ import xarray as xr  # noqa: E402
 
 from toymodels import NQM  # noqa: E402
 from toymodels.schema import attach_attrs, validate  # noqa: E402
-from toymodels.sweep import batch_size_sweep, tune_schedule  # noqa: E402
+from toymodels.sweep import family_sweeps, tune_schedule  # noqa: E402
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
@@ -43,9 +43,9 @@ def run(*, quick: bool = False, out: str = "results", dim: int | None = None, ta
     nqm = NQM.power_law(dim)
     target = target_fraction * nqm.initial_loss
     parts = []
-    for fam in FAMILIES:
-        path = os.path.join(out, f"batch_size_scaling_{fam}_{dim}.nc")
-        ds = batch_size_sweep(nqm, fam, batch_sizes, target, precond=0.5, progress=progress, path=path)
+    paths = {fam: os.path.join(out, f"batch_size_scaling_{fam}_{dim}.nc") for fam in FAMILIES}
+    sweeps = family_sweeps(nqm, list(FAMILIES), batch_sizes, target, precond=0.5, paths=paths, progress=progress)
+    for fam, ds in sweeps.items():
         for name in ("momentum_opt", "decay_opt"):
             if name not in ds:
                 ds[name] = ("batch_size", np.full(batch_sizes.size, np.nan))

@@ -151,3 +151,22 @@ def test_closed_form_stein_matches_doubling():
         # and it is stationary: S = A S A^T + q b b^T
         S = np.array([[s00, s01], [s01, s11]])
         np.testing.assert_allclose(A @ S @ A.T + 0.7 * np.outer(b, b), S, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("opt", [Momentum(0.3, 0.9), EMA(SGD(0.5), 0.95), Momentum(0.1, 0.81), SGD(1.2)],
+                         ids=["momentum", "ema", "critical", "sgd"])
+def test_first_crossing_guess_and_parallel_leaves(opt):
+    """The answer does not depend on the split hint, and the parallel leaf values (one
+    multiplication per step, the (g, s) recurrence for flagged modes) equal the closed form."""
+    nqm = NQM.power_law(5000)  # above the parallel threshold
+    mf = nqm.modal_form(opt, 4)
+    ref = mf.loss(np.arange(2001))
+    for k0, n in [(0, 32), (777, 17), (1968, 32)]:
+        out = np.empty(n)
+        dynamics._modal_values_range_parallel(mf.lam, mf.C, mf.linf, mf.flag, mf.gsq, mf.A, mf.b, mf.q, mf.h,
+                                              mf.readout, mf.S0, k0, out)
+        np.testing.assert_allclose(out, ref[k0 : k0 + n], rtol=1e-11)
+    target = 0.5 * (ref[1200] + ref[1199])
+    first = int(np.argmax(ref <= target))
+    for guess in [None, 0, 1, first - 40, first - 1, first, first + 1, 5000, 10**9]:
+        assert mf.first_crossing(target, 10**9, guess=guess) == first

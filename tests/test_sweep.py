@@ -153,3 +153,71 @@ def test_grid_search_bad_input(nqm, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         grid_search(nqm, **args)
+
+
+@pytest.mark.parametrize("family", ["momentum", "ema", "sgd"])
+def test_compiled_local_search_matches_scipy(family):
+    """The compiled Nelder-Mead and Brent reach the minima scipy's implementations reach on the
+    same objective from the same start (values within the stopping tolerances)."""
+    from scipy import optimize
+
+    from toymodels import _localmin
+    from toymodels.sweep import _X_MIN, _Y_MIN, _Evaluator
+
+    nqm = NQM.power_law(200)
+    ev = _Evaluator(nqm, family, 16.0, 0.5, 0.99)
+    k = 300
+    args = ev._fast.kernel_args(k)
+    if family == "sgd":
+        for lo, hi in [(-6.0, -0.001), (-3.0, -1.0)]:
+            x, f, n = _localmin.brent(lo, hi, 1e-5, 500, *args, _X_MIN)
+            ref = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
+                                           options={"xatol": 1e-5})
+            assert f == pytest.approx(ref.fun, abs=1e-8)
+            assert x == pytest.approx(ref.x, abs=1e-4)
+        return
+    for x0, y0 in [(-2.0, -2.0), (-4.0, -0.5), (-0.5, -5.0)]:
+        x, y, f, n = _localmin.nelder_mead(x0, y0, 0.3, 1e-6, 1e-12, 2000, *args, _X_MIN, _Y_MIN)
+        simplex = np.array([[x0, y0], [x0 + 0.3, y0], [x0, y0 + 0.3]])
+        ref = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), [x0, y0], method="Nelder-Mead",
+                                options={"initial_simplex": simplex, "xatol": 1e-6, "fatol": 1e-12, "maxfev": 2000})
+        assert f == pytest.approx(ref.fun, abs=1e-7)
+        assert f == pytest.approx(ev.log_loss(k, x, y), abs=1e-12)  # the value belongs to the point
+
+
+def test_family_sweeps_equal_one_by_one(nqm, tmp_path):
+    """Families run side by side (writing their files at the same time) give exactly the
+    sequential results, in the order asked, and resume from their files."""
+    from toymodels.sweep import _parallel_backend, family_sweeps
+
+    assert _parallel_backend() in ("threads", "fork", "serial")
+    bss = [1.0, 16.0, 256.0]
+    fams = ["sgd", "momentum", "ema", "precond"]
+    paths = {f: tmp_path / f"{f}.nc" for f in fams}
+    together = family_sweeps(nqm, fams, bss, 0.05, n_jobs=2, paths=paths, progress=False)
+    assert list(together) == fams
+    for fam in fams:
+        alone = batch_size_sweep(nqm, fam, bss, 0.05, progress=False)
+        xr.testing.assert_identical(together[fam], alone)
+        xr.testing.assert_identical(xr.load_dataset(paths[fam]), alone)
+    again = family_sweeps(nqm, fams, bss, 0.05, n_jobs=2, paths=paths, progress=False)
+    for fam in fams:
+        xr.testing.assert_allclose(again[fam], together[fam])
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(families=["sgd", "sgd"]), ValueError, "`families` must not repeat"),
+        (dict(families=["adam"]), ValueError, "`family` must be one of"),
+        (dict(n_jobs=0), ValueError, "`n_jobs` must be"),
+        (dict(momentum=0.9), TypeError, "unexpected keyword arguments \\['momentum'\\]"),
+    ],
+)
+def test_family_sweeps_bad_input(nqm, kwargs, err, match):
+    from toymodels.sweep import family_sweeps
+
+    args = dict(families=["sgd"], batch_sizes=[1.0], target=0.05, progress=False)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        family_sweeps(nqm, **args)

@@ -44,7 +44,7 @@ _WORK_LIMIT = 2e8  # branch-and-bound budget in (nodes x modes) before first_cro
 # --------------------------------------------------------------------------------------------------
 # step-by-step and k-at-once propagation (real arithmetic, any small A)
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sandwich(P, X, out):
     """out = P X P^T for small square matrices."""
     s = P.shape[0]
@@ -60,7 +60,7 @@ def _sandwich(P, X, out):
             out[i, j] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _matmul(P, R, out):
     s = P.shape[0]
     for i in range(s):
@@ -71,7 +71,7 @@ def _matmul(P, R, out):
             out[i, j] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _propagate_kernel(A0, A1, b1, q, h, r, lrs, record, S, out_loss, out_gsq):
     """Step S through len(lrs) updates; record loss and sum h^2 E[theta^2] at steps in ``record``."""
     d, s = b1.shape
@@ -125,7 +125,7 @@ def propagate(A0, A1, b1, q, h, readout, lrs, record, S):
     return out_loss, out_gsq
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _jump_mode(A, b, q, S, k, out):
     """out = A^k S A^kT + q sum_{j<k} A^j b b^T A^jT by binary powering (exact, stable)."""
     s = A.shape[0]
@@ -154,7 +154,7 @@ def _jump_mode(A, b, q, S, k, out):
     out[:, :] = T + Qr
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _jump_kernel(A, b, q, S, k, out):
     for i in range(A.shape[0]):
         _jump_mode(A[i], b[i], q[i], S[i], k, out[i])
@@ -170,7 +170,7 @@ def jump(A, b, q, S, k):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lyapunov_mode(A, b, q, out):
     """Stationary S = A S A^T + q b b^T by doubling (requires spectral radius < 1)."""
     s = A.shape[0]
@@ -195,7 +195,7 @@ def _lyapunov_mode(A, b, q, out):
     out[:, :] = Q
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stein2_scalar(a00, a01, a10, a11, b0, b1, q):
     """Stationary S = A S A^T + q b b^T of a stable 2x2 system in closed form, stable at repeated
     eigenvalues: S = Q G2 + (N Q + Q N^T) GS + N Q N^T S2 with A^j = g_j I + s_j N and
@@ -229,7 +229,7 @@ def lyapunov(A, b, q):
 # --------------------------------------------------------------------------------------------------
 # the (g, s) form of 2x2 powers, for flagged modes:  A^k = g_k I + s_k N,  N = A - c I,  c = tr(A) / 2
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gs_values(c, w, cplx, k):
     """(g_k, s_k) with w = sqrt(|tr^2/4 - det|); stable for w -> 0 (repeated eigenvalues)."""
     if k == 0:
@@ -254,7 +254,7 @@ def _gs_values(c, w, cplx, k):
     return g, (big**k - small**k) / (big - small)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _interval_mul(a1, a2, b1, b2):
     p1 = a1 * b1
     p2 = a1 * b2
@@ -263,7 +263,7 @@ def _interval_mul(a1, a2, b1, b2):
     return min(min(p1, p2), min(p3, p4)), max(max(p1, p2), max(p3, p4))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cos_range(t1, t2):
     """Range of cos over the angle interval [t1, t2]."""
     if t2 - t1 >= 2 * math.pi:
@@ -280,7 +280,7 @@ def _cos_range(t1, t2):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gs_box(c, w, cplx, a, bend):
     """Boxes [g1, g2] x [s1, s2] containing (g_k, s_k) for every integer k in [a, bend] (-1: inf)."""
     if cplx:
@@ -334,7 +334,7 @@ def _gs_box(c, w, cplx, a, bend):
     return -ga, ga, -best, best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quad_min_1d(aa, bb, cc, x1, x2):
     """min of aa x^2 + 2 bb x + cc over [x1, x2]."""
     v = min(aa * x1 * x1 + 2 * bb * x1 + cc, aa * x2 * x2 + 2 * bb * x2 + cc)
@@ -345,7 +345,7 @@ def _quad_min_1d(aa, bb, cc, x1, x2):
     return v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quad_min_box(n, m, p, g1, g2, s1, s2):
     """Exact min of n g^2 + 2 m g s + p s^2 over the box [g1, g2] x [s1, s2]."""
     best = np.inf
@@ -362,7 +362,7 @@ def _quad_min_box(n, m, p, g1, g2, s1, s2):
 # --------------------------------------------------------------------------------------------------
 # modal closed form for a constant learning rate
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _eig2(a00, a01, a10, a11, lam, V, off):
     """Eigenpairs of [[a00, a01], [a10, a11]] into lam[off:off+2], V[0:2, off:off+2] (complex)."""
     tau = a00 + a11
@@ -400,7 +400,7 @@ def _eig2(a00, a01, a10, a11, lam, V, off):
             V[1, off + m] = 0.0 if m == 0 else 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _inverse(V, W):
     """Inverse of a complex 1x1, 2x2 or 3x3 matrix by cofactors; returns False if singular."""
     s = V.shape[0]
@@ -436,7 +436,7 @@ def _inverse(V, W):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _eig_mode(A, lam, V):
     """Eigen-decomposition of a 1x1, 2x2 or block lower-triangular 3x3 ([[B, 0], [g, mu]]) matrix."""
     s = A.shape[0]
@@ -457,7 +457,7 @@ def _eig_mode(A, lam, V):
         V[2, 2] = 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gs_setup(A, b, q, S0, r, h, row):
     """Fill row = (c, w, complex?, n, m, p) of a stable 2x2 mode; returns its stationary loss."""
     a00, a01, a10, a11 = A[0, 0], A[0, 1], A[1, 0], A[1, 1]
@@ -481,7 +481,7 @@ def _gs_setup(A, b, q, S0, r, h, row):
     return 0.5 * h * srr
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm, gsq):
     """Fill the modal form per mode; flag modes whose eigenvectors are ill-conditioned."""
     d, s = b.shape
@@ -581,7 +581,7 @@ def _modal_setup_kernel(A, b, q, h, r, S0, lam, C, linf, flag, rho, nu, dnorm, g
                     C[i, j, k] = f * 0.5 * h[i] * V[r, j] * V[r, k] * Dt[j, k]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cpow(z, k):
     if k == 0:
         return 1.0 + 0.0j
@@ -590,14 +590,14 @@ def _cpow(z, k):
     return np.exp(k * np.log(z))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gs_mode_loss(gsq, linf, h, i, k):
     """Loss of flagged 2x2 mode i at step k from its (g, s) data: L_inf + h/2 (n g^2 + 2 m g s + p s^2)."""
     g, t = _gs_values(gsq[i, 0], gsq[i, 1], gsq[i, 2] > 0.5, k)
     return linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _modal_mode_loss(C, linf, i, pw):
     """Loss of modal mode i given the eigenvalue powers pw[j] = lam_j^k."""
     s = pw.size
@@ -608,7 +608,7 @@ def _modal_mode_loss(C, linf, i, pw):
     return acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
     """out[m] = L_{ks[m]} for sorted ks; good modes by the closed form, flagged ones by jumping."""
     d, s = lam.shape
@@ -633,22 +633,26 @@ def _modal_values_kernel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, ks, out):
             out[m] += _modal_mode_loss(C, linf, i, pw)
 
 
-@njit(cache=True)
-def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
-    """out[m] = L_{k0 + m}: like :func:`_modal_values_kernel` on consecutive steps, with the powers
-    lam^k advanced by one multiplication per step."""
-    d, s = lam.shape
+@njit(cache=True, nogil=True)
+def _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, i_lo, i_hi, out):
+    """out[m] += sum over modes i_lo <= i < i_hi of their loss at step k0 + m, advancing each mode
+    by one multiplication per step: eigenvalue powers (modal), the recurrence
+    (g, s) <- (c g + disc s, g + c s) of A^k = g I + s N with N^2 = disc I (flagged 2x2), or one
+    exact step of the moments (flagged 3x3)."""
+    s = lam.shape[1]
     n = out.size
-    for m in range(n):
-        out[m] = 0.0
     pw = np.empty(s, dtype=np.complex128)
     T = np.empty((s, s))
     T2 = np.empty((s, s))
-    for i in range(d):
+    for i in range(i_lo, i_hi):
         if flag[i]:
             if s == 2 and linf[i] < np.inf:
+                c, w = gsq[i, 0], gsq[i, 1]
+                disc = -w * w if gsq[i, 2] > 0.5 else w * w
+                g, t = _gs_values(c, w, gsq[i, 2] > 0.5, k0)
                 for m in range(n):
-                    out[m] += _gs_mode_loss(gsq, linf, h, i, k0 + m)
+                    out[m] += linf[i] + 0.5 * h[i] * (gsq[i, 3] * g * g + 2.0 * gsq[i, 4] * g * t + gsq[i, 5] * t * t)
+                    g, t = c * g + disc * t, g + c * t
             else:  # jump to k0 once, then exact single steps
                 _jump_mode(A[i], b[i], q[i], S0[i], k0, T)
                 for m in range(n):
@@ -666,14 +670,34 @@ def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
                 pw[j] *= lam[i, j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
+def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
+    """out[m] = L_{k0 + m} (consecutive steps), one thread."""
+    out[:] = 0.0
+    _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, 0, lam.shape[0], out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _modal_values_range_parallel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
+    """:func:`_modal_values_range` split over 16 blocks of modes, each summed on its own row."""
+    d = lam.shape[0]
+    n_blocks = 16
+    rows = np.zeros((n_blocks, out.size))
+    for blk in prange(n_blocks):
+        _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0,
+                            blk * d // n_blocks, (blk + 1) * d // n_blocks, rows[blk])
+    for m in range(out.size):
+        out[m] = np.sum(rows[:, m])
+
+
+@njit(cache=True, nogil=True)
 def _apow(logabs, k):
     if k == 0:
         return 1.0
     return math.exp(k * logabs)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _henrici_sup(rho, nu, s, a, bend):
     """sup over k in [a, bend] (bend = -1: infinity) of sum_{j<s} C(k,j) rho^(k-j) nu^j >= ||A^k||."""
     total = 0.0
@@ -699,7 +723,7 @@ def _henrici_sup(rho, nu, s, a, bend):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i):
     """Lower bound of mode i's loss over [a, bend]; see :func:`_lower_bound`."""
     s = lam.shape[1]
@@ -742,7 +766,7 @@ def _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i):
     return max(gs_lb, mode_lb - 1e-8 * mode_slack)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """A lower bound on L_k valid for every integer k in [a, bend] (bend = -1: infinity).
 
@@ -766,7 +790,7 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """:func:`_lower_bound` on one thread (small models, where thread start-up dominates)."""
     total = 0.0
@@ -775,16 +799,20 @@ def _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
-                           parallel, max_nodes):
-    """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1."""
+                           parallel, max_nodes, k_split):
+    """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1.
+    The root is split at ``k_split`` if it lies inside (k_lo, k_hi], else at its midpoint."""
     stack_a = np.empty(256, dtype=np.int64)
     stack_b = np.empty(256, dtype=np.int64)
-    top = 0
-    stack_a[0] = k_lo
-    stack_b[0] = k_hi
-    top = 1
+    if k_lo < k_split <= k_hi:
+        stack_a[0], stack_b[0] = k_split, k_hi
+        stack_a[1], stack_b[1] = k_lo, k_split - 1
+        top = 2
+    else:
+        stack_a[0], stack_b[0] = k_lo, k_hi
+        top = 1
     vals = np.empty(leaf)
     nodes = 0
     while top > 0:
@@ -802,7 +830,10 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
             continue
         if bb - a + 1 <= leaf:
             n = bb - a + 1
-            _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
+            if parallel:
+                _modal_values_range_parallel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
+            else:
+                _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
             for m in range(n):
                 if vals[m] <= target:
                     return a + m
@@ -875,8 +906,12 @@ class ModalForm:
                   self.h, int(a), -1 if b is None else int(b))
         )
 
-    def first_crossing(self, target: float, k_max: int, *, leaf: int = 32) -> int:
+    def first_crossing(self, target: float, k_max: int, *, leaf: int = 32, guess: int | None = None) -> int:
         """The first k in [0, k_max] with L_k <= target, or -1 if there is none.
+
+        ``guess`` (optional) is where the crossing is expected: the search first tries to rule out
+        all of [0, guess - 1] with one bound, which saves most of the work when the guess is a little
+        early.  The answer does not depend on it.
 
         Exact for non-monotone curves: the loss is a finite sum of exponentials with known rates, so
         for any interval of steps [a, b] :meth:`lower_bound` gives a rigorous lower bound (monotone
@@ -898,7 +933,7 @@ class ModalForm:
                 self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
                 self.A, self.b, self.q, self.h, self.readout, self.S0,
                 float(target), 0, int(k_max), int(leaf), self.h.size >= _PARALLEL_MIN_MODES,
-                max(10_000, int(_WORK_LIMIT // self.h.size)),
+                max(10_000, int(_WORK_LIMIT // self.h.size)), -1 if guess is None else int(guess),
             )
         )
         if k == -2:
@@ -913,7 +948,7 @@ class ModalForm:
 # --------------------------------------------------------------------------------------------------
 # fused loss at one step (the tuner's inner loop): closed forms for s <= 2, no eigenvectors
 # --------------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _loss1(a, b0, q, h, s00, k):
     """Expected loss of a 1-state mode x' = a x + b0 eps after k steps from E x^2 = s00."""
     one_minus_a2 = (1.0 - a) * (1.0 + a)
@@ -928,7 +963,7 @@ def _loss1(a, b0, q, h, s00, k):
     return 0.5 * h * (sinf + (s00 - sinf) * decay)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _loss2(a00, a01, a10, a11, b0, b1, q, h, r, s00, s01, s11, k):
     """Expected loss of a 2-state mode after k steps from second moments (s00, s01, s11), read at
     entry r: stationary part by :func:`_stein2_scalar`, transient by the (g, s) form."""
@@ -953,7 +988,7 @@ def _loss2(a00, a01, a10, a11, b0, b1, q, h, r, s00, s01, s11, k):
     return 0.5 * h * (srr + drr * g * g + 2.0 * mm * g * t + pp * t * t)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mode_loss_at(A, b, q, h, r, S0, i, k):
     """Expected loss of mode i (1 or 2 states) after k constant-lr steps (inf if unstable)."""
     if A.shape[1] == 1:
@@ -962,7 +997,7 @@ def _mode_loss_at(A, b, q, h, r, S0, i, k):
                   S0[i, 0, 0], S0[i, 0, 1], S0[i, 1, 1], k)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k):
     """Like :func:`_mode_loss_at` with A = P0 + e P1 + lr (Q0 + e Q1), b = lr (R0 + e R1) built here."""
     if P0.shape[1] == 1:
@@ -977,7 +1012,7 @@ def _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k):
     return _loss2(a00, a01, a10, a11, b0, b1, q[i], h[i], r, S0[i, 0, 0], S0[i, 0, 1], S0[i, 1, 1], k)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _loss_at_parallel(A, b, q, h, r, S0, k):
     total = 0.0
     for i in prange(b.shape[0]):
@@ -985,7 +1020,7 @@ def _loss_at_parallel(A, b, q, h, r, S0, k):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _loss_at_serial(A, b, q, h, r, S0, k):
     total = 0.0
     for i in range(b.shape[0]):
@@ -993,7 +1028,7 @@ def _loss_at_serial(A, b, q, h, r, S0, k):
     return total
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
     total = 0.0
     for i in prange(q.shape[0]):
@@ -1001,12 +1036,25 @@ def _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
     total = 0.0
     for i in range(q.shape[0]):
         total += _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k)
     return total
+
+
+def _ensure_threading_layer() -> str:
+    """The name of numba's threading layer in this process, running a tiny parallel kernel first
+    if none has run yet (the layer is chosen at the first parallel launch)."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        one = np.ones(1)
+        _loss_at_parallel(np.full((1, 1, 1), 0.5), one.reshape(1, 1), one, one, 0, one.reshape(1, 1, 1), 1)
+        return numba.threading_layer()
 
 
 def loss_at_parts(parts, e, lr, q, h, readout, S0, k) -> float:

@@ -64,6 +64,10 @@ class _FamilyLoss:
     def loss(self, e, lr, k):
         return dynamics.loss_at_parts(self.parts, e, lr, self.q, self.h, self.readout, self.S0, k)
 
+    def kernel_args(self, k):
+        """The arguments of :func:`toymodels._localmin.family_log_loss` after (x, y), up to k."""
+        return self.parts, float(self.lim0), float(self.lim1), self.q, self.h, int(self.readout), self.S0, int(k)
+
 
 class NQM:
     """Noisy quadratic model with curvature ``h``, per-example noise variance ``c`` and E[theta_0^2].

@@ -22,24 +22,30 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 from scipy import optimize
 
+from . import _localmin
 from ._validate import check_int, check_real
 from .nqm import check_batch_size
 from .optimizers import EMA, SGD, Momentum
 from .schedules import PiecewiseConstant
 from .schema import attach_attrs
 
-__all__ = ["FAMILIES", "make_optimizer", "tune", "grid_search", "batch_size_sweep", "tune_schedule", "default_grid"]
+__all__ = ["FAMILIES", "make_optimizer", "tune", "grid_search", "batch_size_sweep", "family_sweeps", "tune_schedule",
+           "default_grid"]
 
 FAMILIES = ("sgd", "precond", "momentum", "ema", "momentum_ema")
 _EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", "momentum_ema": "momentum"}
 _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
+_Y_MIN = math.log(_ONE_MINUS_MIN)
+# netCDF / HDF5 is not thread-safe: sweeps running side by side (family_sweeps) take turns writing
+_NETCDF_LOCK = threading.Lock()
 
 
 def _check_family(family):
@@ -103,7 +109,7 @@ class _Evaluator:
 
     def log_loss(self, k, x, y=None):
         self.n_evals += 1
-        if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < math.log(_ONE_MINUS_MIN) - 1)):
+        if x > 0 or x < _X_MIN - 1 or (y is not None and (y > 0 or y < _Y_MIN - 1)):
             return math.inf
         x = min(x, -1e-9)
         if self._fast is not None:
@@ -115,47 +121,65 @@ class _Evaluator:
         return math.log(v) if v > 0 and math.isfinite(v) else math.inf
 
 
-def _inner_min(ev, k, start, *, step=0.3):
+def _inner_min(ev, k, start, *, step=0.3, xatol=1e-4, fatol=None):
     """argmin over theta of log L_k(theta), local search from ``start``; returns (theta, value).
 
     1-D: bounded Brent on a window that follows the minimum.  2-D: Nelder-Mead with an initial
     simplex of size ``step`` (log units), then (for steps > 0.1) a second Nelder-Mead restarted at the
-    result with a ten times smaller simplex.
+    result with a ten times smaller simplex; ``xatol`` and ``fatol`` as in scipy.  Problems with ``family_loss`` run both searches
+    compiled (:mod:`toymodels._localmin`); others call scipy with :meth:`_Evaluator.log_loss`.
     """
+    fast = ev._fast
+    if fatol is None:
+        # one step changes log L_k by about (d log L / d log k) / k, with a slope of order one:
+        # resolve the value to a hundredth of a step
+        fatol = min(1e-6, 1e-2 / max(k, 1))
     if len(start) == 1:
         x0 = start[0]
         lo, hi = max(_X_MIN, x0 - 2.0), min(-1e-9, x0 + 2.0)
         for _ in range(12):
-            res = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
-                                           options={"xatol": 1e-5})
-            xm = float(res.x)
+            if fast is not None:
+                xm, fun, n = _localmin.brent(lo, hi, 1e-5, 500, *fast.kernel_args(k), _X_MIN)
+                ev.n_evals += n
+            else:
+                res = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
+                                               options={"xatol": 1e-5})
+                xm, fun = float(res.x), float(res.fun)
             if xm - lo < 0.05 and lo > _X_MIN:
                 lo, hi = max(_X_MIN, lo - 4.0), lo + 0.1
             elif hi - xm < 0.05 and hi < -1e-9:
                 lo, hi = hi - 0.1, min(-1e-9, hi + 4.0)
             else:
                 break
-        return (xm,), float(res.fun)
-    x0 = np.asarray(start, dtype=np.float64)
-    best = None
+        return (float(xm),), float(fun)
+    best_x, best_f = np.asarray(start, dtype=np.float64), math.inf
     for size in (step, 0.1 * step) if step > 0.1 else (step,):
-        simplex = np.array([x0, x0 + [size, 0.0], x0 + [0.0, size]])
-        res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), x0, method="Nelder-Mead",
-                                options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-9, "maxfev": 400})
-        if best is None or res.fun < best.fun:
-            best = res
-        x0 = best.x
-    return tuple(float(v) for v in best.x), float(best.fun)
+        if fast is not None:
+            x, y, fun, n = _localmin.nelder_mead(best_x[0], best_x[1], size, xatol, fatol, 400,
+                                                 *fast.kernel_args(k), _X_MIN, _Y_MIN)
+            ev.n_evals += n
+            x = np.array([x, y])
+        else:
+            simplex = np.array([best_x, best_x + [size, 0.0], best_x + [0.0, size]])
+            res = optimize.minimize(lambda z: ev.log_loss(k, z[0], z[1]), best_x, method="Nelder-Mead",
+                                    options={"initial_simplex": simplex, "xatol": xatol, "fatol": fatol,
+                                             "maxfev": 400})
+            x, fun = res.x, float(res.fun)
+        if fun < best_f:
+            best_x, best_f = np.asarray(x, dtype=np.float64), fun
+    return tuple(float(v) for v in best_x), float(best_f)
 
 
-def _exact_steps(ev, theta, target, k_max):
+def _exact_steps(ev, theta, target, k_max, guess=None):
+    """The exact first crossing at ``theta`` if it is <= k_max, else inf (``guess``: where the
+    crossing is expected, which speeds up the search)."""
     opt, mf = ev.form(*theta)
     if not mf.stable:
         return math.inf
     if mf.lower_bound(0, k_max) > target:
         return math.inf
     try:
-        k = mf.first_crossing(target, k_max)
+        k = mf.first_crossing(target, k_max) if guess is None else mf.first_crossing(target, k_max, guess=guess)
     except RuntimeError:  # undecidable within budget: treat the setting as unusable
         return math.inf
     return float(k) if k >= 0 else math.inf
@@ -195,14 +219,20 @@ def _basin_check(ev, hi, theta, target, two_d):
     pts = [((x,) if y is None else (x, y)) for y in ys for x in xs]
     vals = np.array([ev.log_loss(k, *p) for p in pts]).reshape(len(ys), xs.size)
     log_target = math.log(target)
-    # one start per row (per momentum / decay value): basins differ mostly along that axis
-    starts = [pts[r * xs.size + int(np.argmin(vals[r]))] for r in range(len(ys)) if np.isfinite(vals[r].min())]
-    row_min = {p: ev.log_loss(k, *p) for p in starts}
-    best = min(row_min.values(), default=math.inf)
-    # rows far above the best (a factor e^2 in loss) are not worth a local search
-    starts = sorted((p for p in starts if row_min[p] <= best + 2.0), key=row_min.get)
-    for start in starts:
-        cand, val = _inner_min(ev, k, start)
+    # one start per row (per momentum / decay value): basins differ mostly along that axis; rows
+    # far above the best (a factor e^2 in loss) are not worth a local search
+    row_best = [(float(vals[r].min()), pts[r * xs.size + int(np.argmin(vals[r]))]) for r in range(len(ys))]
+    best = min(v for v, _ in row_best)
+    starts = [p for v, p in row_best if np.isfinite(v) and v <= best + 2.0]
+    # a loose local search from each; the two deepest basins are then searched in full (rows often
+    # share one long valley -- momentum at small batch sizes depends mostly on lr / (1 - beta) --
+    # so more refinements would find the same point again)
+    loose = sorted((val, cand) for cand, val in
+                   (_inner_min(ev, k, p, step=0.3, xatol=1e-2, fatol=1e-5) for p in starts))
+    for val, cand in loose[:2]:
+        if val > log_target + 0.01:
+            break
+        cand, val = _inner_min(ev, k, cand, step=0.03)
         if val <= log_target:
             s = _exact_steps(ev, cand, target, k)
             if math.isfinite(s) and s < hi:
@@ -239,12 +269,24 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
     global_checks = True
     lo_hint = 0
+    inner = lambda k, theta, step: _inner_min(ev, k, theta, step=step)  # noqa: E731
     if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
         surrogate = problem.coarsen(0.05)
         if surrogate.dim <= problem.dim // 4:
             rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False)
             if rs["theta"] is not None:
                 start, global_checks = rs["theta"], False
+                ev_s = _Evaluator(surrogate, family, bs, precond, decay)
+
+                def inner(k, theta, step):
+                    # the optimum of the coarsened loss, valued on the full model: an upper bound of
+                    # min_theta L_k within ~1e-8 relative (the two losses differ by ~1e-4 and their
+                    # minimisers by as little, so the value error is second order)
+                    cand, _ = _inner_min(ev_s, k, theta, step=step)
+                    ev.n_evals += ev_s.n_evals
+                    ev_s.n_evals = 0
+                    return cand, ev.log_loss(k, *cand)
+
                 # the coarsened loss (5% bins: 147 modes for the d = 10^4 power law) is within ~1e-4
                 # of the full one, so its infeasible steps are
                 # infeasible here too up to a small shift; keep a margin of 0.2% (at least 2 steps)
@@ -252,17 +294,21 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
                 ev.n_evals += rs["n_evals"]
     hi, theta = math.inf, None
     if start is not None:
-        # search up to just past the coarsened optimum first (a shorter search), then everywhere
-        k_guess = int(rs["steps"] * 1.01) + 16 if not global_checks and math.isfinite(rs["steps"]) else 10**12
-        hi = _exact_steps(ev, tuple(start), target, k_guess)
-        if not math.isfinite(hi) and k_guess < 10**12:
+        # search just around the coarsened optimum first (measured: the full model crosses 0 to
+        # 2.5e-4 k later at the same theta), then everywhere
+        if not global_checks and math.isfinite(rs["steps"]):
+            k_c = rs["steps"]
+            hi = _exact_steps(ev, tuple(start), target, int(k_c * 1.001) + 16, guess=max(0, int(k_c * 0.9995) - 2))
+        else:
+            hi = math.inf
+        if not math.isfinite(hi):
             hi = _exact_steps(ev, tuple(start), target, 10**12)
         theta = tuple(start) if math.isfinite(hi) else None
     if theta is None:
         hi, theta = _start_point(ev, target, two_d)
     if theta is None:
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": ev.n_evals, "lo": 0}
-    if global_checks:
+    if global_checks and start is None:  # a warm start is checked once the bracket has closed
         hi, theta = _basin_check(ev, hi, theta, target, two_d)
     # Bracket [lo, hi]: no setting reaches the target by step lo (as far as the inner minimisation
     # can tell), the setting ``theta`` reaches it exactly at hi.  v(k) = min_theta log L_k(theta) is
@@ -272,13 +318,13 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     lo, v_lo = 0, math.log(problem.initial_loss)
     if 0 < lo_hint < hi - 1:
         lo = lo_hint
-        v_lo = _inner_min(ev, lo, theta, step=0.05)[1]
+        v_lo = inner(lo, theta, 0.05)[1]
         if v_lo <= log_target:  # the hint was wrong: fall back to the full bracket
             lo, v_lo = 0, math.log(problem.initial_loss)
     v_hi = ev.log_loss(int(hi), *theta)
     stalls = 0
     # re-check hi - 1 from a wider start before accepting hi (the coarsened search already did)
-    polish = 2 if global_checks else 0
+    polish = 1 if global_checks else 0
     while hi - lo > 1 or (polish > 0 and hi > 1):
         if hi - lo <= 1:
             # bracket closed: look once more at hi - 1, from a wider step and from every basin
@@ -303,10 +349,10 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         else:
             mid = int(math.sqrt(lo * hi)) if lo >= 1 and hi > 4 * lo else (lo + int(hi)) // 2
         mid = min(max(mid, lo + 1), int(hi) - 1)
-        cand, val = _inner_min(ev, mid, theta, step=0.3 if global_checks else 0.05)
+        cand, val = inner(mid, theta, 0.3 if global_checks and start is None else 0.05)
         moved = False
         if val <= log_target:
-            s = _exact_steps(ev, cand, target, mid)
+            s = _exact_steps(ev, cand, target, mid, guess=lo + 1)
             if math.isfinite(s) and s < hi:
                 hi, theta, v_hi = s, cand, ev.log_loss(int(s), *cand)
                 moved = True
@@ -400,7 +446,8 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         raise ValueError("`batch_sizes` must be strictly increasing.")
     rows = []
     if path is not None and os.path.exists(path):
-        old = xr.load_dataset(path)
+        with _NETCDF_LOCK:
+            old = xr.load_dataset(path)
         same = (old.attrs.get("optimizer") == family and float(old.attrs.get("target")) == target
                 and np.array_equal(old.batch_size.values[: len(bss)], np.asarray(bss)[: old.batch_size.size]))
         if same:
@@ -431,12 +478,98 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             res["reason"] = "no setting reaches the target"
         rows.append(res)
         if path is not None:
-            _result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay).to_netcdf(path)
+            part = _result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay)
+            with _NETCDF_LOCK:
+                part.to_netcdf(path)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return _result_dataset(problem, family, bss, rows, target, precond, decay)
+
+
+def _family_job(args):
+    problem, family, batch_sizes, target, kwargs = args
+    return family, batch_size_sweep(problem, family, batch_sizes, target, progress=False, **kwargs)
+
+
+def _parallel_backend() -> str:
+    """How :func:`family_sweeps` runs families side by side: ``"threads"``, ``"fork"`` or ``"serial"``.
+
+    The kernels release the GIL, so threads work wherever numba's threading layer is thread-safe
+    (``omp``, ``tbb``).  The ``workqueue`` layer is not, but it survives ``fork``, so there the
+    families go to forked processes, which start with this process's compiled kernels.
+    """
+    import multiprocessing as mp
+
+
+    from .dynamics import _ensure_threading_layer
+
+    layer = _ensure_threading_layer()
+    if layer in ("omp", "tbb"):
+        return "threads"
+    return "fork" if "fork" in mp.get_all_start_methods() else "serial"
+
+
+def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None = None, paths=None,
+                  progress: bool = True, **kwargs) -> dict:
+    """:func:`batch_size_sweep` for several families, run side by side.
+
+    Args:
+        problem, batch_sizes, target: as for :func:`batch_size_sweep`.
+        families: names from :data:`FAMILIES` (each at most once).
+        n_jobs: families run at once (default: ``os.cpu_count()``); 1 runs them one after another.
+            Threads where numba's threading layer is thread-safe, else forked processes (see
+            :func:`_parallel_backend`); serial where neither is possible.
+        paths: optional ``{family: netCDF path}`` for resumable runs (see :func:`batch_size_sweep`).
+        progress: a tqdm bar over finished families.
+        **kwargs: ``precond`` and ``decay``, passed on.
+
+    Returns:
+        ``{family: Dataset}`` in the order of ``families``.
+    """
+    import multiprocessing as mp
+
+    families = [_check_family(f) for f in families]
+    if len(set(families)) != len(families):
+        raise ValueError(f"`families` must not repeat a family; got {families}.")
+    unknown = set(kwargs) - {"precond", "decay"}
+    if unknown:
+        raise TypeError(f"family_sweeps got unexpected keyword arguments {sorted(unknown)}.")
+    paths = dict(paths or {})
+    n_jobs = check_int("n_jobs", (os.cpu_count() or 1) if n_jobs is None else n_jobs, low=1)
+    n_jobs = min(n_jobs, len(families))
+    backend = _parallel_backend() if n_jobs > 1 else "serial"
+    jobs = [(problem, f, batch_sizes, target, dict(kwargs, path=paths.get(f))) for f in families]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(families), desc="families", unit="family")
+    out = {}
+    if backend != "serial":
+        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+
+        # two-state families (momentum, averaging) take the longest: start them first
+        order = sorted(range(len(jobs)), key=lambda j: _EXTRA[families[j]] is None)
+        pool = (ThreadPoolExecutor(n_jobs) if backend == "threads"
+                else ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")))
+        with pool:
+            futures = [pool.submit(_family_job, jobs[j]) for j in order]
+            for fut in as_completed(futures):
+                fam, ds = fut.result()
+                out[fam] = ds
+                if bar is not None:
+                    bar.update(1)
+    else:
+        for job in jobs:
+            fam, ds = _family_job(job)
+            out[fam] = ds
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {f: out[f] for f in families}
 
 
 def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0, coarse: bool = True):

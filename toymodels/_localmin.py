@@ -1,0 +1,165 @@
+"""Compiled local minimisation of log L_k over a family's hyper-parameters (used by :mod:`.sweep`).
+
+The tuner minimises log L_k(x, y) thousands of times per batch size, where x = log(lr / limit(e)),
+y = log(1 - e) and e is beta (momentum) or the averaging decay (EMA).  Calling scipy's Nelder-Mead
+with a Python objective costs more in interpreter overhead than in evaluating the loss of a
+coarsened model, so the 2-D search lives here, next to the loss kernel it calls.
+
+The loss is :func:`toymodels.dynamics.loss_at_parts` for systems A = P0 + e P1 + lr (Q0 + e Q1),
+b = lr (R0 + e R1); ``parts = (P0, P1, Q0, Q1, R0, R1)`` with shapes ``(d, s, s)`` and ``(d, s)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .dynamics import _PARALLEL_MIN_MODES, _loss_parts_parallel, _loss_parts_serial
+
+
+@njit(cache=True, nogil=True)
+def family_log_loss(x, y, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
+    """log L_k at lr = exp(x) (lim0 + e lim1), e = 1 - exp(y); ``inf`` outside the search box
+    (x in [x_min - 1, 0], y in [y_min - 1, 0]) or where the system is unstable."""
+    if x > 0.0 or x < x_min - 1.0 or y > 0.0 or y < y_min - 1.0:
+        return np.inf
+    x = min(x, -1e-9)
+    e = 1.0 - math.exp(y)
+    lr = math.exp(x) * (lim0 + e * lim1)
+    P0, P1, Q0, Q1, R0, R1 = parts
+    if q.shape[0] >= _PARALLEL_MIN_MODES:
+        v = _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
+    else:
+        v = _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
+    if v > 0.0 and v < np.inf:
+        return math.log(v)
+    return np.inf
+
+
+@njit(cache=True, nogil=True)
+def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
+    """Nelder-Mead on :func:`family_log_loss` from the simplex (x0, y0) + {0, step e_x, step e_y}.
+
+    Standard coefficients (reflect 1, expand 2, contract 1/2, shrink 1/2) and scipy's stopping rule:
+    every vertex within ``xatol`` of the best in each coordinate and every value within ``fatol``
+    of the best, or ``maxfev`` evaluations.  Returns ``(x, y, value, n_evals)``.
+    """
+    sim = np.empty((3, 2))
+    f = np.empty(3)
+    sim[0, 0], sim[0, 1] = x0, y0
+    sim[1, 0], sim[1, 1] = x0 + step, y0
+    sim[2, 0], sim[2, 1] = x0, y0 + step
+    for j in range(3):
+        f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+    nfev = 3
+    while nfev < maxfev:
+        # order the vertices: 0 best, 2 worst
+        for a in range(2):
+            for b in range(2 - a):
+                if f[b + 1] < f[b]:
+                    f[b], f[b + 1] = f[b + 1], f[b]
+                    for c in range(2):
+                        sim[b, c], sim[b + 1, c] = sim[b + 1, c], sim[b, c]
+        spread_x = max(abs(sim[1, 0] - sim[0, 0]), abs(sim[2, 0] - sim[0, 0]),
+                       abs(sim[1, 1] - sim[0, 1]), abs(sim[2, 1] - sim[0, 1]))
+        spread_f = max(abs(f[1] - f[0]), abs(f[2] - f[0]))
+        if (spread_x <= xatol and spread_f <= fatol) or f[0] == np.inf:
+            break  # converged, or started where every vertex is infeasible (nothing to follow)
+        cx = 0.5 * (sim[0, 0] + sim[1, 0])
+        cy = 0.5 * (sim[0, 1] + sim[1, 1])
+        rx, ry = 2.0 * cx - sim[2, 0], 2.0 * cy - sim[2, 1]
+        fr = family_log_loss(rx, ry, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+        nfev += 1
+        if fr < f[0]:
+            ex, ey = 3.0 * cx - 2.0 * sim[2, 0], 3.0 * cy - 2.0 * sim[2, 1]
+            fe = family_log_loss(ex, ey, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            nfev += 1
+            if fe < fr:
+                sim[2, 0], sim[2, 1], f[2] = ex, ey, fe
+            else:
+                sim[2, 0], sim[2, 1], f[2] = rx, ry, fr
+            continue
+        if fr < f[1]:
+            sim[2, 0], sim[2, 1], f[2] = rx, ry, fr
+            continue
+        if fr < f[2]:  # outside contraction
+            zx, zy = 1.5 * cx - 0.5 * sim[2, 0], 1.5 * cy - 0.5 * sim[2, 1]
+            fz = family_log_loss(zx, zy, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            nfev += 1
+            if fz <= fr:
+                sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
+                continue
+        else:  # inside contraction
+            zx, zy = 0.5 * cx + 0.5 * sim[2, 0], 0.5 * cy + 0.5 * sim[2, 1]
+            fz = family_log_loss(zx, zy, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            nfev += 1
+            if fz < f[2]:
+                sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
+                continue
+        for j in range(1, 3):  # shrink towards the best vertex
+            sim[j, 0] = sim[0, 0] + 0.5 * (sim[j, 0] - sim[0, 0])
+            sim[j, 1] = sim[0, 1] + 0.5 * (sim[j, 1] - sim[0, 1])
+            f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+        nfev += 2
+    j = 0
+    for i in range(1, 3):
+        if f[i] < f[j]:
+            j = i
+    return sim[j, 0], sim[j, 1], f[j], nfev
+
+
+@njit(cache=True, nogil=True)
+def brent(a, b, xatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min):
+    """Brent's bounded minimisation of x -> log L_k(x, y = 0) on [a, b] (golden section with
+    parabolic steps, tolerance ``xatol``).  Returns ``(x, value, n_evals)``."""
+    golden = 0.3819660112501051
+    v = w = xm = a + golden * (b - a)
+    fv = fw = fx = family_log_loss(xm, 0.0, parts, lim0, lim1, q, h, r, S0, k, x_min, 0.0)
+    nfev = 1
+    d = e = 0.0
+    while nfev < maxfev:
+        mid = 0.5 * (a + b)
+        tol1 = 1.4901161193847656e-08 * abs(xm) + xatol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(xm - mid) <= tol2 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(e) > tol1 and fx < np.inf and fv < np.inf and fw < np.inf:
+            rr = (xm - w) * (fx - fv)
+            qq = (xm - v) * (fx - fw)
+            pp = (xm - v) * qq - (xm - w) * rr
+            qq = 2.0 * (qq - rr)
+            if qq > 0.0:
+                pp = -pp
+            qq = abs(qq)
+            if abs(pp) < abs(0.5 * qq * e) and pp > qq * (a - xm) and pp < qq * (b - xm):
+                e = d
+                d = pp / qq
+                u = xm + d
+                if u - a < tol2 or b - u < tol2:
+                    d = tol1 if mid >= xm else -tol1
+                parabolic = True
+        if not parabolic:
+            e = (a - xm) if xm >= mid else (b - xm)
+            d = golden * e
+        u = xm + (d if abs(d) >= tol1 else (tol1 if d > 0 else -tol1))
+        fu = family_log_loss(u, 0.0, parts, lim0, lim1, q, h, r, S0, k, x_min, 0.0)
+        nfev += 1
+        if fu <= fx:
+            if u >= xm:
+                a = xm
+            else:
+                b = xm
+            v, fv, w, fw, xm, fx = w, fw, xm, fx, u, fu
+        else:
+            if u < xm:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == xm:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == xm or v == w:
+                v, fv = u, fu
+    return xm, fx, nfev
