@@ -1,5 +1,7 @@
 """Toy models of stochastic optimization: exact moment dynamics with Monte Carlo beside them."""
 
+from . import secular
+from .linreg import GaussianLinearRegression
 from .nqm import NQM
 from .optimizers import EMA, SGD, Momentum
 from .schedules import Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
@@ -7,6 +9,8 @@ from .spectra import power_law
 
 __all__ = [
     "NQM",
+    "GaussianLinearRegression",
+    "secular",
     "SGD",
     "Momentum",
     "EMA",

@@ -72,12 +72,21 @@ def _matmul(P, R, out):
 
 
 @njit(cache=True, nogil=True)
-def _propagate_kernel(A0, A1, b1, q, h, r, lrs, record, S, out_loss, out_gsq):
-    """Step S through len(lrs) updates; record loss and sum h^2 E[theta^2] at steps in ``record``."""
+def _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, r, lrs, record, S, out_loss, out_gsq):
+    """Step S through len(lrs) updates; record loss and sum h^2 E[theta^2] at steps in ``record``.
+
+    The noise variance of mode i at a step is q_i + q_self_i E[theta_i^2] + q_loss_i sum_j h_j E[theta_j^2]
+    (the last two are zero for the NQM; linear regression's fourth moments give them).
+    """
     d, s = b1.shape
     n = lrs.size
     A = np.empty((s, s))
     T = np.empty((s, s))
+    coupled = False
+    for i in range(d):
+        if q_self[i] != 0.0 or q_loss[i] != 0.0:
+            coupled = True
+            break
     j = 0
     n_rec = record.size
     for k in range(n + 1):
@@ -93,18 +102,22 @@ def _propagate_kernel(A0, A1, b1, q, h, r, lrs, record, S, out_loss, out_gsq):
         if k == n:
             break
         lr = lrs[k]
+        g2 = 0.0
+        if coupled:
+            for i in range(d):
+                g2 += h[i] * S[i, 0, 0]
         for i in range(d):
             for u in range(s):
                 for v in range(s):
                     A[u, v] = A0[i, u, v] + lr * A1[i, u, v]
+            qi = (q[i] + q_self[i] * S[i, 0, 0] + q_loss[i] * g2) * lr * lr
             _sandwich(A, S[i], T)
-            qi = q[i] * lr * lr
             for u in range(s):
                 for v in range(s):
                     S[i, u, v] = T[u, v] + qi * b1[i, u] * b1[i, v]
 
 
-def propagate(A0, A1, b1, q, h, readout, lrs, record, S):
+def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=None):
     """Propagate second moments through the updates ``lrs`` (one learning rate per update).
 
     Args:
@@ -115,13 +128,19 @@ def propagate(A0, A1, b1, q, h, readout, lrs, record, S):
         lrs: ``(n,)`` learning rates of updates 0..n-1.
         record: sorted int64 steps in [0, n] at which to record.
         S: ``(d, s, s)`` second moments at step 0; overwritten with those at step n.
+        q_self, q_loss: optional ``(d,)``: the noise variance becomes
+            q_i + q_self_i E[theta_i^2] + q_loss_i sum_j h_j E[theta_j^2] (state-dependent noise).
 
     Returns:
         ``(loss, grad_sq)``: each ``(len(record),)``; grad_sq = sum_i h_i^2 E[theta_i^2].
     """
+    zero = np.zeros(q.shape[0])
+    q_self = zero if q_self is None else np.ascontiguousarray(q_self, dtype=np.float64)
+    q_loss = zero if q_loss is None else np.ascontiguousarray(q_loss, dtype=np.float64)
     out_loss = np.empty(record.size)
     out_gsq = np.empty(record.size)
-    _propagate_kernel(A0, A1, b1, q, h, int(readout), np.asarray(lrs, np.float64), record, S, out_loss, out_gsq)
+    _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, int(readout), np.asarray(lrs, np.float64), record, S,
+                      out_loss, out_gsq)
     return out_loss, out_gsq
 
 

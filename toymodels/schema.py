@@ -32,6 +32,8 @@ VARIABLES = {
     "grad_nvar": "normalized variance tr Cov / E|g|^2",
     "noise_scale": "B_simple = tr Sigma / |E g|^2",
     "snr": "|E g|^2 / tr Cov",
+    "trace_cov_label": "label-noise part of the per-example gradient covariance trace (law of total covariance)",
+    "trace_cov_batch": "batch-noise part of the per-example gradient covariance trace (vanishes at an interpolating optimum)",
     "eigenvalue": "eigenvalue",
     "curvature": "curvature h_i",
     "noise_variance": "per-example gradient noise variance c_i",

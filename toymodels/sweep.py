@@ -44,6 +44,7 @@ _EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", 
 _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
+_SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 # netCDF / HDF5 is not thread-safe: sweeps running side by side (family_sweeps) take turns writing
 _NETCDF_LOCK = threading.Lock()
 
@@ -142,8 +143,9 @@ def _inner_min(ev, k, start, *, step=0.3, xatol=1e-4, fatol=None):
                 xm, fun, n = _localmin.brent(lo, hi, 1e-5, 500, *fast.kernel_args(k), _X_MIN)
                 ev.n_evals += n
             else:
-                res = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
-                                               options={"xatol": 1e-5})
+                with np.errstate(invalid="ignore"):  # inf (unstable) values in the parabolic steps
+                    res = optimize.minimize_scalar(lambda x: ev.log_loss(k, x), bounds=(lo, hi), method="bounded",
+                                                   options={"xatol": 1e-5})
                 xm, fun = float(res.x), float(res.fun)
             if xm - lo < 0.05 and lo > _X_MIN:
                 lo, hi = max(_X_MIN, lo - 4.0), lo + 0.1
@@ -173,7 +175,11 @@ def _inner_min(ev, k, start, *, step=0.3, xatol=1e-4, fatol=None):
 def _exact_steps(ev, theta, target, k_max, guess=None):
     """The exact first crossing at ``theta`` if it is <= k_max, else inf (``guess``: where the
     crossing is expected, which speeds up the search)."""
-    opt, mf = ev.form(*theta)
+    try:
+        opt, mf = ev.form(*theta)
+    except NotImplementedError:  # no closed form (e.g. momentum on linear regression): exact stepping
+        opt = ev.optimizer(*theta)
+        return float(ev.problem.steps_to_target(opt, ev.batch_size, target, max_steps=int(min(k_max, _SCAN_CAP))))
     if not mf.stable:
         return math.inf
     if mf.lower_bound(0, k_max) > target:
@@ -241,7 +247,7 @@ def _basin_check(ev, hi, theta, target, two_d):
 
 
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
-         coarse: bool = True):
+         coarse: bool = True, k_floor: int = 0):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
 
     Args:
@@ -255,6 +261,10 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         coarse: for large problems with a ``coarsen()`` method, first tune on the coarsened problem
             (global basin search included), then refine on the full one from its optimum.  The steps
             reported are always the full problem's exact first crossing.
+        k_floor: a step count the target is not expected to be reachable in (a hint that shortens
+            the search; checked, and dropped if a setting does reach the target by then).
+            :func:`batch_size_sweep` passes what perfect scaling from the previous batch size
+            would give, steps(B') B' / B.
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
@@ -268,12 +278,13 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
     global_checks = True
-    lo_hint = 0
+    lo_hint = max(0, int(k_floor))
     inner = lambda k, theta, step: _inner_min(ev, k, theta, step=step)  # noqa: E731
     if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
         surrogate = problem.coarsen(0.05)
         if surrogate.dim <= problem.dim // 4:
-            rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False)
+            rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False,
+                      k_floor=k_floor)
             if rs["theta"] is not None:
                 start, global_checks = rs["theta"], False
                 ev_s = _Evaluator(surrogate, family, bs, precond, decay)
@@ -458,7 +469,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
                     "extra": float(old[extra_name][j]) if extra_name else math.nan,
                     "reason": str(old.reason.values[j]), "theta": None,
                 })
-    start = None
+    start, k_floor = None, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -469,8 +480,10 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         probe = ev.optimizer(0.0, None if math.isnan(rows[-1]["extra"]) else math.log(1 - rows[-1]["extra"]))
         x = math.log(rows[-1]["lr"] / problem.lr_limit(probe))
         start = (x,) if _EXTRA[family] is None else (x, math.log(1 - rows[-1]["extra"]))
-    for bs in bss[len(rows):]:
-        res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start)
+    for j, bs in enumerate(bss[len(rows):], start=len(rows)):
+        if j > 0 and math.isfinite(rows[-1]["steps"]):
+            k_floor = int(rows[-1]["steps"] * bss[j - 1] / bs) - 1
+        res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start, k_floor=k_floor)
         if math.isfinite(res["steps"]):
             start = res["theta"]
             res["reason"] = ""

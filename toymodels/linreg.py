@@ -1,0 +1,455 @@
+"""Stochastic linear regression with a teacher (lecture seed 004, "Stochastic Linear Regression").
+
+Online data x ~ N(0, Sigma), labels t = w*.x + n with n ~ N(0, noise_std^2); squared loss
+l = (w.x - t)^2 / 2.  We work in Sigma's eigenbasis (Sigma = diag(lambda)) with the error
+e = w - w* (w_0 = 0, so e_0 = -w*).  The per-example gradient is g = x (x.e - n); given e its mean
+is Sigma e and, by the Gaussian fourth-moment identity E[x x^T A x x^T] = 2 Sigma A Sigma +
+tr(A Sigma) Sigma and the law of total covariance,
+
+    Cov(g | e) = sigma^2 Sigma              (label noise)
+               + Sigma e e^T Sigma + (e^T Sigma e) Sigma     (batch noise: vanishes at e = 0).
+
+So a mini-batch of B gives the per-mode gradient noise variance, averaged over e,
+
+    q_i = (lambda_i^2 E[e_i^2] + lambda_i sum_j lambda_j E[e_j^2] + sigma^2 lambda_i) / B,
+
+which is the NQM's noise plus two terms that follow the state: the optimizers of
+:mod:`toymodels.optimizers` act per mode exactly as on the NQM with h = lambda, and the modes couple
+only through the current loss (:func:`toymodels.dynamics.propagate` with ``q_self``, ``q_loss``):
+one step costs O(d).  For SGD (any preconditioner) the coupled system of the E[e_i^2] is
+diag + rank one, whose closed form :mod:`toymodels.secular` gives: exact losses at any step and the
+exact first crossing, as for the NQM.  The reported loss is the excess risk
+E[(x.e)^2] / 2 = sum_i lambda_i E[e_i^2] / 2 (the label-noise floor sigma^2 / 2 is not included).
+
+Without label noise the optimum interpolates, the gradient noise vanishes there, and SGD converges
+exponentially (the lecture's "Exponential Convergence"); with it the risk settles at a floor
+(:meth:`GaussianLinearRegression.stationary_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from . import dynamics, secular
+from ._validate import check_int, check_real, check_spectrum, check_steps
+from .nqm import NQM, _check_optimizer, _check_target, check_batch_size
+from .optimizers import SGD
+from .schedules import Constant
+from .schema import attach_attrs
+from .spectra import power_law
+from .stats import gradient_statistics
+
+__all__ = ["GaussianLinearRegression"]
+
+_SCAN_DEFAULT = 10**6  # step-by-step search limit for optimizers without a closed form
+
+
+class GaussianLinearRegression:
+    """Online linear regression, x ~ N(0, diag(spectrum)), t = w*.x + N(0, noise_std^2).
+
+    Args:
+        spectrum: ``(d,)`` eigenvalues lambda_i of the input covariance, finite and > 0.
+        w_star: the teacher's weights in that eigenbasis, scalar or ``(d,)``, finite (w_0 = 0).
+        noise_std: label-noise standard deviation sigma >= 0 (0: interpolation).
+    """
+
+    model_name = "linreg"
+
+    def __init__(self, spectrum, w_star=1.0, noise_std: float = 0.0):
+        self.h = check_spectrum("spectrum", spectrum)
+        d = self.h.size
+        w = np.asarray(w_star, dtype=np.float64)
+        if w.ndim == 0:
+            w = np.full(d, float(w))
+        if w.ndim != 1 or w.size != d:
+            raise ValueError(f"`w_star` must be a scalar or have length {d} to match the spectrum; got shape {w.shape}.")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("`w_star` must be finite.")
+        self.w_star = w.copy()
+        self.noise_std = check_real("noise_std", noise_std, low=0.0, high=math.inf, high_open=True)
+
+    @classmethod
+    def power_law(cls, dim: int, power: float = 1.0, w_star=1.0, noise_std: float = 0.0):
+        """lambda_i = i^-power."""
+        return cls(power_law(dim, power), w_star, noise_std)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.h.size
+
+    @property
+    def init_sq(self) -> np.ndarray:
+        """E[e_i^2] at step 0 (= w*_i^2)."""
+        return self.w_star**2
+
+    @property
+    def initial_loss(self) -> float:
+        return float(0.5 * np.sum(self.h * self.init_sq))
+
+    @property
+    def params(self) -> dict:
+        return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
+
+    def _S0(self, optimizer):
+        u = optimizer.init
+        return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+
+    def _noise(self, batch_size):
+        """(q, q_self, q_loss) of the per-mode gradient noise variance (module docstring)."""
+        lam = self.h
+        return self.noise_std**2 * lam / batch_size, lam**2 / batch_size, lam / batch_size
+
+    def lr_limit(self, optimizer) -> float:
+        """The deterministic (full-batch) stability limit: an upper bound of the stable learning
+        rates at any batch size (see :meth:`stable_lr` for the exact one of SGD)."""
+        return float(_check_optimizer(optimizer).lr_limit(self.h))
+
+    # ------------------------------------------------------------------------------------------
+    # SGD: the closed form of the diag + rank-one second-moment recursion
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _is_sgd(optimizer) -> bool:
+        return isinstance(optimizer, SGD)
+
+    def _sgd_system(self, optimizer, batch_size, lr):
+        """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
+        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient)
+        lam = self.h
+        rate = lr * p
+        a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
+        u = rate**2 * lam / batch_size
+        return a, u, lam, self.noise_std**2 * u
+
+    def _sgd_stationary(self, a, u, c):
+        """s_inf of s' = (diag(a) + u v^T) s + c with v = lambda, or None if unstable.
+
+        Sherman-Morrison: s = (I - D)^-1 (u tau + c) with tau = v^T s = phi_c / (1 - phi),
+        phi = sum_i v_i u_i / (1 - a_i); stable iff every a_i < 1 and phi < 1 (then the largest
+        secular root is below 1).
+        """
+        if np.any(a >= 1.0):
+            return None
+        one_minus = 1.0 - a
+        phi = float(np.sum(self.h * u / one_minus))
+        if phi >= 1.0:
+            return None
+        tau = float(np.sum(self.h * c / one_minus)) / (1.0 - phi)
+        return (u * tau + c) / one_minus
+
+    def stable_lr(self, optimizer, batch_size) -> float:
+        """The largest stable constant learning rate of (preconditioned) SGD at batch size B:
+        the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1."""
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        if not self._is_sgd(optimizer):
+            raise NotImplementedError("stable_lr is exact for SGD only; other optimizers: lr_limit bounds it.")
+        lo, hi = 0.0, self.lr_limit(optimizer) * bs / (bs + 1.0)
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            a, u, _, c = self._sgd_system(optimizer, bs, mid)
+            if self._sgd_stationary(a, u, c + u) is None:  # c + u > 0: stability does not depend on it
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-15 * hi:
+                break
+        return lo
+
+    def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
+        """The closed form of SGD's expected loss, as a :class:`toymodels.dynamics.ModalForm` of
+        one-state modes: mode m has rate mu_m (a root of the secular equation) and contributes
+        gamma_m mu_m^k + L_inf / n to L_k (``stable`` is False, and the values meaningless, above
+        :meth:`stable_lr`).  Raises NotImplementedError for other optimizers."""
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        if not self._is_sgd(optimizer):
+            raise NotImplementedError(
+                "linear regression has a closed form for SGD (with preconditioning) only; momentum and "
+                "averaging are stepped exactly one update at a time (loss_curve, steps_to_target)."
+            )
+        if lr is None:
+            if not isinstance(optimizer.lr, Constant):
+                raise ValueError("`optimizer` must have a constant learning rate here.")
+            lr = optimizer.lr.lr
+        return self._modal_from(self.init_sq, optimizer, bs, lr)
+
+    def _modal_from(self, s0, optimizer, bs, lr):
+        a, u, v, c = self._sgd_system(optimizer, bs, lr)
+        s_inf = self._sgd_stationary(a, u, c)
+        if s_inf is None:  # unstable: a one-mode form with rate >= 1 reports it
+            A = np.full((1, 1, 1), 1.0 + 1e-3)
+            return dynamics.ModalForm(A, np.zeros((1, 1)), np.zeros(1), np.ones(1), 0, np.ones((1, 1, 1)))
+        mu, gamma = secular.loss_modes(a, u, v, s0 - s_inf)
+        n = mu.size
+        l_inf = 0.5 * float(np.sum(v * s_inf)) / n
+        # mode m: A = sqrt(mu) (so S scales by mu per step), h = 2, b = 1, q = (1 - mu) l_inf,
+        # S0 = gamma + l_inf: then L_m(k) = gamma mu^k + l_inf exactly
+        A = np.sqrt(np.maximum(mu, 0.0)).reshape(n, 1, 1)
+        return dynamics.ModalForm(A, np.ones((n, 1)), (1.0 - mu) * l_inf, np.full(n, 2.0), 0,
+                                  (gamma + l_inf).reshape(n, 1, 1))
+
+    # ------------------------------------------------------------------------------------------
+    # any optimizer, step by step
+    # ------------------------------------------------------------------------------------------
+    def _propagate(self, optimizer, batch_size, lrs, record, S):
+        a0, a1, b1 = optimizer.affine(self.h)
+        q, q_self, q_loss = self._noise(batch_size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return dynamics.propagate(a0, a1, b1, q, self.h, optimizer.readout, lrs, record, S,
+                                      q_self=q_self, q_loss=q_loss)
+
+    def _trajectory(self, optimizer, batch_size, ks):
+        """Exact expected loss and sum lambda^2 E[e^2] at sorted steps ``ks``."""
+        sched = optimizer.lr
+        if self._is_sgd(optimizer) and isinstance(sched, Constant) and ks[-1] > 20_000:
+            return self._sgd_closed_trajectory(optimizer, batch_size, sched.lr, ks)
+        S = self._S0(optimizer)
+        return self._propagate(optimizer, batch_size, sched.values(int(ks[-1])), ks, S)
+
+    def _sgd_closed_trajectory(self, optimizer, bs, lr, ks):
+        a, u, v, c = self._sgd_system(optimizer, bs, lr)
+        s_inf = self._sgd_stationary(a, u, c)
+        if s_inf is None:  # unstable: step until it overflows
+            S = self._S0(optimizer)
+            return self._propagate(optimizer, bs, np.full(int(ks[-1]), lr), ks, S)
+        delta = self.init_sq - s_inf
+        kf = ks.astype(np.float64)
+        out = []
+        for f in (v, v * self.h):  # the loss v.s / 2, then half of sum lambda^2 s
+            mu, gamma = secular.loss_modes(a, u, v, delta, f)
+            with np.errstate(under="ignore"):
+                out.append(0.5 * float(np.sum(f * s_inf)) + (mu[None, :] ** kf[:, None]) @ gamma)
+        loss, half_gsq = out
+        return loss, 2.0 * half_gsq
+
+    # ------------------------------------------------------------------------------------------
+    def stationary_loss(self, optimizer, batch_size) -> float:
+        """The stationary excess risk for the spec's constant learning rate (``inf`` if unstable).
+
+        Closed form for any optimizer: with kappa_i = E[theta_i^2] and rho_i = E[x_r^2] of mode
+        i's stationary moments under unit noise (per-mode Stein equations), the noise variances
+        solve q_i = lambda_i (tau + sigma^2) / (B - lambda_i^2 kappa_i) with
+        tau = sum_j lambda_j kappa_j q_j = sigma^2 phi / (1 - phi), phi = sum_j lambda_j^2 kappa_j /
+        (B - lambda_j^2 kappa_j); the risk is sum_i lambda_i rho_i q_i / 2.  Stable iff every mode
+        is, every lambda_i^2 kappa_i < B and phi < 1 (the second-moment map preserves the PSD cone).
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        if not isinstance(optimizer.lr, Constant):
+            raise ValueError("`optimizer` must have a constant learning rate here.")
+        lr = optimizer.lr.lr
+        A, b = optimizer.transition(self.h, lr)
+        if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
+            return math.inf
+        unit = dynamics.lyapunov(A, b, np.ones(self.dim))
+        kappa, rho = unit[:, 0, 0], unit[:, optimizer.readout, optimizer.readout]
+        lam = self.h
+        room = bs - lam**2 * kappa
+        if np.any(room <= 0):
+            return math.inf
+        phi = float(np.sum(lam**2 * kappa / room))
+        if phi >= 1.0:
+            return math.inf
+        sigma2 = self.noise_std**2
+        tau = sigma2 * phi / (1.0 - phi)
+        q = lam * (tau + sigma2) / room
+        return float(0.5 * np.sum(lam * rho * q))
+
+    noise_floor = stationary_loss
+
+    def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
+        """Exact expected excess risk at step k for a constant learning rate."""
+        lr = optimizer.lr.lr if lr is None else lr
+        if self._is_sgd(optimizer):
+            mf = self._modal_from(self.init_sq, optimizer, batch_size, lr)
+            return float(mf.loss(np.array([k]))[0]) if mf.stable else math.inf
+        S = self._S0(optimizer)
+        loss, _ = self._propagate(optimizer, batch_size, np.full(int(k), lr), np.array([int(k)]), S)
+        v = float(loss[0])
+        return v if math.isfinite(v) else math.inf
+
+    def gradient_stats(self, optimizer, batch_size, steps) -> xr.Dataset:
+        """Loss and gradient statistics along the exact expected trajectory.
+
+        |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate); the per-example covariance trace
+        splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
+        ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
+        (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
+
+        Returns:
+            Dataset over ``step``: ``loss``, the five statistics of :mod:`toymodels.stats`,
+            ``trace_cov_label`` and ``trace_cov_batch``; ``source="exact"``.
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        ks = check_steps(steps)
+        loss, gsq = self._trajectory(optimizer, bs, ks)
+        bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
+        loss[bad] = np.inf
+        gsq[bad] = np.inf
+        tr = float(np.sum(self.h))
+        label = np.full(ks.size, self.noise_std**2 * tr)
+        if optimizer.readout == 0:
+            batch = gsq + 2.0 * loss * tr
+        else:  # EMA: gradients are taken at the base iterate, whose risk is not the reported loss
+            batch = self._base_batch_trace(optimizer, bs, ks, gsq)
+        batch[bad] = np.inf
+        stats = gradient_statistics(gsq, label + batch, self.dim, bs)
+        ds = xr.Dataset(
+            {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()},
+             "trace_cov_label": ("step", label), "trace_cov_batch": ("step", batch)},
+            coords={"step": ks},
+        )
+        for v in ds.data_vars.values():
+            v.values[np.isnan(v.values)] = np.inf
+        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
+                     **self.params, **optimizer.hyperparameters)
+        return ds
+
+    def _base_batch_trace(self, optimizer, bs, ks, gsq):
+        S = self._S0(optimizer)
+        a0, a1, b1 = optimizer.affine(self.h)
+        q, q_self, q_loss = self._noise(bs)
+        # read the base iterate: a copy of the system whose readout is entry 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            base, _ = dynamics.propagate(a0, a1, b1, q, self.h, 0, optimizer.lr.values(int(ks[-1])), ks, S,
+                                         q_self=q_self, q_loss=q_loss)
+        return gsq + 2.0 * base * float(np.sum(self.h))
+
+    def loss_curve(self, optimizer, batch_size, steps) -> xr.DataArray:
+        """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``)."""
+        return self.gradient_stats(optimizer, batch_size, steps)["loss"]
+
+    def gradient_covariance(self, w) -> dict:
+        """The per-example gradient covariance at weights ``w`` (eigenbasis), split by the law of
+        total covariance: ``label`` = sigma^2 Sigma, ``batch`` = Sigma e e^T Sigma + (e^T Sigma e) Sigma
+        with e = w - w*, and ``mean`` = Sigma e.  Each a numpy array, ``(d, d)`` or ``(d,)``."""
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape != (self.dim,) or not np.all(np.isfinite(w)):
+            raise ValueError(f"`w` must be a finite array of shape ({self.dim},); got shape {w.shape}.")
+        e = w - self.w_star
+        se = self.h * e
+        return {"mean": se, "label": self.noise_std**2 * np.diag(self.h),
+                "batch": np.outer(se, se) + float(e @ se) * np.diag(self.h)}
+
+    # ------------------------------------------------------------------------------------------
+    def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int | None = None,
+                        full_output: bool = False):
+        """The first step k with expected excess risk L_k <= target (``inf`` if never).
+
+        SGD with a constant (or, after its last change, constant) learning rate: exact through the
+        closed form and :meth:`toymodels.dynamics.ModalForm.first_crossing` (default ``max_steps``
+        10^15).  Other optimizers and changing schedules: every step is computed (exact for any
+        curve) up to ``max_steps`` (default 10^6).
+        """
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        target = _check_target(target)
+        closed = self._is_sgd(optimizer) and optimizer.lr.constant_after is not None
+        if max_steps is None:
+            max_steps = 10**15 if closed else _SCAN_DEFAULT
+        max_steps = check_int("max_steps", max_steps, low=1)
+        k, reason, floor = self._first_crossing(optimizer, bs, target, max_steps, closed)
+        steps = float(k) if k >= 0 else math.inf
+        if full_output:
+            return steps, {"reason": reason, "noise_floor": floor}
+        return steps
+
+    def _first_crossing(self, optimizer, bs, target, max_steps, closed):
+        if self.initial_loss <= target:
+            return 0, "", math.nan
+        sched = optimizer.lr
+        S = self._S0(optimizer)
+        start = 0
+        if closed:
+            start = min(int(sched.constant_after), max_steps)
+        k, reason = self._scan(optimizer, bs, S, sched, start if closed else max_steps, target)
+        if k >= 0 or reason.startswith("diverges") or not closed or start >= max_steps:
+            floor = math.nan
+            if not closed and k < 0 and not reason.startswith("diverges") and isinstance(sched, Constant):
+                floor = self.stationary_loss(optimizer, bs)
+                if floor == math.inf:
+                    reason = "diverges: the learning rate is above the stable limit (the second moments grow)"
+                elif floor > target:
+                    reason = f"unreachable: noise floor {floor:.6g} > target {target:.6g}"
+            return k, reason, floor
+        lr = float(sched.at(np.array([start]))[0])
+        if lr <= 0.0:
+            return -1, "unreachable: the learning rate decays to 0 before the target", math.nan
+        mf = self._modal_from(S[:, 0, 0].copy(), optimizer, bs, lr)
+        if not mf.stable:
+            return -1, "diverges: the second moments grow (learning rate above the stable limit)", math.inf
+        floor = mf.loss_inf
+        k_hi = NQM._horizon(mf, target, max_steps - start)
+        if k_hi >= 0:
+            k = mf.first_crossing(target, k_hi)
+            if k >= 0:
+                return start + k, "", floor
+        if floor > target:
+            return -1, f"unreachable: noise floor {floor:.6g} > target {target:.6g}", floor
+        return -1, f"not reached within max_steps={max_steps}", floor
+
+    def _scan(self, optimizer, bs, S, schedule, n_steps, target):
+        """Exact step-by-step search over steps 0..n_steps (chunks); S ends at step n_steps."""
+        k0 = 0
+        chunk = 4096
+        while k0 < n_steps:
+            part = schedule.at(np.arange(k0, min(n_steps, k0 + chunk)))
+            rec = np.arange(part.size + 1, dtype=np.int64)
+            loss, _ = self._propagate(optimizer, bs, part, rec, S)
+            if not np.all(np.isfinite(loss)):
+                return -1, "diverges: the loss overflowed"
+            hit = np.nonzero(loss <= target)[0]
+            if hit.size:
+                return k0 + int(hit[0]), ""
+            k0 += part.size
+        return -1, f"not reached within max_steps={n_steps}"
+
+    # ------------------------------------------------------------------------------------------
+    def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0,
+                 progress: bool = False) -> xr.Dataset:
+        """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
+
+        Returns:
+            Dataset over ``step``: ``loss`` (mean excess risk over runs) and ``loss_sem``, and the
+            statistics of the mean |Sigma e|^2; ``source="simulation"``.
+        """
+        from .montecarlo import simulate_regression
+
+        _check_optimizer(optimizer)
+        bs = check_batch_size(batch_size)
+        if bs != int(bs):
+            raise ValueError(f"`batch_size` must be a whole number for sampled data; got {bs:g}.")
+        ks = check_steps(steps)
+        n_runs = check_int("n_runs", n_runs, low=2)
+        seed = check_int("seed", seed, low=0)
+        rng = np.random.default_rng(seed)
+        a0, a1, b1 = optimizer.affine(self.h)
+        n = int(ks[-1])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="simulate", unit="step")
+        loss, gsq, base = simulate_regression(
+            a0, a1, b1, self.h, self.noise_std, int(bs), optimizer.readout, optimizer.init, -self.w_star,
+            optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+        )
+        if bar is not None:
+            bar.close()
+        g2 = gsq.mean(axis=1)
+        tr = float(np.sum(self.h))
+        stats = gradient_statistics(g2, self.noise_std**2 * tr + g2 + 2.0 * base.mean(axis=1) * tr, self.dim, bs)
+        ds = xr.Dataset(
+            {"loss": ("step", loss.mean(axis=1)),
+             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
+             **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
+            coords={"step": ks},
+        )
+        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
+                     **self.params, **optimizer.hyperparameters)
+        return ds
