@@ -453,3 +453,9 @@ class GaussianLinearRegression:
         attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
                      **self.params, **optimizer.hyperparameters)
         return ds
+
+
+# the finite-data model lives in its own module; it is part of the linear-regression family
+from .finite_regression import FiniteLinearRegression  # noqa: E402
+
+__all__ += ["FiniteLinearRegression"]

@@ -1,0 +1,313 @@
+"""Linear regression on a fixed data set: SGD with and without replacement, and randomized Kaczmarz.
+
+The data are rows x_r of X ``(n, d)`` with labels y_r; the loss is L(w) = 1/(2n) sum_r (x_r.w - y_r)^2.
+With the least-squares solution w_ls (minimum norm) and its residuals rho = y - X w_ls
+(X^T rho = 0), the error e = w - w_ls has excess loss e^T Sigma e / 2, Sigma = X^T X / n.  The
+per-example gradient is g_r = x_r (x_r.e - rho_r): its noise vanishes at e = 0 exactly when the data
+are interpolated (rho = 0), the lecture's "interpolation regime" where SGD converges exponentially.
+
+Exact expected dynamics, batches of B rows drawn uniformly with replacement (the first and second
+moments m = E e, S = E e e^T close because rows are drawn independently of e):
+
+    m' = (I - a Sigma) m,
+    S' = (I - a Sigma) S (I - a Sigma) + a^2 / B [ 1/n sum_r c_r x_r x_r^T - Sigma S Sigma ],
+    c_r = x_r^T S x_r - 2 rho_r x_r^T m + rho_r^2,
+
+O(n d^2) per step.  Randomized Kaczmarz (the lecture's proximal update
+w <- argmin_{x_r.w = y_r} |w - w_prev|^2, i.e. w <- w + (y_r - x_r.w) x_r / |x_r|^2, row r drawn with
+probability p_r, by default |x_r|^2 / |X|_F^2 as in Strohmer and Vershynin 2009) moves e to
+P_r e + rho_r x_r / |x_r|^2 with the projection P_r = I - u_r u_r^T, u_r = x_r / |x_r|, so
+
+    m' = sum_r p_r (P_r m + rho_r x_r / |x_r|^2),
+    S' = sum_r p_r [P_r S P_r + rho_r / |x_r| (P_r m u_r^T + u_r m^T P_r) + rho_r^2 / |x_r|^2 u_r u_r^T].
+
+For a consistent system (rho = 0) and w_0 in the row space, E|e_k|^2 <= (1 - 1/kappa^2)^k |e_0|^2
+with kappa = |X|_F / sigma_min(X) (sigma_min the smallest non-zero singular value).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+from ._validate import check_int, check_real, check_steps
+from .nqm import check_batch_size
+from .schema import attach_attrs
+
+__all__ = ["FiniteLinearRegression"]
+
+
+def _check_data(X, y):
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"`X` must be a non-empty 2-D array (n examples, d features); got shape {X.shape}.")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"`y` must have shape ({X.shape[0]},) to match `X`; got {y.shape}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("`X` must be finite.")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("`y` must be finite.")
+    if np.any(np.sum(X**2, axis=1) == 0):
+        raise ValueError("`X` must not have all-zero rows (they carry no information and Kaczmarz divides by |x_r|).")
+    return X.copy(), y.copy()
+
+
+class FiniteLinearRegression:
+    """A fixed data set: exact expected SGD (batches with replacement), Monte Carlo with and without
+    replacement, and randomized Kaczmarz.
+
+    Args:
+        X: ``(n, d)`` inputs, finite, no zero rows.
+        y: ``(n,)`` labels, finite.
+        w0: starting weights, scalar or ``(d,)`` (default 0, which lies in the row space).
+    """
+
+    model_name = "linreg_finite"
+
+    def __init__(self, X, y, w0=0.0):
+        self.X, self.y = _check_data(X, y)
+        n, d = self.X.shape
+        w0 = np.asarray(w0, dtype=np.float64)
+        if w0.ndim == 0:
+            w0 = np.full(d, float(w0))
+        if w0.shape != (d,) or not np.all(np.isfinite(w0)):
+            raise ValueError(f"`w0` must be a finite scalar or have shape ({d},); got shape {w0.shape}.")
+        self.w0 = w0
+        self.w_ls = np.linalg.lstsq(self.X, self.y, rcond=None)[0]
+        self.residual = self.y - self.X @ self.w_ls
+        self.sigma = self.X.T @ self.X / n
+        self.row_sq = np.sum(self.X**2, axis=1)
+
+    @classmethod
+    def gaussian(cls, n: int, d: int, *, spectrum=None, noise_std: float = 0.0, seed: int = 0):
+        """Synthetic data: x ~ N(0, diag(spectrum)) (default identity), y = w*.x + noise, w* ~ N(0, I).
+
+        n < d (or noise_std = 0) interpolates: the residuals of the least-squares fit are zero.
+        """
+        n = check_int("n", n, low=1)
+        d = check_int("d", d, low=1)
+        noise_std = check_real("noise_std", noise_std, low=0.0, high=math.inf, high_open=True)
+        seed = check_int("seed", seed, low=0)
+        rng = np.random.default_rng(seed)
+        lam = np.ones(d) if spectrum is None else np.asarray(spectrum, dtype=np.float64)
+        X = rng.standard_normal((n, d)) * np.sqrt(lam)
+        w_star = rng.standard_normal(d)
+        return cls(X, X @ w_star + noise_std * rng.standard_normal(n))
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def interpolating(self) -> bool:
+        """Whether some w fits every label (least-squares residuals zero to rounding)."""
+        return bool(np.max(np.abs(self.residual)) <= 1e-9 * max(1.0, float(np.max(np.abs(self.y)))))
+
+    @property
+    def min_loss(self) -> float:
+        """L(w_ls) = mean(rho^2) / 2, the floor of the training loss."""
+        return float(0.5 * np.mean(self.residual**2))
+
+    @property
+    def initial_loss(self) -> float:
+        e = self.w0 - self.w_ls
+        return float(0.5 * e @ self.sigma @ e)
+
+    @property
+    def params(self) -> dict:
+        return {"n": self.n, "dim": self.dim, "min_loss": self.min_loss, "interpolating": self.interpolating}
+
+    def lr_limit(self) -> float:
+        """2 / lambda_max(Sigma): full-batch stability (SGD's exact limit is lower for small B)."""
+        return float(2.0 / np.linalg.eigvalsh(self.sigma)[-1])
+
+    # ------------------------------------------------------------------------------------------
+    def _sgd_step(self, m, S, lr, bs):
+        X, rho, sig = self.X, self.residual, self.sigma
+        c = np.einsum("rd,de,re->r", X, S, X) - 2.0 * rho * (X @ m) + rho**2
+        G = (X * c[:, None]).T @ X / self.n
+        J = np.eye(self.dim) - lr * sig
+        S_new = J @ S @ J + lr * lr / bs * (G - sig @ S @ sig)
+        return J @ m, 0.5 * (S_new + S_new.T)
+
+    def _curve(self, step, steps, lrs):
+        ks = check_steps(steps)
+        e0 = self.w0 - self.w_ls
+        m, S = e0.copy(), np.outer(e0, e0)
+        loss = np.empty(ks.size)
+        sq = np.empty(ks.size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return ks, *self._run(step, ks, lrs, m, S, loss, sq)
+
+    def _run(self, step, ks, lrs, m, S, loss, sq):
+        j = 0
+        for k in range(int(ks[-1]) + 1):
+            if ks[j] == k:
+                loss[j] = 0.5 * float(np.sum(self.sigma * S))
+                sq[j] = float(np.trace(S))
+                if not (math.isfinite(loss[j]) and math.isfinite(sq[j])):
+                    loss[j:] = math.inf
+                    sq[j:] = math.inf
+                    break
+                j += 1
+                if j == ks.size:
+                    break
+            m, S = step(m, S, lrs[k])
+        return loss, sq
+
+    def loss_curve(self, lr, batch_size, steps) -> xr.Dataset:
+        """Exact expected excess loss of SGD with batches drawn with replacement.
+
+        Args:
+            lr: constant learning rate > 0.
+            batch_size: B >= 1 (rows per step, drawn uniformly with replacement).
+            steps: a count or an increasing array of step indices.
+
+        Returns:
+            Dataset over ``step``: ``loss`` (E L(w_k) - L(w_ls)) and ``sq_error`` (E|w_k - w_ls|^2);
+            ``inf`` after an overflow (divergence).
+        """
+        lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
+        bs = check_batch_size(batch_size)
+        ks, loss, sq = self._curve(lambda m, S, a: self._sgd_step(m, S, a, bs), steps, np.full(int(check_steps(steps)[-1]) + 1, lr))
+        ds = xr.Dataset({"loss": ("step", loss), "sq_error": ("step", sq)}, coords={"step": ks})
+        attach_attrs(ds, model=self.model_name, source="exact", optimizer="sgd", lr=lr, batch_size=bs,
+                     sampling="with replacement", **self.params)
+        return ds
+
+    def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0) -> xr.Dataset:
+        """Monte Carlo SGD: batches of B rows drawn with replacement, or without (``replacement=False``:
+        a fresh random permutation each epoch, consecutive batches of B; a batch may straddle two
+        epochs when B does not divide n).
+
+        Returns:
+            Dataset over ``step``: ``loss`` (mean excess loss over runs), ``loss_sem``, ``sq_error``.
+        """
+        lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
+        bs = check_batch_size(batch_size)
+        if bs != int(bs):
+            raise ValueError(f"`batch_size` must be a whole number for sampled data; got {bs:g}.")
+        bs = int(bs)
+        ks = check_steps(steps)
+        n_runs = check_int("n_runs", n_runs, low=2)
+        seed = check_int("seed", seed, low=0)
+        rng = np.random.default_rng(seed)
+        n, d = self.X.shape
+        W = np.tile(self.w0, (n_runs, 1))
+        order = np.empty((n_runs, 0), dtype=np.int64)
+        loss = np.empty((ks.size, n_runs))
+        sq = np.empty((ks.size, n_runs))
+        j = 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            for k in range(int(ks[-1]) + 1):
+                if ks[j] == k:
+                    E = W - self.w_ls
+                    loss[j] = 0.5 * np.einsum("rd,de,re->r", E, self.sigma, E)
+                    sq[j] = np.sum(E**2, axis=1)
+                    j += 1
+                    if j == ks.size:
+                        break
+                if replacement:
+                    idx = rng.integers(0, n, size=(n_runs, bs))
+                else:
+                    while order.shape[1] < bs:
+                        order = np.concatenate([order, rng.permuted(np.tile(np.arange(n), (n_runs, 1)), axis=1)], axis=1)
+                    idx, order = order[:, :bs], order[:, bs:]
+                Xb = self.X[idx]  # (runs, B, d)
+                r = np.einsum("rbd,rd->rb", Xb, W) - self.y[idx]
+                W = W - lr / bs * np.einsum("rbd,rb->rd", Xb, r)
+        loss[~np.isfinite(loss)] = np.inf
+        sq[~np.isfinite(sq)] = np.inf
+        ds = xr.Dataset(
+            {"loss": ("step", loss.mean(axis=1)),
+             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
+             "sq_error": ("step", sq.mean(axis=1)),
+             "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n_runs))},
+            coords={"step": ks},
+        )
+        attach_attrs(ds, model=self.model_name, source="simulation", optimizer="sgd", lr=lr, batch_size=bs,
+                     sampling="with replacement" if replacement else "without replacement (epochs)",
+                     n_runs=n_runs, seed=seed, **self.params)
+        return ds
+
+    # ------------------------------------------------------------------------------------------
+    def _row_probs(self, sampling):
+        if sampling == "norm":
+            return self.row_sq / np.sum(self.row_sq)
+        if sampling == "uniform":
+            return np.full(self.n, 1.0 / self.n)
+        raise ValueError(f"`sampling` must be 'norm' or 'uniform'; got {sampling!r}.")
+
+    def kaczmarz_rate(self) -> float:
+        """Strohmer-Vershynin's contraction 1 - sigma_min^2 / |X|_F^2 (smallest non-zero singular value)."""
+        sv = np.linalg.svd(self.X, compute_uv=False)
+        smin = sv[sv > 1e-12 * sv[0]].min()
+        return float(1.0 - smin**2 / np.sum(self.row_sq))
+
+    def _kaczmarz_step(self, m, S, p):
+        U = self.X / np.sqrt(self.row_sq)[:, None]
+        coef = self.residual / np.sqrt(self.row_sq)
+        Q = (U * p[:, None]).T @ U
+        uSu = np.einsum("rd,de,re->r", U, S, U)
+        PS = S - Q @ S - S @ Q + (U * (p * uSu)[:, None]).T @ U
+        Um = U @ m
+        Pm = m[None, :] - Um[:, None] * U  # rows: P_r m
+        cross = (Pm * (p * coef)[:, None]).T @ U
+        S_new = PS + cross + cross.T + (U * (p * coef**2)[:, None]).T @ U
+        m_new = m - Q @ m + U.T @ (p * coef)
+        return m_new, 0.5 * (S_new + S_new.T)
+
+    def kaczmarz_curve(self, steps, *, sampling: str = "norm") -> xr.Dataset:
+        """Exact expected excess loss and squared error of randomized Kaczmarz, with the
+        Strohmer-Vershynin bound (1 - 1/kappa^2)^k |e_0|^2 beside them (``sv_bound``; a bound for
+        consistent systems with norm sampling and w_0 in the row space)."""
+        p = self._row_probs(sampling)
+        ks, loss, sq = self._curve(lambda m, S, _: self._kaczmarz_step(m, S, p), steps,
+                                   np.zeros(int(check_steps(steps)[-1]) + 1))
+        e0 = self.w0 - self.w_ls
+        bound = self.kaczmarz_rate() ** ks.astype(np.float64) * float(e0 @ e0)
+        ds = xr.Dataset({"loss": ("step", loss), "sq_error": ("step", sq), "sv_bound": ("step", bound)},
+                        coords={"step": ks})
+        attach_attrs(ds, model=self.model_name, source="exact", optimizer="kaczmarz", sampling=sampling, **self.params)
+        return ds
+
+    def kaczmarz_simulate(self, steps, *, sampling: str = "norm", n_runs: int = 200, seed: int = 0) -> xr.Dataset:
+        """Monte Carlo randomized Kaczmarz (same outputs as :meth:`simulate`)."""
+        p = self._row_probs(sampling)
+        ks = check_steps(steps)
+        n_runs = check_int("n_runs", n_runs, low=2)
+        seed = check_int("seed", seed, low=0)
+        rng = np.random.default_rng(seed)
+        W = np.tile(self.w0, (n_runs, 1))
+        loss = np.empty((ks.size, n_runs))
+        sq = np.empty((ks.size, n_runs))
+        j = 0
+        for k in range(int(ks[-1]) + 1):
+            if ks[j] == k:
+                E = W - self.w_ls
+                loss[j] = 0.5 * np.einsum("rd,de,re->r", E, self.sigma, E)
+                sq[j] = np.sum(E**2, axis=1)
+                j += 1
+                if j == ks.size:
+                    break
+            rows = rng.choice(self.n, size=n_runs, p=p)
+            x = self.X[rows]
+            W = W + ((self.y[rows] - np.sum(x * W, axis=1)) / self.row_sq[rows])[:, None] * x
+        ds = xr.Dataset(
+            {"loss": ("step", loss.mean(axis=1)),
+             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
+             "sq_error": ("step", sq.mean(axis=1)),
+             "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n_runs))},
+            coords={"step": ks},
+        )
+        attach_attrs(ds, model=self.model_name, source="simulation", optimizer="kaczmarz", sampling=sampling,
+                     n_runs=n_runs, seed=seed, **self.params)
+        return ds
