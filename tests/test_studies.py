@@ -23,3 +23,21 @@ def test_batch_size_scaling_quick(tmp_path):
     # a rerun resumes from the per-family files and gives the same numbers
     again = batch_size_scaling.run(quick=True, out=str(tmp_path), dim=40, progress=False)
     xr.testing.assert_equal(again.steps_to_target, res.steps_to_target)
+
+
+def test_interpolation_quick(tmp_path):
+    """The interpolation study runs, writes three valid netCDF groups and a figure, and shows what it
+    claims: an exponential fall without label noise, floors with it."""
+    from studies import interpolation
+
+    online, finite, finite_mc = interpolation.run(quick=True, out=str(tmp_path))
+    path = tmp_path / "interpolation.nc"
+    assert (tmp_path / "interpolation.png").stat().st_size > 10_000
+    for group in ("online", "finite", "finite_mc"):
+        validate(xr.load_dataset(path, group=group))
+    last = online.loss.isel(step=-1)
+    assert last.sel(curve="linreg_interpolating") < 1e-12
+    assert last.sel(curve="nqm") > online.loss_lower_bound.values[-1]  # the NQM cannot beat its bound
+    assert last.sel(curve="linreg_label_noise") > 1e-3
+    k = finite.sq_error.sel(curve="kaczmarz_interpolating").values
+    assert np.all(k <= finite.sv_bound.sel(curve="kaczmarz_interpolating").values * (1 + 1e-10))

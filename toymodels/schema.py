@@ -12,7 +12,7 @@ import xarray as xr
 __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
-DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer")
+DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -21,6 +21,10 @@ VARIABLES = {
     "accuracy": "accuracy",
     "steps_to_target": "first step whose loss is <= target (inf: unreachable or divergent)",
     "steps_lower_bound": "information-theoretic lower bound on steps_to_target",
+    "loss_lower_bound": "information-theoretic lower bound on the expected loss",
+    "sq_error": "E|w - w*|^2, squared distance to the optimum",
+    "sq_error_sem": "standard error of a Monte Carlo mean sq_error",
+    "sv_bound": "Strohmer-Vershynin bound on Kaczmarz's sq_error",
     "lr_opt": "tuned learning rate",
     "momentum_opt": "tuned heavy-ball momentum",
     "decay_opt": "tuned iterate-averaging decay",

@@ -1,0 +1,178 @@
+"""Two models of stochastic optimization: O(1/k) noise floors vs exponential convergence (lecture
+seed 004, "Stochastic Linear Regression", "Exponential Convergence", "Two Models").
+
+Left panel, online data (loss / L0 vs step, log-log), one spectrum lambda_i = 1/i, one SGD learning
+rate, batch size 1:
+  * the NQM with gradient noise independent of the parameters (C = sigma^2 H: linear regression's
+    label noise alone): SGD stalls at a noise floor, and no algorithm beats the information-theoretic
+    O(1/k) bound (dotted);
+  * online linear regression with label noise sigma: the batch noise adds to it, same kind of floor;
+  * online linear regression without label noise (a teacher the student can match): the noise
+    vanishes at the optimum and the risk falls exponentially.
+Middle panel, a finite data set (excess loss / L0 vs step, semi-log): SGD with replacement (exact,
+with Monte Carlo with and without replacement) and randomized Kaczmarz (exact and Monte Carlo), on
+interpolating data and on noisy data.  Right panel: Kaczmarz's squared error with the
+Strohmer-Vershynin bound, which holds for the consistent system; label noise stalls it at a floor.
+
+    python -m studies.interpolation            # d = 500 online, 400 x 100 data, 10^6 steps
+    python -m studies.interpolation --quick    # smaller
+
+Writes ``interpolation.nc`` (netCDF groups ``online`` and ``finite``) and ``interpolation.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from toymodels import NQM, SGD, GaussianLinearRegression  # noqa: E402
+from toymodels.linreg import FiniteLinearRegression  # noqa: E402
+from toymodels.schema import attach_attrs, validate  # noqa: E402
+
+SIGMA = 0.5  # label noise
+
+
+def _stack(curves: dict, steps) -> xr.Dataset:
+    ds = xr.concat([c.drop_attrs().expand_dims(curve=[name]) for name, c in curves.items()], dim="curve")
+    return ds.assign_coords(step=np.asarray(steps))
+
+
+def run_online(*, dim: int, n_steps: int) -> xr.Dataset:
+    """The NQM and online linear regression with and without label noise, same lr and B = 1."""
+    lam = 1.0 / np.arange(1, dim + 1)
+    clean = GaussianLinearRegression(lam, w_star=1.0, noise_std=0.0)
+    noisy = GaussianLinearRegression(lam, w_star=1.0, noise_std=SIGMA)
+    nqm = NQM(lam, SIGMA**2 * lam, init_sq=1.0)  # linear regression's label noise, no batch noise
+    lr = 0.5 * clean.stable_lr(SGD(1.0), 1)
+    steps = np.unique(np.concatenate([[0], np.geomspace(1, n_steps, 200).astype(np.int64)]))
+    opt = SGD(lr)
+    curves = {
+        "nqm": nqm.gradient_stats(opt, 1, steps)[["loss", "grad_nvar"]],
+        "linreg_label_noise": noisy.gradient_stats(opt, 1, steps)[["loss", "grad_nvar"]],
+        "linreg_interpolating": clean.gradient_stats(opt, 1, steps)[["loss", "grad_nvar"]],
+    }
+    ds = _stack(curves, steps)
+    ds["loss"] = ds.loss / clean.initial_loss
+    ds["loss_lower_bound"] = ("step", nqm.lower_bound_loss(steps.astype(np.float64)) / clean.initial_loss)
+    attach_attrs(ds, model="linreg", source="exact", optimizer="sgd", lr=lr, batch_size=1.0, dim=dim,
+                 noise_std=SIGMA, normalised_by="initial loss")
+    return ds
+
+
+def run_finite(*, n: int, d: int, n_steps: int, n_runs: int, seed: int = 0) -> tuple[xr.Dataset, xr.Dataset]:
+    """SGD (with / without replacement) and Kaczmarz on interpolating and on noisy data: the exact
+    curves and their Monte Carlo counterparts (losses divided by each data set's initial loss)."""
+    spectrum = np.geomspace(1.0, 0.1, d)
+    data = {
+        "interpolating": FiniteLinearRegression.gaussian(n, d, spectrum=spectrum, noise_std=0.0, seed=seed),
+        "noisy": FiniteLinearRegression.gaussian(n, d, spectrum=spectrum, noise_std=SIGMA, seed=seed),
+    }
+    steps = np.arange(0, n_steps + 1, max(1, n_steps // 100))
+    mc_steps = steps[:: max(1, steps.size // 20)]
+    curves, mc = {}, {}
+    for name, m in data.items():
+        lr = 1.0 / m.row_sq.max()  # stable at B = 1 (each row's own step is at most Kaczmarz's)
+
+        def scaled(ds, l0=m.initial_loss):
+            return ds.assign({v: ds[v] / l0 for v in ("loss", "loss_sem") if v in ds})
+
+        curves[f"sgd_{name}"] = scaled(m.loss_curve(lr, 1, steps)).assign(sv_bound=("step", np.full(steps.size, np.nan)))
+        curves[f"kaczmarz_{name}"] = scaled(m.kaczmarz_curve(steps))
+        mc[f"sgd_{name}"] = scaled(m.simulate(lr, 1, mc_steps, n_runs=n_runs, seed=seed + 1))
+        mc[f"sgd_{name}_epochs"] = scaled(m.simulate(lr, 1, mc_steps, replacement=False, n_runs=n_runs, seed=seed + 2))
+        mc[f"kaczmarz_{name}"] = scaled(m.kaczmarz_simulate(mc_steps, n_runs=n_runs, seed=seed + 3))
+    exact = _stack({k: v[["loss", "sq_error", "sv_bound"]] for k, v in curves.items()}, steps)
+    sims = _stack({k: v[["loss", "loss_sem", "sq_error", "sq_error_sem"]] for k, v in mc.items()}, mc_steps)
+    for ds, source in ((exact, "exact"), (sims, "simulation")):
+        attach_attrs(ds, model="linreg_finite", source=source, n=n, dim=d, noise_std=SIGMA, batch_size=1.0,
+                     normalised_by="initial loss", seed=seed, n_runs=n_runs if source == "simulation" else 0)
+    return exact, sims
+
+
+def run(*, quick: bool = False, out: str = "results") -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
+    """Compute both panels, write the netCDF file (groups online, finite, finite_mc) and the figure."""
+    os.makedirs(out, exist_ok=True)
+    online = run_online(dim=100 if quick else 500, n_steps=10**4 if quick else 10**6)
+    finite, finite_mc = run_finite(n=100 if quick else 400, d=25 if quick else 100, n_steps=400 if quick else 3000,
+                                   n_runs=100 if quick else 400)
+    path = os.path.join(out, "interpolation.nc")
+    for ds in (online, finite, finite_mc):
+        validate(ds)
+    online.to_netcdf(path, group="online", mode="w")
+    finite.to_netcdf(path, group="finite", mode="a")
+    finite_mc.to_netcdf(path, group="finite_mc", mode="a")
+    plot(online, finite, finite_mc, os.path.join(out, "interpolation.png"))
+    return online, finite, finite_mc
+
+
+def plot(online: xr.Dataset, finite: xr.Dataset, finite_mc: xr.Dataset, path: str) -> None:
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16.5, 4.5))
+    k = online.step.values
+    keep = k > 0
+    labels = {"nqm": "NQM (noise independent of θ, C = σ²H)", "linreg_label_noise": f"linear regression, label noise σ={SIGMA}",
+              "linreg_interpolating": "linear regression, no label noise"}
+    for (name, label), color in zip(labels.items(), ["C0", "C1", "C2"]):
+        ax1.loglog(k[keep], online.loss.sel(curve=name).values[keep], color=color, label=label)
+    ax1.loglog(k[keep], online.loss_lower_bound.values[keep], ":", color="k", label="NQM lower bound, any algorithm (O(1/k))")
+    ax1.set_ylim(max(1e-12, float(online.loss.min()) * 0.5), 2)
+    ax1.set_xlabel("step k (B = 1)")
+    ax1.set_ylabel("expected excess loss / L0")
+    ax1.set_title(f"online, d={online.attrs['dim']}, λᵢ = 1/i, SGD lr={online.attrs['lr']:.3g}")
+    ax1.legend(fontsize=7.5, loc="lower left")
+
+    ks = finite.step.values
+    kmc = finite_mc.step.values
+    for name, ls in [("interpolating", "-"), ("noisy", "--")]:
+        for method, color in [("sgd", "C0"), ("kaczmarz", "C3")]:
+            key = f"{method}_{name}"
+            ax2.semilogy(ks, finite.loss.sel(curve=key).values, ls, color=color,
+                         label=f"{'SGD (with replacement)' if method == 'sgd' else 'Kaczmarz'}, {name} data")
+            mc = finite_mc.loss.sel(curve=key).values
+            ax2.semilogy(kmc, mc, "o", ms=3, color=color, mfc="none")
+        ep = finite_mc.loss.sel(curve=f"sgd_{name}_epochs").values
+        ax2.semilogy(kmc, ep, "x", ms=4, color="C0")
+    ax2.plot([], [], "o", color="0.4", mfc="none", label="Monte Carlo (with replacement)")
+    ax2.plot([], [], "x", color="C0", label="Monte Carlo SGD without replacement (epochs)")
+    ax2.set_xlabel("step k (one example per step)")
+    ax2.set_ylabel("expected excess training loss / L0")
+    ax2.set_title(f"finite data, n={finite.attrs['n']}, d={finite.attrs['dim']}")
+    ax2.legend(fontsize=7.5, loc="lower left")
+
+    for name, ls in [("interpolating", "-"), ("noisy", "--")]:
+        key = f"kaczmarz_{name}"
+        sq0 = float(finite.sq_error.sel(curve=key).values[0])
+        ax3.semilogy(ks, finite.sq_error.sel(curve=key).values / sq0, ls, color="C3", label=f"Kaczmarz, {name} data")
+        ax3.semilogy(kmc, finite_mc.sq_error.sel(curve=key).values / sq0, "o", ms=3, color="C3", mfc="none")
+    bound = finite.sv_bound.sel(curve="kaczmarz_interpolating").values
+    ax3.semilogy(ks, bound / bound[0], ":", color="k", label="Strohmer–Vershynin bound (1 − 1/κ²)ᵏ")
+    ax3.set_xlabel("step k")
+    ax3.set_ylabel("E|w − w_ls|² / |w₀ − w_ls|²")
+    ax3.set_title("randomized Kaczmarz: squared error")
+    ax3.legend(fontsize=7.5, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller models and fewer steps")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    online, _, _ = run(quick=a.quick, out=a.out)
+    last = online.loss.isel(step=-1).to_pandas()
+    print("online, loss / L0 at the last step:\n" + last.to_string())
+    print(f"wrote {a.out}/interpolation.nc and .png in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
