@@ -41,3 +41,19 @@ def test_interpolation_quick(tmp_path):
     assert last.sel(curve="linreg_label_noise") > 1e-3
     k = finite.sq_error.sel(curve="kaczmarz_interpolating").values
     assert np.all(k <= finite.sv_bound.sel(curve="kaczmarz_interpolating").values * (1 + 1e-10))
+
+
+def test_rf_variance_quick(tmp_path):
+    """The random-features variance study runs, resumes from its saved points and shows SG-2B = SG-B / 2."""
+    from studies import rf_variance
+
+    res = rf_variance.run(scale="quick", out=str(tmp_path), progress=False)
+    assert (tmp_path / "rf_variance.png").stat().st_size > 10_000
+    saved = xr.load_dataset(tmp_path / "rf_variance.nc")
+    validate(saved)
+    assert set(saved.estimator.values) == {"sg_b", "sg_2b", "svrg", "gc"}
+    np.testing.assert_allclose(res.grad_var.sel(estimator="sg_2b"), res.grad_var.sel(estimator="sg_b") / 2, rtol=1e-12)
+    n_points = len(list((tmp_path / "rf_variance_points").iterdir()))
+    again = rf_variance.run(scale="quick", out=str(tmp_path), progress=False)
+    assert len(list((tmp_path / "rf_variance_points").iterdir())) == n_points
+    xr.testing.assert_equal(again.grad_var_max, res.grad_var_max)

@@ -12,7 +12,7 @@ import xarray as xr
 __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
-DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator")
+DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -25,6 +25,8 @@ VARIABLES = {
     "sq_error": "E|w - w*|^2, squared distance to the optimum",
     "sq_error_sem": "standard error of a Monte Carlo mean sq_error",
     "sv_bound": "Strohmer-Vershynin bound on Kaczmarz's sq_error",
+    "grad_var_max": "maximum of grad_var over (the last 70% of) training",
+    "grad_nvar_max": "maximum of grad_nvar over (the last 70% of) training",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
     "momentum_opt": "tuned heavy-ball momentum",

@@ -1,0 +1,167 @@
+"""Gradient variance of random-features models vs overparametrization (Faghri et al., seeds 000/001,
+Sec. 4.2 Fig. 4/5 and Sec. 4.3 Fig. 8).
+
+For each duplicate share (none, and 5 points repeated to make up part of the set), learning rate and
+training-set size N (student hidden h_s fixed, overparametrization h_s / N), a student is trained by
+mini-batch SGD (B = 10) and the average variance of four gradient-mean estimators is measured along
+the way: SG-B, SG-2B, SVRG and gradient clustering (GC, B clusters), with SVRG's snapshot and GC's
+clustering refreshed every ``U`` steps.  Plotted: the maximum over the last 70% of training of the
+variance (top) and of SG-B's normalized variance (bottom), as in the paper.
+
+    python -m studies.rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
+    python -m studies.rf_variance --quick    # smaller still (tests)
+    python -m studies.rf_variance --paper    # the paper's scale: h_s = 1000, N = 100..10000 (hours)
+
+Every finished point is saved under ``<out>/rf_variance_points/`` and skipped on a rerun, so an
+interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from toymodels.features import RandomFeatures  # noqa: E402
+from toymodels.schema import attach_attrs, validate  # noqa: E402
+
+ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3")}
+
+SCALES = {
+    "quick": dict(student_hidden=40, n_train=[10, 40, 160], lrs=[0.1, 1.0], duplicates=[0.0, 0.5],
+                  n_steps=300, log_every=25, update_every=100, input_dim=10, teacher_hidden=4, seeds=[0]),
+    "reduced": dict(student_hidden=100, n_train=[10, 20, 50, 100, 200, 500, 1000], lrs=[0.01, 0.1, 1.0],
+                    duplicates=[0.0, 0.1, 0.5, 0.9], n_steps=3000, log_every=50, update_every=500, input_dim=10,
+                    teacher_hidden=10, seeds=[0, 1, 2]),
+    "paper": dict(student_hidden=1000, n_train=[100, 200, 500, 1000, 2000, 5000, 10000], lrs=[0.01, 0.1, 1.0],
+                  duplicates=[0.0, 0.1, 0.5, 0.9], n_steps=20000, log_every=200, update_every=2000, input_dim=100,
+                  teacher_hidden=100, seeds=[0, 1, 2]),
+}
+
+
+def _point(cfg, n, lr, dup, seed, batch_size=10):
+    rf = RandomFeatures(n, cfg["input_dim"], cfg["teacher_hidden"], cfg["student_hidden"], duplicates=dup, seed=seed)
+    ds = rf.train(lr, min(batch_size, n), cfg["n_steps"], log_every=cfg["log_every"],
+                  update_every=cfg["update_every"], seed=seed)
+    late = ds.isel(step=slice(int(0.3 * ds.step.size), None))  # the last 70% of training
+    return xr.Dataset({
+        "grad_var": late.grad_var.mean("step"), "grad_var_max": late.grad_var.max("step"),
+        "grad_nvar": late.grad_nvar.mean("step"), "grad_nvar_max": late.grad_nvar.max("step"),
+        "loss": late.loss.isel(step=-1, drop=True), "accuracy": late.accuracy.isel(step=-1, drop=True),
+    })
+
+
+def run(*, scale: str = "reduced", out: str = "results", progress: bool = True) -> xr.Dataset:
+    """Train every point (resuming from saved ones), write the netCDF file and the figure."""
+    cfg = SCALES[scale]
+    cache = os.path.join(out, "rf_variance_points")
+    os.makedirs(cache, exist_ok=True)
+    grid = [(d, lr, n, s) for d in cfg["duplicates"] for lr in cfg["lrs"] for n in cfg["n_train"] for s in cfg["seeds"]
+            # duplicates need room for the 5 repeated points
+            if d == 0.0 or round(d * n) >= 5]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc="rf variance", unit="model")
+    points = {}
+    for dup, lr, n, seed in grid:
+        path = os.path.join(cache, f"{scale}_h{cfg['student_hidden']}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
+        if os.path.exists(path):
+            pt = xr.load_dataset(path)
+        else:
+            pt = _point(cfg, n, lr, dup, seed)
+            pt.to_netcdf(path)
+        points[(dup, lr, n, seed)] = pt
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows = []
+    for dup in cfg["duplicates"]:
+        per_lr = []
+        for lr in cfg["lrs"]:
+            per_n = []
+            for n in cfg["n_train"]:
+                got = [points[(dup, lr, n, s)] for s in cfg["seeds"] if (dup, lr, n, s) in points]
+                if got:
+                    per_n.append(xr.concat(got, dim="seed").mean("seed").expand_dims(n_train=[n]))
+                else:  # too few examples for this duplicate share: inf, with the reason in attrs
+                    per_n.append(xr.full_like(points[(0.0, lr, n, cfg["seeds"][0])], np.inf).expand_dims(n_train=[n]))
+            per_lr.append(xr.concat(per_n, dim="n_train").expand_dims(lr=[lr]))
+        rows.append(xr.concat(per_lr, dim="lr").expand_dims(duplicates=[dup]))
+    result = xr.concat(rows, dim="duplicates")
+    result = result.assign_coords(overparametrization=("n_train", cfg["student_hidden"] / np.array(cfg["n_train"])))
+    attach_attrs(result, model="rf", source="exact", scale=scale, batch_size=10.0,
+                 student_hidden=cfg["student_hidden"], input_dim=cfg["input_dim"],
+                 teacher_hidden=cfg["teacher_hidden"], n_steps=cfg["n_steps"], update_every=cfg["update_every"],
+                 n_seeds=len(cfg["seeds"]),
+                 note="statistics over the last 70% of training; inf where the duplicate share leaves fewer than 5 copies")
+    validate(result)
+    result.to_netcdf(os.path.join(out, "rf_variance.nc"))
+    plot(result, os.path.join(out, "rf_variance.png"))
+    return result
+
+
+def plot(result: xr.Dataset, path: str) -> None:
+    """Top: max variance per estimator (colour) and learning rate (line style); bottom: SG-B's
+    max normalized variance.  One column per duplicate share."""
+    from matplotlib.lines import Line2D
+
+    dups = result.duplicates.values
+    fig, axes = plt.subplots(2, dups.size, figsize=(4.2 * dups.size, 7.2), squeeze=False, sharex=True)
+    x = result.overparametrization.values
+    styles = ["-", "--", ":", "-."]
+    positive = result.grad_var_max.values[np.isfinite(result.grad_var_max.values) & (result.grad_var_max.values > 0)]
+    # GC with as many clusters as examples (or clusters of exact duplicates) is the full gradient:
+    # variance 0 up to rounding; such points are drawn at a floor 10^-8 below the largest value
+    floor = max(positive.min(), 1e-8 * positive.max()) * 0.3 if positive.size else 1e-12
+    for c, dup in enumerate(dups):
+        top, bottom = axes[0, c], axes[1, c]
+        for j, lr in enumerate(result.lr.values):
+            r = result.sel(duplicates=dup, lr=lr)
+            for name, (label, color) in ESTIMATORS.items():
+                v = r.grad_var_max.sel(estimator=name).values
+                top.loglog(x, np.maximum(v, floor), styles[j % 4], color=color, marker="o", ms=3)
+            bottom.semilogx(x, r.grad_nvar_max.sel(estimator="sg_b").values, styles[j % 4], color="C0", marker="o",
+                            ms=3)
+        top.set_title("no duplicates" if dup == 0 else f"5 points repeated: {dup:.0%} of the data")
+        top.set_ylim(bottom=floor * 0.8)
+        bottom.axhline(1.0, color="0.6", lw=0.8)
+        bottom.set_xlabel("overparametrization h_s / N")
+    axes[0, 0].set_ylabel("max average variance (last 70%)")
+    axes[1, 0].set_ylabel("max normalized variance, SG-B")
+    est_handles = [Line2D([], [], color=color, label=label) for label, color in ESTIMATORS.values()]
+    lr_handles = [Line2D([], [], color="0.3", ls=styles[j % 4], label=f"lr = {lr:g}") for j, lr in enumerate(result.lr.values)]
+    axes[0, 0].legend(handles=est_handles + lr_handles, fontsize=7, ncol=2)
+    fig.suptitle(f"random features, h_s = {result.attrs['student_hidden']}, B = 10 (Faghri et al. Fig. 4, 5, 8)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a tiny grid (for tests)")
+    g.add_argument("--paper", action="store_true", help="the paper's scale (hours)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    scale = "quick" if a.quick else "paper" if a.paper else "reduced"
+    res = run(scale=scale, out=a.out, progress=not a.no_progress)
+    table = res.grad_var_max.sel(lr=res.lr.values[-1]).reset_coords(drop=True).to_dataframe().unstack("estimator")
+    print(f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string())
+    print(f"wrote {a.out}/rf_variance.nc and .png in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
