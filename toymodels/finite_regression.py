@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 
 from ._validate import check_int, check_real, check_steps
+from .montecarlo import simulate_finite
 from .nqm import check_batch_size
 from .schema import attach_attrs
 
@@ -53,6 +54,16 @@ def _check_data(X, y):
     if np.any(np.sum(X**2, axis=1) == 0):
         raise ValueError("`X` must not have all-zero rows (they carry no information and Kaczmarz divides by |x_r|).")
     return X.copy(), y.copy()
+
+
+def _mc_dataset(loss, sq, ks):
+    """Means over runs (axis 1) and their standard errors."""
+    n = loss.shape[1]
+    return xr.Dataset(
+        {"loss": ("step", loss.mean(axis=1)), "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n)),
+         "sq_error": ("step", sq.mean(axis=1)), "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n))},
+        coords={"step": ks},
+    )
 
 
 class FiniteLinearRegression:
@@ -184,7 +195,7 @@ class FiniteLinearRegression:
         return ds
 
     def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0) -> xr.Dataset:
-        """Monte Carlo SGD: batches of B rows drawn with replacement, or without (``replacement=False``:
+        """Monte Carlo SGD (numba kernel, explicit seed): batches of B rows drawn with replacement, or without (``replacement=False``:
         a fresh random permutation each epoch, consecutive batches of B; a batch may straddle two
         epochs when B does not divide n).
 
@@ -200,39 +211,11 @@ class FiniteLinearRegression:
         n_runs = check_int("n_runs", n_runs, low=2)
         seed = check_int("seed", seed, low=0)
         rng = np.random.default_rng(seed)
-        n, d = self.X.shape
-        W = np.tile(self.w0, (n_runs, 1))
-        order = np.empty((n_runs, 0), dtype=np.int64)
-        loss = np.empty((ks.size, n_runs))
-        sq = np.empty((ks.size, n_runs))
-        j = 0
-        with np.errstate(over="ignore", invalid="ignore"):
-            for k in range(int(ks[-1]) + 1):
-                if ks[j] == k:
-                    E = W - self.w_ls
-                    loss[j] = 0.5 * np.einsum("rd,de,re->r", E, self.sigma, E)
-                    sq[j] = np.sum(E**2, axis=1)
-                    j += 1
-                    if j == ks.size:
-                        break
-                if replacement:
-                    idx = rng.integers(0, n, size=(n_runs, bs))
-                else:
-                    while order.shape[1] < bs:
-                        order = np.concatenate([order, rng.permuted(np.tile(np.arange(n), (n_runs, 1)), axis=1)], axis=1)
-                    idx, order = order[:, :bs], order[:, bs:]
-                Xb = self.X[idx]  # (runs, B, d)
-                r = np.einsum("rbd,rd->rb", Xb, W) - self.y[idx]
-                W = W - lr / bs * np.einsum("rbd,rb->rd", Xb, r)
+        loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.full(int(ks[-1]), lr), ks,
+                                   n_runs, rng, batch_size=bs, replacement=replacement)
         loss[~np.isfinite(loss)] = np.inf
         sq[~np.isfinite(sq)] = np.inf
-        ds = xr.Dataset(
-            {"loss": ("step", loss.mean(axis=1)),
-             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
-             "sq_error": ("step", sq.mean(axis=1)),
-             "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n_runs))},
-            coords={"step": ks},
-        )
+        ds = _mc_dataset(loss, sq, ks)
         attach_attrs(ds, model=self.model_name, source="simulation", optimizer="sgd", lr=lr, batch_size=bs,
                      sampling="with replacement" if replacement else "without replacement (epochs)",
                      n_runs=n_runs, seed=seed, **self.params)
@@ -286,28 +269,9 @@ class FiniteLinearRegression:
         n_runs = check_int("n_runs", n_runs, low=2)
         seed = check_int("seed", seed, low=0)
         rng = np.random.default_rng(seed)
-        W = np.tile(self.w0, (n_runs, 1))
-        loss = np.empty((ks.size, n_runs))
-        sq = np.empty((ks.size, n_runs))
-        j = 0
-        for k in range(int(ks[-1]) + 1):
-            if ks[j] == k:
-                E = W - self.w_ls
-                loss[j] = 0.5 * np.einsum("rd,de,re->r", E, self.sigma, E)
-                sq[j] = np.sum(E**2, axis=1)
-                j += 1
-                if j == ks.size:
-                    break
-            rows = rng.choice(self.n, size=n_runs, p=p)
-            x = self.X[rows]
-            W = W + ((self.y[rows] - np.sum(x * W, axis=1)) / self.row_sq[rows])[:, None] * x
-        ds = xr.Dataset(
-            {"loss": ("step", loss.mean(axis=1)),
-             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
-             "sq_error": ("step", sq.mean(axis=1)),
-             "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n_runs))},
-            coords={"step": ks},
-        )
+        loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.zeros(int(ks[-1])), ks, n_runs,
+                                   rng, probs=p, kaczmarz=True)
+        ds = _mc_dataset(loss, sq, ks)
         attach_attrs(ds, model=self.model_name, source="simulation", optimizer="kaczmarz", sampling=sampling,
                      n_runs=n_runs, seed=seed, **self.params)
         return ds

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["simulate_linear_system", "simulate_regression"]
+__all__ = ["simulate_linear_system", "simulate_regression", "simulate_finite"]
 
 
 @njit(cache=True)
@@ -178,3 +178,97 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         _regression_chunk(A0, A1, b1, lam, np.zeros(1), np.zeros((1, n_runs, batch_size, d)),
                           np.zeros((1, n_runs, batch_size)), readout, np.ones(1, dtype=np.bool_), X, *out, j)
     return tuple(out)
+
+
+@njit(cache=True)
+def _finite_chunk(X, y, row_sq, W, lrs, idx, kaczmarz, record_mask, w_ls, sigma, out_loss, out_sq, rec_start):
+    """Advance the runs' weights W (n_runs, d) through len(lrs) updates on rows idx (n, n_runs, B).
+
+    SGD: w <- w - lr / B sum_b x_b (x_b.w - y_b).  Kaczmarz (B = 1): w <- w + (y_r - x_r.w) x_r / |x_r|^2.
+    Records the excess loss (w - w_ls)^T sigma (w - w_ls) / 2 and |w - w_ls|^2 before update k if
+    record_mask[k].
+    """
+    n_runs, d = W.shape
+    B = idx.shape[2]
+    e = np.empty(d)
+    g = np.empty(d)
+    j = rec_start
+    for k in range(lrs.size):
+        if record_mask[k]:
+            for run in range(n_runs):
+                sq = 0.0
+                for i in range(d):
+                    e[i] = W[run, i] - w_ls[i]
+                    sq += e[i] * e[i]
+                loss = 0.0
+                for i in range(d):
+                    acc = 0.0
+                    for l in range(d):
+                        acc += sigma[i, l] * e[l]
+                    loss += 0.5 * e[i] * acc
+                out_loss[j, run] = loss
+                out_sq[j, run] = sq
+            j += 1
+        for run in range(n_runs):
+            if kaczmarz:
+                r = idx[k, run, 0]
+                res = y[r]
+                for i in range(d):
+                    res -= X[r, i] * W[run, i]
+                step = res / row_sq[r]
+                for i in range(d):
+                    W[run, i] += step * X[r, i]
+                continue
+            for i in range(d):
+                g[i] = 0.0
+            for b in range(B):
+                r = idx[k, run, b]
+                res = -y[r]
+                for i in range(d):
+                    res += X[r, i] * W[run, i]
+                for i in range(d):
+                    g[i] += X[r, i] * res
+            for i in range(d):
+                W[run, i] -= lrs[k] / B * g[i]
+    return j
+
+
+def simulate_finite(X, y, w0, w_ls, sigma, lrs, record, n_runs, rng, *, batch_size=1, replacement=True,
+                    probs=None, kaczmarz=False):
+    """Monte Carlo SGD (or randomized Kaczmarz) on a fixed data set; returns ``(loss, sq_error)``,
+    each ``(len(record), n_runs)``.
+
+    Rows are drawn by the ``numpy.random.Generator`` ``rng``: uniformly with replacement, as epochs of
+    random permutations (``replacement=False``: consecutive batches of the stream of permutations), or
+    with probabilities ``probs`` (Kaczmarz).
+    """
+    n, d = X.shape
+    n_steps = lrs.size
+    W = np.ascontiguousarray(np.tile(w0, (n_runs, 1)))
+    out_loss = np.empty((record.size, n_runs))
+    out_sq = np.empty((record.size, n_runs))
+    mask = np.zeros(n_steps + 1, dtype=np.bool_)
+    mask[record] = True
+    row_sq = np.sum(X**2, axis=1)
+    B = 1 if kaczmarz else int(batch_size)
+    chunk = max(1, int(2_000_000 // max(1, n_runs * B)))
+    stream = np.empty((n_runs, 0), dtype=np.int64)
+    j = 0
+    for k0 in range(0, n_steps, chunk):
+        k1 = min(n_steps, k0 + chunk)
+        m = k1 - k0
+        if probs is not None:
+            idx = rng.choice(n, size=(m, n_runs, 1), p=probs)
+        elif replacement:
+            idx = rng.integers(0, n, size=(m, n_runs, B))
+        else:
+            while stream.shape[1] < m * B:
+                stream = np.concatenate([stream, rng.permuted(np.tile(np.arange(n), (n_runs, 1)), axis=1)], axis=1)
+            idx = stream[:, : m * B].reshape(n_runs, m, B).transpose(1, 0, 2)
+            stream = stream[:, m * B:]
+        j = _finite_chunk(X, y, row_sq, W, lrs[k0:k1], np.ascontiguousarray(idx), kaczmarz, mask[k0:k1], w_ls,
+                          sigma, out_loss, out_sq, j)
+    if mask[n_steps]:
+        _finite_chunk(X, y, row_sq, W, np.zeros(1), np.zeros((1, n_runs, B), dtype=np.int64), kaczmarz,
+                      np.ones(1, dtype=np.bool_), w_ls, sigma, out_loss, out_sq, j)
+    return out_loss, out_sq
