@@ -1,7 +1,8 @@
 """Toy models of stochastic optimization: exact moment dynamics with Monte Carlo beside them."""
 
 from . import secular
-from .linreg import GaussianLinearRegression
+from .features import RandomFeatures
+from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
 from .optimizers import EMA, SGD, Momentum
 from .schedules import Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
@@ -10,6 +11,8 @@ from .spectra import power_law
 __all__ = [
     "NQM",
     "GaussianLinearRegression",
+    "FiniteLinearRegression",
+    "RandomFeatures",
     "secular",
     "SGD",
     "Momentum",
