@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gradient_statistics", "STAT_NAMES"]
+__all__ = ["gradient_statistics", "two_batch_estimates", "STAT_NAMES"]
 
 STAT_NAMES = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
@@ -31,7 +31,7 @@ def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
     Args:
         grad_norm_sq: |E g|^2, array-like (any shape), >= 0.
         trace_cov: tr Sigma of the per-example gradient covariance, broadcastable, >= 0.
-        n_params: P, the number of coordinates (> 0).
+        n_params: P, the number of coordinates (> 0), broadcastable (e.g. per layer).
         batch_size: B (>= 1), broadcastable.
 
     Returns:
@@ -45,7 +45,7 @@ def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
         raise ValueError("`grad_norm_sq` and `trace_cov` must be >= 0.")
     if np.any(bs < 1):
         raise ValueError("`batch_size` must be >= 1.")
-    if n_params <= 0:
+    if np.any(np.asarray(n_params) <= 0):
         raise ValueError(f"`n_params` must be > 0; got {n_params}.")
     cov_b = tr / bs
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -57,3 +57,21 @@ def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
             "noise_scale": np.where(g2 > 0, tr / np.where(g2 > 0, g2, 1.0), np.inf) * np.ones_like(bs),
         }
     return out
+
+
+def two_batch_estimates(sq_small, b_small, sq_big, b_big):
+    """Unbiased |E g|^2 and tr Sigma from squared norms of mean gradients at two batch sizes
+    (McCandlish et al. 2018, App. A): with E|G_B|^2 = |E g|^2 + tr Sigma / B,
+
+        |E g|^2 = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small),
+        tr Sigma = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big).
+
+    Per-example gradients give b_small = 1 (|G_small|^2 = mean |g_i|^2) and b_big = B.
+    Returns ``(grad_norm_sq, trace_cov)`` (arrays; either may come out negative from noise).
+    """
+    sq_small, sq_big = np.asarray(sq_small, dtype=np.float64), np.asarray(sq_big, dtype=np.float64)
+    if not (np.all(np.asarray(b_small) >= 1) and np.all(np.asarray(b_big) > np.asarray(b_small))):
+        raise ValueError("`b_big` must be larger than `b_small` >= 1.")
+    g2 = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
+    tr = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
+    return g2, tr

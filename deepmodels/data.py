@@ -1,0 +1,157 @@
+"""Real small data sets that need no download, with label noise and duplicated examples.
+
+* :func:`digits`: scikit-learn's handwritten digits (1797 real 8x8 images, 10 classes), shipped
+  with scikit-learn.
+* :func:`load_mnist_npz` / :func:`load_cifar10`: files a user already has (Keras' ``mnist.npz``;
+  the CIFAR-10 "python version" folder).  Nothing is downloaded.
+
+Every split and corruption is drawn from an explicit seed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "digits", "load_mnist_npz", "load_cifar10", "corrupt_labels", "add_duplicates"]
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors: ``x`` float32 ``(n, ...)``, ``y`` int64 ``(n,)``."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    name: str
+
+    def to(self, device) -> "Dataset":
+        return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                       self.y_test.to(device), self.n_classes, self.name)
+
+
+def _check_fraction(name, value, high=1.0):
+    v = float(value)
+    if not (0.0 <= v < high):
+        raise ValueError(f"`{name}` must be a float in [0, {high:g}); got {value!r}.")
+    return v
+
+
+def _split(x, y, test_fraction, seed):
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(x.shape[0])
+    n_test = int(round(test_fraction * x.shape[0]))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0):
+    """Symmetric label noise: a ``fraction`` of the labels, chosen at random, replaced by a different
+    class drawn uniformly.  Returns ``(new_labels, corrupted_mask)`` (numpy)."""
+    fraction = _check_fraction("label_noise", fraction)
+    y = np.asarray(y).copy()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(y.size, size=int(round(fraction * y.size)), replace=False)
+    y[idx] = (y[idx] + rng.integers(1, n_classes, size=idx.size)) % n_classes
+    mask = np.zeros(y.size, dtype=bool)
+    mask[idx] = True
+    return y, mask
+
+
+def add_duplicates(x, y, share: float, n_points: int = 5, seed: int = 0):
+    """Replace a ``share`` of the examples by copies of ``n_points`` of them (Faghri et al. Sec. 4.3):
+    the set keeps its size.  Returns ``(x, y)`` (numpy)."""
+    share = _check_fraction("duplicates", share)
+    x, y = np.asarray(x).copy(), np.asarray(y).copy()
+    n_dup = int(round(share * x.shape[0]))
+    if n_dup == 0:
+        return x, y
+    if n_dup < n_points:
+        raise ValueError(f"`duplicates` must make up at least {n_points} examples; got {n_dup}.")
+    rng = np.random.default_rng(seed)
+    src = rng.choice(x.shape[0], size=n_points, replace=False)
+    dst = rng.choice(np.setdiff1d(np.arange(x.shape[0]), src), size=n_dup - n_points, replace=False)
+    x[dst] = x[src[np.arange(dst.size) % n_points]]
+    y[dst] = y[src[np.arange(dst.size) % n_points]]
+    return x, y
+
+
+def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicates, device, image_shape=None):
+    x = (x - x.mean()) / x.std()
+    x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed)
+    if label_noise:
+        y_tr, _ = corrupt_labels(y_tr, label_noise, n_classes, seed=seed + 1)
+    if duplicates:
+        x_tr, y_tr = add_duplicates(x_tr, y_tr, duplicates, seed=seed + 2)
+    shape = (-1,) + tuple(image_shape) if image_shape else (-1,) + x.shape[1:]
+    t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
+    return Dataset(t(x_tr.reshape(shape), torch.float32), t(y_tr, torch.int64), t(x_te.reshape(shape), torch.float32),
+                   t(y_te, torch.int64), n_classes, name)
+
+
+def digits(*, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.0, duplicates: float = 0.0,
+           flatten: bool = True, device="cpu") -> Dataset:
+    """scikit-learn's handwritten digits, standardised; ``flatten=False`` gives ``(n, 1, 8, 8)`` images.
+
+    Args:
+        test_fraction: share of the 1797 images held out (a seeded random split).
+        seed: seed of the split and of the corruptions.
+        label_noise: share of training labels replaced by another class.
+        duplicates: share of the training set replaced by copies of 5 examples.
+        flatten: 64-vectors (MLP) or 1x8x8 images (CNN).
+        device: torch device of the tensors.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _finish(d.data.astype(np.float64), d.target.astype(np.int64), 10, "digits", test_fraction=test_fraction,
+                   seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
+                   image_shape=None if flatten else (1, 8, 8))
+
+
+def load_mnist_npz(path, *, n_train: int | None = None, seed: int = 0, label_noise: float = 0.0, device="cpu") -> Dataset:
+    """MNIST from a Keras-style ``mnist.npz`` (keys x_train, y_train, x_test, y_test) the user has."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"`path` {path!r} does not exist (nothing is downloaded; point it at your mnist.npz).")
+    with np.load(path) as f:
+        xtr, ytr, xte, yte = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    return _from_arrays(xtr, ytr, xte, yte, 10, "mnist", n_train, seed, label_noise, device, (1, 28, 28))
+
+
+def load_cifar10(folder, *, n_train: int | None = None, seed: int = 0, label_noise: float = 0.0, device="cpu") -> Dataset:
+    """CIFAR-10 from the "python version" folder (data_batch_1..5, test_batch) the user has."""
+    def batch(name):
+        p = os.path.join(folder, name)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"`folder` {folder!r} lacks {name} (nothing is downloaded).")
+        with open(p, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        return d[b"data"].reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
+
+    parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    xte, yte = batch("test_batch")
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = np.concatenate([p[1] for p in parts])
+    return _from_arrays(xtr, ytr, xte, yte, 10, "cifar10", n_train, seed, label_noise, device, (3, 32, 32))
+
+
+def _from_arrays(xtr, ytr, xte, yte, n_classes, name, n_train, seed, label_noise, device, shape):
+    xtr = xtr.astype(np.float64) / 255.0
+    xte = xte.astype(np.float64) / 255.0
+    mean, std = xtr.mean(), xtr.std()
+    if n_train is not None:
+        idx = np.random.default_rng(seed).choice(xtr.shape[0], size=n_train, replace=False)
+        xtr, ytr = xtr[idx], ytr[idx]
+    if label_noise:
+        ytr, _ = corrupt_labels(ytr, label_noise, n_classes, seed=seed + 1)
+    t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
+    return Dataset(t(((xtr - mean) / std).reshape((-1,) + shape), torch.float32), t(ytr.astype(np.int64), torch.int64),
+                   t(((xte - mean) / std).reshape((-1,) + shape), torch.float32), t(yte.astype(np.int64), torch.int64),
+                   n_classes, name)

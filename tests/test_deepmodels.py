@@ -1,0 +1,149 @@
+"""deepmodels: per-example gradients, the Linear fast path, probes, and the linear model vs toymodels.linreg."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepmodels import data, models, pergrad, probes
+from toymodels import GaussianLinearRegression
+from toymodels.schema import validate
+from toymodels.stats import two_batch_estimates
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.digits(seed=0)
+
+
+def _loop_grads(model, loss_fn, x, y):
+    out = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        out.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+    model.zero_grad()
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "rf"])
+def test_per_example_grads_equal_a_loop(digits, kind):
+    if kind == "cnn":
+        d = data.digits(seed=0, flatten=False)
+        model, x, y = models.cnn(1, 10, 8, width=4), d.x_train[:20], d.y_train[:20]
+    elif kind == "rf":
+        model, x, y = models.random_features(64, 30, 10), digits.x_train[:20], digits.y_train[:20]
+    else:
+        model, x, y = models.mlp(64, 10, (32,)), digits.x_train[:20], digits.y_train[:20]
+    G = pergrad.flatten(pergrad.per_example_grads(model, F.cross_entropy, x, y, chunk_size=7))
+    torch.testing.assert_close(G, _loop_grads(model, F.cross_entropy, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_fast_path_equals_torch_func(digits):
+    model = models.mlp(64, 10, (32, 16), seed=1)
+    x, y = digits.x_train[:50], digits.y_train[:50]
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    fast = pergrad.linear_fast_path(model, F.cross_entropy, x, y)
+    for layer, f in fast.items():
+        G = torch.cat([grads[f"{layer}.weight"].reshape(50, -1), grads[f"{layer}.bias"]], dim=1)
+        torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_probe_hooks_equal_func_and_schema(digits):
+    model = models.mlp(64, 10, (32,), seed=2)
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    a = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="hooks")
+    b = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="func")
+    validate(a)
+    assert list(a.layer.values) == ["0", "2", "total"]
+    for v in ("grad_norm_sq", "trace_cov", "grad_var", "grad_nvar", "noise_scale", "noise_scale_unbiased"):
+        np.testing.assert_allclose(a[v].values, b[v].values, rtol=2e-4)
+    # totals add up; grad_var is tr Sigma / (B P)
+    np.testing.assert_allclose(a.trace_cov.sel(layer="total"), a.trace_cov.sel(layer=["0", "2"]).sum(), rtol=1e-12)
+    np.testing.assert_allclose(a.grad_var, a.trace_cov / 16 / a.n_params, rtol=1e-12)
+    cnn = models.cnn(1, 10, 8, width=4)
+    d = data.digits(seed=0, flatten=False)
+    c = probes.gradient_stats(cnn, F.cross_entropy, d.x_train[:32], d.y_train[:32])
+    assert c.attrs["method"] == "func" and np.all(np.isfinite(c.grad_nvar.values))
+
+
+def test_linear_model_statistics_equal_the_linreg_closed_form():
+    """A torch linear model on Gaussian data with a teacher measures toymodels.linreg's gradient mean and
+    covariance trace (label noise + batch noise) within 4 standard errors."""
+    lam = np.array([1.0, 0.5, 0.25, 0.1])
+    lr_model = GaussianLinearRegression(lam, w_star=np.array([1.0, -0.5, 0.3, 2.0]), noise_std=0.4)
+    w = np.array([0.2, 0.1, -0.3, 1.0])
+    rng = np.random.default_rng(0)
+    n = 40_000
+    x = rng.standard_normal((n, 4)) * np.sqrt(lam)
+    t = x @ lr_model.w_star + 0.4 * rng.standard_normal(n)
+    net = models.linear(4, 1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor(w[None, :], dtype=torch.float32))
+    net = net.double()
+
+    def loss_fn(out, target):
+        return 0.5 * ((out.squeeze(-1) - target) ** 2).mean()
+
+    ds = probes.gradient_stats(net, loss_fn, torch.tensor(x), torch.tensor(t), method="hooks")
+    cov = lr_model.gradient_covariance(w)
+    total = ds.sel(layer="total")
+    assert abs(float(total.trace_cov) - np.trace(cov["label"] + cov["batch"])) < 4 * float(total.trace_cov_sem)
+    g = torch.tensor(x) * (torch.tensor(x) @ torch.tensor(w) - torch.tensor(t))[:, None]
+    se = g.std(0).numpy() / math.sqrt(n)
+    assert np.all(np.abs(g.mean(0).numpy() - cov["mean"]) < 4 * se)
+    g2_se = 2 * np.sqrt(np.sum((cov["mean"] * se) ** 2))
+    assert abs(float(total.grad_norm_sq_unbiased) - np.sum(cov["mean"] ** 2)) < 4 * g2_se + 1e-12
+
+
+def test_two_batch_estimates_are_unbiased():
+    rng = np.random.default_rng(1)
+    mu, sd, B = np.array([0.3, -0.2, 0.1]), 1.5, 8
+    small, big = [], []
+    for _ in range(20_000):
+        g = mu + sd * rng.standard_normal((B, 3))
+        small.append(np.mean(np.sum(g**2, axis=1)))
+        big.append(np.sum(g.mean(0) ** 2))
+    g2, tr = two_batch_estimates(np.array(small), 1.0, np.array(big), float(B))
+    assert abs(g2.mean() - mu @ mu) < 4 * g2.std() / math.sqrt(g2.size)
+    assert abs(tr.mean() - 3 * sd**2) < 4 * tr.std() / math.sqrt(tr.size)
+
+
+def test_data_sets():
+    a, b = data.digits(seed=3), data.digits(seed=3)
+    assert torch.equal(a.x_train, b.x_train) and a.x_train.shape[1] == 64
+    assert a.x_train.shape[0] + a.x_test.shape[0] == 1797
+    noisy = data.digits(seed=3, label_noise=0.2)
+    changed = (noisy.y_train != a.y_train).float().mean().item()
+    assert changed == pytest.approx(0.2, abs=1 / a.y_train.numel())
+    dup = data.digits(seed=3, duplicates=0.5)
+    assert torch.unique(dup.x_train, dim=0).shape[0] == a.x_train.shape[0] - int(round(0.5 * a.x_train.shape[0])) + 5
+    img = data.digits(flatten=False)
+    assert img.x_train.shape[1:] == (1, 8, 8)
+
+
+def test_bad_input(digits):
+    model = models.mlp(64, 10, (8,))
+    x, y = digits.x_train[:10], digits.y_train[:10]
+    with pytest.raises(ValueError, match="`x` must hold at least one example"):
+        pergrad.per_example_grads(model, F.cross_entropy, x[:0], y[:0])
+    with pytest.raises(ValueError, match="`y` must have 10 entries"):
+        probes.gradient_stats(model, F.cross_entropy, x, y[:5])
+    with pytest.raises(ValueError, match="not finite"):
+        probes.gradient_stats(model, F.cross_entropy, x * float("nan"), y)
+    with pytest.raises(ValueError, match="non-finite per-example gradient"):
+        probes.gradient_stats(model, F.cross_entropy, x * float("nan"), y, method="func")
+    bn = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10))
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        pergrad.per_example_grads(bn, F.cross_entropy, x, y)
+    with pytest.raises(ValueError, match="`method` must be"):
+        probes.gradient_stats(model, F.cross_entropy, x, y, method="magic")
+    with pytest.raises(ValueError, match="`label_noise` must be a float in \\[0, 1\\)"):
+        data.digits(label_noise=1.5)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        data.load_mnist_npz("/nonexistent/mnist.npz")
