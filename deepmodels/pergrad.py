@@ -1,16 +1,20 @@
 """Per-example gradients: for any model by ``torch.func`` (chunked), and a hook fast path for
-Linear layers that gives per-example squared norms and coordinate sums of squares without
-materialising the ``(B, P)`` array (per-example weight gradient = d a^T with a the layer input and
-d the gradient of the summed loss at its output, so |g_i|^2 = |d_i|^2 |a_i|^2).
+Linear and Conv2d layers that gives per-example squared norms, dot products with the mean gradient
+and coordinate sums of squares without materialising the model's ``(B, P)`` array.  The
+per-example weight gradient of a Linear layer is d_i a_i^T (a the layer input, d the gradient of the
+summed loss at its output), so |g_i|^2 = |d_i|^2 |a_i|^2; a Conv2d layer's per-example weight
+gradients come from one grouped convolution (the batch as B groups of channels), formed one layer
+at a time (``(B, C_out, C_in k^2)``, small for convolutions).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.grad import conv2d_weight
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["per_example_grads", "flatten", "linear_fast_path", "check_batch"]
+__all__ = ["per_example_grads", "flatten", "hook_summaries", "LayerCapture", "check_batch"]
 
 
 def check_batch(x, y):
@@ -64,64 +68,131 @@ def flatten(grads: dict) -> torch.Tensor:
     return torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)
 
 
-def linear_fast_path(model: nn.Module, loss_fn, x, y) -> dict:
+class LayerCapture:
+    """Context manager that records, during one forward and backward pass of a mean-reduced loss,
+    each trainable ``nn.Linear`` / ``nn.Conv2d`` layer's input and output gradient, so that
+    per-example gradient summaries come out of the training step's own backward pass
+    (:meth:`summaries`).
+
+    Raises ValueError on entry if the model has trainable parameters outside such layers, or a
+    Conv2d the unfold trick does not cover (groups > 1, non-zero padding modes, string padding).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        covered = {f"{n}.{p}" if n else p for n, m in self.linears.items() for p, v in m.named_parameters(recurse=False)
+                   if v.requires_grad}
+        other = [k for k, v in model.named_parameters() if v.requires_grad and k not in covered]
+        if other:
+            raise ValueError(f"the hook fast path handles nn.Linear and nn.Conv2d parameters only; also trainable: {other}.")
+        for n, m in self.linears.items():
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+                raise ValueError(f"the hook fast path needs Conv2d with groups=1, zero padding given as numbers; `{n}` is not.")
+        self.acts, self._handles = {}, []
+
+    def __enter__(self):
+        for name, m in self.linears.items():
+            if not any(p.requires_grad for p in m.parameters(recurse=False)):
+                continue
+
+            def capture(mod, inp, out, name=name):
+                # the layer input now, the gradient at its output when the backward pass reaches it
+                self.acts[name] = [inp[0].detach(), None]
+                out.register_hook(lambda g, name=name: self.acts[name].__setitem__(1, g.detach()))
+
+            self._handles.append(m.register_forward_hook(capture))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return False
+
+    def summaries(self, batch_size: int, *, coordinate_sums: bool = True, dots: bool = True, sums: bool = True) -> dict:
+        """Per layer: ``{"n_params", "mean_norm_sq", "sq_norms"[, "dots", "sum", "sum_sq"]}`` (see
+        :func:`hook_summaries`).
+
+        The mean gradient is read from the parameters' ``.grad`` (the backward pass already formed
+        it).  Linear layers add elementwise work only, plus one matmul for the dot products
+        g_i . g_bar (``dots``) and one for the coordinate sums of squares (``coordinate_sums``);
+        Conv2d layers form their per-example weight gradients.
+        """
+        B = batch_size
+        out = {}
+        for key, (a, d) in self.acts.items():
+            name = key or "model"
+            if d is None:
+                raise ValueError(f"no gradient reached layer `{name}`: call backward() inside the capture.")
+            m = self.linears[key]
+            d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
+            if isinstance(m, nn.Conv2d):
+                cin, cout = a.shape[1], d.shape[1]
+                # per-example weight gradients (B, C_out, C_in k^2) in one grouped-convolution call: the
+                # batch becomes B groups of channels
+                gi = conv2d_weight(a.reshape(1, B * cin, *a.shape[2:]), (B * cout, cin, *m.kernel_size),
+                                   d.reshape(1, B * cout, *d.shape[2:]), stride=m.stride, padding=m.padding,
+                                   dilation=m.dilation, groups=B).reshape(B, cout, -1)
+                gw = m.weight.grad.reshape(gi.shape[1:]) if m.weight.grad is not None else gi.mean(0)
+                sq = (gi * gi).sum((1, 2))
+                dts = (gi * gw).sum((1, 2)) if dots else None
+                ss = [(gi * gi).sum(0).reshape(-1)] if coordinate_sums else None
+                db = d.reshape(B, cout, -1).sum(2)  # per-example bias gradients (B, C_out)
+            else:
+                if a.dim() != 2:
+                    raise ValueError(f"the hook fast path needs (B, features) inputs to Linear; `{name}` got {tuple(a.shape)}.")
+                gw = m.weight.grad if m.weight.grad is not None else d.T @ a / B  # the mean gradient
+                d2 = d * d
+                sq = d2.sum(1) * (a * a).sum(1)
+                dts = ((d @ gw) * a).sum(1) if dots else None  # g_i . mean gradient
+                ss = [(d2.T @ (a * a)).reshape(-1)] if coordinate_sums else None
+                db = d
+            m2 = (gw * gw).sum()
+            n_params = gw.numel()
+            s = [gw.reshape(-1) * B] if sums else None
+            if m.bias is not None and m.bias.requires_grad:
+                gb = m.bias.grad if m.bias.grad is not None else db.mean(0)
+                m2 = m2 + (gb * gb).sum()
+                n_params += gb.numel()
+                sq = sq + (db * db).sum(1)
+                if sums:
+                    s.append(gb * B)
+                if dots:
+                    dts = dts + db @ gb
+                if coordinate_sums:
+                    ss.append((db * db).sum(0))
+            out[name] = {"n_params": n_params, "mean_norm_sq": m2, "sq_norms": sq}
+            if dots:
+                out[name]["dots"] = dts
+            if sums:
+                out[name]["sum"] = torch.cat(s)
+            if coordinate_sums:
+                out[name]["sum_sq"] = torch.cat(ss)
+        return out
+
+
+def hook_summaries(model: nn.Module, loss_fn, x, y) -> dict:
     """Per-layer ``(sum over examples of g_i, sum of |g_i|^2 per example, sum of g_i^2 per coordinate)``
-    for every ``nn.Linear`` (weight and bias together) from one backward pass with hooks.
+    for every ``nn.Linear`` and ``nn.Conv2d`` (weight and bias together) from one backward pass with hooks.
 
     ``loss_fn`` must reduce by the mean; the per-example gradients are those of the per-example loss.
-    Only Linear layers on ``(B, features)`` inputs; other trainable parameters raise ValueError.
+    Linear layers on ``(B, features)`` inputs and Conv2d layers; other trainable parameters raise
+    ValueError.
 
     Returns:
-        ``{layer name: {"sum": (P_l,), "sq_norms": (B,), "dots": (B,), "sum_sq": (P_l,)}}``: the sum of
-        the per-example gradients, their squared norms, their dot products with the mean gradient and
-        the per-coordinate sums of squares, parameters flattened as ``[weight.ravel(), bias]``.
+        ``{layer name: {"n_params", "mean_norm_sq", "sum": (P_l,), "sq_norms": (B,), "dots": (B,),
+        "sum_sq": (P_l,)}}``: the layer's parameter count, |g_bar|^2, the sum of the per-example
+        gradients, their squared norms, their dot products with the mean gradient and the
+        per-coordinate sums of squares, parameters flattened as ``[weight.ravel(), bias]``.
     """
     check_batch(x, y)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    covered = {f"{n}.{p}" if n else p for n, m in linears.items() for p, v in m.named_parameters(recurse=False)
-               if v.requires_grad}
-    other = [k for k, v in model.named_parameters() if v.requires_grad and k not in covered]
-    if other:
-        raise ValueError(f"linear_fast_path handles nn.Linear parameters only; also trainable: {other}.")
-    acts, handles = {}, []
-    for name, m in linears.items():
-        if not any(p.requires_grad for p in m.parameters(recurse=False)):
-            continue
-
-        def capture(mod, inp, out, name=name):
-            # the layer input now, the gradient at its output when the backward pass reaches it
-            acts[name] = [inp[0].detach(), None]
-            out.register_hook(lambda g, name=name: acts[name].__setitem__(1, g.detach()))
-
-        handles.append(m.register_forward_hook(capture))
-    try:
+    with LayerCapture(model) as cap:
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
             raise ValueError("the loss is not finite (NaN or inf).")
         loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    B = x.shape[0]
-    out = {}
-    for key, (a, d) in acts.items():
-        name = key or "model"
-        if a.dim() != 2:
-            raise ValueError(f"linear_fast_path needs (B, features) inputs; layer `{name}` got {tuple(a.shape)}.")
-        d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
-        m = linears[key]
-        gw = d.T @ a
-        s = [gw.reshape(-1)]
-        sq = (d**2).sum(1) * (a**2).sum(1)
-        dots = ((d @ gw) * a).sum(1) / B  # g_i . mean gradient
-        ss = [((d**2).T @ (a**2)).reshape(-1)]
-        if m.bias is not None and m.bias.requires_grad:
-            gb = d.sum(0)
-            s.append(gb)
-            sq = sq + (d**2).sum(1)
-            dots = dots + d @ gb / B
-            ss.append((d**2).sum(0))
-        out[name] = {"sum": torch.cat(s), "sq_norms": sq, "dots": dots, "sum_sq": torch.cat(ss)}
+    out = cap.summaries(x.shape[0])
     model.zero_grad(set_to_none=True)
     return out

@@ -12,6 +12,7 @@ one definition.  ``grad_norm_sq_unbiased`` and ``noise_scale_unbiased`` come fro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from toymodels.stats import gradient_statistics, two_batch_estimates
 
 from . import pergrad
 
-__all__ = ["gradient_stats"]
+__all__ = ["gradient_stats", "probed_step", "Measurement", "stack"]
 
 
 def _layer_of(param_name: str) -> str:
@@ -40,19 +41,20 @@ def _summaries_func(model, loss_fn, x, y, chunk_size):
     for name, parts in layers.items():
         G = torch.cat(parts, dim=1).double()
         mean = G.mean(0)
-        out[name] = (G.shape[1], mean, (G**2).sum(1), ((G - mean) ** 2).sum(1))
+        out[name] = (G.shape[1], float(mean @ mean), (G**2).sum(1), ((G - mean) ** 2).sum(1))
     return out
 
 
 def _summaries_hooks(model, loss_fn, x, y):
-    fast = pergrad.linear_fast_path(model, loss_fn, x, y)
-    B = x.shape[0]
+    return _from_fast(pergrad.hook_summaries(model, loss_fn, x, y), x.shape[0])
+
+
+def _from_fast(fast, B):
+    """(P, |g_bar|^2, |g_i|^2, |g_i - g_bar|^2 or None) per layer from the hook summaries."""
     out = {}
     for name, f in fast.items():
-        mean = f["sum"].double() / B
-        m2 = float(mean @ mean)
-        sq = f["sq_norms"].double()
-        out[name] = (mean.numel(), mean, sq, sq - 2.0 * f["dots"].double() + m2)
+        m2, sq = f["mean_norm_sq"], f["sq_norms"]
+        out[name] = (f["n_params"], m2, sq, sq - 2.0 * f["dots"] + m2 if "dots" in f else None)
     return out
 
 
@@ -65,9 +67,9 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         loss_fn: batch loss reducing by the mean, e.g. ``torch.nn.functional.cross_entropy``.
         x, y: the examples to measure on (B >= 2).
         batch_size: the optimizer's mini-batch size the statistics refer to (default B).
-        method: ``"func"`` (torch.func per-example gradients, any model), ``"hooks"`` (Linear-layer
-            fast path, no (B, P) array) or ``"auto"`` (hooks when every trainable parameter belongs
-            to an nn.Linear on 2-D inputs).
+        method: ``"func"`` (torch.func per-example gradients, any model), ``"hooks"`` (Linear and
+            Conv2d fast path, no (B, P) array) or ``"auto"`` (hooks when every trainable parameter
+            belongs to such a layer).
         chunk_size: examples per vectorised call for ``"func"``.
         step: training step to record as a coordinate (optional).
 
@@ -99,29 +101,105 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         summ = _summaries_hooks(model, loss_fn, x, y)
     else:
         summ = _summaries_func(model, loss_fn, x, y, chunk_size)
-    names = list(summ) + ["total"]
-    P = np.array([summ[n][0] for n in summ] + [sum(s[0] for s in summ.values())], dtype=np.float64)
-    g2 = [float(summ[n][1] @ summ[n][1]) for n in summ]
-    sq = [summ[n][2] for n in summ]
-    dev = [summ[n][3] for n in summ]
-    g2.append(sum(g2))
-    sq.append(sum(sq))
-    dev.append(sum(dev))
-    g2 = np.array(g2)
-    tr = np.array([float(d.mean()) for d in dev])
-    tr_sem = np.array([float(d.std()) / math.sqrt(B) for d in dev])
-    mean_sq = np.array([float(s.mean()) for s in sq])
-    st = gradient_statistics(g2, tr, P, bs)
-    g2u, tru = two_batch_estimates(mean_sq, 1.0, g2, float(B))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        nsu = np.where(g2u > 0, tru / np.where(g2u > 0, g2u, 1.0), np.inf)
-    data = {k: ("layer", np.asarray(v, dtype=np.float64)) for k, v in st.items()}
-    data.update(trace_cov=("layer", tr), trace_cov_sem=("layer", tr_sem), grad_norm_sq_unbiased=("layer", g2u),
-                noise_scale_unbiased=("layer", nsu), n_params=("layer", P))
-    ds = xr.Dataset(data, coords={"layer": names})
-    if step is not None:
-        ds = ds.expand_dims(step=[int(step)])
+    ds = _measure(summ, B, bs, step).to_dataset()
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
                  method=method, device=str(x.device))
     model.zero_grad(set_to_none=True)
     return ds
+
+
+@dataclass
+class Measurement:
+    """One probe's numbers per layer (last entry: the total), before they become xarray.
+
+    ``trace_cov_sem`` is NaN where the per-example deviations were not formed.
+    """
+
+    layer: list
+    n_params: np.ndarray
+    grad_norm_sq: np.ndarray
+    trace_cov: np.ndarray
+    trace_cov_sem: np.ndarray
+    mean_sq: np.ndarray
+    n_examples: int
+    batch_size: float
+    step: int | None = None
+
+    def variables(self) -> dict:
+        """The statistics (numpy, per layer)."""
+        st = gradient_statistics(self.grad_norm_sq, np.maximum(self.trace_cov, 0.0), self.n_params, self.batch_size)
+        g2u, tru = two_batch_estimates(self.mean_sq, 1.0, self.grad_norm_sq, float(self.n_examples))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            nsu = np.where(g2u > 0, tru / np.where(g2u > 0, g2u, 1.0), np.inf)
+        out = {k: np.asarray(v, dtype=np.float64) for k, v in st.items()}
+        out.update(trace_cov=self.trace_cov, trace_cov_sem=self.trace_cov_sem, grad_norm_sq_unbiased=g2u,
+                   noise_scale_unbiased=nsu, n_params=self.n_params)
+        return out
+
+    def to_dataset(self) -> xr.Dataset:
+        ds = xr.Dataset({k: ("layer", v) for k, v in self.variables().items()}, coords={"layer": self.layer})
+        return ds if self.step is None else ds.expand_dims(step=[int(self.step)])
+
+
+def stack(measurements, **attrs) -> xr.Dataset:
+    """One Dataset over ``step`` and ``layer`` from a list of :class:`Measurement` (same layers)."""
+    if not measurements:
+        raise ValueError("`measurements` must not be empty.")
+    steps = [m.step for m in measurements]
+    if any(s is None for s in steps):
+        raise ValueError("every measurement needs a `step` to be stacked.")
+    rows = [m.variables() for m in measurements]
+    ds = xr.Dataset({k: (("step", "layer"), np.stack([r[k] for r in rows])) for k in rows[0]},
+                    coords={"step": np.asarray(steps, dtype=np.int64), "layer": measurements[0].layer})
+    attach_attrs(ds, source="measurement", **{"model": "network", **attrs})
+    return ds
+
+
+def _measure(summ, B, bs, step):
+    """Per layer and total, with one transfer from the device for all layers."""
+    names = list(summ)
+    first = summ[names[0]][2]
+    g2 = torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device) for n in names])
+    sq = torch.stack([summ[n][2] for n in names])  # (L, B)
+    msq = sq.mean(1)
+    with_dev = all(summ[n][3] is not None for n in names)
+    if with_dev:
+        dev = torch.stack([summ[n][3] for n in names])
+        rows = torch.stack([g2, dev.mean(1), dev.std(1, unbiased=False), msq])
+        sd_total = dev.sum(0).std(unbiased=False)
+    else:
+        rows = torch.stack([g2, msq - g2, torch.full_like(g2, float("nan")), msq])
+        sd_total = torch.tensor(float("nan"))
+    vals = rows.double().cpu().numpy()
+    sd_total = float(sd_total)
+    P = np.array([summ[n][0] for n in names], dtype=np.float64)
+    g2, tr, sd, msq = vals
+    return Measurement(names + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
+                       np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step)
+
+
+def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None = None, sem: bool = False):
+    """One training step whose own backward pass also yields the gradient statistics (models whose
+    trainable layers are Linear and Conv2d): forward, backward with :class:`deepmodels.pergrad.LayerCapture`, ``optimizer.step()``.
+
+    Args:
+        sem: also form each example's deviation |g_i - g_bar|^2 for the standard error of
+            ``trace_cov`` (one more matmul per layer).
+
+    Returns:
+        ``(loss, Measurement)``: the batch loss and the statistics of this batch (``batch_size`` = B)
+        at the parameters before the update; :func:`stack` turns a list of them into a Dataset.
+    """
+    pergrad.check_batch(x, y)
+    B = x.shape[0]
+    if B < 2:
+        raise ValueError("`x` must hold at least 2 examples to measure a variance.")
+    with pergrad.LayerCapture(model) as cap:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise ValueError("the loss is not finite (NaN or inf).")
+        loss.backward()
+    m = _measure(_from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B), B, float(B), step)
+    optimizer.step()
+    return float(loss.detach()), m

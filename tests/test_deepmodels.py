@@ -41,17 +41,38 @@ def test_per_example_grads_equal_a_loop(digits, kind):
     torch.testing.assert_close(G, _loop_grads(model, F.cross_entropy, x, y), rtol=1e-5, atol=1e-6)
 
 
-def test_linear_fast_path_equals_torch_func(digits):
+def test_hook_summaries_equals_torch_func(digits):
     model = models.mlp(64, 10, (32, 16), seed=1)
     x, y = digits.x_train[:50], digits.y_train[:50]
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
-    fast = pergrad.linear_fast_path(model, F.cross_entropy, x, y)
+    fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
     for layer, f in fast.items():
         G = torch.cat([grads[f"{layer}.weight"].reshape(50, -1), grads[f"{layer}.bias"]], dim=1)
         torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_conv_fast_path_equals_torch_func():
+    d = data.digits(seed=0, flatten=False)
+    model = models.cnn(1, 10, 8, width=4, seed=3)
+    x, y = d.x_train[:24], d.y_train[:24]
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
+    assert set(fast) == {"0", "3", "7", "9"}  # two convolutions, two linear layers
+    for layer, f in fast.items():
+        G = torch.cat([grads[f"{layer}.weight"].reshape(24, -1), grads[f"{layer}.bias"]], dim=1)
+        torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+    strided = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1), torch.nn.Flatten(),
+                                  torch.nn.Linear(48, 10))
+    grads = pergrad.per_example_grads(strided, F.cross_entropy, x, y)
+    fast = pergrad.hook_summaries(strided, F.cross_entropy, x, y)
+    G = torch.cat([grads["0.weight"].reshape(24, -1), grads["0.bias"]], dim=1)
+    torch.testing.assert_close(fast["0"]["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
 
 
 def test_probe_hooks_equal_func_and_schema(digits):
@@ -69,7 +90,9 @@ def test_probe_hooks_equal_func_and_schema(digits):
     cnn = models.cnn(1, 10, 8, width=4)
     d = data.digits(seed=0, flatten=False)
     c = probes.gradient_stats(cnn, F.cross_entropy, d.x_train[:32], d.y_train[:32])
-    assert c.attrs["method"] == "func" and np.all(np.isfinite(c.grad_nvar.values))
+    cf = probes.gradient_stats(cnn, F.cross_entropy, d.x_train[:32], d.y_train[:32], method="func")
+    assert c.attrs["method"] == "hooks" and cf.attrs["method"] == "func"
+    np.testing.assert_allclose(c.trace_cov.values, cf.trace_cov.values, rtol=2e-4)
 
 
 def test_linear_model_statistics_equal_the_linreg_closed_form():
@@ -147,3 +170,73 @@ def test_bad_input(digits):
         data.digits(label_noise=1.5)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         data.load_mnist_npz("/nonexistent/mnist.npz")
+
+
+def _params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_probes_do_not_disturb_training(digits):
+    from deepmodels.train import probe_steps, train
+
+    runs = []
+    for at in ([0], probe_steps(30, every=5), probe_steps(30, n_log=6)):
+        model = models.mlp(64, 10, (16,), seed=4)
+        ds = train(model, digits, lr=0.1, batch_size=8, n_steps=30, probe_at=at, probe_size=32, progress=False)
+        runs.append(_params(model))
+        validate(ds)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert list(ds.step.values) == list(probe_steps(30, n_log=6))
+    assert ds.loss.values[-1] < ds.loss.values[0]
+
+
+def test_training_resumes_after_an_interruption(digits, tmp_path):
+    from deepmodels.train import train
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def flaky(out, target):
+        if out.shape[0] == 8:  # training batches only (probes use 32 examples, evaluation all)
+            calls["n"] += 1
+            if calls["n"] == 13:
+                raise Stop
+        return F.cross_entropy(out, target)
+
+    path = tmp_path / "run.nc"
+    model = models.mlp(64, 10, (16,), seed=5)
+    with pytest.raises(Stop):
+        train(model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32, loss_fn=flaky,
+              path=path, progress=False)
+    resumed_model = models.mlp(64, 10, (16,), seed=99)  # its weights come from the checkpoint
+    resumed = train(resumed_model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32,
+                    path=path, progress=False)
+    straight_model = models.mlp(64, 10, (16,), seed=5)
+    straight = train(straight_model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32,
+                     progress=False)
+    torch.testing.assert_close(_params(resumed_model), _params(straight_model))
+    np.testing.assert_allclose(resumed.loss.values, straight.loss.values, rtol=1e-6)
+
+
+def test_probed_step_measures_the_training_batch(digits):
+    """The probe inside the training step equals the separate probe, and the update is plain SGD's."""
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    a, b = models.mlp(64, 10, (32,), seed=6), models.mlp(64, 10, (32,), seed=6)
+    sep = probes.gradient_stats(a, F.cross_entropy, x, y, method="func")
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    opt_a.zero_grad()
+    F.cross_entropy(a(x), y).backward()
+    opt_a.step()
+    loss, m = probes.probed_step(b, F.cross_entropy, x, y, torch.optim.SGD(b.parameters(), lr=0.1), step=0, sem=True)
+    torch.testing.assert_close(_params(a), _params(b))
+    ds = probes.stack([m])
+    validate(ds)
+    for v in ("grad_norm_sq", "trace_cov", "trace_cov_sem", "grad_nvar", "noise_scale"):
+        np.testing.assert_allclose(ds[v].isel(step=0).values, sep[v].values, rtol=2e-4)
+    # without the per-example deviations: the same trace, no standard error
+    c = models.mlp(64, 10, (32,), seed=6)
+    _, m2 = probes.probed_step(c, F.cross_entropy, x, y, torch.optim.SGD(c.parameters(), lr=0.1), step=0)
+    np.testing.assert_allclose(m2.trace_cov, m.trace_cov, rtol=1e-3)
+    assert np.all(np.isnan(m2.trace_cov_sem))
