@@ -24,7 +24,7 @@ from toymodels.stats import gradient_statistics, two_batch_estimates
 
 from . import pergrad
 
-__all__ = ["gradient_stats", "probed_step", "Measurement", "stack"]
+__all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats"]
 
 
 def _layer_of(param_name: str) -> str:
@@ -203,3 +203,31 @@ def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None 
     m = _measure(_from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B), B, float(B), step)
     optimizer.step()
     return float(loss.detach()), m
+
+
+def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_clusters: int | None = None,
+                    n_iter: int = 10, n_samples: int = 0, seed: int = 0, chunk_size: int = 256) -> xr.Dataset:
+    """Variance of the gradient-mean estimators SG-B, SG-2B, SVRG and gradient clustering over the
+    examples ``(x, y)``, by :func:`toymodels.estimators.estimator_stats` on the network's per-example
+    gradients (one definition for toy models and networks).
+
+    Args:
+        batch_size: B of SG-B (SG-2B uses 2B, SVRG B).
+        snapshot: a copy of the model at SVRG's snapshot (its per-example gradients are the control
+            variate); SVRG is left out if None.
+        n_clusters: clusters of GC (default B, the paper's choice); 0 leaves GC out.  The clustering
+            is the full-rank weighted clustering of Alg. 1-3 on the flattened gradients.
+        n_samples: draws of each estimator for the sampled variance (0: exact only).
+    """
+    from toymodels import estimators
+
+    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+    S = None
+    if snapshot is not None:
+        S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+    K = batch_size if n_clusters is None else n_clusters
+    assign = estimators.gradient_clustering(G, K, n_iter=n_iter, seed=seed)[0] if K else None
+    ds = estimators.estimator_stats(G, batch_size, assign=assign, G_snapshot=S, n_samples=n_samples, seed=seed)
+    ds.attrs["model"] = type(model).__name__.lower()
+    ds.attrs["source"] = "measurement"
+    return ds

@@ -32,6 +32,8 @@ VARIABLES = {
     "grad_norm_sq_unbiased": "unbiased estimate of |E g|^2 (two batch sizes, McCandlish et al. App. A)",
     "noise_scale_unbiased": "B_simple from the unbiased two-batch-size estimates",
     "n_params": "number of parameters",
+    "second_moment_eigenvalue": "eigenvalue of the mini-batch gradient's second-moment matrix",
+    "covariance_eigenvalue": "eigenvalue of the mini-batch gradient's covariance matrix",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
     "momentum_opt": "tuned heavy-ball momentum",

@@ -1,0 +1,69 @@
+"""Gradient-history matrices and their spectra (Xie et al., seed 002, App. A), by the Gram trick.
+
+At fixed parameters, T mini-batch gradients g_1..g_T (rows of M, ``(T, P)``) give the second-moment
+matrix M^T M / T and the covariance (M - mean)^T (M - mean) / T, both P x P.  Their non-zero
+eigenvalues are those of the T x T Gram matrices M M^T / T and (centred) Mc Mc^T / T, so the
+spectra cost O(T^2 P + T^3) and never form a P x P matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from toymodels.schema import attach_attrs
+
+from . import pergrad
+
+__all__ = ["gradient_history", "gram_spectra", "gradient_spectra"]
+
+
+def gradient_history(model, loss_fn, x, y, *, batch_size: int, n_batches: int, seed: int = 0) -> torch.Tensor:
+    """``(n_batches, P)`` mini-batch gradients at the current parameters, batches of ``batch_size``
+    drawn with replacement from ``(x, y)`` by a generator seeded with ``seed`` (parameters unchanged)."""
+    pergrad.check_batch(x, y)
+    if not (isinstance(batch_size, int) and 1 <= batch_size):
+        raise ValueError(f"`batch_size` must be an int >= 1; got {batch_size!r}.")
+    if not (isinstance(n_batches, int) and n_batches >= 2):
+        raise ValueError(f"`n_batches` must be an int >= 2; got {n_batches!r}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for _ in range(n_batches):
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen).to(x.device)
+        loss = loss_fn(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            raise ValueError("the loss is not finite (NaN or inf).")
+        grads = torch.autograd.grad(loss, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).detach())
+    return torch.stack(rows)
+
+
+def gram_spectra(M: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Descending non-zero-capable eigenvalues (length T) of M^T M / T and of the covariance of
+    the rows of M, from the T x T Gram matrices (float64)."""
+    if M.dim() != 2 or M.shape[0] < 2:
+        raise ValueError(f"`M` must be a (T >= 2, P) matrix; got shape {tuple(M.shape)}.")
+    M = M.double()
+    T = M.shape[0]
+    second = torch.linalg.eigvalsh(M @ M.T / T).cpu().numpy()[::-1]
+    Mc = M - M.mean(0)
+    cov = torch.linalg.eigvalsh(Mc @ Mc.T / T).cpu().numpy()[::-1]
+    return np.maximum(second, 0.0).copy(), np.maximum(cov, 0.0).copy()
+
+
+def gradient_spectra(model, loss_fn, x, y, *, batch_size: int, n_batches: int = 100, seed: int = 0) -> xr.Dataset:
+    """Spectra of the mini-batch gradient's second moment and covariance at the current parameters.
+
+    Returns:
+        Dataset over ``rank`` (0 = largest): ``second_moment_eigenvalue`` and
+        ``covariance_eigenvalue``; ``source="measurement"``.
+    """
+    M = gradient_history(model, loss_fn, x, y, batch_size=batch_size, n_batches=n_batches, seed=seed)
+    second, cov = gram_spectra(M)
+    ds = xr.Dataset({"second_moment_eigenvalue": ("rank", second), "covariance_eigenvalue": ("rank", cov)},
+                    coords={"rank": np.arange(second.size)})
+    attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=float(batch_size),
+                 n_batches=n_batches, n_params=int(M.shape[1]), seed=seed)
+    return ds
