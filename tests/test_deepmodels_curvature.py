@@ -113,3 +113,34 @@ def test_bad_input(tiny):
         spectra.gradient_history(model, F.cross_entropy, x, y, batch_size=4, n_batches=1)
     with pytest.raises(ValueError, match="not finite"):
         hessian.hvp(model, F.cross_entropy, x * float("nan"), y, torch.zeros(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_rank1_clustering_variance_and_distances(kind):
+    """Prop. 3.1's variance from per-cluster sums equals toymodels' on materialised gradients, and the
+    rank-1 A-step distances equal |C_k - g_i|^2 computed densely."""
+    from deepmodels.cluster import Rank1Clustering, _layer_data
+    from toymodels import estimators
+
+    if kind == "mlp":
+        d = data.digits(seed=0, duplicates=0.5)
+        model, x, y = models.mlp(64, 10, (16,), seed=2).double(), d.x_train[:120].double(), d.y_train[:120]
+    else:
+        d = data.digits(seed=0, flatten=False, duplicates=0.5)
+        model, x, y = models.cnn(1, 10, 8, width=4, seed=2).double(), d.x_train[:120].double(), d.y_train[:120]
+    gc = Rank1Clustering(model, 8, seed=0).fit(F.cross_entropy, x, y, n_iter=4)
+    G = pergrad.flatten(pergrad.per_example_grads(model, F.cross_entropy, x, y)).numpy()
+    assert gc.variance(F.cross_entropy, x, y) == pytest.approx(estimators.gc_variance(G, gc.assign), rel=1e-9)
+    assert gc.variance(F.cross_entropy, x, y) < estimators.sg_variance(G, 8)  # duplicates are exploited
+    # distances: rank-1 centres made dense
+    layers = _layer_data(model, F.cross_entropy, x, y)
+    centres = gc._centres(layers, torch.as_tensor(gc.assign))
+    dist = gc._distances(layers, centres).numpy()
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    dense = np.zeros_like(dist)
+    for name, (c, e, cb) in centres.items():
+        gw = grads[f"{name}.weight"].reshape(x.shape[0], c.shape[1], -1)
+        C = torch.einsum("ko,kp->kop", c, e)
+        dense += ((gw[:, None] - C[None]) ** 2).sum((2, 3)).numpy()
+        dense += ((grads[f"{name}.bias"][:, None] - cb[None]) ** 2).sum(2).numpy()
+    np.testing.assert_allclose(dist, dense, rtol=1e-8, atol=1e-10)
