@@ -3,7 +3,8 @@
     python benchmarks/probe_overhead.py [--device cuda] [--repeat 30]
 
 Models on scikit-learn's digits, batch 128: an MLP (64-512-512-10) and a LeNet-style CNN (1x8x8
-images); and the CNN (width 32) on MNIST-sized 1x28x28 inputs (random, for timing only).  "plain" is forward + backward + SGD update; "probed" is the same step with the variance /
+images); the CNN (width 32) on MNIST-sized 1x28x28 inputs and ResNet-8 without batch norm on
+CIFAR-sized 3x32x32 inputs (random, for timing only).  "plain" is forward + backward + SGD update; "probed" is the same step with the variance /
 normalized variance / noise-scale probe.  For models made of Linear and Conv2d layers the probe
 rides on the step's own backward pass (``probes.probed_step``: hooks, no B x P array); for other
 models it is a separate ``probes.gradient_stats`` call with torch.func per-example gradients.  Prints medians and the
@@ -85,6 +86,8 @@ def main(argv=None):
     x28 = torch.randn(a.batch_size, 1, 28, 28, generator=g).to(device)
     y28 = torch.randint(0, 10, (a.batch_size,), generator=g).to(device)
     bench("cnn28", models.cnn(1, 10, 28, width=32), x28, y28, a.repeat, device)
+    x32 = torch.randn(a.batch_size, 3, 32, 32, generator=g).to(device)
+    bench("rn8", models.resnet8(3, 10, batch_norm=False), x32, y28, max(5, a.repeat // 3), device)
 
 
 if __name__ == "__main__":

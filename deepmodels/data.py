@@ -2,6 +2,8 @@
 
 * :func:`digits`: scikit-learn's handwritten digits (1797 real 8x8 images, 10 classes), shipped
   with scikit-learn.
+* :func:`mnist1d`: MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package from its
+  ten 1-D templates (length-40 signals; nothing is downloaded).
 * :func:`load_mnist_npz` / :func:`load_cifar10`: files a user already has (Keras' ``mnist.npz``;
   the CIFAR-10 "python version" folder).  Nothing is downloaded.
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "digits", "load_mnist_npz", "load_cifar10", "corrupt_labels", "add_duplicates"]
+__all__ = ["Dataset", "digits", "mnist1d", "load_mnist_npz", "load_cifar10", "corrupt_labels", "add_duplicates"]
 
 
 @dataclass
@@ -114,6 +116,33 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.
     return _finish(d.data.astype(np.float64), d.target.astype(np.int64), 10, "digits", test_fraction=test_fraction,
                    seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
                    image_shape=None if flatten else (1, 8, 8))
+
+
+def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.0,
+            duplicates: float = 0.0, channels: bool = False, device="cpu") -> Dataset:
+    """MNIST-1D generated here (the package's ``make_dataset``; its default transformations: padding,
+    shear, translation, correlated and iid noise), ``(n, 40)`` signals or ``(n, 1, 40)`` with
+    ``channels=True``.
+
+    The generator seeds numpy's global random state; it is saved and restored around the call.
+    """
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    if not (isinstance(n_samples, int) and n_samples >= 20):
+        raise ValueError(f"`n_samples` must be an int >= 20; got {n_samples!r}.")
+    args = get_dataset_args()
+    args.num_samples, args.seed, args.train_split = n_samples, seed, 1.0
+    state, pystate = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+        random.setstate(pystate)
+    return _finish(d["x"].astype(np.float64), d["y"].astype(np.int64), 10, "mnist1d", test_fraction=test_fraction,
+                   seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
+                   image_shape=(1, 40) if channels else None)
 
 
 def load_mnist_npz(path, *, n_train: int | None = None, seed: int = 0, label_noise: float = 0.0, device="cpu") -> Dataset:

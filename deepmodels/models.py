@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["mlp", "cnn", "linear", "random_features"]
+__all__ = ["mlp", "cnn", "resnet8", "linear", "random_features"]
 
 
 def _seeded(seed: int, build):
@@ -41,6 +41,42 @@ def cnn(in_channels: int = 1, out_features: int = 10, image_size: int = 8, *, wi
             nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(2 * width * s * s, 64), nn.ReLU(), nn.Linear(64, out_features),
+        )
+
+    return _seeded(seed, build)
+
+
+class _Block(nn.Module):
+    """Basic residual block: two 3x3 convolutions (optionally with batch norm), a 1x1 projection when
+    the shape changes."""
+
+    def __init__(self, cin, cout, stride, batch_norm):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=not batch_norm)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=not batch_norm)
+        self.bn2 = norm(cout)
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+def resnet8(in_channels: int = 3, out_features: int = 10, *, width: int = 16, batch_norm: bool = True,
+            seed: int = 0) -> nn.Sequential:
+    """ResNet-8 (He et al. 2016's CIFAR family with one block per stage): a 3x3 stem and three
+    residual blocks of width w, 2w, 4w (strides 1, 2, 2), global average pooling, a Linear head.
+    ``batch_norm=False`` (Faghri et al.'s CIFAR-10 model) keeps every layer per-example separable,
+    so the hook fast path applies; with batch norm, measure in ``eval()`` mode."""
+    def build():
+        norm = nn.BatchNorm2d(width) if batch_norm else nn.Identity()
+        return nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=not batch_norm), norm, nn.ReLU(),
+            _Block(width, width, 1, batch_norm), _Block(width, 2 * width, 2, batch_norm),
+            _Block(2 * width, 4 * width, 2, batch_norm),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, out_features),
         )
 
     return _seeded(seed, build)

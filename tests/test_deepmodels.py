@@ -240,3 +240,33 @@ def test_probed_step_measures_the_training_batch(digits):
     _, m2 = probes.probed_step(c, F.cross_entropy, x, y, torch.optim.SGD(c.parameters(), lr=0.1), step=0)
     np.testing.assert_allclose(m2.trace_cov, m.trace_cov, rtol=1e-3)
     assert np.all(np.isnan(m2.trace_cov_sem))
+
+
+def test_mnist1d_is_generated_locally_and_leaves_the_global_rng_alone():
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    d = data.mnist1d(n_samples=400, seed=1)
+    assert np.random.random() == before  # the package's global seeding was undone
+    assert d.x_train.shape == (320, 40) and d.x_test.shape == (80, 40)
+    assert set(torch.unique(d.y_train).tolist()) == set(range(10))
+    assert torch.equal(d.x_train, data.mnist1d(n_samples=400, seed=1).x_train)
+    assert data.mnist1d(n_samples=400, seed=1, channels=True).x_train.shape == (320, 1, 40)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_resnet8_probes(batch_norm):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
+    net = models.resnet8(3, 10, width=4, batch_norm=batch_norm)
+    if batch_norm:
+        with pytest.raises(ValueError, match="BatchNorm in training mode"):
+            probes.gradient_stats(net, F.cross_entropy, x, y, method="func")
+        net.eval()
+    ds = probes.gradient_stats(net, F.cross_entropy, x, y)
+    assert ds.attrs["method"] == ("func" if batch_norm else "hooks")
+    if not batch_norm:  # the hook fast path equals torch.func on every layer
+        ref = probes.gradient_stats(net, F.cross_entropy, x, y, method="func")
+        np.testing.assert_allclose(ds.trace_cov.values, ref.trace_cov.values, rtol=1e-3)
+    G = pergrad.flatten(pergrad.per_example_grads(net, F.cross_entropy, x[:4], y[:4]))
+    torch.testing.assert_close(G, _loop_grads(net, F.cross_entropy, x[:4], y[:4]), rtol=1e-4, atol=1e-6)
