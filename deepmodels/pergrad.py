@@ -110,14 +110,16 @@ class LayerCapture:
         self._handles = []
         return False
 
-    def summaries(self, batch_size: int, *, coordinate_sums: bool = True, dots: bool = True, sums: bool = True) -> dict:
+    def summaries(self, batch_size: int, *, coordinate_sums: bool = True, dots: bool = True, sums: bool = True,
+                  gram: bool = False) -> dict:
         """Per layer: ``{"n_params", "mean_norm_sq", "sq_norms"[, "dots", "sum", "sum_sq"]}`` (see
         :func:`hook_summaries`).
 
         The mean gradient is read from the parameters' ``.grad`` (the backward pass already formed
         it).  Linear layers add elementwise work only, plus one matmul for the dot products
         g_i . g_bar (``dots``) and one for the coordinate sums of squares (``coordinate_sums``);
-        Conv2d layers form their per-example weight gradients.
+        Conv2d layers form their per-example weight gradients.  ``gram``: also the ``(B, B)`` Gram
+        matrix g_i . g_j of the layer's per-example gradients ((d d^T) * (a a^T) for Linear).
         """
         B = batch_size
         out = {}
@@ -163,6 +165,15 @@ class LayerCapture:
                 if coordinate_sums:
                     ss.append((db * db).sum(0))
             out[name] = {"n_params": n_params, "mean_norm_sq": m2, "sq_norms": sq}
+            if gram:
+                if isinstance(m, nn.Conv2d):
+                    flat = gi.reshape(B, -1)
+                    K = flat @ flat.T
+                else:
+                    K = (d @ d.T) * (a @ a.T)
+                if m.bias is not None and m.bias.requires_grad:
+                    K = K + db @ db.T
+                out[name]["gram"] = K
             if dots:
                 out[name]["dots"] = dts
             if sums:
@@ -172,7 +183,7 @@ class LayerCapture:
         return out
 
 
-def hook_summaries(model: nn.Module, loss_fn, x, y) -> dict:
+def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> dict:
     """Per-layer ``(sum over examples of g_i, sum of |g_i|^2 per example, sum of g_i^2 per coordinate)``
     for every ``nn.Linear`` and ``nn.Conv2d`` (weight and bias together) from one backward pass with hooks.
 
@@ -193,6 +204,6 @@ def hook_summaries(model: nn.Module, loss_fn, x, y) -> dict:
         if not torch.isfinite(loss):
             raise ValueError("the loss is not finite (NaN or inf).")
         loss.backward()
-    out = cap.summaries(x.shape[0])
+    out = cap.summaries(x.shape[0], gram=gram)
     model.zero_grad(set_to_none=True)
     return out

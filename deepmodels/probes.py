@@ -24,15 +24,15 @@ from toymodels.stats import gradient_statistics, two_batch_estimates
 
 from . import pergrad
 
-__all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats"]
+__all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats", "bootstrap_ci"]
 
 
 def _layer_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else "model"  # parameters of the root module
 
 
-def _summaries_func(model, loss_fn, x, y, chunk_size):
-    """Per layer: (P_l, mean gradient, |g_i|^2 (B,), |g_i - g_bar|^2 (B,)) from torch.func."""
+def _summaries_func(model, loss_fn, x, y, chunk_size, gram=False):
+    """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,), Gram (B, B) or None) from torch.func."""
     grads = pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)
     layers = {}
     for k, v in grads.items():
@@ -41,25 +41,65 @@ def _summaries_func(model, loss_fn, x, y, chunk_size):
     for name, parts in layers.items():
         G = torch.cat(parts, dim=1).double()
         mean = G.mean(0)
-        out[name] = (G.shape[1], float(mean @ mean), (G**2).sum(1), ((G - mean) ** 2).sum(1))
+        out[name] = (G.shape[1], float(mean @ mean), (G**2).sum(1), ((G - mean) ** 2).sum(1), G @ G.T if gram else None)
     return out
 
 
-def _summaries_hooks(model, loss_fn, x, y):
-    return _from_fast(pergrad.hook_summaries(model, loss_fn, x, y), x.shape[0])
+def _summaries_hooks(model, loss_fn, x, y, gram=False):
+    return _from_fast(pergrad.hook_summaries(model, loss_fn, x, y, gram=gram), x.shape[0])
 
 
 def _from_fast(fast, B):
-    """(P, |g_bar|^2, |g_i|^2, |g_i - g_bar|^2 or None) per layer from the hook summaries."""
+    """(P, |g_bar|^2, |g_i|^2, |g_i - g_bar|^2 or None, Gram or None) per layer from the hook summaries."""
     out = {}
     for name, f in fast.items():
         m2, sq = f["mean_norm_sq"], f["sq_norms"]
-        out[name] = (f["n_params"], m2, sq, sq - 2.0 * f["dots"] + m2 if "dots" in f else None)
+        out[name] = (f["n_params"], m2, sq, sq - 2.0 * f["dots"] + m2 if "dots" in f else None, f.get("gram"))
+    return out
+
+
+STAT_CI = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
+
+
+def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float = 0.95, n_boot: int = 200,
+                 seed: int = 0) -> dict:
+    """Percentile-bootstrap intervals of the statistics, resampling the B examples with replacement.
+
+    With the Gram matrix K_ij = g_i . g_j a resample with counts w has |g_bar|^2 = w^T K w / B^2 and
+    tr Sigma = w . diag(K) / B - |g_bar|^2, so no gradient is recomputed.
+
+    Args:
+        grams: ``{layer: (B, B) tensor}`` (the total is the sum over layers, added here).
+        n_params: ``{layer: P_l}``.
+
+    Returns:
+        ``{stat: (n_layers + 1, 2) array}`` of (low, high) per layer and for the total.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1); got {level!r}.")
+    names = list(grams)
+    K0 = grams[names[0]]
+    B = K0.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.multinomial(torch.full((B,), 1.0 / B), B * n_boot, replacement=True, generator=gen).reshape(n_boot, B)
+    W = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64))
+    W = W.to(K0.device)
+    total = sum(grams[n].double() for n in names)
+    out = {s: np.empty((len(names) + 1, 2)) for s in STAT_CI}
+    qs = [(1 - level) / 2, 1 - (1 - level) / 2]
+    for j, (name, K) in enumerate([(n, grams[n].double()) for n in names] + [("total", total)]):
+        g2 = torch.einsum("nb,bc,nc->n", W, K, W) / B**2
+        tr = (W @ torch.diagonal(K)) / B - g2
+        P = sum(n_params.values()) if name == "total" else n_params[name]
+        st = gradient_statistics(g2.cpu().numpy(), np.maximum(tr.cpu().numpy(), 0.0), P, batch_size)
+        for s in STAT_CI:
+            out[s][j] = np.quantile(st[s], qs)
     return out
 
 
 def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None = None, method: str = "auto",
-                   chunk_size: int = 256, step: int | None = None) -> xr.Dataset:
+                   chunk_size: int = 256, step: int | None = None, ci: float | None = None, n_boot: int = 200,
+                   seed: int = 0) -> xr.Dataset:
     """Measure the gradient statistics on the batch ``(x, y)``.
 
     Args:
@@ -72,12 +112,15 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
             belongs to such a layer).
         chunk_size: examples per vectorised call for ``"func"``.
         step: training step to record as a coordinate (optional).
+        ci: if given (e.g. 0.95), percentile-bootstrap intervals over the examples of the five
+            statistics (``<stat>_ci`` over ``layer`` and ``bound``; :func:`bootstrap_ci`), from
+            ``n_boot`` resamples drawn with ``seed``.
 
     Returns:
         Dataset over ``layer`` (each module with trainable parameters, then ``"total"``):
         ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``, ``noise_scale``, ``trace_cov``,
-        ``trace_cov_sem``, ``grad_norm_sq_unbiased``, ``noise_scale_unbiased``, ``n_params``;
-        ``source="measurement"``.
+        ``trace_cov_sem``, ``grad_norm_sq_unbiased``, ``noise_scale_unbiased``, ``n_params`` (and the
+        ``*_ci`` intervals); ``source="measurement"``.
     """
     pergrad.check_batch(x, y)
     B = x.shape[0]
@@ -90,18 +133,25 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         raise ValueError(f"`method` must be 'auto', 'func' or 'hooks'; got {method!r}.")
     if method == "auto":
         try:
-            summ = _summaries_hooks(model, loss_fn, x, y)
+            summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
             method = "hooks"
         except ValueError as err:
             if "not finite" in str(err):
                 raise
-            summ = _summaries_func(model, loss_fn, x, y, chunk_size)
+            summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
             method = "func"
     elif method == "hooks":
-        summ = _summaries_hooks(model, loss_fn, x, y)
+        summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
     else:
-        summ = _summaries_func(model, loss_fn, x, y, chunk_size)
+        summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
     ds = _measure(summ, B, bs, step).to_dataset()
+    if ci is not None:
+        bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs, level=ci,
+                              n_boot=n_boot, seed=seed)
+        dims = ("layer", "bound") if step is None else ("step", "layer", "bound")
+        for stat, arr in bounds.items():
+            ds[f"{stat}_ci"] = (dims, arr if step is None else arr[None])
+        ds = ds.assign_coords(bound=["low", "high"])
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
                  method=method, device=str(x.device))
     model.zero_grad(set_to_none=True)

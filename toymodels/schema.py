@@ -12,7 +12,7 @@ import xarray as xr
 __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
-DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates")
+DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -34,6 +34,11 @@ VARIABLES = {
     "n_params": "number of parameters",
     "second_moment_eigenvalue": "eigenvalue of the mini-batch gradient's second-moment matrix",
     "covariance_eigenvalue": "eigenvalue of the mini-batch gradient's covariance matrix",
+    "grad_norm_sq_ci": "bootstrap interval (bound low/high) of grad_norm_sq",
+    "grad_var_ci": "bootstrap interval of grad_var",
+    "grad_nvar_ci": "bootstrap interval of grad_nvar",
+    "snr_ci": "bootstrap interval of snr",
+    "noise_scale_ci": "bootstrap interval of noise_scale",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
     "momentum_opt": "tuned heavy-ball momentum",
