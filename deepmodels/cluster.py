@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.grad import conv2d_weight
 
 from . import pergrad
 
@@ -45,11 +44,8 @@ def _layer_data(model, loss_fn, x, y):
         d = d * n
         has_bias = m.bias is not None and m.bias.requires_grad
         if isinstance(m, nn.Conv2d):
-            cin, cout = a.shape[1], d.shape[1]
-            g = conv2d_weight(a.reshape(1, n * cin, *a.shape[2:]), (n * cout, cin, *m.kernel_size),
-                              d.reshape(1, n * cout, *d.shape[2:]), stride=m.stride, padding=m.padding,
-                              dilation=m.dilation, groups=n).reshape(n, cout, -1)
-            out[key or "model"] = ("conv", g.double(), None, d.reshape(n, cout, -1).sum(2).double() if has_bias else None)
+            g = pergrad._conv_per_example(m, a, d)
+            out[key or "model"] = ("conv", g.double(), None, d.reshape(n, d.shape[1], -1).sum(2).double() if has_bias else None)
         else:
             if a.dim() != 2:
                 raise ValueError(f"rank-1 clustering needs (N, features) inputs to Linear; got {tuple(a.shape)}.")

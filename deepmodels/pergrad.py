@@ -68,6 +68,23 @@ def flatten(grads: dict) -> torch.Tensor:
     return torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)
 
 
+_SMALL_T = 64  # up to this many output positions, unfold + batched matmul beats a grouped convolution
+
+
+def _conv_per_example(m: nn.Conv2d, a, d):
+    """Per-example weight gradients ``(B, C_out, C_in k^2)`` of a Conv2d from its input ``a`` and the
+    per-example output gradients ``d``.  Large feature maps: one grouped-convolution call (the
+    batch as B groups of channels); small ones (measured faster on CPU): unfolded patches and a
+    batched matmul."""
+    B, cin, cout = a.shape[0], a.shape[1], d.shape[1]
+    if d.shape[2] * d.shape[3] <= _SMALL_T:
+        patches = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        return torch.bmm(d.reshape(B, cout, -1), patches.transpose(1, 2))
+    return conv2d_weight(a.reshape(1, B * cin, *a.shape[2:]), (B * cout, cin, *m.kernel_size),
+                         d.reshape(1, B * cout, *d.shape[2:]), stride=m.stride, padding=m.padding,
+                         dilation=m.dilation, groups=B).reshape(B, cout, -1)
+
+
 class LayerCapture:
     """Context manager that records, during one forward and backward pass of a mean-reduced loss,
     each trainable ``nn.Linear`` / ``nn.Conv2d`` layer's input and output gradient, so that
@@ -130,17 +147,12 @@ class LayerCapture:
             m = self.linears[key]
             d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
             if isinstance(m, nn.Conv2d):
-                cin, cout = a.shape[1], d.shape[1]
-                # per-example weight gradients (B, C_out, C_in k^2) in one grouped-convolution call: the
-                # batch becomes B groups of channels
-                gi = conv2d_weight(a.reshape(1, B * cin, *a.shape[2:]), (B * cout, cin, *m.kernel_size),
-                                   d.reshape(1, B * cout, *d.shape[2:]), stride=m.stride, padding=m.padding,
-                                   dilation=m.dilation, groups=B).reshape(B, cout, -1)
+                gi = _conv_per_example(m, a, d)
                 gw = m.weight.grad.reshape(gi.shape[1:]) if m.weight.grad is not None else gi.mean(0)
                 sq = (gi * gi).sum((1, 2))
                 dts = (gi * gw).sum((1, 2)) if dots else None
                 ss = [(gi * gi).sum(0).reshape(-1)] if coordinate_sums else None
-                db = d.reshape(B, cout, -1).sum(2)  # per-example bias gradients (B, C_out)
+                db = d.reshape(B, d.shape[1], -1).sum(2)  # per-example bias gradients (B, C_out)
             else:
                 if a.dim() != 2:
                     raise ValueError(f"the hook fast path needs (B, features) inputs to Linear; `{name}` got {tuple(a.shape)}.")
