@@ -104,3 +104,19 @@ def random_features(in_features: int, hidden: int, out_features: int = 1, *, see
         return nn.Sequential(_Frozen(w / w.norm(dim=0, keepdim=True)), nn.Linear(hidden, out_features, bias=False))
 
     return _seeded(seed, build)
+
+
+class Factory:
+    """A picklable ``seed -> model`` callable (for sweeps whose runs go to other processes):
+    ``Factory("mlp", 64, 10, (32,))(seed)`` is ``mlp(64, 10, (32,), seed=seed)``."""
+
+    def __init__(self, name: str, *args, **kwargs):
+        if name not in __all__:
+            raise ValueError(f"`name` must be one of {__all__}; got {name!r}.")
+        self.name, self.args, self.kwargs = name, args, kwargs
+
+    def __call__(self, seed: int) -> nn.Module:
+        return globals()[self.name](*self.args, seed=seed, **self.kwargs)
+
+    def __repr__(self):
+        return f"Factory({self.name!r}, *{self.args}, **{self.kwargs})"

@@ -41,6 +41,7 @@ VARIABLES = {
     "noise_scale_ci": "bootstrap interval of noise_scale",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
+    "steps_best": "measured steps_to_target of the best hyper-parameters (median over seeds)",
     "momentum_opt": "tuned heavy-ball momentum",
     "decay_opt": "tuned iterate-averaging decay",
     "lr_schedule_opt": "tuned piecewise-constant learning rates",

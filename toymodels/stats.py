@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gradient_statistics", "two_batch_estimates", "STAT_NAMES"]
+__all__ = ["gradient_statistics", "two_batch_estimates", "fit_critical_batch", "STAT_NAMES"]
 
 STAT_NAMES = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
@@ -75,3 +75,34 @@ def two_batch_estimates(sq_small, b_small, sq_big, b_big):
     g2 = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
     tr = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
     return g2, tr
+
+
+def fit_critical_batch(batch_sizes, steps) -> dict:
+    """Fit S(B) = S_min (1 + B_crit / B) to steps-to-target per batch size (McCandlish et al. 2018).
+
+    S = a + b / B is linear in (a, b) = (S_min, S_min B_crit); it is fitted by least squares on the
+    relative error (weights 1 / S), so short and long runs count alike.  Infinite steps are left out.
+
+    Returns:
+        dict with ``steps_min`` (S_min), ``critical_batch_size`` (B_crit), ``rms_relative_error`` of the
+        fit and ``n_points``.
+
+    Raises:
+        ValueError: fewer than 2 finite points, non-positive batch sizes or steps, or mismatched shapes.
+    """
+    b = np.asarray(batch_sizes, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.float64)
+    if b.shape != s.shape or b.ndim != 1:
+        raise ValueError(f"`batch_sizes` and `steps` must be 1-D of the same length; got {b.shape} and {s.shape}.")
+    keep = np.isfinite(s)
+    b, s = b[keep], s[keep]
+    if b.size < 2:
+        raise ValueError("need at least 2 batch sizes with finite steps to fit a critical batch size.")
+    if np.any(b <= 0) or np.any(s <= 0):
+        raise ValueError("`batch_sizes` and `steps` must be > 0.")
+    A = np.stack([np.ones_like(b), 1.0 / b], axis=1) / s[:, None]
+    coef, *_ = np.linalg.lstsq(A, np.ones_like(s), rcond=None)
+    s_min, slope = coef
+    pred = s_min + slope / b
+    return {"steps_min": float(s_min), "critical_batch_size": float(slope / s_min) if s_min > 0 else float("inf"),
+            "rms_relative_error": float(np.sqrt(np.mean((pred / s - 1.0) ** 2))), "n_points": int(b.size)}

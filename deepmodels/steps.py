@@ -1,0 +1,173 @@
+"""Measured steps to a target per batch size (Shallue et al. 2019's protocol, at small scale).
+
+For every batch size, learning rate, momentum and seed a fresh model (``model_fn(seed)``) is trained
+by SGD with heavy-ball momentum on batches drawn with replacement from a generator seeded with the
+seed; every ``eval_every`` steps the metric (training loss on the whole training set, or
+validation error) is evaluated, and the run's steps to target is the first evaluated step whose
+metric is <= target (``inf`` if none by ``max_steps``, or if the loss diverges).  Per batch size the
+result is the best (lr, momentum) by the median over seeds.
+
+Each run is an independent task: run them here one after another, or on a dask cluster
+(``executor="dask"`` starts a LocalCluster; a scheduler address uses a real one).  With ``path``
+every finished run is written to its own small netCDF file in that folder, and a rerun skips the
+finished ones, so an interrupted sweep loses nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from toymodels._validate import check_int, check_real
+from toymodels.schema import attach_attrs
+from toymodels.stats import fit_critical_batch
+
+__all__ = ["run_one", "measure_steps"]
+
+METRICS = ("train_loss", "val_error")
+
+
+def _metric(model, data, metric):
+    with torch.no_grad():
+        if metric == "train_loss":
+            return float(F.cross_entropy(model(data.x_train), data.y_train))
+        return float((model(data.x_test).argmax(1) != data.y_test).float().mean())
+
+
+def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed: int, target: float, metric: str,
+            max_steps: int, eval_every: int) -> float:
+    """Steps to target of one training run (see the module docstring); a float holding an int, or inf."""
+    torch.manual_seed(seed)  # for models that draw at construction without their own generator
+    model = model_fn(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = data.x_train.shape[0]
+    for k in range(max_steps + 1):
+        if k % eval_every == 0:
+            value = _metric(model, data, metric)
+            if not math.isfinite(value):
+                return math.inf
+            if value <= target:
+                return float(k)
+        if k == max_steps:
+            break
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        if not torch.isfinite(loss):
+            return math.inf
+        loss.backward()
+        opt.step()
+    return math.inf
+
+
+def _task_file(path, bs, lr, mom, seed):
+    return os.path.join(path, f"bs{bs}_lr{lr:.6g}_mom{mom:g}_seed{seed}.nc")
+
+
+def _run_task(args):
+    model_fn, data, kw, key = args
+    return key, run_one(model_fn, data, **kw)
+
+
+def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
+                  metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
+                  executor: str = "serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:
+    """Measured steps to ``target`` over a grid; returns every run and the best per batch size.
+
+    Args:
+        model_fn: ``model_fn(seed) -> nn.Module`` (a top-level function, so dask can ship it).
+        data: a :class:`deepmodels.data.Dataset`.
+        batch_sizes, lrs, momenta, seeds: the grid (each run a task).
+        target: metric value to reach.
+        metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
+        max_steps, eval_every: run length and evaluation interval (steps are multiples of it).
+        path: folder for per-run files (resume); None keeps results in memory only.
+        executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes) or the address
+            of a dask scheduler.
+        progress: tqdm bar over runs.
+
+    Returns:
+        Dataset with ``steps_to_target`` over (``batch_size``, ``lr``, ``momentum``, ``seed``), and over
+        ``batch_size``: ``steps_best`` (best median over seeds), ``lr_opt``, ``momentum_opt``; attrs
+        ``steps_min`` and ``critical_batch_size`` (fit of S = S_min (1 + B_crit / B), when possible).
+    """
+    bss = [check_int("batch_sizes", b, low=1) for b in batch_sizes]
+    lr_list = [check_real("lrs", v, low=0.0, high=math.inf, low_open=True, high_open=True) for v in lrs]
+    moms = [check_real("momenta", v, low=0.0, high=1.0, high_open=True) for v in momenta]
+    seed_list = [check_int("seeds", s, low=0) for s in seeds]
+    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}; got {metric!r}.")
+    max_steps = check_int("max_steps", max_steps, low=1)
+    eval_every = check_int("eval_every", eval_every, low=1)
+    grid = list(itertools.product(bss, lr_list, moms, seed_list))
+    results = {}
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+        for key in grid:
+            f = _task_file(path, *key)
+            if os.path.exists(f):
+                results[key] = float(xr.load_dataset(f).steps_to_target)
+    todo = [key for key in grid if key not in results]
+    kw = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every)
+    tasks = [(model_fn, data, dict(kw, batch_size=b, lr=lr, momentum=m, seed=s), (b, lr, m, s)) for b, lr, m, s in todo]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="steps to target", unit="run")
+
+    def record(key, steps):
+        results[key] = steps
+        if path is not None:
+            xr.Dataset({"steps_to_target": ((), steps)}).to_netcdf(_task_file(path, *key))
+        if bar is not None:
+            bar.update(1)
+
+    if executor == "serial" or not tasks:
+        for t in tasks:
+            record(*_run_task(t))
+    else:
+        from distributed import Client, LocalCluster, as_completed
+
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True) if executor == "dask" else None
+        client = Client(cluster if cluster is not None else executor)
+        try:
+            futures = client.map(_run_task, tasks, pure=False)
+            for fut in as_completed(futures):
+                record(*fut.result())
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    if bar is not None:
+        bar.close()
+    return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every)
+
+
+def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every):
+    arr = np.array([[[[results[(b, lr, m, s)] for s in seeds] for m in moms] for lr in lrs] for b in bss])
+    ds = xr.Dataset({"steps_to_target": (("batch_size", "lr", "momentum", "seed"), arr)},
+                    coords={"batch_size": np.asarray(bss, dtype=np.float64), "lr": lrs, "momentum": moms, "seed": seeds})
+    med = np.median(arr, axis=3)  # (B, lr, momentum); inf if half the seeds fail
+    flat = med.reshape(len(bss), -1)
+    best = np.argmin(flat, axis=1)
+    ds["steps_best"] = ("batch_size", flat[np.arange(len(bss)), best])
+    ii, jj = np.unravel_index(best, med.shape[1:])
+    ds["lr_opt"] = ("batch_size", np.where(np.isfinite(ds.steps_best.values), np.asarray(lrs)[ii], np.nan))
+    ds["momentum_opt"] = ("batch_size", np.where(np.isfinite(ds.steps_best.values), np.asarray(moms)[jj], np.nan))
+    fit = {}
+    try:
+        fit = fit_critical_batch(ds.batch_size.values, ds.steps_best.values)
+    except ValueError:
+        pass
+    attach_attrs(ds, model="network", source="measurement", target=target, metric=metric, max_steps=max_steps,
+                 eval_every=eval_every, **fit)
+    return ds
