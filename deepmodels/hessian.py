@@ -25,7 +25,7 @@ from toymodels.schema import attach_attrs
 
 from . import pergrad
 
-__all__ = ["flat_params", "hvp", "top_eigenvalues", "hutchinson_trace", "rayleigh_quotients"]
+__all__ = ["flat_params", "hvp", "top_eigenpairs", "top_eigenvalues", "hutchinson_trace", "rayleigh_quotients"]
 
 
 def flat_params(model) -> list:
@@ -65,11 +65,9 @@ class _HVPOperator:
         return torch.cat([h.reshape(-1) for h in hv]).detach()
 
 
-def top_eigenvalues(model, loss_fn, x, y, k: int = 5, *, tol: float = 1e-6, seed: int = 0) -> np.ndarray:
-    """The ``k`` largest eigenvalues of the Hessian on ``(x, y)``, descending, by Lanczos.
-
-    ``tol`` is ARPACK's relative accuracy; the start vector is drawn from ``seed``.
-    """
+def top_eigenpairs(model, loss_fn, x, y, k: int = 5, *, tol: float = 1e-6, seed: int = 0):
+    """The ``k`` largest eigenvalues (descending) of the Hessian on ``(x, y)`` and their unit
+    eigenvectors ``(k, P)`` (torch, the parameters' dtype), by Lanczos (ARPACK's ``eigsh``)."""
     op = _HVPOperator(model, loss_fn, x, y)
     if not (isinstance(k, int) and 1 <= k < op.n):
         raise ValueError(f"`k` must be an int in [1, {op.n - 1}] (fewer than the {op.n} parameters); got {k!r}.")
@@ -79,9 +77,17 @@ def top_eigenvalues(model, loss_fn, x, y, k: int = 5, *, tol: float = 1e-6, seed
         return op(torch.as_tensor(np.ravel(v), dtype=dtype, device=device)).double().cpu().numpy()
 
     v0 = np.random.default_rng(seed).standard_normal(op.n)
-    vals = eigsh(LinearOperator((op.n, op.n), matvec=mv, dtype=np.float64), k=k, which="LA", tol=tol, v0=v0,
-                 return_eigenvectors=False)
-    return np.sort(vals)[::-1]
+    vals, vecs = eigsh(LinearOperator((op.n, op.n), matvec=mv, dtype=np.float64), k=k, which="LA", tol=tol, v0=v0)
+    order = np.argsort(vals)[::-1]
+    return vals[order], torch.as_tensor(vecs[:, order].T.copy(), dtype=dtype, device=device)
+
+
+def top_eigenvalues(model, loss_fn, x, y, k: int = 5, *, tol: float = 1e-6, seed: int = 0) -> np.ndarray:
+    """The ``k`` largest eigenvalues of the Hessian on ``(x, y)``, descending, by Lanczos.
+
+    ``tol`` is ARPACK's relative accuracy; the start vector is drawn from ``seed``.
+    """
+    return top_eigenpairs(model, loss_fn, x, y, k, tol=tol, seed=seed)[0]
 
 
 def hutchinson_trace(model, loss_fn, x, y, n_samples: int = 100, *, seed: int = 0) -> tuple[float, float]:

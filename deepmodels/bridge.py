@@ -1,0 +1,133 @@
+"""An NQM fitted to a network (Zhang et al. 2019's calibration; lecture seed 004, "NQM: Empirical
+Results"), and its predicted steps-to-target curve beside the measured one.
+
+At a point of training, on a batch ``(x, y)``:
+
+* curvature: the top-k Hessian eigenpairs (h_i, v_i) by Lanczos; beyond k a power law
+  h_i = h_1 i^-p fitted to the top-k (log-log least squares over ranks) extends the spectrum to
+  ``dim`` modes;
+* noise: c_i = v_i^T C v_i, C the per-example gradient covariance, along the same directions,
+  extended by its own power law;
+* initial distance: for a quadratic the full-batch gradient is H theta, so E[theta_i^2] =
+  (v_i . g)^2 / h_i^2 along the top directions; the tail uses the mean of the top-k values.
+
+The fit quality is reported (R^2 of both log-log fits, the tail's share of tr H).  Predicted steps
+come from :func:`toymodels.sweep.batch_size_sweep` on the fitted NQM; ``calibrate=(batch_size,
+steps)`` rescales them by one measured point, as the NQM paper does, and reports the factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import xarray as xr
+
+from toymodels import NQM
+from toymodels.sweep import batch_size_sweep
+
+from . import hessian, pergrad
+
+__all__ = ["FittedNQM", "fit_nqm", "predict_steps"]
+
+
+@dataclass
+class FittedNQM:
+    """The fitted model and how well it fits."""
+
+    nqm: NQM
+    curvature_top: np.ndarray
+    noise_top: np.ndarray
+    init_sq_top: np.ndarray
+    report: dict = field(default_factory=dict)
+
+
+def _power_law(values):
+    """(scale, power, R^2) of values_i ~ scale i^-power over ranks i = 1..k (positive values only)."""
+    v = np.asarray(values, dtype=np.float64)
+    ranks = np.arange(1, v.size + 1)
+    ok = v > 0
+    if ok.sum() < 2:
+        return float(v[ok][0]) if ok.any() else 0.0, 0.0, float("nan")
+    X = np.log(ranks[ok])
+    Y = np.log(v[ok])
+    slope, icpt = np.polyfit(X, Y, 1)
+    resid = Y - (icpt + slope * X)
+    r2 = 1.0 - float(resid @ resid) / max(float(((Y - Y.mean()) ** 2).sum()), 1e-300)
+    return float(np.exp(icpt)), float(-slope), r2
+
+
+def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: int = 0, tol: float = 1e-8) -> FittedNQM:
+    """Fit an NQM to ``model`` at its current parameters from the batch ``(x, y)``.
+
+    Args:
+        k: Hessian eigenpairs measured (fewer than the number of parameters).
+        dim: modes of the fitted NQM (default: the number of parameters); the modes beyond k follow
+            the power laws.
+        seed, tol: Lanczos start vector and accuracy.
+
+    Returns:
+        :class:`FittedNQM` with ``report``: ``curvature_power``, ``curvature_r2``, ``noise_power``,
+        ``noise_r2``, ``tail_share`` (share of tr H in the extrapolated tail), ``n_negative`` (top
+        eigenvalues <= 0, dropped).
+    """
+    h, V = hessian.top_eigenpairs(model, loss_fn, x, y, k, tol=tol, seed=seed)
+    P = V.shape[1]
+    dim = P if dim is None else int(dim)
+    if dim < 1:
+        raise ValueError(f"`dim` must be >= 1; got {dim}.")
+    keep = h > 0
+    n_negative = int((~keep).sum())
+    if not keep.any():
+        raise ValueError("no positive Hessian eigenvalue among the top k: the point is not near a minimum.")
+    h, V = h[keep], V[torch.as_tensor(keep, device=V.device)]
+    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y)).to(V.dtype)
+    g = G.mean(0)
+    proj = (G - g) @ V.T
+    c = (proj**2).mean(0).double().cpu().numpy()
+    init_sq = ((V @ g).double().cpu().numpy() / h) ** 2
+    kk = h.size
+    if dim > kk:
+        h1, ph, r2h = _power_law(h)
+        c1, pc, r2c = _power_law(c)
+        ranks = np.arange(kk + 1, dim + 1, dtype=np.float64)
+        h_all = np.concatenate([h, h1 * ranks**-ph])
+        c_all = np.concatenate([c, np.maximum(c1 * ranks**-pc, 0.0)])
+        s_all = np.concatenate([init_sq, np.full(ranks.size, float(np.mean(init_sq)))])
+    else:
+        h_all, c_all, s_all = h[:dim], c[:dim], init_sq[:dim]
+        (_, ph, r2h), (_, pc, r2c) = _power_law(h), _power_law(c)
+    report = {"curvature_power": ph, "curvature_r2": r2h, "noise_power": pc, "noise_r2": r2c,
+              "tail_share": float(h_all[kk:].sum() / h_all.sum()) if dim > kk else 0.0, "n_negative": n_negative,
+              "k": kk, "dim": dim}
+    nqm = NQM(h_all, np.maximum(c_all, 0.0), np.maximum(s_all, 1e-300))
+    return FittedNQM(nqm, h, c, init_sq, report)
+
+
+def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str = "sgd", calibrate=None,
+                  **kwargs) -> xr.Dataset:
+    """The fitted NQM's tuned steps to ``target`` per batch size (``toymodels.sweep.batch_size_sweep``).
+
+    Args:
+        calibrate: optional ``(batch_size, measured_steps)``: predicted steps are multiplied by
+            measured / predicted at that batch size (reported as attr ``calibration``).
+        **kwargs: passed on to ``batch_size_sweep`` (e.g. ``precond``, ``progress``).
+
+    Returns:
+        The sweep's Dataset (``steps_to_target``, ``lr_opt`` ...) with attrs ``calibration`` and the
+        fit report.
+    """
+    kwargs.setdefault("progress", False)
+    ds = batch_size_sweep(fitted.nqm, family, batch_sizes, target, **kwargs)
+    factor = 1.0
+    if calibrate is not None:
+        b0, s0 = float(calibrate[0]), float(calibrate[1])
+        pred = batch_size_sweep(fitted.nqm, family, [b0], target, **kwargs).steps_to_target.values[0]
+        if not (math.isfinite(pred) and pred > 0 and math.isfinite(s0) and s0 > 0):
+            raise ValueError(f"cannot calibrate on batch size {b0:g}: predicted {pred}, measured {s0}.")
+        factor = s0 / pred
+        ds["steps_to_target"] = ds.steps_to_target * factor
+    ds.attrs.update({"calibration": factor, **{f"fit_{k}": v for k, v in fitted.report.items()}})
+    return ds
