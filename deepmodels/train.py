@@ -49,16 +49,20 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
     return sum(losses) / x.shape[0], correct / x.shape[0]
 
 
-def train(model, data: Dataset, *, lr: float, batch_size: int, n_steps: int, momentum: float = 0.0,
-          probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto", seed: int = 0,
-          device=None, path: str | os.PathLike | None = None, progress: bool = True) -> xr.Dataset:
-    """SGD (heavy-ball ``momentum``) on ``data`` with the gradient-statistics probe at ``probe_at``.
+def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: float = 0.0,
+          optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
+          seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True) -> xr.Dataset:
+    """Train ``model`` on ``data`` with the gradient-statistics probe at ``probe_at``.
 
     Args:
         model: the network (trained in place).
         data: a :class:`deepmodels.data.Dataset`.
-        lr, batch_size, n_steps, momentum: the optimizer (torch.optim.SGD), batches drawn with
-            replacement from a generator seeded with ``seed``.
+        lr: a learning rate, or a schedule from :mod:`toymodels.schedules` (its ``at(step)`` is set
+            on the optimizer before every step).
+        batch_size, n_steps: batches drawn with replacement from a generator seeded with ``seed``.
+        momentum: heavy-ball momentum of ``"sgd"``.
+        optimizer: ``"sgd"``, ``"adam"``, or any ``torch.optim.Optimizer`` class (built as
+            ``optimizer(model.parameters(), lr=...)``).
         probe_at: sorted steps to probe (see :func:`probe_steps`; default: 20 log-spaced).
         probe_size: examples per probe, drawn from the training set by a second generator.
         loss_fn: mean-reducing batch loss.
@@ -72,7 +76,10 @@ def train(model, data: Dataset, *, lr: float, batch_size: int, n_steps: int, mom
         Dataset over ``step`` (and ``layer``): ``loss``, ``accuracy``, ``test_loss`` and the probe's
         statistics; ``source="measurement"``.
     """
-    lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
+    from toymodels.schedules import Schedule, as_schedule
+
+    schedule = as_schedule(lr) if not isinstance(lr, Schedule) else lr
+    lr0 = float(schedule.at(np.array([0]))[0])
     momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
     batch_size = check_int("batch_size", batch_size, low=1)
     n_steps = check_int("n_steps", n_steps, low=1)
@@ -83,7 +90,15 @@ def train(model, data: Dataset, *, lr: float, batch_size: int, n_steps: int, mom
     steps = probe_steps(n_steps, n_log=20) if probe_at is None else np.asarray(probe_at, dtype=np.int64)
     if steps.ndim != 1 or np.any(np.diff(steps) <= 0) or steps[0] < 0 or steps[-1] > n_steps:
         raise ValueError("`probe_at` must be increasing steps in [0, n_steps].")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=momentum)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr0)
+    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        opt = optimizer(model.parameters(), lr=lr0)
+    else:
+        raise ValueError(f"`optimizer` must be 'sgd', 'adam' or a torch.optim.Optimizer class; got {optimizer!r}.")
+    opt_name = optimizer if isinstance(optimizer, str) else optimizer.__name__.lower()
     gen_train = torch.Generator(device="cpu").manual_seed(seed)
     gen_probe = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
     n = data.x_train.shape[0]
@@ -118,12 +133,14 @@ def train(model, data: Dataset, *, lr: float, batch_size: int, n_steps: int, mom
             st["test_loss"] = ("step", [te])
             rows.append(st.drop_attrs())
             if path is not None:
-                _write(rows, path, model, data, lr, batch_size, momentum, seed)
+                _write(rows, path, model, data, lr0, batch_size, momentum, seed, opt_name)
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen_train": gen_train.get_state(),
                             "gen_probe": gen_probe.get_state(), "step": k}, ckpt)
         if k == n_steps:
             break
         idx = torch.randint(0, n, (batch_size,), generator=gen_train).to(device)
+        for group in opt.param_groups:
+            group["lr"] = float(schedule.at(np.array([k]))[0])
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         if not torch.isfinite(loss):
@@ -136,13 +153,13 @@ def train(model, data: Dataset, *, lr: float, batch_size: int, n_steps: int, mom
             bar.update(1)
     if bar is not None:
         bar.close()
-    return _write(rows, None, model, data, lr, batch_size, momentum, seed)
+    return _write(rows, None, model, data, lr0, batch_size, momentum, seed, opt_name)
 
 
-def _write(rows, path, model, data, lr, batch_size, momentum, seed):
+def _write(rows, path, model, data, lr, batch_size, momentum, seed, optimizer):
     ds = xr.concat(rows, dim="step")
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", data=data.name, lr=lr,
-                 batch_size=float(batch_size), momentum=momentum, seed=seed)
+                 batch_size=float(batch_size), momentum=momentum, seed=seed, optimizer=optimizer)
     if path is not None:
         tmp = str(path) + ".tmp"
         ds.to_netcdf(tmp)

@@ -320,3 +320,19 @@ def test_bootstrap_coverage_on_the_linear_model():
         hits += lo <= truth <= hi
     print(f"coverage of the 90% interval: {hits} / 60")
     assert 46 <= hits <= 60  # 90% of 60 = 54; binomial 4-sigma range
+
+
+def test_train_with_adam_and_a_schedule(digits):
+    from deepmodels.train import train
+    from toymodels import StepDecay
+
+    model = models.mlp(64, 10, (16,), seed=8)
+    ds = train(model, digits, lr=StepDecay(0.01, factor=0.5, every=10), batch_size=16, n_steps=30, optimizer="adam",
+               probe_at=[0, 30], probe_size=32, progress=False)
+    validate(ds)
+    assert ds.attrs["optimizer"] == "adam" and ds.loss.values[-1] < ds.loss.values[0]
+    ds2 = train(models.mlp(64, 10, (16,), seed=8), digits, lr=0.05, batch_size=16, n_steps=5,
+                optimizer=torch.optim.RMSprop, probe_at=[0, 5], probe_size=32, progress=False)
+    assert ds2.attrs["optimizer"] == "rmsprop"
+    with pytest.raises(ValueError, match="`optimizer` must be"):
+        train(models.mlp(64, 10, (16,)), digits, lr=0.1, batch_size=4, n_steps=2, optimizer="lbfgs", progress=False)
