@@ -8,7 +8,6 @@ checkpoint of the model and optimizer, so an interrupted run resumes where it st
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
