@@ -57,3 +57,18 @@ def test_rf_variance_quick(tmp_path):
     again = rf_variance.run(scale="quick", out=str(tmp_path), progress=False)
     assert len(list((tmp_path / "rf_variance_points").iterdir())) == n_points
     xr.testing.assert_equal(again.grad_var_max, res.grad_var_max)
+
+
+def test_nqm_vs_cnn_tiny(tmp_path):
+    """The theory-vs-network study runs end to end at a tiny scale and writes valid groups."""
+    from studies import nqm_vs_cnn
+
+    res = nqm_vs_cnn.run(scale="tiny", out=str(tmp_path), progress=False)
+    assert (tmp_path / "nqm_vs_cnn.png").stat().st_size > 10_000
+    for group in ("measured", "predicted", "probe", "nqm_stats"):
+        validate(xr.load_dataset(tmp_path / "nqm_vs_cnn.nc", group=group))
+    assert np.isfinite(res["measured"].steps_best.sel(optimizer="sgd").values).all()
+    assert res["predicted"].attrs["calibration"] > 0
+    # calibrated at the smallest batch size: the SGD curves agree there
+    np.testing.assert_allclose(res["predicted"].steps_to_target.sel(optimizer="sgd").values[0],
+                               res["measured"].steps_best.sel(optimizer="sgd").values[0])

@@ -1,0 +1,179 @@
+"""Theory meets practice: a CNN's measured steps to target per batch size beside the prediction of
+an NQM fitted to the same CNN, and the measured gradient statistics beside the NQM's (lecture seed
+004, "NQM: Empirical Results"; Zhang et al. 2019; Shallue et al. 2019; McCandlish et al. 2018).
+
+1. Measured: a LeNet-style CNN on scikit-learn's digits, SGD and heavy-ball momentum (0.9), for each
+   batch size the best learning rate of a grid (median over seeds) to reach a training loss target
+   (``deepmodels.steps.measure_steps``; runs resume from per-run files, ``--dask`` runs them on a
+   dask LocalCluster).
+2. Predicted: an NQM fitted to the CNN at initialisation (``deepmodels.bridge.fit_nqm``: top Hessian
+   eigenpairs by Lanczos, gradient noise along them, power-law tails), its tuned steps per batch size
+   for SGD and momentum, calibrated by the measured SGD point at the smallest batch size.
+3. Critical batch sizes: S = S_min (1 + B_crit / B) fitted to every curve, beside the measured noise
+   scale B_simple at initialisation.
+4. Gradient statistics along training at one batch size (normalized variance and noise scale),
+   measured by the probe, beside the fitted NQM's along its own trajectory.
+
+    python -m studies.nqm_vs_cnn --quick     # a few minutes on a 2-core CPU
+    python -m studies.nqm_vs_cnn             # larger grid, 3 seeds
+
+Writes ``nqm_vs_cnn.nc`` (groups measured, predicted, probe, nqm_stats) and ``nqm_vs_cnn.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from deepmodels import bridge, data, probes, steps  # noqa: E402
+from deepmodels.models import Factory  # noqa: E402
+from deepmodels.train import probe_steps, train  # noqa: E402
+from toymodels import SGD  # noqa: E402
+from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.stats import fit_critical_batch  # noqa: E402
+
+CONFIG = {
+    "tiny": dict(batch_sizes=[4, 32], lrs=[0.05, 0.2, 0.5], seeds=[0], target=0.8, max_steps=400, eval_every=10,
+                 width=4, probe_batch=32, probe_steps=60, k=8),  # for the tests
+    "quick": dict(batch_sizes=[2, 8, 32, 128], lrs=list(np.geomspace(0.01, 0.5, 5)), seeds=[0], target=0.3,
+                  max_steps=1500, eval_every=10, width=8, probe_batch=32, probe_steps=600, k=20),
+    "full": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512], lrs=list(np.geomspace(0.003, 1.0, 9)),
+                 seeds=[0, 1, 2], target=0.1, max_steps=6000, eval_every=10, width=16, probe_batch=32,
+                 probe_steps=3000, k=40),
+}
+
+
+def run(*, scale: str = "quick", out: str = "results", executor: str = "serial", progress: bool = True):
+    """Measure, fit, predict; write the netCDF file (four groups) and the figure.  ``scale``: "tiny"
+    (tests), "quick" or "full"."""
+    if scale not in CONFIG:
+        raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
+    cfg = CONFIG[scale]
+    quick = scale
+    os.makedirs(out, exist_ok=True)
+    d = data.digits(seed=0, flatten=False)
+    factory = Factory("cnn", 1, 10, 8, width=cfg["width"])
+    measured = {}
+    for name, mom in (("sgd", 0.0), ("momentum", 0.9)):
+        measured[name] = steps.measure_steps(
+            factory, d, batch_sizes=cfg["batch_sizes"], lrs=cfg["lrs"], momenta=[mom], seeds=cfg["seeds"],
+            target=cfg["target"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
+            path=os.path.join(out, f"nqm_vs_cnn_runs_{scale}_{name}"), executor=executor,
+            progress=progress)
+    # the NQM fitted at initialisation, on a fixed batch of the training set
+    model = factory(0).double()
+    xb, yb = d.x_train[:512].double(), d.y_train[:512]
+    fit = bridge.fit_nqm(model, F.cross_entropy, xb, yb, k=cfg["k"])
+    with torch.no_grad():
+        l0 = float(F.cross_entropy(model(d.x_train.double()), d.y_train))
+    fraction = cfg["target"] / l0  # the same relative target for the NQM
+    nqm_target = fraction * fit.nqm.initial_loss
+    b0 = cfg["batch_sizes"][0]
+    s0 = float(measured["sgd"].steps_best.values[0])
+    predicted = {}
+    for name in ("sgd", "momentum"):
+        predicted[name] = bridge.predict_steps(fit, cfg["batch_sizes"], nqm_target, family=name,
+                                               calibrate=(b0, s0) if np.isfinite(s0) else None)
+    # measured noise scale at initialisation
+    init_stats = probes.gradient_stats(factory(0), F.cross_entropy, d.x_train[:512], d.y_train[:512])
+    b_simple = float(init_stats.noise_scale.sel(layer="total"))
+    # gradient statistics along training at one batch size vs the NQM's along its trajectory
+    bs = cfg["probe_batch"]
+    best_lr = float(measured["sgd"].lr_opt.sel(batch_size=float(bs), method="nearest"))
+    probe = train(factory(0), d, lr=best_lr if np.isfinite(best_lr) else 0.1, batch_size=bs,
+                  n_steps=cfg["probe_steps"], probe_at=probe_steps(cfg["probe_steps"], n_log=15), probe_size=256,
+                  progress=progress)
+    nqm_lr = float(predicted["sgd"].lr_opt.sel(batch_size=float(bs), method="nearest"))
+    nqm_stats = fit.nqm.gradient_stats(SGD(nqm_lr), bs, probe.step.values)
+    result = _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick)
+    path = os.path.join(out, "nqm_vs_cnn.nc")
+    mode = "w"
+    for group, ds in result.items():
+        validate(ds)
+        ds.to_netcdf(path, group=group, mode=mode)
+        mode = "a"
+    plot(result, os.path.join(out, "nqm_vs_cnn.png"))
+    return result
+
+
+def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick):
+    meas = xr.concat([m[["steps_best", "lr_opt"]].expand_dims(optimizer=[n]) for n, m in measured.items()],
+                     dim="optimizer")
+    pred = xr.concat([p[["steps_to_target", "lr_opt"]].expand_dims(optimizer=[n]) for n, p in predicted.items()],
+                     dim="optimizer")
+    crit = {}
+    for tag, ds, var in (("measured", meas, "steps_best"), ("predicted", pred, "steps_to_target")):
+        for n in ds.optimizer.values:
+            try:
+                crit[f"{tag}_{n}_critical_batch_size"] = fit_critical_batch(ds.batch_size.values, ds[var].sel(optimizer=n).values)[
+                    "critical_batch_size"]
+            except ValueError:
+                crit[f"{tag}_{n}_critical_batch_size"] = float("nan")
+    common = dict(target=cfg["target"], scale=quick, noise_scale_at_init=b_simple, **crit)
+    attach_attrs(meas, model="cnn", source="measurement", **common)
+    attach_attrs(pred, model="nqm", source="exact", calibration=predicted["sgd"].attrs.get("calibration", 1.0),
+                 **{k: v for k, v in fit.report.items()}, **common)
+    probe = probe.drop_vars([v for v in probe.data_vars if v.endswith("_ci")])
+    nqm_stats = nqm_stats.drop_attrs()
+    attach_attrs(nqm_stats, model="nqm", source="exact", lr=float(predicted["sgd"].lr_opt.values[0]))
+    return {"measured": meas, "predicted": pred, "probe": probe, "nqm_stats": nqm_stats}
+
+
+def plot(result, path):
+    meas, pred, probe, nq = result["measured"], result["predicted"], result["probe"], result["nqm_stats"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"sgd": "C0", "momentum": "C2"}
+    for n in meas.optimizer.values:
+        ax1.loglog(meas.batch_size, meas.steps_best.sel(optimizer=n), "o", color=colors[n], label=f"CNN measured, {n}")
+        ax1.loglog(pred.batch_size, pred.steps_to_target.sel(optimizer=n), "-", color=colors[n],
+                   label=f"fitted NQM, {n} (B_crit {pred.attrs.get(f'predicted_{n}_critical_batch_size', np.nan):.3g})")
+    ax1.axvline(meas.attrs["noise_scale_at_init"], color="0.5", ls=":", label=f"B_simple at init = {meas.attrs['noise_scale_at_init']:.3g}")
+    ax1.set_xlabel("batch size")
+    ax1.set_ylabel("steps to target")
+    ax1.set_title(f"CNN on digits vs NQM fitted to it (calibration x{pred.attrs['calibration']:.3g})")
+    ax1.legend(fontsize=7)
+    k = probe.step.values
+    keep = k > 0
+    ax2.loglog(k[keep], probe.grad_nvar.sel(layer="total").values[keep], "o-", label="CNN measured")
+    ax2.loglog(k[keep], nq.grad_nvar.values[keep], "-", label="fitted NQM")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("normalized variance")
+    ax2.set_title(f"gradient statistics along training, B = {probe.attrs['batch_size']:g}")
+    ax2.legend(fontsize=8)
+    ax3.loglog(k[keep], probe.noise_scale.sel(layer="total").values[keep], "o-", label="CNN measured B_simple")
+    ax3.loglog(k[keep], nq.noise_scale.values[keep], "-", label="fitted NQM B_simple")
+    ax3.set_xlabel("step")
+    ax3.set_ylabel("noise scale B_simple")
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small grid, one seed (a few minutes on CPU)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--dask", default=None, help="run the sweep on dask: 'local' or a scheduler address")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    executor = "serial" if a.dask is None else ("dask" if a.dask == "local" else a.dask)
+    res = run(scale="quick" if a.quick else "full", out=a.out, executor=executor, progress=not a.no_progress)
+    print(res["measured"].steps_best.to_pandas().T.to_string())
+    print({k: v for k, v in res["predicted"].attrs.items() if "critical" in k or k == "calibration"})
+    print(f"wrote {a.out}/nqm_vs_cnn.nc and .png in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
