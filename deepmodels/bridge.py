@@ -30,7 +30,7 @@ from toymodels.sweep import batch_size_sweep
 
 from . import hessian, pergrad
 
-__all__ = ["FittedNQM", "fit_nqm", "predict_steps"]
+__all__ = ["FittedNQM", "fit_nqm", "fit_linreg", "predict_steps"]
 
 
 @dataclass
@@ -131,3 +131,34 @@ def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str 
         ds["steps_to_target"] = ds.steps_to_target * factor
     ds.attrs.update({"calibration": factor, **{f"fit_{k}": v for k, v in fitted.report.items()}})
     return ds
+
+
+def fit_linreg(fitted: FittedNQM, initial_loss: float | None = None, *, tail: bool = False):
+    """Online linear regression with the fitted curvature, teacher distance and a label-noise level
+    that explains the measured noise: for a Gaussian linear model the per-example gradient variance
+    along eigen-direction i is c_i = lambda_i^2 s_i + 2 L lambda_i + sigma^2 lambda_i (toymodels.linreg),
+    so sigma^2 is the median over the measured directions of c_i / lambda_i - lambda_i s_i - 2 L
+    (floored at 0).  Its gradient noise shrinks as the risk falls, unlike the NQM's.
+
+    Args:
+        fitted: from :func:`fit_nqm`.
+        initial_loss: the excess loss L at the fit point (default: the fitted NQM's initial loss).
+        tail: keep the NQM's extrapolated power-law modes; by default only the k measured directions
+            are used (the tail's total curvature inflates linear regression's batch noise,
+            tr(Sigma) E[e^T Sigma e], far beyond what was measured).
+
+    Returns:
+        ``(GaussianLinearRegression, sigma)``.
+    """
+    from toymodels import GaussianLinearRegression
+
+    n = fitted.curvature_top.size
+    h, c, s = fitted.curvature_top, fitted.noise_top, fitted.init_sq_top
+    L = fitted.nqm.initial_loss if initial_loss is None else float(initial_loss)
+    sigma2 = max(0.0, float(np.median(c / h - h * s - 2.0 * L)))
+    if tail:
+        model = GaussianLinearRegression(fitted.nqm.h, w_star=np.sqrt(fitted.nqm.init_sq), noise_std=math.sqrt(sigma2))
+    else:
+        model = GaussianLinearRegression(h, w_star=np.sqrt(s), noise_std=math.sqrt(sigma2))
+    fitted.report.update(linreg_noise_std=math.sqrt(sigma2), linreg_directions=n)
+    return model, math.sqrt(sigma2)

@@ -12,12 +12,15 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
 3. Critical batch sizes: S = S_min (1 + B_crit / B) fitted to every curve, beside the measured noise
    scale B_simple at initialisation.
 4. Gradient statistics along training at one batch size (normalized variance and noise scale),
-   measured by the probe, beside the fitted NQM's along its own trajectory.
+   measured by the probe, beside the fitted NQM's and a fitted linear regression's (same curvature
+   and distance, label noise fitted to the measured noise) along their own trajectories: does the
+   variance rise or fall during training?
 
     python -m studies.nqm_vs_cnn --quick     # a few minutes on a 2-core CPU
     python -m studies.nqm_vs_cnn             # larger grid, 3 seeds
 
-Writes ``nqm_vs_cnn.nc`` (groups measured, predicted, probe, nqm_stats) and ``nqm_vs_cnn.png``.
+Writes ``nqm_vs_cnn.nc`` (groups measured, predicted, probe, nqm_stats, linreg_stats) and
+``nqm_vs_cnn.png``.
 """
 
 from __future__ import annotations
@@ -95,7 +98,15 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
                   progress=progress)
     nqm_lr = float(predicted["sgd"].lr_opt.sel(batch_size=float(bs), method="nearest"))
     nqm_stats = fit.nqm.gradient_stats(SGD(nqm_lr), bs, probe.step.values)
+    # linear regression with the same curvature and distance, its label noise fitted to the measured
+    # noise: its gradient noise falls with the risk (the NQM's does not)
+    lin, _ = bridge.fit_linreg(fit)
+    lin_lr = min(nqm_lr, 0.5 * lin.stable_lr(SGD(1.0), bs))
+    lin_stats = lin.gradient_stats(SGD(lin_lr), bs, probe.step.values)
     result = _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick)
+    lin_stats = lin_stats[["loss", "grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale"]].drop_attrs()
+    attach_attrs(lin_stats, model="linreg", source="exact", lr=lin_lr, noise_std=fit.report["linreg_noise_std"])
+    result["linreg_stats"] = lin_stats
     path = os.path.join(out, "nqm_vs_cnn.nc")
     mode = "w"
     for group, ds in result.items():
@@ -131,6 +142,7 @@ def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick):
 
 def plot(result, path):
     meas, pred, probe, nq = result["measured"], result["predicted"], result["probe"], result["nqm_stats"]
+    lin = result.get("linreg_stats")
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {"sgd": "C0", "momentum": "C2"}
     for n in meas.optimizer.values:
@@ -146,12 +158,16 @@ def plot(result, path):
     keep = k > 0
     ax2.loglog(k[keep], probe.grad_nvar.sel(layer="total").values[keep], "o-", label="CNN measured")
     ax2.loglog(k[keep], nq.grad_nvar.values[keep], "-", label="fitted NQM")
+    if lin is not None:
+        ax2.loglog(k[keep], lin.grad_nvar.values[keep], "--", label="fitted linear regression")
     ax2.set_xlabel("step")
     ax2.set_ylabel("normalized variance")
     ax2.set_title(f"gradient statistics along training, B = {probe.attrs['batch_size']:g}")
     ax2.legend(fontsize=8)
     ax3.loglog(k[keep], probe.noise_scale.sel(layer="total").values[keep], "o-", label="CNN measured B_simple")
     ax3.loglog(k[keep], nq.noise_scale.values[keep], "-", label="fitted NQM B_simple")
+    if lin is not None:
+        ax3.loglog(k[keep], lin.noise_scale.values[keep], "--", label="fitted linear regression B_simple")
     ax3.set_xlabel("step")
     ax3.set_ylabel("noise scale B_simple")
     ax3.legend(fontsize=8)

@@ -71,3 +71,25 @@ def test_tail_extrapolation_and_errors(quadratic):
     assert math.isfinite(fit.report["curvature_power"])
     with pytest.raises(ValueError, match="`k` must be an int"):
         bridge.fit_nqm(net, loss_fn, x, t, k=12)
+
+
+def test_fit_linreg_recovers_the_label_noise():
+    """On Gaussian data whose per-example covariance follows toymodels.linreg's law, the label-noise
+    level is recovered from the measured noise along the eigen-directions."""
+    rng = np.random.default_rng(1)
+    d, n, sigma = 8, 200_000, 0.3
+    lam = np.linspace(1.0, 0.2, d)
+    w_star = rng.standard_normal(d)
+    x = rng.standard_normal((n, d)) * np.sqrt(lam)
+    t = x @ w_star + sigma * rng.standard_normal(n)
+    net = models.linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.zero_()
+
+    def loss_fn(out, target):
+        return 0.5 * ((out.squeeze(-1) - target) ** 2).mean()
+
+    fit = bridge.fit_nqm(net, loss_fn, torch.tensor(x), torch.tensor(t), k=7, dim=7)
+    lr_model, sigma_hat = bridge.fit_linreg(fit, initial_loss=float(0.5 * np.sum(lam * w_star**2)))
+    assert sigma_hat == pytest.approx(sigma, rel=0.15)
+    assert lr_model.dim == 7 and fit.report["linreg_noise_std"] == sigma_hat

@@ -65,7 +65,7 @@ def test_nqm_vs_cnn_tiny(tmp_path):
 
     res = nqm_vs_cnn.run(scale="tiny", out=str(tmp_path), progress=False)
     assert (tmp_path / "nqm_vs_cnn.png").stat().st_size > 10_000
-    for group in ("measured", "predicted", "probe", "nqm_stats"):
+    for group in ("measured", "predicted", "probe", "nqm_stats", "linreg_stats"):
         validate(xr.load_dataset(tmp_path / "nqm_vs_cnn.nc", group=group))
     assert np.isfinite(res["measured"].steps_best.sel(optimizer="sgd").values).all()
     assert res["predicted"].attrs["calibration"] > 0
