@@ -8,7 +8,8 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
    dask LocalCluster).
 2. Predicted: an NQM fitted to the CNN at initialisation (``deepmodels.bridge.fit_nqm``: top Hessian
    eigenpairs by Lanczos, gradient noise along them, power-law tails), its tuned steps per batch size
-   for SGD and momentum, calibrated by the measured SGD point at the smallest batch size.
+   for SGD and momentum, calibrated by the measured SGD point at the smallest batch size that reached
+   the target.
 3. Critical batch sizes: S = S_min (1 + B_crit / B) fitted to every curve, beside the measured noise
    scale B_simple at initialisation.
 4. Gradient statistics along training at one batch size (normalized variance and noise scale),
@@ -16,11 +17,12 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
    and distance, label noise fitted to the measured noise) along their own trajectories: does the
    variance rise or fall during training?
 
-    python -m studies.nqm_vs_cnn --quick     # a few minutes on a 2-core CPU
-    python -m studies.nqm_vs_cnn             # larger grid, 3 seeds
+    python -m studies.nqm_vs_cnn --quick                    # the CNN on digits, about a minute on CPU
+    python -m studies.nqm_vs_cnn --quick --network mlp1d    # an MLP on MNIST-1D
+    python -m studies.nqm_vs_cnn                            # larger grid, 3 seeds
 
-Writes ``nqm_vs_cnn.nc`` (groups measured, predicted, probe, nqm_stats, linreg_stats) and
-``nqm_vs_cnn.png``.
+Writes ``nqm_vs_<network>.nc`` (groups measured, predicted, probe, nqm_stats, linreg_stats) and
+``nqm_vs_<network>.png``.
 """
 
 from __future__ import annotations
@@ -56,22 +58,39 @@ CONFIG = {
 }
 
 
-def run(*, scale: str = "quick", out: str = "results", executor: str = "serial", progress: bool = True):
-    """Measure, fit, predict; write the netCDF file (four groups) and the figure.  ``scale``: "tiny"
-    (tests), "quick" or "full"."""
+NETWORKS = {
+    # name: (data, model factory given the width, label)
+    "cnn": (lambda: data.digits(seed=0, flatten=False), lambda w: Factory("cnn", 1, 10, 8, width=w), "CNN on digits"),
+    "mlp1d": (lambda: data.mnist1d(n_samples=4000, seed=0), lambda w: Factory("mlp", 40, 10, (8 * w, 8 * w)),
+              "MLP on MNIST-1D"),
+}
+
+
+def run(*, scale: str = "quick", out: str = "results", executor: str = "serial", progress: bool = True,
+        network: str = "cnn"):
+    """Measure, fit, predict; write the netCDF file and the figure (``nqm_vs_<network>.*``).
+
+    ``scale``: "tiny" (tests), "quick" or "full"; ``network``: "cnn" (LeNet-style CNN on the digits)
+    or "mlp1d" (MLP on MNIST-1D).
+    """
     if scale not in CONFIG:
         raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
-    cfg = CONFIG[scale]
+    if network not in NETWORKS:
+        raise ValueError(f"`network` must be one of {tuple(NETWORKS)}; got {network!r}.")
+    cfg = dict(CONFIG[scale])
+    if network == "mlp1d":  # MNIST-1D is harder: training-loss targets the MLP reaches in the step budget
+        cfg["target"] = {"tiny": 1.8, "quick": 1.4, "full": 1.0}[scale]
     quick = scale
     os.makedirs(out, exist_ok=True)
-    d = data.digits(seed=0, flatten=False)
-    factory = Factory("cnn", 1, 10, 8, width=cfg["width"])
+    make_data, make_factory, label = NETWORKS[network]
+    d = make_data()
+    factory = make_factory(cfg["width"])
     measured = {}
     for name, mom in (("sgd", 0.0), ("momentum", 0.9)):
         measured[name] = steps.measure_steps(
             factory, d, batch_sizes=cfg["batch_sizes"], lrs=cfg["lrs"], momenta=[mom], seeds=cfg["seeds"],
             target=cfg["target"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
-            path=os.path.join(out, f"nqm_vs_cnn_runs_{scale}_{name}"), executor=executor,
+            path=os.path.join(out, f"nqm_vs_{network}_runs_{scale}_{name}"), executor=executor,
             progress=progress)
     # the NQM fitted at initialisation, on a fixed batch of the training set
     model = factory(0).double()
@@ -81,8 +100,11 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
         l0 = float(F.cross_entropy(model(d.x_train.double()), d.y_train))
     fraction = cfg["target"] / l0  # the same relative target for the NQM
     nqm_target = fraction * fit.nqm.initial_loss
-    b0 = cfg["batch_sizes"][0]
-    s0 = float(measured["sgd"].steps_best.values[0])
+    # calibrate at the smallest batch size whose measured SGD steps are finite
+    finite = np.flatnonzero(np.isfinite(measured["sgd"].steps_best.values))
+    j0 = int(finite[0]) if finite.size else 0
+    b0 = cfg["batch_sizes"][j0]
+    s0 = float(measured["sgd"].steps_best.values[j0])
     predicted = {}
     for name in ("sgd", "momentum"):
         predicted[name] = bridge.predict_steps(fit, cfg["batch_sizes"], nqm_target, family=name,
@@ -103,21 +125,21 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
     lin, _ = bridge.fit_linreg(fit)
     lin_lr = min(nqm_lr, 0.5 * lin.stable_lr(SGD(1.0), bs))
     lin_stats = lin.gradient_stats(SGD(lin_lr), bs, probe.step.values)
-    result = _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick)
+    result = _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick, network, label)
     lin_stats = lin_stats[["loss", "grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale"]].drop_attrs()
     attach_attrs(lin_stats, model="linreg", source="exact", lr=lin_lr, noise_std=fit.report["linreg_noise_std"])
     result["linreg_stats"] = lin_stats
-    path = os.path.join(out, "nqm_vs_cnn.nc")
+    path = os.path.join(out, f"nqm_vs_{network}.nc")
     mode = "w"
     for group, ds in result.items():
         validate(ds)
         ds.to_netcdf(path, group=group, mode=mode)
         mode = "a"
-    plot(result, os.path.join(out, "nqm_vs_cnn.png"))
+    plot(result, os.path.join(out, f"nqm_vs_{network}.png"))
     return result
 
 
-def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick):
+def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick, network, label):
     meas = xr.concat([m[["steps_best", "lr_opt"]].expand_dims(optimizer=[n]) for n, m in measured.items()],
                      dim="optimizer")
     pred = xr.concat([p[["steps_to_target", "lr_opt"]].expand_dims(optimizer=[n]) for n, p in predicted.items()],
@@ -130,8 +152,8 @@ def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick):
                     "critical_batch_size"]
             except ValueError:
                 crit[f"{tag}_{n}_critical_batch_size"] = float("nan")
-    common = dict(target=cfg["target"], scale=quick, noise_scale_at_init=b_simple, **crit)
-    attach_attrs(meas, model="cnn", source="measurement", **common)
+    common = dict(target=cfg["target"], scale=quick, noise_scale_at_init=b_simple, network=label, **crit)
+    attach_attrs(meas, model=network, source="measurement", **common)
     attach_attrs(pred, model="nqm", source="exact", calibration=predicted["sgd"].attrs.get("calibration", 1.0),
                  **{k: v for k, v in fit.report.items()}, **common)
     probe = probe.drop_vars([v for v in probe.data_vars if v.endswith("_ci")])
@@ -146,17 +168,17 @@ def plot(result, path):
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {"sgd": "C0", "momentum": "C2"}
     for n in meas.optimizer.values:
-        ax1.loglog(meas.batch_size, meas.steps_best.sel(optimizer=n), "o", color=colors[n], label=f"CNN measured, {n}")
+        ax1.loglog(meas.batch_size, meas.steps_best.sel(optimizer=n), "o", color=colors[n], label=f"measured, {n}")
         ax1.loglog(pred.batch_size, pred.steps_to_target.sel(optimizer=n), "-", color=colors[n],
                    label=f"fitted NQM, {n} (B_crit {pred.attrs.get(f'predicted_{n}_critical_batch_size', np.nan):.3g})")
     ax1.axvline(meas.attrs["noise_scale_at_init"], color="0.5", ls=":", label=f"B_simple at init = {meas.attrs['noise_scale_at_init']:.3g}")
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("steps to target")
-    ax1.set_title(f"CNN on digits vs NQM fitted to it (calibration x{pred.attrs['calibration']:.3g})")
+    ax1.set_title(f"{meas.attrs['network']} vs NQM fitted to it (calibration x{pred.attrs['calibration']:.3g})")
     ax1.legend(fontsize=7)
     k = probe.step.values
     keep = k > 0
-    ax2.loglog(k[keep], probe.grad_nvar.sel(layer="total").values[keep], "o-", label="CNN measured")
+    ax2.loglog(k[keep], probe.grad_nvar.sel(layer="total").values[keep], "o-", label="measured")
     ax2.loglog(k[keep], nq.grad_nvar.values[keep], "-", label="fitted NQM")
     if lin is not None:
         ax2.loglog(k[keep], lin.grad_nvar.values[keep], "--", label="fitted linear regression")
@@ -164,7 +186,7 @@ def plot(result, path):
     ax2.set_ylabel("normalized variance")
     ax2.set_title(f"gradient statistics along training, B = {probe.attrs['batch_size']:g}")
     ax2.legend(fontsize=8)
-    ax3.loglog(k[keep], probe.noise_scale.sel(layer="total").values[keep], "o-", label="CNN measured B_simple")
+    ax3.loglog(k[keep], probe.noise_scale.sel(layer="total").values[keep], "o-", label="measured B_simple")
     ax3.loglog(k[keep], nq.noise_scale.values[keep], "-", label="fitted NQM B_simple")
     if lin is not None:
         ax3.loglog(k[keep], lin.noise_scale.values[keep], "--", label="fitted linear regression B_simple")
@@ -179,16 +201,18 @@ def plot(result, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small grid, one seed (a few minutes on CPU)")
+    p.add_argument("--network", default="cnn", choices=tuple(NETWORKS), help="cnn (digits) or mlp1d (MNIST-1D)")
     p.add_argument("--out", default="results")
     p.add_argument("--dask", default=None, help="run the sweep on dask: 'local' or a scheduler address")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     executor = "serial" if a.dask is None else ("dask" if a.dask == "local" else a.dask)
-    res = run(scale="quick" if a.quick else "full", out=a.out, executor=executor, progress=not a.no_progress)
+    res = run(scale="quick" if a.quick else "full", out=a.out, executor=executor, progress=not a.no_progress,
+              network=a.network)
     print(res["measured"].steps_best.to_pandas().T.to_string())
     print({k: v for k, v in res["predicted"].attrs.items() if "critical" in k or k == "calibration"})
-    print(f"wrote {a.out}/nqm_vs_cnn.nc and .png in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {a.out}/nqm_vs_{a.network}.nc and .png in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

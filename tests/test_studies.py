@@ -1,6 +1,7 @@
 """Smoke test: the main study runs end to end at a tiny size and writes valid files."""
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from studies import batch_size_scaling
@@ -59,16 +60,18 @@ def test_rf_variance_quick(tmp_path):
     xr.testing.assert_equal(again.grad_var_max, res.grad_var_max)
 
 
-def test_nqm_vs_cnn_tiny(tmp_path):
+@pytest.mark.parametrize("network", ["cnn", "mlp1d"])
+def test_nqm_vs_network_tiny(tmp_path, network):
     """The theory-vs-network study runs end to end at a tiny scale and writes valid groups."""
     from studies import nqm_vs_cnn
 
-    res = nqm_vs_cnn.run(scale="tiny", out=str(tmp_path), progress=False)
-    assert (tmp_path / "nqm_vs_cnn.png").stat().st_size > 10_000
+    res = nqm_vs_cnn.run(scale="tiny", out=str(tmp_path), progress=False, network=network)
+    assert (tmp_path / f"nqm_vs_{network}.png").stat().st_size > 10_000
     for group in ("measured", "predicted", "probe", "nqm_stats", "linreg_stats"):
-        validate(xr.load_dataset(tmp_path / "nqm_vs_cnn.nc", group=group))
+        validate(xr.load_dataset(tmp_path / f"nqm_vs_{network}.nc", group=group))
     assert np.isfinite(res["measured"].steps_best.sel(optimizer="sgd").values).all()
     assert res["predicted"].attrs["calibration"] > 0
-    # calibrated at the smallest batch size: the SGD curves agree there
-    np.testing.assert_allclose(res["predicted"].steps_to_target.sel(optimizer="sgd").values[0],
-                               res["measured"].steps_best.sel(optimizer="sgd").values[0])
+    # calibrated at the smallest batch size that reached the target: the SGD curves agree there
+    measured = res["measured"].steps_best.sel(optimizer="sgd").values
+    j = int(np.flatnonzero(np.isfinite(measured))[0])
+    np.testing.assert_allclose(res["predicted"].steps_to_target.sel(optimizer="sgd").values[j], measured[j])
