@@ -29,14 +29,8 @@ __all__ = ["Rank1Clustering"]
 def _layer_data(model, loss_fn, x, y):
     """Per trainable Linear / Conv2d layer: ("linear", a, d, bias_grads) or ("conv", g, None, bias_grads),
     with per-example gradients of the per-example loss (d scaled by N)."""
-    pergrad.check_batch(x, y)
     n = x.shape[0]
-    with pergrad.LayerCapture(model) as cap:
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise ValueError("the loss is not finite (NaN or inf).")
-        loss.backward()
+    cap, _ = pergrad.capture_backward(model, loss_fn, x, y)
     model.zero_grad(set_to_none=True)
     out = {}
     for key, (a, d) in cap.acts.items():

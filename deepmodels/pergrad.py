@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["per_example_grads", "flatten", "hook_summaries", "LayerCapture", "check_batch"]
+__all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "check_batch"]
 
 
 def check_batch(x, y):
@@ -195,6 +195,22 @@ class LayerCapture:
         return out
 
 
+def capture_backward(model: nn.Module, loss_fn, x, y, *, zero_grad=None):
+    """One forward and backward pass of the mean loss on ``(x, y)`` inside a :class:`LayerCapture`.
+
+    ``zero_grad`` clears the gradients first (default ``model.zero_grad``; pass an optimizer's to
+    train on the same pass).  Returns ``(capture, loss)``; raises ValueError for a non-finite loss.
+    """
+    check_batch(x, y)
+    with LayerCapture(model) as cap:
+        (zero_grad or model.zero_grad)(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise ValueError("the loss is not finite (NaN or inf).")
+        loss.backward()
+    return cap, loss
+
+
 def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> dict:
     """Per-layer ``(sum over examples of g_i, sum of |g_i|^2 per example, sum of g_i^2 per coordinate)``
     for every ``nn.Linear`` and ``nn.Conv2d`` (weight and bias together) from one backward pass with hooks.
@@ -209,13 +225,7 @@ def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> di
         gradients, their squared norms, their dot products with the mean gradient and the
         per-coordinate sums of squares, parameters flattened as ``[weight.ravel(), bias]``.
     """
-    check_batch(x, y)
-    with LayerCapture(model) as cap:
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise ValueError("the loss is not finite (NaN or inf).")
-        loss.backward()
+    cap, _ = capture_backward(model, loss_fn, x, y)
     out = cap.summaries(x.shape[0], gram=gram)
     model.zero_grad(set_to_none=True)
     return out

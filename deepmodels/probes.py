@@ -244,12 +244,7 @@ def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None 
     B = x.shape[0]
     if B < 2:
         raise ValueError("`x` must hold at least 2 examples to measure a variance.")
-    with pergrad.LayerCapture(model) as cap:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise ValueError("the loss is not finite (NaN or inf).")
-        loss.backward()
+    cap, loss = pergrad.capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
     m = _measure(_from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B), B, float(B), step)
     optimizer.step()
     return float(loss.detach()), m
