@@ -35,7 +35,7 @@ import xarray as xr
 
 from . import dynamics, secular
 from ._validate import check_int, check_real, check_spectrum, check_steps
-from .nqm import NQM, _check_optimizer, _check_target, check_batch_size
+from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, mc_setup
 from .optimizers import SGD
 from .schedules import Constant
 from .schema import attach_attrs
@@ -420,21 +420,11 @@ class GaussianLinearRegression:
         """
         from .montecarlo import simulate_regression
 
-        _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
-        if bs != int(bs):
-            raise ValueError(f"`batch_size` must be a whole number for sampled data; got {bs:g}.")
-        ks = check_steps(steps)
-        n_runs = check_int("n_runs", n_runs, low=2)
-        seed = check_int("seed", seed, low=0)
-        rng = np.random.default_rng(seed)
+        if check_batch_size(batch_size) != int(batch_size):
+            raise ValueError(f"`batch_size` must be a whole number for sampled data; got {batch_size:g}.")
+        bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="simulate", unit="step")
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, int(bs), optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,

@@ -46,6 +46,22 @@ def _check_optimizer(optimizer):
     return optimizer
 
 
+def mc_setup(optimizer, batch_size, steps, n_runs, seed, progress):
+    """The checked arguments of a Monte Carlo ``simulate`` and its generator and optional tqdm bar:
+    ``(batch_size, steps, n_runs, seed, rng, bar)``."""
+    _check_optimizer(optimizer)
+    bs = check_batch_size(batch_size)
+    ks = check_steps(steps)
+    n_runs = check_int("n_runs", n_runs, low=2)
+    seed = check_int("seed", seed, low=0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(ks[-1]), desc="simulate", unit="step")
+    return bs, ks, n_runs, seed, np.random.default_rng(seed), bar
+
+
 def _check_target(target):
     return check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
 
@@ -429,19 +445,9 @@ class NQM:
             Dataset over ``step``: ``loss`` (mean over runs), ``loss_sem`` (its standard error) and the
             gradient statistics of the mean |H theta|^2; ``source="simulation"``.
         """
-        _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
-        ks = check_steps(steps)
-        n_runs = check_int("n_runs", n_runs, low=2)
-        seed = check_int("seed", seed, low=0)
-        rng = np.random.default_rng(seed)
+        bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc="simulate", unit="step")
         loss, gsq = simulate_linear_system(
             a0, a1, b1, self.c / bs, self.h, optimizer.readout, optimizer.init, self.init_sq,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
