@@ -99,11 +99,15 @@ class RandomFeatures:
     def accuracy(self, theta2) -> float:
         return float(np.mean(self.y * (self.phi @ self._check_theta(theta2)) > 0))
 
+    def _grad_weights(self, theta2, idx=slice(None)):
+        """-y_i sigmoid(-y_i phi_i . theta_2) for the examples ``idx`` (overflow-free via tanh)."""
+        y = self.y[idx]
+        m = y * (self.phi[idx] @ theta2)
+        return -y * 0.5 * (1.0 - np.tanh(0.5 * m))
+
     def per_example_grads(self, theta2) -> np.ndarray:
         """``(N, h_s)``: g_i = -y_i sigmoid(-y_i phi_i . theta_2) phi_i."""
-        m = self.y * (self.phi @ self._check_theta(theta2))
-        w = -self.y * 0.5 * (1.0 - np.tanh(0.5 * m))  # -y sigmoid(-m), overflow-free
-        return w[:, None] * self.phi
+        return self._grad_weights(self._check_theta(theta2))[:, None] * self.phi
 
     def train(self, lr: float, batch_size: int, n_steps: int, *, log_every: int = 100, update_every: int = 1000,
               n_iter: int = 3, n_samples: int = 0, seed: int = 0, progress: bool = False) -> xr.Dataset:
@@ -139,12 +143,13 @@ class RandomFeatures:
 
             bar = tqdm(total=n_steps, desc="train rf", unit="step")
         for k in range(n_steps + 1):
-            if k % update_every == 0:
+            refresh, log = k % update_every == 0, k % log_every == 0 or k == n_steps
+            if refresh or log:
                 G = self.per_example_grads(theta)
+            if refresh:
                 snapshot = G
                 assign, _ = estimators.gradient_clustering(G, bs, n_iter=n_iter, seed=int(rng.integers(2**31)))
-            if k % log_every == 0 or k == n_steps:
-                G = self.per_example_grads(theta)
+            if log:
                 st = estimators.estimator_stats(G, bs, assign=assign, G_snapshot=snapshot, n_samples=n_samples,
                                                 seed=int(rng.integers(2**31)))
                 rows.append((self.loss(theta), self.accuracy(theta), st))
@@ -152,9 +157,7 @@ class RandomFeatures:
             if k == n_steps:
                 break
             idx = rng.integers(0, self.n_train, size=bs)
-            m = self.y[idx] * (self.phi[idx] @ theta)
-            w = -self.y[idx] * 0.5 * (1.0 - np.tanh(0.5 * m))
-            theta = theta - lr * (w @ self.phi[idx]) / bs
+            theta = theta - lr * (self._grad_weights(theta, idx) @ self.phi[idx]) / bs
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["secular_roots", "loss_modes"]
+__all__ = ["loss_modes"]
 
 
 @njit(cache=True, nogil=True)
@@ -120,23 +120,6 @@ def _merge_poles(a, uv, *weights):
     keep = np.add.reduceat(uv, idx) > 0
     merged = [np.ascontiguousarray(np.add.reduceat(x, idx)[keep]) for x in (uv,) + tuple(w[order] for w in weights)]
     return (np.ascontiguousarray(a[idx][keep]), *merged)
-
-
-def secular_roots(a, uv):
-    """The eigenvalues of diag(a) + u v^T that are roots of the secular equation (see module doc).
-
-    Args:
-        a: ``(d,)`` diagonal.
-        uv: ``(d,)`` products u_i v_i >= 0.
-
-    Returns:
-        ``(mu, b, W, origin, tau)``: the roots ``(n,)`` in increasing order, the merged poles and
-        weights ``(n,)``, and each root's origin and offset (mu = origin + tau).
-    """
-    b, W = _merge_poles(np.asarray(a, dtype=np.float64), np.asarray(uv, dtype=np.float64))
-    mu, origin, tau = np.empty(b.size), np.empty(b.size), np.empty(b.size)
-    _roots_kernel(b, W, mu, origin, tau)
-    return mu, b, W, origin, tau
 
 
 def loss_modes(a, u, v, delta, f=None):
