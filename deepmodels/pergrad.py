@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "check_batch"]
+__all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "FastPathUnsupported",
+           "check_batch"]
 
 
 def check_batch(x, y):
@@ -85,14 +86,19 @@ def _conv_per_example(m: nn.Conv2d, a, d):
                          dilation=m.dilation, groups=B).reshape(B, cout, -1)
 
 
+class FastPathUnsupported(ValueError):
+    """The model (or this batch) is outside what the hook fast path covers; torch.func still works."""
+
+
 class LayerCapture:
     """Context manager that records, during one forward and backward pass of a mean-reduced loss,
     each trainable ``nn.Linear`` / ``nn.Conv2d`` layer's input and output gradient, so that
     per-example gradient summaries come out of the training step's own backward pass
     (:meth:`summaries`).
 
-    Raises ValueError on entry if the model has trainable parameters outside such layers, or a
-    Conv2d the unfold trick does not cover (groups > 1, non-zero padding modes, string padding).
+    Raises :class:`FastPathUnsupported` (a ValueError) on entry if the model has trainable
+    parameters outside such layers, or a Conv2d the fast path does not cover (groups > 1, non-zero
+    padding modes, string padding).
     """
 
     def __init__(self, model: nn.Module):
@@ -102,10 +108,10 @@ class LayerCapture:
                    if v.requires_grad}
         other = [k for k, v in model.named_parameters() if v.requires_grad and k not in covered]
         if other:
-            raise ValueError(f"the hook fast path handles nn.Linear and nn.Conv2d parameters only; also trainable: {other}.")
+            raise FastPathUnsupported(f"the hook fast path handles nn.Linear and nn.Conv2d parameters only; also trainable: {other}.")
         for n, m in self.linears.items():
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-                raise ValueError(f"the hook fast path needs Conv2d with groups=1, zero padding given as numbers; `{n}` is not.")
+                raise FastPathUnsupported(f"the hook fast path needs Conv2d with groups=1, zero padding given as numbers; `{n}` is not.")
         self.acts, self._handles = {}, []
 
     def __enter__(self):
@@ -143,7 +149,7 @@ class LayerCapture:
         for key, (a, d) in self.acts.items():
             name = key or "model"
             if d is None:
-                raise ValueError(f"no gradient reached layer `{name}`: call backward() inside the capture.")
+                raise FastPathUnsupported(f"no gradient reached layer `{name}`: call backward() inside the capture.")
             m = self.linears[key]
             d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
             if isinstance(m, nn.Conv2d):
@@ -155,7 +161,7 @@ class LayerCapture:
                 db = d.reshape(B, d.shape[1], -1).sum(2)  # per-example bias gradients (B, C_out)
             else:
                 if a.dim() != 2:
-                    raise ValueError(f"the hook fast path needs (B, features) inputs to Linear; `{name}` got {tuple(a.shape)}.")
+                    raise FastPathUnsupported(f"the hook fast path needs (B, features) inputs to Linear; `{name}` got {tuple(a.shape)}.")
                 gw = m.weight.grad if m.weight.grad is not None else d.T @ a / B  # the mean gradient
                 d2 = d * d
                 sq = d2.sum(1) * (a * a).sum(1)

@@ -135,9 +135,7 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         try:
             summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
             method = "hooks"
-        except ValueError as err:
-            if "not finite" in str(err):
-                raise
+        except pergrad.FastPathUnsupported:
             summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
             method = "func"
     elif method == "hooks":
