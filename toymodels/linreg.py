@@ -34,8 +34,8 @@ import numpy as np
 import xarray as xr
 
 from . import dynamics, secular
-from ._validate import check_int, check_real, check_spectrum, check_steps
-from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, mc_setup
+from ._validate import check_int, check_real, check_spectrum
+from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, checked_trajectory, mc_setup
 from .optimizers import SGD
 from .schedules import Constant
 from .schema import attach_attrs
@@ -284,13 +284,7 @@ class GaussianLinearRegression:
             Dataset over ``step``: ``loss``, the five statistics of :mod:`toymodels.stats`,
             ``trace_cov_label`` and ``trace_cov_batch``; ``source="exact"``.
         """
-        _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
-        ks = check_steps(steps)
-        loss, gsq = self._trajectory(optimizer, bs, ks)
-        bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
-        loss[bad] = np.inf
-        gsq[bad] = np.inf
+        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps)
         tr = float(np.sum(self.h))
         label = np.full(ks.size, self.noise_std**2 * tr)
         if optimizer.readout == 0:

@@ -46,6 +46,19 @@ def _check_optimizer(optimizer):
     return optimizer
 
 
+def checked_trajectory(model, optimizer, batch_size, steps):
+    """Validate the arguments of ``gradient_stats`` and run ``model._trajectory``; overflowed
+    entries become ``inf``.  Returns ``(batch_size, steps, loss, grad_sq, diverged_mask)``."""
+    _check_optimizer(optimizer)
+    bs = check_batch_size(batch_size)
+    ks = check_steps(steps)
+    loss, gsq = model._trajectory(optimizer, bs, ks)
+    bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
+    loss[bad] = np.inf
+    gsq[bad] = np.inf
+    return bs, ks, loss, gsq, bad
+
+
 def mc_setup(optimizer, batch_size, steps, n_runs, seed, progress):
     """The checked arguments of a Monte Carlo ``simulate`` and its generator and optional tqdm bar:
     ``(batch_size, steps, n_runs, seed, rng, bar)``."""
@@ -257,13 +270,7 @@ class NQM:
             Dataset over ``step`` with ``loss``, ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``
             and ``noise_scale``; ``source="exact"``.
         """
-        _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
-        ks = check_steps(steps)
-        loss, gsq = self._trajectory(optimizer, bs, ks)
-        bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
-        loss[bad] = np.inf
-        gsq[bad] = np.inf
+        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps)
         stats = gradient_statistics(gsq, np.sum(self.c), self.dim, bs)
         ds = xr.Dataset(
             {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
