@@ -8,7 +8,7 @@ CIFAR-sized 3x32x32 inputs (random, for timing only).  "plain" is forward + back
 normalized variance / noise-scale probe.  For models made of Linear and Conv2d layers the probe
 rides on the step's own backward pass (``probes.probed_step``: hooks, no B x P array); for other
 models it is a separate ``probes.gradient_stats`` call with torch.func per-example gradients.  Prints medians and the
-ratio probed / plain per model (target: <= 1.5 for MLP and CNN; Cockpit's cheapest setting is 1.5).
+ratio probed / plain per model, the two timed alternately (target: <= 1.5 for MLP and CNN; Cockpit's cheapest setting is 1.5).
 """
 
 from __future__ import annotations
@@ -25,17 +25,19 @@ sys.path.insert(0, ".")
 from deepmodels import data, models, probes  # noqa: E402
 
 
-def _time(fn, repeat, device):
-    times = []
+def _time_pair(plain, probed, repeat, device):
+    """Median seconds of each function, timed alternately so that a change in machine load hits both."""
+    times = ([], [])
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in zip((plain, probed), times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench(name, model, x, y, repeat, device):
@@ -60,8 +62,7 @@ def bench(name, model, x, y, repeat, device):
     for fn in (plain, probed):  # warm-up
         for _ in range(3):
             fn()
-    t_plain = _time(plain, repeat, device)
-    t_probed = _time(probed, repeat, device)
+    t_plain, t_probed = _time_pair(plain, probed, repeat, device)
     how = "hooks in the step's backward" if linear_only else "torch.func per-example gradients"
     print(f"  {name:5s} plain {1e3 * t_plain:7.2f} ms   probed {1e3 * t_probed:7.2f} ms   ratio {t_probed / t_plain:5.2f}x"
           f"   ({how})   [target <= 1.5x]")

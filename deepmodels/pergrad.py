@@ -69,18 +69,27 @@ def flatten(grads: dict) -> torch.Tensor:
     return torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)
 
 
-_SMALL_T = 64  # up to this many output positions, unfold + batched matmul beats a grouped convolution
+_SMALL_WORK = 1024  # up to this many input channels x output positions, patches + batched matmul beat a grouped convolution
+
+
+def _patches(a, m: nn.Conv2d):
+    """Input patches ``(B, C_in k_h k_w, T)`` of a Conv2d (zero padding), as ``F.unfold`` gives them,
+    but from strided views of the padded input: one copy, no per-image loop."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    v = torch.nn.functional.pad(a, (pw, pw, ph, ph))
+    v = v.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (B, C, H', W', kh, kw)
+    B, C, H, W = v.shape[:4]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(B, C * kh * kw, H * W)
 
 
 def _conv_per_example(m: nn.Conv2d, a, d):
     """Per-example weight gradients ``(B, C_out, C_in k^2)`` of a Conv2d from its input ``a`` and the
-    per-example output gradients ``d``.  Large feature maps: one grouped-convolution call (the
-    batch as B groups of channels); small ones (measured faster on CPU): unfolded patches and a
-    batched matmul."""
+    per-example output gradients ``d``.  Few input channels or small feature maps: input patches and a
+    batched matmul; otherwise one grouped-convolution call (the batch as B groups of channels), which
+    is faster there on CPU (``benchmarks/probe_overhead.py``)."""
     B, cin, cout = a.shape[0], a.shape[1], d.shape[1]
-    if d.shape[2] * d.shape[3] <= _SMALL_T:
-        patches = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        return torch.bmm(d.reshape(B, cout, -1), patches.transpose(1, 2))
+    if cin * d.shape[2] * d.shape[3] <= _SMALL_WORK:
+        return torch.bmm(d.reshape(B, cout, -1), _patches(a, m).transpose(1, 2))
     return conv2d_weight(a.reshape(1, B * cin, *a.shape[2:]), (B * cout, cin, *m.kernel_size),
                          d.reshape(1, B * cout, *d.shape[2:]), stride=m.stride, padding=m.padding,
                          dilation=m.dilation, groups=B).reshape(B, cout, -1)

@@ -75,6 +75,28 @@ def test_conv_fast_path_equals_torch_func():
     torch.testing.assert_close(fast["0"]["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("work", [0, 10**9], ids=["grouped-conv", "patches-bmm"])
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+                                  dict(kernel_size=3, stride=2, dilation=2, padding=2)])
+def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv):
+    """Both ways of forming a Conv2d's per-example weight gradients (patches + batched matmul, grouped
+    convolution) equal torch.func on strided, dilated and rectangular kernels; the patches equal F.unfold."""
+    monkeypatch.setattr(pergrad, "_SMALL_WORK", work)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, 9, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(2, 3, **conv)
+    n_out = layer(x).flatten(1).shape[1]
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(n_out, 3))
+    torch.testing.assert_close(pergrad._patches(x, layer), F.unfold(x, layer.kernel_size, dilation=layer.dilation,
+                                                                     padding=layer.padding, stride=layer.stride))
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
+    G = torch.cat([grads["0.weight"].reshape(6, -1), grads["0.bias"]], dim=1)
+    torch.testing.assert_close(fast["0"]["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast["0"]["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+
+
 def test_probe_hooks_equal_func_and_schema(digits):
     model = models.mlp(64, 10, (32,), seed=2)
     x, y = digits.x_train[:64], digits.y_train[:64]

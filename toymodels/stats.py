@@ -106,3 +106,10 @@ def fit_critical_batch(batch_sizes, steps) -> dict:
     pred = s_min + slope / b
     return {"steps_min": float(s_min), "critical_batch_size": float(slope / s_min) if s_min > 0 else float("inf"),
             "rms_relative_error": float(np.sqrt(np.mean((pred / s - 1.0) ** 2))), "n_points": int(b.size)}
+
+
+# the heavy-tail and Gaussianity tests (Xie et al.) live in their own module; exported here too
+from .tails import (davis_kahan_bound, eigengaps, gradient_history_tests, normality_test, power_law_fit,  # noqa: E402
+                    rank_fit)
+
+__all__ += ["power_law_fit", "rank_fit", "normality_test", "gradient_history_tests", "eigengaps", "davis_kahan_bound"]
