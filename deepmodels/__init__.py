@@ -5,6 +5,6 @@ CPU by default; every entry point takes a ``device`` argument ("cuda" when
 :mod:`toymodels.schema` and ``source="measurement"``, so they overlay the toy models' curves.
 """
 
-from . import bridge, cluster, data, hessian, models, pergrad, probes, spectra, steps, train
+from . import bridge, cluster, data, hessian, models, optim, pergrad, probes, spectra, steps, train
 
-__all__ = ["bridge", "cluster", "data", "hessian", "models", "pergrad", "probes", "spectra", "steps", "train"]
+__all__ = ["bridge", "cluster", "data", "hessian", "models", "optim", "pergrad", "probes", "spectra", "steps", "train"]

@@ -54,13 +54,25 @@ def _split(x, y, test_fraction, seed):
     return x[train], y[train], x[test], y[test]
 
 
-def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0):
-    """Symmetric label noise: a ``fraction`` of the labels, chosen at random, replaced by a different
-    class drawn uniformly.  Returns ``(new_labels, corrupted_mask)`` (numpy)."""
-    fraction = _check_fraction("label_noise", fraction)
+def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0, *, redraw: bool = False):
+    """Symmetric label noise on a ``fraction`` of the labels, chosen at random.
+
+    By default each chosen label is replaced by a different class drawn uniformly (``fraction`` in
+    [0, 1)).  ``redraw=True`` draws the chosen labels uniformly from all classes instead, as the
+    coherent-gradients paper randomizes labels (seed 003): about 1 / n_classes of them keep their
+    class, and ``fraction`` may be 1.  Returns ``(new_labels, corrupted_mask)`` (numpy), the mask true
+    where the label differs from the original.
+    """
+    fraction = float(fraction)
+    if not (0.0 <= fraction < 1.0 or (redraw and fraction == 1.0)):
+        raise ValueError(f"`fraction` must be in [0, {'1]' if redraw else '1)'}; got {fraction!r}.")
     y = np.asarray(y).copy()
     rng = np.random.default_rng(seed)
     idx = rng.choice(y.size, size=int(round(fraction * y.size)), replace=False)
+    if redraw:
+        new = y.copy()
+        new[idx] = rng.integers(0, n_classes, size=idx.size)
+        return new, new != y
     y[idx] = (y[idx] + rng.integers(1, n_classes, size=idx.size)) % n_classes
     mask = np.zeros(y.size, dtype=bool)
     mask[idx] = True
@@ -88,7 +100,7 @@ def add_duplicates(x, y, share: float, n_points: int = 5, seed: int = 0):
 def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicates, device, image_shape=None):
     x = (x - x.mean()) / x.std()
     x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed)
-    if label_noise:
+    if _check_fraction("label_noise", label_noise):
         y_tr, _ = corrupt_labels(y_tr, label_noise, n_classes, seed=seed + 1)
     if duplicates:
         x_tr, y_tr = add_duplicates(x_tr, y_tr, duplicates, seed=seed + 2)

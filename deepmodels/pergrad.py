@@ -142,6 +142,27 @@ class LayerCapture:
         self._handles = []
         return False
 
+    def per_example_grads(self, batch_size: int) -> dict:
+        """``{parameter name: (B, *shape)}`` per-example gradients of the captured layers (of a
+        mean-reduced loss, like :meth:`summaries`), materialised one layer at a time: Linear
+        ``d_i a_i^T`` and ``d_i``, Conv2d by :func:`_conv_per_example`."""
+        B, out = batch_size, {}
+        for key, (a, d) in self.acts.items():
+            if d is None:
+                raise FastPathUnsupported(f"no gradient reached layer `{key or 'model'}`: call backward() inside the capture.")
+            m, prefix = self.linears[key], f"{key}." if key else ""
+            d = d * B
+            if isinstance(m, nn.Conv2d):
+                w, b = _conv_per_example(m, a, d), d.reshape(B, d.shape[1], -1).sum(2)
+            else:
+                a, d = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
+                w, b = torch.bmm(d.transpose(1, 2), a), d.sum(1)
+            if m.weight.requires_grad:
+                out[prefix + "weight"] = w.reshape(B, *m.weight.shape)
+            if m.bias is not None and m.bias.requires_grad:
+                out[prefix + "bias"] = b
+        return out
+
     def summaries(self, batch_size: int, *, coordinate_sums: bool = True, dots: bool = True, sums: bool = True,
                   gram: bool = False) -> dict:
         """Per layer: ``{"n_params", "mean_norm_sq", "sq_norms"[, "dots", "sum", "sum_sq"]}`` (see
@@ -161,16 +182,19 @@ class LayerCapture:
                 raise FastPathUnsupported(f"no gradient reached layer `{name}`: call backward() inside the capture.")
             m = self.linears[key]
             d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
-            if isinstance(m, nn.Conv2d):
-                gi = _conv_per_example(m, a, d)
+            if isinstance(m, nn.Conv2d) or a.dim() > 2:
+                if isinstance(m, nn.Conv2d):
+                    gi = _conv_per_example(m, a, d)
+                else:  # Linear on (B, ..., features): the per-example gradient sums over the positions
+                    a, d = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
+                    gi = torch.bmm(d.transpose(1, 2), a)
                 gw = m.weight.grad.reshape(gi.shape[1:]) if m.weight.grad is not None else gi.mean(0)
                 sq = (gi * gi).sum((1, 2))
                 dts = (gi * gw).sum((1, 2)) if dots else None
                 ss = [(gi * gi).sum(0).reshape(-1)] if coordinate_sums else None
-                db = d.reshape(B, d.shape[1], -1).sum(2)  # per-example bias gradients (B, C_out)
+                # per-example bias gradients (B, C_out)
+                db = d.reshape(B, d.shape[1], -1).sum(2) if isinstance(m, nn.Conv2d) else d.sum(1)
             else:
-                if a.dim() != 2:
-                    raise FastPathUnsupported(f"the hook fast path needs (B, features) inputs to Linear; `{name}` got {tuple(a.shape)}.")
                 gw = m.weight.grad if m.weight.grad is not None else d.T @ a / B  # the mean gradient
                 d2 = d * d
                 sq = d2.sum(1) * (a * a).sum(1)
@@ -193,7 +217,7 @@ class LayerCapture:
                     ss.append((db * db).sum(0))
             out[name] = {"n_params": n_params, "mean_norm_sq": m2, "sq_norms": sq}
             if gram:
-                if isinstance(m, nn.Conv2d):
+                if isinstance(m, nn.Conv2d) or a.dim() > 2:
                     flat = gi.reshape(B, -1)
                     K = flat @ flat.T
                 else:
@@ -231,8 +255,8 @@ def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> di
     for every ``nn.Linear`` and ``nn.Conv2d`` (weight and bias together) from one backward pass with hooks.
 
     ``loss_fn`` must reduce by the mean; the per-example gradients are those of the per-example loss.
-    Linear layers on ``(B, features)`` inputs and Conv2d layers; other trainable parameters raise
-    ValueError.
+    Linear layers (on ``(B, features)`` inputs, or ``(B, ..., features)`` whose per-example gradient
+    sums over the positions) and Conv2d layers; other trainable parameters raise ValueError.
 
     Returns:
         ``{layer name: {"n_params", "mean_norm_sq", "sum": (P_l,), "sq_norms": (B,), "dots": (B,),

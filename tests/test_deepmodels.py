@@ -97,6 +97,33 @@ def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv):
     torch.testing.assert_close(fast["0"]["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
 
 
+def test_linear_on_sequences_fast_path_equals_torch_func():
+    """A Linear layer on (B, L, features) inputs: its per-example gradient sums over the L positions."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(7, 5, 4, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(30, 3))
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    fast = pergrad.hook_summaries(model, F.cross_entropy, x, y, gram=True)
+    G = torch.cat([grads["0.weight"].reshape(7, -1), grads["0.bias"]], dim=1)
+    torch.testing.assert_close(fast["0"]["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast["0"]["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast["0"]["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast["0"]["gram"], G @ G.T, rtol=1e-4, atol=1e-6)
+
+
+def test_capture_per_example_grads_equal_torch_func(digits):
+    d = data.digits(seed=0, flatten=False)
+    model = models.cnn(1, 10, 8, width=4, seed=3)
+    x, y = d.x_train[:12], d.y_train[:12]
+    cap, _ = pergrad.capture_backward(model, F.cross_entropy, x, y)
+    got = cap.per_example_grads(12)
+    want = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
 def test_probe_hooks_equal_func_and_schema(digits):
     model = models.mlp(64, 10, (32,), seed=2)
     x, y = digits.x_train[:64], digits.y_train[:64]

@@ -12,7 +12,8 @@ import xarray as xr
 __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
-DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound")
+DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
+        "label_noise", "subset")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -32,6 +33,7 @@ VARIABLES = {
     "grad_norm_sq_unbiased": "unbiased estimate of |E g|^2 (two batch sizes, McCandlish et al. App. A)",
     "noise_scale_unbiased": "B_simple from the unbiased two-batch-size estimates",
     "n_params": "number of parameters",
+    "n_examples": "number of examples in a subset (e.g. the pristine or corrupt training examples)",
     "second_moment_eigenvalue": "eigenvalue of the mini-batch gradient's second-moment matrix",
     "covariance_eigenvalue": "eigenvalue of the mini-batch gradient's covariance matrix",
     "grad_norm_sq_ci": "bootstrap interval (bound low/high) of grad_norm_sq",
