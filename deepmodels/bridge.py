@@ -9,9 +9,14 @@ At a point of training, on a batch ``(x, y)``:
 * noise: c_i = v_i^T C v_i, C the per-example gradient covariance, along the same directions,
   extended by its own power law;
 * initial distance: for a quadratic the full-batch gradient is H theta, so E[theta_i^2] =
-  (v_i . g)^2 / h_i^2 along the top directions; the tail uses the mean of the top-k values.
+  (v_i . g)^2 / h_i^2 along the top directions;
+* the tail carries what the top directions leave of the measured totals: the noise power law is
+  scaled so that sum_i c_i = tr C (the per-example covariance trace), and the tail's distance is
+  one value theta^2 with sum_tail h_i^2 theta^2 = |g|^2 - sum_top (v_i . g)^2, the gradient outside
+  the top directions.
 
-The fit quality is reported (R^2 of both log-log fits, the tail's share of tr H).  Predicted steps
+The fit quality is reported (R^2 of both log-log fits, the tail's share of tr H, of the gradient
+and of the noise).  Predicted steps
 come from :func:`toymodels.sweep.batch_size_sweep` on the fitted NQM; ``calibrate=(batch_size,
 steps)`` rescales them by one measured point, as the NQM paper does, and reports the factor.
 """
@@ -70,8 +75,9 @@ def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: 
 
     Returns:
         :class:`FittedNQM` with ``report``: ``curvature_power``, ``curvature_r2``, ``noise_power``,
-        ``noise_r2``, ``tail_share`` (share of tr H in the extrapolated tail), ``n_negative`` (top
-        eigenvalues <= 0, dropped).
+        ``noise_r2``, ``tail_share`` (share of tr H in the extrapolated tail), ``tail_gradient_share``
+        and ``tail_noise_share`` (shares of |g|^2 and tr C outside the top directions, which the tail
+        carries when ``dim`` > k), ``n_negative`` (top eigenvalues <= 0, dropped).
     """
     h, V = hessian.top_eigenpairs(model, loss_fn, x, y, k, tol=tol, seed=seed)
     P = V.shape[1]
@@ -88,19 +94,29 @@ def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: 
     proj = (G - g) @ V.T
     c = (proj**2).mean(0).double().cpu().numpy()
     init_sq = ((V @ g).double().cpu().numpy() / h) ** 2
+    # what the top directions leave of the gradient and of the noise
+    g_sq = float((g @ g).double())
+    g_rest = max(g_sq - float(((V @ g).double() ** 2).sum()), 0.0)
+    tr_cov = float(((G - g) ** 2).sum(1).mean().double())
+    c_rest = max(tr_cov - float(c.sum()), 0.0)
     kk = h.size
     if dim > kk:
         h1, ph, r2h = _power_law(h)
         c1, pc, r2c = _power_law(c)
         ranks = np.arange(kk + 1, dim + 1, dtype=np.float64)
-        h_all = np.concatenate([h, h1 * ranks**-ph])
-        c_all = np.concatenate([c, np.maximum(c1 * ranks**-pc, 0.0)])
-        s_all = np.concatenate([init_sq, np.full(ranks.size, float(np.mean(init_sq)))])
+        h_tail = h1 * ranks**-ph
+        c_shape = np.maximum(c1 * ranks**-pc, 0.0)
+        c_tail = c_shape * (c_rest / c_shape.sum()) if c_shape.sum() > 0 else np.full(ranks.size, c_rest / ranks.size)
+        h_all = np.concatenate([h, h_tail])
+        c_all = np.concatenate([c, c_tail])
+        s_all = np.concatenate([init_sq, np.full(ranks.size, g_rest / float(np.sum(h_tail**2)))])
     else:
         h_all, c_all, s_all = h[:dim], c[:dim], init_sq[:dim]
         (_, ph, r2h), (_, pc, r2c) = _power_law(h), _power_law(c)
     report = {"curvature_power": ph, "curvature_r2": r2h, "noise_power": pc, "noise_r2": r2c,
-              "tail_share": float(h_all[kk:].sum() / h_all.sum()) if dim > kk else 0.0, "n_negative": n_negative,
+              "tail_share": float(h_all[kk:].sum() / h_all.sum()) if dim > kk else 0.0,
+              "tail_gradient_share": g_rest / g_sq if g_sq > 0 else 0.0,
+              "tail_noise_share": c_rest / tr_cov if tr_cov > 0 else 0.0, "n_negative": n_negative,
               "k": kk, "dim": dim}
     nqm = NQM(h_all, np.maximum(c_all, 0.0), np.maximum(s_all, 1e-300))
     return FittedNQM(nqm, h, c, init_sq, report)

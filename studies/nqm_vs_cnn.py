@@ -52,8 +52,8 @@ CONFIG = {
                  width=4, probe_batch=32, probe_steps=60, k=8),  # for the tests
     "quick": dict(batch_sizes=[2, 8, 32, 128], lrs=list(np.geomspace(0.01, 0.5, 5)), seeds=[0], target=0.3,
                   max_steps=1500, eval_every=10, width=8, probe_batch=32, probe_steps=600, k=20),
-    "full": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512], lrs=list(np.geomspace(0.003, 1.0, 9)),
-                 seeds=[0, 1, 2], target=0.1, max_steps=6000, eval_every=10, width=16, probe_batch=32,
+    "full": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], lrs=list(np.geomspace(0.003, 1.0, 7)),
+                 seeds=[0, 1, 2], target=0.1, max_steps=4000, eval_every=10, width=16, probe_batch=32,
                  probe_steps=3000, k=40),
 }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepmodels import bridge, models
+from deepmodels import bridge, models, pergrad
 from toymodels import SGD, GaussianLinearRegression
 from toymodels.schema import validate
 
@@ -68,6 +68,13 @@ def test_tail_extrapolation_and_errors(quadratic):
     net, loss_fn, x, t = quadratic
     fit = bridge.fit_nqm(net, loss_fn, x, t, k=6, dim=40)
     assert fit.nqm.dim == 40 and 0 < fit.report["tail_share"] < 1
+    # the tail carries the measured totals: the noise trace and the gradient outside the top directions
+    G = pergrad.flatten(pergrad.per_example_grads(net, loss_fn, x, t)).double()
+    g = G.mean(0)
+    nqm = fit.nqm
+    np.testing.assert_allclose(nqm.c.sum(), float(((G - g) ** 2).sum(1).mean()), rtol=1e-6)
+    np.testing.assert_allclose(np.sum(nqm.h**2 * nqm.init_sq), float(g @ g), rtol=1e-6)
+    assert 0 < fit.report["tail_gradient_share"] < 1 and 0 < fit.report["tail_noise_share"] < 1
     assert math.isfinite(fit.report["curvature_power"])
     with pytest.raises(ValueError, match="`k` must be an int"):
         bridge.fit_nqm(net, loss_fn, x, t, k=12)
