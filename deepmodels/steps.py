@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from toymodels._validate import check_int, check_real
+from toymodels.parallel import check_scheduler, run_tasks
 from toymodels.schema import attach_attrs
 from toymodels.stats import fit_critical_batch
 
@@ -78,7 +79,7 @@ def _run_task(args):
 
 def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
                   metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
-                  executor: str = "serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:
+                  executor="serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:
     """Measured steps to ``target`` over a grid; returns every run and the best per batch size.
 
     Args:
@@ -89,8 +90,8 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
         max_steps, eval_every: run length and evaluation interval (steps are multiples of it).
         path: folder for per-run files (resume); None keeps results in memory only.
-        executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes) or the address
-            of a dask scheduler.
+        executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes), the address
+            of a dask scheduler or a ``distributed.Client`` (:func:`toymodels.parallel.run_tasks`).
         progress: tqdm bar over runs.
 
     Returns:
@@ -105,6 +106,7 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS}; got {metric!r}.")
+    check_scheduler(executor)
     max_steps = check_int("max_steps", max_steps, low=1)
     eval_every = check_int("eval_every", eval_every, low=1)
     grid = list(itertools.product(bss, lr_list, moms, seed_list))
@@ -131,22 +133,8 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         if bar is not None:
             bar.update(1)
 
-    if executor == "serial" or not tasks:
-        for t in tasks:
-            record(*_run_task(t))
-    else:
-        from distributed import Client, LocalCluster, as_completed
-
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True) if executor == "dask" else None
-        client = Client(cluster if cluster is not None else executor)
-        try:
-            futures = client.map(_run_task, tasks, pure=False)
-            for fut in as_completed(futures):
-                record(*fut.result())
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    scheduler = {"serial": None, "dask": "local"}.get(executor, executor) if isinstance(executor, str) else executor
+    run_tasks(_run_task, tasks, scheduler=scheduler, on_result=lambda r: record(*r), n_workers=n_workers)
     if bar is not None:
         bar.close()
     return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every)

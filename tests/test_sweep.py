@@ -205,9 +205,30 @@ def test_family_sweeps_equal_one_by_one(nqm, tmp_path):
         xr.testing.assert_allclose(again[fam], together[fam])
 
 
+def test_family_sweeps_on_a_dask_cluster_equal_serial(nqm, tmp_path):
+    """A 2-worker dask LocalCluster gives the serial results and writes every family's file; a
+    Client can be passed as it is."""
+    from distributed import Client, LocalCluster
+
+    from toymodels.sweep import family_sweeps
+
+    bss, fams = [1.0, 64.0], ["sgd", "momentum"]
+    paths = {f: str(tmp_path / f"{f}.nc") for f in fams}
+    on_dask = family_sweeps(nqm, fams, bss, 0.05, n_jobs=2, paths=paths, progress=False, scheduler="local")
+    serial = family_sweeps(nqm, fams, bss, 0.05, n_jobs=1, progress=False)
+    for fam in fams:
+        xr.testing.assert_identical(on_dask[fam], serial[fam])
+        xr.testing.assert_identical(xr.load_dataset(paths[fam]), serial[fam])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        xr.testing.assert_identical(family_sweeps(nqm, ["sgd"], bss, 0.05, progress=False, scheduler=client)["sgd"],
+                                    serial["sgd"])
+
+
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
+        (dict(scheduler=3), ValueError, "`scheduler` must be None, 'local'"),
         (dict(families=["sgd", "sgd"]), ValueError, "`families` must not repeat"),
         (dict(families=["adam"]), ValueError, "`family` must be one of"),
         (dict(n_jobs=0), ValueError, "`n_jobs` must be"),

@@ -33,6 +33,7 @@ from . import _localmin
 from ._validate import check_int, check_real
 from .nqm import check_batch_size
 from .optimizers import EMA, SGD, Momentum
+from .parallel import check_scheduler, run_tasks
 from .schedules import PiecewiseConstant
 from .schema import attach_attrs
 
@@ -525,7 +526,7 @@ def _parallel_backend() -> str:
 
 
 def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None = None, paths=None,
-                  progress: bool = True, **kwargs) -> dict:
+                  progress: bool = True, scheduler=None, **kwargs) -> dict:
     """:func:`batch_size_sweep` for several families, run side by side.
 
     Args:
@@ -536,6 +537,9 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
             :func:`_parallel_backend`); serial where neither is possible.
         paths: optional ``{family: netCDF path}`` for resumable runs (see :func:`batch_size_sweep`).
         progress: a tqdm bar over finished families.
+        scheduler: run the families as tasks on dask instead (``"local"`` for a LocalCluster of
+            ``n_jobs`` worker processes, a scheduler address, or a ``distributed.Client``; see
+            :func:`toymodels.parallel.run_tasks`); the ``paths`` must then be reachable by the workers.
         **kwargs: ``precond`` and ``decay``, passed on.
 
     Returns:
@@ -551,7 +555,7 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
         raise TypeError(f"family_sweeps got unexpected keyword arguments {sorted(unknown)}.")
     paths = dict(paths or {})
     n_jobs = check_int("n_jobs", (os.cpu_count() or 1) if n_jobs is None else n_jobs, low=1)
-    n_jobs = min(n_jobs, len(families))
+    n_jobs = min(n_jobs, len(families)) if scheduler is None else n_jobs
     backend = _parallel_backend() if n_jobs > 1 else "serial"
     jobs = [(problem, f, batch_sizes, target, dict(kwargs, path=paths.get(f))) for f in families]
     bar = None
@@ -560,7 +564,15 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
 
         bar = tqdm(total=len(families), desc="families", unit="family")
     out = {}
-    if backend != "serial":
+
+    def record(result):
+        out[result[0]] = result[1]
+        if bar is not None:
+            bar.update(1)
+
+    if scheduler is not None:
+        run_tasks(_family_job, jobs, scheduler=check_scheduler(scheduler), on_result=record, n_workers=n_jobs)
+    elif backend != "serial":
         from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
         # two-state families (momentum, averaging) take the longest: start them first
@@ -570,16 +582,10 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
         with pool:
             futures = [pool.submit(_family_job, jobs[j]) for j in order]
             for fut in as_completed(futures):
-                fam, ds = fut.result()
-                out[fam] = ds
-                if bar is not None:
-                    bar.update(1)
+                record(fut.result())
     else:
         for job in jobs:
-            fam, ds = _family_job(job)
-            out[fam] = ds
-            if bar is not None:
-                bar.update(1)
+            record(_family_job(job))
     if bar is not None:
         bar.close()
     return {f: out[f] for f in families}
