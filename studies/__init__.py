@@ -1,0 +1,19 @@
+"""Studies: one module per figure, each reproducing a seed paper's figure with theory beside
+measurement.  ``python -m studies list`` shows them; ``python -m studies run NAME`` runs one.
+
+A study module ``NAME`` defines ``run(*, scale="default", out="results", progress=True, ...)``
+(scales ``"quick"``, ``"default"``, ``"full"``), which computes, writes ``<out>/NAME.nc`` with
+:func:`studies._io.save` and the figure ``<out>/NAME.png``, and returns the results;
+``plot(result, path)``, which draws the figure from those results (also from a saved file:
+``python -m studies plot FILE.nc``); and ``main(argv)`` on :func:`studies._io.parser`.  Adding a
+study is writing those three functions and one line in :data:`STUDIES`.
+"""
+
+STUDIES = {
+    "batch_size_scaling": "NQM steps to target vs batch size for SGD, preconditioning, momentum, EMA and "
+                          "schedules, with the lower bound and the tuned learning rate",
+    "interpolation": "online NQM vs linear regression (label noise or not) and finite data: SGD vs Kaczmarz",
+    "rf_variance": "random features: variance of SG-B, SG-2B, SVRG and GC vs overparametrization and duplicates",
+    "nqm_vs_cnn": "a CNN's (or MLP's) measured steps vs batch size beside an NQM fitted to it; variance along training",
+    "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
+}

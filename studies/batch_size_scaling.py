@@ -5,8 +5,9 @@ averaging (SGD + EMA, lr and decay tuned) and SGD with a tuned 3-piece learning-
 information-theoretic lower bound, and the tuned learning rate per batch size (linear scaling in the
 noise-dominated regime).
 
-    python -m studies.batch_size_scaling            # dimension 10^4, batch sizes 2^0..2^20
-    python -m studies.batch_size_scaling --quick    # dimension 10^3, batch sizes 2^0..2^16 step 4
+    python -m studies run batch_size_scaling            # dimension 10^4, batch sizes 2^0..2^20
+    python -m studies run batch_size_scaling --quick    # dimension 10^3, batch sizes 2^0..2^16 step 4
+    python -m studies run batch_size_scaling --full     # dimension 10^5, batch sizes 2^0..2^24
 
 Writes ``batch_size_scaling.nc`` and ``batch_size_scaling.png`` into ``--out`` (default ``results``);
 per-family sweeps are saved as they go and resume after an interruption.
@@ -14,7 +15,6 @@ per-family sweeps are saved as they go and resume after an interruption.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -26,25 +26,39 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from toymodels import NQM  # noqa: E402
-from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.sweep import family_sweeps, tune_schedule  # noqa: E402
+
+from ._io import parser, save, scale_of  # noqa: E402
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
 SCHEDULE_LABEL = "SGD, tuned 3-piece schedule"
 
 
-def run(*, quick: bool = False, out: str = "results", dim: int | None = None, target_fraction: float = 0.01,
-        progress: bool = True) -> xr.Dataset:
-    """Run the sweeps and write the netCDF file and the figure; returns the dataset."""
+SCALES = {"quick": dict(dim=1000, log2_batch=np.arange(0, 17, 4)),
+          "default": dict(dim=10_000, log2_batch=np.arange(0, 21)),
+          "full": dict(dim=100_000, log2_batch=np.arange(0, 25))}
+
+
+def run(*, scale: str = "default", out: str = "results", dim: int | None = None, target_fraction: float = 0.01,
+        progress: bool = True, scheduler=None) -> xr.Dataset:
+    """Run the sweeps and write the netCDF file and the figure; returns the dataset.
+
+    ``scheduler``: run the four families as dask tasks (``"local"``, an address or a Client; see
+    :func:`toymodels.parallel.run_tasks`) instead of side by side in this process.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"`scale` must be one of {tuple(SCALES)}; got {scale!r}.")
     os.makedirs(out, exist_ok=True)
-    dim = dim or (1000 if quick else 10_000)
-    batch_sizes = 2.0 ** (np.arange(0, 17, 4) if quick else np.arange(0, 21))
+    dim = dim or SCALES[scale]["dim"]
+    batch_sizes = 2.0 ** SCALES[scale]["log2_batch"]
     nqm = NQM.power_law(dim)
     target = target_fraction * nqm.initial_loss
     parts = []
     paths = {fam: os.path.join(out, f"batch_size_scaling_{fam}_{dim}.nc") for fam in FAMILIES}
-    sweeps = family_sweeps(nqm, list(FAMILIES), batch_sizes, target, precond=0.5, paths=paths, progress=progress)
+    sweeps = family_sweeps(nqm, list(FAMILIES), batch_sizes, target, precond=0.5, paths=paths, progress=progress,
+                           scheduler=scheduler)
     for fam, ds in sweeps.items():
         for name in ("momentum_opt", "decay_opt"):
             if name not in ds:
@@ -56,8 +70,7 @@ def run(*, quick: bool = False, out: str = "results", dim: int | None = None, ta
     result["steps_lower_bound"] = ("batch_size", np.array([nqm.lower_bound_steps(b, target) for b in batch_sizes]))
     attach_attrs(result, model="nqm", source="exact", target=target, target_fraction=target_fraction, dim=dim,
                  hessian_power=1.0, noise_power=1.0, init_sq=1.0, precond=0.5)
-    validate(result)
-    result.to_netcdf(os.path.join(out, "batch_size_scaling.nc"))
+    save(result, out, "batch_size_scaling")
     plot(result, os.path.join(out, "batch_size_scaling.png"))
     return result
 
@@ -128,15 +141,13 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="dimension 10^3 and 5 batch sizes")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    p.add_argument("--dim", type=int, default=None, help="NQM dimension (default 10^4, 10^3 with --quick)")
+    p = parser(__doc__, scheduler=True)
+    p.add_argument("--dim", type=int, default=None, help="NQM dimension (default: 10^4; 10^3 quick, 10^5 full)")
     p.add_argument("--target-fraction", type=float, default=0.01, help="target loss as a fraction of L0")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    res = run(quick=a.quick, out=a.out, dim=a.dim, target_fraction=a.target_fraction, progress=not a.no_progress)
+    res = run(scale=scale_of(a), out=a.out, dim=a.dim, target_fraction=a.target_fraction, progress=not a.no_progress,
+              scheduler=a.scheduler)
     print(res.steps_to_target.to_pandas().T.to_string())
     print(f"wrote {a.out}/batch_size_scaling.nc and .png in {time.perf_counter() - t0:.1f} s")
 

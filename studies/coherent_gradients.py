@@ -15,8 +15,9 @@ stopped when their training accuracy first reaches ``easy_at`` (the paper's 50%)
 *easy* if every reference run classifies it correctly then, *hard* if none does.  Their training
 accuracy is tracked in the clean-label runs: does RM3 impair the hard examples more than SGD?
 
-    python -m studies.coherent_gradients            # reduced scale, ~2 min on 2 CPU cores
-    python -m studies.coherent_gradients --quick    # smaller (~30 s)
+    python -m studies run coherent_gradients            # reduced scale, ~2 min on 2 CPU cores
+    python -m studies run coherent_gradients --quick    # smaller (~30 s)
+    python -m studies run coherent_gradients --full     # 5 noise levels, 256-256 MLP, 20000 steps, 8 reference runs
 
 Every finished run is saved under ``<out>/coherent_gradients_runs/`` and skipped on a rerun.
 Writes ``coherent_gradients.nc`` and ``coherent_gradients.png``.
@@ -24,7 +25,6 @@ Writes ``coherent_gradients.nc`` and ``coherent_gradients.png``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -40,7 +40,9 @@ import xarray as xr  # noqa: E402
 from deepmodels import data, models, pergrad  # noqa: E402
 from deepmodels.optim import M3, RA3, RM3, Winsorized  # noqa: E402
 from deepmodels.train import probe_steps  # noqa: E402
-from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
+
+from ._io import parser, save, scale_of  # noqa: E402
 
 OPTIMIZERS = {"sgd": ("SGD", "C0"), "ra3": ("RA3", "C1"), "rm3": ("RM3", "C3"), "m3": ("M3", "C2"),
               "winsorized": ("winsorized", "C4")}
@@ -51,8 +53,10 @@ SCALES = {
                  easy_at=0.5),  # for the tests
     "quick": dict(noise=[0.0, 0.5, 1.0], n_steps=2000, every=50, hidden=(128, 128), batch_size=12, s=1, lr=0.1,
                   n_ref=2, easy_at=0.5),
-    "reduced": dict(noise=[0.0, 0.5, 1.0], n_steps=6000, every=100, hidden=(128, 128), batch_size=12, s=1, lr=0.1,
+    "default": dict(noise=[0.0, 0.5, 1.0], n_steps=6000, every=100, hidden=(128, 128), batch_size=12, s=1, lr=0.1,
                     n_ref=3, easy_at=0.5),
+    "full": dict(noise=[0.0, 0.25, 0.5, 0.75, 1.0], n_steps=20000, every=200, hidden=(256, 256), batch_size=12, s=1,
+                 lr=0.1, n_ref=8, easy_at=0.5),
 }
 
 
@@ -126,7 +130,7 @@ def _difficulty(cfg, d, cache, scale, progress_bar):
     return hard
 
 
-def run(*, scale: str = "reduced", out: str = "results", progress: bool = True) -> xr.Dataset:
+def run(*, scale: str = "default", out: str = "results", progress: bool = True) -> xr.Dataset:
     """Train every (label noise, optimizer) run (resuming from saved ones), write the netCDF file and
     the figure.  Returns a Dataset over ``(label_noise, optimizer, subset, step)``."""
     if scale not in SCALES:
@@ -179,8 +183,7 @@ def run(*, scale: str = "reduced", out: str = "results", progress: bool = True) 
                  easy_at=cfg["easy_at"], seed=0,
                  note="corrupt accuracy is measured against the noisy label (memorization); NaN where a subset is "
                       "empty or undefined (easy/hard: clean labels only)")
-    validate(result)
-    result.to_netcdf(os.path.join(out, "coherent_gradients.nc"))
+    save(result, out, "coherent_gradients")
     plot(result, os.path.join(out, "coherent_gradients.png"))
     return result
 
@@ -245,13 +248,9 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps (about 30 s)")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    a = parser(__doc__).parse_args(argv)
     t0 = time.perf_counter()
-    res = run(scale="quick" if a.quick else "reduced", out=a.out, progress=not a.no_progress)
+    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
     final = res.accuracy.isel(step=-1).sel(subset=["pristine", "corrupt", "test", "easy", "hard"])
     table = final.reset_coords(drop=True).to_dataframe().unstack("subset")
     print(f"final accuracy (corrupt: against the noisy label):\n{table.to_string(float_format='%.3f')}")

@@ -14,15 +14,16 @@ with Monte Carlo with and without replacement) and randomized Kaczmarz (exact an
 interpolating data and on noisy data.  Right panel: Kaczmarz's squared error with the
 Strohmer-Vershynin bound, which holds for the consistent system; label noise stalls it at a floor.
 
-    python -m studies.interpolation            # d = 500 online, 400 x 100 data, 10^6 steps
-    python -m studies.interpolation --quick    # smaller
+    python -m studies run interpolation            # d = 500 online, 400 x 100 data, 10^6 steps
+    python -m studies run interpolation --quick    # smaller
+    python -m studies run interpolation --full     # d = 2000 online, 1000 x 250 data, 10^7 steps
 
-Writes ``interpolation.nc`` (netCDF groups ``online`` and ``finite``) and ``interpolation.png``.
+Writes ``interpolation.nc`` (netCDF groups ``online``, ``finite`` and ``finite_mc``) and
+``interpolation.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -35,7 +36,9 @@ import xarray as xr  # noqa: E402
 
 from toymodels import NQM, SGD, GaussianLinearRegression  # noqa: E402
 from toymodels.linreg import FiniteLinearRegression  # noqa: E402
-from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
+
+from ._io import parser, save, scale_of  # noqa: E402
 
 SIGMA = 0.5  # label noise
 
@@ -97,23 +100,27 @@ def run_finite(*, n: int, d: int, n_steps: int, n_runs: int, seed: int = 0) -> t
     return exact, sims
 
 
-def run(*, quick: bool = False, out: str = "results") -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
-    """Compute both panels, write the netCDF file (groups online, finite, finite_mc) and the figure."""
-    os.makedirs(out, exist_ok=True)
-    online = run_online(dim=100 if quick else 500, n_steps=10**4 if quick else 10**6)
-    finite, finite_mc = run_finite(n=100 if quick else 400, d=25 if quick else 100, n_steps=400 if quick else 3000,
-                                   n_runs=100 if quick else 400)
-    path = os.path.join(out, "interpolation.nc")
-    for ds in (online, finite, finite_mc):
-        validate(ds)
-    online.to_netcdf(path, group="online", mode="w")
-    finite.to_netcdf(path, group="finite", mode="a")
-    finite_mc.to_netcdf(path, group="finite_mc", mode="a")
-    plot(online, finite, finite_mc, os.path.join(out, "interpolation.png"))
-    return online, finite, finite_mc
+SCALES = {"quick": dict(dim=100, online_steps=10**4, n=100, d=25, finite_steps=400, n_runs=100),
+          "default": dict(dim=500, online_steps=10**6, n=400, d=100, finite_steps=3000, n_runs=400),
+          "full": dict(dim=2000, online_steps=10**7, n=1000, d=250, finite_steps=10_000, n_runs=1000)}
 
 
-def plot(online: xr.Dataset, finite: xr.Dataset, finite_mc: xr.Dataset, path: str) -> None:
+def run(*, scale: str = "default", out: str = "results", progress: bool = True) -> dict:
+    """Compute all panels, write the netCDF file (groups online, finite, finite_mc) and the figure;
+    returns ``{group: Dataset}``."""
+    if scale not in SCALES:
+        raise ValueError(f"`scale` must be one of {tuple(SCALES)}; got {scale!r}.")
+    cfg = SCALES[scale]
+    online = run_online(dim=cfg["dim"], n_steps=cfg["online_steps"])
+    finite, finite_mc = run_finite(n=cfg["n"], d=cfg["d"], n_steps=cfg["finite_steps"], n_runs=cfg["n_runs"])
+    result = {"online": online, "finite": finite, "finite_mc": finite_mc}
+    save(result, out, "interpolation")
+    plot(result, os.path.join(out, "interpolation.png"))
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    online, finite, finite_mc = result["online"], result["finite"], result["finite_mc"]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16.5, 4.5))
     k = online.step.values
     keep = k > 0
@@ -163,12 +170,9 @@ def plot(online: xr.Dataset, finite: xr.Dataset, finite_mc: xr.Dataset, path: st
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller models and fewer steps")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    a = p.parse_args(argv)
+    a = parser(__doc__).parse_args(argv)
     t0 = time.perf_counter()
-    online, _, _ = run(quick=a.quick, out=a.out)
+    online = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)["online"]
     last = online.loss.isel(step=-1).to_pandas()
     print("online, loss / L0 at the last step:\n" + last.to_string())
     print(f"wrote {a.out}/interpolation.nc and .png in {time.perf_counter() - t0:.1f} s")

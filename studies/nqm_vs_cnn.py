@@ -4,8 +4,8 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
 
 1. Measured: a LeNet-style CNN on scikit-learn's digits, SGD and heavy-ball momentum (0.9), for each
    batch size the best learning rate of a grid (median over seeds) to reach a training loss target
-   (``deepmodels.steps.measure_steps``; runs resume from per-run files, ``--dask`` runs them on a
-   dask LocalCluster).
+   (``deepmodels.steps.measure_steps``; runs resume from per-run files, ``--scheduler`` runs them on
+   dask).
 2. Predicted: an NQM fitted to the CNN at initialisation (``deepmodels.bridge.fit_nqm``: top Hessian
    eigenpairs by Lanczos, gradient noise along them, power-law tails), its tuned steps per batch size
    for SGD and momentum, calibrated by the measured SGD point at the smallest batch size that reached
@@ -17,9 +17,10 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
    and distance, label noise fitted to the measured noise) along their own trajectories: does the
    variance rise or fall during training?
 
-    python -m studies.nqm_vs_cnn --quick                    # the CNN on digits, about a minute on CPU
-    python -m studies.nqm_vs_cnn --quick --network mlp1d    # an MLP on MNIST-1D
-    python -m studies.nqm_vs_cnn                            # larger grid, 3 seeds
+    python -m studies run nqm_vs_cnn --quick                  # the CNN on digits, about a minute on CPU
+    python -m studies run nqm_vs_cnn --quick --network mlp1d  # an MLP on MNIST-1D
+    python -m studies run nqm_vs_cnn                          # batch sizes 1..128, 6 learning rates
+    python -m studies run nqm_vs_cnn --full --scheduler local # 1..256, 7 learning rates, 3 seeds (hours on CPU)
 
 Writes ``nqm_vs_<network>.nc`` (groups measured, predicted, probe, nqm_stats, linreg_stats) and
 ``nqm_vs_<network>.png``.
@@ -27,7 +28,6 @@ Writes ``nqm_vs_<network>.nc`` (groups measured, predicted, probe, nqm_stats, li
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -44,14 +44,18 @@ from deepmodels import bridge, data, probes, steps  # noqa: E402
 from deepmodels.models import Factory  # noqa: E402
 from deepmodels.train import probe_steps, train  # noqa: E402
 from toymodels import SGD  # noqa: E402
-from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.stats import fit_critical_batch  # noqa: E402
+
+from ._io import parser, save, scale_of  # noqa: E402
 
 CONFIG = {
     "tiny": dict(batch_sizes=[4, 32], lrs=[0.05, 0.2, 0.5], seeds=[0], target=0.8, max_steps=400, eval_every=10,
                  width=4, probe_batch=32, probe_steps=60, k=8),  # for the tests
     "quick": dict(batch_sizes=[2, 8, 32, 128], lrs=list(np.geomspace(0.01, 0.5, 5)), seeds=[0], target=0.3,
                   max_steps=1500, eval_every=10, width=8, probe_batch=32, probe_steps=600, k=20),
+    "default": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128], lrs=list(np.geomspace(0.01, 1.0, 6)), seeds=[0],
+                    target=0.2, max_steps=2000, eval_every=10, width=8, probe_batch=32, probe_steps=1000, k=20),
     "full": dict(batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128, 256], lrs=list(np.geomspace(0.003, 1.0, 7)),
                  seeds=[0, 1, 2], target=0.1, max_steps=4000, eval_every=10, width=16, probe_batch=32,
                  probe_steps=3000, k=40),
@@ -66,12 +70,13 @@ NETWORKS = {
 }
 
 
-def run(*, scale: str = "quick", out: str = "results", executor: str = "serial", progress: bool = True,
+def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True,
         network: str = "cnn"):
     """Measure, fit, predict; write the netCDF file and the figure (``nqm_vs_<network>.*``).
 
-    ``scale``: "tiny" (tests), "quick" or "full"; ``network``: "cnn" (LeNet-style CNN on the digits)
-    or "mlp1d" (MLP on MNIST-1D).
+    ``scale``: "tiny" (tests), "quick", "default" or "full"; ``network``: "cnn" (LeNet-style CNN on
+    the digits) or "mlp1d" (MLP on MNIST-1D); ``scheduler``: run the training runs as dask tasks
+    (``"local"``, an address or a Client; see :func:`toymodels.parallel.run_tasks`).
     """
     if scale not in CONFIG:
         raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
@@ -79,7 +84,7 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
         raise ValueError(f"`network` must be one of {tuple(NETWORKS)}; got {network!r}.")
     cfg = dict(CONFIG[scale])
     if network == "mlp1d":  # MNIST-1D is harder: training-loss targets the MLP reaches in the step budget
-        cfg["target"] = {"tiny": 1.8, "quick": 1.4, "full": 1.0}[scale]
+        cfg["target"] = {"tiny": 1.8, "quick": 1.4, "default": 1.2, "full": 1.0}[scale]
     quick = scale
     os.makedirs(out, exist_ok=True)
     make_data, make_factory, label = NETWORKS[network]
@@ -90,7 +95,7 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
         measured[name] = steps.measure_steps(
             factory, d, batch_sizes=cfg["batch_sizes"], lrs=cfg["lrs"], momenta=[mom], seeds=cfg["seeds"],
             target=cfg["target"], max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
-            path=os.path.join(out, f"nqm_vs_{network}_runs_{scale}_{name}"), executor=executor,
+            path=os.path.join(out, f"nqm_vs_{network}_runs_{scale}_{name}"), executor=scheduler or "serial",
             progress=progress)
     # the NQM fitted at initialisation, on a fixed batch of the training set
     model = factory(0).double()
@@ -129,12 +134,7 @@ def run(*, scale: str = "quick", out: str = "results", executor: str = "serial",
     lin_stats = lin_stats[["loss", "grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale"]].drop_attrs()
     attach_attrs(lin_stats, model="linreg", source="exact", lr=lin_lr, noise_std=fit.report["linreg_noise_std"])
     result["linreg_stats"] = lin_stats
-    path = os.path.join(out, f"nqm_vs_{network}.nc")
-    mode = "w"
-    for group, ds in result.items():
-        validate(ds)
-        ds.to_netcdf(path, group=group, mode=mode)
-        mode = "a"
+    save(result, out, f"nqm_vs_{network}")
     plot(result, os.path.join(out, f"nqm_vs_{network}.png"))
     return result
 
@@ -199,17 +199,11 @@ def plot(result, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small grid, one seed (a few minutes on CPU)")
+    p = parser(__doc__, scheduler=True)
     p.add_argument("--network", default="cnn", choices=tuple(NETWORKS), help="cnn (digits) or mlp1d (MNIST-1D)")
-    p.add_argument("--out", default="results")
-    p.add_argument("--dask", default=None, help="run the sweep on dask: 'local' or a scheduler address")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    executor = "serial" if a.dask is None else ("dask" if a.dask == "local" else a.dask)
-    res = run(scale="quick" if a.quick else "full", out=a.out, executor=executor, progress=not a.no_progress,
-              network=a.network)
+    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress, network=a.network)
     print(res["measured"].steps_best.to_pandas().T.to_string())
     print({k: v for k, v in res["predicted"].attrs.items() if "critical" in k or k == "calibration"})
     print(f"wrote {a.out}/nqm_vs_{a.network}.nc and .png in {time.perf_counter() - t0:.1f} s")

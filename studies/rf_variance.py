@@ -8,9 +8,10 @@ the way: SG-B, SG-2B, SVRG and gradient clustering (GC, B clusters), with SVRG's
 clustering refreshed every ``U`` steps.  Plotted: the maximum over the last 70% of training of the
 variance (top) and of SG-B's normalized variance (bottom), as in the paper.
 
-    python -m studies.rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
-    python -m studies.rf_variance --quick    # smaller still (tests)
-    python -m studies.rf_variance --paper    # the paper's scale: h_s = 1000, N = 100..10000 (hours)
+    python -m studies run rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
+    python -m studies run rf_variance --quick    # smaller still
+    python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours;
+                                                 # --scheduler spreads the points over a dask cluster)
 
 Every finished point is saved under ``<out>/rf_variance_points/`` and skipped on a rerun, so an
 interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
@@ -18,7 +19,6 @@ interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -30,17 +30,20 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
 from toymodels.features import RandomFeatures  # noqa: E402
-from toymodels.schema import attach_attrs, validate  # noqa: E402
+from toymodels.parallel import run_tasks  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
+
+from ._io import parser, save, scale_of  # noqa: E402
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3")}
 
 SCALES = {
     "quick": dict(student_hidden=40, n_train=[10, 40, 160], lrs=[0.1, 1.0], duplicates=[0.0, 0.5],
                   n_steps=300, log_every=25, update_every=100, input_dim=10, teacher_hidden=4, seeds=[0]),
-    "reduced": dict(student_hidden=100, n_train=[10, 20, 50, 100, 200, 500, 1000], lrs=[0.01, 0.1, 1.0],
+    "default": dict(student_hidden=100, n_train=[10, 20, 50, 100, 200, 500, 1000], lrs=[0.01, 0.1, 1.0],
                     duplicates=[0.0, 0.1, 0.5, 0.9], n_steps=3000, log_every=50, update_every=500, input_dim=10,
                     teacher_hidden=10, seeds=[0, 1, 2]),
-    "paper": dict(student_hidden=1000, n_train=[100, 200, 500, 1000, 2000, 5000, 10000], lrs=[0.01, 0.1, 1.0],
+    "full": dict(student_hidden=1000, n_train=[100, 200, 500, 1000, 2000, 5000, 10000], lrs=[0.01, 0.1, 1.0],
                   duplicates=[0.0, 0.1, 0.5, 0.9], n_steps=20000, log_every=200, update_every=2000, input_dim=100,
                   teacher_hidden=100, seeds=[0, 1, 2]),
 }
@@ -58,30 +61,48 @@ def _point(cfg, n, lr, dup, seed, batch_size=10):
     })
 
 
-def run(*, scale: str = "reduced", out: str = "results", progress: bool = True) -> xr.Dataset:
-    """Train every point (resuming from saved ones), write the netCDF file and the figure."""
+def _point_task(args):
+    cfg, key, path = args
+    dup, lr, n, seed = key
+    pt = _point(cfg, n, lr, dup, seed)
+    return key, path, pt
+
+
+def run(*, scale: str = "default", out: str = "results", progress: bool = True, scheduler=None) -> xr.Dataset:
+    """Train every point (resuming from saved ones), write the netCDF file and the figure.
+
+    ``scheduler``: train the points as dask tasks (``"local"``, an address or a Client; see
+    :func:`toymodels.parallel.run_tasks`); each finished point is saved at once either way.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"`scale` must be one of {tuple(SCALES)}; got {scale!r}.")
     cfg = SCALES[scale]
     cache = os.path.join(out, "rf_variance_points")
     os.makedirs(cache, exist_ok=True)
     grid = [(d, lr, n, s) for d in cfg["duplicates"] for lr in cfg["lrs"] for n in cfg["n_train"] for s in cfg["seeds"]
             # duplicates need room for the 5 repeated points
             if d == 0.0 or round(d * n) >= 5]
+    points, todo = {}, []
+    for dup, lr, n, seed in grid:
+        path = os.path.join(cache, f"{scale}_h{cfg['student_hidden']}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
+        if os.path.exists(path):
+            points[(dup, lr, n, seed)] = xr.load_dataset(path)
+        else:
+            todo.append((cfg, (dup, lr, n, seed), path))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(grid), desc="rf variance", unit="model")
-    points = {}
-    for dup, lr, n, seed in grid:
-        path = os.path.join(cache, f"{scale}_h{cfg['student_hidden']}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
-        if os.path.exists(path):
-            pt = xr.load_dataset(path)
-        else:
-            pt = _point(cfg, n, lr, dup, seed)
-            pt.to_netcdf(path)
-        points[(dup, lr, n, seed)] = pt
+        bar = tqdm(total=len(grid), initial=len(points), desc="rf variance", unit="model")
+
+    def record(result):
+        key, path, pt = result
+        pt.to_netcdf(path)
+        points[key] = pt
         if bar is not None:
             bar.update(1)
+
+    run_tasks(_point_task, todo, scheduler=scheduler, on_result=record)
     if bar is not None:
         bar.close()
     rows = []
@@ -104,8 +125,7 @@ def run(*, scale: str = "reduced", out: str = "results", progress: bool = True) 
                  teacher_hidden=cfg["teacher_hidden"], n_steps=cfg["n_steps"], update_every=cfg["update_every"],
                  n_seeds=len(cfg["seeds"]),
                  note="statistics over the last 70% of training; inf where the duplicate share leaves fewer than 5 copies")
-    validate(result)
-    result.to_netcdf(os.path.join(out, "rf_variance.nc"))
+    save(result, out, "rf_variance")
     plot(result, os.path.join(out, "rf_variance.png"))
     return result
 
@@ -148,16 +168,9 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="a tiny grid (for tests)")
-    g.add_argument("--paper", action="store_true", help="the paper's scale (hours)")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    a = parser(__doc__, scheduler=True).parse_args(argv)
     t0 = time.perf_counter()
-    scale = "quick" if a.quick else "paper" if a.paper else "reduced"
-    res = run(scale=scale, out=a.out, progress=not a.no_progress)
+    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress, scheduler=a.scheduler)
     table = res.grad_var_max.sel(lr=res.lr.values[-1]).reset_coords(drop=True).to_dataframe().unstack("estimator")
     print(f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string())
     print(f"wrote {a.out}/rf_variance.nc and .png in {time.perf_counter() - t0:.1f} s")

@@ -9,7 +9,7 @@ from toymodels.schema import validate
 
 
 def test_batch_size_scaling_quick(tmp_path):
-    res = batch_size_scaling.run(quick=True, out=str(tmp_path), dim=40, progress=False)
+    res = batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
     nc = tmp_path / "batch_size_scaling.nc"
     png = tmp_path / "batch_size_scaling.png"
     assert nc.exists() and png.exists() and png.stat().st_size > 10_000
@@ -22,7 +22,7 @@ def test_batch_size_scaling_quick(tmp_path):
     assert np.all(steps >= saved.steps_lower_bound)
     assert np.all(steps.diff("batch_size") <= 0)
     # a rerun resumes from the per-family files and gives the same numbers
-    again = batch_size_scaling.run(quick=True, out=str(tmp_path), dim=40, progress=False)
+    again = batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
     xr.testing.assert_equal(again.steps_to_target, res.steps_to_target)
 
 
@@ -31,7 +31,8 @@ def test_interpolation_quick(tmp_path):
     claims: an exponential fall without label noise, floors with it."""
     from studies import interpolation
 
-    online, finite, finite_mc = interpolation.run(quick=True, out=str(tmp_path))
+    res = interpolation.run(scale="quick", out=str(tmp_path), progress=False)
+    online, finite = res["online"], res["finite"]
     path = tmp_path / "interpolation.nc"
     assert (tmp_path / "interpolation.png").stat().st_size > 10_000
     for group in ("online", "finite", "finite_mc"):
@@ -75,3 +76,28 @@ def test_nqm_vs_network_tiny(tmp_path, network):
     measured = res["measured"].steps_best.sel(optimizer="sgd").values
     j = int(np.flatnonzero(np.isfinite(measured))[0])
     np.testing.assert_allclose(res["predicted"].steps_to_target.sel(optimizer="sgd").values[j], measured[j])
+
+
+def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
+    """`python -m studies list | run NAME | plot FILE.nc`: the listing names every study, `run` passes
+    the flags on, and `plot` redraws a figure from the saved file alone (groups or a single dataset)."""
+    from studies import STUDIES
+    from studies.__main__ import main
+
+    main(["list"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in STUDIES)
+    main(["run", "interpolation", "--quick", "--out", str(tmp_path), "--no-progress"])
+    assert "wrote" in capsys.readouterr().out
+    png = tmp_path / "interpolation.png"
+    png.unlink()
+    main(["plot", str(tmp_path / "interpolation.nc")])
+    assert png.stat().st_size > 10_000
+    batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
+    main(["plot", str(tmp_path / "batch_size_scaling.nc"), "--out", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="unknown study 'nope'"):
+        main(["run", "nope"])
+    xr.Dataset({"loss": ("step", [1.0])}).to_netcdf(tmp_path / "other.nc")
+    with pytest.raises(ValueError, match="no `study` attribute"):
+        main(["plot", str(tmp_path / "other.nc")])

@@ -1,0 +1,57 @@
+"""The study gallery's command line.
+
+    python -m studies list                      # every study, one line each
+    python -m studies run NAME [--quick | --full] [--out DIR] [--scheduler ADDRESS] [--no-progress]
+    python -m studies plot FILE.nc [--out FILE.png]   # redraw from saved results, no recomputing
+
+``python -m studies.NAME [flags]`` is the same as ``python -m studies run NAME [flags]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import STUDIES
+
+
+def _module(name):
+    if name not in STUDIES:
+        raise SystemExit(f"unknown study {name!r}; known: {', '.join(STUDIES)} (python -m studies list).")
+    return importlib.import_module(f"studies.{name}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m studies", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the studies")
+    r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)",
+                       add_help=False)
+    r.add_argument("name")
+    pl = sub.add_parser("plot", help="redraw a study's figure from its netCDF file")
+    pl.add_argument("file")
+    pl.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
+    if argv[:1] == ["run"] and len(argv) >= 2:  # everything after the name belongs to the study
+        return _module(argv[1]).main(argv[2:])
+    a = p.parse_args(argv)
+    if a.command == "list":
+        width = max(map(len, STUDIES))
+        for name, what in STUDIES.items():
+            print(f"{name:{width}s}  {what}")
+        return None
+    if a.command == "run":
+        return _module(a.name).main([])
+    from ._io import load
+
+    name, result = load(a.file)
+    out = a.out or os.path.splitext(a.file)[0] + ".png"
+    _module(name).plot(result, out)
+    print(f"wrote {out}")
+    return None
+
+
+if __name__ == "__main__":
+    main()

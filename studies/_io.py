@@ -1,0 +1,71 @@
+"""What every study shares: its command-line flags, and writing / reading its results.
+
+A study's results are one ``xr.Dataset`` or a ``{group: Dataset}`` dict; :func:`save` validates
+them against :mod:`toymodels.schema` and writes ``<out>/<name>.nc`` (a dict as netCDF groups) with
+the root attribute ``study = <name>``, so that ``python -m studies plot FILE.nc`` finds the study
+that draws it; :func:`load` reads them back in the same form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import xarray as xr
+
+from toymodels.schema import validate
+
+__all__ = ["SCALES", "parser", "scale_of", "save", "load"]
+
+SCALES = ("quick", "default", "full")
+
+
+def parser(doc: str, *, scheduler: bool = False) -> argparse.ArgumentParser:
+    """The flags every study takes: ``--quick`` / ``--full`` (default: the reduced scale), ``--out``,
+    ``--no-progress``, and ``--scheduler`` for studies whose tasks can run on dask."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="smallest scale (seconds to a few minutes on a CPU)")
+    g.add_argument("--full", action="store_true", help="the papers' scale (long)")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if scheduler:
+        p.add_argument("--scheduler", default=None,
+                       help="run the independent tasks on dask: 'local' (a LocalCluster) or a scheduler address")
+    return p
+
+
+def scale_of(args) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def save(result, out: str, name: str) -> str:
+    """Validate and write ``result`` (a Dataset or ``{group: Dataset}``) to ``<out>/<name>.nc``."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}.nc")
+    if isinstance(result, xr.Dataset):
+        validate(result)
+        ds = result.copy()
+        ds.attrs["study"] = name
+        ds.to_netcdf(path)
+        return path
+    for ds in result.values():
+        validate(ds)
+    xr.Dataset(attrs={"study": name}).to_netcdf(path, mode="w")
+    for group, ds in result.items():
+        ds.to_netcdf(path, group=group, mode="a")
+    return path
+
+
+def load(path: str):
+    """``(study name, result)`` from a file written by :func:`save`."""
+    import netCDF4
+
+    with netCDF4.Dataset(path) as nc:
+        groups = list(nc.groups)
+        name = getattr(nc, "study", None)
+    if name is None:
+        raise ValueError(f"{path} has no `study` attribute: it was not written by a study.")
+    if not groups:
+        return name, xr.load_dataset(path)
+    return name, {g: xr.load_dataset(path, group=g) for g in groups}
