@@ -31,23 +31,20 @@ from __future__ import annotations
 import os
 import time
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import xarray as xr  # noqa: E402
+from deepmodels import bridge, data, probes, steps
+from deepmodels.models import Factory
+from deepmodels.train import probe_steps, train
+from toymodels import SGD
+from toymodels.schema import attach_attrs
+from toymodels.stats import fit_critical_batch
 
-from deepmodels import bridge, data, probes, steps  # noqa: E402
-from deepmodels.models import Factory  # noqa: E402
-from deepmodels.train import probe_steps, train  # noqa: E402
-from toymodels import SGD  # noqa: E402
-from toymodels.schema import attach_attrs  # noqa: E402
-from toymodels.stats import fit_critical_batch  # noqa: E402
-
-from ._io import parser, save, scale_of  # noqa: E402
+from . import style
+from ._io import parser, save, scale_of
 
 CONFIG = {
     "tiny": dict(batch_sizes=[4, 32], lrs=[0.05, 0.2, 0.5], seeds=[0], target=0.8, max_steps=400, eval_every=10,
@@ -163,14 +160,20 @@ def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick, 
 
 
 def plot(result, path):
+    """Steps vs batch size (measured markers, fitted NQM lines); normalized variance and noise scale
+    along training (measured markers, NQM and linear-regression lines)."""
     meas, pred, probe, nq = result["measured"], result["predicted"], result["probe"], result["nqm_stats"]
     lin = result.get("linreg_stats")
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (ax1, ax2, ax3) = style.figure(3)
     colors = {"sgd": "C0", "momentum": "C2"}
     for n in meas.optimizer.values:
-        ax1.loglog(meas.batch_size, meas.steps_best.sel(optimizer=n), "o", color=colors[n], label=f"measured, {n}")
-        ax1.loglog(pred.batch_size, pred.steps_to_target.sel(optimizer=n), "-", color=colors[n],
-                   label=f"fitted NQM, {n} (B_crit {pred.attrs.get(f'predicted_{n}_critical_batch_size', np.nan):.3g})")
+        style.draw(ax1, meas.batch_size, meas.steps_best.sel(optimizer=n), source="measurement", color=colors[n],
+                   label=f"{meas.attrs['network']}, {n}")
+        crit = pred.attrs.get(f"predicted_{n}_critical_batch_size", np.nan)
+        style.draw(ax1, pred.batch_size, pred.steps_to_target.sel(optimizer=n), source="exact", color=colors[n],
+                   label=f"fitted NQM, {n} (B_crit {crit:.3g})")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
     ax1.axvline(meas.attrs["noise_scale_at_init"], color="0.5", ls=":", label=f"B_simple at init = {meas.attrs['noise_scale_at_init']:.3g}")
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("steps to target")
@@ -178,24 +181,19 @@ def plot(result, path):
     ax1.legend(fontsize=7)
     k = probe.step.values
     keep = k > 0
-    ax2.loglog(k[keep], probe.grad_nvar.sel(layer="total").values[keep], "o-", label="measured")
-    ax2.loglog(k[keep], nq.grad_nvar.values[keep], "-", label="fitted NQM")
-    if lin is not None:
-        ax2.loglog(k[keep], lin.grad_nvar.values[keep], "--", label="fitted linear regression")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("normalized variance")
+    for ax, var, what in ((ax2, "grad_nvar", "normalized variance"), (ax3, "noise_scale", "noise scale B_simple")):
+        style.draw(ax, k[keep], probe[var].sel(layer="total").values[keep], source="measurement", connect=True,
+                   label=meas.attrs["network"])
+        style.draw(ax, k[keep], nq[var].values[keep], source="exact", label="fitted NQM")
+        if lin is not None:
+            style.draw(ax, k[keep], lin[var].values[keep], source="exact", ls="--", label="fitted linear regression")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
     ax2.set_title(f"gradient statistics along training, B = {probe.attrs['batch_size']:g}")
-    ax2.legend(fontsize=8)
-    ax3.loglog(k[keep], probe.noise_scale.sel(layer="total").values[keep], "o-", label="measured B_simple")
-    ax3.loglog(k[keep], nq.noise_scale.values[keep], "-", label="fitted NQM B_simple")
-    if lin is not None:
-        ax3.loglog(k[keep], lin.noise_scale.values[keep], "--", label="fitted linear regression B_simple")
-    ax3.set_xlabel("step")
-    ax3.set_ylabel("noise scale B_simple")
-    ax3.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    style.save(fig, path)
 
 
 def main(argv=None):
