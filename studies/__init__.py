@@ -15,5 +15,7 @@ STUDIES = {
     "interpolation": "online NQM vs linear regression (label noise or not) and finite data: SGD vs Kaczmarz",
     "rf_variance": "random features: variance of SG-B, SG-2B, SVRG and GC vs overparametrization and duplicates",
     "nqm_vs_cnn": "a CNN's (or MLP's) measured steps vs batch size beside an NQM fitted to it; variance along training",
+    "gradient_tails": "heavy tails vs Gaussianity of gradients (Xie et al. Tables 1, 4) and covariance spectra, "
+                      "toy models and networks",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
 }

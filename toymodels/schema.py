@@ -13,7 +13,7 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
-        "label_noise", "subset")
+        "label_noise", "subset", "case", "kind")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -59,6 +59,16 @@ VARIABLES = {
     "eigenvalue": "eigenvalue",
     "curvature": "curvature h_i",
     "noise_variance": "per-example gradient noise variance c_i",
+    "ks_distance": "KS distance to the fitted power law (mean over the tested sets)",
+    "ks_critical": "5% critical KS distance 1.36 / sqrt(K) of a power-law test on the top K values",
+    "power_law_rate": "fraction of tested sets not rejected as power laws (KS distance < critical)",
+    "power_law_beta": "MLE power-law density exponent beta (median over the tested sets)",
+    "p_value_mean": "mean p-value of the D'Agostino K^2 normality tests",
+    "gaussian_rate": "fraction of tested sets not rejected as Gaussian (p > alpha)",
+    "zipf_exponent": "Zipf exponent s = 1 / (beta - 1) of a spectrum's power-law fit (lambda_k ~ k^-s)",
+    "zipf_exponent_se": "standard error of zipf_exponent",
+    "n_outliers": "top eigenvalues set apart from the rest by a large ratio lambda_k / lambda_(k+1)",
+    "eigenvalue_batch_slope": "log-log slope of the top covariance eigenvalue vs batch size (-1: ~ 1/B)",
 }
 
 SOURCES = ("exact", "simulation", "measurement")
