@@ -171,7 +171,9 @@ class LayerCapture:
         The mean gradient is read from the parameters' ``.grad`` (the backward pass already formed
         it).  Linear layers add elementwise work only, plus one matmul for the dot products
         g_i . g_bar (``dots``) and one for the coordinate sums of squares (``coordinate_sums``);
-        Conv2d layers form their per-example weight gradients.  ``gram``: also the ``(B, B)`` Gram
+        Conv2d layers form their per-example weight gradients, except when only squared norms are
+        asked for and the layer has few output positions T: then |g_i|^2 = sum_{t,t'} (d_t . d_t')
+        (a_t . a_t') from two T x T Gram matrices per example.  ``gram``: also the ``(B, B)`` Gram
         matrix g_i . g_j of the layer's per-example gradients ((d d^T) * (a a^T) for Linear).
         """
         B = batch_size
@@ -183,15 +185,25 @@ class LayerCapture:
             m = self.linears[key]
             d = d * B  # the mean-reduced loss scales the output gradient by 1 / B
             if isinstance(m, nn.Conv2d) or a.dim() > 2:
-                if isinstance(m, nn.Conv2d):
-                    gi = _conv_per_example(m, a, d)
-                else:  # Linear on (B, ..., features): the per-example gradient sums over the positions
+                conv = isinstance(m, nn.Conv2d)
+                if not conv:  # Linear on (B, ..., features): the per-example gradient sums over the positions
                     a, d = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
-                    gi = torch.bmm(d.transpose(1, 2), a)
-                gw = m.weight.grad.reshape(gi.shape[1:]) if m.weight.grad is not None else gi.mean(0)
-                sq = (gi * gi).sum((1, 2))
-                dts = (gi * gw).sum((1, 2)) if dots else None
-                ss = [(gi * gi).sum(0).reshape(-1)] if coordinate_sums else None
+                n_out, n_in = m.weight.shape[0], m.weight[0].numel()
+                n_pos = d.shape[2] * d.shape[3] if conv else d.shape[1]
+                if not (dots or coordinate_sums or gram) and n_pos * (n_out + n_in) < n_out * n_in:
+                    # squared norms only, few positions: |sum_t d_t a_t^T|^2 = sum_{t,t'} (d_t . d_t')(a_t . a_t')
+                    at = _patches(a, m).transpose(1, 2) if conv else a  # (B, T, n_in)
+                    dt = d.reshape(B, n_out, -1).transpose(1, 2) if conv else d  # (B, T, n_out)
+                    sq = (torch.bmm(dt, dt.transpose(1, 2)) * torch.bmm(at, at.transpose(1, 2))).sum((1, 2))
+                    gw = (m.weight.grad.reshape(n_out, n_in) if m.weight.grad is not None
+                          else torch.einsum("bto,bti->oi", dt, at) / B)
+                    dts = ss = None
+                else:
+                    gi = _conv_per_example(m, a, d) if conv else torch.bmm(d.transpose(1, 2), a)
+                    gw = m.weight.grad.reshape(gi.shape[1:]) if m.weight.grad is not None else gi.mean(0)
+                    sq = (gi * gi).sum((1, 2))
+                    dts = (gi * gw).sum((1, 2)) if dots else None
+                    ss = [(gi * gi).sum(0).reshape(-1)] if coordinate_sums else None
                 # per-example bias gradients (B, C_out)
                 db = d.reshape(B, d.shape[1], -1).sum(2) if isinstance(m, nn.Conv2d) else d.sum(1)
             else:

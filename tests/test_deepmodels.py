@@ -97,6 +97,28 @@ def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv):
     torch.testing.assert_close(fast["0"]["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("layer, shape", [(torch.nn.Conv2d(4, 8, 3, stride=2), (4, 5, 5)),  # 4 output positions
+                                          (torch.nn.Conv2d(8, 8, 2, padding=1, dilation=2), (8, 2, 2)),
+                                          (torch.nn.Linear(20, 16), (3, 20))])  # 3 positions of a sequence
+def test_norms_only_summaries_equal_torch_func(layer, shape):
+    """Squared norms alone (as the every-step probe asks) through the T x T Gram matrices of layers
+    with few output positions, and the mean gradient, equal torch.func."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, *shape, generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    torch.manual_seed(2)
+    n_out = layer(x).flatten(1).shape[1]
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(n_out, 3))
+    n_pos = n_out // (layer.out_channels if isinstance(layer, torch.nn.Conv2d) else layer.out_features)
+    w = layer.weight
+    assert n_pos * (w.shape[0] + w[0].numel()) < w.shape[0] * w[0].numel()  # the Gram route is taken
+    grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    cap, _ = pergrad.capture_backward(model, F.cross_entropy, x, y)
+    fast = cap.summaries(9, coordinate_sums=False, dots=False, sums=False)
+    G = torch.cat([grads["0.weight"].reshape(9, -1), grads["0.bias"]], dim=1)
+    torch.testing.assert_close(fast["0"]["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(fast["0"]["mean_norm_sq"], (G.mean(0) ** 2).sum(), rtol=1e-4, atol=1e-8)
+
+
 def test_linear_on_sequences_fast_path_equals_torch_func():
     """A Linear layer on (B, L, features) inputs: its per-example gradient sums over the L positions."""
     gen = torch.Generator().manual_seed(1)
