@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 from toymodels import NQM, SGD
+from toymodels.schedules import PiecewiseConstant
 from toymodels.schema import validate
 from toymodels.sweep import batch_size_sweep, default_grid, grid_search, tune, tune_schedule
 
@@ -183,6 +184,36 @@ def test_compiled_local_search_matches_scipy(family):
                                 options={"initial_simplex": simplex, "xatol": 1e-6, "fatol": 1e-12, "maxfev": 2000})
         assert f == pytest.approx(ref.fun, abs=1e-7)
         assert f == pytest.approx(ev.log_loss(k, x, y), abs=1e-12)  # the value belongs to the point
+
+
+@pytest.mark.parametrize("precond", [0.0, 0.5])
+def test_compiled_schedule_search_matches_the_exact_curve_and_scipy(precond):
+    """The compiled schedule loss equals NQM.loss_curve under the same piecewise-constant schedule (an
+    independent exact implementation), and its Nelder-Mead takes scipy's path from the same simplex."""
+    from scipy import optimize
+
+    from toymodels import _localmin
+
+    nqm, bs, K, n = NQM.power_law(300, noise_power=0.5), 4.0, 777, 3
+    probe = SGD(1.0, precond=precond)
+    limit = nqm.lr_limit(probe)
+    _, a1, b1 = probe.affine(nqm.h)
+    args = (K, n, limit, a1[:, 0, 0].copy(), b1[:, 0].copy(), nqm.c / bs, nqm.init_sq.copy(), nqm.h)
+    for z in (np.array([-0.1, -1.0, -3.0, 0.4, -0.7]), np.array([-2.0, -0.5, -0.05, -1.5, 1.2])):
+        lrs = limit * np.exp(z[:n])
+        w = np.exp(np.r_[0.0, z[n:]])
+        bounds = tuple(int(b) for b in np.rint(np.cumsum(w / w.sum())[:-1] * K))
+        exact = nqm.loss_curve(SGD(PiecewiseConstant(bounds, tuple(lrs)), precond=precond), bs, np.array([K]))
+        assert _localmin.schedule_log_loss(z, *args) == pytest.approx(np.log(float(exact.values[-1])), abs=1e-10)
+    assert _localmin.schedule_log_loss(np.array([0.1, -1.0, -1.0, 0.0, 0.0]), *args) == np.inf
+    assert _localmin.schedule_log_loss(np.array([-1.0, -1.0, -1.0, 40.0, 0.0]), *args) == np.inf
+    z0, steps = np.array([-1.0, -1.5, -2.0, 0.0, 0.0]), np.array([-0.05, -0.075, -0.1, 0.5, 0.5])
+    z, f, nfev = _localmin.schedule_nelder_mead(z0, steps, 1e-6, 1e-12, 3000, *args)
+    ref = optimize.minimize(lambda v: _localmin.schedule_log_loss(v, *args), z0, method="Nelder-Mead",
+                            options={"initial_simplex": z0 + np.vstack([np.zeros(5), np.diag(steps)]),
+                                     "xatol": 1e-6, "fatol": 1e-12, "maxfev": 3000})
+    np.testing.assert_array_equal(z, ref.x)  # the same best point, bit for bit
+    assert f == ref.fun and nfev <= 3000
 
 
 def test_family_sweeps_equal_one_by_one(nqm, tmp_path):

@@ -163,3 +163,118 @@ def brent(a, b, xatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min):
             elif fu <= fv or v == xm or v == w:
                 v, fv = u, fu
     return xm, fx, nfev
+
+
+@njit(cache=True, nogil=True)
+def schedule_log_loss(z, K, n_pieces, limit, a1, b1, q, S0, h):
+    """log L_K of SGD (1-state modes, A = 1 + lr a1, b = lr b1) under the piecewise-constant schedule
+    ``z`` = (log(lr_p / limit) for the n_pieces pieces, log weights of pieces 2..n_pieces relative to
+    the first); each piece of n steps in closed form, S' = A^2n S + q b^2 (1 - A^2n) / (1 - A^2).
+    ``inf`` outside the search box: a log learning rate above 0 or a log weight beyond +-30."""
+    for p in range(n_pieces):
+        if z[p] > 0.0:
+            return np.inf
+    for p in range(n_pieces, z.size):
+        if abs(z[p]) > 30.0:  # a piece weighted e^30 times another: outside the box
+            return np.inf
+    w = np.empty(n_pieces)
+    w[0] = 1.0
+    for p in range(1, n_pieces):
+        w[p] = math.exp(z[n_pieces + p - 1])
+    total = w.sum()
+    S = S0.copy()
+    start, cum = 0, 0.0
+    for p in range(n_pieces):
+        cum += w[p] / total
+        end = K if p == n_pieces - 1 else int(np.rint(cum * K))
+        n = end - start
+        start = end
+        if n <= 0:
+            continue
+        lr = limit * math.exp(min(z[p], -1e-9))
+        for i in range(S.size):
+            A2 = (1.0 + lr * a1[i]) ** 2
+            An = A2 ** n
+            bb = q[i] * (lr * b1[i]) ** 2
+            S[i] = An * S[i] + (bb * (1.0 - An) / (1.0 - A2) if abs(1.0 - A2) > 1e-15 else n * bb)
+    v = 0.5 * np.sum(h * S)
+    if v > 0.0:
+        return math.log(v)
+    return -np.inf
+
+
+@njit(cache=True, nogil=True)
+def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1, b1, q, S0, h):
+    """Nelder-Mead on :func:`schedule_log_loss` from the simplex z0 + {0, steps[k] e_k}, step for step
+    scipy's otherwise (non-adaptive coefficients, stable ordering, the same stopping rule).  Returns
+    ``(z, value, n_evals)``."""
+    N = z0.size
+    sim = np.empty((N + 1, N))
+    f = np.empty(N + 1)
+    sim[0] = z0
+    for k in range(N):
+        sim[k + 1] = z0
+        sim[k + 1, k] = z0[k] + steps[k]
+    for j in range(N + 1):
+        f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
+    nfev = N + 1
+    xbar = np.empty(N)
+    while True:
+        for a in range(1, N + 1):  # stable insertion sort by value
+            j = a
+            while j > 0 and f[j] < f[j - 1]:
+                f[j], f[j - 1] = f[j - 1], f[j]
+                for c in range(N):
+                    sim[j, c], sim[j - 1, c] = sim[j - 1, c], sim[j, c]
+                j -= 1
+        if nfev >= maxfev:
+            break
+        done = True
+        for j in range(1, N + 1):
+            if not abs(f[j] - f[0]) <= fatol:
+                done = False
+            for c in range(N):
+                if not abs(sim[j, c] - sim[0, c]) <= xatol:
+                    done = False
+        if done:
+            break
+        xbar[:] = 0.0
+        for j in range(N):
+            xbar += sim[j]
+        xbar /= N
+        xr = 2.0 * xbar - sim[N]
+        fr = schedule_log_loss(xr, K, n_pieces, limit, a1, b1, q, S0, h)
+        nfev += 1
+        shrink = False
+        if fr < f[0]:
+            xe = 3.0 * xbar - 2.0 * sim[N]
+            fe = schedule_log_loss(xe, K, n_pieces, limit, a1, b1, q, S0, h)
+            nfev += 1
+            if fe < fr:
+                sim[N], f[N] = xe, fe
+            else:
+                sim[N], f[N] = xr, fr
+        elif fr < f[N - 1]:
+            sim[N], f[N] = xr, fr
+        elif fr < f[N]:  # outside contraction
+            xc = 1.5 * xbar - 0.5 * sim[N]
+            fc = schedule_log_loss(xc, K, n_pieces, limit, a1, b1, q, S0, h)
+            nfev += 1
+            if fc <= fr:
+                sim[N], f[N] = xc, fc
+            else:
+                shrink = True
+        else:  # inside contraction
+            xcc = 0.5 * xbar + 0.5 * sim[N]
+            fcc = schedule_log_loss(xcc, K, n_pieces, limit, a1, b1, q, S0, h)
+            nfev += 1
+            if fcc < f[N]:
+                sim[N], f[N] = xcc, fcc
+            else:
+                shrink = True
+        if shrink:
+            for j in range(1, N + 1):
+                sim[j] = sim[0] + 0.5 * (sim[j] - sim[0])
+                f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
+                nfev += 1
+    return sim[0].copy(), f[0], nfev

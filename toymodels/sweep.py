@@ -596,7 +596,8 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
 
     The lecture's "fitting optimal learning rate schedules": for a horizon K the schedule is
     ``n_pieces`` learning rates and the fraction of K spent in each; the loss at step K is exact (piece
-    by piece jumps), minimised over the schedule, and K is bisected as in :func:`tune`.  Problems
+    by piece in closed form, :func:`toymodels._localmin.schedule_log_loss`), minimised over the
+    schedule by a compiled Nelder-Mead, and K is bisected as in :func:`tune`.  Problems
     above 2000 modes are fitted on ``problem.coarsen()`` (``coarse=True``); the steps reported are
     the full problem's exact first crossing for the fitted schedule.
 
@@ -605,7 +606,6 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         constant learning rate's), ``schedule`` (a :class:`PiecewiseConstant`), ``lrs`` and
         ``fractions``.
     """
-    from . import dynamics
 
     n_pieces = check_int("n_pieces", n_pieces, low=1, high=10)
     if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
@@ -618,29 +618,17 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     probe = SGD(1.0, precond=precond)
     limit = problem.lr_limit(probe)
-    a0, a1, b1 = probe.affine(problem.h)
+    _, a1, b1 = probe.affine(problem.h)
+    a1, b1 = a1[:, 0, 0].copy(), b1[:, 0].copy()
     q = problem.c / bs
-    S0 = problem.init_sq.reshape(-1, 1, 1).copy()
+    S0 = np.asarray(problem.init_sq, dtype=np.float64).copy()
 
     def unpack(z, K):
         lrs = limit * np.exp(np.minimum(z[:n_pieces], -1e-9))
         w = np.exp(np.concatenate([[0.0], z[n_pieces:]]))
         frac = w / w.sum()
-        bounds = np.round(np.cumsum(frac)[:-1] * K).astype(np.int64)
+        bounds = np.rint(np.cumsum(frac)[:-1] * K).astype(np.int64)
         return lrs, frac, bounds
-
-    def loss_at(z, K):
-        lrs, _, bounds = unpack(z, K)
-        if np.any(z[:n_pieces] > 0):
-            return math.inf
-        S = S0
-        edges = np.concatenate([[0], bounds, [K]])
-        for p in range(n_pieces):
-            n = int(edges[p + 1] - edges[p])
-            if n > 0:
-                S = dynamics.jump(a0 + lrs[p] * a1, lrs[p] * b1, q, S, n)
-        v = 0.5 * float(np.sum(problem.h * S[:, 0, 0]))
-        return math.log(v) if v > 0 else -math.inf
 
     base = tune(problem, "precond" if precond else "sgd", bs, target, precond=precond)
     if not math.isfinite(base["steps"]) or base["steps"] == 0:
@@ -652,10 +640,16 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
     log_target = math.log(target)
     while hi - lo > 1:
         K = (lo + int(hi)) // 2
-        res = optimize.minimize(lambda v: loss_at(v, K), best_z, method="Nelder-Mead",
-                                options={"xatol": 1e-4, "fatol": 1e-10, "maxfev": 400 * n_pieces})
-        if res.fun <= log_target:
-            hi, best_z = float(K), res.x
+        z, fun = best_z, math.inf
+        for _ in range(2):  # a second start from the first one's optimum, with a fresh simplex
+            # simplex steps: 5% of each log learning rate (scipy's), half a unit of each log weight
+            steps = np.concatenate([np.where(z[:n_pieces] != 0, 0.05 * z[:n_pieces], 0.00025), np.full(n_pieces - 1, 0.5)])
+            z, fun, _ = _localmin.schedule_nelder_mead(z, steps, 1e-4, 1e-10, 400 * n_pieces, K, n_pieces, limit, a1,
+                                                       b1, q, S0, problem.h)
+            if fun <= log_target:
+                break
+        if fun <= log_target:
+            hi, best_z = float(K), z
         else:
             lo = K
     lrs, frac, bounds = unpack(best_z, int(hi))
