@@ -56,7 +56,9 @@ def run(*, scale: str = "default", out: str = "results", dim: int | None = None,
     nqm = NQM.power_law(dim)
     target = target_fraction * nqm.initial_loss
     parts = []
-    paths = {fam: os.path.join(out, f"batch_size_scaling_{fam}_{dim}.nc") for fam in FAMILIES}
+    parts_dir = os.path.join(out, "batch_size_scaling_parts")  # per-family sweeps, for resuming
+    os.makedirs(parts_dir, exist_ok=True)
+    paths = {fam: os.path.join(parts_dir, f"{fam}_{dim}.nc") for fam in FAMILIES}
     sweeps = family_sweeps(nqm, list(FAMILIES), batch_sizes, target, precond=0.5, paths=paths, progress=progress,
                            scheduler=scheduler)
     for fam, ds in sweeps.items():
@@ -64,7 +66,7 @@ def run(*, scale: str = "default", out: str = "results", dim: int | None = None,
             if name not in ds:
                 ds[name] = ("batch_size", np.full(batch_sizes.size, np.nan))
         parts.append(ds.drop_attrs().expand_dims(optimizer=[fam]))
-    parts.append(_schedule_sweep(nqm, batch_sizes, target, os.path.join(out, f"batch_size_scaling_schedule_{dim}.nc"),
+    parts.append(_schedule_sweep(nqm, batch_sizes, target, os.path.join(parts_dir, f"schedule_{dim}.nc"),
                                  progress))
     result = xr.concat(parts, dim="optimizer")
     result["steps_lower_bound"] = ("batch_size", np.array([nqm.lower_bound_steps(b, target) for b in batch_sizes]))

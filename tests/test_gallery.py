@@ -1,0 +1,26 @@
+"""Smoke test of the study gallery: every study runs with --quick through the command line and
+writes a figure and a netCDF file that passes the schema validator and redraws from disk."""
+
+import pytest
+
+from studies import STUDIES
+from studies._io import load
+from studies.__main__ import main
+from toymodels.schema import validate
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_runs_quick_and_writes_valid_files(name, tmp_path):
+    main(["run", name, "--quick", "--out", str(tmp_path), "--no-progress"])
+    ncs = [p for p in tmp_path.glob("*.nc")]
+    pngs = [p for p in tmp_path.glob("*.png")]
+    assert ncs and pngs
+    for nc in ncs:
+        study, result = load(str(nc))
+        assert study in STUDIES
+        for ds in ([result] if not isinstance(result, dict) else result.values()):
+            validate(ds)
+        redrawn = tmp_path / f"redrawn_{nc.stem}.png"
+        main(["plot", str(nc), "--out", str(redrawn)])
+        assert redrawn.stat().st_size > 10_000
+    assert all(p.stat().st_size > 10_000 for p in pngs)
