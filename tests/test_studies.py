@@ -101,3 +101,25 @@ def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
     xr.Dataset({"loss": ("step", [1.0])}).to_netcdf(tmp_path / "other.nc")
     with pytest.raises(ValueError, match="no `study` attribute"):
         main(["plot", str(tmp_path / "other.nc")])
+
+
+def test_rate_vs_floor_matches_the_closed_form_and_monte_carlo(tmp_path):
+    """The per-direction curves equal E l(k) = (1-ah)^2k l0 + (1-(1-ah)^2k) a c / (2B(2-ah)), written out
+    here independently, and the Monte Carlo means lie within 4.5 standard errors of them."""
+    from studies import rate_vs_floor as rvf
+
+    res = rvf.run(scale="quick", out=str(tmp_path), progress=False)
+    exact, sims = res["exact"], res["simulation"]
+    for name, h in rvf.CURVATURES.items():
+        for lr in exact.lr.values:
+            def formula(k):
+                r = (1 - lr * h) ** (2 * np.asarray(k, dtype=float))
+                return r * 0.5 * h + (1 - r) * lr * h / (2 * rvf.BATCH_SIZE * (2 - lr * h))
+
+            np.testing.assert_allclose(exact.loss.sel(curve=name, lr=lr).values, formula(exact.step.values), rtol=1e-10)
+            m = sims.sel(curve=name, lr=lr)
+            e = formula(m.step.values)
+            ok = m.step.values > 0
+            assert np.all(np.abs(m.loss.values[ok] - e[ok]) <= 4.5 * m.loss_sem.values[ok])
+    floor = res["tradeoff"].loss_inf.sel(curve="high")
+    assert np.all(np.diff(floor.values) > 0)  # the floor rises with the learning rate

@@ -59,6 +59,8 @@ VARIABLES = {
     "eigenvalue": "eigenvalue",
     "curvature": "curvature h_i",
     "noise_variance": "per-example gradient noise variance c_i",
+    "loss_inf": "stationary expected loss (noise floor) of a constant learning rate",
+    "relaxation_steps": "steps for the distance to the floor to shrink by e (1 / (1 - rate))",
     "ks_distance": "KS distance to the fitted power law (mean over the tested sets)",
     "ks_critical": "5% critical KS distance 1.36 / sqrt(K) of a power-law test on the top K values",
     "power_law_rate": "fraction of tested sets not rejected as power laws (KS distance < critical)",
