@@ -123,3 +123,28 @@ def test_rate_vs_floor_matches_the_closed_form_and_monte_carlo(tmp_path):
             assert np.all(np.abs(m.loss.values[ok] - e[ok]) <= 4.5 * m.loss_sem.values[ok])
     floor = res["tradeoff"].loss_inf.sel(curve="high")
     assert np.all(np.diff(floor.values) > 0)  # the floor rises with the learning rate
+
+
+def test_hessian_vs_covariance_directions():
+    """Along the top Hessian eigenvectors v^T H v are the Lanczos eigenvalues; along the top covariance
+    eigenvectors v^T C v are the covariance's top eigenvalues (dense, from the per-example gradients);
+    both exceed the random directions' quotients."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepmodels import data, hessian, models, pergrad
+    from studies import hessian_vs_covariance as hvc
+
+    d = data.digits(seed=0)
+    model = models.mlp(64, 10, (16,), seed=1).double()
+    x, y = d.x_train[:128].double(), d.y_train[:128]
+    r = hvc._measure(model, x, y, 5, seed=0)
+    np.testing.assert_allclose(r.curvature.sel(curve="hessian"), hessian.top_eigenvalues(model, F.cross_entropy, x, y, 5),
+                               rtol=1e-5)
+    G = pergrad.flatten(pergrad.per_example_grads(model, F.cross_entropy, x, y))
+    Gc = G - G.mean(0)
+    top_c = torch.linalg.eigvalsh(Gc.T @ Gc / G.shape[0]).flip(0)[:5].numpy()
+    np.testing.assert_allclose(r.noise_variance.sel(curve="covariance"), top_c, rtol=1e-8)
+    assert r.curvature.sel(curve="hessian").min() > r.curvature.sel(curve="random").max()
+    assert r.noise_variance.sel(curve="covariance").min() > r.noise_variance.sel(curve="random").max()
+    assert hvc.log_correlation([1.0, 10.0, 100.0, -1.0], [2.0, 20.0, 200.0, 5.0]) == pytest.approx(1.0)
