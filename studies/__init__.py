@@ -18,6 +18,8 @@ STUDIES = {
     "nqm_vs_cnn": "a CNN's (or MLP's) measured steps vs batch size beside an NQM fitted to it; variance along training",
     "gradient_tails": "heavy tails vs Gaussianity of gradients (Xie et al. Tables 1, 4) and covariance spectra, "
                       "toy models and networks",
+    "network_variance": "gradient variance along training of an MLP and a CNN for SG-B, SG-2B, SVRG and gradient "
+                        "clustering",
     "hessian_vs_covariance": "Rayleigh quotients v^T H v vs v^T C v of an MLP and a CNN: is the noise covariance "
                              "the Hessian?",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",

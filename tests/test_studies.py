@@ -148,3 +148,16 @@ def test_hessian_vs_covariance_directions():
     assert r.curvature.sel(curve="hessian").min() > r.curvature.sel(curve="random").max()
     assert r.noise_variance.sel(curve="covariance").min() > r.noise_variance.sel(curve="random").max()
     assert hvc.log_correlation([1.0, 10.0, 100.0, -1.0], [2.0, 20.0, 200.0, 5.0]) == pytest.approx(1.0)
+
+
+def test_network_variance_quick(tmp_path):
+    """SG-2B has exactly half SG-B's variance, SVRG's is zero at its snapshot (step 0), and every
+    normalized variance lies in [0, 1]."""
+    from studies import network_variance as nv
+
+    res = nv.run(scale="quick", out=str(tmp_path), progress=False)
+    validate(xr.load_dataset(tmp_path / "network_variance.nc"))
+    np.testing.assert_allclose(res.grad_var.sel(estimator="sg_2b"), res.grad_var.sel(estimator="sg_b") / 2, rtol=1e-10)
+    assert np.all(res.grad_var.sel(estimator="svrg", step=0) < 1e-12 * res.grad_var.sel(estimator="sg_b", step=0))
+    assert np.all(res.grad_var.sel(estimator="svrg").isel(step=slice(1, None)) > 0)
+    assert np.all((res.grad_nvar >= 0) & (res.grad_nvar <= 1))
