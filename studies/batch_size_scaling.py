@@ -18,18 +18,15 @@ from __future__ import annotations
 import os
 import time
 
-import matplotlib
+import numpy as np
+import xarray as xr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+from toymodels import NQM
+from toymodels.schema import attach_attrs
+from toymodels.sweep import family_sweeps, tune_schedule
 
-from toymodels import NQM  # noqa: E402
-from toymodels.schema import attach_attrs  # noqa: E402
-from toymodels.sweep import family_sweeps, tune_schedule  # noqa: E402
-
-from ._io import parser, save, scale_of  # noqa: E402
+from . import style
+from ._io import parser, save, scale_of
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
@@ -112,34 +109,36 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
 
 def plot(result: xr.Dataset, path: str) -> None:
     """Two panels: steps vs batch size with the lower bound; tuned learning rate vs batch size."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = style.figure(2, width=5.5, height=4.2)
     bs = result.batch_size.values
     for fam, label in FAMILIES.items():
         if fam not in result.optimizer.values:
             continue
         r = result.sel(optimizer=fam)
-        ax1.loglog(bs, r.steps_to_target.values, "-o", ms=3, color=COLORS[fam], label=label)
+        style.draw(ax1, bs, r.steps_to_target.values, source="exact", color=COLORS[fam], label=label)
         lr = r.lr_opt.values
         if fam == "momentum":  # the effective learning rate lr / (1 - beta) is comparable with SGD's
             lr = lr / (1.0 - r.momentum_opt.values)
             label = label + ": lr/(1-β)"
-        ax2.loglog(bs, lr, "-o", ms=3, color=COLORS[fam], label=label)
+        style.draw(ax2, bs, lr, source="exact", color=COLORS[fam], label=label)
     if "sgd_schedule" in result.optimizer.values:
-        ax1.loglog(bs, result.sel(optimizer="sgd_schedule").steps_to_target.values, "--", color=COLORS["sgd_schedule"],
-                   label=SCHEDULE_LABEL)
-    ax1.loglog(bs, np.maximum(result.steps_lower_bound.values, 1), ":", color="k", label="lower bound")
+        style.draw(ax1, bs, result.sel(optimizer="sgd_schedule").steps_to_target.values, source="exact", ls="--",
+                   color=COLORS["sgd_schedule"], label=SCHEDULE_LABEL)
+    style.draw(ax1, bs, np.maximum(result.steps_lower_bound.values, 1), source="exact", ls=":", color="k",
+               label="lower bound, any algorithm")
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("steps to target")
     ax1.set_title(f"NQM, d={result.attrs['dim']}, target={result.attrs['target_fraction']:g}·L0")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7)
     ref = bs * result.sel(optimizer="sgd").lr_opt.values[0]
-    ax2.loglog(bs, ref, "--", color="0.6", lw=1, label="linear scaling")
+    ax2.plot(bs, ref, "--", color="0.6", lw=1, label="linear scaling")
     ax2.set_xlabel("batch size")
     ax2.set_ylabel("tuned learning rate")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    style.save(fig, path)
 
 
 def main(argv=None):
