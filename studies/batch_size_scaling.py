@@ -74,42 +74,53 @@ def run(*, scale: str = "default", out: str = "results", dim: int | None = None,
     return result
 
 
+N_PIECES = 3
+
+
 def _schedule_sweep(nqm, batch_sizes, target, path, progress):
     """SGD with a tuned 3-piece piecewise-constant schedule per batch size (the lecture's "fitting
-    optimal learning rate schedules"); resumes from ``path``."""
+    optimal learning rate schedules"), with the fitted learning rates and piece fractions; resumes
+    from ``path``."""
     done = xr.load_dataset(path) if os.path.exists(path) else None
-    steps, lrs = [], []
-    if done is not None and float(done.attrs.get("target", -1)) == target:
-        steps, lrs = list(done.steps_to_target.values), list(done.lr_opt.values)
+    steps, lrs, fracs = [], [], []
+    if done is not None and float(done.attrs.get("target", -1)) == target and "lr_schedule_opt" in done:
+        steps, lrs, fracs = list(done.steps_to_target.values), list(done.lr_schedule_opt.values), list(
+            done.piece_fraction_opt.values)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=batch_sizes.size, initial=len(steps), desc="sweep schedule", unit="B")
     for b in batch_sizes[len(steps):]:
-        res = tune_schedule(nqm, b, target, n_pieces=3)
+        res = tune_schedule(nqm, b, target, n_pieces=N_PIECES)
         steps.append(res["steps"])
-        lrs.append(res["schedule"].lrs[0] if res["schedule"] is not None else np.nan)
+        ok = res["schedule"] is not None
+        lrs.append(np.asarray(res["lrs"], dtype=np.float64) if ok else np.full(N_PIECES, np.nan))
+        fracs.append(np.asarray(res["fractions"], dtype=np.float64) if ok else np.full(N_PIECES, np.nan))
         part = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps)),
-                           "lr_opt": ("batch_size", np.array(lrs))},
+                           "lr_schedule_opt": (("batch_size", "piece"), np.array(lrs)),
+                           "piece_fraction_opt": (("batch_size", "piece"), np.array(fracs))},
                           coords={"batch_size": batch_sizes[: len(steps)]}, attrs={"target": target})
         part.to_netcdf(path)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    lrs, fracs = np.array(lrs, dtype=np.float64), np.array(fracs, dtype=np.float64)
     ds = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps, dtype=np.float64)),
-                     "lr_opt": ("batch_size", np.array(lrs, dtype=np.float64)),
+                     "lr_opt": ("batch_size", lrs[:, 0]),
+                     "lr_schedule_opt": (("batch_size", "piece"), lrs),
+                     "piece_fraction_opt": (("batch_size", "piece"), fracs),
                      "momentum_opt": ("batch_size", np.full(batch_sizes.size, np.nan)),
                      "decay_opt": ("batch_size", np.full(batch_sizes.size, np.nan)),
                      "reason": ("batch_size", np.full(batch_sizes.size, "", dtype=object).astype(str))},
-                    coords={"batch_size": batch_sizes})
+                    coords={"batch_size": batch_sizes, "piece": np.arange(N_PIECES)})
     return ds.expand_dims(optimizer=["sgd_schedule"])
 
 
 def plot(result: xr.Dataset, path: str) -> None:
     """Two panels: steps vs batch size with the lower bound; tuned learning rate vs batch size."""
-    fig, (ax1, ax2) = style.figure(2, width=5.5, height=4.2)
+    fig, (ax1, ax2, ax3) = style.figure(3, width=5.2, height=4.2)
     bs = result.batch_size.values
     for fam, label in FAMILIES.items():
         if fam not in result.optimizer.values:
@@ -138,6 +149,19 @@ def plot(result: xr.Dataset, path: str) -> None:
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_yscale("log")
+    if "lr_schedule_opt" in result:
+        sched = result.sel(optimizer="sgd_schedule")
+        shown = bs[:: max(1, bs.size // 5)]
+        for j, b in enumerate(shown):
+            lrs = sched.lr_schedule_opt.sel(batch_size=b).values
+            edges = np.concatenate([[0.0], np.cumsum(sched.piece_fraction_opt.sel(batch_size=b).values)])
+            if np.all(np.isfinite(lrs)):
+                ax3.step(edges, np.r_[lrs, lrs[-1]], where="post", color=f"C{j}", label=f"B = {b:.0f}")
+        ax3.set_yscale("log")
+        ax3.set_xlabel("fraction of the steps to target")
+        ax3.set_ylabel("learning rate")
+        ax3.set_title("fitted 3-piece schedules (theory)")
+        ax3.legend(fontsize=7)
     style.save(fig, path)
 
 
