@@ -27,18 +27,15 @@ from __future__ import annotations
 import os
 import time
 
-import matplotlib
+import numpy as np
+import xarray as xr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+from toymodels import NQM, SGD, GaussianLinearRegression
+from toymodels.linreg import FiniteLinearRegression
+from toymodels.schema import attach_attrs
 
-from toymodels import NQM, SGD, GaussianLinearRegression  # noqa: E402
-from toymodels.linreg import FiniteLinearRegression  # noqa: E402
-from toymodels.schema import attach_attrs  # noqa: E402
-
-from ._io import parser, save, scale_of  # noqa: E402
+from . import style
+from ._io import parser, save, scale_of
 
 SIGMA = 0.5  # label noise
 
@@ -121,52 +118,54 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
 
 def plot(result: dict, path: str) -> None:
     online, finite, finite_mc = result["online"], result["finite"], result["finite_mc"]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16.5, 4.5))
+    fig, (ax1, ax2, ax3) = style.figure(3, width=5.5, height=4.5)
     k = online.step.values
     keep = k > 0
     labels = {"nqm": "NQM (noise independent of θ, C = σ²H)", "linreg_label_noise": f"linear regression, label noise σ={SIGMA}",
               "linreg_interpolating": "linear regression, no label noise"}
     for (name, label), color in zip(labels.items(), ["C0", "C1", "C2"]):
-        ax1.loglog(k[keep], online.loss.sel(curve=name).values[keep], color=color, label=label)
-    ax1.loglog(k[keep], online.loss_lower_bound.values[keep], ":", color="k", label="NQM lower bound, any algorithm (O(1/k))")
+        style.draw(ax1, k[keep], online.loss.sel(curve=name).values[keep], source="exact", color=color, label=label)
+    style.draw(ax1, k[keep], online.loss_lower_bound.values[keep], source="exact", ls=":", color="k",
+               label="NQM lower bound, any algorithm (O(1/k))")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
     ax1.set_ylim(max(1e-12, float(online.loss.min()) * 0.5), 2)
     ax1.set_xlabel("step k (B = 1)")
     ax1.set_ylabel("expected excess loss / L0")
     ax1.set_title(f"online, d={online.attrs['dim']}, λᵢ = 1/i, SGD lr={online.attrs['lr']:.3g}")
-    ax1.legend(fontsize=7.5, loc="lower left")
+    ax1.legend(fontsize=7, loc="lower left")
 
-    ks = finite.step.values
-    kmc = finite_mc.step.values
+    ks, kmc = finite.step.values, finite_mc.step.values
     for name, ls in [("interpolating", "-"), ("noisy", "--")]:
         for method, color in [("sgd", "C0"), ("kaczmarz", "C3")]:
             key = f"{method}_{name}"
-            ax2.semilogy(ks, finite.loss.sel(curve=key).values, ls, color=color,
-                         label=f"{'SGD (with replacement)' if method == 'sgd' else 'Kaczmarz'}, {name} data")
-            mc = finite_mc.loss.sel(curve=key).values
-            ax2.semilogy(kmc, mc, "o", ms=3, color=color, mfc="none")
-        ep = finite_mc.loss.sel(curve=f"sgd_{name}_epochs").values
-        ax2.semilogy(kmc, ep, "x", ms=4, color="C0")
-    ax2.plot([], [], "o", color="0.4", mfc="none", label="Monte Carlo (with replacement)")
-    ax2.plot([], [], "x", color="C0", label="Monte Carlo SGD without replacement (epochs)")
+            style.draw(ax2, ks, finite.loss.sel(curve=key).values, source="exact", ls=ls, color=color,
+                       label=f"{'SGD (with replacement)' if method == 'sgd' else 'Kaczmarz'}, {name} data")
+            style.draw(ax2, kmc, finite_mc.loss.sel(curve=key).values, source="simulation", color=color)
+        style.draw(ax2, kmc, finite_mc.loss.sel(curve=f"sgd_{name}_epochs").values, source="simulation", marker="x",
+                   color="C0")
+    style.draw(ax2, [], [], source="simulation", color="0.4", label="with replacement")
+    style.draw(ax2, [], [], source="simulation", marker="x", color="C0", label="SGD without replacement (epochs)")
+    ax2.set_yscale("log")
     ax2.set_xlabel("step k (one example per step)")
     ax2.set_ylabel("expected excess training loss / L0")
     ax2.set_title(f"finite data, n={finite.attrs['n']}, d={finite.attrs['dim']}")
-    ax2.legend(fontsize=7.5, loc="lower left")
+    ax2.legend(fontsize=7, loc="lower left")
 
     for name, ls in [("interpolating", "-"), ("noisy", "--")]:
         key = f"kaczmarz_{name}"
         sq0 = float(finite.sq_error.sel(curve=key).values[0])
-        ax3.semilogy(ks, finite.sq_error.sel(curve=key).values / sq0, ls, color="C3", label=f"Kaczmarz, {name} data")
-        ax3.semilogy(kmc, finite_mc.sq_error.sel(curve=key).values / sq0, "o", ms=3, color="C3", mfc="none")
+        style.draw(ax3, ks, finite.sq_error.sel(curve=key).values / sq0, source="exact", ls=ls, color="C3",
+                   label=f"Kaczmarz, {name} data")
+        style.draw(ax3, kmc, finite_mc.sq_error.sel(curve=key).values / sq0, source="simulation", color="C3")
     bound = finite.sv_bound.sel(curve="kaczmarz_interpolating").values
-    ax3.semilogy(ks, bound / bound[0], ":", color="k", label="Strohmer–Vershynin bound (1 − 1/κ²)ᵏ")
+    style.draw(ax3, ks, bound / bound[0], source="exact", ls=":", color="k", label="Strohmer–Vershynin bound (1 − 1/κ²)ᵏ")
+    ax3.set_yscale("log")
     ax3.set_xlabel("step k")
     ax3.set_ylabel("E|w − w_ls|² / |w₀ − w_ls|²")
     ax3.set_title("randomized Kaczmarz: squared error")
-    ax3.legend(fontsize=7.5, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax3.legend(fontsize=7, loc="lower left")
+    style.save(fig, path)
 
 
 def main(argv=None):
