@@ -241,7 +241,7 @@ def plot(result: xr.Dataset, path: str) -> None:
     axes[0, 0].legend(handles=handles, fontsize=7, loc="center right")
     a = result.attrs
     fig.suptitle(f"memorization on digits: MLP {a['hidden']}, SGD lr {a['lr']:g}, B = {a['batch_size']:g}, "
-                 f"winsorization s = {a['winsorization_s']} (Zielinski et al., Fig. 2, 3, 5a)", fontsize=10)
+                 f"winsorization s = {a['winsorization_s']} (Zielinski et al., Fig. 2, 3, 5a); all curves measured", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

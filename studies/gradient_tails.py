@@ -390,7 +390,7 @@ def plot_spectra(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
     for a in axes[:, 0]:
         a.set_ylabel("covariance eigenvalue")
     fig.suptitle(f"gradient covariance spectra (Xie et al. Fig. 4, 6, 7, 11, 13); T = {deep.attrs['n_spectrum']}, "
-                 f"power-law fit on the top K = {deep.attrs['k_spectrum']}")
+                 f"power-law fit on the top K = {deep.attrs['k_spectrum']} (dashed); networks measured, toy models simulated")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -161,7 +161,8 @@ def plot(result: xr.Dataset, path: str) -> None:
     est_handles = [Line2D([], [], color=color, label=label) for label, color in ESTIMATORS.values()]
     lr_handles = [Line2D([], [], color="0.3", ls=styles[j % 4], label=f"lr = {lr:g}") for j, lr in enumerate(result.lr.values)]
     axes[0, 0].legend(handles=est_handles + lr_handles, fontsize=7, ncol=2)
-    fig.suptitle(f"random features, h_s = {result.attrs['student_hidden']}, B = 10 (Faghri et al. Fig. 4, 5, 8)")
+    fig.suptitle(f"random features, h_s = {result.attrs['student_hidden']}, B = 10 (Faghri et al. Fig. 4, 5, 8): "
+                 "exact estimator variances along simulated SGD training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
