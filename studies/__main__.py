@@ -35,7 +35,9 @@ def main(argv=None):
     pl.add_argument("file")
     pl.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
     if argv[:1] == ["run"] and len(argv) >= 2:  # everything after the name belongs to the study
-        return _module(argv[1]).main(argv[2:])
+        module = _module(argv[1])
+        sys.argv[0] = f"python -m studies run {argv[1]}"  # the study's --help names the command
+        return module.main(argv[2:])
     a = p.parse_args(argv)
     if a.command == "list":
         width = max(map(len, STUDIES))
