@@ -13,9 +13,8 @@ optimizer's ``step()``, so it works with SGD, momentum, Adam, ... unchanged:
 * :class:`Winsorized`: per coordinate, each example's gradient clipped to the (s+1)-th smallest and
   (s+1)-th largest of the batch, then averaged (App. B).
 
-The median of three is ``a + b + c - min(a, b, c) - max(a, b, c)`` (the paper's formula; in floating
-point it equals the middle value up to the rounding of the sum, a few ulp of the largest of the
-three).  RM3 and RA3 keep a ring buffer of fixed size ``(3, *p.shape)`` per parameter, so memory
+The median of three is the paper's ``a + b + c - min(a, b, c) - max(a, b, c)`` computed exactly, by
+comparisons (:func:`median_of_3`).  RM3 and RA3 keep a ring buffer of fixed size ``(3, *p.shape)`` per parameter, so memory
 stays bounded however long one trains.
 
     >>> import torch
@@ -43,8 +42,15 @@ _SORT_FROM = 8
 
 
 def median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of three same-shape tensors as ``a + b + c - min - max`` (Sec. 3.2)."""
-    return a + b + c - torch.minimum(torch.minimum(a, b), c) - torch.maximum(torch.maximum(a, b), c)
+    """Coordinate-wise median of three same-shape tensors.
+
+    The paper writes it as ``a + b + c - min - max`` (Sec. 3.2); that equals the median in exact
+    arithmetic but in floating point loses the common value when one entry dwarfs the others
+    (float32: ``(1e8, 1, 2)`` gives 0) and turns an infinite entry into NaN, which is exactly the
+    outlier M3 is meant to suppress.  So it is computed by comparisons, max(min(a, b), min(max(a, b), c)),
+    which returns one of the three values exactly.
+    """
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
 
 
 def _check_s(s, batch_size=None):

@@ -124,12 +124,16 @@ class LayerCapture:
         self.acts, self._handles = {}, []
 
     def __enter__(self):
+        self.acts = {}
         for name, m in self.linears.items():
             if not any(p.requires_grad for p in m.parameters(recurse=False)):
                 continue
 
             def capture(mod, inp, out, name=name):
                 # the layer input now, the gradient at its output when the backward pass reaches it
+                if name in self.acts:
+                    raise FastPathUnsupported(f"layer `{name or 'model'}` ran twice in one forward pass (shared "
+                                              "weights): its per-example gradient sums over the calls; use torch.func.")
                 self.acts[name] = [inp[0].detach(), None]
                 out.register_hook(lambda g, name=name: self.acts[name].__setitem__(1, g.detach()))
 

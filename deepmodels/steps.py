@@ -68,6 +68,23 @@ def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed
     return math.inf
 
 
+def _describe(fn) -> str:
+    """A name for the model factory that is the same in every process (no memory addresses)."""
+    if hasattr(fn, "__qualname__"):  # a function
+        return f"{fn.__module__}.{fn.__qualname__}"
+    if type(fn).__repr__ is not object.__repr__:  # e.g. models.Factory
+        return repr(fn)
+    return f"{type(fn).__module__}.{type(fn).__qualname__}"
+
+
+def _same_run(attrs, settings, key) -> bool:
+    """Whether a saved run (its attrs) is the run ``key`` of a sweep with these ``settings``."""
+    b, lr, m, seed = key
+    want = dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)
+    return all(k in attrs and (attrs[k] == v if isinstance(v, str) else float(attrs[k]) == float(v))
+               for k, v in want.items())
+
+
 def _task_file(path, bs, lr, mom, seed):
     return os.path.join(path, f"bs{bs}_lr{lr:.6g}_mom{mom:g}_seed{seed}.nc")
 
@@ -89,7 +106,8 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         target: metric value to reach.
         metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
         max_steps, eval_every: run length and evaluation interval (steps are multiples of it).
-        path: folder for per-run files (resume); None keeps results in memory only.
+        path: folder for per-run files (resume: a saved run is reused only if its target, metric,
+            run length, model factory, data and grid point match); None keeps results in memory only.
         executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes), the address
             of a dask scheduler or a ``distributed.Client`` (:func:`toymodels.parallel.run_tasks`).
         progress: tqdm bar over runs.
@@ -106,17 +124,22 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS}; got {metric!r}.")
-    check_scheduler(executor)
+    check_scheduler(executor, name="executor")
     max_steps = check_int("max_steps", max_steps, low=1)
     eval_every = check_int("eval_every", eval_every, low=1)
     grid = list(itertools.product(bss, lr_list, moms, seed_list))
+    # what a saved run must match to be reused (the file name holds the grid point)
+    settings = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every, model=_describe(model_fn),
+                    data=f"{data.name} {tuple(data.x_train.shape)}")
     results = {}
     if path is not None:
         os.makedirs(path, exist_ok=True)
         for key in grid:
             f = _task_file(path, *key)
             if os.path.exists(f):
-                results[key] = float(xr.load_dataset(f).steps_to_target)
+                saved = xr.load_dataset(f)
+                if _same_run(saved.attrs, settings, key):
+                    results[key] = float(saved.steps_to_target)
     todo = [key for key in grid if key not in results]
     kw = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every)
     tasks = [(model_fn, data, dict(kw, batch_size=b, lr=lr, momentum=m, seed=s), (b, lr, m, s)) for b, lr, m, s in todo]
@@ -129,7 +152,9 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     def record(key, steps):
         results[key] = steps
         if path is not None:
-            xr.Dataset({"steps_to_target": ((), steps)}).to_netcdf(_task_file(path, *key))
+            b, lr, m, seed = key
+            xr.Dataset({"steps_to_target": ((), steps)},
+                       attrs=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)).to_netcdf(_task_file(path, *key))
         if bar is not None:
             bar.update(1)
 

@@ -28,13 +28,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m studies", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the studies")
-    r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)",
-                       add_help=False)
-    r.add_argument("name")
+    r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)")
+    r.add_argument("name", help="a study from `python -m studies list`; `run NAME -h` shows its flags")
     pl = sub.add_parser("plot", help="redraw a study's figure from its netCDF file")
     pl.add_argument("file")
     pl.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
-    if argv[:1] == ["run"] and len(argv) >= 2:  # everything after the name belongs to the study
+    if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):  # the rest belongs to the study
         module = _module(argv[1])
         sys.argv[0] = f"python -m studies run {argv[1]}"  # the study's --help names the command
         return module.main(argv[2:])

@@ -83,9 +83,12 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
     from ``path``."""
     done = xr.load_dataset(path) if os.path.exists(path) else None
     steps, lrs, fracs = [], [], []
-    if done is not None and float(done.attrs.get("target", -1)) == target and "lr_schedule_opt" in done:
-        steps, lrs, fracs = list(done.steps_to_target.values), list(done.lr_schedule_opt.values), list(
-            done.piece_fraction_opt.values)
+    if (done is not None and float(done.attrs.get("target", -1)) == target and "lr_schedule_opt" in done
+            and done.piece.size == N_PIECES):
+        n = min(done.batch_size.size, batch_sizes.size)
+        if np.array_equal(done.batch_size.values[:n], batch_sizes[:n]):  # the same grid: reuse its first n
+            steps, lrs, fracs = (list(done.steps_to_target.values[:n]), list(done.lr_schedule_opt.values[:n]),
+                                 list(done.piece_fraction_opt.values[:n]))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -100,7 +103,8 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
         part = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps)),
                            "lr_schedule_opt": (("batch_size", "piece"), np.array(lrs)),
                            "piece_fraction_opt": (("batch_size", "piece"), np.array(fracs))},
-                          coords={"batch_size": batch_sizes[: len(steps)]}, attrs={"target": target})
+                          coords={"batch_size": batch_sizes[: len(steps)], "piece": np.arange(N_PIECES)},
+                          attrs={"target": target})
         part.to_netcdf(path)
         if bar is not None:
             bar.update(1)

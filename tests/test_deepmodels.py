@@ -407,3 +407,27 @@ def test_train_with_adam_and_a_schedule(digits):
     assert ds2.attrs["optimizer"] == "rmsprop"
     with pytest.raises(ValueError, match="`optimizer` must be"):
         train(models.mlp(64, 10, (16,)), digits, lr=0.1, batch_size=4, n_steps=2, optimizer="lbfgs", progress=False)
+
+
+def test_shared_layer_is_refused_by_the_fast_path_and_auto_falls_back():
+    """A Linear layer called twice in one forward pass (tied weights) is not covered by the hooks:
+    they raise FastPathUnsupported, and method="auto" measures with torch.func instead."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    model = Tied()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+    with pytest.raises(pergrad.FastPathUnsupported, match="ran twice"):
+        pergrad.hook_summaries(model, F.cross_entropy, x, y)
+    auto = probes.gradient_stats(model, F.cross_entropy, x, y)
+    func = probes.gradient_stats(model, F.cross_entropy, x, y, method="func")
+    assert auto.attrs["method"] == "func"
+    np.testing.assert_allclose(auto.trace_cov.values, func.trace_cov.values, rtol=1e-12)

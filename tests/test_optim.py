@@ -24,9 +24,18 @@ def test_median_of_3_against_torch_median():
     gen = torch.Generator().manual_seed(0)
     a, b, c = torch.randn(3, 1000, dtype=torch.float64, generator=gen)
     ref = torch.stack([a, b, c]).median(0).values
-    torch.testing.assert_close(median_of_3(a, b, c), ref, rtol=0, atol=1e-14)
+    assert torch.equal(median_of_3(a, b, c), ref)  # one of the three values, exactly
     ints = torch.randint(-3, 4, (3, 500), generator=gen).double()  # ties: exact
     assert torch.equal(median_of_3(*ints), ints.median(0).values)
+    # the paper's a + b + c - min - max agrees on ordinary values ...
+    paper = a + b + c - torch.minimum(torch.minimum(a, b), c) - torch.maximum(torch.maximum(a, b), c)
+    torch.testing.assert_close(median_of_3(a, b, c), paper, rtol=0, atol=1e-14)
+    # ... but not where one micro-batch dwarfs the others, the case M3 is for
+    big = torch.tensor([1e8, float("inf"), -float("inf")], dtype=torch.float32)
+    one, two = torch.ones(3), 2 * torch.ones(3)
+    want = torch.tensor([2.0, 2.0, 1.0])
+    for perm in ((big, one, two), (one, big, two), (two, one, big)):
+        assert torch.equal(median_of_3(*perm), want)
 
 
 def test_m3_orthogonal_example_is_exactly_the_common_part():

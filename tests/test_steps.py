@@ -83,6 +83,12 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     resumed = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **kw)
     assert calls["n"] == len(files[::2])
     xr.testing.assert_identical(resumed, full)
+    # saved runs of another sweep (another target) are not reused: everything reruns
+    calls["n"] = 0
+    other = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **dict(kw, target=0.9))
+    assert calls["n"] == len(files)
+    fresh = steps.measure_steps(fn, tiny, **dict(kw, target=0.9))
+    xr.testing.assert_identical(other.steps_to_target, fresh.steps_to_target)
     monkeypatch.setattr(steps, "run_one", original)
     on_dask = steps.measure_steps(fn, tiny, executor="dask", n_workers=2, **kw)
     xr.testing.assert_identical(on_dask, full)

@@ -161,3 +161,16 @@ def test_network_variance_quick(tmp_path):
     assert np.all(res.grad_var.sel(estimator="svrg", step=0) < 1e-12 * res.grad_var.sel(estimator="sg_b", step=0))
     assert np.all(res.grad_var.sel(estimator="svrg").isel(step=slice(1, None)) > 0)
     assert np.all((res.grad_nvar >= 0) & (res.grad_nvar <= 1))
+
+
+def test_schedule_sweep_resumes_only_on_the_same_grid(tmp_path):
+    """A saved schedule sweep over other batch sizes is not relabelled onto a new grid."""
+    from studies.batch_size_scaling import _schedule_sweep
+    from toymodels import NQM
+
+    nqm = NQM.power_law(200)
+    target, path = 0.05 * nqm.initial_loss, str(tmp_path / "schedule.nc")
+    _schedule_sweep(nqm, np.array([1.0, 16.0, 256.0]), target, path, False)
+    again = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, path, False)
+    fresh = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, str(tmp_path / "fresh.nc"), False)
+    xr.testing.assert_identical(again, fresh)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from toymodels import NQM, SGD
+from toymodels import NQM, SGD, GaussianLinearRegression
 from toymodels.schedules import PiecewiseConstant
 from toymodels.schema import validate
 from toymodels.sweep import batch_size_sweep, default_grid, grid_search, tune, tune_schedule
@@ -53,6 +53,10 @@ def test_sweep_resumes(nqm, tmp_path):
     resumed = batch_size_sweep(nqm, "ema", bs, target, progress=False, path=path)
     xr.testing.assert_allclose(resumed[["steps_to_target"]], full[["steps_to_target"]])
     assert xr.load_dataset(path).batch_size.size == bs.size
+    shorter = batch_size_sweep(nqm, "ema", bs[:2], target, progress=False, path=path)  # a rerun with fewer
+    xr.testing.assert_allclose(shorter[["steps_to_target"]], full[["steps_to_target"]].isel(batch_size=slice(0, 2)))
+    with pytest.raises(TypeError, match="`problem` must be an NQM"):
+        tune_schedule(GaussianLinearRegression(nqm.h[:5]), 1, 0.1)
 
 
 def test_unreachable_everywhere_reports_reason():

@@ -198,9 +198,9 @@ def schedule_log_loss(z, K, n_pieces, limit, a1, b1, q, S0, h):
             bb = q[i] * (lr * b1[i]) ** 2
             S[i] = An * S[i] + (bb * (1.0 - An) / (1.0 - A2) if abs(1.0 - A2) > 1e-15 else n * bb)
     v = 0.5 * np.sum(h * S)
-    if v > 0.0:
+    if v > 0.0 and v < np.inf:
         return math.log(v)
-    return -np.inf
+    return np.inf  # overflow or NaN: never taken for a point that reaches the target
 
 
 @njit(cache=True, nogil=True)

@@ -15,13 +15,14 @@ from typing import Any, Callable, Iterable
 __all__ = ["run_tasks", "check_scheduler"]
 
 
-def check_scheduler(scheduler):
-    """``None``, ``"local"``, a scheduler address (str) or a ``distributed.Client``; else ValueError."""
+def check_scheduler(scheduler, *, name: str = "scheduler"):
+    """``None``, ``"local"``, a scheduler address (str) or a ``distributed.Client``; else ValueError
+    naming the argument ``name``."""
     if scheduler is None or isinstance(scheduler, str) and scheduler:
         return scheduler
     if type(scheduler).__name__ == "Client" and hasattr(scheduler, "submit"):
         return scheduler
-    raise ValueError(f"`scheduler` must be None, 'local', a dask scheduler address or a distributed.Client; "
+    raise ValueError(f"`{name}` must be None, 'local', a dask scheduler address or a distributed.Client; "
                      f"got {scheduler!r}.")
 
 

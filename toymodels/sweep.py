@@ -460,11 +460,13 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     if path is not None and os.path.exists(path):
         with _NETCDF_LOCK:
             old = xr.load_dataset(path)
+        n_old = min(old.batch_size.size, len(bss))
         same = (old.attrs.get("optimizer") == family and float(old.attrs.get("target")) == target
-                and np.array_equal(old.batch_size.values[: len(bss)], np.asarray(bss)[: old.batch_size.size]))
+                and (family != "precond" or float(old.attrs.get("precond", math.nan)) == precond)
+                and np.array_equal(old.batch_size.values[:n_old], np.asarray(bss)[:n_old]))
         if same:
             extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
-            for j in range(old.batch_size.size):
+            for j in range(n_old):
                 rows.append({
                     "steps": float(old.steps_to_target[j]), "lr": float(old.lr_opt[j]),
                     "extra": float(old[extra_name][j]) if extra_name else math.nan,
@@ -607,6 +609,11 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         ``fractions``.
     """
 
+    from .nqm import NQM
+
+    if not isinstance(problem, NQM):  # the closed form needs noise independent of the state
+        raise TypeError(f"`problem` must be an NQM (its gradient noise does not depend on the state); "
+                        f"got {type(problem).__name__}.")
     n_pieces = check_int("n_pieces", n_pieces, low=1, high=10)
     if coarse and hasattr(problem, "coarsen") and problem.dim > 2000:
         # fit the schedule on the coarsened model; report the full model's exact steps for it
