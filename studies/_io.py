@@ -15,7 +15,7 @@ import xarray as xr
 
 from toymodels.schema import validate
 
-__all__ = ["SCALES", "parser", "scale_of", "save", "load"]
+__all__ = ["SCALES", "parser", "scale_of", "save", "load", "settings_tag"]
 
 SCALES = ("quick", "default", "full")
 
@@ -33,6 +33,14 @@ def parser(doc: str, *, scheduler: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--scheduler", default=None,
                        help="run the independent tasks on dask: 'local' (a LocalCluster) or a scheduler address")
     return p
+
+
+def settings_tag(scale: str, cfg: dict) -> str:
+    """``<scale>-<hash of the settings>``, the prefix of a study's resume files: a rerun after a
+    change of the scale's settings computes afresh instead of reusing points of the old ones."""
+    import hashlib
+
+    return f"{scale}-{hashlib.sha1(repr(sorted(cfg.items())).encode()).hexdigest()[:8]}"
 
 
 def scale_of(args) -> str:

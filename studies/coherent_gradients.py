@@ -42,7 +42,7 @@ from deepmodels.optim import M3, RA3, RM3, Winsorized  # noqa: E402
 from deepmodels.train import probe_steps  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import parser, save, scale_of  # noqa: E402
+from ._io import parser, save, scale_of, settings_tag  # noqa: E402
 
 OPTIMIZERS = {"sgd": ("SGD", "C0"), "ra3": ("RA3", "C1"), "rm3": ("RM3", "C3"), "m3": ("M3", "C2"),
               "winsorized": ("winsorized", "C4")}
@@ -121,7 +121,7 @@ def _difficulty(cfg, d, cache, scale, progress_bar):
     not learned it when their training accuracy first reached ``easy_at``."""
     hard = np.zeros(d.y_train.shape[0], dtype=np.int64)
     for r in range(1, cfg["n_ref"] + 1):
-        path = os.path.join(cache, f"{scale}_reference_seed{r}.npy")
+        path = os.path.join(cache, f"{settings_tag(scale, cfg)}_reference_seed{r}.npy")
         if not os.path.exists(path):
             np.save(path, _train(cfg, d, d.y_train.numpy(), "sgd", r, stop_at=cfg["easy_at"])[-1])
         hard += ~np.load(path)
@@ -158,7 +158,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
                 subsets.update(easy=easy, hard=hard)
             per_opt = []
             for name in OPTIMIZERS:
-                path = os.path.join(cache, f"{scale}_{name}_noise{noise:g}.nc")
+                path = os.path.join(cache, f"{settings_tag(scale, cfg)}_{name}_noise{noise:g}.nc")
                 if not os.path.exists(path):
                     steps, acc, loss, test_loss, _ = _train(cfg, d, y_train, name, 0, subsets=subsets)
                     xr.Dataset({"accuracy": (("subset", "step"), np.stack([acc[k] for k in SUBSETS])),

@@ -54,7 +54,7 @@ from toymodels.history import gradient_history  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.tails import gradient_history_tests, power_law_fit  # noqa: E402
 
-from ._io import parser, save, scale_of  # noqa: E402
+from ._io import parser, save, scale_of, settings_tag  # noqa: E402
 
 KINDS = ("dimension", "iteration", "noise", "dimension_noise", "spectrum")
 TOYS = ("nqm", "linreg", "rf")
@@ -241,7 +241,7 @@ def _collect(cases, scale, out, bar) -> xr.Dataset:
     cache = os.path.join(out, "gradient_tails_points")
     points = []
     for case in cases:
-        path = os.path.join(cache, f"{scale}_{case.name}.nc")
+        path = os.path.join(cache, f"{settings_tag(scale, SCALES[scale])}_{case.name}.nc")
         if os.path.exists(path):
             pt = xr.load_dataset(path)
         else:

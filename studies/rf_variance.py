@@ -33,7 +33,7 @@ from toymodels.features import RandomFeatures  # noqa: E402
 from toymodels.parallel import run_tasks  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import parser, save, scale_of  # noqa: E402
+from ._io import parser, save, scale_of, settings_tag  # noqa: E402
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3")}
 
@@ -84,7 +84,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
             if d == 0.0 or round(d * n) >= 5]
     points, todo = {}, []
     for dup, lr, n, seed in grid:
-        path = os.path.join(cache, f"{scale}_h{cfg['student_hidden']}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
+        path = os.path.join(cache, f"{settings_tag(scale, cfg)}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
         if os.path.exists(path):
             points[(dup, lr, n, seed)] = xr.load_dataset(path)
         else:
