@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import xarray as xr
 
 from toymodels.schema import validate
 
-__all__ = ["SCALES", "parser", "scale_of", "save", "load", "settings_tag"]
+__all__ = ["SCALES", "parser", "scale_of", "command", "save", "load", "settings_tag"]
 
 SCALES = ("quick", "default", "full")
 
@@ -45,6 +46,21 @@ def settings_tag(scale: str, cfg: dict) -> str:
 
 def scale_of(args) -> str:
     return "quick" if args.quick else "full" if args.full else "default"
+
+
+def command(doc: str, run, name: str, argv=None, *, summary=None, scheduler: bool = False):
+    """The body of a study's ``main``: parse the shared flags, run, print ``summary(result)`` (a
+    string) and what was written.  Returns the result."""
+    a = parser(doc, scheduler=scheduler).parse_args(argv)
+    t0 = time.perf_counter()
+    kwargs = dict(scale=scale_of(a), out=a.out, progress=not a.no_progress)
+    if scheduler:
+        kwargs["scheduler"] = a.scheduler
+    result = run(**kwargs)
+    if summary is not None:
+        print(summary(result))
+    print(f"wrote {a.out}/{name}.nc and .png in {time.perf_counter() - t0:.1f} s")
+    return result
 
 
 def save(result, out: str, name: str) -> str:

@@ -26,7 +26,6 @@ Writes ``coherent_gradients.nc`` and ``coherent_gradients.png``.
 from __future__ import annotations
 
 import os
-import time
 
 import matplotlib
 
@@ -42,7 +41,7 @@ from deepmodels.optim import M3, RA3, RM3, Winsorized  # noqa: E402
 from deepmodels.train import probe_steps  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import parser, save, scale_of, settings_tag  # noqa: E402
+from ._io import command, save, settings_tag  # noqa: E402
 
 OPTIMIZERS = {"sgd": ("SGD", "C0"), "ra3": ("RA3", "C1"), "rm3": ("RM3", "C3"), "m3": ("M3", "C2"),
               "winsorized": ("winsorized", "C4")}
@@ -247,14 +246,14 @@ def plot(result: xr.Dataset, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
+def summary(res) -> str:
     final = res.accuracy.isel(step=-1).sel(subset=["pristine", "corrupt", "test", "easy", "hard"])
     table = final.reset_coords(drop=True).to_dataframe().unstack("subset")
-    print(f"final accuracy (corrupt: against the noisy label):\n{table.to_string(float_format='%.3f')}")
-    print(f"wrote {a.out}/coherent_gradients.nc and .png in {time.perf_counter() - t0:.1f} s")
+    return f"final accuracy (corrupt: against the noisy label):\n{table.to_string(float_format='%.3f')}"
+
+
+def main(argv=None):
+    return command(__doc__, run, "coherent_gradients", argv, summary=summary)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 import warnings
 
 import matplotlib
@@ -54,7 +53,7 @@ from toymodels.history import gradient_history  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.tails import gradient_history_tests, power_law_fit  # noqa: E402
 
-from ._io import parser, save, scale_of, settings_tag  # noqa: E402
+from ._io import command, save, settings_tag  # noqa: E402
 
 KINDS = ("dimension", "iteration", "noise", "dimension_noise", "spectrum")
 TOYS = ("nqm", "linreg", "rf")
@@ -424,21 +423,22 @@ def plot_tests(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
+def summary(res) -> str:
     toy, deep = res["toy"], res["deep"]
     b = toy.attrs["table_batch"]
     options = ("display.width", 200, "display.max_rows", 500, "display.max_columns", 20, "display.float_format", "{:.4g}".format)
     with pd.option_context(*options):
-        print(f"\nTable 1 (B = {b:g}), toy models:\n{table1(toy, b)}\n\nTable 1 (B = {b:g}), networks:\n{table1(deep, b)}")
-        print("\nTable 4 (init):\n" + pd.concat([table4(deep, "cnn")] + [table4(toy, m) for m in TOYS]).to_string())
-        print("\ncovariance spectra, toy models:\n" + spectrum_table(toy).to_string())
-        print("\ncovariance spectra, networks:\n" + spectrum_table(deep).to_string())
         slopes = {**toy.eigenvalue_batch_slope.to_series().to_dict(), **deep.eigenvalue_batch_slope.to_series().to_dict()}
-        print("\nslope of ln lambda_1 vs ln B: " + ", ".join(f"{k} {v:.3f}" for k, v in slopes.items()))
-    print(f"wrote {a.out}/gradient_tails.nc, .png and _tests.png in {time.perf_counter() - t0:.1f} s")
+        return "\n".join([
+            f"\nTable 1 (B = {b:g}), toy models:\n{table1(toy, b)}\n\nTable 1 (B = {b:g}), networks:\n{table1(deep, b)}",
+            "\nTable 4 (init):\n" + pd.concat([table4(deep, "cnn")] + [table4(toy, m) for m in TOYS]).to_string(),
+            "\ncovariance spectra, toy models:\n" + spectrum_table(toy).to_string(),
+            "\ncovariance spectra, networks:\n" + spectrum_table(deep).to_string(),
+            "\nslope of ln lambda_1 vs ln B: " + ", ".join(f"{k} {v:.3f}" for k, v in slopes.items())])
+
+
+def main(argv=None):
+    return command(__doc__, run, "gradient_tails", argv, summary=summary)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes ``hessian_vs_covariance.nc`` and ``hessian_vs_covariance.png``.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ from deepmodels.train import train
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import command, save
 
 KINDS = {"hessian": ("top Hessian eigenvectors", "C3"), "covariance": ("top covariance eigenvectors", "C0"),
          "random": ("random directions", "0.5")}
@@ -124,16 +123,18 @@ def plot(result: xr.Dataset, path: str) -> None:
     style.save(fig, path)
 
 
-def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
+def summary(res) -> str:
+    lines = []
     for case in res.case.values:
         r = res.sel(case=case)
         ratio = np.nanmedian(r.noise_variance.values / np.where(r.curvature.values > 0, r.curvature.values, np.nan))
-        print(f"{case}: corr(log H, log C) = {log_correlation(r.curvature.values, r.noise_variance.values):.2f}, "
-              f"median C/H = {ratio:.3g}")
-    print(f"wrote {a.out}/hessian_vs_covariance.nc and .png in {time.perf_counter() - t0:.1f} s")
+        lines.append(f"{case}: corr(log H, log C) = {log_correlation(r.curvature.values, r.noise_variance.values):.2f}, "
+                     f"median C/H = {ratio:.3g}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    return command(__doc__, run, "hessian_vs_covariance", argv, summary=summary)
 
 
 if __name__ == "__main__":

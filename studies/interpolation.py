@@ -25,7 +25,6 @@ Writes ``interpolation.nc`` (netCDF groups ``online``, ``finite`` and ``finite_m
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import xarray as xr
@@ -35,7 +34,7 @@ from toymodels.linreg import FiniteLinearRegression
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import command, save
 
 SIGMA = 0.5  # label noise
 
@@ -168,13 +167,12 @@ def plot(result: dict, path: str) -> None:
     style.save(fig, path)
 
 
+def summary(res) -> str:
+    return "online, loss / L0 at the last step:\n" + res["online"].loss.isel(step=-1).to_pandas().to_string()
+
+
 def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    online = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)["online"]
-    last = online.loss.isel(step=-1).to_pandas()
-    print("online, loss / L0 at the last step:\n" + last.to_string())
-    print(f"wrote {a.out}/interpolation.nc and .png in {time.perf_counter() - t0:.1f} s")
+    return command(__doc__, run, "interpolation", argv, summary=summary)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ from toymodels.schema import attach_attrs
 from toymodels.stats import gradient_statistics
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import command, save
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3"),
               "gc_rank1": ("GC, rank-1 centres", "C4")}
@@ -136,15 +135,15 @@ def plot(result: xr.Dataset, path: str) -> None:
     style.save(fig, path)
 
 
-def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
-    print("average variance (rows: step):")
+def summary(res) -> str:
+    lines = ["average variance (rows: estimator, columns: step):"]
     for case in res.case.values:
-        print(case)
-        print(res.grad_var.sel(case=case).to_pandas().T.to_string(float_format="%.3g"))
-    print(f"wrote {a.out}/network_variance.nc and .png in {time.perf_counter() - t0:.1f} s")
+        lines += [case, res.grad_var.sel(case=case).to_pandas().to_string(float_format="%.3g")]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    return command(__doc__, run, "network_variance", argv, summary=summary)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Writes ``rate_vs_floor.nc`` (groups ``exact``, ``simulation``, ``tradeoff``) and
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import xarray as xr
@@ -34,7 +33,7 @@ from toymodels import NQM, SGD
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import command, save
 
 CURVATURES = {"high": 1.0, "low": 0.01}
 LR_FRACTIONS = (0.05, 0.2, 0.5, 0.9)  # of the stability limit 2 / h_max
@@ -121,13 +120,13 @@ def plot(result: dict, path: str) -> None:
     style.save(fig, path)
 
 
-def main(argv=None):
-    a = parser(__doc__).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress)
+def summary(res) -> str:
     last = res["exact"].loss.isel(step=-1).to_pandas()
-    print("expected loss at the last step (rows: direction, columns: lr):\n" + last.to_string())
-    print(f"wrote {a.out}/rate_vs_floor.nc and .png in {time.perf_counter() - t0:.1f} s")
+    return "expected loss at the last step (rows: direction, columns: lr):\n" + last.to_string()
+
+
+def main(argv=None):
+    return command(__doc__, run, "rate_vs_floor", argv, summary=summary)
 
 
 if __name__ == "__main__":

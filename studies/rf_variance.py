@@ -20,7 +20,6 @@ interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
 from __future__ import annotations
 
 import os
-import time
 
 import matplotlib
 
@@ -33,7 +32,7 @@ from toymodels.features import RandomFeatures  # noqa: E402
 from toymodels.parallel import run_tasks  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import parser, save, scale_of, settings_tag  # noqa: E402
+from ._io import command, save, settings_tag  # noqa: E402
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3")}
 
@@ -168,13 +167,13 @@ def plot(result: xr.Dataset, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    a = parser(__doc__, scheduler=True).parse_args(argv)
-    t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, progress=not a.no_progress, scheduler=a.scheduler)
+def summary(res) -> str:
     table = res.grad_var_max.sel(lr=res.lr.values[-1]).reset_coords(drop=True).to_dataframe().unstack("estimator")
-    print(f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string())
-    print(f"wrote {a.out}/rf_variance.nc and .png in {time.perf_counter() - t0:.1f} s")
+    return f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string()
+
+
+def main(argv=None):
+    return command(__doc__, run, "rf_variance", argv, summary=summary, scheduler=True)
 
 
 if __name__ == "__main__":
