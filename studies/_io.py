@@ -16,7 +16,7 @@ import xarray as xr
 
 from toymodels.schema import validate
 
-__all__ = ["SCALES", "parser", "scale_of", "command", "save", "load", "settings_tag"]
+__all__ = ["SCALES", "parser", "scale_of", "command", "save", "publish", "load", "settings_tag"]
 
 SCALES = ("quick", "default", "full")
 
@@ -79,6 +79,13 @@ def save(result, out: str, name: str) -> str:
     for group, ds in result.items():
         ds.to_netcdf(path, group=group, mode="a")
     return path
+
+
+def publish(result, out: str, name: str, plot):
+    """:func:`save` the results, draw ``plot(result, <out>/<name>.png)``, return the results."""
+    save(result, out, name)
+    plot(result, os.path.join(out, f"{name}.png"))
+    return result
 
 
 def load(path: str):

@@ -26,7 +26,7 @@ from toymodels.schema import attach_attrs
 from toymodels.sweep import family_sweeps, tune_schedule
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import parser, publish, scale_of
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
@@ -69,9 +69,7 @@ def run(*, scale: str = "default", out: str = "results", dim: int | None = None,
     result["steps_lower_bound"] = ("batch_size", np.array([nqm.lower_bound_steps(b, target) for b in batch_sizes]))
     attach_attrs(result, model="nqm", source="exact", target=target, target_fraction=target_fraction, dim=dim,
                  hessian_power=1.0, noise_power=1.0, init_sq=1.0, precond=0.5)
-    save(result, out, "batch_size_scaling")
-    plot(result, os.path.join(out, "batch_size_scaling.png"))
-    return result
+    return publish(result, out, "batch_size_scaling", plot)
 
 
 N_PIECES = 3

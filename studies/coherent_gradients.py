@@ -41,7 +41,7 @@ from deepmodels.optim import M3, RA3, RM3, Winsorized  # noqa: E402
 from deepmodels.train import probe_steps  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import command, save, settings_tag  # noqa: E402
+from ._io import command, publish, settings_tag  # noqa: E402
 
 OPTIMIZERS = {"sgd": ("SGD", "C0"), "ra3": ("RA3", "C1"), "rm3": ("RM3", "C3"), "m3": ("M3", "C2"),
               "winsorized": ("winsorized", "C4")}
@@ -182,9 +182,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
                  easy_at=cfg["easy_at"], seed=0,
                  note="corrupt accuracy is measured against the noisy label (memorization); NaN where a subset is "
                       "empty or undefined (easy/hard: clean labels only)")
-    save(result, out, "coherent_gradients")
-    plot(result, os.path.join(out, "coherent_gradients.png"))
-    return result
+    return publish(result, out, "coherent_gradients", plot)
 
 
 def plot(result: xr.Dataset, path: str) -> None:

@@ -53,7 +53,7 @@ from toymodels.history import gradient_history  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.tails import gradient_history_tests, power_law_fit  # noqa: E402
 
-from ._io import command, save, settings_tag  # noqa: E402
+from ._io import command, publish, settings_tag  # noqa: E402
 
 KINDS = ("dimension", "iteration", "noise", "dimension_noise", "spectrum")
 TOYS = ("nqm", "linreg", "rf")
@@ -288,9 +288,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     attach_attrs(deep, model="cnn_fcn", source="measurement", cnn_width=cfg["width"], fcn_hidden=cfg["hidden"],
                  n_steps=cfg["n_steps"], train_batch=cfg["train_batch"], optimizers=OPTIMIZERS, **common)
     result = {"toy": toy, "deep": deep}
-    save(result, out, "gradient_tails")
-    plot(result, os.path.join(out, "gradient_tails.png"))
-    return result
+    return publish(result, out, "gradient_tails", plot)
 
 
 def plot(result: dict, path: str) -> None:

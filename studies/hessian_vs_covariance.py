@@ -23,7 +23,6 @@ Writes ``hessian_vs_covariance.nc`` and ``hessian_vs_covariance.png``.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from deepmodels.train import train
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import command, save
+from ._io import command, publish
 
 KINDS = {"hessian": ("top Hessian eigenvectors", "C3"), "covariance": ("top covariance eigenvectors", "C0"),
          "random": ("random directions", "0.5")}
@@ -94,9 +93,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     result = xr.concat(cases, dim="case")
     attach_attrs(result, model="mlp_cnn", source="measurement", data="digits", scale=scale, k=cfg["k"],
                  n_examples=float(cfg["n_examples"] or -1), n_steps=cfg["n_steps"], lr=0.1, batch_size=32.0, seed=seed)
-    save(result, out, "hessian_vs_covariance")
-    plot(result, os.path.join(out, "hessian_vs_covariance.png"))
-    return result
+    return publish(result, out, "hessian_vs_covariance", plot)
 
 
 def plot(result: xr.Dataset, path: str) -> None:

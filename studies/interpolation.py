@@ -24,7 +24,6 @@ Writes ``interpolation.nc`` (netCDF groups ``online``, ``finite`` and ``finite_m
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import xarray as xr
@@ -34,7 +33,7 @@ from toymodels.linreg import FiniteLinearRegression
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import command, save
+from ._io import command, publish
 
 SIGMA = 0.5  # label noise
 
@@ -110,9 +109,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     online = run_online(dim=cfg["dim"], n_steps=cfg["online_steps"])
     finite, finite_mc = run_finite(n=cfg["n"], d=cfg["d"], n_steps=cfg["finite_steps"], n_runs=cfg["n_runs"])
     result = {"online": online, "finite": finite, "finite_mc": finite_mc}
-    save(result, out, "interpolation")
-    plot(result, os.path.join(out, "interpolation.png"))
-    return result
+    return publish(result, out, "interpolation", plot)
 
 
 def plot(result: dict, path: str) -> None:

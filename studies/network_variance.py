@@ -23,7 +23,6 @@ Writes ``network_variance.nc`` and ``network_variance.png``.
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from toymodels.schema import attach_attrs
 from toymodels.stats import gradient_statistics
 
 from . import style
-from ._io import command, save
+from ._io import command, publish
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3"),
               "gc_rank1": ("GC, rank-1 centres", "C4")}
@@ -110,9 +109,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     attach_attrs(result, model="mlp_cnn", source="measurement", data="digits", scale=scale, batch_size=float(BATCH_SIZE),
                  lr=LR, update_every=cfg["update_every"], n_examples=float(cfg["n_examples"] or -1), seed=seed,
                  n_clusters=float(BATCH_SIZE))
-    save(result, out, "network_variance")
-    plot(result, os.path.join(out, "network_variance.png"))
-    return result
+    return publish(result, out, "network_variance", plot)
 
 
 def plot(result: xr.Dataset, path: str) -> None:

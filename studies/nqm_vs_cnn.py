@@ -44,7 +44,7 @@ from toymodels.schema import attach_attrs
 from toymodels.stats import fit_critical_batch
 
 from . import style
-from ._io import parser, save, scale_of
+from ._io import parser, publish, scale_of
 
 CONFIG = {
     "tiny": dict(batch_sizes=[4, 32], lrs=[0.05, 0.2, 0.5], seeds=[0], target=0.8, max_steps=400, eval_every=10,
@@ -131,9 +131,7 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
     lin_stats = lin_stats[["loss", "grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale"]].drop_attrs()
     attach_attrs(lin_stats, model="linreg", source="exact", lr=lin_lr, noise_std=fit.report["linreg_noise_std"])
     result["linreg_stats"] = lin_stats
-    save(result, out, f"nqm_vs_{network}")
-    plot(result, os.path.join(out, f"nqm_vs_{network}.png"))
-    return result
+    return publish(result, out, f"nqm_vs_{network}", plot)
 
 
 def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick, network, label):

@@ -24,7 +24,6 @@ Writes ``rate_vs_floor.nc`` (groups ``exact``, ``simulation``, ``tradeoff``) and
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import xarray as xr
@@ -33,7 +32,7 @@ from toymodels import NQM, SGD
 from toymodels.schema import attach_attrs
 
 from . import style
-from ._io import command, save
+from ._io import command, publish
 
 CURVATURES = {"high": 1.0, "low": 0.01}
 LR_FRACTIONS = (0.05, 0.2, 0.5, 0.9)  # of the stability limit 2 / h_max
@@ -82,9 +81,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     attach_attrs(sims, source="simulation", n_runs=cfg["n_runs"], seed=seed, **common)
     attach_attrs(tradeoff, source="exact", **common)
     result = {"exact": exact, "simulation": sims, "tradeoff": tradeoff}
-    save(result, out, "rate_vs_floor")
-    plot(result, os.path.join(out, "rate_vs_floor.png"))
-    return result
+    return publish(result, out, "rate_vs_floor", plot)
 
 
 def plot(result: dict, path: str) -> None:

@@ -32,7 +32,7 @@ from toymodels.features import RandomFeatures  # noqa: E402
 from toymodels.parallel import run_tasks  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
-from ._io import command, save, settings_tag  # noqa: E402
+from ._io import command, publish, settings_tag  # noqa: E402
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3")}
 
@@ -124,9 +124,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
                  teacher_hidden=cfg["teacher_hidden"], n_steps=cfg["n_steps"], update_every=cfg["update_every"],
                  n_seeds=len(cfg["seeds"]),
                  note="statistics over the last 70% of training; inf where the duplicate share leaves fewer than 5 copies")
-    save(result, out, "rf_variance")
-    plot(result, os.path.join(out, "rf_variance.png"))
-    return result
+    return publish(result, out, "rf_variance", plot)
 
 
 def plot(result: xr.Dataset, path: str) -> None:

@@ -41,17 +41,21 @@ def test_per_example_grads_equal_a_loop(digits, kind):
     torch.testing.assert_close(G, _loop_grads(model, F.cross_entropy, x, y), rtol=1e-5, atol=1e-6)
 
 
+def _assert_summaries_match(f, G):
+    """A layer's hook summaries equal those of its per-example gradients G (B, P)."""
+    torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+
+
 def test_hook_summaries_equals_torch_func(digits):
     model = models.mlp(64, 10, (32, 16), seed=1)
     x, y = digits.x_train[:50], digits.y_train[:50]
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
     for layer, f in fast.items():
-        G = torch.cat([grads[f"{layer}.weight"].reshape(50, -1), grads[f"{layer}.bias"]], dim=1)
-        torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+        _assert_summaries_match(f, torch.cat([grads[f"{layer}.weight"].reshape(50, -1), grads[f"{layer}.bias"]], dim=1))
 
 
 def test_conv_fast_path_equals_torch_func():
@@ -62,11 +66,7 @@ def test_conv_fast_path_equals_torch_func():
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
     assert set(fast) == {"0", "3", "7", "9"}  # two convolutions, two linear layers
     for layer, f in fast.items():
-        G = torch.cat([grads[f"{layer}.weight"].reshape(24, -1), grads[f"{layer}.bias"]], dim=1)
-        torch.testing.assert_close(f["sum"], G.sum(0), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(f["sq_norms"], (G**2).sum(1), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(f["dots"], G @ G.mean(0), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
+        _assert_summaries_match(f, torch.cat([grads[f"{layer}.weight"].reshape(24, -1), grads[f"{layer}.bias"]], dim=1))
     strided = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1), torch.nn.Flatten(),
                                   torch.nn.Linear(48, 10))
     grads = pergrad.per_example_grads(strided, F.cross_entropy, x, y)
