@@ -70,7 +70,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     grid = 2.0 / max(CURVATURES.values()) * np.geomspace(1e-3, 0.999, 200)
     floors, times = [], []
     for name, h in CURVATURES.items():
-        floors.append(grid * h / (2 * BATCH_SIZE * (2 - grid * h)))  # c = h
+        floors.append([_direction(h).noise_floor(SGD(lr), BATCH_SIZE) for lr in grid])
         times.append(1.0 / (1.0 - (1.0 - grid * h) ** 2))
     tradeoff = xr.Dataset({"loss_inf": (("curve", "lr"), np.array(floors)),
                            "relaxation_steps": (("curve", "lr"), np.array(times))},

@@ -121,7 +121,11 @@ def test_rate_vs_floor_matches_the_closed_form_and_monte_carlo(tmp_path):
             e = formula(m.step.values)
             ok = m.step.values > 0
             assert np.all(np.abs(m.loss.values[ok] - e[ok]) <= 4.5 * m.loss_sem.values[ok])
-    floor = res["tradeoff"].loss_inf.sel(curve="high")
+    trade = res["tradeoff"]
+    for name, h in rvf.CURVATURES.items():  # the engine's noise floor is a h / (2 B (2 - a h)) with c = h
+        a = trade.lr.values
+        np.testing.assert_allclose(trade.loss_inf.sel(curve=name), a * h / (2 * rvf.BATCH_SIZE * (2 - a * h)), rtol=1e-9)
+    floor = trade.loss_inf.sel(curve="high")
     assert np.all(np.diff(floor.values) > 0)  # the floor rises with the learning rate
 
 

@@ -650,8 +650,9 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         z, fun = best_z, math.inf
         for _ in range(2):  # a second start from the first one's optimum, with a fresh simplex
             # simplex steps: 5% of each log learning rate (scipy's), half a unit of each log weight
-            steps = np.concatenate([np.where(z[:n_pieces] != 0, 0.05 * z[:n_pieces], 0.00025), np.full(n_pieces - 1, 0.5)])
-            z, fun, _ = _localmin.schedule_nelder_mead(z, steps, 1e-4, 1e-10, 400 * n_pieces, K, n_pieces, limit, a1,
+            simplex_steps = np.concatenate([np.where(z[:n_pieces] != 0, 0.05 * z[:n_pieces], 0.00025),
+                                            np.full(n_pieces - 1, 0.5)])
+            z, fun, _ = _localmin.schedule_nelder_mead(z, simplex_steps, 1e-4, 1e-10, 400 * n_pieces, K, n_pieces, limit, a1,
                                                        b1, q, S0, problem.h)
             if fun <= log_target:
                 break
