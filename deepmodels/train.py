@@ -1,20 +1,37 @@
 """Training with probes on a schedule, without disturbing the training data stream.
 
 The training batches come from their own ``torch.Generator`` (seeded), the probe batches from
-another, so a run with probes follows exactly the trajectory of the same run without them.  The
-results are written to a netCDF file after every probe (if ``path`` is given) together with a
-checkpoint of the model and optimizer, so an interrupted run resumes where it stopped.
+another, so a run with probes follows exactly the trajectory of the same run without them.
+
+With a ``path``, a checkpoint (``path + ".pt"``: model, optimizer, both generators, the step, the
+probe rows so far and the run's settings) is written atomically after every probe and at the end,
+then the netCDF results derived from that same checkpoint: one consistent state, whatever the
+moment of an interrupt.  A rerun resumes from the checkpoint only if it is whole and of the same
+settings (model and its initial parameters, data, learning rate or schedule, batch size, momentum,
+optimizer, seed, probe size and schedule, loss, method) and not past ``n_steps``; otherwise it warns
+(:class:`toymodels.resume.ResumeWarning`, naming the file and the difference) and starts afresh,
+overwriting both files.  It never returns the results of other settings.
+
+A run diverges when its training loss is not finite or exceeds ``diverge_factor`` times the loss
+at step 0: training stops there, the returned Dataset has a last row at that step holding ``inf``
+(loss, test loss and every probe statistic) and the attrs ``diverged_at`` (the step) and
+``divergence`` (the reason).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import os
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from toymodels import resume
 from toymodels._validate import check_int, check_real
 from toymodels.schema import attach_attrs
 
@@ -50,7 +67,8 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
 
 def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
-          seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True) -> xr.Dataset:
+          seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True,
+          diverge_factor: float = 1e3) -> xr.Dataset:
     """Train ``model`` on ``data`` with the gradient-statistics probe at ``probe_at``.
 
     Args:
@@ -68,12 +86,16 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         method: per-example gradient method of :func:`deepmodels.probes.gradient_stats`.
         device: ``"cpu"``, ``"cuda"``, ... (default: the model's device).
         path: netCDF results file (and ``path + ".pt"`` checkpoint) written after each probe; an
-            existing one is resumed.
+            existing one of the same settings is resumed, one of other settings (or damaged) is
+            replaced with a warning (see the module docstring).
         progress: tqdm bar.
+        diverge_factor: the run is declared diverged when a training batch loss exceeds this
+            multiple of the full training loss at step 0 (or is not finite).
 
     Returns:
         Dataset over ``step`` (and ``layer``): ``loss``, ``accuracy``, ``test_loss`` and the probe's
-        statistics; ``source="measurement"``.
+        statistics; ``source="measurement"``; after a divergence, a last row of ``inf`` at the step
+        it happened and attrs ``diverged_at`` and ``divergence``.
     """
     from toymodels.schedules import Schedule, as_schedule
 
@@ -98,69 +120,163 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
     else:
         raise ValueError(f"`optimizer` must be 'sgd', 'adam' or a torch.optim.Optimizer class; got {optimizer!r}.")
     opt_name = optimizer if isinstance(optimizer, str) else optimizer.__name__.lower()
+    diverge_factor = check_real("diverge_factor", diverge_factor, low=1.0, high=math.inf, low_open=True)
     gen_train = torch.Generator(device="cpu").manual_seed(seed)
     gen_probe = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
     n = data.x_train.shape[0]
     rows, start = [], 0
+    attrs = dict(data=data.name, lr=lr0, batch_size=float(batch_size), momentum=momentum, seed=seed,
+                 optimizer=opt_name)
+    settings = dict(_model_fingerprint(model), data=f"{data.name} {tuple(data.x_train.shape)}", lr=repr(schedule),
+                    batch_size=batch_size, momentum=momentum, optimizer=opt_name, seed=seed, probe_size=probe_size,
+                    method=method, loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__))
     ckpt = None if path is None else str(path) + ".pt"
-    if path is not None and os.path.exists(path) and os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = None if path is None else _load_checkpoint(ckpt, settings, steps, n_steps, device)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen_train.set_state(state["gen_train"])
         gen_probe.set_state(state["gen_probe"])
         start = int(state["step"])
-        old = xr.load_dataset(path)
-        rows = [old.sel(step=[s]) for s in old.step.values]
+        rows = state["rows"]
+    initial_loss = _evaluate(model, data.x_train, data.y_train, loss_fn)[0] if start == 0 else state["initial_loss"]
+
+    def save(step):
+        if path is not None:
+            _save_checkpoint(ckpt, model, opt, gen_train, gen_probe, step, rows, settings, initial_loss)
+            _write(rows, path, model, attrs)
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, initial=start, desc="train", unit="step")
     todo = set(int(s) for s in steps if s >= start and not any(int(s) == int(r.step[0]) for r in rows))
-    for k in range(start, n_steps + 1):
+
+    def diverged(k, value, what):
+        if math.isfinite(value) and value <= diverge_factor * initial_loss:
+            return False
+        reason = f"{what} at step {k} is {value:g}"
+        if math.isfinite(value):
+            reason += f", above {diverge_factor:g} x the initial training loss {initial_loss:.4g}"
+        if rows and int(rows[-1].step[0]) == k:  # the probe of this step measured a diverging model
+            rows.pop()
+        rows.append(_diverged_row(rows, k, reason))
+        save(k)
+        return True
+
+    k = start
+    while not (rows and "diverged_at" in rows[-1].attrs):  # a resumed diverged run is finished
         if k in todo:
-            pidx = torch.randint(0, n, (min(probe_size, n),), generator=gen_probe).to(device)
             model.eval()
+            tl, acc = _evaluate(model, data.x_train, data.y_train, loss_fn)
+            if diverged(k, tl, "the training loss"):
+                break
+            pidx = torch.randint(0, n, (min(probe_size, n),), generator=gen_probe).to(device)
             st = probes.gradient_stats(model, loss_fn, data.x_train[pidx], data.y_train[pidx],
                                        batch_size=batch_size, method=method, step=k)
-            tl, acc = _evaluate(model, data.x_train, data.y_train, loss_fn)
             te, _ = _evaluate(model, data.x_test, data.y_test, loss_fn)
             model.train()
             st["loss"] = ("step", [tl])
             st["accuracy"] = ("step", [acc])
             st["test_loss"] = ("step", [te])
             rows.append(st.drop_attrs())
-            if path is not None:
-                _write(rows, path, model, data, lr0, batch_size, momentum, seed, opt_name)
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen_train": gen_train.get_state(),
-                            "gen_probe": gen_probe.get_state(), "step": k}, ckpt)
+            save(k)
         if k == n_steps:
+            save(k)  # the finished run: a rerun returns it at once
             break
         idx = torch.randint(0, n, (batch_size,), generator=gen_train).to(device)
         for group in opt.param_groups:
             group["lr"] = float(schedule.at(np.array([k]))[0])
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        if not torch.isfinite(loss):
-            if bar is not None:
-                bar.close()
-            raise FloatingPointError(f"the training loss diverged (non-finite) at step {k}; lower `lr`.")
+        if diverged(k, float(loss.detach()), "the training batch loss"):
+            break
         loss.backward()
         opt.step()
+        k += 1
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return _write(rows, None, model, data, lr0, batch_size, momentum, seed, opt_name)
+    return _write(rows, None, model, attrs)
 
 
-def _write(rows, path, model, data, lr, batch_size, momentum, seed, optimizer):
+def _diverged_row(rows, k, reason) -> xr.Dataset:
+    """A probe row at step ``k`` holding ``inf`` everywhere (the layout of the earlier rows), with
+    the divergence in its attrs."""
+    if rows:
+        row = rows[-1].copy(deep=True).assign_coords(step=[k])
+        for name, var in row.data_vars.items():
+            if var.dtype.kind == "f":
+                row[name] = var.copy(data=np.full(var.shape, np.inf))
+    else:
+        row = xr.Dataset({v: ("step", [np.inf]) for v in ("loss", "test_loss")}, coords={"step": [k]})
+    row.attrs.update(diverged_at=int(k), divergence=reason)
+    return row
+
+
+def _model_fingerprint(model) -> dict:
+    """The model's class, parameter count and a hash of its parameters now (the initial ones)."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"model": type(model).__qualname__, "n_parameters": int(sum(p.numel() for p in model.parameters())),
+            "initial_parameters": h.hexdigest()[:16]}
+
+
+def _save_checkpoint(ckpt, model, opt, gen_train, gen_probe, step, rows, settings, initial_loss):
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen_train": gen_train.get_state(),
+             "gen_probe": gen_probe.get_state(), "step": int(step), "rows": rows, "settings": settings,
+             "initial_loss": float(initial_loss)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+
+    def to(tmp):
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+
+    resume.replace_atomically(ckpt, to)
+
+
+def _load_checkpoint(ckpt, settings, steps, n_steps, device):
+    """The saved state of this run, or None (no checkpoint; or, with a ResumeWarning, a damaged one
+    or one of other settings, probe steps, or past ``n_steps``)."""
+    if not os.path.exists(ckpt):
+        return None
+
+    def ignore(why):
+        warnings.warn(f"ignoring checkpoint {ckpt}: {why}; training afresh.", resume.ResumeWarning, stacklevel=3)
+
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        keys = {"model", "opt", "gen_train", "gen_probe", "step", "rows", "settings", "initial_loss"}
+        if not isinstance(state, dict) or not keys <= set(state):
+            raise ValueError("it lacks " + ", ".join(sorted(keys - set(state if isinstance(state, dict) else ()))))
+    except Exception as err:
+        return ignore(f"it cannot be read ({type(err).__name__}: {err})")
+    same, why = resume.same_settings(state["settings"], settings)
+    if not same:
+        return ignore(f"it was written for other settings ({why})")
+    step = int(state["step"])
+    if step > n_steps:
+        return ignore(f"it is at step {step}, past this run's n_steps = {n_steps}")
+    rows = state["rows"]
+    if rows and "diverged_at" in rows[-1].attrs:  # a finished, diverged run: its probes before the end
+        done, want = [int(r.step.values[0]) for r in rows[:-1]], [int(s) for s in steps if s < step]
+    else:
+        done, want = [int(r.step.values[0]) for r in rows], [int(s) for s in steps if s <= step]
+    if done != want:
+        return ignore(f"its probes were at steps {done}, this run probes at {want}")
+    return state
+
+
+def _write(rows, path, model, attrs):
     ds = xr.concat(rows, dim="step")
-    attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", data=data.name, lr=lr,
-                 batch_size=float(batch_size), momentum=momentum, seed=seed, optimizer=optimizer)
+    attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", **attrs)
+    if rows and "diverged_at" in rows[-1].attrs:
+        ds.attrs.update(diverged_at=rows[-1].attrs["diverged_at"], divergence=rows[-1].attrs["divergence"])
     if path is not None:
-        tmp = str(path) + ".tmp"
-        ds.to_netcdf(tmp)
-        os.replace(tmp, path)
+        resume.write(ds, path)
     return ds

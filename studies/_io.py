@@ -14,6 +14,7 @@ import time
 
 import xarray as xr
 
+from toymodels import resume
 from toymodels.schema import validate
 
 __all__ = ["SCALES", "parser", "scale_of", "command", "save", "publish", "load", "settings_tag"]
@@ -64,21 +65,18 @@ def command(doc: str, run, name: str, argv=None, *, summary=None, scheduler: boo
 
 
 def save(result, out: str, name: str) -> str:
-    """Validate and write ``result`` (a Dataset or ``{group: Dataset}``) to ``<out>/<name>.nc``."""
+    """Validate and write ``result`` (a Dataset or ``{group: Dataset}``) to ``<out>/<name>.nc``,
+    atomically (:func:`toymodels.resume.write`: an interrupt leaves the old file or the new one)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{name}.nc")
     if isinstance(result, xr.Dataset):
         validate(result)
         ds = result.copy()
         ds.attrs["study"] = name
-        ds.to_netcdf(path)
-        return path
+        return resume.write(ds, path)
     for ds in result.values():
         validate(ds)
-    xr.Dataset(attrs={"study": name}).to_netcdf(path, mode="w")
-    for group, ds in result.items():
-        ds.to_netcdf(path, group=group, mode="a")
-    return path
+    return resume.write({"": xr.Dataset(attrs={"study": name}), **result}, path)
 
 
 def publish(result, out: str, name: str, plot):

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import xarray as xr
 
-from toymodels import NQM
+from toymodels import NQM, resume
 from toymodels.schema import attach_attrs
 from toymodels.sweep import family_sweeps, tune_schedule
 
@@ -79,14 +79,18 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
     """SGD with a tuned 3-piece piecewise-constant schedule per batch size (the lecture's "fitting
     optimal learning rate schedules"), with the fitted learning rates and piece fractions; resumes
     from ``path``."""
-    done = xr.load_dataset(path) if os.path.exists(path) else None
+    def same_grid(ds):
+        n = min(ds.batch_size.size, batch_sizes.size)
+        if ds.piece.size != N_PIECES or not np.array_equal(ds.batch_size.values[:n], batch_sizes[:n]):
+            raise ValueError("it was written for another grid of batch sizes or pieces")
+
+    done = resume.read(path, settings={"target": target, "dim": nqm.dim}, check=same_grid,
+                       variables=("steps_to_target", "lr_schedule_opt", "piece_fraction_opt"))
     steps, lrs, fracs = [], [], []
-    if (done is not None and float(done.attrs.get("target", -1)) == target and "lr_schedule_opt" in done
-            and done.piece.size == N_PIECES):
+    if done is not None:  # the same grid: reuse its first n
         n = min(done.batch_size.size, batch_sizes.size)
-        if np.array_equal(done.batch_size.values[:n], batch_sizes[:n]):  # the same grid: reuse its first n
-            steps, lrs, fracs = (list(done.steps_to_target.values[:n]), list(done.lr_schedule_opt.values[:n]),
-                                 list(done.piece_fraction_opt.values[:n]))
+        steps, lrs, fracs = (list(done.steps_to_target.values[:n]), list(done.lr_schedule_opt.values[:n]),
+                             list(done.piece_fraction_opt.values[:n]))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -102,8 +106,8 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
                            "lr_schedule_opt": (("batch_size", "piece"), np.array(lrs)),
                            "piece_fraction_opt": (("batch_size", "piece"), np.array(fracs))},
                           coords={"batch_size": batch_sizes[: len(steps)], "piece": np.arange(N_PIECES)},
-                          attrs={"target": target})
-        part.to_netcdf(path)
+                          attrs={"target": target, "dim": nqm.dim})
+        resume.write(part, path)
         if bar is not None:
             bar.update(1)
     if bar is not None:

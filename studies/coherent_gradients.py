@@ -39,6 +39,7 @@ import xarray as xr  # noqa: E402
 from deepmodels import data, models, pergrad  # noqa: E402
 from deepmodels.optim import M3, RA3, RM3, Winsorized  # noqa: E402
 from deepmodels.train import probe_steps  # noqa: E402
+from toymodels import resume  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
 from ._io import command, publish, settings_tag  # noqa: E402
@@ -121,9 +122,11 @@ def _difficulty(cfg, d, cache, scale, progress_bar):
     hard = np.zeros(d.y_train.shape[0], dtype=np.int64)
     for r in range(1, cfg["n_ref"] + 1):
         path = os.path.join(cache, f"{settings_tag(scale, cfg)}_reference_seed{r}.npy")
-        if not os.path.exists(path):
-            np.save(path, _train(cfg, d, d.y_train.numpy(), "sgd", r, stop_at=cfg["easy_at"])[-1])
-        hard += ~np.load(path)
+        learned = resume.read_array(path, shape=hard.shape, dtype=bool)
+        if learned is None:
+            learned = np.asarray(_train(cfg, d, d.y_train.numpy(), "sgd", r, stop_at=cfg["easy_at"])[-1], dtype=bool)
+            resume.write_array(learned, path)
+        hard += ~learned
         if progress_bar is not None:
             progress_bar.update(1)
     return hard
@@ -158,12 +161,14 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
             per_opt = []
             for name in OPTIMIZERS:
                 path = os.path.join(cache, f"{settings_tag(scale, cfg)}_{name}_noise{noise:g}.nc")
-                if not os.path.exists(path):
+                saved = resume.read(path, variables=("accuracy", "loss", "test_loss"))
+                if saved is None:
                     steps, acc, loss, test_loss, _ = _train(cfg, d, y_train, name, 0, subsets=subsets)
-                    xr.Dataset({"accuracy": (("subset", "step"), np.stack([acc[k] for k in SUBSETS])),
-                                "loss": ("step", np.array(loss)), "test_loss": ("step", np.array(test_loss))},
-                               coords={"subset": list(SUBSETS), "step": steps}).to_netcdf(path)
-                per_opt.append(xr.load_dataset(path).expand_dims(optimizer=[name]))
+                    saved = xr.Dataset({"accuracy": (("subset", "step"), np.stack([acc[k] for k in SUBSETS])),
+                                        "loss": ("step", np.array(loss)), "test_loss": ("step", np.array(test_loss))},
+                                       coords={"subset": list(SUBSETS), "step": steps})
+                    resume.write(saved, path)
+                per_opt.append(saved.expand_dims(optimizer=[name]))
                 if bar is not None:
                     bar.update(1)
             counts = [y_clean.size, (~corrupt).sum(), corrupt.sum(), d.y_test.shape[0]]

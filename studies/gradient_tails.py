@@ -50,6 +50,7 @@ from deepmodels import data, models, spectra  # noqa: E402
 from deepmodels.train import train  # noqa: E402
 from toymodels import NQM, GaussianLinearRegression, RandomFeatures  # noqa: E402
 from toymodels.history import gradient_history  # noqa: E402
+from toymodels import resume  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 from toymodels.tails import gradient_history_tests, power_law_fit  # noqa: E402
 
@@ -241,11 +242,10 @@ def _collect(cases, scale, out, bar) -> xr.Dataset:
     points = []
     for case in cases:
         path = os.path.join(cache, f"{settings_tag(scale, SCALES[scale])}_{case.name}.nc")
-        if os.path.exists(path):
-            pt = xr.load_dataset(path)
-        else:
+        pt = resume.read(path)
+        if pt is None:
             pt = _point(case, scale)
-            pt.to_netcdf(path)
+            resume.write(pt, path)
         points.append(pt)
         if bar is not None:
             bar.update(1)

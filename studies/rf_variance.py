@@ -30,6 +30,7 @@ import xarray as xr  # noqa: E402
 
 from toymodels.features import RandomFeatures  # noqa: E402
 from toymodels.parallel import run_tasks  # noqa: E402
+from toymodels import resume  # noqa: E402
 from toymodels.schema import attach_attrs  # noqa: E402
 
 from ._io import command, publish, settings_tag  # noqa: E402
@@ -84,8 +85,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     points, todo = {}, []
     for dup, lr, n, seed in grid:
         path = os.path.join(cache, f"{settings_tag(scale, cfg)}_n{n}_lr{lr:g}_dup{dup:g}_s{seed}.nc")
-        if os.path.exists(path):
-            points[(dup, lr, n, seed)] = xr.load_dataset(path)
+        saved = resume.read(path, variables=("grad_var",))
+        if saved is not None:
+            points[(dup, lr, n, seed)] = saved
         else:
             todo.append((cfg, (dup, lr, n, seed), path))
     bar = None
@@ -96,7 +98,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
     def record(result):
         key, path, pt = result
-        pt.to_netcdf(path)
+        resume.write(pt, path)
         points[key] = pt
         if bar is not None:
             bar.update(1)

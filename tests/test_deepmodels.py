@@ -281,9 +281,10 @@ def test_training_resumes_after_an_interruption(digits, tmp_path):
     with pytest.raises(Stop):
         train(model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32, loss_fn=flaky,
               path=path, progress=False)
-    resumed_model = models.mlp(64, 10, (16,), seed=99)  # its weights come from the checkpoint
+    resumed_model = models.mlp(64, 10, (16,), seed=5)  # the same run: its weights come from the checkpoint
     resumed = train(resumed_model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32,
-                    path=path, progress=False)
+                    loss_fn=flaky, path=path, progress=False)
+    assert calls["n"] == 13 + 20 - 10  # resumed at the probe of step 10
     straight_model = models.mlp(64, 10, (16,), seed=5)
     straight = train(straight_model, digits, lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 10, 20], probe_size=32,
                      progress=False)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .dynamics import _PARALLEL_MIN_MODES, _loss_parts_parallel, _loss_parts_serial
+from .dynamics import _loss_parts_serial
 
 
 @njit(cache=True, nogil=True)
@@ -29,10 +29,9 @@ def family_log_loss(x, y, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
     e = 1.0 - math.exp(y)
     lr = math.exp(x) * (lim0 + e * lim1)
     P0, P1, Q0, Q1, R0, R1 = parts
-    if q.shape[0] >= _PARALLEL_MIN_MODES:
-        v = _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
-    else:
-        v = _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
+    # serial only: a cached function must not call a parallel one (see toymodels.dynamics), and
+    # the tuner works on coarsened models of a few hundred modes (sweep.tune's ``coarse``)
+    v = _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
     if v > 0.0 and v < np.inf:
         return math.log(v)
     return np.inf

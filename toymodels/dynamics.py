@@ -689,24 +689,24 @@ def _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, i_lo, i_
                 pw[j] *= lam[i, j]
 
 
-@njit(cache=True, nogil=True)
-def _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
-    """out[m] = L_{k0 + m} (consecutive steps), one thread."""
-    out[:] = 0.0
-    _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, 0, lam.shape[0], out)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _modal_values_range_parallel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
-    """:func:`_modal_values_range` split over 16 blocks of modes, each summed on its own row."""
+@njit(inline="always")
+def _values_range_blocks(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out, n_blocks):
+    """out[m] = L_{k0 + m} (consecutive steps), the modes split into ``n_blocks`` blocks, each summed
+    on its own row (a ``prange``: parallel inside a ``parallel=True`` caller, a plain loop otherwise;
+    one block sums the modes in order)."""
     d = lam.shape[0]
-    n_blocks = 16
     rows = np.zeros((n_blocks, out.size))
     for blk in prange(n_blocks):
         _values_range_modes(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0,
                             blk * d // n_blocks, (blk + 1) * d // n_blocks, rows[blk])
     for m in range(out.size):
         out[m] = np.sum(rows[:, m])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _modal_values_range_parallel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out):
+    """:func:`_values_range_blocks` over 16 blocks of modes, on all threads (called from Python)."""
+    _values_range_blocks(lam, C, linf, flag, gsq, A, b, q, h, r, S0, k0, out, 16)
 
 
 @njit(cache=True, nogil=True)
@@ -785,8 +785,8 @@ def _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i):
     return max(gs_lb, mode_lb - 1e-8 * mode_slack)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
+@njit(inline="always")
+def _bound_sum(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     """A lower bound on L_k valid for every integer k in [a, bend] (bend = -1: infinity).
 
     Per mode, the larger of two rigorous bounds (each also >= 0, since a loss is):
@@ -809,20 +809,25 @@ def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
     return total
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
+    """:func:`_bound_sum` on all threads (called from Python, for many modes)."""
+    return _bound_sum(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend)
+
+
 @njit(cache=True, nogil=True)
 def _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend):
-    """:func:`_lower_bound` on one thread (small models, where thread start-up dominates)."""
-    total = 0.0
-    for i in range(lam.shape[0]):
-        total += _mode_lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend, i)
-    return total
+    """:func:`_bound_sum` on one thread (small models, where thread start-up dominates)."""
+    return _bound_sum(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bend)
 
 
-@njit(cache=True, nogil=True)
-def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
-                           parallel, max_nodes, k_split):
-    """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1.
-    The root is split at ``k_split`` if it lies inside (k_lo, k_hi], else at its midpoint."""
+@njit(inline="always")
+def _first_crossing_body(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
+                         max_nodes, k_split, n_blocks):
+    """Depth-first branch and bound over [k_lo, k_hi]; returns the first k with L_k <= target or -1
+    (-2: more than ``max_nodes`` nodes).  The root is split at ``k_split`` if it lies inside
+    (k_lo, k_hi], else at its midpoint.  Inlined into a serial and a parallel entry point, whose
+    ``prange`` loops over modes (bounds, leaf values in ``n_blocks`` blocks) run on one thread or all."""
     stack_a = np.empty(256, dtype=np.int64)
     stack_b = np.empty(256, dtype=np.int64)
     if k_lo < k_split <= k_hi:
@@ -841,18 +846,12 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
         top -= 1
         a = stack_a[top]
         bb = stack_b[top]
-        if parallel:
-            lb = _lower_bound(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb)
-        else:
-            lb = _lower_bound_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb)
+        lb = _bound_sum(lam, C, linf, flag, rho, nu, dnorm, gsq, h, a, bb)
         if lb > target:
             continue
         if bb - a + 1 <= leaf:
             n = bb - a + 1
-            if parallel:
-                _modal_values_range_parallel(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
-            else:
-                _modal_values_range(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n])
+            _values_range_blocks(lam, C, linf, flag, gsq, A, b, q, h, r, S0, a, vals[:n], n_blocks)
             for m in range(n):
                 if vals[m] <= target:
                     return a + m
@@ -864,6 +863,29 @@ def _first_crossing_kernel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, 
         stack_b[top + 1] = mid
         top += 2
     return -1
+
+
+# Why two entry points and no runtime ``parallel`` switch: a cached function that *calls* a
+# ``parallel=True`` function is unsafe in numba (0.58-0.62 at least).  When the caller is compiled in a
+# process that loaded the callee from the cache, the callee's library comes back without its
+# ``_reload_init`` hooks (they live in the compile result, not the library), so the caller's cache
+# entry records none; a later process loads the caller, never starts the threading layer, and the
+# first parallel launch segfaults (numba issues #8578 and #4807).  An interrupted first compile
+# (callees cached, caller not) leaves exactly that state.  Here every ``parallel=True`` function
+# is an entry point called from Python, with its ``prange`` loops inlined into it, so its own cache
+# entry carries the hook; serial entry points reach no parallel code, and compile none of it.
+@njit(cache=True, nogil=True)
+def _first_crossing_serial(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
+                           max_nodes, k_split):
+    return _first_crossing_body(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi,
+                                leaf, max_nodes, k_split, 1)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _first_crossing_parallel(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi, leaf,
+                             max_nodes, k_split):
+    return _first_crossing_body(lam, C, linf, flag, rho, nu, dnorm, gsq, A, b, q, h, r, S0, target, k_lo, k_hi,
+                                leaf, max_nodes, k_split, 16)
 
 
 class ModalForm:
@@ -947,11 +969,12 @@ class ModalForm:
         """
         if not self.stable:
             raise ValueError("first_crossing needs a stable system (spectral radius < 1).")
+        kernel = _first_crossing_parallel if self.h.size >= _PARALLEL_MIN_MODES else _first_crossing_serial
         k = int(
-            _first_crossing_kernel(
+            kernel(
                 self.lam, self.C, self.linf, self.flag, self.rho, self.nu, self.dnorm, self.gsq,
                 self.A, self.b, self.q, self.h, self.readout, self.S0,
-                float(target), 0, int(k_max), int(leaf), self.h.size >= _PARALLEL_MIN_MODES,
+                float(target), 0, int(k_max), int(leaf),
                 max(10_000, int(_WORK_LIMIT // self.h.size)), -1 if guess is None else int(guess),
             )
         )
@@ -1031,35 +1054,48 @@ def _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k):
     return _loss2(a00, a01, a10, a11, b0, b1, q[i], h[i], r, S0[i, 0, 0], S0[i, 0, 1], S0[i, 1, 1], k)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _loss_at_parallel(A, b, q, h, r, S0, k):
+@njit(inline="always")
+def _loss_at_sum(A, b, q, h, r, S0, k):
     total = 0.0
     for i in prange(b.shape[0]):
         total += _mode_loss_at(A, b, q, h, r, S0, i, k)
     return total
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _loss_at_parallel(A, b, q, h, r, S0, k):
+    return _loss_at_sum(A, b, q, h, r, S0, k)
+
+
 @njit(cache=True, nogil=True)
 def _loss_at_serial(A, b, q, h, r, S0, k):
-    total = 0.0
-    for i in range(b.shape[0]):
-        total += _mode_loss_at(A, b, q, h, r, S0, i, k)
-    return total
+    return _loss_at_sum(A, b, q, h, r, S0, k)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
+@njit(inline="always")
+def _loss_parts_sum(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
     total = 0.0
     for i in prange(q.shape[0]):
         total += _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k)
     return total
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _loss_parts_parallel(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
+    return _loss_parts_sum(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
+
+
 @njit(cache=True, nogil=True)
 def _loss_parts_serial(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k):
+    return _loss_parts_sum(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, k)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _start_threads(x):
+    """A trivial parallel kernel: running it starts numba's threading layer."""
     total = 0.0
-    for i in range(q.shape[0]):
-        total += _mode_loss_parts(P0, P1, Q0, Q1, R0, R1, e, lr, q, h, r, S0, i, k)
+    for i in prange(x.shape[0]):
+        total += x[i]
     return total
 
 
@@ -1071,8 +1107,7 @@ def _ensure_threading_layer() -> str:
     try:
         return numba.threading_layer()
     except ValueError:
-        one = np.ones(1)
-        _loss_at_parallel(np.full((1, 1, 1), 0.5), one.reshape(1, 1), one, one, 0, one.reshape(1, 1, 1), 1)
+        _start_threads(np.ones(2))
         return numba.threading_layer()
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 from scipy import optimize
 
-from . import _localmin
+from . import _localmin, resume
 from ._validate import check_int, check_real
 from .nqm import check_batch_size
 from .optimizers import EMA, SGD, Momentum
@@ -47,7 +46,6 @@ _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 # netCDF / HDF5 is not thread-safe: sweeps running side by side (family_sweeps) take turns writing
-_NETCDF_LOCK = threading.Lock()
 
 
 def _check_family(family):
@@ -442,8 +440,10 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         batch_sizes: increasing batch sizes >= 1.
         target: loss target > 0.
         progress: tqdm bar over batch sizes.
-        path: a netCDF file written after every batch size; an existing file with the same settings
-            is resumed (finished batch sizes are not recomputed).
+        path: a netCDF file written (atomically) after every batch size; an existing file with the
+            same settings and batch-size grid is resumed (finished batch sizes are not recomputed);
+            one that is unreadable, incomplete or of other settings is recomputed with a
+            :class:`toymodels.resume.ResumeWarning` naming it.
 
     Returns:
         Dataset over ``batch_size`` with ``steps_to_target``, ``lr_opt``, ``momentum_opt`` or
@@ -457,21 +457,29 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
         raise ValueError("`batch_sizes` must be strictly increasing.")
     rows = []
-    if path is not None and os.path.exists(path):
-        with _NETCDF_LOCK:
-            old = xr.load_dataset(path)
-        n_old = min(old.batch_size.size, len(bss))
-        same = (old.attrs.get("optimizer") == family and float(old.attrs.get("target")) == target
-                and (family != "precond" or float(old.attrs.get("precond", math.nan)) == precond)
-                and np.array_equal(old.batch_size.values[:n_old], np.asarray(bss)[:n_old]))
-        if same:
-            extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
-            for j in range(n_old):
-                rows.append({
-                    "steps": float(old.steps_to_target[j]), "lr": float(old.lr_opt[j]),
-                    "extra": float(old[extra_name][j]) if extra_name else math.nan,
-                    "reason": str(old.reason.values[j]), "theta": None,
-                })
+    extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
+    old = None
+    if path is not None:
+        settings = dict(optimizer=family, target=target, model=problem.model_name, **problem.params)
+        if family == "precond":
+            settings["precond"] = precond
+        if family == "momentum_ema":
+            settings["decay"] = decay
+
+        def same_grid(ds):
+            n = min(ds.batch_size.size, len(bss))
+            if not np.array_equal(ds.batch_size.values[:n], np.asarray(bss)[:n]):
+                raise ValueError(f"its batch sizes {ds.batch_size.values[:n]} are not this run's {np.asarray(bss)[:n]}")
+
+        old = resume.read(path, settings=settings, check=same_grid,
+                          variables=("steps_to_target", "lr_opt", "reason") + ((extra_name,) if extra_name else ()))
+    if old is not None:
+        for j in range(min(old.batch_size.size, len(bss))):
+            rows.append({
+                "steps": float(old.steps_to_target[j]), "lr": float(old.lr_opt[j]),
+                "extra": float(old[extra_name][j]) if extra_name else math.nan,
+                "reason": str(old.reason.values[j]), "theta": None,
+            })
     start, k_floor = None, 0
     bar = None
     if progress:
@@ -494,9 +502,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             res["reason"] = "no setting reaches the target"
         rows.append(res)
         if path is not None:
-            part = _result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay)
-            with _NETCDF_LOCK:
-                part.to_netcdf(path)
+            resume.write(_result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay), path)
         if bar is not None:
             bar.update(1)
     if bar is not None:
