@@ -99,7 +99,8 @@ def same_settings(attrs: dict, settings: dict) -> tuple[bool, str]:
             else:
                 ok = a == b or (math.isnan(a) and math.isnan(b))
         if not ok:
-            return False, f"`{key}` is {have!r} there and {want!r} here"
+            show = lambda v: repr(v.item() if isinstance(v, np.generic) else v)  # noqa: E731
+            return False, f"`{key}` is {show(have)} there and {show(want)} here"
     return True, ""
 
 
