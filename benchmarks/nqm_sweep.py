@@ -107,7 +107,7 @@ def main(argv=None):
 
     # warm-up (compiles or loads the numba cache), then the timed full sweep
     batch_size_sweep(NQM.power_law(50), "momentum", [1.0, 16.0], 0.05, progress=False)
-    batch_size_sweep(NQM.power_law(5000), "sgd", [1.0], 0.05, progress=False)  # the parallel kernels
+    batch_size_sweep(NQM.power_law(40000), "sgd", [1.0], 0.05, progress=False)  # the parallel kernels
     total = 0.0
     for fam in FAMILIES:
         t = time.perf_counter()

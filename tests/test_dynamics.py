@@ -158,7 +158,7 @@ def test_closed_form_stein_matches_doubling():
 def test_first_crossing_guess_and_parallel_leaves(opt):
     """The answer does not depend on the split hint, and the parallel leaf values (one
     multiplication per step, the (g, s) recurrence for flagged modes) equal the closed form."""
-    nqm = NQM.power_law(5000)  # above the parallel threshold
+    nqm = NQM.power_law(dynamics._PARALLEL_MIN_MODES + 1000)  # above the parallel threshold
     mf = nqm.modal_form(opt, 4)
     ref = mf.loss(np.arange(2001))
     for k0, n in [(0, 32), (777, 17), (1968, 32)]:

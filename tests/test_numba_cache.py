@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-# the serial and the parallel (>= 4096 modes) paths of the exact first crossing
+# the serial and the parallel (>= 32768 modes) paths of the exact first crossing
 CALLS = {
-    "parallel": ["NQM.power_law(5000).steps_to_target(SGD(0.5), 8, 1.5)"],
+    "parallel": ["NQM.power_law(40000).steps_to_target(SGD(0.5), 8, 1.5)"],
     "all": ["NQM.power_law(50).steps_to_target(SGD(0.5), 8, 1.5)",
-            "NQM.power_law(5000).steps_to_target(SGD(0.5), 8, 1.5)",
-            "NQM.power_law(5000).steps_to_target(Momentum(0.2, 0.8), 8, 1.5)"],
+            "NQM.power_law(40000).steps_to_target(SGD(0.5), 8, 1.5)",
+            "NQM.power_law(40000).steps_to_target(Momentum(0.2, 0.8), 8, 1.5)"],
 }
 
 
