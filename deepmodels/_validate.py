@@ -479,3 +479,43 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}.")
     return out
+
+
+class OptimizerClass(Constraint):
+    """A subclass of ``torch.optim.Optimizer`` (the class, built later with the model's parameters)."""
+
+    def __call__(self, name, value):
+        if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
+            return value
+        raise TypeError(f"`{name}` must be a torch.optim.Optimizer class; got {type(value).__name__}.")
+
+    def bad_values(self):
+        return [None, 1.5, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), nn.Linear]
+
+
+def check_model_fn(model_fn, data, seed: int, loss_fn=None) -> nn.Module:
+    """Build ``model_fn(seed)`` (the global RNG state is kept) and check it against ``data``'s
+    first training examples and number of classes; return the model."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = model_fn(seed)
+        except Exception as err:
+            raise ValueError(f"`model_fn` must build a model from a seed; model_fn({seed}) raised "
+                             f"{type(err).__name__}: {err}") from None
+    Module()("model_fn(seed)", model)
+    check_data_fits(model, data, loss_fn, name="model_fn")
+    return model
+
+
+def check_data_fits(model, data, loss_fn=None, *, name: str = "model", device=None) -> None:
+    """``data`` (a :class:`deepmodels.data.Dataset`) suits ``model``: dtype, example shape, and at
+    most as many classes as outputs (checked on two examples, on the model's current device)."""
+    dev = _model_device_dtype(model)[0]
+    x2, y2 = data.x_train[:2].to(dev), data.y_train[:2].to(dev)
+    try:
+        out = check_model_input(model, x2, y2, loss_fn)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"`data` must suit `{name}`: {err}") from None
+    if out.dim() >= 2 and data.n_classes > out.shape[1]:
+        raise ValueError(f"`data` must have at most as many classes as `{name}` has outputs ({out.shape[1]}); got "
+                         f"{data.n_classes} classes.")

@@ -16,14 +16,18 @@ import torch.nn.functional as F
 import xarray as xr
 
 from toymodels._validate import check_int, check_real
+from toymodels.schedules import Schedule
 from toymodels.schema import attach_attrs
 
+from . import _validate as V
 from . import probes
+from ._validate import AnyOf, Boolean, Device, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, validate
 from .data import Dataset
 
 __all__ = ["probe_steps", "train"]
 
 
+@validate(n_steps=Integer(1, V.MAX_STEPS), every=Maybe(Integer(1, V.MAX_STEPS)), n_log=Maybe(Integer(2, 10**4)))
 def probe_steps(n_steps: int, *, every: int | None = None, n_log: int | None = None) -> np.ndarray:
     """Steps at which to probe: every ``every`` steps, or ``n_log`` log-spaced steps (0 and the end
     included)."""
@@ -48,6 +52,17 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
     return sum(losses) / x.shape[0], correct / x.shape[0]
 
 
+@validate(model=Module(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
+          lr=AnyOf(Real(0.0, np.inf, low_open=True, high_open=True), Instance(Schedule),
+                   what="a float in (0, inf) or a toymodels.schedules.Schedule"),
+          batch_size=Integer(1, V.MAX_WIDTH), n_steps=Integer(1, V.MAX_STEPS), momentum=Real(0.0, 1.0, high_open=True),
+          optimizer=AnyOf(Options("sgd", "adam"), V.OptimizerClass(),
+                          what="'sgd', 'adam' or a torch.optim.Optimizer class"),
+          probe_at=Maybe(SequenceOf(Integer(0, V.MAX_STEPS), increasing=True, max_len=V.MAX_STEPS,
+                                    what="increasing steps in [0, n_steps]")),
+          probe_size=Integer(2, V.MAX_WIDTH), loss_fn=LossFn(), method=Options("auto", "func", "hooks"), seed=V.Seed(),
+          device=Maybe(Device()), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
+          progress=Boolean())
 def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
           seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True) -> xr.Dataset:
@@ -75,8 +90,15 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         Dataset over ``step`` (and ``layer``): ``loss``, ``accuracy``, ``test_loss`` and the probe's
         statistics; ``source="measurement"``.
     """
-    from toymodels.schedules import Schedule, as_schedule
+    from toymodels.schedules import as_schedule
 
+    if probe_at is not None and probe_at[-1] > n_steps:
+        raise ValueError(f"`probe_at` must be increasing steps in [0, n_steps={n_steps}]; got {probe_at[-1]}.")
+    V.check_data_fits(model, data, loss_fn, device=device)
+    if method == "func":
+        P = V.n_trainable(model)
+        V.check_bytes("probe_size", 12.0 * min(probe_size, data.x_train.shape[0]) * P,
+                      f"the per-example gradients of {probe_size} examples x {P} parameters", device=device)
     schedule = as_schedule(lr) if not isinstance(lr, Schedule) else lr
     lr0 = float(schedule.at(np.array([0]))[0])
     momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
