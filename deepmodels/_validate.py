@@ -111,7 +111,7 @@ class Tensor(Constraint):
         if value.dim() < self.min_ndim:
             raise ValueError(f"`{name}` must be {self.what}; got shape {tuple(value.shape)}.")
         if self.nonempty and (value.dim() == 0 or value.shape[0] == 0):
-            raise ValueError(f"`{name}` must hold at least one example; got an empty batch (shape {tuple(value.shape)}).")
+            raise ValueError(f"`{name}` must be a non-empty batch (at least one example); got shape {tuple(value.shape)}.")
         if self.finite and dt.is_floating_point and value.numel() and value.device.type != "meta":
             lo, hi = torch.aminmax(value.detach())  # NaN propagates; one pass, nothing of x's size allocated
             bad = bool(torch.isnan(lo) | torch.isnan(hi)) if self.finite == "no-nan" else \
@@ -273,12 +273,12 @@ class SequenceOf(Constraint):
             value = value.tolist()
         n = len(value)
         if not self.min_len <= n <= self.max_len:
-            raise ValueError(f"`{name}` must hold between {self.min_len} and {self.max_len} entries ({self.what}); "
+            raise ValueError(f"`{name}` must be a list of {self.min_len} to {self.max_len} entries ({self.what}); "
                              f"got {n}.")
         out = [self.inner(name, v) for v in value]
         if self.unique and len(set(out)) != n:
             dup = next(v for v in out if out.count(v) > 1)
-            raise ValueError(f"`{name}` must not repeat a value; got {dup!r} more than once.")
+            raise ValueError(f"`{name}` must be free of repeated values; got {dup!r} more than once.")
         if self.increasing and any(b <= a for a, b in zip(out, out[1:])):
             raise ValueError(f"`{name}` must be strictly increasing; got {out}.")
         return out
@@ -408,7 +408,7 @@ def check_finite_params(model: nn.Module, name: str = "model") -> None:
     """Raise :class:`Diverged` if a trainable parameter of ``model`` is NaN or inf."""
     reason = nonfinite_params(model)
     if reason is not None:
-        raise Diverged(f"`{name}` must have finite parameters; got {reason} (lower the learning rate, or "
+        raise Diverged(f"`{name}` must be a model with finite parameters; got {reason} (lower the learning rate, or "
                        "restore a checkpoint from before the divergence).")
 
 

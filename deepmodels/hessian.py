@@ -147,7 +147,8 @@ class _Directions(V.Constraint):
         value = value if value.dtype.is_floating_point else value.double()
         Tensor("float", ndim=2)(name, value)
         if value.shape[0] == 0 or not bool((value.norm(dim=1) > 0).all()):
-            raise ValueError(f"`{name}` must hold at least one row and no zero row (each is normalised).")
+            raise ValueError(f"`{name}` must be an (m, P) matrix with m >= 1 and no zero row (each row is "
+                             f"normalised); got shape {tuple(value.shape)}.")
         return value
 
     def bad_values(self):

@@ -59,7 +59,7 @@ def median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tens
     """
     for name, t in (("b", b), ("c", c)):
         if t.shape != a.shape or t.dtype != a.dtype or t.device != a.device:
-            raise ValueError(f"`{name}` must have the shape, dtype and device of `a` ({tuple(a.shape)}, "
+            raise ValueError(f"`{name}` must be of the shape, dtype and device of `a` ({tuple(a.shape)}, "
                              f"{str(a.dtype).replace('torch.', '')}, {a.device}); got ({tuple(t.shape)}, "
                              f"{str(t.dtype).replace('torch.', '')}, {t.device}).")
     return _median_of_3(a, b, c)
@@ -244,6 +244,7 @@ class _Rolling(_Wrapper):
     buffer does not advance.
     """
 
+    @validate(optimizer=Instance(torch.optim.Optimizer, what="a torch.optim.Optimizer"))
     def __init__(self, optimizer: torch.optim.Optimizer):
         super().__init__(optimizer)
         self.state = {p: {"buffer": None, "count": 0} for p in self.params}

@@ -97,10 +97,10 @@ class _Grads(V.Constraint):
         sizes = set()
         for k, v in value.items():
             if not isinstance(v, torch.Tensor) or v.dim() < 1:
-                raise TypeError(f"`{name}` must map names to (B, ...) tensors; `{k}` is {type(v).__name__}.")
+                raise TypeError(f"`{name}` must be a dict of (B, ...) tensors; `{k}` is {type(v).__name__}.")
             sizes.add(v.shape[0])
         if len(sizes) != 1:
-            raise ValueError(f"`{name}` must hold tensors sharing the batch size; got {sorted(sizes)}.")
+            raise ValueError(f"`{name}` must be tensors sharing one batch size; got {sorted(sizes)}.")
         return value
 
     def bad_values(self):

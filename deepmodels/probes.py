@@ -80,12 +80,12 @@ class _Grams(V.Constraint):
             raise ValueError(f"`{name}` must be a non-empty dict {{layer: (B, B) tensor}}; got an empty one.")
         sizes = set()
         for k, K in value.items():
-            K = Tensor("float", ndim=2)(f"{name}[{k!r}]", K)
+            K = Tensor("float", ndim=2, what="a dict of finite float (B, B) tensors")(name, K)
             if K.shape[0] != K.shape[1] or K.shape[0] < 2:
-                raise ValueError(f"`{name}` must hold square (B, B) matrices with B >= 2; `{k}` has shape {tuple(K.shape)}.")
+                raise ValueError(f"`{name}` must be square (B, B) matrices with B >= 2; `{k}` has shape {tuple(K.shape)}.")
             sizes.add(K.shape[0])
         if len(sizes) != 1:
-            raise ValueError(f"`{name}` must hold matrices of one size B; got sizes {sorted(sizes)}.")
+            raise ValueError(f"`{name}` must be matrices of one size B; got sizes {sorted(sizes)}.")
         return value
 
     def bad_values(self):
