@@ -265,7 +265,7 @@ class SequenceOf(Constraint):
 
     def __call__(self, name, value):
         if isinstance(value, (str, bytes, dict, set)) or not isinstance(value, (list, tuple, np.ndarray, range, torch.Tensor)):
-            raise TypeError(f"`{name}` must be {'a non-empty ' if self.min_len else ''}list or tuple ({self.what}); "
+            raise TypeError(f"`{name}` must be {'a non-empty' if self.min_len else 'a'} list or tuple ({self.what}); "
                             f"got {type(value).__name__}.")
         if isinstance(value, (np.ndarray, torch.Tensor)):
             if value.ndim != 1:

@@ -33,7 +33,7 @@ def _layer_data(model, loss_fn, x, y):
     """Per trainable Linear / Conv2d layer: ("linear", a, d, bias_grads) or ("conv", g, None, bias_grads),
     with per-example gradients of the per-example loss (d scaled by N)."""
     n = x.shape[0]
-    cap, _ = pergrad.capture_backward(model, loss_fn, x, y)
+    cap, _ = pergrad._capture_backward(model, loss_fn, x, y)
     model.zero_grad(set_to_none=True)
     out = {}
     for key, (a, d) in cap.acts.items():

@@ -318,6 +318,11 @@ def capture_backward(model: nn.Module, loss_fn, x, y, *, zero_grad=None):
     :class:`deepmodels._validate.Diverged` (a ValueError) for non-finite parameters or a non-finite loss.
     """
     check_inputs(model, loss_fn, x, y)
+    return _capture_backward(model, loss_fn, x, y, zero_grad)
+
+
+def _capture_backward(model, loss_fn, x, y, zero_grad=None):
+    """:func:`capture_backward` without the checks (for callers that made them)."""
     with LayerCapture(model) as cap:
         (zero_grad or model.zero_grad)(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -341,8 +346,20 @@ def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> di
         "sum_sq": (P_l,)}}``: the layer's parameter count, |g_bar|^2, the sum of the per-example
         gradients, their squared norms, their dot products with the mean gradient and the
         per-coordinate sums of squares, parameters flattened as ``[weight.ravel(), bias]``.
+
+    Raises:
+        deepmodels._validate.Diverged: non-finite parameters, loss or per-example gradients.
     """
-    cap, _ = capture_backward(model, loss_fn, x, y)
+    check_inputs(model, loss_fn, x, y)
+    return _hook_summaries(model, loss_fn, x, y, gram)
+
+
+def _hook_summaries(model, loss_fn, x, y, gram=False):
+    """:func:`hook_summaries` without the checks (for callers that made them)."""
+    cap, _ = _capture_backward(model, loss_fn, x, y)
     out = cap.summaries(x.shape[0], gram=gram)
     model.zero_grad(set_to_none=True)
+    for name, f in out.items():
+        if not (bool(torch.isfinite(f["sq_norms"]).all()) and bool(torch.isfinite(f["mean_norm_sq"]))):
+            raise V.Diverged(f"non-finite per-example gradient in layer `{name}` (NaN or inf loss?).")
     return out

@@ -55,7 +55,7 @@ def _summaries_func(model, loss_fn, x, y, chunk_size, gram=False):
 
 
 def _summaries_hooks(model, loss_fn, x, y, gram=False):
-    return _from_fast(pergrad.hook_summaries(model, loss_fn, x, y, gram=gram), x.shape[0])
+    return _from_fast(pergrad._hook_summaries(model, loss_fn, x, y, gram), x.shape[0])
 
 
 def _from_fast(fast, B):
@@ -363,7 +363,7 @@ def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None 
     reason = V.nonfinite_params(model)
     if reason is None:
         try:
-            cap, loss = pergrad.capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
+            cap, loss = pergrad._capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
             summ = _from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B)
             reason = _nonfinite_summaries(summ)
         except V.Diverged as err:

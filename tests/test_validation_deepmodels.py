@@ -290,7 +290,7 @@ def test_model_sizes():
         models.mlp(0, 10)
     with pytest.raises(ValueError, match=r"`hidden` must be an integer in \[1, 2147483647\]; got 0\."):
         models.mlp(4, 10, (8, 0))
-    with pytest.raises(TypeError, match=r"`hidden` must be a non-empty list or tuple|`hidden` must be list or tuple"):
+    with pytest.raises(TypeError, match=r"`hidden` must be a list or tuple \(hidden widths, each >= 1\); got int\."):
         models.mlp(4, 10, 8)
     with pytest.raises(ValueError, match=r"`hidden` must be smaller: the 1e\+12 parameters of this model .* need about 4e\+03 GB"):
         models.mlp(4, 10, (10**6, 10**6))
