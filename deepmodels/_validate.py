@@ -101,6 +101,8 @@ class Tensor(Constraint):
     def __call__(self, name, value):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
+        if value.device.type == "meta":
+            raise TypeError(f"`{name}` must be {self.what} holding data; got a tensor on the 'meta' device.")
         dt = value.dtype
         ok = ((self.kind in ("float", "label") and dt.is_floating_point)
               or (self.kind in ("int", "label") and dt == torch.int64))
@@ -112,7 +114,7 @@ class Tensor(Constraint):
             raise ValueError(f"`{name}` must be {self.what}; got shape {tuple(value.shape)}.")
         if self.nonempty and (value.dim() == 0 or value.shape[0] == 0):
             raise ValueError(f"`{name}` must be a non-empty batch (at least one example); got shape {tuple(value.shape)}.")
-        if self.finite and dt.is_floating_point and value.numel() and value.device.type != "meta":
+        if self.finite and dt.is_floating_point and value.numel():
             lo, hi = torch.aminmax(value.detach())  # NaN propagates; one pass, nothing of x's size allocated
             bad = bool(torch.isnan(lo) | torch.isnan(hi)) if self.finite == "no-nan" else \
                 not bool(torch.isfinite(lo) & torch.isfinite(hi))
@@ -129,7 +131,7 @@ class Tensor(Constraint):
     def bad_values(self):
         shape = self._shape()
         bad = [None, "1", 1 + 1j, np.zeros(shape, dtype=np.float32), torch.zeros(shape, dtype=torch.complex64),
-               torch.zeros(shape, dtype=torch.bool)]
+               torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, device="meta")]
         if self.kind == "float":
             bad.append(torch.zeros(shape, dtype=torch.int64))
         if self.kind == "int":
@@ -511,6 +513,8 @@ def check_data_fits(model, data, loss_fn=None, *, name: str = "model", device=No
     """``data`` (a :class:`deepmodels.data.Dataset`) suits ``model``: dtype, example shape, and at
     most as many classes as outputs (checked on two examples, on the model's current device)."""
     dev = _model_device_dtype(model)[0]
+    if dev.type == "meta":
+        raise ValueError(f"`{name}` must be a model holding data; its parameters are on the 'meta' device.")
     x2, y2 = data.x_train[:2].to(dev), data.y_train[:2].to(dev)
     try:
         out = check_model_input(model, x2, y2, loss_fn)

@@ -100,6 +100,8 @@ class _Array(Constraint):
 
     def __call__(self, name, value):
         if isinstance(value, torch.Tensor):
+            if value.device.type == "meta":
+                raise TypeError(f"`{name}` must be {self.what}; got a tensor on the 'meta' device (no data).")
             value = value.detach().cpu().numpy()
         if isinstance(value, (str, bytes, dict, set)) or value is None:
             raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")

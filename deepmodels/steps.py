@@ -38,6 +38,19 @@ __all__ = ["run_one", "measure_steps"]
 METRICS = ("train_loss", "val_error")
 MAX_RUNS = 10**6  # grid points x seeds of one sweep
 
+class _Executor(V.Constraint):
+    """``"serial"``, ``"dask"``, a dask scheduler address, a ``distributed.Client`` (or None: serial)."""
+
+    def __call__(self, name, value):
+        if isinstance(value, str) and value not in ("serial", "dask", "local") and ":" not in value:
+            raise ValueError(f"`{name}` must be 'serial', 'dask', a dask scheduler address such as "
+                             f"'tcp://host:8786' or a distributed.Client; got {value!r}.")
+        return check_scheduler(value, name=name)
+
+    def bad_values(self):
+        return ["", "cluster", 1.5, 1 + 1j, object()]
+
+
 _LR = Real(0.0, math.inf, low_open=True, high_open=True)
 _MOMENTUM = Real(0.0, 1.0, high_open=True)
 _RUN = dict(model_fn=Function("a callable model_fn(seed) -> nn.Module"),
@@ -111,7 +124,7 @@ def _run_task(args):
           momenta=SequenceOf(_MOMENTUM, unique=True, what="momenta in [0, 1)"),
           seeds=SequenceOf(V.Seed(), unique=True, what="seeds >= 0"),
           path=Maybe(Instance(str, os.PathLike, what="a folder path (str or os.PathLike)")),
-          n_workers=Integer(1, 1024), progress=Boolean(), **_RUN)
+          executor=_Executor(), n_workers=Integer(1, 1024), progress=Boolean(), **_RUN)
 def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
                   metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
                   executor="serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:

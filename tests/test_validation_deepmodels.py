@@ -266,9 +266,13 @@ def test_batch_mismatch_and_wrong_feature_shape():
 
 def test_device_mismatch():
     model, x, y = _tiny()
-    with pytest.raises(ValueError, match=r"`x` must be on the model's device \(cpu\); got meta"):
-        probes.gradient_stats(model, CE, x.to("meta"), y.to("meta"))
-    with pytest.raises(ValueError, match=r"`y` must be on the device of `x` \(meta\); got cpu"):
+    # this CPU build has one device with data; a model on the 'meta' device stands in for another one
+    with pytest.raises(ValueError, match=r"`x` must be on the model's device \(meta\); got cpu\. Move one of them"):
+        probes.gradient_stats(models.mlp(D, C, (4,)).to("meta"), CE, x, y)
+    with pytest.raises(ValueError, match=r"`model` must be a model holding data; its parameters are on the 'meta' device"):
+        train.train(models.mlp(D, C, (4,)).to("meta"), _dataset(), lr=0.1, batch_size=2, n_steps=1, progress=False)
+    with pytest.raises(TypeError, match=r"`x` must be a float tensor of shape \(B, ...\) holding data; got a tensor on "
+                                        r"the 'meta' device"):
         pergrad.per_example_grads(model, CE, x.to("meta"), y)
 
 
