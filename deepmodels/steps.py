@@ -150,6 +150,8 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         ``batch_size``: ``steps_best`` (best median over seeds), ``lr_opt``, ``momentum_opt``; attrs
         ``steps_min`` and ``critical_batch_size`` (fit of S = S_min (1 + B_crit / B), when possible).
     """
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`path` must be a folder (one file per run); got {str(path)!r}, an existing file.")
     n_runs = len(batch_sizes) * len(lrs) * len(momenta) * len(seeds)
     if n_runs > MAX_RUNS:
         raise ValueError(f"`batch_sizes`, `lrs`, `momenta` and `seeds` must make at most {MAX_RUNS} runs; got {n_runs}.")

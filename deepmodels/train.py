@@ -92,6 +92,10 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
     """
     from toymodels.schedules import as_schedule
 
+    if path is not None and os.path.isdir(path):
+        raise ValueError(f"`path` must be a file path (the netCDF results); got {str(path)!r}, an existing folder.")
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"`path` must be in an existing folder; {os.path.dirname(os.path.abspath(path))!r} does not exist.")
     if probe_at is not None and probe_at[-1] > n_steps:
         raise ValueError(f"`probe_at` must be increasing steps in [0, n_steps={n_steps}]; got {probe_at[-1]}.")
     V.check_data_fits(model, data, loss_fn, device=device)

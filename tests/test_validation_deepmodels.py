@@ -319,6 +319,21 @@ def test_measure_steps_grids():
         train.train(_tiny()[0], ds, lr=0.1, batch_size=2, n_steps=10**10, progress=False)
 
 
+def test_paths(tmp_path):
+    model, ds = _tiny()[0], _dataset()
+    with pytest.raises(ValueError, match=r"`path` must be a file path \(the netCDF results\); got .*, an existing folder"):
+        train.train(model, ds, lr=0.1, batch_size=2, n_steps=1, path=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"`path` must be in an existing folder; .* does not exist"):
+        train.train(model, ds, lr=0.1, batch_size=2, n_steps=1, path=tmp_path / "no" / "run.nc", progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"`path` must be a folder \(one file per run\); got .*, an existing file"):
+        steps.measure_steps(models.Factory("mlp", D, C, (4,)), ds, batch_sizes=[2], lrs=[0.1], target=1.0,
+                            path=tmp_path / "file", progress=False)
+    with pytest.raises(ValueError, match=r"`executor` must be 'serial', 'dask', a dask scheduler address"):
+        steps.measure_steps(models.Factory("mlp", D, C, (4,)), ds, batch_sizes=[2], lrs=[0.1], target=1.0,
+                            executor="cluster", progress=False)
+
+
 def test_sizes_that_cannot_fit(monkeypatch):
     model, x, y = _tiny()
     with pytest.raises(ValueError, match=r"`dim` must be an integer in \[1, 100000000\]; got 1000000000\."):
