@@ -18,7 +18,9 @@ from . import _validate as V
 from ._validate import Boolean, Function, Integer, LossFn, Maybe, Module, Tensor, validate
 
 __all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "FastPathUnsupported",
-           "check_batch"]
+           "check_batch", "Diverged"]
+
+Diverged = V.Diverged  # raised for non-finite parameters, loss or per-example gradients (a ValueError)
 
 
 X = Tensor("float", min_ndim=1, nonempty=True)  # a batch of inputs (B, ...)

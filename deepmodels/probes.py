@@ -229,7 +229,10 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
                     summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
                     method = "func"
             elif method == "hooks":
-                summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
+                try:
+                    summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
+                except pergrad.FastPathUnsupported as err:
+                    raise pergrad.FastPathUnsupported(f"`method` must be 'auto' or 'func' for this model: {err}") from None
             else:
                 summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
             reason = _nonfinite_summaries(summ)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import deepmodels
+from deepmodels import _checks
 from deepmodels import _validate as V
 from deepmodels import bridge, cluster, data, hessian, models, optim, pergrad, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
@@ -262,6 +263,10 @@ def test_batch_mismatch_and_wrong_feature_shape():
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(TypeError, match=r"`loss_fn` must be a callable loss\(output, target\).*got the class CrossEntropyLoss"):
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss, x, y)
+    normed = torch.nn.Sequential(torch.nn.Linear(D, C), torch.nn.LayerNorm(C))
+    with pytest.raises(pergrad.FastPathUnsupported, match=r"`method` must be 'auto' or 'func' for this model: the hook "
+                                                          r"fast path handles nn.Linear and nn.Conv2d parameters only"):
+        probes.gradient_stats(normed, CE, x, y, method="hooks")
 
 
 def test_device_mismatch():
@@ -338,7 +343,7 @@ def test_sizes_that_cannot_fit(monkeypatch):
     model, x, y = _tiny()
     with pytest.raises(ValueError, match=r"`dim` must be an integer in \[1, 100000000\]; got 1000000000\."):
         bridge.fit_nqm(model, CE, x, y, k=2, dim=10**9)
-    monkeypatch.setattr(V, "available_bytes", lambda device=None: 10**5)
+    monkeypatch.setattr(_checks, "available_bytes", lambda device=None: 10**5)
     with pytest.raises(ValueError, match=r"`dim` must be smaller: the 1000000 modes of the fitted NQM need about 0.128 GB "
                                          r"and only 0.0001 GB of memory is available\. Give a smaller `dim`\."):
         bridge.fit_nqm(model, CE, x, y, k=2, dim=10**6)
