@@ -194,7 +194,7 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         step: training step to record as a coordinate (optional).
         ci: if given (e.g. 0.95), percentile-bootstrap intervals over the examples of the five
             statistics (``<stat>_ci`` over ``layer`` and ``bound``; :func:`bootstrap_ci`), from
-            ``n_boot`` resamples drawn with ``seed``.
+            ``n_boot`` resamples (at most 10**6) drawn with ``seed``.
 
     Returns:
         Dataset over ``layer`` (each module with trainable parameters, then ``"total"``):
@@ -394,7 +394,8 @@ def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_c
             variate); SVRG is left out if None.
         n_clusters: clusters of GC (default B, the paper's choice); 0 leaves GC out.  The clustering
             is the full-rank weighted clustering of Alg. 1-3 on the flattened gradients.
-        n_samples: draws of each estimator for the sampled variance (0: exact only).
+        n_samples: draws of each estimator for the sampled variance (0: exact only; at most 10**6).
+        n_iter: clustering iterations, at most 10**4.
     """
     from toymodels import estimators
 

@@ -73,7 +73,8 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         data: a :class:`deepmodels.data.Dataset`.
         lr: a learning rate, or a schedule from :mod:`toymodels.schedules` (its ``at(step)`` is set
             on the optimizer before every step).
-        batch_size, n_steps: batches drawn with replacement from a generator seeded with ``seed``.
+        batch_size, n_steps: batches drawn with replacement from a generator seeded with ``seed``;
+            ``n_steps`` at most 10**7.
         momentum: heavy-ball momentum of ``"sgd"``.
         optimizer: ``"sgd"``, ``"adam"``, or any ``torch.optim.Optimizer`` class (built as
             ``optimizer(model.parameters(), lr=...)``).
