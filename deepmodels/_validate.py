@@ -49,11 +49,12 @@ from toymodels._validate import (  # noqa: F401  (re-exported)
 )
 
 __all__ = [
-    "Boolean", "Constraint", "Instance", "Integer", "Maybe", "Options", "Real", "REGISTRY", "validate",
+    "Boolean", "Constraint", "Instance", "Integer", "Maybe", "Options", "Real", "REGISTRY", "validate", "MAX_EXACT_INT",
     "check_int", "check_real",
     "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "AnyOf", "Seed",
     "Diverged", "check_batch", "check_model_input", "check_bytes", "available_bytes", "nonfinite_params",
-    "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn", "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
+    "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn",
+    "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
 ]
 
 MAX_SEED = 2**62  # seeds go to numpy and to torch.Generator, which take 64-bit values; train adds offsets
@@ -249,7 +250,8 @@ class Function(Constraint):
 
     def __call__(self, name, value):
         if isinstance(value, type) or not callable(value):
-            raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__ if not isinstance(value, type) else 'a class'}.")
+            got = "a class" if isinstance(value, type) else type(value).__name__
+            raise TypeError(f"`{name}` must be {self.what}; got {got}.")
         return value
 
     def bad_values(self):

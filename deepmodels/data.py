@@ -65,7 +65,8 @@ class Dataset:
                              f"{tuple(self.x_test.shape[1:])}.")
         devices = {t.device for t in (self.x_train, self.y_train, self.x_test, self.y_test)}
         if len(devices) != 1:
-            raise ValueError(f"`x_train`, `y_train`, `x_test` and `y_test` must be on one device; got {sorted(map(str, devices))}.")
+            raise ValueError(f"`x_train`, `y_train`, `x_test` and `y_test` must be on one device; got "
+                             f"{sorted(map(str, devices))}.")
 
     @validate(device=Device())
     def to(self, device) -> "Dataset":

@@ -30,7 +30,7 @@ from toymodels.stats import gradient_statistics, two_batch_estimates
 
 from . import _validate as V
 from . import optim, pergrad
-from ._validate import AnyOf, Boolean, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, Tensor, validate
+from ._validate import Boolean, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, Tensor, validate
 from .pergrad import X, Y
 
 __all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats", "bootstrap_ci"]
@@ -345,7 +345,8 @@ def _measure(summ, B, bs, step):
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=X, y=Y,
-          optimizer=Instance(torch.optim.Optimizer, optim._Wrapper, what="a torch.optim.Optimizer (or a deepmodels.optim wrapper)"),
+          optimizer=Instance(torch.optim.Optimizer, optim._Wrapper,
+                             what="a torch.optim.Optimizer (or a deepmodels.optim wrapper)"),
           step=Maybe(Integer(0, V.MAX_STEPS)), sem=Boolean())
 def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None = None, sem: bool = False):
     """One training step whose own backward pass also yields the gradient statistics (models whose

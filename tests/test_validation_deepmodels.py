@@ -223,7 +223,8 @@ def test_float64_input_is_refused_not_converted():
         hessian.hvp(model, CE, x.double(), y, torch.ones(P))
     with pytest.raises(TypeError, match=r"`y` must be int64 class labels or float32 targets \(the model's dtype\); got float64"):
         probes.gradient_stats(models.linear(D), F.mse_loss, x, torch.zeros(N, 1, dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"`y` must be an int64 \(class labels\) or float \(targets\) tensor of shape \(B, ...\); got int32"):
+    with pytest.raises(TypeError, match=r"`y` must be an int64 \(class labels\) or float \(targets\) tensor of shape "
+                                        r"\(B, ...\); got int32"):
         probes.gradient_stats(model, CE, x, y.int())
     # a float64 model takes float64 input; the direction of hvp is converted (documented)
     model64 = models.mlp(D, C, (4,)).double()
@@ -259,7 +260,8 @@ def test_batch_mismatch_and_wrong_feature_shape():
                             progress=False)
     with pytest.raises(ValueError, match=r"`x` must hold at least 2 examples to measure a variance; got 1"):
         probes.gradient_stats(model, CE, x[:1], y[:1])
-    with pytest.raises(ValueError, match=r"`loss_fn` must return a scalar tensor \(a loss reduced by the mean\); got shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"`loss_fn` must return a scalar tensor \(a loss reduced by the mean\); "
+                                         r"got shape \(1,\)"):
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(TypeError, match=r"`loss_fn` must be a callable loss\(output, target\).*got the class CrossEntropyLoss"):
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss, x, y)
