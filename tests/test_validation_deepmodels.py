@@ -240,6 +240,10 @@ def test_labels_out_of_range():
         pergrad.per_example_grads(model, CE, x, y - 1)
     with pytest.raises(ValueError, match=r"`y_train` must hold class labels in \[0, 2\) \(`n_classes`\); got 2\."):
         data.Dataset(x, y, x, y, 2, "bad")
+    with pytest.raises(ValueError, match=r"`y_test` must have 8 entries to match `x_test`; got 4\."):
+        data.Dataset(x, y, x, y[:4], C, "bad")
+    with pytest.raises(ValueError, match=r"`x_test` must have the example shape of `x_train` \(8,\); got \(5,\)\."):
+        data.Dataset(x, y, x[:, :5], y, C, "bad")
     with pytest.raises(ValueError, match=r"`data` must have at most as many classes as `model` has outputs \(2\); got 3"):
         train.train(models.mlp(D, 2, (4,)), _dataset(), lr=0.1, batch_size=2, n_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"`y` must hold class labels in \[0, 3\) \(`n_classes`\); got 5\."):
