@@ -31,9 +31,15 @@ import torch
 import xarray as xr
 
 from toymodels import NQM
-from toymodels.sweep import batch_size_sweep
+from toymodels.sweep import FAMILIES, batch_size_sweep
 
+from . import _validate as checks
 from . import hessian, pergrad
+from ._validate import Boolean, Constraint, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, validate
+from .pergrad import X, Y
+
+MAX_DIM = 10**8  # modes of a fitted NQM
+_BYTES_PER_MODE = 128  # float64 arrays of the fit and of the NQM (about 16 of them)
 
 __all__ = ["FittedNQM", "fit_nqm", "fit_linreg", "predict_steps"]
 
@@ -64,13 +70,16 @@ def _power_law(values):
     return float(np.exp(icpt)), float(-slope), r2
 
 
+@validate(model=Module(finite=True), loss_fn=LossFn(), x=X, y=Y, k=Integer(1, checks.MAX_WIDTH),
+          dim=Maybe(Integer(1, MAX_DIM)), seed=checks.Seed(), tol=Real(0, 1))
 def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: int = 0, tol: float = 1e-8) -> FittedNQM:
     """Fit an NQM to ``model`` at its current parameters from the batch ``(x, y)``.
 
     Args:
         k: Hessian eigenpairs measured (fewer than the number of parameters).
-        dim: modes of the fitted NQM (default: the number of parameters); the modes beyond k follow
-            the power laws.
+        dim: modes of the fitted NQM (default: the number of parameters), at most 10**8 and what
+            fits in memory (about 128 bytes per mode, checked first); the modes beyond k follow the
+            power laws.
         seed, tol: Lanczos start vector and accuracy.
 
     Returns:
@@ -79,11 +88,14 @@ def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: 
         and ``tail_noise_share`` (shares of |g|^2 and tr C outside the top directions, which the tail
         carries when ``dim`` > k), ``n_negative`` (top eigenvalues <= 0, dropped).
     """
+    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
+    hessian._check_k(model, k)
+    n_modes = checks.n_trainable(model) if dim is None else dim
+    checks.check_bytes("dim", float(_BYTES_PER_MODE) * n_modes, f"the {n_modes} modes of the fitted NQM",
+                  remedy="Give a smaller `dim`.")
+    pergrad.check_grad_memory(model, x, copies=3.0)
     h, V = hessian.top_eigenpairs(model, loss_fn, x, y, k, tol=tol, seed=seed)
-    P = V.shape[1]
-    dim = P if dim is None else int(dim)
-    if dim < 1:
-        raise ValueError(f"`dim` must be >= 1; got {dim}.")
+    dim = n_modes
     keep = h > 0
     n_negative = int((~keep).sum())
     if not keep.any():
@@ -122,6 +134,23 @@ def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: 
     return FittedNQM(nqm, h, c, init_sq, report)
 
 
+class _Calibration(Constraint):
+    """``(batch_size >= 1, measured_steps > 0)``, both finite."""
+
+    def __call__(self, name, value):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, np.ndarray)) or len(value) != 2:
+            raise TypeError(f"`{name}` must be a pair (batch_size, measured_steps); got {value!r}.")
+        b = checks.check_real(name, value[0], low=1.0, high=math.inf, high_open=True)
+        s = checks.check_real(name, value[1], low=0.0, high=math.inf, low_open=True, high_open=True)
+        return b, s
+
+    def bad_values(self):
+        return [None, "12", 5, (1.0,), (0.5, 10.0), (4.0, math.inf), (4.0, math.nan), (4.0, 0.0)]
+
+
+@validate(fitted=Instance(FittedNQM, what="a FittedNQM (from fit_nqm)"),
+          batch_sizes=SequenceOf(Real(1, math.inf, high_open=True), increasing=True, what="increasing batch sizes >= 1"),
+          target=Real(0, math.inf, low_open=True, high_open=True), family=Options(*FAMILIES), calibrate=Maybe(_Calibration()))
 def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str = "sgd", calibrate=None,
                   **kwargs) -> xr.Dataset:
     """The fitted NQM's tuned steps to ``target`` per batch size (``toymodels.sweep.batch_size_sweep``).
@@ -149,6 +178,8 @@ def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str 
     return ds
 
 
+@validate(fitted=Instance(FittedNQM, what="a FittedNQM (from fit_nqm)"),
+          initial_loss=Maybe(Real(0, math.inf, high_open=True)), tail=Boolean())
 def fit_linreg(fitted: FittedNQM, initial_loss: float | None = None, *, tail: bool = False):
     """Online linear regression with the fitted curvature, teacher distance and a label-noise level
     that explains the measured noise: for a Gaussian linear model the per-example gradient variance

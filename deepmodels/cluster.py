@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _validate as V
 from . import pergrad
+from ._validate import Integer, LossFn, Module, validate
+from .pergrad import X, Y
 
 __all__ = ["Rank1Clustering"]
 
@@ -30,7 +33,7 @@ def _layer_data(model, loss_fn, x, y):
     """Per trainable Linear / Conv2d layer: ("linear", a, d, bias_grads) or ("conv", g, None, bias_grads),
     with per-example gradients of the per-example loss (d scaled by N)."""
     n = x.shape[0]
-    cap, _ = pergrad.capture_backward(model, loss_fn, x, y)
+    cap, _ = pergrad._capture_backward(model, loss_fn, x, y)
     model.zero_grad(set_to_none=True)
     out = {}
     for key, (a, d) in cap.acts.items():
@@ -67,9 +70,8 @@ class Rank1Clustering:
         seed: seed of the initial centres.
     """
 
+    @validate(model=Module(), n_clusters=Integer(1, V.MAX_WIDTH), seed=V.Seed())
     def __init__(self, model: nn.Module, n_clusters: int, *, seed: int = 0):
-        if not (isinstance(n_clusters, int) and n_clusters >= 1):
-            raise ValueError(f"`n_clusters` must be an int >= 1; got {n_clusters!r}.")
         self.model, self.K, self.seed = model, n_clusters, seed
         self.assign = None
 
@@ -129,15 +131,22 @@ class Rank1Clustering:
         return total / n**2
 
     # -----------------------------------------------------------------------------------------
+    def _check(self, loss_fn, x, y):
+        V.check_finite_params(self.model)
+        pergrad.check_inputs(self.model, loss_fn, x, y)
+
+    @validate(loss_fn=LossFn(), x=X, y=Y, n_iter=Integer(1, V.MAX_ITER))
     def fit(self, loss_fn, x, y, *, n_iter: int = 3) -> "Rank1Clustering":
         """Alg. 1-3 with rank-1 centres on the examples ``(x, y)``; keeps the partition with the
-        lowest Prop. 3.1 variance seen.  Returns self (``assign``: ``(N,)`` int64 numpy labels)."""
-        if not (isinstance(n_iter, int) and n_iter >= 1):
-            raise ValueError(f"`n_iter` must be an int >= 1; got {n_iter!r}.")
-        layers = _layer_data(self.model, loss_fn, x, y)
+        lowest Prop. 3.1 variance seen.  Returns self (``assign``: ``(N,)`` int64 numpy labels).
+        ``n_iter`` in [1, 10**4]; a model with non-finite parameters raises
+        :class:`deepmodels._validate.Diverged`."""
+        self._check(loss_fn, x, y)
         n = x.shape[0]
         if self.K > n:
             raise ValueError(f"`n_clusters` must be at most the number of examples {n}; got {self.K}.")
+        V.check_bytes("x", 16.0 * n * self.K, f"the distances of {n} examples to {self.K} centres", device=x.device)
+        layers = _layer_data(self.model, loss_fn, x, y)
         rng = np.random.default_rng(self.seed)
         seeds = torch.as_tensor(rng.choice(n, size=self.K, replace=False), device=x.device)
         assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
@@ -168,6 +177,7 @@ class Rank1Clustering:
         self.variance_at_fit = best_var
         return self
 
+    @validate(loss_fn=LossFn(), x=X, y=Y)
     def variance(self, loss_fn, x, y) -> float:
         """Prop. 3.1's variance (trace) of the stratified estimator for the fitted partition at the
         model's current parameters (the paper measures it between refreshes, with the partition fixed)."""
@@ -175,5 +185,6 @@ class Rank1Clustering:
             raise ValueError("call fit() first.")
         if x.shape[0] != self.assign.size:
             raise ValueError(f"`x` must hold the {self.assign.size} examples the clustering was fitted on; got {x.shape[0]}.")
+        self._check(loss_fn, x, y)
         layers = _layer_data(self.model, loss_fn, x, y)
         return self._variance(layers, torch.as_tensor(self.assign, device=x.device), self.K)

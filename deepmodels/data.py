@@ -7,7 +7,8 @@
 * :func:`load_mnist_npz` / :func:`load_cifar10`: files a user already has (Keras' ``mnist.npz``;
   the CIFAR-10 "python version" folder).  Nothing is downloaded.
 
-Every split and corruption is drawn from an explicit seed.
+Every split and corruption is drawn from an explicit seed.  Arguments are checked before any
+work (see :mod:`deepmodels._validate`); ``device`` must be one this torch build can use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _validate as V
+from ._validate import Boolean, Constraint, Device, Instance, Integer, Maybe, Real, validate
+
 __all__ = ["Dataset", "digits", "mnist1d", "load_mnist_npz", "load_cifar10", "corrupt_labels", "add_duplicates"]
+
+MAX_SAMPLES = 10**6  # MNIST-1D examples generated in one call
+
+_FRACTION = Real(0.0, 1.0, high_open=True)
+_PATH = Instance(str, os.PathLike, what="a path (str or os.PathLike)")
 
 
 @dataclass
@@ -33,6 +42,33 @@ class Dataset:
     n_classes: int
     name: str
 
+    def __post_init__(self):
+        xt = V.Tensor("float", min_ndim=1, nonempty=True)
+        self.x_train = xt("x_train", self.x_train)
+        self.x_test = V.Tensor("float", min_ndim=1)("x_test", self.x_test)
+        self.y_train = V.Tensor("int", ndim=1)("y_train", self.y_train)
+        self.y_test = V.Tensor("int", ndim=1)("y_test", self.y_test)
+        self.n_classes = V.check_int("n_classes", self.n_classes, low=1, high=V.MAX_WIDTH)
+        if not isinstance(self.name, str):
+            raise TypeError(f"`name` must be a str; got {type(self.name).__name__}.")
+        for part in ("train", "test"):
+            x, y = getattr(self, f"x_{part}"), getattr(self, f"y_{part}")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"`y_{part}` must have {x.shape[0]} entries to match `x_{part}`; got {y.shape[0]}.")
+            if y.numel():
+                lo, hi = (int(v) for v in torch.aminmax(y))
+                if lo < 0 or hi >= self.n_classes:
+                    raise ValueError(f"`y_{part}` must hold class labels in [0, {self.n_classes}) (`n_classes`); got "
+                                     f"{lo if lo < 0 else hi}.")
+        if self.x_test.shape[1:] != self.x_train.shape[1:]:
+            raise ValueError(f"`x_test` must have the example shape of `x_train` {tuple(self.x_train.shape[1:])}; got "
+                             f"{tuple(self.x_test.shape[1:])}.")
+        devices = {t.device for t in (self.x_train, self.y_train, self.x_test, self.y_test)}
+        if len(devices) != 1:
+            raise ValueError(f"`x_train`, `y_train`, `x_test` and `y_test` must be on one device; got "
+                             f"{sorted(map(str, devices))}.")
+
+    @validate(device=Device())
     def to(self, device) -> "Dataset":
         return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                        self.y_test.to(device), self.n_classes, self.name)
@@ -50,10 +86,52 @@ def _split(x, y, test_fraction, seed):
     rng = np.random.default_rng(seed)
     order = rng.permutation(x.shape[0])
     n_test = int(round(test_fraction * x.shape[0]))
+    if n_test >= x.shape[0]:
+        raise ValueError(f"`test_fraction` must leave at least one of the {x.shape[0]} examples for training; "
+                         f"got {test_fraction:g}.")
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
 
 
+class _Array(Constraint):
+    """A 1-D array-like of integers (numpy, torch, list), returned as a numpy array."""
+
+    def __init__(self, ndim: int | None = 1, kind: str = "iu", what: str = "a 1-D array of integer labels"):
+        self.ndim, self.kind, self.what = ndim, kind, what
+
+    def __call__(self, name, value):
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "meta":
+                raise TypeError(f"`{name}` must be {self.what}; got a tensor on the 'meta' device (no data).")
+            value = value.detach().cpu().numpy()
+        if isinstance(value, (str, bytes, dict, set)) or value is None:
+            raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):
+            raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.") from None
+        if arr.dtype.kind not in self.kind:
+            raise TypeError(f"`{name}` must be {self.what}; got dtype {arr.dtype}.")
+        if (self.ndim is not None and arr.ndim != self.ndim) or (self.ndim is None and arr.ndim < 1) or arr.shape[0] == 0:
+            raise ValueError(f"`{name}` must be {self.what}, non-empty; got shape {arr.shape}.")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"`{name}` must be finite (no NaN or inf); got {int(np.sum(~np.isfinite(arr)))} entries "
+                             "that are not finite.")
+        return arr
+
+    def bad_values(self):
+        bad = [None, "1", 1 + 1j, 3, np.zeros((0,) * max(self.ndim or 1, 1), dtype=np.int64),
+               np.zeros(3, dtype=complex)]
+        if "f" not in self.kind:
+            bad.append(np.zeros(3))
+        else:
+            bad.append(np.full(3, np.nan))
+        if self.ndim == 1:
+            bad.append(np.zeros((2, 2), dtype=np.int64))
+        return bad
+
+
+@validate(y=_Array(), fraction=Real(0.0, 1.0), n_classes=Integer(2, V.MAX_WIDTH), seed=V.Seed(), redraw=Boolean())
 def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0, *, redraw: bool = False):
     """Symmetric label noise on a ``fraction`` of the labels, chosen at random.
 
@@ -61,9 +139,11 @@ def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0, *, redraw:
     [0, 1)).  ``redraw=True`` draws the chosen labels uniformly from all classes instead, as the
     coherent-gradients paper randomizes labels (seed 003): about 1 / n_classes of them keep their
     class, and ``fraction`` may be 1.  Returns ``(new_labels, corrupted_mask)`` (numpy), the mask true
-    where the label differs from the original.
+    where the label differs from the original.  ``y``: integer labels in ``[0, n_classes)``.
     """
-    fraction = float(fraction)
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"`y` must hold class labels in [0, {n_classes}) (`n_classes`); got "
+                         f"{y.min() if y.min() < 0 else y.max()}.")
     if not (0.0 <= fraction < 1.0 or (redraw and fraction == 1.0)):
         raise ValueError(f"`fraction` must be in [0, {'1]' if redraw else '1)'}; got {fraction!r}.")
     y = np.asarray(y).copy()
@@ -79,11 +159,16 @@ def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0, *, redraw:
     return y, mask
 
 
+@validate(x=_Array(ndim=None, kind="fiu", what="an array of examples (n, ...)"), y=_Array(), share=_FRACTION,
+          n_points=Integer(1, V.MAX_WIDTH), seed=V.Seed())
 def add_duplicates(x, y, share: float, n_points: int = 5, seed: int = 0):
     """Replace a ``share`` of the examples by copies of ``n_points`` of them (Faghri et al. Sec. 4.3):
     the set keeps its size.  Returns ``(x, y)`` (numpy)."""
-    share = _check_fraction("duplicates", share)
-    x, y = np.asarray(x).copy(), np.asarray(y).copy()
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"`y` must have {x.shape[0]} entries to match `x`; got {y.shape[0]}.")
+    if n_points > x.shape[0]:
+        raise ValueError(f"`n_points` must be at most the number of examples {x.shape[0]}; got {n_points}.")
+    x, y = x.copy(), y.copy()
     n_dup = int(round(share * x.shape[0]))
     if n_dup == 0:
         return x, y
@@ -110,6 +195,10 @@ def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicat
                    t(y_te, torch.int64), n_classes, name)
 
 
+_COMMON = dict(test_fraction=_FRACTION, seed=V.Seed(), label_noise=_FRACTION, duplicates=_FRACTION, device=Device())
+
+
+@validate(flatten=Boolean(), **_COMMON)
 def digits(*, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.0, duplicates: float = 0.0,
            flatten: bool = True, device="cpu") -> Dataset:
     """scikit-learn's handwritten digits, standardised; ``flatten=False`` gives ``(n, 1, 8, 8)`` images.
@@ -130,11 +219,12 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.
                    image_shape=None if flatten else (1, 8, 8))
 
 
+@validate(n_samples=Integer(20, MAX_SAMPLES), channels=Boolean(), **_COMMON)
 def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.0,
             duplicates: float = 0.0, channels: bool = False, device="cpu") -> Dataset:
     """MNIST-1D generated here (the package's ``make_dataset``; its default transformations: padding,
     shear, translation, correlated and iid noise), ``(n, 40)`` signals or ``(n, 1, 40)`` with
-    ``channels=True``.
+    ``channels=True``.  ``n_samples`` in [20, 10**6].
 
     The generator seeds numpy's global random state; it is saved and restored around the call.
     """
@@ -142,8 +232,6 @@ def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0,
 
     from mnist1d.data import get_dataset_args, make_dataset
 
-    if not (isinstance(n_samples, int) and n_samples >= 20):
-        raise ValueError(f"`n_samples` must be an int >= 20; got {n_samples!r}.")
     args = get_dataset_args()
     args.num_samples, args.seed, args.train_split = n_samples, seed, 1.0
     state, pystate = np.random.get_state(), random.getstate()
@@ -157,6 +245,10 @@ def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0,
                    image_shape=(1, 40) if channels else None)
 
 
+_LOAD = dict(n_train=Maybe(Integer(1, V.MAX_WIDTH)), seed=V.Seed(), label_noise=_FRACTION, device=Device())
+
+
+@validate(path=_PATH, **_LOAD)
 def load_mnist_npz(path, *, n_train: int | None = None, seed: int = 0, label_noise: float = 0.0, device="cpu") -> Dataset:
     """MNIST from a Keras-style ``mnist.npz`` (keys x_train, y_train, x_test, y_test) the user has."""
     if not os.path.exists(path):
@@ -166,6 +258,7 @@ def load_mnist_npz(path, *, n_train: int | None = None, seed: int = 0, label_noi
     return _from_arrays(xtr, ytr, xte, yte, 10, "mnist", n_train, seed, label_noise, device, (1, 28, 28))
 
 
+@validate(folder=_PATH, **_LOAD)
 def load_cifar10(folder, *, n_train: int | None = None, seed: int = 0, label_noise: float = 0.0, device="cpu") -> Dataset:
     """CIFAR-10 from the "python version" folder (data_batch_1..5, test_batch) the user has."""
     def batch(name):
@@ -187,6 +280,8 @@ def _from_arrays(xtr, ytr, xte, yte, n_classes, name, n_train, seed, label_noise
     xtr = xtr.astype(np.float64) / 255.0
     xte = xte.astype(np.float64) / 255.0
     mean, std = xtr.mean(), xtr.std()
+    if n_train is not None and n_train > xtr.shape[0]:
+        raise ValueError(f"`n_train` must be at most the {xtr.shape[0]} training examples of {name}; got {n_train}.")
     if n_train is not None:
         idx = np.random.default_rng(seed).choice(xtr.shape[0], size=n_train, replace=False)
         xtr, ytr = xtr[idx], ytr[idx]

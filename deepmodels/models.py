@@ -1,13 +1,29 @@
 """Small networks for the probes; any ``torch.nn.Module`` works with them too.
 
 All constructors take a ``seed`` (parameters are drawn from ``torch.Generator`` seeded with it) and
-return float32 modules on CPU; call ``.to(device)`` for CUDA.
+return float32 modules on CPU; call ``.to(device)`` for CUDA.  Widths are integers >= 1, and a model
+whose parameters would not fit in the memory available is refused before it is built.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+
+from . import _validate as V
+from ._validate import Boolean, Integer, Options, SequenceOf, validate
+
+_WIDTH = Integer(1, V.MAX_WIDTH)
+_SEED = V.Seed()
+
+
+def _check_size(n_params: int, sizes: dict):
+    """Refuse a model of ``n_params`` float32 parameters that cannot fit, naming its widest argument."""
+    name = max(sizes, key=lambda k: sizes[k])
+    widths = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    V.check_bytes(name, 4.0 * n_params, f"the {n_params:.3g} parameters of this model ({widths})")
 
 __all__ = ["mlp", "cnn", "resnet8", "linear", "random_features"]
 
@@ -20,8 +36,14 @@ def _seeded(seed: int, build):
         return build()
 
 
+@validate(in_features=_WIDTH, out_features=_WIDTH, hidden=SequenceOf(_WIDTH, min_len=0, max_len=1000,
+                                                                     what="hidden widths, each >= 1"), seed=_SEED)
 def mlp(in_features: int, out_features: int, hidden=(128, 128), *, seed: int = 0) -> nn.Sequential:
-    """Fully connected ReLU network: in -> hidden... -> out."""
+    """Fully connected ReLU network: in -> hidden... -> out (``hidden`` a list of widths, maybe empty)."""
+    widths = [in_features, *hidden, out_features]
+    _check_size(sum((a + 1) * b for a, b in zip(widths, widths[1:])),
+                {"in_features": in_features, "hidden": max(hidden, default=0), "out_features": out_features})
+
     def build():
         layers, width = [], in_features
         for h in hidden:
@@ -33,8 +55,14 @@ def mlp(in_features: int, out_features: int, hidden=(128, 128), *, seed: int = 0
     return _seeded(seed, build)
 
 
+@validate(in_channels=_WIDTH, out_features=_WIDTH, image_size=Integer(4, 2**16), width=_WIDTH, seed=_SEED)
 def cnn(in_channels: int = 1, out_features: int = 10, image_size: int = 8, *, width: int = 16, seed: int = 0) -> nn.Sequential:
-    """LeNet-style: two 3x3 conv + ReLU + 2x2 max-pool blocks, then two Linear layers."""
+    """LeNet-style: two 3x3 conv + ReLU + 2x2 max-pool blocks, then two Linear layers (``image_size``
+    >= 4, the side of square inputs)."""
+    s = image_size // 4
+    _check_size(9 * in_channels * width + 18 * width * width + 2 * width * s * s * 64 + 64 * out_features,
+                {"in_channels": in_channels, "width": width, "image_size": image_size, "out_features": out_features})
+
     def build():
         s = image_size // 4
         return nn.Sequential(
@@ -64,12 +92,16 @@ class _Block(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
 
 
+@validate(in_channels=_WIDTH, out_features=_WIDTH, width=_WIDTH, batch_norm=Boolean(), seed=_SEED)
 def resnet8(in_channels: int = 3, out_features: int = 10, *, width: int = 16, batch_norm: bool = True,
             seed: int = 0) -> nn.Sequential:
     """ResNet-8 (He et al. 2016's CIFAR family with one block per stage): a 3x3 stem and three
     residual blocks of width w, 2w, 4w (strides 1, 2, 2), global average pooling, a Linear head.
     ``batch_norm=False`` (Faghri et al.'s CIFAR-10 model) keeps every layer per-example separable,
     so the hook fast path applies; with batch norm, measure in ``eval()`` mode."""
+    _check_size(9 * in_channels * width + 9 * 43 * width * width + 4 * width * out_features,
+                {"in_channels": in_channels, "width": width, "out_features": out_features})
+
     def build():
         norm = nn.BatchNorm2d(width) if batch_norm else nn.Identity()
         return nn.Sequential(
@@ -82,8 +114,10 @@ def resnet8(in_channels: int = 3, out_features: int = 10, *, width: int = 16, ba
     return _seeded(seed, build)
 
 
+@validate(in_features=_WIDTH, out_features=_WIDTH, bias=Boolean(), seed=_SEED)
 def linear(in_features: int, out_features: int = 1, *, bias: bool = False, seed: int = 0) -> nn.Linear:
     """A linear model (linear regression with a squared loss: compare with :mod:`toymodels.linreg`)."""
+    _check_size((in_features + 1) * out_features, {"in_features": in_features, "out_features": out_features})
     return _seeded(seed, lambda: nn.Linear(in_features, out_features, bias=bias))
 
 
@@ -96,9 +130,13 @@ class _Frozen(nn.Module):
         return torch.relu(x @ self.weight)
 
 
+@validate(in_features=_WIDTH, hidden=_WIDTH, out_features=_WIDTH, seed=_SEED)
 def random_features(in_features: int, hidden: int, out_features: int = 1, *, seed: int = 0) -> nn.Sequential:
     """Frozen random ReLU features (unit-norm columns, a buffer, not a parameter) and a trained
     Linear read-out without bias, as in Faghri et al. Sec. 4.2 (:class:`toymodels.features.RandomFeatures`)."""
+    _check_size(2 * in_features * hidden + hidden * out_features,
+                {"in_features": in_features, "hidden": hidden, "out_features": out_features})
+
     def build():
         w = torch.randn(in_features, hidden)
         return nn.Sequential(_Frozen(w / w.norm(dim=0, keepdim=True)), nn.Linear(hidden, out_features, bias=False))
@@ -110,11 +148,17 @@ class Factory:
     """A picklable ``seed -> model`` callable (for sweeps whose runs go to other processes):
     ``Factory("mlp", 64, 10, (32,))(seed)`` is ``mlp(64, 10, (32,), seed=seed)``."""
 
+    @validate(name=Options(*__all__))
     def __init__(self, name: str, *args, **kwargs):
-        if name not in __all__:
-            raise ValueError(f"`name` must be one of {__all__}; got {name!r}.")
+        if "seed" in kwargs:
+            raise TypeError("`seed` must not be given to Factory: it is the argument of each call.")
+        try:
+            inspect.signature(globals()[name]).bind(*args, seed=0, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"`args` must fit {name}(): {err}") from None
         self.name, self.args, self.kwargs = name, args, kwargs
 
+    @validate(seed=_SEED)
     def __call__(self, seed: int) -> nn.Module:
         return globals()[self.name](*self.args, seed=seed, **self.kwargs)
 

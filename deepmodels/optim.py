@@ -35,12 +35,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from ._validate import Boolean, Constraint, Function, Instance, Maybe, Tensor, validate
+
 __all__ = ["median_of_3", "winsorized_mean", "M3", "RM3", "RA3", "Winsorized"]
 
 N_MICRO = 3  # micro-batches of M3, mini-batches remembered by RM3 / RA3
 _SORT_FROM = 8
 
 
+_GRAD = Tensor("float", finite="no-nan", what="a float tensor")  # +-inf allowed: the outliers a median suppresses
+
+
+@validate(a=_GRAD, b=_GRAD, c=_GRAD)
 def median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Coordinate-wise median of three same-shape tensors.
 
@@ -48,8 +54,18 @@ def median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tens
     arithmetic but in floating point loses the common value when one entry dwarfs the others
     (float32: ``(1e8, 1, 2)`` gives 0) and turns an infinite entry into NaN, which is exactly the
     outlier M3 is meant to suppress.  So it is computed by comparisons, max(min(a, b), min(max(a, b), c)),
-    which returns one of the three values exactly.
+    which returns one of the three values exactly.  The three tensors share shape, dtype and device;
+    +-inf entries are allowed (and suppressed when the other two are finite), NaN is refused.
     """
+    for name, t in (("b", b), ("c", c)):
+        if t.shape != a.shape or t.dtype != a.dtype or t.device != a.device:
+            raise ValueError(f"`{name}` must be of the shape, dtype and device of `a` ({tuple(a.shape)}, "
+                             f"{str(a.dtype).replace('torch.', '')}, {a.device}); got ({tuple(t.shape)}, "
+                             f"{str(t.dtype).replace('torch.', '')}, {t.device}).")
+    return _median_of_3(a, b, c)
+
+
+def _median_of_3(a, b, c):
     return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
 
 
@@ -64,6 +80,18 @@ def _check_s(s, batch_size=None):
     return s
 
 
+class _S(Constraint):
+    """The winsorization parameter: an integer >= 0 (checked against the batch size at the step)."""
+
+    def __call__(self, name, value):
+        return _check_s(value)
+
+    def bad_values(self):
+        return [None, "1", 1 + 1j, 1.5, True, -1]
+
+
+@validate(per_example=Tensor("float", min_ndim=1, nonempty=True, finite="no-nan", what="a float tensor of shape (B, *shape)"),
+          s=_S())
 def winsorized_mean(per_example: torch.Tensor, s: int) -> torch.Tensor:
     """Coordinate-wise winsorized mean over the first axis (App. B).
 
@@ -78,9 +106,13 @@ def winsorized_mean(per_example: torch.Tensor, s: int) -> torch.Tensor:
 
     Returns:
         ``(*shape)``.
+
+    NaN entries are refused (+-inf are clipped like any outlier).
     """
-    if not isinstance(per_example, torch.Tensor) or per_example.dim() < 1:
-        raise TypeError("`per_example` must be a tensor of shape (B, *shape).")
+    return _winsorized_mean(per_example, s)
+
+
+def _winsorized_mean(per_example, s):
     B = per_example.shape[0]
     s = _check_s(s, B)
     if s < _SORT_FROM:  # below this s, compare-exchanges beat a sort along the batch axis (~10x on CPU at s = 2)
@@ -107,9 +139,8 @@ def _order_bounds(g, s):
 class _Wrapper:
     """Holds the inner optimizer and its parameters; subclasses form ``p.grad`` and call :meth:`_apply`."""
 
+    @validate(optimizer=Instance(torch.optim.Optimizer, what="a torch.optim.Optimizer"))
     def __init__(self, optimizer: torch.optim.Optimizer):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer; got {type(optimizer).__name__}.")
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -118,6 +149,7 @@ class _Wrapper:
         """The inner optimizer's groups (set ``lr`` here for a schedule)."""
         return self.optimizer.param_groups
 
+    @validate(set_to_none=Boolean())
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -132,6 +164,11 @@ class _Wrapper:
         for j, (g, p) in enumerate(zip(grads, self.params)):
             if g is None:
                 continue
+            if not isinstance(g, torch.Tensor) or not g.dtype.is_floating_point:
+                got = str(g.dtype).replace("torch.", "") if isinstance(g, torch.Tensor) else type(g).__name__
+                raise TypeError(f"`{what}[{j}]` must be a float tensor or None; got {got}.")
+            if bool(torch.isnan(g).any()):
+                raise ValueError(f"`{what}[{j}]` must not contain NaN; got {int(torch.isnan(g).sum())} NaN entries.")
             shape = tuple(g.shape[1:]) if batch_axis else tuple(g.shape)
             if shape != tuple(p.shape):
                 lead = "(B, *p.shape)" if batch_axis else "p.shape"
@@ -155,6 +192,8 @@ class M3(_Wrapper):
     update is exactly ``c`` (SGD's expectation is ``c + mean_i u_i``).
     """
 
+    @validate(closure=Maybe(Function("a callable closure(i) computing micro-batch i's loss and gradients")),
+              grads=Maybe(Instance(list, tuple, what="a list of 3 lists of tensors")))
     def step(self, closure: Callable[[int], torch.Tensor] | None = None, *, grads: Sequence[Sequence] | None = None):
         """One update from 3 micro-batch gradients.
 
@@ -182,8 +221,10 @@ class M3(_Wrapper):
         if len(grads) != N_MICRO:
             raise ValueError(f"`grads` must hold {N_MICRO} micro-batch gradients; got {len(grads)}.")
         for i, g in enumerate(grads):
+            if not isinstance(g, (list, tuple)):
+                raise TypeError(f"`grads[{i}]` must be a list of tensors (one per parameter); got {type(g).__name__}.")
             self._check_grads(g, f"grads[{i}]")
-        agg = [None if any(t is None for t in ts) else median_of_3(*ts) for ts in zip(*grads)]
+        agg = [None if any(t is None for t in ts) else _median_of_3(*ts) for ts in zip(*grads)]
         self._apply(agg)
         return losses
 
@@ -203,6 +244,7 @@ class _Rolling(_Wrapper):
     buffer does not advance.
     """
 
+    @validate(optimizer=Instance(torch.optim.Optimizer, what="a torch.optim.Optimizer"))
     def __init__(self, optimizer: torch.optim.Optimizer):
         super().__init__(optimizer)
         self.state = {p: {"buffer": None, "count": 0} for p in self.params}
@@ -210,6 +252,7 @@ class _Rolling(_Wrapper):
     def _aggregate(self, buf):
         raise NotImplementedError
 
+    @validate(closure=Maybe(Function("a callable closure() computing the loss and gradients")))
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Returns the closure's loss (or ``None``)."""
         loss = self._backward(closure) if closure is not None else None
@@ -233,7 +276,7 @@ class RM3(_Rolling):
     """Rolling median of 3 mini-batches (Sec. 3.2): ``median_of_3(g_t, g_{t-1}, g_{t-2})`` per coordinate."""
 
     def _aggregate(self, buf):
-        return median_of_3(buf[0], buf[1], buf[2])
+        return _median_of_3(buf[0], buf[1], buf[2])
 
 
 class RA3(_Rolling):
@@ -252,10 +295,12 @@ class Winsorized(_Wrapper):
     ``s = 0`` is plain SGD on the mean loss.  Raises ValueError if ``2 s + 1 > B``.
     """
 
+    @validate(optimizer=Instance(torch.optim.Optimizer, what="a torch.optim.Optimizer"), s=_S())
     def __init__(self, optimizer: torch.optim.Optimizer, s: int):
         super().__init__(optimizer)
-        self.s = _check_s(s)
+        self.s = s
 
+    @validate(per_example=Instance(list, tuple, what="a list of (B, *p.shape) tensors, one per parameter"))
     def step(self, per_example: Sequence[torch.Tensor]) -> None:
         """Raises ValueError for a wrong number of tensors, wrong shapes, unequal batch sizes, or
         ``2 s + 1 > B``."""
@@ -266,4 +311,4 @@ class Winsorized(_Wrapper):
         if len(sizes) != 1:
             raise ValueError(f"`per_example` tensors must share the batch size; got {sorted(sizes)}.")
         _check_s(self.s, sizes.pop())
-        self._apply([winsorized_mean(g, self.s) for g in per_example])
+        self._apply([_winsorized_mean(g, self.s) for g in per_example])

@@ -14,23 +14,44 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 from torch.func import functional_call, grad, vmap
 
+from . import _validate as V
+from ._validate import Boolean, Function, Integer, LossFn, Maybe, Module, Tensor, validate
+
 __all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "FastPathUnsupported",
-           "check_batch"]
+           "check_batch", "Diverged"]
+
+Diverged = V.Diverged  # raised for non-finite parameters, loss or per-example gradients (a ValueError)
 
 
+X = Tensor("float", min_ndim=1, nonempty=True)  # a batch of inputs (B, ...)
+Y = Tensor("label", min_ndim=1)  # int64 class labels (B, ...) or float targets
+
+
+@validate(x=X, y=Y)
 def check_batch(x, y):
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError("`x` and `y` must be torch tensors.")
-    if x.shape[0] == 0:
-        raise ValueError("`x` must hold at least one example; got an empty batch.")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"`y` must have {x.shape[0]} entries to match `x`; got {y.shape[0]}.")
+    """Raise TypeError / ValueError unless ``x`` is a finite float batch ``(B, ...)`` and ``y`` holds
+    B labels or targets on the same device."""
+    V.check_batch(x, y)
+
+
+def check_inputs(model, loss_fn, x, y, *, min_batch: int = 1):
+    """The cross-argument checks of every probe (see :func:`deepmodels._validate.check_model_input`)."""
+    return V.check_model_input(model, x, y, loss_fn, min_batch=min_batch)
+
+
+def check_grad_memory(model, x, copies: float = 1.0, itemsize: int | None = None):
+    """Refuse a ``(B, P)`` per-example gradient array that cannot fit in memory, naming ``x``."""
+    B, P = x.shape[0], V.n_trainable(model)
+    size = itemsize or x.element_size()
+    V.check_bytes("x", copies * B * P * size, f"the per-example gradients of {B} examples x {P} parameters",
+                  device=x.device, remedy="Measure on fewer examples.")
 
 
 def _trainable(model):
     return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
 
+@validate(model=Module(finite=True), loss_fn=LossFn(), x=X, y=Y, chunk_size=Integer(1, V.MAX_WIDTH))
 def per_example_grads(model: nn.Module, loss_fn, x, y, *, chunk_size: int = 256) -> dict:
     """``{parameter name: (B, *shape)}`` gradients of ``loss_fn(model(x_i), y_i)`` per example.
 
@@ -39,13 +60,16 @@ def per_example_grads(model: nn.Module, loss_fn, x, y, *, chunk_size: int = 256)
             examples, so per-example gradients are undefined; use ``model.eval()``).
         loss_fn: ``loss_fn(output, target)`` for a batch, reducing by the mean (per example it
             sees a batch of one).
-        x, y: a batch.
+        x, y: a batch: ``x`` of the model's dtype and device, ``y`` int64 labels or float targets.
         chunk_size: examples per vectorised call (bounds memory).
 
     Raises:
-        ValueError: empty or mismatched batch, or a non-finite loss.
+        TypeError, ValueError: bad input (see :mod:`deepmodels._validate`), or a ``(B, P)`` result
+            that would not fit in memory.
+        deepmodels._validate.Diverged: non-finite parameters, or a non-finite per-example gradient.
     """
-    check_batch(x, y)
+    check_inputs(model, loss_fn, x, y)
+    check_grad_memory(model, x, copies=2.0)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         raise ValueError("`model` has BatchNorm in training mode: per-example gradients are undefined; call model.eval().")
     params = _trainable(model)
@@ -60,10 +84,32 @@ def per_example_grads(model: nn.Module, loss_fn, x, y, *, chunk_size: int = 256)
     out = {k: torch.cat([p[k] for p in parts]) for k in params}
     for k, v in out.items():
         if not torch.all(torch.isfinite(v)):
-            raise ValueError(f"non-finite per-example gradient in `{k}` (NaN or inf loss?).")
+            raise V.Diverged(f"non-finite per-example gradient in `{k}` (NaN or inf loss?).")
     return out
 
 
+class _Grads(V.Constraint):
+    """A non-empty dict of ``(B, ...)`` tensors sharing B (what :func:`per_example_grads` returns)."""
+
+    def __call__(self, name, value):
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict {{name: (B, ...) tensor}}; got {type(value).__name__}.")
+        if not value:
+            raise ValueError(f"`{name}` must be a non-empty dict {{name: (B, ...) tensor}}; got an empty one.")
+        sizes = set()
+        for k, v in value.items():
+            if not isinstance(v, torch.Tensor) or v.dim() < 1:
+                raise TypeError(f"`{name}` must be a dict of (B, ...) tensors; `{k}` is {type(v).__name__}.")
+            sizes.add(v.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"`{name}` must be tensors sharing one batch size; got {sorted(sizes)}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", {}, {"w": 1.0}, {"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}]
+
+
+@validate(grads=_Grads())
 def flatten(grads: dict) -> torch.Tensor:
     """``(B, P)`` from :func:`per_example_grads`."""
     return torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)
@@ -110,6 +156,7 @@ class LayerCapture:
     padding modes, string padding).
     """
 
+    @validate(model=Module())
     def __init__(self, model: nn.Module):
         self.model = model
         self.linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -146,10 +193,20 @@ class LayerCapture:
         self._handles = []
         return False
 
+    def _check_captured(self, batch_size):
+        if not self.acts:
+            raise ValueError("nothing was captured: run the forward and backward pass inside "
+                             "`with LayerCapture(model):` first.")
+        captured = next(iter(self.acts.values()))[0].shape[0]
+        if batch_size != captured:
+            raise ValueError(f"`batch_size` must be the batch size of the captured pass ({captured}); got {batch_size}.")
+
+    @validate(batch_size=Integer(1, V.MAX_WIDTH))
     def per_example_grads(self, batch_size: int) -> dict:
         """``{parameter name: (B, *shape)}`` per-example gradients of the captured layers (of a
         mean-reduced loss, like :meth:`summaries`), materialised one layer at a time: Linear
         ``d_i a_i^T`` and ``d_i``, Conv2d by :func:`_conv_per_example`."""
+        self._check_captured(batch_size)
         B, out = batch_size, {}
         for key, (a, d) in self.acts.items():
             if d is None:
@@ -167,6 +224,8 @@ class LayerCapture:
                 out[prefix + "bias"] = b
         return out
 
+    @validate(batch_size=Integer(1, V.MAX_WIDTH), coordinate_sums=Boolean(), dots=Boolean(), sums=Boolean(),
+              gram=Boolean())
     def summaries(self, batch_size: int, *, coordinate_sums: bool = True, dots: bool = True, sums: bool = True,
                   gram: bool = False) -> dict:
         """Per layer: ``{"n_params", "mean_norm_sq", "sq_norms"[, "dots", "sum", "sum_sq"]}`` (see
@@ -180,6 +239,7 @@ class LayerCapture:
         (a_t . a_t') from two T x T Gram matrices per example.  ``gram``: also the ``(B, B)`` Gram
         matrix g_i . g_j of the layer's per-example gradients ((d d^T) * (a a^T) for Linear).
         """
+        self._check_captured(batch_size)
         B = batch_size
         out = {}
         for key, (a, d) in self.acts.items():
@@ -250,22 +310,31 @@ class LayerCapture:
         return out
 
 
+@validate(model=Module(finite=True), loss_fn=LossFn(), x=X, y=Y,
+          zero_grad=Maybe(Function("a callable zero_grad(set_to_none=True), e.g. optimizer.zero_grad")))
 def capture_backward(model: nn.Module, loss_fn, x, y, *, zero_grad=None):
     """One forward and backward pass of the mean loss on ``(x, y)`` inside a :class:`LayerCapture`.
 
     ``zero_grad`` clears the gradients first (default ``model.zero_grad``; pass an optimizer's to
-    train on the same pass).  Returns ``(capture, loss)``; raises ValueError for a non-finite loss.
+    train on the same pass).  Returns ``(capture, loss)``; raises
+    :class:`deepmodels._validate.Diverged` (a ValueError) for non-finite parameters or a non-finite loss.
     """
-    check_batch(x, y)
+    check_inputs(model, loss_fn, x, y)
+    return _capture_backward(model, loss_fn, x, y, zero_grad)
+
+
+def _capture_backward(model, loss_fn, x, y, zero_grad=None):
+    """:func:`capture_backward` without the checks (for callers that made them)."""
     with LayerCapture(model) as cap:
         (zero_grad or model.zero_grad)(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
-            raise ValueError("the loss is not finite (NaN or inf).")
+            raise V.Diverged("the loss is not finite (NaN or inf).")
         loss.backward()
     return cap, loss
 
 
+@validate(model=Module(finite=True), loss_fn=LossFn(), x=X, y=Y, gram=Boolean())
 def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> dict:
     """Per-layer ``(sum over examples of g_i, sum of |g_i|^2 per example, sum of g_i^2 per coordinate)``
     for every ``nn.Linear`` and ``nn.Conv2d`` (weight and bias together) from one backward pass with hooks.
@@ -279,8 +348,20 @@ def hook_summaries(model: nn.Module, loss_fn, x, y, *, gram: bool = False) -> di
         "sum_sq": (P_l,)}}``: the layer's parameter count, |g_bar|^2, the sum of the per-example
         gradients, their squared norms, their dot products with the mean gradient and the
         per-coordinate sums of squares, parameters flattened as ``[weight.ravel(), bias]``.
+
+    Raises:
+        deepmodels._validate.Diverged: non-finite parameters, loss or per-example gradients.
     """
-    cap, _ = capture_backward(model, loss_fn, x, y)
+    check_inputs(model, loss_fn, x, y)
+    return _hook_summaries(model, loss_fn, x, y, gram)
+
+
+def _hook_summaries(model, loss_fn, x, y, gram=False):
+    """:func:`hook_summaries` without the checks (for callers that made them)."""
+    cap, _ = _capture_backward(model, loss_fn, x, y)
     out = cap.summaries(x.shape[0], gram=gram)
     model.zero_grad(set_to_none=True)
+    for name, f in out.items():
+        if not (bool(torch.isfinite(f["sq_norms"]).all()) and bool(torch.isfinite(f["mean_norm_sq"]))):
+            raise V.Diverged(f"non-finite per-example gradient in layer `{name}` (NaN or inf loss?).")
     return out

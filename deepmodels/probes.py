@@ -7,6 +7,12 @@ statistics of :func:`toymodels.stats.gradient_statistics` for the optimizer's mi
 (``grad_var``, ``grad_nvar``, ``snr``, ``noise_scale``), so the toy models and the network share
 one definition.  ``grad_norm_sq_unbiased`` and ``noise_scale_unbiased`` come from
 :func:`toymodels.stats.two_batch_estimates` with batch sizes 1 and B (McCandlish et al. 2018).
+
+Divergence: on a model whose trainable parameters are not finite (a diverged training step), or
+whose loss or per-example gradients are not finite on the batch, no statistic is formed: every
+statistic is ``inf`` (never NaN, never a finite-looking number) and the reason is in
+``attrs["diverged"]`` (:class:`Measurement`: its ``diverged`` field), as the toy models report
+``inf`` with a reason.  :func:`probed_step` then does not step the optimizer.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from torch import nn
 from toymodels.schema import attach_attrs
 from toymodels.stats import gradient_statistics, two_batch_estimates
 
-from . import pergrad
+from . import _validate as V
+from . import optim, pergrad
+from ._validate import Boolean, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, Tensor, validate
+from .pergrad import X, Y
 
 __all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats", "bootstrap_ci"]
 
@@ -46,7 +55,7 @@ def _summaries_func(model, loss_fn, x, y, chunk_size, gram=False):
 
 
 def _summaries_hooks(model, loss_fn, x, y, gram=False):
-    return _from_fast(pergrad.hook_summaries(model, loss_fn, x, y, gram=gram), x.shape[0])
+    return _from_fast(pergrad._hook_summaries(model, loss_fn, x, y, gram), x.shape[0])
 
 
 def _from_fast(fast, B):
@@ -61,6 +70,45 @@ def _from_fast(fast, B):
 STAT_CI = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
 
+class _Grams(V.Constraint):
+    """A non-empty dict of finite float ``(B, B)`` tensors (B >= 2, the same for every layer)."""
+
+    def __call__(self, name, value):
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict {{layer: (B, B) tensor}}; got {type(value).__name__}.")
+        if not value:
+            raise ValueError(f"`{name}` must be a non-empty dict {{layer: (B, B) tensor}}; got an empty one.")
+        sizes = set()
+        for k, K in value.items():
+            K = Tensor("float", ndim=2, what="a dict of finite float (B, B) tensors")(name, K)
+            if K.shape[0] != K.shape[1] or K.shape[0] < 2:
+                raise ValueError(f"`{name}` must be square (B, B) matrices with B >= 2; `{k}` has shape {tuple(K.shape)}.")
+            sizes.add(K.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"`{name}` must be matrices of one size B; got sizes {sorted(sizes)}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", {}, {"a": torch.zeros(2, 3)}, {"a": torch.full((2, 2), math.nan)},
+                {"a": torch.zeros(2, 2), "b": torch.zeros(3, 3)}]
+
+
+class _Counts(V.Constraint):
+    """A non-empty dict of positive integers (parameters per layer)."""
+
+    def __call__(self, name, value):
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict {{layer: number of parameters}}; got {type(value).__name__}.")
+        if not value:
+            raise ValueError(f"`{name}` must be a non-empty dict {{layer: number of parameters}}; got an empty one.")
+        return {k: V.check_int(name, v, low=1) for k, v in value.items()}
+
+    def bad_values(self):
+        return [None, "1", {}, {"a": 0}, {"a": 1.5}]
+
+
+@validate(grams=_Grams(), n_params=_Counts(), batch_size=Real(1, math.inf, high_open=True),
+          level=Real(0, 1, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS), seed=V.Seed())
 def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float = 0.95, n_boot: int = 200,
                  seed: int = 0) -> dict:
     """Percentile-bootstrap intervals of the statistics, resampling the B examples with replacement.
@@ -75,11 +123,12 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
     Returns:
         ``{stat: (n_layers + 1, 2) array}`` of (low, high) per layer and for the total.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"`level` must be in (0, 1); got {level!r}.")
     names = list(grams)
+    if set(n_params) != set(names):
+        raise ValueError(f"`n_params` must have the layers of `grams` ({names}); got {list(n_params)}.")
     K0 = grams[names[0]]
     B = K0.shape[0]
+    V.check_bytes("n_boot", 24.0 * n_boot * B, f"{n_boot} bootstrap resamples of {B} examples", device=K0.device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.multinomial(torch.full((B,), 1.0 / B), B * n_boot, replacement=True, generator=gen).reshape(n_boot, B)
     W = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64))
@@ -97,6 +146,35 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
     return out
 
 
+def _layers(model):
+    """Layer names and trainable parameter counts, in the order the probes report them."""
+    counts = {}
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            counts[_layer_of(k)] = counts.get(_layer_of(k), 0) + p.numel()
+    return list(counts), np.array(list(counts.values()), dtype=np.float64)
+
+
+def _diverged_measurement(model, B, bs, step, reason):
+    names, P = _layers(model)
+    nan = np.full(len(names) + 1, np.nan)
+    return Measurement(names + ["total"], np.append(P, P.sum()), nan, nan, nan, nan, B, bs, step, diverged=reason)
+
+
+def _nonfinite_summaries(summ):
+    for name, s in summ.items():
+        vals = [torch.as_tensor(v) for v in (s[1], s[2], s[3]) if v is not None]
+        if not all(bool(torch.isfinite(v).all()) for v in vals):
+            return f"non-finite per-example gradients in layer `{name}` at finite parameters (the loss overflows?)"
+    return None
+
+
+_METHODS = ("auto", "func", "hooks")
+
+
+@validate(model=Module(), loss_fn=LossFn(), x=X, y=Y, batch_size=Maybe(Real(1, math.inf, high_open=True)),
+          method=Options(*_METHODS), chunk_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_STEPS)),
+          ci=Maybe(Real(0, 1, low_open=True, high_open=True)), n_boot=Integer(2, V.MAX_DRAWS), seed=V.Seed())
 def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None = None, method: str = "auto",
                    chunk_size: int = 256, step: int | None = None, ci: float | None = None, n_boot: int = 200,
                    seed: int = 0) -> xr.Dataset:
@@ -105,7 +183,9 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
     Args:
         model: the network (its parameters are not changed; gradients are cleared).
         loss_fn: batch loss reducing by the mean, e.g. ``torch.nn.functional.cross_entropy``.
-        x, y: the examples to measure on (B >= 2).
+        x, y: the examples to measure on (B >= 2): ``x`` of the model's dtype and device (float64
+            input to a float32 model is refused, not converted), ``y`` int64 labels in
+            ``[0, n_outputs)`` or float targets.
         batch_size: the optimizer's mini-batch size the statistics refer to (default B).
         method: ``"func"`` (torch.func per-example gradients, any model), ``"hooks"`` (Linear and
             Conv2d fast path, no (B, P) array) or ``"auto"`` (hooks when every trainable parameter
@@ -114,45 +194,67 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
         step: training step to record as a coordinate (optional).
         ci: if given (e.g. 0.95), percentile-bootstrap intervals over the examples of the five
             statistics (``<stat>_ci`` over ``layer`` and ``bound``; :func:`bootstrap_ci`), from
-            ``n_boot`` resamples drawn with ``seed``.
+            ``n_boot`` resamples (at most 10**6) drawn with ``seed``.
 
     Returns:
         Dataset over ``layer`` (each module with trainable parameters, then ``"total"``):
         ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``, ``noise_scale``, ``trace_cov``,
         ``trace_cov_sem``, ``grad_norm_sq_unbiased``, ``noise_scale_unbiased``, ``n_params`` (and the
-        ``*_ci`` intervals); ``source="measurement"``.
+        ``*_ci`` intervals); ``source="measurement"``.  On a diverged model (non-finite parameters,
+        loss or per-example gradients) every statistic is ``inf`` and ``attrs["diverged"]`` says why.
+
+    Raises:
+        TypeError, ValueError: bad input, named (see :mod:`deepmodels._validate`); an array that
+            would not fit in memory.
     """
-    pergrad.check_batch(x, y)
     B = x.shape[0]
-    if B < 2:
-        raise ValueError("`x` must hold at least 2 examples to measure a variance.")
+    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
     bs = float(B if batch_size is None else batch_size)
-    if not bs >= 1:
-        raise ValueError(f"`batch_size` must be >= 1; got {batch_size!r}.")
-    if method not in ("auto", "func", "hooks"):
-        raise ValueError(f"`method` must be 'auto', 'func' or 'hooks'; got {method!r}.")
-    if method == "auto":
-        try:
-            summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
-            method = "hooks"
-        except pergrad.FastPathUnsupported:
-            summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
-            method = "func"
-    elif method == "hooks":
-        summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
-    else:
-        summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
-    ds = _measure(summ, B, bs, step).to_dataset()
+    if method == "func":
+        pergrad.check_grad_memory(model, x, copies=2.0 + 8.0 / x.element_size())
     if ci is not None:
-        bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs, level=ci,
-                              n_boot=n_boot, seed=seed)
+        V.check_bytes("x", 8.0 * B * B * len(_layers(model)[0]), f"the per-layer Gram matrices of {B} examples",
+                      device=x.device)
+        V.check_bytes("n_boot", 24.0 * n_boot * B, f"{n_boot} bootstrap resamples of {B} examples", device=x.device)
+    reason = V.nonfinite_params(model)
+    summ = None
+    if reason is None:
+        try:
+            if method == "auto":
+                try:
+                    summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
+                    method = "hooks"
+                except pergrad.FastPathUnsupported:
+                    pergrad.check_grad_memory(model, x, copies=2.0 + 8.0 / x.element_size())
+                    summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
+                    method = "func"
+            elif method == "hooks":
+                try:
+                    summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
+                except pergrad.FastPathUnsupported as err:
+                    raise pergrad.FastPathUnsupported(f"`method` must be 'auto' or 'func' for this model: {err}") from None
+            else:
+                summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
+            reason = _nonfinite_summaries(summ)
+        except V.Diverged as err:
+            reason = f"{err} at finite parameters".replace(". at", " at")
+    model.zero_grad(set_to_none=True)
+    if reason is not None:
+        ds = _diverged_measurement(model, B, bs, step, reason).to_dataset()
+    else:
+        ds = _measure(summ, B, bs, step).to_dataset()
+    if ci is not None:
+        if reason is None:
+            bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs,
+                                  level=ci, n_boot=n_boot, seed=seed)
+        else:
+            bounds = {stat: np.full((ds.sizes["layer"], 2), np.inf) for stat in STAT_CI}
         dims = ("layer", "bound") if step is None else ("step", "layer", "bound")
         for stat, arr in bounds.items():
             ds[f"{stat}_ci"] = (dims, arr if step is None else arr[None])
         ds = ds.assign_coords(bound=["low", "high"])
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
                  method=method, device=str(x.device))
-    model.zero_grad(set_to_none=True)
     return ds
 
 
@@ -160,7 +262,9 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
 class Measurement:
     """One probe's numbers per layer (last entry: the total), before they become xarray.
 
-    ``trace_cov_sem`` is NaN where the per-example deviations were not formed.
+    ``trace_cov_sem`` is NaN where the per-example deviations were not formed.  ``diverged``: why
+    no statistic could be formed (non-finite parameters, loss or gradients); then every statistic
+    is ``inf`` (and ``to_dataset`` puts the reason in ``attrs["diverged"]``).
     """
 
     layer: list
@@ -172,9 +276,15 @@ class Measurement:
     n_examples: int
     batch_size: float
     step: int | None = None
+    diverged: str | None = None
 
+    @validate()
     def variables(self) -> dict:
-        """The statistics (numpy, per layer)."""
+        """The statistics (numpy, per layer); all ``inf`` (``n_params`` aside) if ``diverged``."""
+        if self.diverged is not None:
+            inf = np.full(len(self.layer), np.inf)
+            names = STAT_CI + ("trace_cov", "trace_cov_sem", "grad_norm_sq_unbiased", "noise_scale_unbiased")
+            return {**{k: inf.copy() for k in names}, "n_params": np.asarray(self.n_params, dtype=np.float64)}
         st = gradient_statistics(self.grad_norm_sq, np.maximum(self.trace_cov, 0.0), self.n_params, self.batch_size)
         g2u, tru = two_batch_estimates(self.mean_sq, 1.0, self.grad_norm_sq, float(self.n_examples))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -184,15 +294,20 @@ class Measurement:
                    noise_scale_unbiased=nsu, n_params=self.n_params)
         return out
 
+    @validate()
     def to_dataset(self) -> xr.Dataset:
         ds = xr.Dataset({k: ("layer", v) for k, v in self.variables().items()}, coords={"layer": self.layer})
+        if self.diverged is not None:
+            ds.attrs["diverged"] = self.diverged
         return ds if self.step is None else ds.expand_dims(step=[int(self.step)])
 
 
+@validate(measurements=SequenceOf(Instance(Measurement), what="Measurement objects", max_len=V.MAX_STEPS))
 def stack(measurements, **attrs) -> xr.Dataset:
-    """One Dataset over ``step`` and ``layer`` from a list of :class:`Measurement` (same layers)."""
-    if not measurements:
-        raise ValueError("`measurements` must not be empty.")
+    """One Dataset over ``step`` and ``layer`` from a list of :class:`Measurement` (same layers);
+    ``attrs["diverged"]`` lists the steps whose measurement diverged, with the reasons."""
+    if any(m.layer != measurements[0].layer for m in measurements):
+        raise ValueError("`measurements` must share their layers; got different layer lists.")
     steps = [m.step for m in measurements]
     if any(s is None for s in steps):
         raise ValueError("every measurement needs a `step` to be stacked.")
@@ -200,6 +315,9 @@ def stack(measurements, **attrs) -> xr.Dataset:
     ds = xr.Dataset({k: (("step", "layer"), np.stack([r[k] for r in rows])) for k in rows[0]},
                     coords={"step": np.asarray(steps, dtype=np.int64), "layer": measurements[0].layer})
     attach_attrs(ds, source="measurement", **{"model": "network", **attrs})
+    div = [f"step {m.step}: {m.diverged}" for m in measurements if m.diverged is not None]
+    if div:
+        ds.attrs["diverged"] = "; ".join(div)
     return ds
 
 
@@ -226,6 +344,10 @@ def _measure(summ, B, bs, step):
                        np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step)
 
 
+@validate(model=Module(), loss_fn=LossFn(), x=X, y=Y,
+          optimizer=Instance(torch.optim.Optimizer, optim._Wrapper,
+                             what="a torch.optim.Optimizer (or a deepmodels.optim wrapper)"),
+          step=Maybe(Integer(0, V.MAX_STEPS)), sem=Boolean())
 def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None = None, sem: bool = False):
     """One training step whose own backward pass also yields the gradient statistics (models whose
     trainable layers are Linear and Conv2d): forward, backward with :class:`deepmodels.pergrad.LayerCapture`, ``optimizer.step()``.
@@ -237,17 +359,30 @@ def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None 
     Returns:
         ``(loss, Measurement)``: the batch loss and the statistics of this batch (``batch_size`` = B)
         at the parameters before the update; :func:`stack` turns a list of them into a Dataset.
+        Diverged (non-finite parameters, loss or per-example gradients): ``(inf, Measurement)``
+        with ``diverged`` set and every statistic ``inf``; the optimizer does not step.
     """
-    pergrad.check_batch(x, y)
     B = x.shape[0]
-    if B < 2:
-        raise ValueError("`x` must hold at least 2 examples to measure a variance.")
-    cap, loss = pergrad.capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
-    m = _measure(_from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B), B, float(B), step)
+    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
+    reason = V.nonfinite_params(model)
+    if reason is None:
+        try:
+            cap, loss = pergrad._capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
+            summ = _from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B)
+            reason = _nonfinite_summaries(summ)
+        except V.Diverged as err:
+            reason = f"{err} at finite parameters".replace(". at", " at")
+    if reason is not None:
+        optimizer.zero_grad(set_to_none=True)
+        return math.inf, _diverged_measurement(model, B, float(B), step, reason)
+    m = _measure(summ, B, float(B), step)
     optimizer.step()
     return float(loss.detach()), m
 
 
+@validate(model=Module(finite=True), loss_fn=LossFn(), x=X, y=Y, batch_size=Integer(1, V.MAX_WIDTH),
+          snapshot=Maybe(Module(finite=True)), n_clusters=Maybe(Integer(0, V.MAX_WIDTH)), n_iter=Integer(1, V.MAX_ITER),
+          n_samples=Integer(0, V.MAX_DRAWS), seed=V.Seed(), chunk_size=Integer(1, V.MAX_WIDTH))
 def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_clusters: int | None = None,
                     n_iter: int = 10, n_samples: int = 0, seed: int = 0, chunk_size: int = 256) -> xr.Dataset:
     """Variance of the gradient-mean estimators SG-B, SG-2B, SVRG and gradient clustering over the
@@ -260,15 +395,28 @@ def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_c
             variate); SVRG is left out if None.
         n_clusters: clusters of GC (default B, the paper's choice); 0 leaves GC out.  The clustering
             is the full-rank weighted clustering of Alg. 1-3 on the flattened gradients.
-        n_samples: draws of each estimator for the sampled variance (0: exact only).
+        n_samples: draws of each estimator for the sampled variance (0: exact only; at most 10**6).
+        n_iter: clustering iterations, at most 10**4.
     """
     from toymodels import estimators
 
+    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
+    N = x.shape[0]
+    if batch_size > N:
+        raise ValueError(f"`batch_size` must be at most the number of examples {N}; got {batch_size}.")
+    K = batch_size if n_clusters is None else n_clusters
+    if K > N:
+        raise ValueError(f"`n_clusters` must be at most the number of examples {N} (default: `batch_size`); got {K}.")
+    if snapshot is not None:
+        shapes = [(k, tuple(p.shape)) for k, p in model.named_parameters() if p.requires_grad]
+        if [(k, tuple(p.shape)) for k, p in snapshot.named_parameters() if p.requires_grad] != shapes:
+            raise ValueError("`snapshot` must be a copy of `model` (the same trainable parameters); got other ones.")
+        pergrad.check_inputs(snapshot, loss_fn, x, y)
+    pergrad.check_grad_memory(model, x, copies=(2.0 if snapshot is not None else 1.0) * (2.0 + 8.0 / x.element_size()))
     G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
     S = None
     if snapshot is not None:
         S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
-    K = batch_size if n_clusters is None else n_clusters
     assign = estimators.gradient_clustering(G, K, n_iter=n_iter, seed=seed)[0] if K else None
     ds = estimators.estimator_stats(G, batch_size, assign=assign, G_snapshot=S, n_samples=n_samples, seed=seed)
     ds.attrs["model"] = type(model).__name__.lower()

@@ -29,9 +29,33 @@ from toymodels.parallel import check_scheduler, run_tasks
 from toymodels.schema import attach_attrs
 from toymodels.stats import fit_critical_batch
 
+from . import _validate as V
+from ._validate import Boolean, Function, Instance, Integer, Maybe, Options, Real, SequenceOf, validate
+from .data import Dataset
+
 __all__ = ["run_one", "measure_steps"]
 
 METRICS = ("train_loss", "val_error")
+MAX_RUNS = 10**6  # grid points x seeds of one sweep
+
+class _Executor(V.Constraint):
+    """``"serial"``, ``"dask"``, a dask scheduler address, a ``distributed.Client`` (or None: serial)."""
+
+    def __call__(self, name, value):
+        if isinstance(value, str) and value not in ("serial", "dask", "local") and ":" not in value:
+            raise ValueError(f"`{name}` must be 'serial', 'dask', a dask scheduler address such as "
+                             f"'tcp://host:8786' or a distributed.Client; got {value!r}.")
+        return check_scheduler(value, name=name)
+
+    def bad_values(self):
+        return ["", "cluster", 1.5, 1 + 1j, object()]
+
+
+_LR = Real(0.0, math.inf, low_open=True, high_open=True)
+_MOMENTUM = Real(0.0, 1.0, high_open=True)
+_RUN = dict(model_fn=Function("a callable model_fn(seed) -> nn.Module"),
+            data=Instance(Dataset, what="a deepmodels.data.Dataset"), target=_LR, metric=Options(*METRICS),
+            max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS))
 
 
 def _metric(model, data, metric):
@@ -41,6 +65,7 @@ def _metric(model, data, metric):
         return float((model(data.x_test).argmax(1) != data.y_test).float().mean())
 
 
+@validate(batch_size=Integer(1, V.MAX_WIDTH), lr=_LR, momentum=_MOMENTUM, seed=V.Seed(), **_RUN)
 def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed: int, target: float, metric: str,
             max_steps: int, eval_every: int) -> float:
     """Steps to target of one training run (see the module docstring); a float holding an int, or inf."""
@@ -94,6 +119,12 @@ def _run_task(args):
     return key, run_one(model_fn, data, **kw)
 
 
+@validate(batch_sizes=SequenceOf(Integer(1, V.MAX_WIDTH), unique=True, what="batch sizes >= 1"),
+          lrs=SequenceOf(_LR, unique=True, what="learning rates > 0"),
+          momenta=SequenceOf(_MOMENTUM, unique=True, what="momenta in [0, 1)"),
+          seeds=SequenceOf(V.Seed(), unique=True, what="seeds >= 0"),
+          path=Maybe(Instance(str, os.PathLike, what="a folder path (str or os.PathLike)")),
+          executor=_Executor(), n_workers=Integer(1, 1024), progress=Boolean(), **_RUN)
 def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
                   metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
                   executor="serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:
@@ -102,10 +133,12 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     Args:
         model_fn: ``model_fn(seed) -> nn.Module`` (a top-level function, so dask can ship it).
         data: a :class:`deepmodels.data.Dataset`.
-        batch_sizes, lrs, momenta, seeds: the grid (each run a task).
+        batch_sizes, lrs, momenta, seeds: the grid (each run a task): non-empty lists without
+            repeats, at most 10**6 runs in all.
         target: metric value to reach.
         metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
-        max_steps, eval_every: run length and evaluation interval (steps are multiples of it).
+        max_steps, eval_every: run length (at most 10**7) and evaluation interval (steps are
+            multiples of it).
         path: folder for per-run files (resume: a saved run is reused only if its target, metric,
             run length, model factory, data and grid point match); None keeps results in memory only.
         executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes), the address
@@ -117,6 +150,12 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         ``batch_size``: ``steps_best`` (best median over seeds), ``lr_opt``, ``momentum_opt``; attrs
         ``steps_min`` and ``critical_batch_size`` (fit of S = S_min (1 + B_crit / B), when possible).
     """
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`path` must be a folder (one file per run); got {str(path)!r}, an existing file.")
+    n_runs = len(batch_sizes) * len(lrs) * len(momenta) * len(seeds)
+    if n_runs > MAX_RUNS:
+        raise ValueError(f"`batch_sizes`, `lrs`, `momenta` and `seeds` must make at most {MAX_RUNS} runs; got {n_runs}.")
+    V.check_model_fn(model_fn, data, seeds[0], F.cross_entropy)
     bss = [check_int("batch_sizes", b, low=1) for b in batch_sizes]
     lr_list = [check_real("lrs", v, low=0.0, high=math.inf, low_open=True, high_open=True) for v in lrs]
     moms = [check_real("momenta", v, low=0.0, high=1.0, high_open=True) for v in momenta]

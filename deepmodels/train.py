@@ -33,14 +33,18 @@ import xarray as xr
 
 from toymodels import resume
 from toymodels._validate import check_int, check_real
+from toymodels.schedules import Schedule
 from toymodels.schema import attach_attrs
 
+from . import _validate as V
 from . import probes
+from ._validate import AnyOf, Boolean, Device, Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, validate
 from .data import Dataset
 
 __all__ = ["probe_steps", "train"]
 
 
+@validate(n_steps=Integer(1, V.MAX_STEPS), every=Maybe(Integer(1, V.MAX_STEPS)), n_log=Maybe(Integer(2, 10**4)))
 def probe_steps(n_steps: int, *, every: int | None = None, n_log: int | None = None) -> np.ndarray:
     """Steps at which to probe: every ``every`` steps, or ``n_log`` log-spaced steps (0 and the end
     included)."""
@@ -65,6 +69,17 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
     return sum(losses) / x.shape[0], correct / x.shape[0]
 
 
+@validate(model=Module(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
+          lr=AnyOf(Real(0.0, np.inf, low_open=True, high_open=True), Instance(Schedule),
+                   what="a float in (0, inf) or a toymodels.schedules.Schedule"),
+          batch_size=Integer(1, V.MAX_WIDTH), n_steps=Integer(1, V.MAX_STEPS), momentum=Real(0.0, 1.0, high_open=True),
+          optimizer=AnyOf(Options("sgd", "adam"), V.OptimizerClass(),
+                          what="'sgd', 'adam' or a torch.optim.Optimizer class"),
+          probe_at=Maybe(SequenceOf(Integer(0, V.MAX_STEPS), increasing=True, max_len=V.MAX_STEPS,
+                                    what="increasing steps in [0, n_steps]")),
+          probe_size=Integer(2, V.MAX_WIDTH), loss_fn=LossFn(), method=Options("auto", "func", "hooks"), seed=V.Seed(),
+          device=Maybe(Device()), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
+          progress=Boolean())
 def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
           seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True,
@@ -76,7 +91,8 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         data: a :class:`deepmodels.data.Dataset`.
         lr: a learning rate, or a schedule from :mod:`toymodels.schedules` (its ``at(step)`` is set
             on the optimizer before every step).
-        batch_size, n_steps: batches drawn with replacement from a generator seeded with ``seed``.
+        batch_size, n_steps: batches drawn with replacement from a generator seeded with ``seed``;
+            ``n_steps`` at most 10**7.
         momentum: heavy-ball momentum of ``"sgd"``.
         optimizer: ``"sgd"``, ``"adam"``, or any ``torch.optim.Optimizer`` class (built as
             ``optimizer(model.parameters(), lr=...)``).
@@ -97,8 +113,19 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         statistics; ``source="measurement"``; after a divergence, a last row of ``inf`` at the step
         it happened and attrs ``diverged_at`` and ``divergence``.
     """
-    from toymodels.schedules import Schedule, as_schedule
+    from toymodels.schedules import as_schedule
 
+    if path is not None and os.path.isdir(path):
+        raise ValueError(f"`path` must be a file path (the netCDF results); got {str(path)!r}, an existing folder.")
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"`path` must be in an existing folder; {os.path.dirname(os.path.abspath(path))!r} does not exist.")
+    if probe_at is not None and probe_at[-1] > n_steps:
+        raise ValueError(f"`probe_at` must be increasing steps in [0, n_steps={n_steps}]; got {probe_at[-1]}.")
+    V.check_data_fits(model, data, loss_fn, device=device)
+    if method == "func":
+        P = V.n_trainable(model)
+        V.check_bytes("probe_size", 12.0 * min(probe_size, data.x_train.shape[0]) * P,
+                      f"the per-example gradients of {probe_size} examples x {P} parameters", device=device)
     schedule = as_schedule(lr) if not isinstance(lr, Schedule) else lr
     lr0 = float(schedule.at(np.array([0]))[0])
     momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)

@@ -224,13 +224,13 @@ def test_data_sets():
 def test_bad_input(digits):
     model = models.mlp(64, 10, (8,))
     x, y = digits.x_train[:10], digits.y_train[:10]
-    with pytest.raises(ValueError, match="`x` must hold at least one example"):
+    with pytest.raises(ValueError, match="`x` must be a non-empty batch"):
         pergrad.per_example_grads(model, F.cross_entropy, x[:0], y[:0])
     with pytest.raises(ValueError, match="`y` must have 10 entries"):
         probes.gradient_stats(model, F.cross_entropy, x, y[:5])
     with pytest.raises(ValueError, match="not finite"):
         probes.gradient_stats(model, F.cross_entropy, x * float("nan"), y)
-    with pytest.raises(ValueError, match="non-finite per-example gradient"):
+    with pytest.raises(ValueError, match="`x` must be finite"):
         probes.gradient_stats(model, F.cross_entropy, x * float("nan"), y, method="func")
     bn = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10))
     with pytest.raises(ValueError, match="BatchNorm in training mode"):

@@ -109,7 +109,7 @@ def test_bad_input(tiny):
         hessian.hvp(model, F.cross_entropy, x, y, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="`k` must be an int"):
         hessian.top_eigenvalues(model, F.cross_entropy, x, y, k=0)
-    with pytest.raises(ValueError, match="`n_batches` must be an int >= 2"):
+    with pytest.raises(ValueError, match=r"`n_batches` must be an integer in \[2, "):
         spectra.gradient_history(model, F.cross_entropy, x, y, batch_size=4, n_batches=1)
     with pytest.raises(ValueError, match="not finite"):
         hessian.hvp(model, F.cross_entropy, x * float("nan"), y, torch.zeros(1))

@@ -1,0 +1,147 @@
+"""Checks across arguments (a batch against the model, data against a model factory) and of
+memory, for :mod:`deepmodels._validate` (which re-exports them): see its policy."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ._validate import Module, _dtype_name, _model_device_dtype
+
+# --------------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------------
+def available_bytes(device=None) -> int:
+    """Free memory of ``device``: the GPU's free memory for CUDA, else the host's available memory
+    (``MemAvailable``; 16 GiB if it cannot be read)."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def check_bytes(name: str, n_bytes: float, what: str, *, device=None, remedy: str = "") -> None:
+    """Refuse (ValueError naming ``name``) an allocation of ``n_bytes`` that exceeds the memory
+    available on ``device``, before it is attempted."""
+    free = available_bytes(device)
+    if n_bytes > free:
+        raise ValueError(f"`{name}` must be smaller: {what} need about {_gb(n_bytes)} and only {_gb(free)} of memory "
+                         f"is available{' on ' + str(device) if device is not None else ''}." + (f" {remedy}" if remedy else ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-argument checks
+# --------------------------------------------------------------------------------------------------
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """``x`` and ``y`` hold the same number of examples, on the same device."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError("`x` must hold at least one example; got an empty batch.")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        got = "a scalar" if y.dim() == 0 else y.shape[0]
+        raise ValueError(f"`y` must have {x.shape[0]} entries to match `x`; got {got}.")
+    if y.device != x.device:
+        raise ValueError(f"`y` must be on the device of `x` ({x.device}); got {y.device}.")
+
+
+def _forward_one(model, x1):
+    """``model(x1)`` in eval mode without gradients (no running statistics change), modes restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(x1)
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss_fn=None, *,
+                      min_batch: int = 1) -> torch.Tensor:
+    """Check a batch against the model before any work: same device and floating dtype as the
+    parameters, ``y`` the same length, the model runs on ``x[:1]``, integer labels in
+    ``[0, n_outputs)``, float targets of the model's dtype, and ``loss_fn`` gives a finite-or-not
+    scalar on the first example.  Returns the model's output on ``x[:1]``."""
+    if y is not None:
+        check_batch(x, y)
+    if x.shape[0] < min_batch:
+        raise ValueError(f"`x` must hold at least {min_batch} examples to measure a variance; got {x.shape[0]}.")
+    device, dtype = _model_device_dtype(model)
+    if x.device != device:
+        raise ValueError(f"`x` must be on the model's device ({device}); got {x.device}. Move one of them with "
+                         f".to(device).")
+    if x.dtype != dtype:
+        raise TypeError(f"`x` must be a {_dtype_name(dtype)} tensor (the model's dtype); got {_dtype_name(x.dtype)}. "
+                        f"Convert with x.to({dtype}) or the model with model.to({dtype}).")
+    if y is not None and y.dtype.is_floating_point and y.dtype != dtype:
+        raise TypeError(f"`y` must be int64 class labels or {_dtype_name(dtype)} targets (the model's dtype); got "
+                        f"{_dtype_name(y.dtype)}.")
+    try:
+        out = _forward_one(model, x[:1])
+    except Exception as err:  # the model's own error names no argument: say which input it could not take
+        raise ValueError(f"`x` must be an input the model accepts; model(x[:1]) on x[:1] of shape "
+                         f"{tuple(x[:1].shape)} raised {type(err).__name__}: {err}") from None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"`model` must return a tensor; got {type(out).__name__}.")
+    if y is not None and not y.dtype.is_floating_point:
+        n_out = out.shape[1] if out.dim() >= 2 else None
+        if y.numel() and n_out is not None:
+            lo, hi = (int(v) for v in torch.aminmax(y))
+            if lo < 0 or hi >= n_out:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"`y` must hold class labels in [0, {n_out}) (the model has {n_out} outputs); got {bad}.")
+    if loss_fn is not None and y is not None:
+        try:
+            loss = loss_fn(out, y[:1])
+        except Exception as err:
+            raise ValueError(f"`loss_fn` must accept (model output, y); loss_fn(model(x[:1]), y[:1]) raised "
+                             f"{type(err).__name__}: {err}") from None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}.")
+    return out
+
+
+def check_model_fn(model_fn, data, seed: int, loss_fn=None) -> nn.Module:
+    """Build ``model_fn(seed)`` (the global RNG state is kept) and check it against ``data``'s
+    first training examples and number of classes; return the model."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = model_fn(seed)
+        except Exception as err:
+            raise ValueError(f"`model_fn` must build a model from a seed; model_fn({seed}) raised "
+                             f"{type(err).__name__}: {err}") from None
+    Module()("model_fn(seed)", model)
+    check_data_fits(model, data, loss_fn, name="model_fn")
+    return model
+
+
+def check_data_fits(model, data, loss_fn=None, *, name: str = "model", device=None) -> None:
+    """``data`` (a :class:`deepmodels.data.Dataset`) suits ``model``: dtype, example shape, and at
+    most as many classes as outputs (checked on two examples, on the model's current device)."""
+    dev = _model_device_dtype(model)[0]
+    if dev.type == "meta":
+        raise ValueError(f"`{name}` must be a model holding data; its parameters are on the 'meta' device.")
+    x2, y2 = data.x_train[:2].to(dev), data.y_train[:2].to(dev)
+    try:
+        out = check_model_input(model, x2, y2, loss_fn)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"`data` must suit `{name}`: {err}") from None
+    if out.dim() >= 2 and data.n_classes > out.shape[1]:
+        raise ValueError(f"`data` must have at most as many classes as `{name}` has outputs ({out.shape[1]}); got "
+                         f"{data.n_classes} classes.")

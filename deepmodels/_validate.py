@@ -1,0 +1,405 @@
+"""Input validation for the torch probe: the generic constraints of :mod:`toymodels._validate`
+(re-exported) and the torch ones.
+
+Same message format as the toy models::
+
+    `x` must be a float tensor of shape (B, ...); got float64.
+
+Policy (one rule for every public function of :mod:`deepmodels`):
+
+* a tensor fed to the model (``x``) must already have the model's floating dtype and device;
+  float64 input to a float32 model is refused, not converted (convert with ``x.float()``, or the
+  model with ``model.double()``).  Class labels ``y`` are int64 in ``[0, n_classes)``, where the
+  number of classes is the model's output width (so ``ignore_index=-100`` labels are refused);
+  float targets (regression) have the model's dtype.
+  Direction vectors (``v``, ``directions`` of :mod:`deepmodels.hessian`) are converted to the
+  parameters' dtype, as documented there.
+* NaN or inf in an input tensor or a hyper-parameter is refused;
+* a device that this torch build cannot use (``"cuda"`` without CUDA) is refused by name;
+* counts of iterations have finite upper bounds (:data:`MAX_STEPS`, :data:`MAX_ITER`,
+  :data:`MAX_DRAWS`), and an array whose size follows from the arguments is estimated first and
+  refused when it cannot fit in the memory available (:func:`check_bytes`);
+* the checks across arguments and of memory live in :mod:`deepmodels._checks` (re-exported here);
+* a model whose trainable parameters are not finite (a diverged run) is reported: the probes of
+  :mod:`deepmodels.probes` return ``inf`` statistics with the reason in ``attrs["diverged"]``; the
+  other functions raise :class:`Diverged` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from toymodels._validate import (  # noqa: F401  (re-exported)
+    MAX_EXACT_INT,
+    REGISTRY,
+    Boolean,
+    Constraint,
+    Instance,
+    Integer,
+    Maybe,
+    Options,
+    Real,
+    check_int,
+    check_real,
+    validate,
+)
+
+__all__ = [
+    "Boolean", "Constraint", "Instance", "Integer", "Maybe", "Options", "Real", "REGISTRY", "validate", "MAX_EXACT_INT",
+    "check_int", "check_real",
+    "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "AnyOf", "Seed",
+    "Diverged", "check_batch", "check_model_input", "check_bytes", "available_bytes", "nonfinite_params",
+    "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn",
+    "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
+]
+
+MAX_SEED = 2**62  # seeds go to numpy and to torch.Generator, which take 64-bit values; train adds offsets
+MAX_STEPS = 10**7  # training steps of one run
+MAX_ITER = 10**4  # iterations of an inner algorithm (clustering)
+MAX_DRAWS = 10**6  # random draws of an estimator (bootstrap resamples, Hutchinson vectors, batches)
+MAX_WIDTH = 2**31 - 1  # layer widths and counts that index a tensor dimension
+
+_DTYPE_KINDS = {
+    "float": "a float tensor",
+    "int": "an int64 tensor",
+    "label": "an int64 (class labels) or float (targets) tensor",
+}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def Seed():  # noqa: N802  (reads like the other constraints)
+    """A seed: an integer in [0, 2**62]."""
+    return Integer(0, MAX_SEED)
+
+
+class Diverged(ValueError):
+    """The model's parameters (or the loss, or its gradients) are not finite: the run diverged."""
+
+
+# --------------------------------------------------------------------------------------------------
+# constraints
+# --------------------------------------------------------------------------------------------------
+class Tensor(Constraint):
+    """A ``torch.Tensor`` of a dtype kind (``"float"``: any floating dtype, ``"int"``: int64,
+    ``"label"``: int64 or floating), with ``ndim`` dimensions (or at least ``min_ndim``), a
+    non-empty first axis if ``nonempty``, and (``finite``) no NaN or inf; ``finite="no-nan"``
+    allows +-inf.  Checked in that order; never converted (see the module's policy)."""
+
+    def __init__(self, kind: str = "float", *, ndim: int | None = None, min_ndim: int = 0, nonempty: bool = False,
+                 finite=True, what: str | None = None):
+        if kind not in _DTYPE_KINDS:
+            raise ValueError(f"Tensor: unknown kind {kind!r}")
+        self.kind, self.ndim, self.min_ndim, self.nonempty, self.finite = kind, ndim, min_ndim, nonempty, finite
+        self.what = what or _DTYPE_KINDS[kind] + (f" of {ndim} dimensions" if ndim is not None else
+                                                  " of shape (B, ...)" if min_ndim >= 1 else "")
+
+    def __call__(self, name, value):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
+        if value.device.type == "meta":
+            raise TypeError(f"`{name}` must be {self.what} holding data; got a tensor on the 'meta' device.")
+        dt = value.dtype
+        ok = ((self.kind in ("float", "label") and dt.is_floating_point)
+              or (self.kind in ("int", "label") and dt == torch.int64))
+        if not ok:
+            raise TypeError(f"`{name}` must be {self.what}; got {_dtype_name(dt)}.")
+        if self.ndim is not None and value.dim() != self.ndim:
+            raise ValueError(f"`{name}` must be {self.what}; got shape {tuple(value.shape)}.")
+        if value.dim() < self.min_ndim:
+            raise ValueError(f"`{name}` must be {self.what}; got shape {tuple(value.shape)}.")
+        if self.nonempty and (value.dim() == 0 or value.shape[0] == 0):
+            raise ValueError(f"`{name}` must be a non-empty batch (at least one example); got shape {tuple(value.shape)}.")
+        if self.finite and dt.is_floating_point and value.numel():
+            lo, hi = torch.aminmax(value.detach())  # NaN propagates; one pass, nothing of x's size allocated
+            bad = bool(torch.isnan(lo) | torch.isnan(hi)) if self.finite == "no-nan" else \
+                not bool(torch.isfinite(lo) & torch.isfinite(hi))
+            if bad:
+                n = int((~torch.isfinite(value) if self.finite is True else torch.isnan(value)).sum())
+                what = "NaN" if self.finite == "no-nan" else "NaN or inf"
+                raise ValueError(f"`{name}` must be finite (no {what}); got {n} entries that are not finite.")
+        return value
+
+    def _shape(self, base=2):
+        n = self.ndim if self.ndim is not None else max(self.min_ndim, 1)
+        return (base,) * n
+
+    def bad_values(self):
+        shape = self._shape()
+        bad = [None, "1", 1 + 1j, np.zeros(shape, dtype=np.float32), torch.zeros(shape, dtype=torch.complex64),
+               torch.zeros(shape, dtype=torch.bool), torch.zeros(shape, device="meta")]
+        if self.kind == "float":
+            bad.append(torch.zeros(shape, dtype=torch.int64))
+        if self.kind == "int":
+            bad += [torch.zeros(shape), torch.zeros(shape, dtype=torch.int32)]
+        if self.ndim is not None:
+            bad.append(torch.zeros((2,) * (self.ndim + 1)))
+        elif self.min_ndim >= 1:
+            bad.append(torch.tensor(0.0))
+        if self.nonempty:
+            bad.append(torch.zeros((0,) + shape[1:]))
+        if self.finite and self.kind != "int":
+            bad.append(torch.full(shape, math.nan))
+            if self.finite is True:
+                bad.append(torch.full(shape, math.inf))
+        return bad
+
+    def __repr__(self):
+        return f"Tensor({self.kind!r}, ndim={self.ndim}, min_ndim={self.min_ndim})"
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Module(Constraint):
+    """A ``torch.nn.Module``; ``trainable``: with at least one trainable parameter; ``finite``:
+    whose trainable parameters are finite (else :class:`Diverged`)."""
+
+    def __init__(self, *, trainable: bool = True, finite: bool = False):
+        self.trainable, self.finite = trainable, finite
+
+    def __call__(self, name, value):
+        if isinstance(value, type) or not isinstance(value, nn.Module):
+            got = f"the class {value.__name__}" if isinstance(value, type) else type(value).__name__
+            raise TypeError(f"`{name}` must be a torch.nn.Module; got {got}.")
+        if self.trainable and n_trainable(value) == 0:
+            raise ValueError(f"`{name}` must be a torch.nn.Module with trainable parameters; got "
+                             f"{type(value).__name__} with none.")
+        if self.finite:
+            check_finite_params(value, name)
+        return value
+
+    def bad_values(self):
+        bad = [None, "1", 1.5, nn.Linear]
+        if self.trainable:
+            bad.append(nn.ReLU())
+        if self.finite:
+            m = nn.Linear(2, 2)
+            with torch.no_grad():
+                m.weight[0, 0] = math.nan
+            bad.append(m)
+        return bad
+
+
+def _device_available(dev: torch.device) -> bool:
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    if dev.type == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    backend = getattr(torch, dev.type, None)
+    return bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
+
+
+class Device(Constraint):
+    """A torch device this build can use: ``"cpu"``, ``"cuda"`` / ``"cuda:1"`` when CUDA is
+    available (and has that many GPUs), ``"mps"`` ...; a ``torch.device`` or a string.  Returns a
+    ``torch.device``."""
+
+    def __call__(self, name, value):
+        if isinstance(value, bool) or not isinstance(value, (str, torch.device)):
+            raise TypeError(f"`{name}` must be a torch device such as 'cpu' or 'cuda'; got {type(value).__name__}.")
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"`{name}` must be a torch device such as 'cpu' or 'cuda'; got {value!r}.") from None
+        if dev.type == "meta" or not _device_available(dev):
+            why = ("this torch build has no CUDA (torch.cuda.is_available() is False)" if dev.type == "cuda"
+                   and not torch.cuda.is_available() else f"it is not available here")
+            raise ValueError(f"`{name}` must be a device this torch build can use (e.g. 'cpu'); got {value!r}, "
+                             f"but {why}.")
+        return dev
+
+    def bad_values(self):
+        bad = [None, 1.5, 1 + 1j, "gpu", "meta", f"cuda:{max(torch.cuda.device_count(), 1) + 7}"]
+        if not torch.cuda.is_available():
+            bad.append("cuda")
+        return bad
+
+
+class LossFn(Constraint):
+    """A loss ``loss_fn(output, target) -> scalar tensor``: a function or a module instance (not a
+    class such as ``nn.CrossEntropyLoss``: an instance of it)."""
+
+    def __call__(self, name, value):
+        if isinstance(value, type):
+            raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy or "
+                            f"nn.CrossEntropyLoss(); got the class {value.__name__} (instantiate it).")
+        if not callable(value):
+            raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy; got "
+                            f"{type(value).__name__}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", 1.5, nn.CrossEntropyLoss]
+
+
+class Function(Constraint):
+    """Any callable (``what`` says what it is called with)."""
+
+    def __init__(self, what: str = "a callable"):
+        self.what = what
+
+    def __call__(self, name, value):
+        if isinstance(value, type) or not callable(value):
+            got = "a class" if isinstance(value, type) else type(value).__name__
+            raise TypeError(f"`{name}` must be {self.what}; got {got}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", 1.5]
+
+
+class SequenceOf(Constraint):
+    """A list, tuple or 1-D array whose entries ``inner`` accepts (a string or a scalar is not a
+    sequence); between ``min_len`` and ``max_len`` entries; ``unique``: no value twice;
+    ``increasing``: strictly increasing.  Returns a list of the converted entries."""
+
+    def __init__(self, inner: Constraint, *, min_len: int = 1, max_len: int = 10**6, unique: bool = False,
+                 increasing: bool = False, what: str | None = None):
+        self.inner, self.min_len, self.max_len, self.unique, self.increasing = inner, min_len, max_len, unique, increasing
+        self.what = what or "a sequence"
+
+    def __call__(self, name, value):
+        if isinstance(value, (str, bytes, dict, set)) or not isinstance(value, (list, tuple, np.ndarray, range, torch.Tensor)):
+            raise TypeError(f"`{name}` must be {'a non-empty' if self.min_len else 'a'} list or tuple ({self.what}); "
+                            f"got {type(value).__name__}.")
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            if value.ndim != 1:
+                raise ValueError(f"`{name}` must be a 1-D sequence ({self.what}); got shape {tuple(value.shape)}.")
+            value = value.tolist()
+        n = len(value)
+        if not self.min_len <= n <= self.max_len:
+            raise ValueError(f"`{name}` must be a list of {self.min_len} to {self.max_len} entries ({self.what}); "
+                             f"got {n}.")
+        out = [self.inner(name, v) for v in value]
+        if self.unique and len(set(out)) != n:
+            dup = next(v for v in out if out.count(v) > 1)
+            raise ValueError(f"`{name}` must be free of repeated values; got {dup!r} more than once.")
+        if self.increasing and any(b <= a for a, b in zip(out, out[1:])):
+            raise ValueError(f"`{name}` must be strictly increasing; got {out}.")
+        return out
+
+    def bad_values(self):
+        bad = [None, "12", 5, {1: 2}]
+        if self.min_len >= 1:
+            bad.append([])
+        bad += [[v] for v in self.inner.bad_values() if v is not None][:5]
+        if self.unique and self.min_len <= 2:
+            good = self._good()
+            if good is not None:
+                bad.append([good, good])
+        return bad
+
+    def _good(self):
+        for v in (1, 0, 2, 0.5, 1.0):
+            try:
+                self.inner("x", v)
+                return v
+            except (TypeError, ValueError):
+                pass
+        return None
+
+
+class AnyOf(Constraint):
+    """What one of ``constraints`` accepts (the first that does converts the value)."""
+
+    def __init__(self, *constraints: Constraint, what: str):
+        self.constraints, self.what = constraints, what
+
+    def __call__(self, name, value):
+        for c in self.constraints:
+            try:
+                return c(name, value)
+            except (TypeError, ValueError):
+                pass
+        got = _fmt_value(value)
+        raise (ValueError if isinstance(value, (int, float, str)) and not isinstance(value, bool) else TypeError)(
+            f"`{name}` must be {self.what}; got {got}.")
+
+    def bad_values(self):
+        out = []
+        for c in self.constraints:
+            for v in c.bad_values():
+                if all(_refuses(d, v) for d in self.constraints) and not any(v is o for o in out):
+                    out.append(v)
+        return out
+
+
+def _refuses(c, v) -> bool:
+    try:
+        c("x", v)
+        return False
+    except (TypeError, ValueError):
+        return True
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, (int, float, str)) or value is None:
+        return repr(value)
+    return type(value).__name__
+
+
+class OptimizerClass(Constraint):
+    """A subclass of ``torch.optim.Optimizer`` (the class, built later with the model's parameters)."""
+
+    def __call__(self, name, value):
+        if isinstance(value, type) and issubclass(value, torch.optim.Optimizer):
+            return value
+        raise TypeError(f"`{name}` must be a torch.optim.Optimizer class; got {type(value).__name__}.")
+
+    def bad_values(self):
+        return [None, 1.5, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), nn.Linear]
+
+
+
+# --------------------------------------------------------------------------------------------------
+# parameters
+# --------------------------------------------------------------------------------------------------
+def _model_device_dtype(model):
+    for p in model.parameters():
+        return p.device, p.dtype
+    for b in model.buffers():
+        if b.dtype.is_floating_point:
+            return b.device, b.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def nonfinite_params(model: nn.Module) -> str | None:
+    """``None`` if every trainable parameter is finite, else the reason (which and how many)."""
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad and p.device.type != "meta"]
+    if not params:
+        return None
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(p).all() for _, p in params])
+    if bool(ok.all()):
+        return None
+    bad = [(k, int((~torch.isfinite(p.detach())).sum())) for (k, p), fine in zip(params, ok.tolist()) if not fine]
+    where = ", ".join(f"{n} in `{k}`" for k, n in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return f"non-finite parameters ({where}): the model diverged"
+
+
+def check_finite_params(model: nn.Module, name: str = "model") -> None:
+    """Raise :class:`Diverged` if a trainable parameter of ``model`` is NaN or inf."""
+    reason = nonfinite_params(model)
+    if reason is not None:
+        raise Diverged(f"`{name}` must be a model with finite parameters; got {reason} (lower the learning rate, or "
+                       "restore a checkpoint from before the divergence).")
+
+
+from ._checks import (  # noqa: E402,F401  (re-exported; _checks uses the constraints above)
+    available_bytes,
+    check_batch,
+    check_bytes,
+    check_data_fits,
+    check_model_fn,
+    check_model_input,
+)
