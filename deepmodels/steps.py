@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from toymodels import resume
 from toymodels._validate import check_int, check_real
 from toymodels.parallel import check_scheduler, run_tasks
 from toymodels.schema import attach_attrs
@@ -102,14 +103,6 @@ def _describe(fn) -> str:
     return f"{type(fn).__module__}.{type(fn).__qualname__}"
 
 
-def _same_run(attrs, settings, key) -> bool:
-    """Whether a saved run (its attrs) is the run ``key`` of a sweep with these ``settings``."""
-    b, lr, m, seed = key
-    want = dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)
-    return all(k in attrs and (attrs[k] == v if isinstance(v, str) else float(attrs[k]) == float(v))
-               for k, v in want.items())
-
-
 def _task_file(path, bs, lr, mom, seed):
     return os.path.join(path, f"bs{bs}_lr{lr:.6g}_mom{mom:g}_seed{seed}.nc")
 
@@ -174,11 +167,11 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     if path is not None:
         os.makedirs(path, exist_ok=True)
         for key in grid:
-            f = _task_file(path, *key)
-            if os.path.exists(f):
-                saved = xr.load_dataset(f)
-                if _same_run(saved.attrs, settings, key):
-                    results[key] = float(saved.steps_to_target)
+            b, lr, m, seed = key
+            saved = resume.read(_task_file(path, *key), variables=("steps_to_target",),
+                                settings=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed))
+            if saved is not None:
+                results[key] = float(saved.steps_to_target)
     todo = [key for key in grid if key not in results]
     kw = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every)
     tasks = [(model_fn, data, dict(kw, batch_size=b, lr=lr, momentum=m, seed=s), (b, lr, m, s)) for b, lr, m, s in todo]
@@ -192,8 +185,9 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         results[key] = steps
         if path is not None:
             b, lr, m, seed = key
-            xr.Dataset({"steps_to_target": ((), steps)},
-                       attrs=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)).to_netcdf(_task_file(path, *key))
+            resume.write(xr.Dataset({"steps_to_target": ((), steps)},
+                                    attrs=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)),
+                         _task_file(path, *key))
         if bar is not None:
             bar.update(1)
 

@@ -79,7 +79,7 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
                                     what="increasing steps in [0, n_steps]")),
           probe_size=Integer(2, V.MAX_WIDTH), loss_fn=LossFn(), method=Options("auto", "func", "hooks"), seed=V.Seed(),
           device=Maybe(Device()), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
-          progress=Boolean())
+          progress=Boolean(), diverge_factor=Real(1.0, np.inf, low_open=True, high_open=True))
 def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
           seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True,
@@ -180,12 +180,13 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
         bar = tqdm(total=n_steps, initial=start, desc="train", unit="step")
     todo = set(int(s) for s in steps if s >= start and not any(int(s) == int(r.step[0]) for r in rows))
 
-    def diverged(k, value, what):
-        if math.isfinite(value) and value <= diverge_factor * initial_loss:
+    def diverged(k, value, what, reason=None):
+        if reason is None and math.isfinite(value) and value <= diverge_factor * initial_loss:
             return False
-        reason = f"{what} at step {k} is {value:g}"
-        if math.isfinite(value):
-            reason += f", above {diverge_factor:g} x the initial training loss {initial_loss:.4g}"
+        if reason is None:
+            reason = f"{what} at step {k} is {value:g}"
+            if math.isfinite(value):
+                reason += f", above {diverge_factor:g} x the initial training loss {initial_loss:.4g}"
         if rows and int(rows[-1].step[0]) == k:  # the probe of this step measured a diverging model
             rows.pop()
         rows.append(_diverged_row(rows, k, reason))
@@ -202,6 +203,9 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
             pidx = torch.randint(0, n, (min(probe_size, n),), generator=gen_probe).to(device)
             st = probes.gradient_stats(model, loss_fn, data.x_train[pidx], data.y_train[pidx],
                                        batch_size=batch_size, method=method, step=k)
+            if st.attrs.get("diverged"):  # the probe met non-finite gradients
+                diverged(k, math.inf, "", reason=f"the probe at step {k}: {st.attrs['diverged']}")
+                break
             te, _ = _evaluate(model, data.x_test, data.y_test, loss_fn)
             model.train()
             st["loss"] = ("step", [tl])

@@ -120,7 +120,8 @@ def test_sweep_recomputes_a_damaged_or_foreign_file(tmp_path, damage):
     straight = _sweep(path)
     if damage == "other target":
         nqm = NQM.power_law(100)
-        batch_size_sweep(nqm, "sgd", [1, 2], 0.2 * nqm.initial_loss, path=path, progress=False)
+        with pytest.warns(ResumeWarning, match=r"sgd\.nc.*other settings"):
+            batch_size_sweep(nqm, "sgd", [1, 2], 0.2 * nqm.initial_loss, path=path, progress=False)
     else:
         path.write_bytes({"truncated": path.read_bytes()[:48], "empty": b"", "garbage": b"\x00garbage" * 50}[damage])
     with pytest.warns(ResumeWarning, match=r"sgd\.nc"):

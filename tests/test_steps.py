@@ -85,7 +85,10 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     xr.testing.assert_identical(resumed, full)
     # saved runs of another sweep (another target) are not reused: everything reruns
     calls["n"] = 0
-    other = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **dict(kw, target=0.9))
+    from toymodels.resume import ResumeWarning
+
+    with pytest.warns(ResumeWarning, match=r"bs4_lr0\.1_mom0_seed0\.nc: it was written for other settings \(`target`"):
+        other = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **dict(kw, target=0.9))
     assert calls["n"] == len(files)
     fresh = steps.measure_steps(fn, tiny, **dict(kw, target=0.9))
     xr.testing.assert_identical(other.steps_to_target, fresh.steps_to_target)
