@@ -216,8 +216,12 @@ def test_compiled_schedule_search_matches_the_exact_curve_and_scipy(precond):
     ref = optimize.minimize(lambda v: _localmin.schedule_log_loss(v, *args), z0, method="Nelder-Mead",
                             options={"initial_simplex": z0 + np.vstack([np.zeros(5), np.diag(steps)]),
                                      "xatol": 1e-6, "fatol": 1e-12, "maxfev": 3000})
-    np.testing.assert_array_equal(z, ref.x)  # the same best point, bit for bit
-    assert f == ref.fun and nfev <= 3000
+    # the same path as scipy's step for step, until a tie in the function values: scipy orders the
+    # simplex with np.argsort, whose order of equal values depends on the numpy build (SIMD sorts),
+    # the compiled search keeps ties in order (stable).  Measured with scipy 1.17 / numpy 2.4: the
+    # paths part at evaluation 282 of about 320, and both stop at the same value within 1e-15.
+    assert f == pytest.approx(ref.fun, rel=0, abs=1e-12) and nfev <= 3000
+    np.testing.assert_allclose(z, ref.x, rtol=0, atol=1e-4)
 
 
 def test_family_sweeps_equal_one_by_one(nqm, tmp_path):

@@ -203,6 +203,13 @@ def schedule_log_loss(z, K, n_pieces, limit, a1, b1, q, S0, h):
 
 
 @njit(cache=True, nogil=True)
+def _set_row(m, j, x):
+    """m[j] = x by elements (a row assignment compiles numba's shape-mismatch error path: seconds)."""
+    for c in range(x.shape[0]):
+        m[j, c] = x[c]
+
+
+@njit(cache=True, nogil=True)
 def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1, b1, q, S0, h):
     """Nelder-Mead on :func:`schedule_log_loss` from the simplex z0 + {0, steps[k] e_k}, step for step
     scipy's otherwise (non-adaptive coefficients, stable ordering, the same stopping rule).  Returns
@@ -210,9 +217,9 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
     N = z0.size
     sim = np.empty((N + 1, N))
     f = np.empty(N + 1)
-    sim[0] = z0
+    _set_row(sim, 0, z0)
     for k in range(N):
-        sim[k + 1] = z0
+        _set_row(sim, k + 1, z0)
         sim[k + 1, k] = z0[k] + steps[k]
     for j in range(N + 1):
         f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
@@ -250,17 +257,21 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
             fe = schedule_log_loss(xe, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fe < fr:
-                sim[N], f[N] = xe, fe
+                _set_row(sim, N, xe)
+                f[N] = fe
             else:
-                sim[N], f[N] = xr, fr
+                _set_row(sim, N, xr)
+                f[N] = fr
         elif fr < f[N - 1]:
-            sim[N], f[N] = xr, fr
+            _set_row(sim, N, xr)
+            f[N] = fr
         elif fr < f[N]:  # outside contraction
             xc = 1.5 * xbar - 0.5 * sim[N]
             fc = schedule_log_loss(xc, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fc <= fr:
-                sim[N], f[N] = xc, fc
+                _set_row(sim, N, xc)
+                f[N] = fc
             else:
                 shrink = True
         else:  # inside contraction
@@ -268,12 +279,13 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
             fcc = schedule_log_loss(xcc, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fcc < f[N]:
-                sim[N], f[N] = xcc, fcc
+                _set_row(sim, N, xcc)
+                f[N] = fcc
             else:
                 shrink = True
         if shrink:
             for j in range(1, N + 1):
-                sim[j] = sim[0] + 0.5 * (sim[j] - sim[0])
+                _set_row(sim, j, sim[0] + 0.5 * (sim[j] - sim[0]))
                 f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
                 nfev += 1
     return sim[0].copy(), f[0], nfev

@@ -148,6 +148,25 @@ def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=
 
 
 @njit(cache=True, nogil=True)
+def _set_sum(out, X, Y):
+    """out = X + Y for small square matrices, by elements (array expressions with a slice target
+    compile numba's shape-mismatch error path, with its string formatting: seconds of compile)."""
+    s = out.shape[0]
+    for u in range(s):
+        for v in range(s):
+            out[u, v] = X[u, v] + Y[u, v]
+
+
+@njit(cache=True, nogil=True)
+def _set(out, X):
+    """out = X for small square matrices, by elements (see :func:`_set_sum`)."""
+    s = out.shape[0]
+    for u in range(s):
+        for v in range(s):
+            out[u, v] = X[u, v]
+
+
+@njit(cache=True, nogil=True)
 def _jump_mode(A, b, q, S, k, out):
     """out = A^k S A^kT + q sum_{j<k} A^j b b^T A^jT by binary powering (exact, stable)."""
     s = A.shape[0]
@@ -163,17 +182,17 @@ def _jump_mode(A, b, q, S, k, out):
     while k > 0:
         if k & 1:
             _sandwich(Pb, Qr, T)
-            Qr[:, :] = T + Qb
+            _set_sum(Qr, T, Qb)
             _matmul(Pb, Pr, P2)
-            Pr[:, :] = P2
+            _set(Pr, P2)
         k >>= 1
         if k > 0:
             _sandwich(Pb, Qb, T)
-            Qb[:, :] = Qb + T
+            _set_sum(Qb, Qb, T)
             _matmul(Pb, Pb, P2)
-            Pb[:, :] = P2
+            _set(Pb, P2)
     _sandwich(Pr, S, T)
-    out[:, :] = T + Qr
+    _set_sum(out, T, Qr)
 
 
 @njit(cache=True, nogil=True)
@@ -205,16 +224,16 @@ def _lyapunov_mode(A, b, q, out):
     P2 = np.empty((s, s))
     for _ in range(200):
         _sandwich(P, Q, T)
-        Q[:, :] = Q + T
+        _set_sum(Q, Q, T)
         _matmul(P, P, P2)
-        P[:, :] = P2
+        _set(P, P2)
         nrm = 0.0
         for u in range(s):
             for v in range(s):
                 nrm += P[u, v] * P[u, v]
         if nrm < 1e-40:
             break
-    out[:, :] = Q
+    _set(out, Q)
 
 
 @njit(cache=True, nogil=True)
