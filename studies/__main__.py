@@ -47,7 +47,10 @@ def main(argv=None):
         return _module(a.name).main([])
     from ._io import load
 
-    name, result = load(a.file)
+    try:
+        name, result = load(a.file)
+    except ValueError as err:
+        raise SystemExit(f"python -m studies plot: {err}") from None
     out = a.out or os.path.splitext(a.file)[0] + ".png"
     _module(name).plot(result, out)
     print(f"wrote {out}")

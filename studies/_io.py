@@ -90,9 +90,12 @@ def load(path: str):
     """``(study name, result)`` from a file written by :func:`save`."""
     import netCDF4
 
-    with netCDF4.Dataset(path) as nc:
-        groups = list(nc.groups)
-        name = getattr(nc, "study", None)
+    try:
+        with netCDF4.Dataset(path) as nc:
+            groups = list(nc.groups)
+            name = getattr(nc, "study", None)
+    except OSError as err:  # missing, truncated, not netCDF
+        raise ValueError(f"{path} cannot be read as a study's results file ({err}).") from None
     if name is None:
         raise ValueError(f"{path} has no `study` attribute: it was not written by a study.")
     if not groups:

@@ -224,3 +224,33 @@ def test_training_divergence_is_reported(tmp_path):
     again, _ = _train(tmp_path / "d.nc", lr=1e6)
     _assert_same(first, ds)
     _assert_same(again, ds)
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    path = tmp_path / "x.nc"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, live = tmp_path / f".x.nc.tmp-{dead}-abcd1234", tmp_path / f".x.nc.tmp-{os.getpid()}-abcd1234"
+    for f in (stale, live):
+        f.write_bytes(b"half")
+        os.utime(f, (0, 0))  # old enough
+    resume.write(xr.Dataset({"loss": ("step", [1.0])}, coords={"step": [0]}), path)
+    assert not stale.exists() and live.exists()  # a live writer's temporary is left alone
+
+
+@pytest.mark.slow
+def test_two_studies_into_one_folder_at_once(tmp_path):
+    """The issue's case: two batch_size_scaling runs into one --out (PermissionError before)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "studies", "run", "batch_size_scaling", "--quick", "--out", str(tmp_path / "a"),
+           "--no-progress"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=1200)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "b"), "--no-progress"], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    from studies import _io
+
+    _assert_same(_io.load(str(tmp_path / "a" / "batch_size_scaling.nc"))[1],
+                 _io.load(str(tmp_path / "b" / "batch_size_scaling.nc"))[1])

@@ -42,6 +42,29 @@ def _tmp_name(path: str) -> str:
     return os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def _remove_stale_temporaries(path: str, min_age_s: float = 600.0):
+    """Remove temporaries of ``path`` left by killed writers: their process is gone (on this host)
+    and they are older than ``min_age_s`` (a writer on another host of a shared folder is alive
+    with a PID we cannot see; it finishes or dies long before that)."""
+    import glob
+    import time
+
+    head, tail = os.path.split(path)
+    for tmp in glob.glob(os.path.join(glob.escape(head), f".{glob.escape(tail)}.tmp-*")):
+        try:
+            pid = int(tmp.rsplit(".tmp-", 1)[1].split("-")[0])
+            if time.time() - os.path.getmtime(tmp) < min_age_s:
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        except (ValueError, OSError):
+            continue
+
+
 def replace_atomically(path, write_to) -> str:
     """Call ``write_to(tmp)`` for a temporary name beside ``path``, flush it to disk and rename it
     onto ``path``; the temporary file is removed if anything fails.  Returns ``path``."""
@@ -55,6 +78,7 @@ def replace_atomically(path, write_to) -> str:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        _remove_stale_temporaries(path)
     except BaseException:
         try:
             os.remove(tmp)
