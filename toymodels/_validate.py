@@ -325,8 +325,8 @@ class Array(Constraint):
         self.ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
         self.min_size = min_size
-        dims = " or ".join("scalar" if d == 0 else f"{d}-D" for d in self.ndims)
-        self.what = what or f"a real {dims} array"
+        self.dims = " or ".join("scalar" if d == 0 else f"{d}-D" for d in self.ndims)
+        self.what = what or f"a real {self.dims} array"
 
     def __call__(self, name, value):
         if value is None or isinstance(value, (str, bytes)):
@@ -341,18 +341,27 @@ class Array(Constraint):
         if arr.ndim not in self.ndims:
             raise ValueError(f"`{name}` must be {self.what}; got shape {arr.shape}.")
         if arr.size < self.min_size:
-            raise ValueError(f"`{name}` must be {self.what} with at least {self.min_size} entries; got {arr.size}.")
+            need = "non-empty" if self.min_size == 1 else f"at least {self.min_size}-entry"
+            raise ValueError(f"`{name}` must be a {need} {self.dims} array; got shape {arr.shape}.")
         arr = np.array(arr, dtype=np.float64)
         bad = ~np.isfinite(arr)
         if bad.any():
             raise ValueError(f"`{name}` must be finite; got {int(bad.sum())} non-finite entries.")
-        if arr.size and (arr.min() < self.low or arr.max() > self.high or (self.low_open and arr.min() == self.low)
-                         or (self.high_open and arr.max() == self.high)):
-            lo = "(" if self.low_open else "["
-            hi = ")" if self.high_open else "]"
-            raise ValueError(f"`{name}` must have every entry in {lo}{self.low:g}, {self.high:g}{hi}; "
-                             f"got min {arr.min():g}, max {arr.max():g}.")
+        if arr.size == 0:
+            return arr
+        lo, hi = arr.min(), arr.max()
+        if lo < self.low or (self.low_open and lo == self.low):
+            op = ">" if self.low_open else ">="
+            raise ValueError(f"`{name}` must be {op} {self.low:g} everywhere{self._upper()}; got min {lo:g}.")
+        if hi > self.high or (self.high_open and hi == self.high):
+            op = "<" if self.high_open else "<="
+            raise ValueError(f"`{name}` must be {op} {self.high:g} everywhere; got max {hi:g}.")
         return arr
+
+    def _upper(self):
+        if self.high == math.inf:
+            return ""
+        return f" and {'<' if self.high_open else '<='} {self.high:g}"
 
     def _example(self, fill):
         nd = max(self.ndims)
