@@ -500,6 +500,8 @@ class NQM:
             overflows makes every value ``inf`` from the first recorded step where it has, with
             ``attrs["diverged"]`` and ``attrs["reason"]`` (never NaN).
         """
+        check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
+                    what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
         bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
