@@ -350,18 +350,19 @@ class Array(Constraint):
         if arr.size == 0:
             return arr
         lo, hi = arr.min(), arr.max()
-        if lo < self.low or (self.low_open and lo == self.low):
-            op = ">" if self.low_open else ">="
-            raise ValueError(f"`{name}` must be {op} {self.low:g} everywhere{self._upper()}; got min {lo:g}.")
-        if hi > self.high or (self.high_open and hi == self.high):
+        below = lo < self.low or (self.low_open and lo == self.low)
+        above = hi > self.high or (self.high_open and hi == self.high)
+        if below or above:
+            if self.low > -math.inf and self.high < math.inf:
+                a, b = "(" if self.low_open else "[", ")" if self.high_open else "]"
+                raise ValueError(f"`{name}` must be in {a}{self.low:g}, {self.high:g}{b} everywhere; "
+                                 f"got min {lo:g}, max {hi:g}.")
+            if below:
+                op = ">" if self.low_open else ">="
+                raise ValueError(f"`{name}` must be {op} {self.low:g} everywhere; got min {lo:g}.")
             op = "<" if self.high_open else "<="
             raise ValueError(f"`{name}` must be {op} {self.high:g} everywhere; got max {hi:g}.")
         return arr
-
-    def _upper(self):
-        if self.high == math.inf:
-            return ""
-        return f" and {'<' if self.high_open else '<='} {self.high:g}"
 
     def _example(self, fill):
         nd = max(self.ndims)
