@@ -321,12 +321,13 @@ class Array(Constraint):
     """
 
     def __init__(self, ndim=1, *, low=-math.inf, high=math.inf, low_open=False, high_open=False, min_size=1,
-                 what: str | None = None):
+                 what: str | None = None, posinf: bool = False):
         self.ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        self.posinf = posinf
         self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
         self.min_size = min_size
         self.dims = " or ".join("scalar" if d == 0 else f"{d}-D" for d in self.ndims)
-        self.what = what or f"a real {self.dims} array"
+        self.what = what or f"a {'non-empty ' if min_size >= 1 else ''}{self.dims} array of reals"
 
     def __call__(self, name, value):
         if value is None or isinstance(value, (str, bytes)):
@@ -345,11 +346,17 @@ class Array(Constraint):
             raise ValueError(f"`{name}` must be a {need} {self.dims} array; got shape {arr.shape}.")
         arr = np.array(arr, dtype=np.float64)
         bad = ~np.isfinite(arr)
+        if self.posinf:
+            bad &= arr != math.inf
         if bad.any():
+            if self.posinf:
+                raise ValueError(f"`{name}` must be finite or +inf; got {int(bad.sum())} NaN or -inf entries.")
             raise ValueError(f"`{name}` must be finite; got {int(bad.sum())} non-finite entries.")
         if arr.size == 0:
             return arr
-        lo, hi = arr.min(), arr.max()
+        fin = arr[np.isfinite(arr)] if self.posinf else arr
+        lo = fin.min() if fin.size else math.inf
+        hi = arr.max()
         below = lo < self.low or (self.low_open and lo == self.low)
         above = hi > self.high or (self.high_open and hi == self.high)
         if below or above:
@@ -370,8 +377,10 @@ class Array(Constraint):
 
     def bad_values(self):
         nd = max(self.ndims)
-        bad = [None, "1", self._example(1.0 + 1j), self._example(math.nan), self._example(math.inf),
+        bad = [None, "1", self._example(1.0 + 1j), self._example(math.nan), self._example(-math.inf),
                np.array([["x"]]) if nd == 2 else np.array(["x"])]
+        if not self.posinf:
+            bad.append(self._example(math.inf))
         if 0 not in self.ndims:
             bad.append(np.ones((1,) * (nd + 1)))
         if self.min_size >= 1:
@@ -380,7 +389,7 @@ class Array(Constraint):
             bad.append(self._example(self.low if self.low_open else self.low - max(1.0, abs(self.low))))
         if self.high < math.inf:
             bad.append(self._example(self.high if self.high_open else self.high + max(1.0, abs(self.high))))
-        return bad
+        return [b for b in bad if not (isinstance(b, np.ndarray) and b.ndim not in self.ndims and b.ndim < nd)]
 
     def __repr__(self):
         return f"Array(ndim={self.ndims})"
@@ -400,23 +409,23 @@ class Callable(Constraint):
 
 class AnyOf(Constraint):
     """What one of ``constraints`` accepts (the first that does converts the value).  When all
-    refuse, a value error of one of them is raised (the value had an accepted type but was out of
-    range), else a ``TypeError`` naming ``what``."""
+    refuse: ``ValueError`` if one of them refused the value (an accepted type out of range), else
+    ``TypeError``; both name ``what``."""
 
     def __init__(self, *constraints: Constraint, what: str):
         self.constraints, self.what = constraints, what
 
     def __call__(self, name, value):
-        value_error = None
+        value_error = False
         for c in self.constraints:
             try:
                 return c(name, value)
-            except ValueError as err:
-                value_error = value_error or err
+            except ValueError:
+                value_error = True
             except TypeError:
                 pass
-        if value_error is not None:
-            raise value_error
+        if value_error:
+            raise ValueError(f"`{name}` must be {self.what}; got {_fmt(value)}.")
         raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
 
     def bad_values(self):
