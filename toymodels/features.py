@@ -27,6 +27,7 @@ from ._validate import Array, Boolean, Integer, Real, check_bytes, check_int, ch
 from .schema import attach_attrs
 
 MAX_TRAIN_STEPS = 10**8  # SGD updates of one train() call
+DIVERGENCE_FACTOR = 1e3  # train() stops when the loss exceeds this multiple of the initial loss (log 2)
 _COUNT = Integer(1, 2**40)
 
 __all__ = ["RandomFeatures"]
@@ -145,9 +146,10 @@ class RandomFeatures:
         Returns:
             Dataset over ``step`` (and ``estimator``): ``loss``, ``accuracy``, ``grad_norm_sq`` and
             per estimator ``grad_var``, ``grad_nvar`` (exact at each snapshot), ``grad_var_sampled``.
-            A run whose weights or loss overflow stops there: its last row, at the step where it
-            did, holds ``inf`` in every variable, and ``attrs["diverged"]`` / ``attrs["reason"]`` say
-            so (no NaN, no statistics of overflowed weights).
+            A run that diverges -- its weights overflow, or its loss at a measured step exceeds
+            :data:`DIVERGENCE_FACTOR` (1000) times the initial loss log 2 -- stops there: its last row,
+            at that step, holds ``inf`` in every variable, and ``attrs["diverged"]`` /
+            ``attrs["reason"]`` say so (no NaN, no statistics of a blown-up run).
         """
         lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
         bs = check_int("batch_size", batch_size, low=1, high=self.n_train)
@@ -168,7 +170,8 @@ class RandomFeatures:
             bar = tqdm(total=n_steps, desc="train rf", unit="step")
         for k in range(n_steps + 1):
             refresh, log = k % update_every == 0, k % log_every == 0 or k == n_steps
-            if not np.all(np.isfinite(theta)) or ((refresh or log) and not math.isfinite(self._loss(theta))):
+            if not np.all(np.isfinite(theta)) or ((refresh or log)
+                                                  and not self._loss(theta) <= DIVERGENCE_FACTOR * math.log(2.0)):
                 diverged_at = k
                 steps.append(k)
                 break
@@ -207,7 +210,8 @@ class RandomFeatures:
         for v in ds.data_vars.values():
             v.values[np.isnan(v.values)] = np.inf
         reason = "" if diverged_at is None else (
-            f"diverges: the weights or the loss overflowed by step {diverged_at} (learning rate {lr:g} too large)")
+            f"diverges: the loss exceeded {DIVERGENCE_FACTOR:g} x its initial value (or overflowed) by step "
+            f"{diverged_at} (learning rate {lr:g} too large)")
         attach_attrs(ds, model=self.model_name, source="exact", optimizer="sgd", lr=lr, batch_size=float(bs),
                      update_every=update_every, overparametrization=self.overparametrization,
                      diverged=diverged_at is not None, reason=reason, **self.params)

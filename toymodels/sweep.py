@@ -35,7 +35,7 @@ from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, In
                         check_int, check_real, validate)
 from .nqm import NQM, check_batch_size
 from .optimizers import EMA, SGD, Momentum
-from .parallel import check_scheduler, run_tasks
+from .parallel import _Scheduler, check_scheduler, run_tasks
 from .schedules import PiecewiseConstant
 from .schema import attach_attrs
 
@@ -582,7 +582,7 @@ def _parallel_backend() -> str:
 
 @validate(problem=_PROBLEM, families=Instance(list, tuple, what="a list of family names"), batch_sizes=_BATCH_SIZES,
           target=TARGET, n_jobs=Maybe(Integer(1, 1024)), paths=Maybe(Instance(dict, what="a dict family -> path")),
-          progress=Boolean())
+          progress=Boolean(), scheduler=_Scheduler())
 def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None = None, paths=None,
                   progress: bool = True, scheduler=None, **kwargs) -> dict:
     """:func:`batch_size_sweep` for several families, run side by side.
