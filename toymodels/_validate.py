@@ -155,7 +155,7 @@ def check_steps(steps, *, high: int = MAX_STEPS, name: str = "steps") -> np.ndar
         raise ValueError(f"`{name}` must be a count or a non-empty 1-D array of step indices; got shape {arr.shape}.")
     f = arr.astype(np.float64)
     if not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f != np.floor(f)) or np.any(f > high):
-        raise ValueError(f"`{name}` must hold integers in [0, {high}]; got min {f.min():g}, max {f.max():g}.")
+        raise ValueError(f"`{name}` must be step indices, integers in [0, {high}]; got min {f.min():g}, max {f.max():g}.")
     if np.any(np.diff(f) <= 0):
         raise ValueError(f"`{name}` must be strictly increasing.")
     return arr.astype(np.int64)
@@ -170,8 +170,8 @@ def check_bytes(name: str, n_bytes: float, *, what: str = "", limit: float | Non
     limit = MAX_BYTES if limit is None else limit
     if not n_bytes <= limit:
         detail = f" ({what})" if what else ""
-        raise ValueError(f"`{name}` must keep the memory needed below {_size(limit)}; got an estimated "
-                         f"{_size(n_bytes)}{detail}.")
+        raise ValueError(f"`{name}` must be small enough for its arrays to fit in {_size(limit)}; got an "
+                         f"estimated {_size(n_bytes)}{detail}.")
 
 
 def _size(n_bytes: float) -> str:

@@ -236,7 +236,7 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
     d = q.shape[0]
     if n_scan > MAX_SCAN_UPDATES or n_scan * d > MAX_SCAN_WORK:
         raise ValueError(
-            f"`{name}` must end within {MAX_SCAN_UPDATES:.0e} step-by-step updates (and {MAX_SCAN_WORK:.0e} "
+            f"`{name}` must be reached within {MAX_SCAN_UPDATES:.0e} step-by-step updates (and {MAX_SCAN_WORK:.0e} "
             f"updates x modes) where the learning rate keeps changing; got {n_scan} updates x {d} modes up to "
             f"step {end}. Use a piecewise-constant schedule or one that becomes constant earlier (its constant "
             f"part is computed in closed form), or fewer steps."

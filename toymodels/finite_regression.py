@@ -127,7 +127,7 @@ class FiniteLinearRegression:
         check_bytes("n", 8.0 * n * d * 2, what=f"the {n} x {d} data")
         check_bytes("d", 8.0 * d * d * 3, what=f"{d} x {d} moment matrices")
         if spectrum is not None and spectrum.size != d:
-            raise ValueError(f"`spectrum` must have length d={d}; got {spectrum.size}.")
+            raise ValueError(f"`spectrum` must be of length d={d}; got {spectrum.size}.")
         rng = np.random.default_rng(seed)
         lam = np.ones(d) if spectrum is None else spectrum
         X = rng.standard_normal((n, d)) * np.sqrt(lam)
@@ -186,7 +186,7 @@ class FiniteLinearRegression:
         loss readout f (L = f.z) and z_0; built by applying :meth:`_sgd_step` to a basis."""
         d = self.dim
         if d > MAX_OPERATOR_DIM:
-            raise ValueError(f"`X` must have at most {MAX_OPERATOR_DIM} features for the exact loss at any step "
+            raise ValueError(f"`X` must be at most {MAX_OPERATOR_DIM} features wide for the exact loss at any step "
                              f"and steps to target (their moment map has d(d+1)/2 + d + 1 states); got {d}.")
         iu = np.triu_indices(d)
         p = iu[0].size

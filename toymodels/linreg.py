@@ -352,6 +352,8 @@ class GaussianLinearRegression:
             v.values[np.isnan(v.values)] = np.inf
         attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
                      **self.params, **optimizer.hyperparameters)
+        for v in ds.data_vars.values():
+            v.attrs.update(ds.attrs)
         return ds
 
     def _base_batch_trace(self, optimizer, bs, ks, gsq):

@@ -146,9 +146,9 @@ def loss_modes(a, u, v, delta, f=None):
     f = v if f is None else np.asarray(f, dtype=np.float64)
     for name, x in (("u", u), ("v", v), ("delta", delta), ("f", f)):
         if x.shape != a.shape:
-            raise ValueError(f"`{name}` must have the shape of `a` {a.shape}; got {x.shape}.")
+            raise ValueError(f"`{name}` must be of the shape of `a` {a.shape}; got {x.shape}.")
     if np.any(u * v < 0):
-        raise ValueError("`u` must have the sign of `v` in every entry (u_i v_i >= 0).")
+        raise ValueError("`u` must be of the sign of `v` in every entry (u_i v_i >= 0).")
     b, W, FU, VD = _merge_poles(a, u * v, f * u, v * np.asarray(delta, dtype=np.float64))
     mu, origin, tau = np.empty(b.size), np.empty(b.size), np.empty(b.size)
     _roots_kernel(b, W, mu, origin, tau)

@@ -316,7 +316,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     two_d = _EXTRA[family] is not None
     if start is not None:
         if len(start) != 1 + two_d:
-            raise ValueError(f"`start` must hold {1 + two_d} tuning coordinates for {family!r}; got {len(start)}.")
+            raise ValueError(f"`start` must be {1 + two_d} tuning coordinates for {family!r}; got {len(start)}.")
         start = tuple(float(v) for v in start)
     ev = _Evaluator(problem, family, bs, precond, decay)
     if problem.initial_loss <= target:
