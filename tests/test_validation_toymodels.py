@@ -471,3 +471,13 @@ def test_progress_bar_over_step_by_step_updates(capfd):
     assert "loss curve" in capfd.readouterr().err
     NQM8.loss_curve(SGD(Cosine(0.4, 3000)), 1, np.array([0, 3000]))  # default: no bar for small curves
     assert "loss curve" not in capfd.readouterr().err
+
+
+def test_long_unstable_piece_is_searched_within_a_bound(monkeypatch):
+    """lr = 2 on h_1 = 1 is marginal (|1 - 2| = 1): the loss never overflows, so a 10^12-step piece
+    used to be stepped for ever; the search now stops at the documented bound with a reason."""
+    monkeypatch.setattr(nqm, "_SCAN_LIMIT", 10**4)
+    steps, info = NQM8.steps_to_target(SGD(PiecewiseConstant((10**12,), (2.0, 0.1))), 1, 1e-3, full_output=True)
+    assert steps == math.inf
+    assert info["reason"] == ("diverges: spectral radius >= 1 on a piece of 1000000000000 steps (searched step by "
+                              "step for its first 10000)")

@@ -394,11 +394,14 @@ class NQM:
             if not mf.stable:
                 if last:
                     return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
-                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), length, target)
+                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), min(length, _SCAN_LIMIT), target)
                 if k >= 0:
                     return start + k, "", floor
                 if reason.startswith("diverges"):
                     return -1, reason, math.inf
+                if length > _SCAN_LIMIT:  # a long unstable piece: searched step by step up to a bound only
+                    return -1, (f"diverges: spectral radius >= 1 on a piece of {length} steps (searched step by "
+                                f"step for its first {_SCAN_LIMIT})"), math.inf
                 continue  # _scan has advanced S to the end of the piece
             k_hi = self._horizon(mf, target, length)
             if k_hi >= 0:
