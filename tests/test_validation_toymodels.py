@@ -417,6 +417,15 @@ def test_random_features_train_reports_divergence():
     assert ok.attrs["diverged"] == "False" and list(ok.step.values) == [0, 100, 200]
 
 
+def test_exact_searches_report_divergence_with_a_reason():
+    steps, info = FLR4.steps_to_target(SGD(10.0 * FLR4.lr_limit()), 1, 1e-3, full_output=True)
+    assert steps == math.inf and info["reason"].startswith("diverges: the loss overflowed by step")
+    assert FLR4.loss_at_step(SGD(10.0 * FLR4.lr_limit()), 1, 10**6) == math.inf
+    assert GLR6.loss_at_step(Momentum(3.0, 0.9), 1, 5000) == math.inf
+    steps, info = GLR6.steps_to_target(Momentum(3.0, 0.9), 1, 1e-3, full_output=True)
+    assert steps == math.inf and info["reason"].startswith("diverges")
+
+
 def test_exact_curves_report_divergence_as_inf():
     for model in (NQM8, GLR6):
         curve = model.loss_curve(SGD(4.0), 1, np.array([0, 10, 10**6]))

@@ -35,8 +35,8 @@ import xarray as xr
 from ._args import BATCH_SIZE, LR, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, SEED, STEP, TARGET
 from ._validate import (Array, Boolean, Integer, Maybe, Options, Real, Steps, check_bytes, check_int, check_real,
                         check_steps, validate)
-from .montecarlo import simulate_finite
-from .nqm import check_batch_size, mc_divergence
+from .montecarlo import mc_divergence, simulate_finite
+from .nqm import check_batch_size
 from .optimizers import SGD
 from .schedules import Constant
 from .schema import attach_attrs

@@ -38,8 +38,8 @@ from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_
                     TARGET)
 from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Real, check_bytes, check_int, check_real, check_spectrum,
                         validate)
-from .nqm import (NQM, _check_optimizer, _check_target, check_batch_size, checked_trajectory, mc_divergence, mc_setup,
-                  mc_stats_dataset)
+from .montecarlo import mc_divergence, mc_stats_dataset
+from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, checked_trajectory, mc_setup
 from .optimizers import SGD
 from .schedules import Constant
 from .schema import attach_attrs

@@ -26,7 +26,7 @@ from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_
                     TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
-from .montecarlo import simulate_linear_system
+from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system
 from .optimizers import Optimizer
 from .schedules import Constant
 from .schema import attach_attrs
@@ -79,37 +79,6 @@ def mc_setup(optimizer, batch_size, steps, n_runs, seed, progress):
 
         bar = tqdm(total=int(ks[-1]), desc="simulate", unit="step")
     return bs, ks, n_runs, seed, np.random.default_rng(seed), bar
-
-
-def mc_divergence(ks, *arrays):
-    """Overflowed Monte Carlo runs: every ``(n_records, n_runs)`` array is set to ``inf`` from the
-    first recorded step where some run is non-finite on.  Returns ``(first, reason)``: the index of
-    that step (None if every run stayed finite) and why."""
-    bad = np.zeros(ks.size, dtype=bool)
-    for a in arrays:
-        bad |= ~np.all(np.isfinite(a), axis=1)
-    if not bad.any():
-        return None, ""
-    first = int(np.argmax(bad))
-    for a in arrays:
-        a[first:] = np.inf
-    return first, f"diverges: a run overflowed by step {int(ks[first])} (learning rate above the stability limit)"
-
-
-def mc_stats_dataset(ks, loss, stats, n_runs, first):
-    """The Monte Carlo dataset: mean ``loss`` and ``loss_sem`` over runs and the statistics; every
-    value ``inf`` from index ``first`` on (a divergence, see :func:`mc_divergence`), never NaN."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        ds = xr.Dataset(
-            {"loss": ("step", loss.mean(axis=1)), "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
-             **{k: ("step", np.array(v, np.float64)) for k, v in stats.items()}},
-            coords={"step": ks},
-        )
-    for v in ds.data_vars.values():
-        if first is not None:
-            v.values[first:] = np.inf
-        v.values[np.isnan(v.values)] = np.inf
-    return ds
 
 
 def _check_target(target):
