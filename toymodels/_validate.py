@@ -13,8 +13,11 @@ Two ways to use it:
 * declared constraints, scikit-learn style: ``@validate(lr=Real(0, inf, low_open=True),
   n_steps=Integer(1, MAX_STEPS))`` checks (and converts) the named arguments on every call, and
   registers the function in :data:`REGISTRY` with its constraints.  Each constraint also lists
-  values it must refuse (:meth:`Constraint.bad_values`), so ``tests/test_validation.py`` generates
-  bad input for every registered public function from the declarations themselves.
+  values it must refuse (:meth:`Constraint.bad_values`), so ``tests/test_validation_toymodels.py``
+  generates bad input for every registered public function from the declarations themselves.
+
+Sizes are estimated before anything large is allocated (:func:`check_bytes`, at most
+:data:`MAX_BYTES`), and every iteration count declares a finite upper bound.
 
 :mod:`deepmodels._validate` adds the torch constraints (tensor dtype, device, shape).
 """

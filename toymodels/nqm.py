@@ -275,9 +275,12 @@ class NQM:
         (taken at the base iterate theta, also under iterate averaging), the per-example noise
         covariance trace is sum_i c_i; the statistics follow :func:`toymodels.stats.gradient_statistics`.
 
+        Args and limits as :meth:`loss_curve` (``progress``: a tqdm bar over updates computed one at
+        a time).
+
         Returns:
             Dataset over ``step`` with ``loss``, ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``
-            and ``noise_scale``; ``source="exact"``.
+            and ``noise_scale``; ``source="exact"``; ``inf`` from an overflow on (``attrs["diverged"]``).
         """
         bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
         stats = gradient_statistics(gsq, np.sum(self.c), self.dim, bs)
