@@ -9,7 +9,7 @@ from ._validate import MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Instance, Integ
 from .optimizers import Optimizer
 
 __all__ = ["BATCH_SIZE", "OPTIMIZER", "TARGET", "SEED", "N_RUNS", "STEPS", "MC_STEPS", "STEP", "LR", "MAYBE_LR",
-           "PROGRESS", "MAX_MC_STEPS", "MAX_RUNS"]
+           "PROGRESS", "POSITIVE_ARRAY", "MAX_MC_STEPS", "MAX_RUNS"]
 
 MAX_RUNS = 10**6  # Monte Carlo runs at once
 MAX_MC_STEPS = 10**8  # Monte Carlo steps (each one costs n_runs x d random draws)
