@@ -134,7 +134,7 @@ def test_bad_input(kwargs, match):
 def test_bad_call_arguments(noisy):
     with pytest.raises(ValueError, match="`lr` must be a float in \\(0, inf\\)"):
         noisy.loss_curve(-0.1, 1, 10)
-    with pytest.raises(ValueError, match="`sampling` must be 'norm' or 'uniform'"):
+    with pytest.raises(ValueError, match="`sampling` must be one of 'norm', 'uniform'"):
         noisy.kaczmarz_curve(10, sampling="cyclic")
     with pytest.raises(ValueError, match="`batch_size` must be a whole number"):
         noisy.simulate(0.1, 1.5, 10)

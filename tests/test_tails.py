@@ -125,9 +125,9 @@ def test_only_the_tail_must_be_positive():
         ({"values": [3.0, 2.0, 0.0]}, r"`values` must be > 0 in the fitted tail \(the top k=3\)"),
         ({"values": [3.0, 2.0, -1.0], "k": 3}, "`values` must be > 0 in the fitted tail"),
         ({"values": [2.0, 2.0, 2.0]}, "`values` must hold at least two distinct values"),
-        ({"values": [3.0, 2.0, 1.0], "k": 1}, r"`k` must be an integer in \[2, 3\]; got 1"),
+        ({"values": [3.0, 2.0, 1.0], "k": 1}, r"`k` must be an integer >= 2, None or 'auto'; got 1"),
         ({"values": [3.0, 2.0, 1.0], "k": 4}, r"`k` must be an integer in \[2, 3\]; got 4"),
-        ({"values": [3.0, 2.0, 1.0], "k": "best"}, "`k` must be an integer in \\[2, 3\\], None or 'auto'"),
+        ({"values": [3.0, 2.0, 1.0], "k": "best"}, "`k` must be an integer >= 2, None or 'auto'; got 'best'"),
         ({"values": [3.0, 2.0, 1.0], "k": 2, "xmin": 1.0}, "at most one of `k` and `xmin`"),
         ({"values": [3.0, 2.0, 1.0], "xmin": 2.5}, "`xmin` must leave at least 2 values"),
         ({"values": [3.0, 2.0, 1.0], "xmin": 0.0}, r"`xmin` must be a float in \(0, inf\]"),
@@ -308,7 +308,7 @@ def test_subsampling_is_seeded(history):
         (np.full((30, 30), np.inf), {}, "`G` must be finite"),
         (np.ones((10, 30)), {}, "`G` must have at least 20 rows and 20 columns"),
         (np.ones((30, 30)), {"k_power": 1}, "`k_power` must be an integer"),
-        (np.ones((30, 30)), {"n_normal": 5}, r"`n_normal` must be an integer in \[20, inf\]"),
+        (np.ones((30, 30)), {"n_normal": 5}, r"`n_normal` must be an integer in \[20, 1099511627776\]"),
         (np.ones((30, 30)), {"max_tests": 0}, "`max_tests` must be an integer"),
         (np.ones((30, 30)), {"alpha": 0.0}, "`alpha` must be a float"),
     ],
@@ -376,7 +376,7 @@ def test_davis_kahan_values_and_bad_input():
     np.testing.assert_array_equal(davis_kahan_bound([0.0, 1.0, 1.0], [0.0, 0.0, np.inf]), [0.0, np.inf, 0.0])
     with pytest.raises(ValueError, match="`perturbation_norm` must be finite and >= 0"):
         davis_kahan_bound(-1.0, 1.0)
-    with pytest.raises(ValueError, match="`gap` must be >= 0"):
+    with pytest.raises(ValueError, match="`gap` must be finite or \\+inf; got 1 NaN or -inf entries"):
         davis_kahan_bound(1.0, np.nan)
     with pytest.raises(ValueError, match="`eigenvalues` must hold at least 2 values"):
         eigengaps([1.0])

@@ -13,8 +13,11 @@ Two ways to use it:
 * declared constraints, scikit-learn style: ``@validate(lr=Real(0, inf, low_open=True),
   n_steps=Integer(1, MAX_STEPS))`` checks (and converts) the named arguments on every call, and
   registers the function in :data:`REGISTRY` with its constraints.  Each constraint also lists
-  values it must refuse (:meth:`Constraint.bad_values`), so ``tests/test_validation.py`` generates
-  bad input for every registered public function from the declarations themselves.
+  values it must refuse (:meth:`Constraint.bad_values`), so ``tests/test_validation_toymodels.py``
+  generates bad input for every registered public function from the declarations themselves.
+
+Sizes are estimated before anything large is allocated (:func:`check_bytes`, at most
+:data:`MAX_BYTES`), and every iteration count declares a finite upper bound.
 
 :mod:`deepmodels._validate` adds the torch constraints (tensor dtype, device, shape).
 """
@@ -43,9 +46,19 @@ __all__ = [
     "validate",
     "REGISTRY",
     "MAX_EXACT_INT",
+    "MAX_BYTES",
+    "MAX_STEPS",
+    "Array",
+    "Callable",
+    "AnyOf",
+    "Steps",
+    "check_bytes",
+    "validate_init",
 ]
 
 MAX_EXACT_INT = 2**53  # above this a float no longer holds every integer: not a count
+MAX_BYTES = 2**32  # 4 GiB: the largest array a public function allocates (estimated before allocating)
+MAX_STEPS = 10**15  # the largest step index any exact curve or search accepts (closed forms jump there)
 
 
 def _fmt(value) -> str:
@@ -127,22 +140,48 @@ def check_spectrum(name: str, values, *, dim: int | None = None, positive: bool 
     return arr.copy()
 
 
-def check_steps(steps) -> np.ndarray:
-    """Validate ``steps``: a count n (meaning 0..n) or a 1-D array of step indices.
+def check_steps(steps, *, high: int = MAX_STEPS, name: str = "steps") -> np.ndarray:
+    """Validate ``steps``: a count n (meaning 0..n) or a 1-D array of step indices <= ``high``.
 
-    Returns a sorted-unique int64 array of step indices.
+    A count allocates ``n + 1`` indices, so it must stay below :data:`MAX_BYTES` (pass an array of
+    the steps wanted, e.g. a log grid, for long curves).  Returns a strictly increasing int64 array.
     """
-    if np.ndim(steps) == 0:
-        n = check_int("steps", steps, low=0)
+    if steps is None or isinstance(steps, (str, bytes)) or np.ndim(steps) == 0:
+        n = check_int(name, steps, low=0, high=high)
+        check_bytes(name, 8.0 * (n + 1), what=f"a count of {n} steps (all {n + 1} indices); pass an array "
+                                              f"of the steps wanted instead")
         return np.arange(n + 1, dtype=np.int64)
     arr = np.asarray(steps)
+    if arr.dtype.kind not in "iuf" or arr.dtype == np.bool_:
+        raise TypeError(f"`{name}` must be a count or a 1-D array of step indices; got dtype {arr.dtype}.")
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"`steps` must be a count or a non-empty 1-D array of step indices; got shape {arr.shape}.")
-    if not np.all(np.isfinite(arr.astype(np.float64))) or np.any(arr < 0) or np.any(arr != np.floor(arr)):
-        raise ValueError("`steps` must hold non-negative integers.")
-    if np.any(np.diff(arr) <= 0):
-        raise ValueError("`steps` must be strictly increasing.")
+        raise ValueError(f"`{name}` must be a count or a non-empty 1-D array of step indices; got shape {arr.shape}.")
+    f = arr.astype(np.float64)
+    if not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f != np.floor(f)) or np.any(f > high):
+        raise ValueError(f"`{name}` must be step indices, integers in [0, {high}]; got min {f.min():g}, max {f.max():g}.")
+    if np.any(np.diff(f) <= 0):
+        raise ValueError(f"`{name}` must be strictly increasing.")
     return arr.astype(np.int64)
+
+
+def check_bytes(name: str, n_bytes: float, *, what: str = "", limit: float | None = None) -> None:
+    """Refuse, before allocating, an array of ``n_bytes`` above ``limit`` (default :data:`MAX_BYTES`).
+
+    Raises:
+        ValueError: naming the argument that sets the size, with the estimate.
+    """
+    limit = MAX_BYTES if limit is None else limit
+    if not n_bytes <= limit:
+        detail = f" ({what})" if what else ""
+        raise ValueError(f"`{name}` must be small enough for its arrays to fit in {_size(limit)}; got an "
+                         f"estimated {_size(n_bytes)}{detail}.")
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes:.0f} B"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +308,171 @@ class Maybe(Constraint):
 
     def __repr__(self):
         return f"Maybe({self.inner!r})"
+
+
+class Array(Constraint):
+    """A real, finite numpy array (returned as a float64 copy).
+
+    Args:
+        ndim: the accepted numbers of dimensions (an int or a tuple); ``0`` in it accepts scalars.
+        low, high, low_open, high_open: the interval every entry must lie in.
+        min_size: the least number of entries.
+        what: how the message names it (default "a real array").
+
+    Complex, string, boolean and object input is a ``TypeError``; NaN, +-inf, wrong dimensions and
+    entries out of the interval a ``ValueError``.
+    """
+
+    def __init__(self, ndim=1, *, low=-math.inf, high=math.inf, low_open=False, high_open=False, min_size=1,
+                 what: str | None = None, posinf: bool = False):
+        self.ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        self.posinf = posinf
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+        self.min_size = min_size
+        self.dims = " or ".join("scalar" if d == 0 else f"{d}-D" for d in self.ndims)
+        self.what = what or f"a {'non-empty ' if min_size >= 1 else ''}{self.dims} array of reals"
+
+    def __call__(self, name, value):
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged nested lists
+            raise ValueError(f"`{name}` must be {self.what}; got a ragged sequence.") from None
+        if arr.dtype.kind not in "iuf":
+            got = "complex" if arr.dtype.kind == "c" else f"dtype {arr.dtype}"
+            raise TypeError(f"`{name}` must be {self.what}; got {got}.")
+        if arr.ndim not in self.ndims:
+            raise ValueError(f"`{name}` must be {self.what}; got shape {arr.shape}.")
+        if arr.size < self.min_size:
+            need = "non-empty" if self.min_size == 1 else f"at least {self.min_size}-entry"
+            raise ValueError(f"`{name}` must be a {need} {self.dims} array; got shape {arr.shape}.")
+        arr = np.array(arr, dtype=np.float64)
+        bad = ~np.isfinite(arr)
+        if self.posinf:
+            bad &= arr != math.inf
+        if bad.any():
+            if self.posinf:
+                raise ValueError(f"`{name}` must be finite or +inf; got {int(bad.sum())} NaN or -inf entries.")
+            raise ValueError(f"`{name}` must be finite; got {int(bad.sum())} non-finite entries.")
+        if arr.size == 0:
+            return arr
+        fin = arr[np.isfinite(arr)] if self.posinf else arr
+        lo = fin.min() if fin.size else math.inf
+        hi = arr.max()
+        below = lo < self.low or (self.low_open and lo == self.low)
+        above = hi > self.high or (self.high_open and hi == self.high)
+        if below or above:
+            if self.low > -math.inf and self.high < math.inf:
+                a, b = "(" if self.low_open else "[", ")" if self.high_open else "]"
+                raise ValueError(f"`{name}` must be in {a}{self.low:g}, {self.high:g}{b} everywhere; "
+                                 f"got min {lo:g}, max {hi:g}.")
+            if below:
+                op = ">" if self.low_open else ">="
+                raise ValueError(f"`{name}` must be {op} {self.low:g} everywhere; got min {lo:g}.")
+            op = "<" if self.high_open else "<="
+            raise ValueError(f"`{name}` must be {op} {self.high:g} everywhere; got max {hi:g}.")
+        return arr
+
+    def _example(self, fill):
+        nd = max(self.ndims)
+        return np.full((max(1, self.min_size),) + (1,) * (nd - 1), fill) if nd else fill
+
+    def bad_values(self):
+        nd = max(self.ndims)
+        bad = [None, "1", self._example(1.0 + 1j), self._example(math.nan), self._example(-math.inf),
+               np.array([["x"]]) if nd == 2 else np.array(["x"])]
+        if not self.posinf:
+            bad.append(self._example(math.inf))
+        if 0 not in self.ndims:
+            bad.append(np.ones((1,) * (nd + 1)))
+        if self.min_size >= 1:
+            bad.append(np.zeros((0,) * nd))
+        if self.low > -math.inf:
+            bad.append(self._example(self.low if self.low_open else self.low - max(1.0, abs(self.low))))
+        if self.high < math.inf:
+            bad.append(self._example(self.high if self.high_open else self.high + max(1.0, abs(self.high))))
+        return [b for b in bad if not (isinstance(b, np.ndarray) and b.ndim not in self.ndims and b.ndim < nd)]
+
+    def __repr__(self):
+        return f"Array(ndim={self.ndims})"
+
+
+class Callable(Constraint):
+    """Any callable."""
+
+    def __call__(self, name, value):
+        if not callable(value):
+            raise TypeError(f"`{name}` must be callable; got {type(value).__name__}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", 1.5]
+
+
+class AnyOf(Constraint):
+    """What one of ``constraints`` accepts (the first that does converts the value).  When all
+    refuse: ``ValueError`` if one of them refused the value (an accepted type out of range), else
+    ``TypeError``; both name ``what``."""
+
+    def __init__(self, *constraints: Constraint, what: str):
+        self.constraints, self.what = constraints, what
+
+    def __call__(self, name, value):
+        value_error = False
+        for c in self.constraints:
+            try:
+                return c(name, value)
+            except ValueError:
+                value_error = True
+            except TypeError:
+                pass
+        if value_error:
+            raise ValueError(f"`{name}` must be {self.what}; got {_fmt(value)}.")
+        raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
+
+    def bad_values(self):
+        out = []
+        for c in self.constraints:
+            for v in c.bad_values():
+                try:
+                    self("_", v)
+                except (TypeError, ValueError):
+                    out.append(v)
+        return out
+
+    def __repr__(self):
+        return f"AnyOf({', '.join(map(repr, self.constraints))})"
+
+
+class Steps(Constraint):
+    """Step indices: a count n (0..n) or a strictly increasing 1-D array, each <= ``high``
+    (:func:`check_steps`)."""
+
+    def __init__(self, high: int = MAX_STEPS):
+        self.high = high
+
+    def __call__(self, name, value):
+        return check_steps(value, high=self.high, name=name)
+
+    def bad_values(self):
+        return [None, "1", 1 + 1j, math.nan, -1, 1.5, True, 1e30, self.high + 1, np.array([3, 2]),
+                np.array([]), np.array([0.0, math.nan]), np.array([-1, 2]), np.array([0.5]),
+                np.array([1 + 1j])]
+
+
+def validate_init(**constraints):
+    """Class decorator: :func:`validate` the generated ``__init__`` of a dataclass (registered as
+    ``module.Class.__init__``)."""
+
+    def decorate(cls):
+        init = cls.__init__
+        init.__qualname__ = f"{cls.__qualname__}.__init__"
+        init.__module__ = cls.__module__
+        cls.__init__ = validate(**constraints)(init)
+        return cls
+
+    return decorate
 
 
 REGISTRY: dict = {}

@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["propagate", "jump", "ModalForm", "lyapunov", "loss_at", "loss_at_parts"]
+__all__ = ["propagate", "propagate_schedule", "jump", "ModalForm", "lyapunov", "loss_at", "loss_at_parts"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a 1- or 2-state mode is flagged
 # 3-state modes have only the loose Henrici bound when flagged, so they stay modal up to a larger
@@ -209,6 +209,107 @@ def jump(A, b, q, S, k):
     out = np.empty_like(S)
     _jump_kernel(A, b, q, S, int(k), out)
     return out
+
+
+MAX_SCAN_UPDATES = 10**9  # step-by-step updates of a schedule that keeps changing (per curve)
+MAX_SCAN_WORK = 2e10  # ... and updates x modes (about a minute); beyond either, propagate_schedule refuses
+_SCAN_CHUNK = 1 << 16  # learning rates computed at a time (no per-step arrays of the whole curve)
+_PROGRESS_MIN = 10**6  # step-by-step updates above which progress=None shows a bar
+
+
+def schedule_segments(schedule, end: int):
+    """Split updates 0..end-1 of ``schedule`` into ``(start, stop, lr)`` segments: ``lr`` a float on
+    constant pieces, ``None`` where the rate changes at every update (duck-typed: ``piecewise_constant``,
+    ``pieces()``, ``constant_after``, ``at(k)``)."""
+    if schedule.piecewise_constant:
+        starts, lrs = schedule.pieces()
+        stops = list(starts[1:]) + [end]
+        segs = [(int(a), int(min(b, end)), float(lr)) for a, b, lr in zip(starts, stops, lrs) if a < end]
+    else:
+        change = schedule.constant_after
+        change = end if change is None else min(int(change), end)
+        segs = [(0, change, None)] if change > 0 else []
+        if change < end:
+            segs.append((change, end, float(schedule.at(np.array([change]))[0])))
+    return [sg for sg in segs if sg[1] > sg[0]]
+
+
+def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self=None, q_loss=None,
+                       progress=None, name: str = "steps"):
+    """:func:`propagate` through a learning-rate schedule without per-step arrays of the whole curve.
+
+    Constant pieces are jumped over in closed form (:func:`jump`, O(log k) per record) when the noise
+    does not depend on the state (``q_self``, ``q_loss`` None); the other updates are stepped in
+    chunks of 2^16, with a tqdm bar (``progress`` True; None: when more than 10^6 updates are stepped).
+
+    Raises:
+        ValueError: naming ``name`` (the record steps' argument) when more than
+            :data:`MAX_SCAN_UPDATES` updates, or more than :data:`MAX_SCAN_WORK` updates x modes,
+            would have to be stepped one at a time.
+
+    Returns:
+        ``(loss, grad_sq)`` at ``record`` as :func:`propagate`; ``S`` is left at step ``record[-1]``.
+    """
+    record = np.asarray(record, dtype=np.int64)
+    end = int(record[-1])
+    coupled = q_self is not None or q_loss is not None
+    segs = schedule_segments(schedule, end)
+    n_scan = sum(b - a for a, b, lr in segs if lr is None or coupled)
+    d = q.shape[0]
+    if n_scan > MAX_SCAN_UPDATES or n_scan * d > MAX_SCAN_WORK:
+        raise ValueError(
+            f"`{name}` must be reached within {MAX_SCAN_UPDATES:.0e} step-by-step updates (and {MAX_SCAN_WORK:.0e} "
+            f"updates x modes) where the learning rate keeps changing; got {n_scan} updates x {d} modes up to "
+            f"step {end}. Use a piecewise-constant schedule or one that becomes constant earlier (its constant "
+            f"part is computed in closed form), or fewer steps."
+        )
+    bar = None
+    if progress or (progress is None and n_scan > _PROGRESS_MIN):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_scan, desc="loss curve", unit="step")
+    loss = np.empty(record.size)
+    gsq = np.empty(record.size)
+    j = 0
+    k_cur = 0
+    r = int(readout)
+
+    def read(m):
+        loss[m] = 0.5 * np.sum(h * S[:, r, r])
+        gsq[m] = np.sum(h**2 * S[:, 0, 0])
+
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not segs:  # record == [0]
+                read(0)
+                return loss, gsq
+            for a, stop, lr in segs:
+                if lr is not None and not coupled:
+                    A, b = A0 + lr * A1, lr * b1
+                    while j < record.size and record[j] <= stop:
+                        S[:] = jump(A, b, q, S, int(record[j]) - k_cur)
+                        k_cur = int(record[j])
+                        read(j)
+                        j += 1
+                    if k_cur < stop:
+                        S[:] = jump(A, b, q, S, stop - k_cur)
+                        k_cur = stop
+                    continue
+                while k_cur < stop:
+                    k1 = min(stop, k_cur + _SCAN_CHUNK)
+                    lrs = np.full(k1 - k_cur, lr) if lr is not None else schedule.at(np.arange(k_cur, k1))
+                    hi = np.searchsorted(record, k1, side="right")
+                    rec = record[j:hi] - k_cur
+                    out_l, out_g = propagate(A0, A1, b1, q, h, r, lrs, rec, S, q_self=q_self, q_loss=q_loss)
+                    loss[j:hi], gsq[j:hi] = out_l, out_g
+                    j = hi
+                    if bar is not None:
+                        bar.update(k1 - k_cur)
+                    k_cur = k1
+    finally:
+        if bar is not None:
+            bar.close()
+    return loss, gsq
 
 
 @njit(cache=True, nogil=True)

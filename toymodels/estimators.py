@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ._validate import check_int
+from ._validate import Array, Instance, Integer, Maybe, check_bytes, check_int, validate
 from .schema import attach_attrs
 from .stats import gradient_statistics
 
@@ -38,6 +38,19 @@ __all__ = [
     "sample_gc",
     "estimator_stats",
 ]
+
+
+_GRADS = Array(2, what="a non-empty 2-D array (examples, parameters)")
+_BATCH = Integer(1, 2**40)
+_SEED = Integer(0, 2**63 - 1)
+_LABELS = Instance(np.ndarray, list, tuple, what="integer cluster labels (an array)")
+_RNG = Instance(np.random.Generator, what="a numpy.random.Generator")
+_MAX_SAMPLES = 10**7
+
+
+def _check_draws(n_samples, batch_size, n_params):
+    check_bytes("n_samples", 8.0 * n_samples * (batch_size + 1) * n_params,
+                what=f"{n_samples} draws x {batch_size} examples x {n_params} parameters")
 
 
 def _check_grads(G, name="G"):
@@ -61,6 +74,7 @@ def _trace_cov(G):
     return float(np.sum((G - G.mean(axis=0)) ** 2) / G.shape[0])
 
 
+@validate(G=_GRADS, batch_size=_BATCH)
 def sg_variance(G, batch_size: int) -> float:
     """V of SG-B: tr Sigma / B (B examples drawn uniformly with replacement)."""
     G = _check_grads(G)
@@ -68,6 +82,7 @@ def sg_variance(G, batch_size: int) -> float:
     return _trace_cov(G) / bs
 
 
+@validate(G=_GRADS, G_snapshot=_GRADS, batch_size=_BATCH)
 def svrg_variance(G, G_snapshot, batch_size: int) -> float:
     """V of SVRG with the control variate of ``G_snapshot`` (same shape as G): tr Cov(g_i - g~_i) / B."""
     G = _check_grads(G)
@@ -77,6 +92,7 @@ def svrg_variance(G, G_snapshot, batch_size: int) -> float:
     return _trace_cov(G - S) / check_int("batch_size", batch_size, low=1)
 
 
+@validate(G=_GRADS, assign=_LABELS)
 def gc_variance(G, assign) -> float:
     """Prop. 3.1: V = N^-2 sum_k N_k^2 V_k for one example drawn from each cluster."""
     G = _check_grads(G)
@@ -98,13 +114,14 @@ def _objective(G, a, K):
     return obj
 
 
+@validate(G=_GRADS, n_clusters=Integer(1, 2**40), n_iter=Integer(1, 10**5), seed=_SEED)
 def gradient_clustering(G, n_clusters: int, *, n_iter: int = 10, seed: int = 0):
     """Weighted clustering of the gradients (Alg. 1-3 of Faghri et al.).
 
     Starts from K distinct examples chosen at random as centres with N_k = N / K, then alternates
     the A step (at fixed N_k), the N_k update and the U step ``n_iter`` times.  An emptied cluster is
     re-seeded with the example farthest from its centre.  A-U updates need not decrease the objective
-    (Sec. 3), so the best partition seen is returned.
+    (Sec. 3), so the best partition seen is returned.  ``n_iter`` is at most 10^5.
 
     Returns:
         ``(assign, objective)``: ``(N,)`` int labels in [0, K) and Eq. (2)'s value for them.
@@ -112,6 +129,7 @@ def gradient_clustering(G, n_clusters: int, *, n_iter: int = 10, seed: int = 0):
     G = _check_grads(G)
     n = G.shape[0]
     K = check_int("n_clusters", n_clusters, low=1, high=n)
+    check_bytes("n_clusters", 8.0 * n * K * 2, what=f"{n} examples x {K} cluster distances")
     n_iter = check_int("n_iter", n_iter, low=1)
     rng = np.random.default_rng(check_int("seed", seed, low=0))
     C = G[rng.choice(n, size=K, replace=False)].copy()
@@ -144,16 +162,20 @@ def gradient_clustering(G, n_clusters: int, *, n_iter: int = 10, seed: int = 0):
 # --------------------------------------------------------------------------------------------------
 # sampling (as the paper measures): draws of each estimator
 # --------------------------------------------------------------------------------------------------
+@validate(G=_GRADS, batch_size=_BATCH, n_samples=Integer(1, _MAX_SAMPLES), rng=_RNG)
 def sample_sg(G, batch_size: int, n_samples: int, rng) -> np.ndarray:
     """``(n_samples, P)`` draws of SG-B (with replacement)."""
     G = _check_grads(G)
     bs = check_int("batch_size", batch_size, low=1)
+    _check_draws(n_samples, bs, G.shape[1])
     idx = rng.integers(0, G.shape[0], size=(check_int("n_samples", n_samples, low=1), bs))
     return G[idx].mean(axis=1)
 
 
+@validate(G=_GRADS, G_snapshot=_GRADS, batch_size=_BATCH, n_samples=Integer(1, _MAX_SAMPLES), rng=_RNG)
 def sample_svrg(G, G_snapshot, batch_size: int, n_samples: int, rng) -> np.ndarray:
     """``(n_samples, P)`` draws of SVRG."""
+    _check_draws(n_samples, batch_size, np.shape(G)[1])
     G = _check_grads(G)
     S = _check_grads(G_snapshot, "G_snapshot")
     if S.shape != G.shape:
@@ -163,8 +185,10 @@ def sample_svrg(G, G_snapshot, batch_size: int, n_samples: int, rng) -> np.ndarr
     return (G[idx] - S[idx]).mean(axis=1) + S.mean(axis=0)
 
 
+@validate(G=_GRADS, assign=_LABELS, n_samples=Integer(1, _MAX_SAMPLES), rng=_RNG)
 def sample_gc(G, assign, n_samples: int, rng) -> np.ndarray:
     """``(n_samples, P)`` draws of the stratified estimator, Eq. (1)."""
+    _check_draws(n_samples, 1, np.shape(G)[1])
     G = _check_grads(G)
     a = _check_assign(assign, G.shape[0])
     n_samples = check_int("n_samples", n_samples, low=1)
@@ -176,6 +200,8 @@ def sample_gc(G, assign, n_samples: int, rng) -> np.ndarray:
     return out / G.shape[0]
 
 
+@validate(G=_GRADS, batch_size=_BATCH, assign=Maybe(_LABELS), G_snapshot=Maybe(_GRADS), n_samples=Integer(0, _MAX_SAMPLES),
+          seed=_SEED)
 def estimator_stats(G, batch_size: int, *, assign=None, G_snapshot=None, n_samples: int = 0,
                     seed: int = 0) -> xr.Dataset:
     """Average variance and normalized variance of SG-B, SG-2B, SVRG and GC at one snapshot.
@@ -209,6 +235,7 @@ def estimator_stats(G, batch_size: int, *, assign=None, G_snapshot=None, n_sampl
     data = {k: ("estimator", np.asarray(st[k], dtype=np.float64)) for k in ("grad_var", "grad_nvar", "snr")}
     if n_samples:
         n_samples = check_int("n_samples", n_samples, low=2)
+        _check_draws(n_samples, 2 * bs, G.shape[1])
         sampled = []
         for k in names:
             draws = est[k][1](n_samples)

@@ -32,12 +32,21 @@ import math
 import numpy as np
 import xarray as xr
 
-from ._validate import check_int, check_real, check_steps
-from .montecarlo import simulate_finite
+from ._args import BATCH_SIZE, LR, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, SEED, STEP, TARGET
+from ._validate import (Array, Boolean, Integer, Maybe, Options, Real, Steps, check_bytes, check_int, check_real,
+                        check_steps, validate)
+from .montecarlo import mc_divergence, simulate_finite
 from .nqm import check_batch_size
+from .optimizers import SGD
+from .schedules import Constant
 from .schema import attach_attrs
 
 __all__ = ["FiniteLinearRegression"]
+
+MAX_CURVE_STEPS = 10**7  # exact curves step the d x d moments one update at a time
+MAX_OPERATOR_DIM = 32  # steps_to_target / loss_at_step build the (d(d+1)/2 + d + 1)-state moment map
+_SEARCH_DEFAULT = 10**6  # default max_steps of steps_to_target
+_BLOCK = 1024  # steps_to_target evaluates the loss at this many steps per matrix product
 
 
 def _check_data(X, y):
@@ -57,13 +66,21 @@ def _check_data(X, y):
 
 
 def _mc_dataset(loss, sq, ks):
-    """Means over runs (axis 1) and their standard errors."""
+    """Means over runs (axis 1) and their standard errors; ``inf`` from the first recorded step where
+    a run has overflowed (never NaN).  Returns ``(dataset, reason)``, reason "" without divergence."""
     n = loss.shape[1]
-    return xr.Dataset(
-        {"loss": ("step", loss.mean(axis=1)), "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n)),
-         "sq_error": ("step", sq.mean(axis=1)), "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n))},
-        coords={"step": ks},
-    )
+    first, reason = mc_divergence(ks, loss, sq)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ds = xr.Dataset(
+            {"loss": ("step", loss.mean(axis=1)), "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n)),
+             "sq_error": ("step", sq.mean(axis=1)), "sq_error_sem": ("step", sq.std(axis=1, ddof=1) / math.sqrt(n))},
+            coords={"step": ks},
+        )
+    for v in ds.data_vars.values():
+        if first is not None:
+            v.values[first:] = np.inf
+        v.values[np.isnan(v.values)] = np.inf
+    return ds, reason
 
 
 class FiniteLinearRegression:
@@ -77,8 +94,11 @@ class FiniteLinearRegression:
     """
 
     model_name = "linreg_finite"
+    families = ("sgd",)  # what :func:`toymodels.sweep.batch_size_sweep` can tune here
 
+    @validate(X=Array(2, what="a non-empty 2-D array (n examples, d features)"), y=Array(1), w0=Array((0, 1)))
     def __init__(self, X, y, w0=0.0):
+        check_bytes("X", 8.0 * np.shape(X)[1] ** 2 * 3, what=f"d x d moment matrices, d = {np.shape(X)[1]}")
         self.X, self.y = _check_data(X, y)
         n, d = self.X.shape
         w0 = np.asarray(w0, dtype=np.float64)
@@ -93,17 +113,23 @@ class FiniteLinearRegression:
         self.row_sq = np.sum(self.X**2, axis=1)
 
     @classmethod
+    @validate(n=Integer(1, 2**40), d=Integer(1, 2**40), spectrum=Maybe(Array(1, low=0.0)),
+              noise_std=Real(0.0, math.inf, high_open=True), seed=SEED)
     def gaussian(cls, n: int, d: int, *, spectrum=None, noise_std: float = 0.0, seed: int = 0):
         """Synthetic data: x ~ N(0, diag(spectrum)) (default identity), y = w*.x + noise, w* ~ N(0, I).
 
         n < d (or noise_std = 0) interpolates: the residuals of the least-squares fit are zero.
+
+        Raises:
+            ValueError: the n x d data or the d x d moments would exceed
+                :data:`toymodels._validate.MAX_BYTES` (estimated before anything is drawn).
         """
-        n = check_int("n", n, low=1)
-        d = check_int("d", d, low=1)
-        noise_std = check_real("noise_std", noise_std, low=0.0, high=math.inf, high_open=True)
-        seed = check_int("seed", seed, low=0)
+        check_bytes("n", 8.0 * n * d * 2, what=f"the {n} x {d} data")
+        check_bytes("d", 8.0 * d * d * 3, what=f"{d} x {d} moment matrices")
+        if spectrum is not None and spectrum.size != d:
+            raise ValueError(f"`spectrum` must be of length d={d}; got {spectrum.size}.")
         rng = np.random.default_rng(seed)
-        lam = np.ones(d) if spectrum is None else np.asarray(spectrum, dtype=np.float64)
+        lam = np.ones(d) if spectrum is None else spectrum
         X = rng.standard_normal((n, d)) * np.sqrt(lam)
         w_star = rng.standard_normal(d)
         return cls(X, X @ w_star + noise_std * rng.standard_normal(n))
@@ -136,9 +162,132 @@ class FiniteLinearRegression:
     def params(self) -> dict:
         return {"n": self.n, "dim": self.dim, "min_loss": self.min_loss, "interpolating": self.interpolating}
 
-    def lr_limit(self) -> float:
-        """2 / lambda_max(Sigma): full-batch stability (SGD's exact limit is lower for small B)."""
+    @validate(optimizer=Maybe(OPTIMIZER))
+    def lr_limit(self, optimizer=None) -> float:
+        """2 / lambda_max(Sigma): full-batch stability (SGD's exact limit is lower for small B).
+        ``optimizer`` (optional, plain SGD) is accepted so that the model can be swept."""
+        if optimizer is not None:
+            self._check_sgd(optimizer, constant=False)
         return float(2.0 / np.linalg.eigvalsh(self.sigma)[-1])
+
+    # ------------------------------------------------------------------------------------------
+    # the sweep interface (toymodels.sweep): exact loss at any step and the exact first crossing
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_sgd(optimizer, constant=True):
+        if not isinstance(optimizer, SGD) or optimizer.precond != 0.0:
+            raise ValueError(f"`optimizer` must be plain SGD (precond 0) for FiniteLinearRegression; got "
+                             f"{optimizer.hyperparameters['optimizer']}.")
+        if constant and not isinstance(optimizer.lr, Constant):
+            raise ValueError("`optimizer` must have a constant learning rate here.")
+
+    def _operator(self, lr, bs):
+        """The affine moment map of one SGD step as a matrix on z = (S_ij for i <= j, m, 1), with the
+        loss readout f (L = f.z) and z_0; built by applying :meth:`_sgd_step` to a basis."""
+        d = self.dim
+        if d > MAX_OPERATOR_DIM:
+            raise ValueError(f"`X` must be at most {MAX_OPERATOR_DIM} features wide for the exact loss at any step "
+                             f"and steps to target (their moment map has d(d+1)/2 + d + 1 states); got {d}.")
+        iu = np.triu_indices(d)
+        p = iu[0].size
+        n_z = p + d + 1
+        cache = self.__dict__.setdefault("_op_cache", {})
+        key = (float(lr), float(bs))
+        if key in cache:
+            return cache[key]
+        M = np.zeros((n_z, n_z))
+        m0, S0 = np.zeros(d), np.zeros((d, d))
+        m_c, S_c = self._sgd_step(m0, S0, lr, bs)
+        M[:p, -1], M[p:p + d, -1], M[-1, -1] = S_c[iu], m_c, 1.0
+        for col, (i, j) in enumerate(zip(*iu)):
+            E = np.zeros((d, d))
+            E[i, j] = E[j, i] = 1.0
+            m1, S1 = self._sgd_step(m0, E, lr, bs)
+            M[:p, col], M[p:p + d, col] = S1[iu] - S_c[iu], m1 - m_c
+        for l in range(d):
+            m1, S1 = self._sgd_step(np.eye(d)[l], S0, lr, bs)
+            M[:p, p + l], M[p:p + d, p + l] = S1[iu] - S_c[iu], m1 - m_c
+        f = np.zeros(n_z)
+        f[:p] = np.where(iu[0] == iu[1], 0.5, 1.0) * self.sigma[iu]
+        e0 = self.w0 - self.w_ls
+        z0 = np.concatenate([np.outer(e0, e0)[iu], e0, [1.0]])
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = (M, f, z0)
+        return cache[key]
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, lr=MAYBE_LR)
+    def modal_form(self, optimizer, batch_size, lr=None):
+        """No closed form of sums of exponentials here (the sweep then calls :meth:`steps_to_target`)."""
+        raise NotImplementedError("FiniteLinearRegression has no modal form; loss_at_step and steps_to_target "
+                                  "power its moment map instead.")
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
+    def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
+        """Exact expected excess loss at step k (in [0, 10^15]) of SGD with batches drawn with
+        replacement, by binary powering of the affine moment map (at most 32 features);
+        ``inf`` if it overflows."""
+        self._check_sgd(optimizer, constant=lr is None)
+        lr = optimizer.lr.lr if lr is None else lr
+        M, f, z = self._operator(lr, batch_size)
+        P = M.copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            while k:
+                if k & 1:
+                    z = P @ z
+                k >>= 1
+                if k:
+                    P = P @ P
+            v = float(f @ z)
+        return v if math.isfinite(v) else math.inf
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, target=TARGET, max_steps=Maybe(Integer(1, 10**9)),
+              full_output=Boolean())
+    def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int | None = None,
+                        full_output: bool = False):
+        """The first step k <= ``max_steps`` (default 10^6, at most 10^9) with expected excess loss
+        L_k <= target, exact: L_k is computed at every step, 1024 at a time from the moment map and
+        its powers (plain SGD, constant learning rate, at most 32 features).
+
+        Returns:
+            ``float`` holding an integer, or ``inf`` (``full_output``: with a dict giving the
+            ``reason``: the loss overflowed, or not reached by ``max_steps``).
+        """
+        self._check_sgd(optimizer)
+        max_steps = _SEARCH_DEFAULT if max_steps is None else max_steps
+        k, reason = self._first_crossing(optimizer.lr.lr, batch_size, target, max_steps)
+        steps = float(k) if k >= 0 else math.inf
+        if full_output:
+            return steps, {"reason": reason, "noise_floor": math.nan}
+        return steps
+
+    def _first_crossing(self, lr, bs, target, max_steps):
+        M, f, z = self._operator(lr, bs)
+        T = min(_BLOCK, max_steps + 1)
+        rows = [f]  # rows[j] = f M^j, built by doubling
+        with np.errstate(over="ignore", invalid="ignore"):
+            R = f[None, :]
+            Mp = M
+            while R.shape[0] < T:
+                R = np.vstack([R, R @ Mp])
+                Mp = Mp @ Mp
+            R = R[:T]
+            MT = np.linalg.matrix_power(M, T)
+            k0 = 0
+            while k0 <= max_steps:
+                L = R @ z
+                n_ok = min(T, max_steps - k0 + 1)
+                L = L[:n_ok]
+                hit = np.flatnonzero(L <= target)
+                bad = np.flatnonzero(~np.isfinite(L))
+                if hit.size and (not bad.size or hit[0] < bad[0]):
+                    return k0 + int(hit[0]), ""
+                if bad.size:
+                    return -1, f"diverges: the loss overflowed by step {k0 + int(bad[0])}"
+                z = MT @ z
+                k0 += T
+        del rows
+        return -1, f"not reached within max_steps={max_steps}"
 
     # ------------------------------------------------------------------------------------------
     def _sgd_step(self, m, S, lr, bs):
@@ -174,13 +323,15 @@ class FiniteLinearRegression:
             m, S = step(m, S, lrs[k])
         return loss, sq
 
+    @validate(lr=LR, batch_size=BATCH_SIZE, steps=Steps(MAX_CURVE_STEPS))
     def loss_curve(self, lr, batch_size, steps) -> xr.Dataset:
         """Exact expected excess loss of SGD with batches drawn with replacement.
 
         Args:
             lr: constant learning rate > 0.
             batch_size: B >= 1 (rows per step, drawn uniformly with replacement).
-            steps: a count or an increasing array of step indices.
+            steps: a count or an increasing array of step indices, at most 10^7 (every step is
+                computed, O(n d^2) each).
 
         Returns:
             Dataset over ``step``: ``loss`` (E L(w_k) - L(w_ls)) and ``sq_error`` (E|w_k - w_ls|^2);
@@ -194,13 +345,16 @@ class FiniteLinearRegression:
                      sampling="with replacement", **self.params)
         return ds
 
+    @validate(lr=LR, batch_size=BATCH_SIZE, steps=MC_STEPS, replacement=Boolean(), n_runs=N_RUNS, seed=SEED)
     def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0) -> xr.Dataset:
         """Monte Carlo SGD (numba kernel, explicit seed): batches of B rows drawn with replacement, or without (``replacement=False``:
         a fresh random permutation each epoch, consecutive batches of B; a batch may straddle two
         epochs when B does not divide n).
 
         Returns:
-            Dataset over ``step``: ``loss`` (mean excess loss over runs), ``loss_sem``, ``sq_error``.
+            Dataset over ``step``: ``loss`` (mean excess loss over runs), ``loss_sem``, ``sq_error``;
+            ``inf`` from the first recorded step where a run overflowed (``attrs["diverged"]``,
+            ``attrs["reason"]``), never NaN.  At most 10^8 steps and 10^6 runs.
         """
         lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
         bs = check_batch_size(batch_size)
@@ -210,15 +364,15 @@ class FiniteLinearRegression:
         ks = check_steps(steps)
         n_runs = check_int("n_runs", n_runs, low=2)
         seed = check_int("seed", seed, low=0)
+        self._check_mc_size(ks, n_runs, bs)
         rng = np.random.default_rng(seed)
-        loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.full(int(ks[-1]), lr), ks,
-                                   n_runs, rng, batch_size=bs, replacement=replacement)
-        loss[~np.isfinite(loss)] = np.inf
-        sq[~np.isfinite(sq)] = np.inf
-        ds = _mc_dataset(loss, sq, ks)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.full(int(ks[-1]), lr), ks,
+                                       n_runs, rng, batch_size=bs, replacement=replacement)
+        ds, reason = _mc_dataset(loss, sq, ks)
         attach_attrs(ds, model=self.model_name, source="simulation", optimizer="sgd", lr=lr, batch_size=bs,
                      sampling="with replacement" if replacement else "without replacement (epochs)",
-                     n_runs=n_runs, seed=seed, **self.params)
+                     n_runs=n_runs, seed=seed, diverged=bool(reason), reason=reason, **self.params)
         return ds
 
     # ------------------------------------------------------------------------------------------
@@ -248,6 +402,12 @@ class FiniteLinearRegression:
         m_new = m - Q @ m + U.T @ (p * coef)
         return m_new, 0.5 * (S_new + S_new.T)
 
+    def _check_mc_size(self, ks, n_runs, bs):
+        check_bytes("n_runs", 8.0 * n_runs * (2 * ks.size + self.dim + 2 * bs + self.n),
+                    what=f"{n_runs} runs x ({ks.size} records, {self.dim} weights, {bs} rows per step)")
+        check_bytes("steps", 8.0 * (int(ks[-1]) + 1), what=f"{int(ks[-1])} learning rates")
+
+    @validate(steps=Steps(MAX_CURVE_STEPS), sampling=Options("norm", "uniform"))
     def kaczmarz_curve(self, steps, *, sampling: str = "norm") -> xr.Dataset:
         """Exact expected excess loss and squared error of randomized Kaczmarz, with the
         Strohmer-Vershynin bound (1 - 1/kappa^2)^k |e_0|^2 beside them (``sv_bound``; a bound for
@@ -262,16 +422,18 @@ class FiniteLinearRegression:
         attach_attrs(ds, model=self.model_name, source="exact", optimizer="kaczmarz", sampling=sampling, **self.params)
         return ds
 
+    @validate(steps=MC_STEPS, sampling=Options("norm", "uniform"), n_runs=N_RUNS, seed=SEED)
     def kaczmarz_simulate(self, steps, *, sampling: str = "norm", n_runs: int = 200, seed: int = 0) -> xr.Dataset:
         """Monte Carlo randomized Kaczmarz (same outputs as :meth:`simulate`)."""
         p = self._row_probs(sampling)
         ks = check_steps(steps)
         n_runs = check_int("n_runs", n_runs, low=2)
         seed = check_int("seed", seed, low=0)
+        self._check_mc_size(ks, n_runs, 1)
         rng = np.random.default_rng(seed)
         loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.zeros(int(ks[-1])), ks, n_runs,
                                    rng, probs=p, kaczmarz=True)
-        ds = _mc_dataset(loss, sq, ks)
+        ds, _ = _mc_dataset(loss, sq, ks)
         attach_attrs(ds, model=self.model_name, source="simulation", optimizer="kaczmarz", sampling=sampling,
                      n_runs=n_runs, seed=seed, **self.params)
         return ds

@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from ._validate import check_int, check_real
+from ._validate import MAX_EXACT_INT, Array, Instance, Integer, Real, check_bytes, check_int, check_real, validate
 from .features import RandomFeatures
 from .linreg import GaussianLinearRegression
 from .nqm import NQM, check_batch_size
@@ -48,6 +48,9 @@ from .nqm import NQM, check_batch_size
 __all__ = ["gradient_history", "gradient_moments"]
 
 _MODELS = (NQM, GaussianLinearRegression, RandomFeatures)
+_MODEL = Instance(*_MODELS, what="an NQM, GaussianLinearRegression or RandomFeatures")
+_BATCH = Real(1.0, float(MAX_EXACT_INT))
+MAX_ITER = 10**8  # rows of one gradient history
 
 
 def _dim(model) -> int:
@@ -91,6 +94,8 @@ def _draw(model, theta, batch_size, rng) -> np.ndarray:
     return model._grad_weights(theta, idx) @ model.phi[idx] / batch_size
 
 
+@validate(model=_MODEL, theta=Array(1), batch_size=_BATCH, n_iter=Integer(1, MAX_ITER),
+          lr=Real(0.0, math.inf, high_open=True), seed=Integer(0, 2**63 - 1))
 def gradient_history(model, theta, *, batch_size, n_iter: int, lr: float = 0.0, seed: int = 0) -> np.ndarray:
     """``(T, P)`` mini-batch gradients of a toy model, at a fixed point or along SGD.
 
@@ -99,7 +104,8 @@ def gradient_history(model, theta, *, batch_size, n_iter: int, lr: float = 0.0, 
             :class:`~toymodels.RandomFeatures`.
         theta: ``(P,)`` parameters theta_0 (P = ``model.dim``, or ``student_hidden`` for random features).
         batch_size: B, a real >= 1 for the NQM, an integer >= 1 for the sampled models.
-        n_iter: T, the number of rows, >= 1.
+        n_iter: T, the number of rows, in [1, 10^8] (and T x P floats within
+            :data:`toymodels._validate.MAX_BYTES`).
         lr: 0 for i.i.d. rows at ``theta``; > 0 for the gradients along SGD from ``theta``
             (theta_{t+1} = theta_t - lr g_t).
         seed: seed of the numpy generator drawing every batch.
@@ -114,6 +120,7 @@ def gradient_history(model, theta, *, batch_size, n_iter: int, lr: float = 0.0, 
     """
     theta, bs = _check(model, theta, batch_size)
     n_iter = check_int("n_iter", n_iter, low=1)
+    check_bytes("n_iter", 8.0 * n_iter * theta.size, what=f"the {n_iter} x {theta.size} history")
     lr = check_real("lr", lr, low=0.0, high=math.inf, high_open=True)
     rng = np.random.default_rng(check_int("seed", seed, low=0))
     G = np.empty((n_iter, theta.size))
@@ -127,6 +134,7 @@ def gradient_history(model, theta, *, batch_size, n_iter: int, lr: float = 0.0, 
     return G
 
 
+@validate(model=_MODEL, theta=Array(1), batch_size=_BATCH)
 def gradient_moments(model, theta, batch_size) -> tuple[np.ndarray, np.ndarray]:
     """Exact mean ``(P,)`` and covariance ``(P, P)`` of one mini-batch gradient at ``theta``.
 
@@ -137,6 +145,7 @@ def gradient_moments(model, theta, batch_size) -> tuple[np.ndarray, np.ndarray]:
         TypeError, ValueError: as :func:`gradient_history`.
     """
     theta, bs = _check(model, theta, batch_size)
+    check_bytes("theta", 8.0 * theta.size**2 * 3, what=f"the {theta.size} x {theta.size} covariance")
     if isinstance(model, NQM):
         return model.h * theta, np.diag(model.c / bs)
     if isinstance(model, GaussianLinearRegression):

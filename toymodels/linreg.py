@@ -34,7 +34,11 @@ import numpy as np
 import xarray as xr
 
 from . import dynamics, secular
-from ._validate import check_int, check_real, check_spectrum
+from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED, STEP, STEPS,
+                    TARGET)
+from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Real, check_bytes, check_int, check_real, check_spectrum,
+                        validate)
+from .montecarlo import mc_divergence, mc_stats_dataset
 from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, checked_trajectory, mc_setup
 from .optimizers import SGD
 from .schedules import Constant
@@ -58,6 +62,7 @@ class GaussianLinearRegression:
 
     model_name = "linreg"
 
+    @validate(spectrum=POSITIVE_ARRAY, w_star=Array((0, 1)), noise_std=Real(0.0, math.inf, high_open=True))
     def __init__(self, spectrum, w_star=1.0, noise_std: float = 0.0):
         self.h = check_spectrum("spectrum", spectrum)
         d = self.h.size
@@ -72,6 +77,8 @@ class GaussianLinearRegression:
         self.noise_std = check_real("noise_std", noise_std, low=0.0, high=math.inf, high_open=True)
 
     @classmethod
+    @validate(dim=Integer(1, 2**40), power=Real(0.0, 50.0), w_star=Array((0, 1)),
+              noise_std=Real(0.0, math.inf, high_open=True))
     def power_law(cls, dim: int, power: float = 1.0, w_star=1.0, noise_std: float = 0.0):
         """lambda_i = i^-power."""
         return cls(power_law(dim, power), w_star, noise_std)
@@ -103,6 +110,7 @@ class GaussianLinearRegression:
         lam = self.h
         return self.noise_std**2 * lam / batch_size, lam**2 / batch_size, lam / batch_size
 
+    @validate(optimizer=OPTIMIZER)
     def lr_limit(self, optimizer) -> float:
         """The deterministic (full-batch) stability limit: an upper bound of the stable learning
         rates at any batch size (see :meth:`stable_lr` for the exact one of SGD)."""
@@ -140,6 +148,7 @@ class GaussianLinearRegression:
         tau = float(np.sum(self.h * c / one_minus)) / (1.0 - phi)
         return (u * tau + c) / one_minus
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def stable_lr(self, optimizer, batch_size) -> float:
         """The largest stable constant learning rate of (preconditioned) SGD at batch size B:
         the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1."""
@@ -159,6 +168,7 @@ class GaussianLinearRegression:
                 break
         return lo
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, lr=MAYBE_LR)
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """The closed form of SGD's expected loss, as a :class:`toymodels.dynamics.ModalForm` of
         one-state modes: mode m has rate mu_m (a root of the secular equation) and contributes
@@ -202,21 +212,41 @@ class GaussianLinearRegression:
             return dynamics.propagate(a0, a1, b1, q, self.h, optimizer.readout, lrs, record, S,
                                       q_self=q_self, q_loss=q_loss)
 
-    def _trajectory(self, optimizer, batch_size, ks):
-        """Exact expected loss and sum lambda^2 E[e^2] at sorted steps ``ks``."""
-        sched = optimizer.lr
-        if self._is_sgd(optimizer) and isinstance(sched, Constant) and ks[-1] > 20_000:
-            return self._sgd_closed_trajectory(optimizer, batch_size, sched.lr, ks)
-        S = self._S0(optimizer)
-        return self._propagate(optimizer, batch_size, sched.values(int(ks[-1])), ks, S)
+    def _propagate_schedule(self, optimizer, batch_size, schedule, record, S, progress=None, readout=None):
+        """Step by step through ``schedule`` in chunks (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
+        a0, a1, b1 = optimizer.affine(self.h)
+        q, q_self, q_loss = self._noise(batch_size)
+        r = optimizer.readout if readout is None else readout
+        with np.errstate(over="ignore", invalid="ignore"):
+            return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
+                                               q_loss=q_loss, progress=progress)
 
-    def _sgd_closed_trajectory(self, optimizer, bs, lr, ks):
+    def _trajectory(self, optimizer, batch_size, ks, progress=None):
+        """Exact expected loss and sum lambda^2 E[e^2] at sorted steps ``ks``: step by step, and for
+        SGD in closed form from the step where the schedule becomes constant."""
+        sched = optimizer.lr
+        S = self._S0(optimizer)
+        change = sched.constant_after
+        if not (self._is_sgd(optimizer) and change is not None and ks[-1] > int(change) + 20_000):
+            return self._propagate_schedule(optimizer, batch_size, sched, ks, S, progress)
+        change = int(change)
+        head = ks[ks <= change]
+        rec = head if head.size and head[-1] == change else np.append(head, change).astype(np.int64)
+        loss_h, gsq_h = self._propagate_schedule(optimizer, batch_size, sched, rec, S, progress)  # S: at `change`
+        lr = float(sched.at(np.array([change]))[0])
+        loss_t, gsq_t = self._sgd_closed_trajectory(optimizer, batch_size, lr, ks[ks > change] - change,
+                                                    S[:, 0, 0].copy())
+        return (np.concatenate([loss_h[: head.size], loss_t]), np.concatenate([gsq_h[: head.size], gsq_t]))
+
+    def _sgd_closed_trajectory(self, optimizer, bs, lr, ks, s0=None):
+        """Loss and sum lambda^2 E[e^2] at steps ``ks`` of constant-lr SGD from E[e^2] = ``s0``
+        (default: the initial one)."""
+        s0 = self.init_sq if s0 is None else s0
         a, u, v, c = self._sgd_system(optimizer, bs, lr)
         s_inf = self._sgd_stationary(a, u, c)
-        if s_inf is None:  # unstable: step until it overflows
-            S = self._S0(optimizer)
-            return self._propagate(optimizer, bs, np.full(int(ks[-1]), lr), ks, S)
-        delta = self.init_sq - s_inf
+        if s_inf is None:  # unstable: the second moments grow without bound
+            return self._unstable_trajectory(optimizer, bs, lr, ks, s0)
+        delta = s0 - s_inf
         kf = ks.astype(np.float64)
         out = []
         for f in (v, v * self.h):  # the loss v.s / 2, then half of sum lambda^2 s
@@ -226,7 +256,18 @@ class GaussianLinearRegression:
         loss, half_gsq = out
         return loss, 2.0 * half_gsq
 
+    def _unstable_trajectory(self, optimizer, bs, lr, ks, s0, n_max: int = 10**6):
+        """An unstable constant-lr run: stepped until it overflows (at most ``n_max`` updates); its
+        second moments grow without bound, so steps beyond are reported ``inf``."""
+        S = np.ascontiguousarray(s0.reshape(-1, 1, 1).copy())
+        near = ks[ks <= n_max]
+        loss, gsq = np.full(ks.size, np.inf), np.full(ks.size, np.inf)
+        if near.size:
+            loss[: near.size], gsq[: near.size] = self._propagate_schedule(optimizer, bs, Constant(lr), near, S)
+        return loss, gsq
+
     # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def stationary_loss(self, optimizer, batch_size) -> float:
         """The stationary excess risk for the spec's constant learning rate (``inf`` if unstable).
 
@@ -261,18 +302,27 @@ class GaussianLinearRegression:
 
     noise_floor = stationary_loss
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
-        """Exact expected excess risk at step k for a constant learning rate."""
-        lr = optimizer.lr.lr if lr is None else lr
+        """Exact expected excess risk at step k for a constant learning rate (the spec's or ``lr``):
+        closed form for SGD (k <= 10^15), step by step otherwise (bounded as :meth:`loss_curve`)."""
+        if lr is None:
+            if not isinstance(optimizer.lr, Constant):
+                raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
+            lr = optimizer.lr.lr
         if self._is_sgd(optimizer):
             mf = self._modal_from(self.init_sq, optimizer, batch_size, lr)
             return float(mf.loss(np.array([k]))[0]) if mf.stable else math.inf
         S = self._S0(optimizer)
-        loss, _ = self._propagate(optimizer, batch_size, np.full(int(k), lr), np.array([int(k)]), S)
+        try:
+            loss, _ = self._propagate_schedule(optimizer, batch_size, Constant(lr), np.array([int(k)]), S)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`steps`", "`k`", 1)) from None
         v = float(loss[0])
         return v if math.isfinite(v) else math.inf
 
-    def gradient_stats(self, optimizer, batch_size, steps) -> xr.Dataset:
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and gradient statistics along the exact expected trajectory.
 
         |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate); the per-example covariance trace
@@ -284,7 +334,7 @@ class GaussianLinearRegression:
             Dataset over ``step``: ``loss``, the five statistics of :mod:`toymodels.stats`,
             ``trace_cov_label`` and ``trace_cov_batch``; ``source="exact"``.
         """
-        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps)
+        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
         tr = float(np.sum(self.h))
         label = np.full(ks.size, self.noise_std**2 * tr)
         if optimizer.readout == 0:
@@ -302,6 +352,8 @@ class GaussianLinearRegression:
             v.values[np.isnan(v.values)] = np.inf
         attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
                      **self.params, **optimizer.hyperparameters)
+        for v in ds.data_vars.values():
+            v.attrs.update(ds.attrs)
         return ds
 
     def _base_batch_trace(self, optimizer, bs, ks, gsq):
@@ -309,15 +361,21 @@ class GaussianLinearRegression:
         a0, a1, b1 = optimizer.affine(self.h)
         q, q_self, q_loss = self._noise(bs)
         # read the base iterate: a copy of the system whose readout is entry 0
-        with np.errstate(over="ignore", invalid="ignore"):
-            base, _ = dynamics.propagate(a0, a1, b1, q, self.h, 0, optimizer.lr.values(int(ks[-1])), ks, S,
-                                         q_self=q_self, q_loss=q_loss)
+        base, _ = self._propagate_schedule(optimizer, bs, optimizer.lr, ks, S, readout=0)
         return gsq + 2.0 * base * float(np.sum(self.h))
 
-    def loss_curve(self, optimizer, batch_size, steps) -> xr.DataArray:
-        """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``)."""
-        return self.gradient_stats(optimizer, batch_size, steps)["loss"]
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
+        """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``).
 
+        SGD whose schedule becomes constant is computed in closed form from that step on (any step
+        up to 10^15); every other update is computed one at a time, at most 10^9 of them (and 2e10
+        updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError; ``progress``
+        as in :meth:`toymodels.NQM.loss_curve`.
+        """
+        return self.gradient_stats(optimizer, batch_size, steps, progress=progress)["loss"]
+
+    @validate(w=Array(1))
     def gradient_covariance(self, w) -> dict:
         """The per-example gradient covariance at weights ``w`` (eigenbasis), split by the law of
         total covariance: ``label`` = sigma^2 Sigma, ``batch`` = Sigma e e^T Sigma + (e^T Sigma e) Sigma
@@ -331,6 +389,8 @@ class GaussianLinearRegression:
                 "batch": np.outer(se, se) + float(e @ se) * np.diag(self.h)}
 
     # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, target=TARGET, max_steps=Maybe(Integer(1, MAX_STEPS)),
+              full_output=Boolean())
     def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int | None = None,
                         full_output: bool = False):
         """The first step k with expected excess risk L_k <= target (``inf`` if never).
@@ -347,6 +407,9 @@ class GaussianLinearRegression:
         if max_steps is None:
             max_steps = 10**15 if closed else _SCAN_DEFAULT
         max_steps = check_int("max_steps", max_steps, low=1)
+        if not closed and max_steps > dynamics.MAX_SCAN_UPDATES:
+            raise ValueError(f"`max_steps` must be at most {dynamics.MAX_SCAN_UPDATES} here (every step is computed "
+                             f"for this optimizer and schedule); got {max_steps}.")
         k, reason, floor = self._first_crossing(optimizer, bs, target, max_steps, closed)
         steps = float(k) if k >= 0 else math.inf
         if full_output:
@@ -404,18 +467,24 @@ class GaussianLinearRegression:
         return -1, f"not reached within max_steps={n_steps}"
 
     # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
+              progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0,
                  progress: bool = False) -> xr.Dataset:
         """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
 
         Returns:
             Dataset over ``step``: ``loss`` (mean excess risk over runs) and ``loss_sem``, and the
-            statistics of the mean |Sigma e|^2; ``source="simulation"``.
+            statistics of the mean |Sigma e|^2; ``source="simulation"``.  Runs that overflow make
+            every value ``inf`` from the first recorded step where they have (``attrs["diverged"]``,
+            ``attrs["reason"]``), never NaN.  Limits as :meth:`toymodels.NQM.simulate`.
         """
         from .montecarlo import simulate_regression
 
         if check_batch_size(batch_size) != int(batch_size):
             raise ValueError(f"`batch_size` must be a whole number for sampled data; got {batch_size:g}.")
+        check_bytes("batch_size", 8.0 * n_runs * int(batch_size) * self.dim,
+                    what=f"one step's inputs, {n_runs} runs x {int(batch_size)} examples x {self.dim} features")
         bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
@@ -425,17 +494,14 @@ class GaussianLinearRegression:
         )
         if bar is not None:
             bar.close()
-        g2 = gsq.mean(axis=1)
+        first, reason = mc_divergence(ks, loss, gsq, base)
         tr = float(np.sum(self.h))
-        stats = gradient_statistics(g2, self.noise_std**2 * tr + g2 + 2.0 * base.mean(axis=1) * tr, self.dim, bs)
-        ds = xr.Dataset(
-            {"loss": ("step", loss.mean(axis=1)),
-             "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
-             **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
-            coords={"step": ks},
-        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            g2 = gsq.mean(axis=1)
+            stats = gradient_statistics(g2, self.noise_std**2 * tr + g2 + 2.0 * base.mean(axis=1) * tr, self.dim, bs)
+        ds = mc_stats_dataset(ks, loss, stats, n_runs, first)
         attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
-                     **self.params, **optimizer.hyperparameters)
+                     diverged=first is not None, reason=reason, **self.params, **optimizer.hyperparameters)
         return ds
 
 

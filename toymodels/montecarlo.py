@@ -8,10 +8,13 @@ loops and writes into preallocated arrays.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import xarray as xr
 from numba import njit
 
-__all__ = ["simulate_linear_system", "simulate_regression", "simulate_finite"]
+__all__ = ["simulate_linear_system", "simulate_regression", "simulate_finite", "mc_divergence", "mc_stats_dataset"]
 
 
 @njit(cache=True)
@@ -272,3 +275,34 @@ def simulate_finite(X, y, w0, w_ls, sigma, lrs, record, n_runs, rng, *, batch_si
         _finite_chunk(X, y, row_sq, W, np.zeros(1), np.zeros((1, n_runs, B), dtype=np.int64), kaczmarz,
                       np.ones(1, dtype=np.bool_), w_ls, sigma, out_loss, out_sq, j)
     return out_loss, out_sq
+
+
+def mc_divergence(ks, *arrays):
+    """Overflowed Monte Carlo runs: every ``(n_records, n_runs)`` array is set to ``inf`` from the
+    first recorded step where some run is non-finite on.  Returns ``(first, reason)``: the index of
+    that step (None if every run stayed finite) and why."""
+    bad = np.zeros(ks.size, dtype=bool)
+    for a in arrays:
+        bad |= ~np.all(np.isfinite(a), axis=1)
+    if not bad.any():
+        return None, ""
+    first = int(np.argmax(bad))
+    for a in arrays:
+        a[first:] = np.inf
+    return first, f"diverges: a run overflowed by step {int(ks[first])} (learning rate above the stability limit)"
+
+
+def mc_stats_dataset(ks, loss, stats, n_runs, first):
+    """The Monte Carlo dataset: mean ``loss`` and ``loss_sem`` over runs and the statistics; every
+    value ``inf`` from index ``first`` on (a divergence, see :func:`mc_divergence`), never NaN."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        ds = xr.Dataset(
+            {"loss": ("step", loss.mean(axis=1)), "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
+             **{k: ("step", np.array(v, np.float64)) for k, v in stats.items()}},
+            coords={"step": ks},
+        )
+    for v in ds.data_vars.values():
+        if first is not None:
+            v.values[first:] = np.inf
+        v.values[np.isnan(v.values)] = np.inf
+    return ds

@@ -22,8 +22,11 @@ import numpy as np
 import xarray as xr
 
 from . import dynamics
-from ._validate import check_int, check_real, check_spectrum, check_steps
-from .montecarlo import simulate_linear_system
+from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED, STEP, STEPS,
+                    TARGET)
+from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
+                        check_int, check_real, check_spectrum, check_steps, validate)
+from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system
 from .optimizers import Optimizer
 from .schedules import Constant
 from .schema import attach_attrs
@@ -36,8 +39,9 @@ _SCAN_LIMIT = 10**7  # step-by-step updates for schedules that never become cons
 
 
 def check_batch_size(batch_size) -> float:
-    """Batch size: a real number >= 1 (large powers of two are common, so floats are accepted)."""
-    return check_real("batch_size", batch_size, low=1.0, high=math.inf, high_open=True)
+    """Batch size: a real number in [1, 2^53] (large powers of two are common, so floats are accepted;
+    above 2^53 a float is no longer a count)."""
+    return check_real("batch_size", batch_size, low=1.0, high=float(MAX_EXACT_INT))
 
 
 def _check_optimizer(optimizer):
@@ -46,13 +50,13 @@ def _check_optimizer(optimizer):
     return optimizer
 
 
-def checked_trajectory(model, optimizer, batch_size, steps):
+def checked_trajectory(model, optimizer, batch_size, steps, progress=None):
     """Validate the arguments of ``gradient_stats`` and run ``model._trajectory``; overflowed
     entries become ``inf``.  Returns ``(batch_size, steps, loss, grad_sq, diverged_mask)``."""
     _check_optimizer(optimizer)
     bs = check_batch_size(batch_size)
     ks = check_steps(steps)
-    loss, gsq = model._trajectory(optimizer, bs, ks)
+    loss, gsq = model._trajectory(optimizer, bs, ks, progress=progress)
     bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
     loss[bad] = np.inf
     gsq[bad] = np.inf
@@ -67,6 +71,8 @@ def mc_setup(optimizer, batch_size, steps, n_runs, seed, progress):
     ks = check_steps(steps)
     n_runs = check_int("n_runs", n_runs, low=2)
     seed = check_int("seed", seed, low=0)
+    check_bytes("n_runs", 3 * 8.0 * ks.size * n_runs, what=f"{ks.size} recorded steps x {n_runs} runs")
+    check_bytes("steps", 8.0 * (int(ks[-1]) + 1), what=f"{int(ks[-1])} learning rates")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -109,6 +115,7 @@ class NQM:
 
     model_name = "nqm"
 
+    @validate(h=POSITIVE_ARRAY, c=Maybe(Array(1, low=0.0)), init_sq=Array((0, 1), low=0.0, low_open=True))
     def __init__(self, h, c=None, init_sq=1.0):
         self.h = check_spectrum("h", h)
         d = self.h.size
@@ -116,6 +123,8 @@ class NQM:
         self.init_sq = check_spectrum("init_sq", init_sq, dim=d)
 
     @classmethod
+    @validate(dim=Integer(1, 2**40), hessian_power=Real(0.0, 50.0), noise_power=Real(0.0, 50.0),
+              init_sq=Real(0.0, math.inf, low_open=True, high_open=True))
     def power_law(cls, dim: int, hessian_power: float = 1.0, noise_power: float = 1.0, init_sq: float = 1.0):
         """h_i = i^-hessian_power, c_i = i^-noise_power (the lecture's choice is both = 1)."""
         return cls(power_law(dim, hessian_power), power_law(dim, noise_power), init_sq)
@@ -143,6 +152,7 @@ class NQM:
             cache[key] = np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
         return cache[key]
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, lr=MAYBE_LR)
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """The closed form of the expected loss for a constant learning rate (default: the spec's)."""
         _check_optimizer(optimizer)
@@ -155,6 +165,7 @@ class NQM:
         A, b = optimizer.transition(self.h, lr)
         return dynamics.ModalForm(A, b, self.c / bs, self.h, optimizer.readout, self._S0(optimizer))
 
+    @validate(rel_width=Real(0.0, 1.0, low_open=True))
     def coarsen(self, rel_width: float = 0.02) -> "NQM":
         """A smaller NQM for fast approximate searches: modes binned by curvature.
 
@@ -175,19 +186,26 @@ class NQM:
         hb = np.exp(np.add.reduceat(w * logh, idx) / np.add.reduceat(w, idx))
         return NQM(hb, np.add.reduceat(c, idx), np.add.reduceat(s0, idx))
 
+    @validate(optimizer=OPTIMIZER)
     def lr_limit(self, optimizer) -> float:
         """Largest stable constant learning rate of ``optimizer`` on this spectrum."""
         return float(_check_optimizer(optimizer).lr_limit(self.h))
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
-        """Exact expected loss at step k for a constant learning rate (the tuner's inner loop)."""
-        lr = optimizer.lr.lr if lr is None else lr
+        """Exact expected loss at step k (an integer in [0, 10^15]) for a constant learning rate
+        (the spec's, or ``lr``): the tuner's inner loop."""
+        if lr is None:
+            if not isinstance(optimizer.lr, Constant):
+                raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
+            lr = optimizer.lr.lr
         A, b = optimizer.transition(self.h, lr)
         if optimizer.n_state <= 2:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
         mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
         return float(mf.loss(np.array([k]))[0])
 
+    @validate(make=Callable(), batch_size=BATCH_SIZE)
     def family_loss(self, make, batch_size):
         """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e.
 
@@ -211,66 +229,60 @@ class NQM:
         return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
                            opts[0].readout, self._S0(opts[0]))
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def noise_floor(self, optimizer, batch_size) -> float:
         """Stationary expected loss for the spec's constant learning rate (``inf`` if unstable)."""
         return self.modal_form(optimizer, batch_size).loss_inf
 
     # ------------------------------------------------------------------------------------------
-    def _trajectory(self, optimizer, batch_size, ks):
-        """Exact expected loss and sum h^2 E[theta^2] at sorted steps ``ks``."""
+    def _trajectory(self, optimizer, batch_size, ks, progress=None):
+        """Exact expected loss and sum h^2 E[theta^2] at sorted steps ``ks``: constant pieces of the
+        schedule in closed form, the rest step by step (:func:`toymodels.dynamics.propagate_schedule`)."""
         q = self.c / batch_size
         a0, a1, b1 = optimizer.affine(self.h)
-        sched = optimizer.lr
         S = self._S0(optimizer).copy()
-        r = optimizer.readout
-        if not sched.piecewise_constant:
-            return dynamics.propagate(a0, a1, b1, q, self.h, r, sched.values(int(ks[-1])), ks, S)
-        starts, lrs = sched.pieces()
-        loss = np.empty(ks.size)
-        gsq = np.empty(ks.size)
-        k_cur = 0
-        with np.errstate(over="ignore", invalid="ignore"):
-            for m, k in enumerate(ks):
-                while k_cur < k:  # move piece by piece
-                    p = np.searchsorted(starts, k_cur, side="right") - 1
-                    end = starts[p + 1] if p + 1 < starts.size else np.iinfo(np.int64).max
-                    n = int(min(k, end) - k_cur)
-                    A, b = a0 + lrs[p] * a1, lrs[p] * b1
-                    S = dynamics.jump(A, b, q, S, n)
-                    k_cur += n
-                loss[m] = 0.5 * np.sum(self.h * S[:, r, r])
-                gsq[m] = np.sum(self.h**2 * S[:, 0, 0])
-        return loss, gsq
+        return dynamics.propagate_schedule(a0, a1, b1, q, self.h, optimizer.readout, optimizer.lr, ks, S,
+                                           progress=progress)
 
-    def loss_curve(self, optimizer, batch_size, steps) -> xr.DataArray:
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
         """Exact expected loss over steps.
 
         Args:
             optimizer: an optimizer spec (its ``lr`` a number or a schedule).
             batch_size: B >= 1.
-            steps: a count n (the curve at 0..n) or a strictly increasing array of step indices; for
-                piecewise-constant schedules the cost grows with log(step), so a 10^7-step curve on a
-                log grid is cheap.
+            steps: a count n (the curve at 0..n) or a strictly increasing array of step indices
+                <= 10^15; where the learning rate is constant (piecewise-constant schedules, and the
+                constant tail of the others) the cost grows with log(step), so a 10^7-step curve on a
+                log grid is cheap.  Where it keeps changing (``Cosine``, ``Exponential``, warm-up)
+                every update is computed, at most 10^9 of them (and 2e10 updates x modes:
+                :data:`toymodels.dynamics.MAX_SCAN_UPDATES`, ``MAX_SCAN_WORK``), else ValueError.
+            progress: a tqdm bar over the updates computed one at a time (None: when there are more
+                than 10^6).
 
         Returns:
             ``DataArray`` named ``loss`` over ``step``; ``inf`` where the run has overflowed
             (``attrs["diverged"]`` says whether it did).
         """
-        ds = self.gradient_stats(optimizer, batch_size, steps)
+        ds = self.gradient_stats(optimizer, batch_size, steps, progress=progress)
         return ds["loss"]
 
-    def gradient_stats(self, optimizer, batch_size, steps) -> xr.Dataset:
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and the gradient statistics along the exact expected trajectory.
 
         At step k the expected squared norm of the full-batch gradient is sum_i h_i^2 E[theta_i^2]
         (taken at the base iterate theta, also under iterate averaging), the per-example noise
         covariance trace is sum_i c_i; the statistics follow :func:`toymodels.stats.gradient_statistics`.
 
+        Args and limits as :meth:`loss_curve` (``progress``: a tqdm bar over updates computed one at
+        a time).
+
         Returns:
             Dataset over ``step`` with ``loss``, ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``
-            and ``noise_scale``; ``source="exact"``.
+            and ``noise_scale``; ``source="exact"``; ``inf`` from an overflow on (``attrs["diverged"]``).
         """
-        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps)
+        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
         stats = gradient_statistics(gsq, np.sum(self.c), self.dim, bs)
         ds = xr.Dataset(
             {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
@@ -285,6 +297,8 @@ class NQM:
         return ds
 
     # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, target=TARGET, max_steps=Integer(1, MAX_STEPS),
+              full_output=Boolean())
     def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int = 10**15, full_output: bool = False):
         """The first step k with expected loss L_k <= target.
 
@@ -298,7 +312,7 @@ class NQM:
             optimizer: an optimizer spec.
             batch_size: B >= 1.
             target: a loss > 0.
-            max_steps: give up (``inf``) beyond this step.
+            max_steps: give up (``inf``) beyond this step, an integer in [1, 10^15].
             full_output: also return a dict with ``reason`` (why inf), ``noise_floor`` and the spec.
 
         Returns:
@@ -352,11 +366,14 @@ class NQM:
             if not mf.stable:
                 if last:
                     return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
-                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), length, target)
+                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), min(length, _SCAN_LIMIT), target)
                 if k >= 0:
                     return start + k, "", floor
                 if reason.startswith("diverges"):
                     return -1, reason, math.inf
+                if length > _SCAN_LIMIT:  # a long unstable piece: searched step by step up to a bound only
+                    return -1, (f"diverges: spectral radius >= 1 on a piece of {length} steps (searched step by "
+                                f"step for its first {_SCAN_LIMIT})"), math.inf
                 continue  # _scan has advanced S to the end of the piece
             k_hi = self._horizon(mf, target, length)
             if k_hi >= 0:
@@ -400,6 +417,7 @@ class NQM:
         return -1, f"not reached within max_steps={n_steps}", math.nan
 
     # ------------------------------------------------------------------------------------------
+    @validate(n_samples=Array((0, 1), low=0.0, min_size=0))
     def lower_bound_loss(self, n_samples) -> np.ndarray:
         """Information-theoretic lower bound on the expected loss after ``n_samples`` gradient samples.
 
@@ -412,12 +430,12 @@ class NQM:
         ("exact optimum for the training data so far", the lecture's dotted line).
         """
         n = np.asarray(n_samples, dtype=np.float64)
-        if np.any(n < 0):
-            raise ValueError("`n_samples` must be >= 0.")
+        check_bytes("n_samples", 8.0 * n.size * self.dim, what=f"{n.size} sample counts x {self.dim} modes")
         with np.errstate(divide="ignore"):
             prec = 1.0 / self.init_sq + np.multiply.outer(n, self.h**2 / self.c)
         return np.sum(0.5 * self.h / prec, axis=-1)
 
+    @validate(batch_size=BATCH_SIZE, target=TARGET)
     def lower_bound_steps(self, batch_size, target) -> float:
         """Fewest steps any algorithm needs with batch size B: ceil(n* / B) for the bound above."""
         bs = check_batch_size(batch_size)
@@ -439,19 +457,26 @@ class NQM:
         return float(math.ceil(hi / bs))
 
     # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
+              progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0, progress: bool = False) -> xr.Dataset:
         """Monte Carlo runs of the stochastic NQM: Gaussian theta_0 and gradient noise.
 
         Args:
-            optimizer, batch_size, steps: as in :meth:`loss_curve`.
-            n_runs: independent runs (>= 2).
+            optimizer, batch_size: as in :meth:`loss_curve`.
+            steps: as in :meth:`loss_curve`, at most 10^8.
+            n_runs: independent runs, in [2, 10^6].
             seed: seed of the ``numpy.random.Generator``.
             progress: show a tqdm bar.
 
         Returns:
             Dataset over ``step``: ``loss`` (mean over runs), ``loss_sem`` (its standard error) and the
-            gradient statistics of the mean |H theta|^2; ``source="simulation"``.
+            gradient statistics of the mean |H theta|^2; ``source="simulation"``.  A run that
+            overflows makes every value ``inf`` from the first recorded step where it has, with
+            ``attrs["diverged"]`` and ``attrs["reason"]`` (never NaN).
         """
+        check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
+                    what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
         bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
@@ -461,16 +486,11 @@ class NQM:
         )
         if bar is not None:
             bar.close()
-        g2 = gsq.mean(axis=1)
-        stats = gradient_statistics(g2, np.sum(self.c), self.dim, bs)
-        ds = xr.Dataset(
-            {
-                "loss": ("step", loss.mean(axis=1)),
-                "loss_sem": ("step", loss.std(axis=1, ddof=1) / math.sqrt(n_runs)),
-                **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()},
-            },
-            coords={"step": ks},
-        )
+        first, reason = mc_divergence(ks, loss, gsq)
+        with np.errstate(over="ignore", invalid="ignore"):
+            g2 = gsq.mean(axis=1)
+            stats = gradient_statistics(g2, np.sum(self.c), self.dim, bs)
+        ds = mc_stats_dataset(ks, loss, stats, n_runs, first)
         attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
-                     **self.params, **optimizer.hyperparameters)
+                     diverged=first is not None, reason=reason, **self.params, **optimizer.hyperparameters)
         return ds

@@ -21,12 +21,16 @@ Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iter
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._validate import check_real
-from .schedules import Schedule, as_schedule
+from ._validate import Array, Instance, Real, check_real, validate, validate_init
+from .schedules import LEARNING_RATE, Schedule, as_schedule
+
+_CURVATURE = Array(1, low=0.0, low_open=True)
+_UNIT = Real(0.0, 1.0, high_open=True)
 
 __all__ = ["Optimizer", "SGD", "Momentum", "EMA"]
 
@@ -41,21 +45,35 @@ class Optimizer:
     def init(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def affine(self, h: np.ndarray):  # pragma: no cover - abstract
-        """Per-mode ``(A0, A1, b1)`` of shapes ``(d, s, s)``, ``(d, s, s)``, ``(d, s)``."""
-        raise NotImplementedError
+    @validate(h=_CURVATURE)
+    def affine(self, h: np.ndarray):
+        """Per-mode ``(A0, A1, b1)`` of shapes ``(d, s, s)``, ``(d, s, s)``, ``(d, s)`` for curvatures
+        ``h`` ``(d,)``, finite and > 0."""
+        return self._affine(h)
 
+    @validate(h=_CURVATURE, lr=Real(0.0, math.inf, high_open=True))
     def transition(self, h: np.ndarray, lr: float):
         """Per-mode ``(A, b)`` at learning rate ``lr``: shapes ``(d, s, s)`` and ``(d, s)``."""
-        a0, a1, b1 = self.affine(np.asarray(h, dtype=np.float64))
+        a0, a1, b1 = self._affine(h)
         return a0 + lr * a1, lr * b1
 
-    def lr_limit(self, h: np.ndarray) -> float:  # pragma: no cover - abstract
+    @validate(h=_CURVATURE)
+    def lr_limit(self, h: np.ndarray) -> float:
         """Largest constant learning rate with every mode stable (spectral radius < 1)."""
+        return self._lr_limit(h)
+
+    def _affine(self, h):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _lr_limit(self, h):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @validate(lr=LEARNING_RATE)
     def with_lr(self, lr):
         """A copy with another learning rate (number or schedule)."""
+        return self._with_lr(lr)
+
+    def _with_lr(self, lr):
         return replace(self, lr=lr)
 
     @property
@@ -67,6 +85,7 @@ def _check_precond(precond):
     return check_real("precond", precond, low=0.0, high=1.0)
 
 
+@validate_init(lr=LEARNING_RATE, precond=Real(0.0, 1.0))
 @dataclass(frozen=True)
 class SGD(Optimizer):
     """(Preconditioned) SGD, P = H^precond.  ``lr`` is a number or a :class:`Schedule`."""
@@ -84,14 +103,14 @@ class SGD(Optimizer):
     def init(self):
         return np.array([1.0])
 
-    def affine(self, h):
+    def _affine(self, h):
         d = h.size
         a0 = np.ones((d, 1, 1))
         a1 = (-(h ** (1.0 - self.precond))).reshape(d, 1, 1)
         b1 = (-(h ** (-self.precond))).reshape(d, 1)
         return a0, a1, b1
 
-    def lr_limit(self, h):
+    def _lr_limit(self, h):
         return 2.0 / np.max(h ** (1.0 - self.precond))
 
     @property
@@ -99,6 +118,7 @@ class SGD(Optimizer):
         return {"optimizer": "sgd" if self.precond == 0 else "precond", "precond": self.precond}
 
 
+@validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0))
 @dataclass(frozen=True)
 class Momentum(Optimizer):
     """Heavy-ball momentum v' = beta v - a g, theta' = theta + v' (lecture seed 004), beta in [0, 1)."""
@@ -118,7 +138,7 @@ class Momentum(Optimizer):
     def init(self):
         return np.array([1.0, 0.0])
 
-    def affine(self, h):
+    def _affine(self, h):
         # State (theta, v):  theta' = (1 - a h) theta + beta v - a eps,  v' = -a h theta + beta v - a eps.
         d = h.size
         heff = h ** (1.0 - self.precond)
@@ -132,7 +152,7 @@ class Momentum(Optimizer):
         b1 = np.repeat(-(h ** (-self.precond))[:, None], 2, axis=1)
         return a0, a1, b1
 
-    def lr_limit(self, h):
+    def _lr_limit(self, h):
         # Eigenvalues of [[1 - x, beta], [-x, beta]] (x = a h) lie inside the unit circle iff
         # 0 < x < 2 (1 + beta).
         return 2.0 * (1.0 + self.beta) / np.max(h ** (1.0 - self.precond))
@@ -142,6 +162,7 @@ class Momentum(Optimizer):
         return {"optimizer": "momentum", "precond": self.precond, "momentum": self.beta}
 
 
+@validate_init(base=Instance(Optimizer, what="an SGD or Momentum spec"), decay=_UNIT)
 @dataclass(frozen=True)
 class EMA(Optimizer):
     """Exponential moving average of a base optimizer's iterates, decay mu in [0, 1).
@@ -174,8 +195,8 @@ class EMA(Optimizer):
     def init(self):
         return np.concatenate([self.base.init, [1.0]])
 
-    def affine(self, h):
-        a0b, a1b, b1b = self.base.affine(h)
+    def _affine(self, h):
+        a0b, a1b, b1b = self.base._affine(h)
         d, s = h.size, self.base.n_state
         mu = self.decay
         a0 = np.zeros((d, s + 1, s + 1))
@@ -189,10 +210,10 @@ class EMA(Optimizer):
         b1 = np.concatenate([b1b, (1 - mu) * b1b[:, r : r + 1]], axis=1)
         return a0, a1, b1
 
-    def lr_limit(self, h):
-        return self.base.lr_limit(h)
+    def _lr_limit(self, h):
+        return self.base._lr_limit(h)
 
-    def with_lr(self, lr):
+    def _with_lr(self, lr):
         return replace(self, base=self.base.with_lr(lr))
 
     @property

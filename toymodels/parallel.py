@@ -12,7 +12,30 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from ._validate import Callable as CallableArg
+from ._validate import Constraint, Integer, Maybe, validate
+
 __all__ = ["run_tasks", "check_scheduler"]
+
+
+class _Tasks(Constraint):
+    """An iterable of tasks (not a string); returned as a list."""
+
+    def __call__(self, name, value):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"`{name}` must be an iterable of tasks (a list); got {type(value).__name__}.")
+        return list(value)
+
+    def bad_values(self):
+        return [None, "1", 1.5, object()]
+
+
+class _Scheduler(Constraint):
+    def __call__(self, name, value):
+        return check_scheduler(value, name=name)
+
+    def bad_values(self):
+        return ["", 1.5, object()]
 
 
 def check_scheduler(scheduler, *, name: str = "scheduler"):
@@ -26,6 +49,8 @@ def check_scheduler(scheduler, *, name: str = "scheduler"):
                      f"got {scheduler!r}.")
 
 
+@validate(fn=CallableArg(), tasks=_Tasks(), scheduler=_Scheduler(), on_result=Maybe(CallableArg()),
+          n_workers=Integer(1, 1024))
 def run_tasks(fn: Callable, tasks: Iterable, *, scheduler=None, on_result: Callable[[Any], None] | None = None,
               n_workers: int = 2) -> list:
     """``fn(task)`` for every task; returns the results in the order of ``tasks``.

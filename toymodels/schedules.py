@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import check_int, check_real
+from ._validate import (MAX_STEPS, AnyOf, Array, Instance, Integer, Real, check_bytes, check_int, check_real,
+                        validate, validate_init)
 
 __all__ = [
     "Schedule",
@@ -28,9 +29,12 @@ __all__ = [
     "Cosine",
     "Warmup",
     "as_schedule",
+    "LEARNING_RATE",
 ]
 
 _POSITIVE = dict(low=0.0, high=math.inf, low_open=True, high_open=True)
+_LR = Real(0.0, math.inf, low_open=True, high_open=True)
+_STEP_COUNT = Integer(1, MAX_STEPS)
 
 
 class Schedule:
@@ -38,12 +42,19 @@ class Schedule:
 
     piecewise_constant = False
 
+    @validate(n=Integer(0, MAX_STEPS))
     def values(self, n: int) -> np.ndarray:
-        """Learning rates of updates 0..n-1, shape ``(n,)``."""
-        return self.at(np.arange(check_int("n", n)))
+        """Learning rates of updates 0..n-1, shape ``(n,)`` (at most :data:`~toymodels._validate.MAX_BYTES`
+        of them: long curves step through a schedule in chunks with :meth:`at`)."""
+        check_bytes("n", 8.0 * n, what=f"{n} learning rates")
+        return self._at(np.arange(n))
 
-    def at(self, k: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """Learning rates of the updates with indices ``k`` (int array), same shape."""
+    @validate(k=Array((0, 1), low=0.0, min_size=0))
+    def at(self, k) -> np.ndarray:
+        """Learning rates of the updates with indices ``k`` (a non-negative index or 1-D array), same shape."""
+        return self._at(k)
+
+    def _at(self, k: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
@@ -60,6 +71,7 @@ class Schedule:
         raise NotImplementedError
 
 
+@validate_init(lr=_LR)
 @dataclass(frozen=True)
 class Constant(Schedule):
     """The same learning rate at every update."""
@@ -70,7 +82,7 @@ class Constant(Schedule):
     def __post_init__(self):
         object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
 
-    def at(self, k):
+    def _at(self, k):
         return np.full(np.shape(k), self.lr)
 
     @property
@@ -85,6 +97,7 @@ class Constant(Schedule):
         return self.lr
 
 
+@validate_init(boundaries=Array((0, 1), low=1, high=MAX_STEPS, min_size=0), lrs=Array((0, 1), **_POSITIVE))
 @dataclass(frozen=True)
 class PiecewiseConstant(Schedule):
     """``lrs[p]`` for updates ``boundaries[p-1] <= k < boundaries[p]`` (boundaries strictly increasing).
@@ -106,7 +119,7 @@ class PiecewiseConstant(Schedule):
         object.__setattr__(self, "boundaries", b)
         object.__setattr__(self, "lrs", lrs)
 
-    def at(self, k):
+    def _at(self, k):
         return np.asarray(self.lrs)[np.searchsorted(self.boundaries, k, side="right")]
 
     @property
@@ -121,6 +134,7 @@ class PiecewiseConstant(Schedule):
         return max(self.lrs)
 
 
+@validate_init(lr=_LR, factor=Real(0.0, 1.0, low_open=True), every=_STEP_COUNT, n_decays=Integer(0, 1000))
 @dataclass(frozen=True)
 class StepDecay(Schedule):
     """``lr * factor**(k // every)``, for ``n_decays`` decays (then constant)."""
@@ -141,8 +155,8 @@ class StepDecay(Schedule):
         b = tuple(self.every * (j + 1) for j in range(self.n_decays))
         return PiecewiseConstant(b, tuple(self.lr * self.factor**j for j in range(self.n_decays + 1)))
 
-    def at(self, k):
-        return self._as_piecewise().at(k)
+    def _at(self, k):
+        return self._as_piecewise()._at(k)
 
     @property
     def constant_after(self):
@@ -156,6 +170,7 @@ class StepDecay(Schedule):
         return self.lr
 
 
+@validate_init(lr=_LR, gamma=Real(0.0, 1.0, low_open=True), min_lr=Real(0.0, math.inf, high_open=True))
 @dataclass(frozen=True)
 class Exponential(Schedule):
     """``lr * gamma**k``, floored at ``min_lr``."""
@@ -169,7 +184,7 @@ class Exponential(Schedule):
         object.__setattr__(self, "gamma", check_real("gamma", self.gamma, low=0.0, high=1.0, low_open=True))
         object.__setattr__(self, "min_lr", check_real("min_lr", self.min_lr, low=0.0, high=self.lr))
 
-    def at(self, k):
+    def _at(self, k):
         return np.maximum(self.lr * self.gamma ** np.asarray(k, dtype=np.float64), self.min_lr)
 
     @property
@@ -183,6 +198,7 @@ class Exponential(Schedule):
         return self.lr
 
 
+@validate_init(lr=_LR, total_steps=_STEP_COUNT, final_lr=Real(0.0, math.inf, high_open=True))
 @dataclass(frozen=True)
 class Cosine(Schedule):
     """Cosine decay from ``lr`` to ``final_lr`` over ``total_steps`` updates, then ``final_lr``."""
@@ -196,7 +212,7 @@ class Cosine(Schedule):
         object.__setattr__(self, "total_steps", check_int("total_steps", self.total_steps, low=1))
         object.__setattr__(self, "final_lr", check_real("final_lr", self.final_lr, low=0.0, high=self.lr))
 
-    def at(self, k):
+    def _at(self, k):
         k = np.minimum(np.asarray(k, dtype=np.float64), self.total_steps)
         return self.final_lr + 0.5 * (self.lr - self.final_lr) * (1 + np.cos(np.pi * k / self.total_steps))
 
@@ -209,6 +225,7 @@ class Cosine(Schedule):
         return self.lr
 
 
+@validate_init(base=Instance(Schedule), warmup_steps=_STEP_COUNT)
 @dataclass(frozen=True)
 class Warmup(Schedule):
     """Linear warm-up over ``warmup_steps`` updates to the base schedule's rate, then the base schedule.
@@ -224,9 +241,9 @@ class Warmup(Schedule):
             raise TypeError(f"`base` must be a Schedule; got {type(self.base).__name__}.")
         object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=1))
 
-    def at(self, k):
+    def _at(self, k):
         k = np.asarray(k)
-        return self.base.at(k) * np.minimum(1.0, (k + 1.0) / self.warmup_steps)
+        return self.base._at(k) * np.minimum(1.0, (k + 1.0) / self.warmup_steps)
 
     @property
     def constant_after(self):
@@ -238,8 +255,13 @@ class Warmup(Schedule):
         return self.base.max_lr
 
 
+LEARNING_RATE = AnyOf(_LR, Instance(Schedule), what="a float in (0, inf) or a Schedule")
+"""The constraint of every ``lr`` argument that takes a number or a schedule."""
+
+
+@validate(lr=LEARNING_RATE)
 def as_schedule(lr) -> Schedule:
     """A number becomes :class:`Constant`; a :class:`Schedule` is returned as is."""
     if isinstance(lr, Schedule):
         return lr
-    return Constant(check_real("lr", lr, **_POSITIVE))
+    return Constant(lr)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ._validate import Instance, Options
+from ._validate import validate as _validate
+
 __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
@@ -80,6 +83,8 @@ NO_NAN = ("loss", "test_loss", "steps_to_target", "steps_lower_bound", "grad_nor
           "noise_scale", "snr")
 
 
+@_validate(obj=Instance(xr.Dataset, xr.DataArray, what="an xarray Dataset or DataArray"), model=Instance(str),
+           source=Options(*SOURCES))
 def attach_attrs(obj, *, model: str, source: str, **params):
     """Set DESIGN.md's attrs (``model``, ``source`` and the generating parameters) in place.
 
@@ -96,6 +101,7 @@ def attach_attrs(obj, *, model: str, source: str, **params):
     return obj
 
 
+@_validate(obj=Instance(xr.Dataset, xr.DataArray, what="an xarray Dataset or DataArray"))
 def validate(obj) -> None:
     """Check an xarray object against the vocabulary.
 

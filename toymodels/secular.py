@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._validate import Array, Maybe, validate
+
 __all__ = ["loss_modes"]
 
 
@@ -122,6 +124,7 @@ def _merge_poles(a, uv, *weights):
     return (np.ascontiguousarray(a[idx][keep]), *merged)
 
 
+@validate(a=Array(1), u=Array(1), v=Array(1), delta=Array(1), f=Maybe(Array(1)))
 def loss_modes(a, u, v, delta, f=None):
     """Rates and coefficients of f^T (s_k - s_inf) / 2 = sum_m gamma_m mu_m^k for
     s' = (diag(a) + u v^T) s + c; f defaults to v (the loss v^T s / 2).
@@ -141,6 +144,11 @@ def loss_modes(a, u, v, delta, f=None):
     u = np.asarray(u, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
     f = v if f is None else np.asarray(f, dtype=np.float64)
+    for name, x in (("u", u), ("v", v), ("delta", delta), ("f", f)):
+        if x.shape != a.shape:
+            raise ValueError(f"`{name}` must be of the shape of `a` {a.shape}; got {x.shape}.")
+    if np.any(u * v < 0):
+        raise ValueError("`u` must be of the sign of `v` in every entry (u_i v_i >= 0).")
     b, W, FU, VD = _merge_poles(a, u * v, f * u, v * np.asarray(delta, dtype=np.float64))
     mu, origin, tau = np.empty(b.size), np.empty(b.size), np.empty(b.size)
     _roots_kernel(b, W, mu, origin, tau)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_int, check_real
+from ._validate import Integer, Real, check_bytes, validate
 
 __all__ = ["power_law"]
 
 
+@validate(dim=Integer(1, 2**40), power=Real(0.0, 50.0), scale=Real(0.0, np.inf, low_open=True, high_open=True))
 def power_law(dim: int, power: float = 1.0, *, scale: float = 1.0) -> np.ndarray:
     """Eigenvalues ``scale * i**-power`` for i = 1..dim.
 
@@ -28,7 +29,5 @@ def power_law(dim: int, power: float = 1.0, *, scale: float = 1.0) -> np.ndarray
         >>> power_law(3)
         array([1.        , 0.5       , 0.33333333])
     """
-    dim = check_int("dim", dim, low=1)
-    power = check_real("power", power, low=0.0, high=50.0)
-    scale = check_real("scale", scale, low=0.0, high=np.inf, low_open=True, high_open=True)
+    check_bytes("dim", 8.0 * dim, what=f"{dim} eigenvalues")
     return scale * np.arange(1, dim + 1, dtype=np.float64) ** (-power)

@@ -18,19 +18,28 @@ Variances are population (biased) variances of the per-example distribution.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ._validate import MAX_EXACT_INT, Array, validate
 
 __all__ = ["gradient_statistics", "two_batch_estimates", "fit_critical_batch", "STAT_NAMES"]
 
 STAT_NAMES = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
+_ANY = (0, 1, 2, 3, 4)
 
+
+@validate(grad_norm_sq=Array(_ANY, low=0.0, posinf=True, min_size=0),
+          trace_cov=Array(_ANY, low=0.0, posinf=True, min_size=0), n_params=Array(_ANY, low=0.0, low_open=True),
+          batch_size=Array(_ANY, low=1.0, high=float(MAX_EXACT_INT)))
 def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
     """The five statistics from |E g|^2 and the per-example covariance trace.
 
     Args:
-        grad_norm_sq: |E g|^2, array-like (any shape), >= 0.
-        trace_cov: tr Sigma of the per-example gradient covariance, broadcastable, >= 0.
+        grad_norm_sq: |E g|^2, array-like (any shape), >= 0 (``inf`` after a divergence; never NaN).
+        trace_cov: tr Sigma of the per-example gradient covariance, broadcastable, >= 0 (or ``inf``).
         n_params: P, the number of coordinates (> 0), broadcastable (e.g. per layer).
         batch_size: B (>= 1), broadcastable.
 
@@ -59,6 +68,8 @@ def gradient_statistics(grad_norm_sq, trace_cov, n_params, batch_size) -> dict:
     return out
 
 
+@validate(sq_small=Array(_ANY, low=0.0), b_small=Array(_ANY, low=1.0, high=float(MAX_EXACT_INT)),
+          sq_big=Array(_ANY, low=0.0), b_big=Array(_ANY, low=1.0, high=float(MAX_EXACT_INT)))
 def two_batch_estimates(sq_small, b_small, sq_big, b_big):
     """Unbiased |E g|^2 and tr Sigma from squared norms of mean gradients at two batch sizes
     (McCandlish et al. 2018, App. A): with E|G_B|^2 = |E g|^2 + tr Sigma / B,
@@ -77,11 +88,16 @@ def two_batch_estimates(sq_small, b_small, sq_big, b_big):
     return g2, tr
 
 
+@validate(batch_sizes=Array(1, low=0.0, high=float(MAX_EXACT_INT), low_open=True),
+          steps=Array(1, low=0.0, low_open=True, posinf=True))
 def fit_critical_batch(batch_sizes, steps) -> dict:
     """Fit S(B) = S_min (1 + B_crit / B) to steps-to-target per batch size (McCandlish et al. 2018).
 
     S = a + b / B is linear in (a, b) = (S_min, S_min B_crit); it is fitted by least squares on the
-    relative error (weights 1 / S), so short and long runs count alike.  Infinite steps are left out.
+    relative error (weights 1 / S), so short and long runs count alike.  Infinite steps (the target
+    not reached) are left out; batch sizes must be finite and > 0, steps > 0 and never NaN.  When
+    the steps do not fall with the batch size the fit is constrained to B_crit = 0 (no benefit from
+    larger batches), never negative.
 
     Returns:
         dict with ``steps_min`` (S_min), ``critical_batch_size`` (B_crit), ``rms_relative_error`` of the
@@ -103,8 +119,12 @@ def fit_critical_batch(batch_sizes, steps) -> dict:
     A = np.stack([np.ones_like(b), 1.0 / b], axis=1) / s[:, None]
     coef, *_ = np.linalg.lstsq(A, np.ones_like(s), rcond=None)
     s_min, slope = coef
+    if slope < 0:  # steps rise with B: no benefit from larger batches, the best fit is constant
+        s_min = float(np.sum(1.0 / s) / np.sum(1.0 / s**2))  # least relative error of a constant
+        slope = 0.0
     pred = s_min + slope / b
-    return {"steps_min": float(s_min), "critical_batch_size": float(slope / s_min) if s_min > 0 else float("inf"),
+    crit = float(slope / s_min) if s_min > 0 else math.inf
+    return {"steps_min": float(s_min), "critical_batch_size": crit,
             "rms_relative_error": float(np.sqrt(np.mean((pred / s - 1.0) ** 2))), "n_points": int(b.size)}
 
 

@@ -29,10 +29,12 @@ import xarray as xr
 from scipy import optimize
 
 from . import _localmin, resume
-from ._validate import check_int, check_real
-from .nqm import check_batch_size
+from ._args import BATCH_SIZE, TARGET
+from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, Instance, Integer, Maybe, Options, Real,
+                        check_int, check_real, validate)
+from .nqm import NQM, check_batch_size
 from .optimizers import EMA, SGD, Momentum
-from .parallel import check_scheduler, run_tasks
+from .parallel import _Scheduler, check_scheduler, run_tasks
 from .schedules import PiecewiseConstant
 from .schema import attach_attrs
 
@@ -45,7 +47,6 @@ _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
-# netCDF / HDF5 is not thread-safe: sweeps running side by side (family_sweeps) take turns writing
 
 
 def _check_family(family):
@@ -54,12 +55,45 @@ def _check_family(family):
     return family
 
 
+class _Problem(Constraint):
+    """A model that can be swept (the interface of the module docstring)."""
+
+    needs = ("steps_to_target", "modal_form", "loss_at_step", "lr_limit", "initial_loss", "params", "model_name")
+
+    def __call__(self, name, value):
+        missing = [m for m in self.needs if not hasattr(value, m)]
+        if missing or isinstance(value, type):
+            raise TypeError(f"`{name}` must be a model with {', '.join(self.needs)} (an NQM, GaussianLinearRegression "
+                            f"or FiniteLinearRegression); got {type(value).__name__}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", 1.5, object()]
+
+
+_PROBLEM = _Problem()
+_FAMILY = Options(*FAMILIES)
+_PRECOND = Real(0.0, 1.0)
+_DECAY = Real(0.0, 1.0, high_open=True)
+_BATCH_SIZES = Array((0, 1), low=1.0, high=float(MAX_EXACT_INT))
+
+
+def _check_problem_family(problem, family):
+    """Families the problem supports (``problem.families``, default all)."""
+    allowed = tuple(getattr(problem, "families", FAMILIES))
+    if family not in allowed:
+        raise ValueError(f"`family` must be one of {allowed} for {type(problem).__name__}; got {family!r}.")
+
+
+@validate(family=_FAMILY, lr=Real(0.0, math.inf, low_open=True, high_open=True), extra=Maybe(_DECAY),
+          precond=_PRECOND, decay=_DECAY)
 def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99):
     """The optimizer of a family: ``extra`` is beta for momentum families, mu for "ema".
 
     ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``.
     """
-    _check_family(family)
+    if family in ("momentum", "ema", "momentum_ema") and extra is None:
+        raise ValueError(f"`extra` must be a float in [0, 1) for {family!r}; got None.")
     if family == "sgd":
         return SGD(lr)
     if family == "precond":
@@ -177,6 +211,8 @@ def _exact_steps(ev, theta, target, k_max, guess=None):
     try:
         opt, mf = ev.form(*theta)
     except NotImplementedError:  # no closed form (e.g. momentum on linear regression): exact stepping
+        if k_max < 1:
+            return math.inf
         opt = ev.optimizer(*theta)
         return float(ev.problem.steps_to_target(opt, ev.batch_size, target, max_steps=int(min(k_max, _SCAN_CAP))))
     if not mf.stable:
@@ -245,6 +281,8 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
+@validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET, precond=_PRECOND, decay=_DECAY,
+          start=Maybe(Array(1, low=-1e3, high=1.0)), coarse=Boolean(), k_floor=Integer(0, MAX_STEPS))
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
          coarse: bool = True, k_floor: int = 0):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
@@ -269,10 +307,14 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
         (beta or mu, NaN for SGD), ``theta`` (warm start for the next batch size), ``n_evals``.
     """
-    _check_family(family)
+    _check_problem_family(problem, family)
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     two_d = _EXTRA[family] is not None
+    if start is not None:
+        if len(start) != 1 + two_d:
+            raise ValueError(f"`start` must be {1 + two_d} tuning coordinates for {family!r}; got {len(start)}.")
+        start = tuple(float(v) for v in start)
     ev = _Evaluator(problem, family, bs, precond, decay)
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
@@ -374,6 +416,8 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals, "lo": lo}
 
 
+@validate(problem=_PROBLEM, family=_FAMILY, n_lr=Integer(1, 10**6), n_extra=Integer(1, 10**4), precond=_PRECOND,
+          decay=_DECAY)
 def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond: float = 0.5, decay: float = 0.99):
     """The reference grid: ``n_lr`` log-spaced lrs over [1e-6, 1) x the stability limit, and
     ``n_extra`` values of beta or mu with 1 - value log-spaced over [1e-3, 0.5]."""
@@ -383,13 +427,17 @@ def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond
     return fr, extras
 
 
+@validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET,
+          lr_fractions=Array(1, low=0.0, high=1.0, low_open=True, high_open=True),
+          extras=Instance(list, tuple, np.ndarray, what="a list of extras (None, or betas / decays in [0, 1))"),
+          precond=_PRECOND, decay=_DECAY, incumbent=Real(0.0, math.inf))
 def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, precond=0.5, decay=0.99, incumbent=math.inf):
     """Exact minimum of steps_to_target over a grid (lr given as fractions of the stability limit).
 
     Each point's first crossing is exact; points whose lower bound cannot beat the incumbent are
     skipped.  Returns dict like :func:`tune`.
     """
-    _check_family(family)
+    _check_problem_family(problem, family)
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     fr = np.asarray(lr_fractions, dtype=np.float64)
@@ -428,16 +476,20 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay):
     return ds
 
 
+@validate(problem=_PROBLEM, family=_FAMILY, batch_sizes=_BATCH_SIZES, target=TARGET, precond=_PRECOND, decay=_DECAY,
+          progress=Boolean(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")))
 def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0.5, decay: float = 0.99,
                      progress: bool = True, path: str | os.PathLike | None = None):
     """Tuned steps-to-target for each batch size.
 
     Args:
-        problem: a model with ``steps_to_target`` (see the module docstring).
+        problem: a model with ``steps_to_target`` (see the module docstring): an NQM and a
+            GaussianLinearRegression take every family, a FiniteLinearRegression (at most 32
+            features) ``"sgd"`` only (its ``families``).
         family: ``"sgd"``, ``"precond"`` (P = H^precond), ``"momentum"`` (tunes lr and beta), ``"ema"``
             (SGD with iterate averaging; tunes lr and the decay) or ``"momentum_ema"`` (tunes lr and
             beta; averaging decay fixed at ``decay``).
-        batch_sizes: increasing batch sizes >= 1.
+        batch_sizes: increasing batch sizes in [1, 2^53].
         target: loss target > 0.
         progress: tqdm bar over batch sizes.
         path: a netCDF file written (atomically) after every batch size; an existing file with the
@@ -451,7 +503,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         The optimum per batch size is at least as good as the exact optimum over
         :func:`default_grid` (checked in the tests).
     """
-    _check_family(family)
+    _check_problem_family(problem, family)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     bss = [check_batch_size(b) for b in np.atleast_1d(batch_sizes)]
     if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
@@ -493,7 +545,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         start = (x,) if _EXTRA[family] is None else (x, math.log(1 - rows[-1]["extra"]))
     for j, bs in enumerate(bss[len(rows):], start=len(rows)):
         if j > 0 and math.isfinite(rows[-1]["steps"]):
-            k_floor = int(rows[-1]["steps"] * bss[j - 1] / bs) - 1
+            k_floor = max(0, int(rows[-1]["steps"] * bss[j - 1] / bs) - 1)
         res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start, k_floor=k_floor)
         if math.isfinite(res["steps"]):
             start = res["theta"]
@@ -533,6 +585,9 @@ def _parallel_backend() -> str:
     return "fork" if "fork" in mp.get_all_start_methods() else "serial"
 
 
+@validate(problem=_PROBLEM, families=Instance(list, tuple, what="a list of family names"), batch_sizes=_BATCH_SIZES,
+          target=TARGET, n_jobs=Maybe(Integer(1, 1024)), paths=Maybe(Instance(dict, what="a dict family -> path")),
+          progress=Boolean(), scheduler=_Scheduler())
 def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None = None, paths=None,
                   progress: bool = True, scheduler=None, **kwargs) -> dict:
     """:func:`batch_size_sweep` for several families, run side by side.
@@ -556,6 +611,8 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
     import multiprocessing as mp
 
     families = [_check_family(f) for f in families]
+    for f in families:
+        _check_problem_family(problem, f)
     if len(set(families)) != len(families):
         raise ValueError(f"`families` must not repeat a family; got {families}.")
     unknown = set(kwargs) - {"precond", "decay"}
@@ -599,6 +656,8 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
     return {f: out[f] for f in families}
 
 
+@validate(problem=Instance(NQM, what="an NQM (its gradient noise does not depend on the state)"),
+          batch_size=BATCH_SIZE, target=TARGET, n_pieces=Integer(1, 10), precond=_PRECOND, coarse=Boolean())
 def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: float = 0.0, coarse: bool = True):
     """Fewest steps to ``target`` over piecewise-constant SGD schedules with ``n_pieces`` pieces.
 
@@ -614,8 +673,6 @@ def tune_schedule(problem, batch_size, target, *, n_pieces: int = 3, precond: fl
         constant learning rate's), ``schedule`` (a :class:`PiecewiseConstant`), ``lrs`` and
         ``fractions``.
     """
-
-    from .nqm import NQM
 
     if not isinstance(problem, NQM):  # the closed form needs noise independent of the state
         raise TypeError(f"`problem` must be an NQM (its gradient noise does not depend on the state); "

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from ._validate import check_int, check_real
+from ._validate import (AnyOf, Array, Boolean, Integer, Maybe, Options, Real, check_int, check_real, validate)
+
+_SEED = Integer(0, 2**63 - 1)
+_ALPHA = Real(0.0, 1.0, low_open=True, high_open=True)
+_COUNT = Integer(1, 2**40)
 
 __all__ = [
     "KS_COEF",
@@ -162,6 +166,8 @@ def _auto_k(desc: np.ndarray, k_min: int, n_candidates: int) -> int:
     return int(cands[np.nanargmin(ks)])
 
 
+@validate(values=Array(1), k=Maybe(AnyOf(Integer(2, 2**62), Options("auto"), what="an integer >= 2, None or 'auto'")),
+          xmin=Maybe(Real(0.0, math.inf, low_open=True)), k_min=Integer(2, 2**62), n_candidates=Integer(1, 10**6))
 def power_law_fit(values, k=None, xmin=None, *, k_min: int = 10, n_candidates: int = 100) -> PowerLawFit:
     """Fit a power law to the largest values by maximum likelihood, with the KS test (Xie App. B.1).
 
@@ -217,6 +223,7 @@ def power_law_fit(values, k=None, xmin=None, *, k_min: int = 10, n_candidates: i
                        is_power_law=ks < KS_COEF / root_k, k=k, xmin=lam_min)
 
 
+@validate(values=Array(1), k=Maybe(Integer(2, 2**62)))
 def rank_fit(values, k=None) -> RankFit:
     """Least-squares line through the rank plot: ln lambda_i = ln scale - s ln i, i = 1..k (Xie Eq. 2, Fig. 1).
 
@@ -244,6 +251,8 @@ def rank_fit(values, k=None) -> RankFit:
     return RankFit(s=float(-slope), scale=float(np.exp(intercept)), r2=float(r2), k=k)
 
 
+@validate(samples=Array((1, 2), what="a non-empty 1-D or 2-D array"), axis=Integer(-2, 1), alpha=_ALPHA,
+          whiten=Boolean())
 def normality_test(samples, axis: int = 0, alpha: float = 0.05, whiten: bool = True) -> NormalityTest:
     """D'Agostino-Pearson K^2 test of Gaussianity per set (Xie's "chi^2 test", App. B.2).
 
@@ -316,6 +325,8 @@ def _table_row(sets: np.ndarray, k: int, normal_idx: np.ndarray, alpha: float) -
                        gaussian_rate=float(np.mean(p > alpha)))
 
 
+@validate(G=Array(2, what="a non-empty 2-D array"), k_power=Integer(2, 2**40), n_normal=Maybe(Integer(MIN_NORMAL, 2**40)),
+          alpha=_ALPHA, max_tests=Maybe(_COUNT), seed=_SEED)
 def gradient_history_tests(G, *, k_power: int = 1000, n_normal: int | None = 100, alpha: float = 0.05,
                            max_tests: int | None = None, seed: int = 0) -> dict[str, HistoryTest]:
     """The power-law and Gaussian rates of Xie et al. Table 1 on a gradient-history matrix.
@@ -378,6 +389,7 @@ def gradient_history_tests(G, *, k_power: int = 1000, n_normal: int | None = 100
     }
 
 
+@validate(eigenvalues=Array(1), two_sided=Boolean())
 def eigengaps(eigenvalues, *, two_sided: bool = False) -> np.ndarray:
     """Eigengaps delta_k = lambda_k - lambda_{k+1} of a spectrum in descending order (Xie Sec. 4, Eq. 4).
 
@@ -407,6 +419,7 @@ def eigengaps(eigenvalues, *, two_sided: bool = False) -> np.ndarray:
     return np.minimum(padded[:-1], padded[1:])
 
 
+@validate(perturbation_norm=Array((0, 1, 2, 3)), gap=Array((0, 1, 2, 3), posinf=True))
 def davis_kahan_bound(perturbation_norm, gap):
     """Davis-Kahan sin(theta) bound on the rotation of an eigenvector (Xie Sec. 4, Theorem 1).
 
