@@ -8,6 +8,8 @@ import os
 import torch
 from torch import nn
 
+from toymodels._validate import check_bytes as _check_bytes
+
 from ._validate import Module, _dtype_name, _model_device_dtype
 
 # --------------------------------------------------------------------------------------------------
@@ -32,17 +34,12 @@ def available_bytes(device=None) -> int:
         return 16 * 2**30
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3g} GB"
-
-
 def check_bytes(name: str, n_bytes: float, what: str, *, device=None, remedy: str = "") -> None:
-    """Refuse (ValueError naming ``name``) an allocation of ``n_bytes`` that exceeds the memory
-    available on ``device``, before it is attempted."""
-    free = available_bytes(device)
-    if n_bytes > free:
-        raise ValueError(f"`{name}` must be smaller: {what} need about {_gb(n_bytes)} and only {_gb(free)} of memory "
-                         f"is available{' on ' + str(device) if device is not None else ''}." + (f" {remedy}" if remedy else ""))
+    """:func:`toymodels._validate.check_bytes` against the memory available on ``device`` (the
+    same message: the argument, the limit and the estimate), before the allocation is attempted."""
+    where = "" if device is None else f" available on {device}"
+    _check_bytes(name, n_bytes, what=what, limit=available_bytes(device), where=where or " available",
+                 remedy=remedy)
 
 
 # --------------------------------------------------------------------------------------------------

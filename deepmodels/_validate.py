@@ -35,6 +35,7 @@ from torch import nn
 
 from toymodels._validate import (  # noqa: F401  (re-exported)
     MAX_EXACT_INT,
+    AnyOf,
     REGISTRY,
     Boolean,
     Constraint,
@@ -307,45 +308,6 @@ class SequenceOf(Constraint):
             except (TypeError, ValueError):
                 pass
         return None
-
-
-class AnyOf(Constraint):
-    """What one of ``constraints`` accepts (the first that does converts the value)."""
-
-    def __init__(self, *constraints: Constraint, what: str):
-        self.constraints, self.what = constraints, what
-
-    def __call__(self, name, value):
-        for c in self.constraints:
-            try:
-                return c(name, value)
-            except (TypeError, ValueError):
-                pass
-        got = _fmt_value(value)
-        raise (ValueError if isinstance(value, (int, float, str)) and not isinstance(value, bool) else TypeError)(
-            f"`{name}` must be {self.what}; got {got}.")
-
-    def bad_values(self):
-        out = []
-        for c in self.constraints:
-            for v in c.bad_values():
-                if all(_refuses(d, v) for d in self.constraints) and not any(v is o for o in out):
-                    out.append(v)
-        return out
-
-
-def _refuses(c, v) -> bool:
-    try:
-        c("x", v)
-        return False
-    except (TypeError, ValueError):
-        return True
-
-
-def _fmt_value(value) -> str:
-    if isinstance(value, (int, float, str)) or value is None:
-        return repr(value)
-    return type(value).__name__
 
 
 class OptimizerClass(Constraint):

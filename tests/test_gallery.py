@@ -9,7 +9,13 @@ from studies.__main__ import main
 from toymodels.schema import validate
 
 
-@pytest.mark.parametrize("name", list(STUDIES))
+# the two studies that train many networks take minutes even at --quick on a 2-core CPU; the default
+# suite runs them at their tiny test scale (test_coherent_study.py, test_studies.py) and these
+# command-line runs with -m slow
+SLOW = {"nqm_vs_cnn", "coherent_gradients"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES])
 def test_every_study_runs_quick_and_writes_valid_files(name, tmp_path):
     main(["run", name, "--quick", "--out", str(tmp_path), "--no-progress"])
     ncs = [p for p in tmp_path.glob("*.nc")]

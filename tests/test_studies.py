@@ -99,7 +99,7 @@ def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown study 'nope'"):
         main(["run", "nope"])
     xr.Dataset({"loss": ("step", [1.0])}).to_netcdf(tmp_path / "other.nc")
-    with pytest.raises(ValueError, match="no `study` attribute"):
+    with pytest.raises(SystemExit, match="no `study` attribute"):
         main(["plot", str(tmp_path / "other.nc")])
 
 

@@ -307,7 +307,7 @@ def test_model_sizes():
         models.mlp(4, 10, (8, 0))
     with pytest.raises(TypeError, match=r"`hidden` must be a list or tuple \(hidden widths, each >= 1\); got int\."):
         models.mlp(4, 10, 8)
-    with pytest.raises(ValueError, match=r"`hidden` must be smaller: the 1e\+12 parameters of this model .* need about 4e\+03 GB"):
+    with pytest.raises(ValueError, match=r"`hidden` must be small enough for its arrays to fit in .* available; got an estimated 3.64 TiB \(the 1e\+12 parameters of this model"):
         models.mlp(4, 10, (10**6, 10**6))
     with pytest.raises(ValueError, match=r"`image_size` must be an integer in \[4, 65536\]; got 2\."):
         models.cnn(image_size=2)
@@ -350,12 +350,12 @@ def test_sizes_that_cannot_fit(monkeypatch):
     with pytest.raises(ValueError, match=r"`dim` must be an integer in \[1, 100000000\]; got 1000000000\."):
         bridge.fit_nqm(model, CE, x, y, k=2, dim=10**9)
     monkeypatch.setattr(_checks, "available_bytes", lambda device=None: 10**5)
-    with pytest.raises(ValueError, match=r"`dim` must be smaller: the 1000000 modes of the fitted NQM need about 0.128 GB "
-                                         r"and only 0.0001 GB of memory is available\. Give a smaller `dim`\."):
+    with pytest.raises(ValueError, match=r"`dim` must be small enough for its arrays to fit in 97.7 KiB available; got an "
+                                         r"estimated 122 MiB \(the 1000000 modes of the fitted NQM\)\. Give a smaller `dim`\."):
         bridge.fit_nqm(model, CE, x, y, k=2, dim=10**6)
-    with pytest.raises(ValueError, match=r"`x` must be smaller: the per-example gradients of 800 examples x 51 parameters"):
+    with pytest.raises(ValueError, match=r"`x` must be small enough .*\(the per-example gradients of 800 examples x 51 parameters"):
         pergrad.per_example_grads(model, CE, x.repeat(100, 1), y.repeat(100))
-    with pytest.raises(ValueError, match=r"`n_boot` must be smaller: 100000 bootstrap resamples of 8 examples"):
+    with pytest.raises(ValueError, match=r"`n_boot` must be small enough .*\(100000 bootstrap resamples of 8 examples"):
         probes.gradient_stats(model, CE, x, y, ci=0.9, n_boot=10**5)
 
 

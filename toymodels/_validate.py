@@ -164,8 +164,10 @@ def check_steps(steps, *, high: int = MAX_STEPS, name: str = "steps") -> np.ndar
     return arr.astype(np.int64)
 
 
-def check_bytes(name: str, n_bytes: float, *, what: str = "", limit: float | None = None) -> None:
-    """Refuse, before allocating, an array of ``n_bytes`` above ``limit`` (default :data:`MAX_BYTES`).
+def check_bytes(name: str, n_bytes: float, *, what: str = "", limit: float | None = None, where: str = "",
+                remedy: str = "") -> None:
+    """Refuse, before allocating, an array of ``n_bytes`` above ``limit`` (default :data:`MAX_BYTES`;
+    :mod:`deepmodels` passes the memory available on the device, ``where`` naming it).
 
     Raises:
         ValueError: naming the argument that sets the size, with the estimate.
@@ -173,8 +175,8 @@ def check_bytes(name: str, n_bytes: float, *, what: str = "", limit: float | Non
     limit = MAX_BYTES if limit is None else limit
     if not n_bytes <= limit:
         detail = f" ({what})" if what else ""
-        raise ValueError(f"`{name}` must be small enough for its arrays to fit in {_size(limit)}; got an "
-                         f"estimated {_size(n_bytes)}{detail}.")
+        raise ValueError(f"`{name}` must be small enough for its arrays to fit in {_size(limit)}{where}; got an "
+                         f"estimated {_size(n_bytes)}{detail}." + (f" {remedy}" if remedy else ""))
 
 
 def _size(n_bytes: float) -> str:
