@@ -155,10 +155,11 @@ def test_closed_form_stein_matches_doubling():
 
 @pytest.mark.parametrize("opt", [Momentum(0.3, 0.9), EMA(SGD(0.5), 0.95), Momentum(0.1, 0.81), SGD(1.2)],
                          ids=["momentum", "ema", "critical", "sgd"])
-def test_first_crossing_guess_and_parallel_leaves(opt):
+def test_first_crossing_guess_and_parallel_leaves(opt, monkeypatch):
     """The answer does not depend on the split hint, and the parallel leaf values (one
     multiplication per step, the (g, s) recurrence for flagged modes) equal the closed form."""
-    nqm = NQM.power_law(dynamics._PARALLEL_MIN_MODES + 1000)  # above the parallel threshold
+    monkeypatch.setattr(dynamics, "_PARALLEL_MIN_MODES", 4096)  # the parallel kernels at a test size
+    nqm = NQM.power_law(5000)
     mf = nqm.modal_form(opt, 4)
     ref = mf.loss(np.arange(2001))
     for k0, n in [(0, 32), (777, 17), (1968, 32)]:
