@@ -124,7 +124,7 @@ def main(argv=None):
         family_sweeps(nqm, FAMILIES, bss, target, n_jobs=2, progress=False)
         times.append(time.perf_counter() - t)
     print(f"full tuned sweep (4 families x {bss.size} batch sizes), warm, family_sweeps(n_jobs=2, "
-          f"{_parallel_backend()}): median {np.median(times):.2f} s of {a.repeat} (min {min(times):.2f})   "
+          f"{_parallel_backend(nqm.dim)}): median {np.median(times):.2f} s of {a.repeat} (min {min(times):.2f})   "
           f"[target: < 2 s]")
 
     code = ("import time; t=time.perf_counter(); from toymodels import NQM; from toymodels.sweep import batch_size_sweep; "

@@ -225,6 +225,7 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
         f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
     nfev = N + 1
     xbar = np.empty(N)
+    xr, xe, xc, xcc = np.empty(N), np.empty(N), np.empty(N), np.empty(N)
     while True:
         for a in range(1, N + 1):  # stable insertion sort by value
             j = a
@@ -244,16 +245,18 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
                     done = False
         if done:
             break
-        xbar[:] = 0.0
-        for j in range(N):
-            xbar += sim[j]
-        xbar /= N
-        xr = 2.0 * xbar - sim[N]
+        for c in range(N):
+            acc = 0.0
+            for j in range(N):
+                acc += sim[j, c]
+            xbar[c] = acc / N
+            xr[c] = 2.0 * xbar[c] - sim[N, c]
         fr = schedule_log_loss(xr, K, n_pieces, limit, a1, b1, q, S0, h)
         nfev += 1
         shrink = False
         if fr < f[0]:
-            xe = 3.0 * xbar - 2.0 * sim[N]
+            for c in range(N):
+                xe[c] = 3.0 * xbar[c] - 2.0 * sim[N, c]
             fe = schedule_log_loss(xe, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fe < fr:
@@ -266,7 +269,8 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
             _set_row(sim, N, xr)
             f[N] = fr
         elif fr < f[N]:  # outside contraction
-            xc = 1.5 * xbar - 0.5 * sim[N]
+            for c in range(N):
+                xc[c] = 1.5 * xbar[c] - 0.5 * sim[N, c]
             fc = schedule_log_loss(xc, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fc <= fr:
@@ -275,7 +279,8 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
             else:
                 shrink = True
         else:  # inside contraction
-            xcc = 0.5 * xbar + 0.5 * sim[N]
+            for c in range(N):
+                xcc[c] = 0.5 * xbar[c] + 0.5 * sim[N, c]
             fcc = schedule_log_loss(xcc, K, n_pieces, limit, a1, b1, q, S0, h)
             nfev += 1
             if fcc < f[N]:
@@ -285,7 +290,8 @@ def schedule_nelder_mead(z0, steps, xatol, fatol, maxfev, K, n_pieces, limit, a1
                 shrink = True
         if shrink:
             for j in range(1, N + 1):
-                _set_row(sim, j, sim[0] + 0.5 * (sim[j] - sim[0]))
+                for c in range(N):
+                    sim[j, c] = sim[0, c] + 0.5 * (sim[j, c] - sim[0, c])
                 f[j] = schedule_log_loss(sim[j], K, n_pieces, limit, a1, b1, q, S0, h)
                 nfev += 1
     return sim[0].copy(), f[0], nfev

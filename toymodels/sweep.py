@@ -567,17 +567,21 @@ def _family_job(args):
     return family, batch_size_sweep(problem, family, batch_sizes, target, progress=False, **kwargs)
 
 
-def _parallel_backend() -> str:
+def _parallel_backend(dim: int) -> str:
     """How :func:`family_sweeps` runs families side by side: ``"threads"``, ``"fork"`` or ``"serial"``.
 
     The kernels release the GIL, so threads work wherever numba's threading layer is thread-safe
-    (``omp``, ``tbb``).  The ``workqueue`` layer is not, but it survives ``fork``, so there the
-    families go to forked processes, which start with this process's compiled kernels.
+    (``omp``, ``tbb``), and always for problems below the parallel threshold, whose kernels are all
+    serial (no threading layer is started for them).  The ``workqueue`` layer is not thread-safe, but
+    it survives ``fork``, so there the families go to forked processes, which start with this
+    process's compiled kernels.
     """
     import multiprocessing as mp
 
+    from .dynamics import _PARALLEL_MIN_MODES, _ensure_threading_layer
 
-    from .dynamics import _ensure_threading_layer
+    if dim < _PARALLEL_MIN_MODES:
+        return "threads"
 
     layer = _ensure_threading_layer()
     if layer in ("omp", "tbb"):
@@ -621,7 +625,7 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
     paths = dict(paths or {})
     n_jobs = check_int("n_jobs", (os.cpu_count() or 1) if n_jobs is None else n_jobs, low=1)
     n_jobs = min(n_jobs, len(families)) if scheduler is None else n_jobs
-    backend = _parallel_backend() if n_jobs > 1 else "serial"
+    backend = _parallel_backend(int(getattr(problem, "dim", 0))) if n_jobs > 1 else "serial"
     jobs = [(problem, f, batch_sizes, target, dict(kwargs, path=paths.get(f))) for f in families]
     bar = None
     if progress:
