@@ -105,3 +105,29 @@ def test_compile_killed_before_the_entry_point_is_cached(tmp_path):
 def test_compile_interrupted_anywhere(tmp_path, pattern, sig):
     _interrupt_when_cached(tmp_path, "all", pattern, sig)
     _three_runs(tmp_path, "all")
+
+
+def test_warmup_is_off_when_asked_or_warm(monkeypatch):
+    from toymodels import warmup
+
+    monkeypatch.setattr(warmup, "_started", False)
+    monkeypatch.setenv("TOYMODELS_NO_WARMUP", "1")
+    assert warmup.start() is None
+    monkeypatch.delenv("TOYMODELS_NO_WARMUP")
+    monkeypatch.setattr(warmup, "cold", lambda: False)
+    assert warmup.start() is None
+
+
+@pytest.mark.slow
+def test_warmup_caches_the_later_kernels(tmp_path):
+    """On an empty cache the warm-up process compiles and caches the first-crossing kernels; a
+    process after it finds them cached (and starts no second warm-up)."""
+    script = ("from toymodels import warmup\n"
+              "assert warmup.cold()\n"
+              "p = warmup.start()\n"
+              "assert p is not None and p.wait(timeout=600) == 0\n"
+              "assert not warmup.cold() and warmup.start() is None\n")
+    out = subprocess.run([sys.executable, "-c", script], env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _three_runs(tmp_path, "all")

@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 from scipy import optimize
 
-from . import _localmin, resume
+from . import _localmin, resume, warmup
 from ._args import BATCH_SIZE, TARGET
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, Instance, Integer, Maybe, Options, Real,
                         check_int, check_real, validate)
@@ -508,6 +508,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     bss = [check_batch_size(b) for b in np.atleast_1d(batch_sizes)]
     if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
         raise ValueError("`batch_sizes` must be strictly increasing.")
+    warmup.start()  # a fresh numba cache: compile the later kernels in a second process meanwhile
     rows = []
     extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
     old = None
@@ -615,6 +616,7 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
     import multiprocessing as mp
 
     families = [_check_family(f) for f in families]
+    warmup.start()
     for f in families:
         _check_problem_family(problem, f)
     if len(set(families)) != len(families):
