@@ -100,7 +100,7 @@ def test_compile_killed_before_the_entry_point_is_cached(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-@pytest.mark.parametrize("pattern", ["*_values_range_modes-*.nbi", "*_modal_values_range_parallel-*.nbi",
+@pytest.mark.parametrize("pattern", ["*_modal_setup_kernel-*.nbi", "*_values_range_modes-*.nbi",
                                      "*_first_crossing_serial-*.nbi", "*_mode_lower_bound-*.nbi"])
 def test_compile_interrupted_anywhere(tmp_path, pattern, sig):
     _interrupt_when_cached(tmp_path, "all", pattern, sig)
