@@ -87,7 +87,7 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     calls["n"] = 0
     from toymodels.resume import ResumeWarning
 
-    with pytest.warns(ResumeWarning, match=r"bs4_lr0\.1_mom0_seed0\.nc: it was written for other settings \(`target`"):
+    with pytest.warns(ResumeWarning, match=r"bs\d+_lr[^ ]*\.nc: it was written for other settings \(`target`"):
         other = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **dict(kw, target=0.9))
     assert calls["n"] == len(files)
     fresh = steps.measure_steps(fn, tiny, **dict(kw, target=0.9))

@@ -175,6 +175,9 @@ def test_schedule_sweep_resumes_only_on_the_same_grid(tmp_path):
     nqm = NQM.power_law(200)
     target, path = 0.05 * nqm.initial_loss, str(tmp_path / "schedule.nc")
     _schedule_sweep(nqm, np.array([1.0, 16.0, 256.0]), target, path, False)
-    again = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, path, False)
+    from toymodels.resume import ResumeWarning
+
+    with pytest.warns(ResumeWarning, match=r"schedule\.nc: it was written for another grid"):
+        again = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, path, False)
     fresh = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, str(tmp_path / "fresh.nc"), False)
     xr.testing.assert_identical(again, fresh)
