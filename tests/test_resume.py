@@ -165,8 +165,8 @@ def test_study_killed_during_a_point_write_resumes_to_the_same_result(tmp_path):
 TRAIN = """
 from deepmodels import data, models
 from deepmodels.train import train
-train(models.mlp(64, 10, (16,), seed=3), data.digits(), lr=0.1, batch_size=8, n_steps=40,
-      probe_at=[0, 10, 20, 30, 40], probe_size=32, path={path!r}, progress=False)
+train(models.mlp(64, 10, (16,), seed=3), data.digits(), lr=0.1, batch_size=8, n_steps=20,
+      probe_at=[0, 5, 10, 15, 20], probe_size=32, path={path!r}, progress=False)
 """
 
 
@@ -177,7 +177,7 @@ def _train(path=None, **kw):
     from deepmodels.train import train
 
     model = models.mlp(64, 10, (16,), seed=3)
-    args = dict(lr=0.1, batch_size=8, n_steps=40, probe_at=[0, 10, 20, 30, 40], probe_size=32, path=path,
+    args = dict(lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 5, 10, 15, 20], probe_size=32, path=path,
                 progress=False)
     args.update(kw)
     ds = train(model, data.digits(), **args)
@@ -188,7 +188,7 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     import torch
 
     path = tmp_path / "run.nc"
-    _run_killed(TRAIN.format(path=str(path)), n=3)  # during the results write of the probe at step 20
+    _run_killed(TRAIN.format(path=str(path)), n=3)  # during the results write of the probe at step 10
     resumed, p_resumed = _train(path)
     straight, p_straight = _train()
     torch.testing.assert_close(p_resumed, p_straight, rtol=0, atol=0)
@@ -199,7 +199,7 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
 def test_training_with_other_settings_starts_afresh(tmp_path):
     path = tmp_path / "run.nc"
     _train(path)
-    for change in (dict(lr=0.05), dict(batch_size=4), dict(n_steps=20, probe_at=[0, 10, 20]), dict(seed=1)):
+    for change in (dict(lr=0.05), dict(batch_size=4), dict(n_steps=10, probe_at=[0, 5, 10]), dict(seed=1)):
         with pytest.warns(ResumeWarning, match=r"run\.nc\.pt"):
             again, _ = _train(path, **change)
         _assert_same(again, _train(**change)[0])
