@@ -52,7 +52,7 @@ from toymodels._validate import (  # noqa: F401  (re-exported)
 __all__ = [
     "Boolean", "Constraint", "Instance", "Integer", "Maybe", "Options", "Real", "REGISTRY", "validate", "MAX_EXACT_INT",
     "check_int", "check_real",
-    "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "AnyOf", "Seed",
+    "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "DictOf", "AnyOf", "Seed",
     "Diverged", "check_batch", "check_model_input", "check_bytes", "available_bytes", "nonfinite_params",
     "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn",
     "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
@@ -308,6 +308,30 @@ class SequenceOf(Constraint):
             except (TypeError, ValueError):
                 pass
         return None
+
+
+class DictOf(Constraint):
+    """A non-empty dict ``{what}`` whose entries pass ``entry(name, key, value) -> (value, size)``;
+    with ``one_size`` (how the message names it), every entry has the same size."""
+
+    def __init__(self, what: str, entry, *, one_size: str | None = None, bad=()):
+        self.what, self.entry, self.one_size, self.bad = what, entry, one_size, list(bad)
+
+    def __call__(self, name, value):
+        if not isinstance(value, dict):
+            raise TypeError(f"`{name}` must be a dict {{{self.what}}}; got {type(value).__name__}.")
+        if not value:
+            raise ValueError(f"`{name}` must be a non-empty dict {{{self.what}}}; got an empty one.")
+        out, sizes = {}, set()
+        for k, v in value.items():
+            out[k], size = self.entry(name, k, v)
+            sizes.add(size)
+        if self.one_size is not None and len(sizes) != 1:
+            raise ValueError(f"`{name}` must be {self.one_size}; got sizes {sorted(sizes)}.")
+        return out
+
+    def bad_values(self):
+        return [None, "1", {}] + self.bad
 
 
 class OptimizerClass(Constraint):

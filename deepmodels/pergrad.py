@@ -88,28 +88,18 @@ def per_example_grads(model: nn.Module, loss_fn, x, y, *, chunk_size: int = 256)
     return out
 
 
-class _Grads(V.Constraint):
-    """A non-empty dict of ``(B, ...)`` tensors sharing B (what :func:`per_example_grads` returns)."""
-
-    def __call__(self, name, value):
-        if not isinstance(value, dict):
-            raise TypeError(f"`{name}` must be a dict {{name: (B, ...) tensor}}; got {type(value).__name__}.")
-        if not value:
-            raise ValueError(f"`{name}` must be a non-empty dict {{name: (B, ...) tensor}}; got an empty one.")
-        sizes = set()
-        for k, v in value.items():
-            if not isinstance(v, torch.Tensor) or v.dim() < 1:
-                raise TypeError(f"`{name}` must be a dict of (B, ...) tensors; `{k}` is {type(v).__name__}.")
-            sizes.add(v.shape[0])
-        if len(sizes) != 1:
-            raise ValueError(f"`{name}` must be tensors sharing one batch size; got {sorted(sizes)}.")
-        return value
-
-    def bad_values(self):
-        return [None, "1", {}, {"w": 1.0}, {"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}]
+def _grad_entry(name, key, v):
+    if not isinstance(v, torch.Tensor) or v.dim() < 1:
+        raise TypeError(f"`{name}` must be a dict of (B, ...) tensors; `{key}` is {type(v).__name__}.")
+    return v, v.shape[0]
 
 
-@validate(grads=_Grads())
+# what per_example_grads returns: (B, ...) tensors sharing B
+_GRADS = V.DictOf("name: (B, ...) tensor", _grad_entry, one_size="tensors sharing one batch size",
+                  bad=[{"w": 1.0}, {"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}])
+
+
+@validate(grads=_GRADS)
 def flatten(grads: dict) -> torch.Tensor:
     """``(B, P)`` from :func:`per_example_grads`."""
     return torch.cat([v.reshape(v.shape[0], -1) for v in grads.values()], dim=1)

@@ -70,44 +70,22 @@ def _from_fast(fast, B):
 STAT_CI = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
 
-class _Grams(V.Constraint):
-    """A non-empty dict of finite float ``(B, B)`` tensors (B >= 2, the same for every layer)."""
-
-    def __call__(self, name, value):
-        if not isinstance(value, dict):
-            raise TypeError(f"`{name}` must be a dict {{layer: (B, B) tensor}}; got {type(value).__name__}.")
-        if not value:
-            raise ValueError(f"`{name}` must be a non-empty dict {{layer: (B, B) tensor}}; got an empty one.")
-        sizes = set()
-        for k, K in value.items():
-            K = Tensor("float", ndim=2, what="a dict of finite float (B, B) tensors")(name, K)
-            if K.shape[0] != K.shape[1] or K.shape[0] < 2:
-                raise ValueError(f"`{name}` must be square (B, B) matrices with B >= 2; `{k}` has shape {tuple(K.shape)}.")
-            sizes.add(K.shape[0])
-        if len(sizes) != 1:
-            raise ValueError(f"`{name}` must be matrices of one size B; got sizes {sorted(sizes)}.")
-        return value
-
-    def bad_values(self):
-        return [None, "1", {}, {"a": torch.zeros(2, 3)}, {"a": torch.full((2, 2), math.nan)},
-                {"a": torch.zeros(2, 2), "b": torch.zeros(3, 3)}]
+def _gram_entry(name, key, K):
+    K = Tensor("float", ndim=2, what="a dict of finite float (B, B) tensors")(name, K)
+    if K.shape[0] != K.shape[1] or K.shape[0] < 2:
+        raise ValueError(f"`{name}` must be square (B, B) matrices with B >= 2; `{key}` has shape {tuple(K.shape)}.")
+    return K, K.shape[0]
 
 
-class _Counts(V.Constraint):
-    """A non-empty dict of positive integers (parameters per layer)."""
-
-    def __call__(self, name, value):
-        if not isinstance(value, dict):
-            raise TypeError(f"`{name}` must be a dict {{layer: number of parameters}}; got {type(value).__name__}.")
-        if not value:
-            raise ValueError(f"`{name}` must be a non-empty dict {{layer: number of parameters}}; got an empty one.")
-        return {k: V.check_int(name, v, low=1) for k, v in value.items()}
-
-    def bad_values(self):
-        return [None, "1", {}, {"a": 0}, {"a": 1.5}]
+# finite float (B, B) Gram matrices, B >= 2 and the same for every layer; parameters per layer
+_GRAMS = V.DictOf("layer: (B, B) tensor", _gram_entry, one_size="matrices of one size B",
+                  bad=[{"a": torch.zeros(2, 3)}, {"a": torch.full((2, 2), math.nan)},
+                       {"a": torch.zeros(2, 2), "b": torch.zeros(3, 3)}])
+_COUNTS = V.DictOf("layer: number of parameters", lambda name, key, v: (V.check_int(name, v, low=1), None),
+                   bad=[{"a": 0}, {"a": 1.5}])
 
 
-@validate(grams=_Grams(), n_params=_Counts(), batch_size=Real(1, math.inf, high_open=True),
+@validate(grams=_GRAMS, n_params=_COUNTS, batch_size=Real(1, math.inf, high_open=True),
           level=Real(0, 1, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS), seed=V.Seed())
 def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float = 0.95, n_boot: int = 200,
                  seed: int = 0) -> dict:
