@@ -79,12 +79,12 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
     """SGD with a tuned 3-piece piecewise-constant schedule per batch size (the lecture's "fitting
     optimal learning rate schedules"), with the fitted learning rates and piece fractions; resumes
     from ``path``."""
-    def same_grid(ds):
-        n = min(ds.batch_size.size, batch_sizes.size)
-        if ds.piece.size != N_PIECES or not np.array_equal(ds.batch_size.values[:n], batch_sizes[:n]):
-            raise ValueError("it was written for another grid of batch sizes or pieces")
+    def same_pieces(ds):
+        if ds.piece.size != N_PIECES:
+            raise ValueError(f"it was written for another grid of pieces ({ds.piece.size}, not {N_PIECES})")
 
-    done = resume.read(path, settings={"target": target, "dim": nqm.dim}, check=same_grid,
+    done = resume.read(path, settings={"target": target, "dim": nqm.dim}, prefix={"batch_size": batch_sizes},
+                       check=same_pieces,
                        variables=("steps_to_target", "lr_schedule_opt", "piece_fraction_opt"))
     steps, lrs, fracs = [], [], []
     if done is not None:  # the same grid: reuse its first n

@@ -66,6 +66,9 @@ def test_write_is_atomic_and_read_reports_damage(tmp_path):
     assert resume.read(tmp_path / "missing.nc") is None
     with pytest.warns(ResumeWarning, match=r"x\.nc.*other settings \(`target` is 0\.1 there and 0\.2 here\)"):
         assert resume.read(path, settings={"target": 0.2}) is None
+    _assert_same(resume.read(path, prefix={"step": [0, 1, 2]}), ds)  # a longer grid with the same start
+    with pytest.warns(ResumeWarning, match=r"x\.nc: it was written for another grid of `step`"):
+        assert resume.read(path, prefix={"step": [0, 2]}) is None
     with pytest.warns(ResumeWarning, match=r"x\.nc.*lacks grad_var"):
         assert resume.read(path, variables=("grad_var",)) is None
     for damage in (b"", b"garbage" * 10, path.read_bytes()[:48]):

@@ -133,7 +133,7 @@ def _ignored(path, why: str):
     return None
 
 
-def read(path, *, settings: dict | None = None, variables=(), groups=None, check=None):
+def read(path, *, settings: dict | None = None, variables=(), groups=None, prefix: dict | None = None, check=None):
     """The saved Dataset (or ``{group: Dataset}`` when ``groups`` names them) at ``path``, or
     ``None`` when it must be recomputed.
 
@@ -142,6 +142,8 @@ def read(path, *, settings: dict | None = None, variables=(), groups=None, check
         settings: attributes the file must carry with these values (see :func:`same_settings`).
         variables: data variables the file must hold (in every group).
         groups: netCDF groups to read; each must be present.
+        prefix: ``{coordinate: values}`` the file's coordinate must agree with on their common
+            length (a run over a longer or shorter grid resumes; one over another grid does not).
         check: optional ``check(result)`` raising ``ValueError`` when the content is unusable.
 
     A file that fails any of these is reported with a :class:`ResumeWarning` naming it and why.
@@ -165,6 +167,12 @@ def read(path, *, settings: dict | None = None, variables=(), groups=None, check
         same, why = same_settings(root.attrs, settings)
         if not same:
             return _ignored(path, f"it was written for other settings ({why})")
+    for coord, values in (prefix or {}).items():
+        saved = root[coord].values if coord in root.coords else np.array([])
+        n = min(saved.size, len(values))
+        if coord not in root.coords or not np.array_equal(saved[:n], np.asarray(values)[:n]):
+            return _ignored(path, f"it was written for another grid of `{coord}` ({saved[:n]} there, "
+                                  f"{np.asarray(values)[:n]} here)")
     from .schema import NO_NAN
 
     for name, ds in parts.items():

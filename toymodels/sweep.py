@@ -518,13 +518,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             settings["precond"] = precond
         if family == "momentum_ema":
             settings["decay"] = decay
-
-        def same_grid(ds):
-            n = min(ds.batch_size.size, len(bss))
-            if not np.array_equal(ds.batch_size.values[:n], np.asarray(bss)[:n]):
-                raise ValueError(f"its batch sizes {ds.batch_size.values[:n]} are not this run's {np.asarray(bss)[:n]}")
-
-        old = resume.read(path, settings=settings, check=same_grid,
+        old = resume.read(path, settings=settings, prefix={"batch_size": bss},
                           variables=("steps_to_target", "lr_opt", "reason") + ((extra_name,) if extra_name else ()))
     if old is not None:
         for j in range(min(old.batch_size.size, len(bss))):
