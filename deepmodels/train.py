@@ -32,7 +32,6 @@ import torch.nn.functional as F
 import xarray as xr
 
 from toymodels import resume
-from toymodels._validate import check_int, check_real
 from toymodels.schedules import Schedule
 from toymodels.schema import attach_attrs
 
@@ -128,26 +127,18 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
                       f"the per-example gradients of {probe_size} examples x {P} parameters", device=device)
     schedule = as_schedule(lr) if not isinstance(lr, Schedule) else lr
     lr0 = float(schedule.at(np.array([0]))[0])
-    momentum = check_real("momentum", momentum, low=0.0, high=1.0, high_open=True)
-    batch_size = check_int("batch_size", batch_size, low=1)
-    n_steps = check_int("n_steps", n_steps, low=1)
-    probe_size = check_int("probe_size", probe_size, low=2)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     data = data.to(device)
+    # the arguments are checked by @validate above; probe_at is increasing and within [0, n_steps]
     steps = probe_steps(n_steps, n_log=20) if probe_at is None else np.asarray(probe_at, dtype=np.int64)
-    if steps.ndim != 1 or np.any(np.diff(steps) <= 0) or steps[0] < 0 or steps[-1] > n_steps:
-        raise ValueError("`probe_at` must be increasing steps in [0, n_steps].")
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr0, momentum=momentum)
     elif optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=lr0)
-    elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+    else:  # a torch.optim.Optimizer class
         opt = optimizer(model.parameters(), lr=lr0)
-    else:
-        raise ValueError(f"`optimizer` must be 'sgd', 'adam' or a torch.optim.Optimizer class; got {optimizer!r}.")
     opt_name = optimizer if isinstance(optimizer, str) else optimizer.__name__.lower()
-    diverge_factor = check_real("diverge_factor", diverge_factor, low=1.0, high=math.inf, low_open=True)
     gen_train = torch.Generator(device="cpu").manual_seed(seed)
     gen_probe = torch.Generator(device="cpu").manual_seed(seed + 1_000_003)
     n = data.x_train.shape[0]
@@ -214,7 +205,8 @@ def train(model, data: Dataset, *, lr, batch_size: int, n_steps: int, momentum: 
             rows.append(st.drop_attrs())
             save(k)
         if k == n_steps:
-            save(k)  # the finished run: a rerun returns it at once
+            if k not in todo:  # (a probe at the last step has just saved it)
+                save(k)  # the finished run: a rerun returns it at once
             break
         idx = torch.randint(0, n, (batch_size,), generator=gen_train).to(device)
         for group in opt.param_groups:
@@ -252,7 +244,7 @@ def _model_fingerprint(model) -> dict:
     h = hashlib.sha1()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
     return {"model": type(model).__qualname__, "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "initial_parameters": h.hexdigest()[:16]}
 
