@@ -16,7 +16,7 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
-        "label_noise", "subset", "case", "kind")
+        "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -73,10 +73,21 @@ VARIABLES = {
     "zipf_exponent": "Zipf exponent s = 1 / (beta - 1) of a spectrum's power-law fit (lambda_k ~ k^-s)",
     "zipf_exponent_se": "standard error of zipf_exponent",
     "n_outliers": "top eigenvalues set apart from the rest by a large ratio lambda_k / lambda_(k+1)",
+    "steps_per_seed": "measured steps_to_target of each seed at the batch size's tuned hyper-parameters",
+    "b_crit": "critical batch size B_crit of S = S_min (1 + B_crit / B) (measured: fitted to steps_best)",
+    "b_crit_lo": "lower end of the bootstrap interval (over seeds) of b_crit",
+    "b_crit_hi": "upper end of the bootstrap interval (over seeds) of b_crit",
+    "s_min": "S_min of S = S_min (1 + B_crit / B), the steps at an infinite batch size",
+    "s_min_lo": "lower end of the bootstrap interval (over seeds) of s_min",
+    "s_min_hi": "upper end of the bootstrap interval (over seeds) of s_min",
+    "b_crit_pred": "critical batch size predicted from one reference run (theory)",
+    "steps_pred": "steps_to_target predicted from one reference run (theory)",
+    "examples_to_target": "training examples drawn until the target (sum of the batch sizes)",
+    "local_b_crit": "B_crit of the next loss segment, measured by branch runs from a checkpoint",
     "eigenvalue_batch_slope": "log-log slope of the top covariance eigenvalue vs batch size (-1: ~ 1/B)",
 }
 
-SOURCES = ("exact", "simulation", "measurement")
+SOURCES = ("exact", "simulation", "measurement", "theory")  # theory: a prediction from measurements
 
 # results that must never be NaN (hyper-parameters may be NaN where they do not apply, e.g. momentum_opt of SGD)
 NO_NAN = ("loss", "test_loss", "steps_to_target", "steps_lower_bound", "grad_norm_sq", "grad_var", "grad_nvar",

@@ -24,7 +24,7 @@ import numpy as np
 
 from ._validate import MAX_EXACT_INT, Array, validate
 
-__all__ = ["gradient_statistics", "two_batch_estimates", "fit_critical_batch", "STAT_NAMES"]
+__all__ = ["gradient_statistics", "two_batch_estimates", "fit_critical_batch", "crossing_step", "STAT_NAMES"]
 
 STAT_NAMES = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
 
@@ -126,6 +126,57 @@ def fit_critical_batch(batch_sizes, steps) -> dict:
     crit = float(slope / s_min) if s_min > 0 else math.inf
     return {"steps_min": float(s_min), "critical_batch_size": crit,
             "rms_relative_error": float(np.sqrt(np.mean((pred / s - 1.0) ** 2))), "n_points": int(b.size)}
+
+
+@validate(steps=Array(1, low=0.0), target=Array(0, low=0.0))
+def crossing_step(steps, values, target) -> float:
+    """The step at which a curve sampled at ``steps`` first reaches ``target`` (values <= target).
+
+    Between the last sample above the target, (k0, m0), and the first at or below it, (k1, m1), the
+    curve is taken linear in log(metric) (losses fall roughly exponentially between close samples):
+
+        k* = k0 + (k1 - k0) (log m0 - log target) / (log m0 - log m1).
+
+    Where the log is undefined (m1 = 0, or target = 0) the interpolation is linear in the metric:
+    k* = k0 + (k1 - k0) (m0 - target) / (m0 - m1).  A curve that starts at or below the target
+    crosses at ``steps[0]``.
+
+    Args:
+        steps: ``(n,)`` strictly increasing evaluation steps >= 0.
+        values: ``(n,)`` the metric at those steps (loss or error, >= 0).  A value that is not finite
+            before the crossing is a divergence.
+        target: the value to reach, >= 0.
+
+    Returns:
+        The crossing step (a float, not rounded), or ``inf`` when the curve never reaches the target
+        or is not finite (NaN / inf) before it does.
+    """
+    k = np.asarray(steps, dtype=np.float64)
+    m = np.asarray(values)
+    if m.dtype.kind not in "iuf" or m.ndim != 1:
+        raise TypeError(f"`values` must be a 1-D array of reals (NaN and inf allowed); got dtype {m.dtype}, "
+                        f"shape {m.shape}.")
+    m = m.astype(np.float64)
+    t = float(target)
+    if k.shape != m.shape:
+        raise ValueError(f"`steps` and `values` must have the same length; got {k.size} and {m.size}.")
+    if np.any(np.diff(k) <= 0):
+        raise ValueError("`steps` must be strictly increasing.")
+    bad = ~np.isfinite(m)
+    hit = np.flatnonzero(np.isfinite(m) & (m <= t))
+    if hit.size == 0:
+        return math.inf
+    j = int(hit[0])
+    if bad[: j + 1].any():
+        return math.inf
+    if j == 0:
+        return float(k[0])
+    k0, k1, m0, m1 = k[j - 1], k[j], m[j - 1], m[j]
+    if m1 > 0 and t > 0:
+        frac = (math.log(m0) - math.log(t)) / (math.log(m0) - math.log(m1))
+    else:
+        frac = (m0 - t) / (m0 - m1)
+    return float(k0 + (k1 - k0) * min(max(frac, 0.0), 1.0))
 
 
 # the heavy-tail and Gaussianity tests (Xie et al.) live in their own module; exported here too
