@@ -119,3 +119,21 @@ def test_bad_input(tiny):
         steps.measure_steps(fn, tiny, batch_sizes=[4], lrs=[-0.1], target=0.5, progress=False)
     with pytest.raises(ValueError, match="`name` must be one of"):
         Factory("transformer")
+
+
+# --- the interpolated crossing (toymodels.stats.crossing_step) ------------------------------------
+def test_crossing_step_by_hand():
+    import math as _m
+
+    from toymodels.stats import crossing_step
+
+    # between (10, 0.5) and (20, 0.1) in log metric: 10 + 10 * log(0.5 / 0.2) / log(0.5 / 0.1)
+    assert crossing_step([0, 10, 20], [1.0, 0.5, 0.1], 0.2) == pytest.approx(10 + 10 * _m.log(2.5) / _m.log(5.0), rel=1e-14)
+    assert crossing_step([0, 10, 20], [1.0, 0.5, 0.1], 0.5) == 10.0  # a sample exactly at the target
+    assert crossing_step([0, 10], [0.1, 0.05], 0.2) == 0.0  # starts below
+    assert crossing_step([0, 10], [1.0, 0.0], 0.5) == 5.0  # m1 = 0: linear in the metric
+    assert crossing_step([0, 10], [1.0, 0.9], 0.5) == math.inf  # never reached
+    assert crossing_step([0, 10, 20], [1.0, math.nan, 0.1], 0.2) == math.inf  # diverged before
+    assert crossing_step([0, 10, 20], [1.0, math.inf, 0.1], 0.2) == math.inf
+    with pytest.raises(ValueError, match="`steps` must be strictly increasing"):
+        crossing_step([0, 10, 10], [1.0, 0.5, 0.1], 0.2)

@@ -154,6 +154,7 @@ EXAMPLES = {
     "toymodels.stats.fit_critical_batch": lambda: (([1, 2, 4, 8], [100, 55, 30, 20]), {}),
     "toymodels.stats.gradient_statistics": lambda: ((1.0, 2.0, 10, 4), {}),
     "toymodels.stats.two_batch_estimates": lambda: ((2.0, 1.0, 1.5, 4.0), {}),
+    "toymodels.stats.crossing_step": lambda: (([0, 10, 20], [1.0, 0.5, 0.1], 0.2), {}),
     # sweeps (tiny: 8 modes, an easy target)
     "toymodels.sweep.batch_size_sweep": lambda: (
         (NQM8, "sgd", [1.0, 2.0], 0.5), dict(precond=0.5, decay=0.99, progress=False, path=None)),

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ._validate import MAX_EXACT_INT, Array, validate
+from ._validate import MAX_EXACT_INT, Array, Real, validate
 
 __all__ = ["gradient_statistics", "two_batch_estimates", "fit_critical_batch", "crossing_step", "STAT_NAMES"]
 
@@ -128,7 +128,7 @@ def fit_critical_batch(batch_sizes, steps) -> dict:
             "rms_relative_error": float(np.sqrt(np.mean((pred / s - 1.0) ** 2))), "n_points": int(b.size)}
 
 
-@validate(steps=Array(1, low=0.0), target=Array(0, low=0.0))
+@validate(steps=Array(1, low=0.0), target=Real(0.0, math.inf, high_open=True))
 def crossing_step(steps, values, target) -> float:
     """The step at which a curve sampled at ``steps`` first reaches ``target`` (values <= target).
 
