@@ -67,7 +67,7 @@ def _from_fast(fast, B):
     return out
 
 
-STAT_CI = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale")
+STAT_CI = ("grad_norm_sq", "grad_var", "grad_nvar", "snr", "noise_scale", "noise_scale_unbiased")
 
 
 def _gram_entry(name, key, K):
@@ -119,6 +119,10 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
         tr = (W @ torch.diagonal(K)) / B - g2
         P = sum(n_params.values()) if name == "total" else n_params[name]
         st = gradient_statistics(g2.cpu().numpy(), np.maximum(tr.cpu().numpy(), 0.0), P, batch_size)
+        # the unbiased B_simple of the resample (two batch sizes, 1 and B; inf where |G|^2 <= 0)
+        g2u, tru = two_batch_estimates((W @ torch.diagonal(K)).cpu().numpy() / B, 1.0, g2.cpu().numpy(), float(B))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            st["noise_scale_unbiased"] = np.where(g2u > 0, np.maximum(tru, 0.0) / np.where(g2u > 0, g2u, 1.0), np.inf)
         for s in STAT_CI:
             out[s][j] = np.quantile(st[s], qs)
     return out
@@ -261,7 +265,7 @@ class Measurement:
         """The statistics (numpy, per layer); all ``inf`` (``n_params`` aside) if ``diverged``."""
         if self.diverged is not None:
             inf = np.full(len(self.layer), np.inf)
-            names = STAT_CI + ("trace_cov", "trace_cov_sem", "grad_norm_sq_unbiased", "noise_scale_unbiased")
+            names = STAT_CI + ("trace_cov", "trace_cov_sem", "grad_norm_sq_unbiased")
             return {**{k: inf.copy() for k in names}, "n_params": np.asarray(self.n_params, dtype=np.float64)}
         st = gradient_statistics(self.grad_norm_sq, np.maximum(self.trace_cov, 0.0), self.n_params, self.batch_size)
         g2u, tru = two_batch_estimates(self.mean_sq, 1.0, self.grad_norm_sq, float(self.n_examples))

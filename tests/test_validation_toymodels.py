@@ -18,7 +18,7 @@ import xarray as xr
 import toymodels
 from toymodels import (EMA, NQM, SGD, Constant, Cosine, Exponential, FiniteLinearRegression,
                        GaussianLinearRegression, Momentum, PiecewiseConstant, RandomFeatures, StepDecay, Warmup,
-                       dynamics, estimators, features, finite_regression, history, linreg, nqm, optimizers,
+                       critical, dynamics, estimators, features, finite_regression, history, linreg, nqm, optimizers,
                        parallel, schedules, schema, secular, spectra, stats, sweep, tails)
 from toymodels._validate import REGISTRY
 
@@ -154,6 +154,9 @@ EXAMPLES = {
     "toymodels.stats.fit_critical_batch": lambda: (([1, 2, 4, 8], [100, 55, 30, 20]), {}),
     "toymodels.stats.gradient_statistics": lambda: ((1.0, 2.0, 10, 4), {}),
     "toymodels.stats.two_batch_estimates": lambda: ((2.0, 1.0, 1.5, 4.0), {}),
+    "toymodels.critical.noise_scale_prediction": lambda: (([0, 10, 20], [5.0, 8.0, 9.0], 2.0, 20.0, [1, 4, 16]), {}),
+    "toymodels.critical.tune_lr": lambda: (([NQM.power_law(10)], [1.0], SGD, 4.0, [0.1]), {"n_grid": 5}),
+    "toymodels.critical.piecewise_prediction": lambda: (([NQM.power_law(10)], [100.0], [0.5], SGD, 2.0, [1, 4, 16]), {}),
     "toymodels.stats.crossing_step": lambda: (([0, 10, 20], [1.0, 0.5, 0.1], 0.2), {}),
     # sweeps (tiny: 8 modes, an easy target)
     "toymodels.sweep.batch_size_sweep": lambda: (

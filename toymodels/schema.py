@@ -44,6 +44,7 @@ VARIABLES = {
     "grad_nvar_ci": "bootstrap interval of grad_nvar",
     "snr_ci": "bootstrap interval of snr",
     "noise_scale_ci": "bootstrap interval of noise_scale",
+    "noise_scale_unbiased_ci": "bootstrap interval of noise_scale_unbiased",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
     "steps_best": "measured steps_to_target of the best hyper-parameters (median over seeds)",

@@ -1,0 +1,166 @@
+"""A network's steps to target and critical batch size predicted from ONE reference run.
+
+The reference run trains at a small batch size B_ref (its own tuned learning rate) with the
+gradient-statistics probe on a schedule and a snapshot of the parameters at every probe
+(:func:`reference_run`).  From it alone (never from measured steps at other batch sizes) three
+predictors give S(B) and B_crit (:func:`predict`; the formulas in :mod:`toymodels.critical`):
+
+* ``"noise_scale"``: McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training"): the
+  measured B_simple along the run, averaged with weights dS_min = dk / (1 + B_simple(k) / B_ref)
+  over the stretch the target needs; from the unbiased B_simple (``"noise_scale"``) and from the
+  biased one (``"noise_scale_biased"``), each with the interval of the probe's bootstrap.
+* ``"piecewise_nqm"``: noisy quadratic models (Zhang et al. 2019, "Which Algorithmic Choices
+  Matter at Which Batch Sizes?") fitted at checkpoints of the run
+  (:func:`deepmodels.bridge.fit_nqm`), each predicting its loss segment, summed; one learning rate
+  per run and batch size, as the measurement tunes it.
+* ``"nqm_at_init"``: the single NQM fitted at step 0 (the piecewise NQM with one segment), the
+  baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from toymodels import SGD, Momentum
+from toymodels.critical import noise_scale_prediction, piecewise_prediction
+from toymodels.schema import attach_attrs
+
+from . import _validate as V
+from . import bridge
+from ._validate import Instance, Integer, LossFn, Module, Options, Real, SequenceOf, validate
+from .data import Dataset
+
+__all__ = ["PREDICTORS", "segments", "predict"]
+
+PREDICTORS = ("noise_scale", "noise_scale_biased", "piecewise_nqm", "nqm_at_init")
+
+
+@validate(n_segments=Integer(1, 100))
+def segments(steps, loss, target: float, steps_to_target: float, n_segments: int = 4):
+    """Checkpoints that cut the reference run into ``n_segments`` stretches of equal log-loss drop.
+
+    Checkpoint j is the first probe step whose loss is <= L_0 (target / L_0)^(j / n_segments);
+    probes closer than one step to the previous checkpoint are skipped (fewer segments then).
+
+    Returns:
+        ``(checkpoints, segment_steps, segment_ratios)``: probe steps (starting at 0), the steps from
+        each to the next (the last one to ``steps_to_target``) and the loss ratio of each segment
+        (the last one target / L(checkpoint)).
+    """
+    k = np.asarray(steps, dtype=np.float64)
+    L = np.asarray(loss, dtype=np.float64)
+    if k[0] != 0:
+        raise ValueError(f"`steps` must start at 0 (the reference run's first probe); got {k[0]}.")
+    L0 = L[0]
+    if not (0 < target < L0):
+        raise ValueError(f"`target` must lie in (0, L_0 = {L0:.4g}); got {target}.")
+    cps = [0.0]
+    for j in range(1, n_segments):
+        level = L0 * (target / L0) ** (j / n_segments)
+        hit = np.flatnonzero((L <= level) & (k < steps_to_target) & (k >= cps[-1] + 1))
+        if hit.size:
+            cps.append(float(k[hit[0]]))
+    cps = np.unique(cps)
+    ends = np.append(cps[1:], steps_to_target)
+    at = {float(s): float(v) for s, v in zip(k, L)}
+    starts = np.array([at[c] for c in cps])
+    finals = np.append(starts[1:], target)
+    return cps, ends - cps, finals / starts
+
+
+def _family(momentum):
+    return (lambda lr: SGD(lr)) if momentum == 0 else (lambda lr: Momentum(lr, momentum))
+
+
+@validate(reference=Instance(xr.Dataset, what="the Dataset of deepmodels.train (the reference run)"),
+          model=Module(), loss_fn=LossFn(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
+          batch_sizes=SequenceOf(Real(1, 2.0**53), increasing=True, what="increasing batch sizes >= 1"),
+          target=Real(0, math.inf, low_open=True, high_open=True), momentum=Real(0.0, 1.0, high_open=True),
+          n_segments=Integer(1, 100), k=Integer(1, V.MAX_WIDTH), fit_size=Integer(2, V.MAX_WIDTH),
+          lr_protocol=Options("per_run", "per_segment"), dim=Integer(1, bridge.MAX_DIM))
+def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, batch_sizes, target: float,
+            momentum: float = 0.0, n_segments: int = 4, k: int = 20, fit_size: int = 512,
+            lr_protocol: str = "per_run", dim: int = 4096, seed: int = 0) -> xr.Dataset:
+    """Every predictor's S(B) and B_crit from one reference run.
+
+    Args:
+        reference: the reference run (:func:`deepmodels.train.train` with probes and a ``target``:
+            attrs ``steps_to_target`` and ``batch_size``; rows ``loss``, ``noise_scale``,
+            ``noise_scale_unbiased`` and, when probed with an interval, ``noise_scale_ci``).
+        snapshots: ``{step: state_dict}`` of the run's parameters at (at least) the checkpoints.
+        model: a network of the same architecture (its parameters are not used; a copy is made).
+        loss_fn, data: the run's loss and data; the NQMs are fitted on the first ``fit_size``
+            training examples in float64.
+        batch_sizes: where to predict.
+        target: the training-loss target of the reference run.
+        momentum: the run's heavy-ball momentum (0: SGD); the NQMs use the same.
+        n_segments: segments of the piecewise NQM (:func:`segments`).
+        k, dim, seed: Hessian eigenpairs, modes and Lanczos seed of each fit (:func:`bridge.fit_nqm`).
+        lr_protocol: see :func:`toymodels.critical.piecewise_prediction`.
+
+    Returns:
+        Dataset over ``predictor`` (:data:`PREDICTORS`) and ``batch_size``: ``steps_to_target``,
+        ``b_crit``, ``s_min`` (and ``b_crit_lo``/``b_crit_hi`` where an interval exists, else inf
+        bounds are not invented: NaN), ``source="theory"``.
+    """
+    s_ref = float(reference.attrs.get("steps_to_target", math.nan))
+    if not (math.isfinite(s_ref) and s_ref > 0):
+        raise ValueError("`reference` must have reached its target (attrs['steps_to_target'] finite and > 0); got "
+                         f"{reference.attrs.get('steps_to_target')!r}: {reference.attrs.get('reason', '')}")
+    b_ref = float(reference.attrs["batch_size"])
+    steps = reference.step.values.astype(np.float64)
+    tot = reference.sel(layer="total")
+    out = []
+    for name, var in (("noise_scale", "noise_scale_unbiased"), ("noise_scale_biased", "noise_scale")):
+        kw = {}
+        ci = f"{var}_ci"
+        if ci in tot:
+            kw = dict(noise_scale_lo=tot[ci].sel(bound="low").values, noise_scale_hi=tot[ci].sel(bound="high").values)
+        ds = noise_scale_prediction(steps, tot[var].values, b_ref, s_ref, list(batch_sizes), estimate=var, **kw)
+        out.append(ds.assign_attrs(predictor=name))
+    # the quadratic models along the run
+    cps, seg_steps, ratios = segments(steps, reference.loss.values, target, s_ref, n_segments)
+    missing = [int(c) for c in cps if int(c) not in snapshots]
+    if missing:
+        raise ValueError(f"`snapshots` must hold the parameters at the checkpoints {missing}.")
+    net = copy.deepcopy(model).double()
+    xb = data.x_train[:fit_size].double()
+    yb = data.y_train[:fit_size]
+    if yb.is_floating_point():
+        yb = yb.double()
+    nqms = []
+    for c in cps:
+        net.load_state_dict({n: t.double() if t.is_floating_point() else t for n, t in snapshots[int(c)].items()})
+        fit = bridge.fit_nqm(net, loss_fn, xb, yb, k=min(k, V.n_trainable(net) - 1), dim=min(dim, V.n_trainable(net)),
+                             seed=seed)
+        nqms.append(fit.nqm)
+    make = _family(momentum)
+    pw = piecewise_prediction(nqms, seg_steps, ratios, make, b_ref, list(batch_sizes), lr=lr_protocol)
+    out.append(pw.drop_vars("lr_opt").assign_attrs(predictor="piecewise_nqm", checkpoints=cps.tolist()))
+    # the baseline: one NQM at initialisation, one segment to the target
+    init = piecewise_prediction(nqms[:1], [s_ref], [target / float(reference.loss.values[0])], make, b_ref,
+                                list(batch_sizes), lr=lr_protocol, predictor="nqm_at_init")
+    out.append(init.drop_vars("lr_opt"))
+    return _stack(out, b_ref, s_ref, momentum)
+
+
+def _stack(parts, b_ref, s_ref, momentum) -> xr.Dataset:
+    names = [p.attrs["predictor"] for p in parts]
+    for p in parts:
+        for v in ("b_crit_lo", "b_crit_hi", "s_min_lo", "s_min_hi"):
+            if v not in p:
+                p[v] = math.nan  # no interval for this predictor
+    reasons = [p.attrs.get("reason", "") for p in parts]
+    ds = xr.concat([p.drop_attrs() for p in parts], dim="predictor", coords="minimal", compat="override")
+    ds = ds.assign_coords(predictor=names)
+    attach_attrs(ds, model="network", source="theory", reference_batch_size=b_ref, reference_steps=s_ref,
+                 momentum=momentum, reasons=" | ".join(f"{n}: {r}" for n, r in zip(names, reasons) if r),
+                 checkpoints=parts[2].attrs.get("checkpoints", []), segment_steps=parts[2].attrs.get("segment_steps", []),
+                 segment_ratios=parts[2].attrs.get("segment_ratios", []))
+    return ds
