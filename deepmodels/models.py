@@ -164,3 +164,32 @@ class Factory:
 
     def __repr__(self):
         return f"Factory({self.name!r}, *{self.args}, **{self.kwargs})"
+
+
+class Restored:
+    """A picklable ``seed -> model`` callable that starts every model from saved parameters: the
+    architecture of ``factory(seed)``, the parameters ``state_dict`` (e.g. a checkpoint of a
+    reference run, for runs branching from it; the seed then only drives the batches)."""
+
+    def __init__(self, factory, state_dict: dict, *, label: str = ""):
+        if not callable(factory):
+            raise TypeError(f"`factory` must be a callable seed -> nn.Module; got {type(factory).__name__}.")
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise TypeError("`state_dict` must be a dict of tensors (a module's state_dict()).")
+        self.factory = factory
+        self.state_dict = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+        self.label = label
+
+    def __call__(self, seed: int) -> nn.Module:
+        model = self.factory(seed)
+        model.load_state_dict(self.state_dict)
+        return model
+
+    def __repr__(self):  # names the run files of a sweep: the same in every process
+        import hashlib
+
+        h = hashlib.sha1()
+        for k, v in self.state_dict.items():
+            h.update(k.encode())
+            h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return f"Restored({self.factory!r}, {self.label or 'state'} {h.hexdigest()[:12]})"

@@ -20,14 +20,16 @@ predictors give S(B) and B_crit (:func:`predict`; the formulas in :mod:`toymodel
 from __future__ import annotations
 
 import copy
+import io
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from toymodels import SGD, Momentum
+from toymodels import SGD, Momentum, resume
 from toymodels.critical import noise_scale_prediction, piecewise_prediction
 from toymodels.schema import attach_attrs
 
@@ -36,7 +38,7 @@ from . import bridge
 from ._validate import Instance, Integer, LossFn, Module, Options, Real, SequenceOf, validate
 from .data import Dataset
 
-__all__ = ["PREDICTORS", "segments", "predict"]
+__all__ = ["PREDICTORS", "reference_run", "segments", "predict"]
 
 PREDICTORS = ("noise_scale", "noise_scale_biased", "piecewise_nqm", "nqm_at_init")
 
@@ -72,6 +74,64 @@ def segments(steps, loss, target: float, steps_to_target: float, n_segments: int
     starts = np.array([at[c] for c in cps])
     finals = np.append(starts[1:], target)
     return cps, ends - cps, finals / starts
+
+
+@validate(model=Module(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
+          lr=Real(0, math.inf, low_open=True, high_open=True), batch_size=Integer(1, V.MAX_WIDTH),
+          target=Real(0, math.inf, low_open=True, high_open=True), n_steps=Integer(1, V.MAX_STEPS),
+          momentum=Real(0.0, 1.0, high_open=True), eval_every=Integer(1, V.MAX_STEPS), n_probes=Integer(2, 10**4),
+          probe_size=Integer(2, V.MAX_WIDTH), ci=Real(0, 1, low_open=True, high_open=True), loss_fn=LossFn(),
+          seed=V.Seed())
+def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_steps: int, momentum: float = 0.0,
+                  eval_every: int = 10, n_probes: int = 60, probe_size: int = 256, ci: float = 0.95,
+                  loss_fn=F.cross_entropy, seed: int = 0, path=None, progress: bool = True):
+    """The reference run: :func:`deepmodels.train.train` to ``target`` with the probe (and its
+    bootstrap interval, level ``ci``) at ``n_probes`` steps, half log-spaced (B_simple changes fastest
+    early), half evenly spaced up to ``n_steps``, and a snapshot of the parameters at every probe.
+
+    With ``path`` the run resumes from its checkpoint (see :func:`deepmodels.train.train`) and the
+    snapshots are kept in ``path + ".snapshots.pt"`` (written atomically after every probe, with the
+    run's settings; snapshots of other settings are ignored).
+
+    Returns:
+        ``(result, snapshots)``: the training Dataset (attrs ``steps_to_target`` ...) and
+        ``{step: state_dict}`` (CPU tensors) at every probe step of the run.
+    """
+    from .train import _model_fingerprint, probe_steps, train
+
+    half = max(2, n_probes // 2)
+    probe_at = np.union1d(probe_steps(n_steps, n_log=half), np.linspace(0, n_steps, half).round().astype(np.int64))
+    settings = dict(_model_fingerprint(model), lr=lr, batch_size=batch_size, target=target, n_steps=n_steps,
+                    momentum=momentum, eval_every=eval_every, probes=len(probe_at), seed=seed)
+    snaps, snap_file = {}, None if path is None else str(path) + ".snapshots.pt"
+    if snap_file is not None and os.path.exists(snap_file):
+        try:
+            saved = torch.load(snap_file, weights_only=False)
+            if resume.same_settings(saved["settings"], settings)[0]:
+                snaps = saved["snapshots"]
+        except Exception:  # damaged: the run's checkpoint decides what is recomputed
+            snaps = {}
+
+    def keep(step, net):
+        snaps[int(step)] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if snap_file is not None:
+            buf = io.BytesIO()
+            torch.save({"settings": settings, "snapshots": snaps}, buf)
+
+            def to(tmp):
+                with open(tmp, "wb") as f:
+                    f.write(buf.getvalue())
+
+            resume.replace_atomically(snap_file, to)
+
+    result = train(model, data, lr=lr, batch_size=batch_size, n_steps=n_steps, momentum=momentum, probe_at=probe_at,
+                   probe_size=probe_size, loss_fn=loss_fn, seed=seed, path=path, progress=progress, target=target,
+                   eval_every=eval_every, probe_ci=ci, on_probe=keep)
+    missing = [int(k) for k in result.step.values if int(k) not in snaps and "diverged_at" not in result.attrs]
+    if missing:
+        raise RuntimeError(f"the snapshots of steps {missing[:5]} are missing (was {snap_file} removed while the run's "
+                           "checkpoint was kept?); delete the run's files or run without `path`.")
+    return result, snaps
 
 
 def _family(momentum):
@@ -142,12 +202,18 @@ def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, bat
         nqms.append(fit.nqm)
     make = _family(momentum)
     pw = piecewise_prediction(nqms, seg_steps, ratios, make, b_ref, list(batch_sizes), lr=lr_protocol)
-    out.append(pw.drop_vars("lr_opt").assign_attrs(predictor="piecewise_nqm", checkpoints=cps.tolist()))
+    out.append(pw.drop_vars("lr_opt").assign_attrs(predictor="piecewise_nqm"))
     # the baseline: one NQM at initialisation, one segment to the target
     init = piecewise_prediction(nqms[:1], [s_ref], [target / float(reference.loss.values[0])], make, b_ref,
                                 list(batch_sizes), lr=lr_protocol, predictor="nqm_at_init")
     out.append(init.drop_vars("lr_opt"))
-    return _stack(out, b_ref, s_ref, momentum)
+    # each checkpoint's NQM on its own segment: the local B_crit the quadratic predicts there
+    local = [float(piecewise_prediction([q], [n], [r], make, b_ref, list(batch_sizes), lr=lr_protocol).b_crit)
+             for q, n, r in zip(nqms, seg_steps, ratios)]
+    ds = _stack(out, b_ref, s_ref, momentum)
+    ds.attrs.update(checkpoints=np.asarray(cps, dtype=np.float64), segment_steps=np.asarray(seg_steps, np.float64),
+                    segment_ratios=np.asarray(ratios, np.float64), local_b_crit=np.asarray(local, np.float64))
+    return ds
 
 
 def _stack(parts, b_ref, s_ref, momentum) -> xr.Dataset:
@@ -160,7 +226,5 @@ def _stack(parts, b_ref, s_ref, momentum) -> xr.Dataset:
     ds = xr.concat([p.drop_attrs() for p in parts], dim="predictor", coords="minimal", compat="override")
     ds = ds.assign_coords(predictor=names)
     attach_attrs(ds, model="network", source="theory", reference_batch_size=b_ref, reference_steps=s_ref,
-                 momentum=momentum, reasons=" | ".join(f"{n}: {r}" for n, r in zip(names, reasons) if r),
-                 checkpoints=parts[2].attrs.get("checkpoints", []), segment_steps=parts[2].attrs.get("segment_steps", []),
-                 segment_ratios=parts[2].attrs.get("segment_ratios", []))
+                 momentum=momentum, reasons=" | ".join(f"{n}: {r}" for n, r in zip(names, reasons) if r))
     return ds

@@ -1,0 +1,345 @@
+"""Theory that predicts practice: a network's critical batch size from ONE small-batch run.
+
+For each network (a CNN on scikit-learn's digits, an MLP on MNIST-1D, a ResNet-8 without batch norm
+on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
+
+1. **Measured** (Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
+   Training", at small scale; :func:`deepmodels.steps.measure_steps`): for every batch size the best
+   learning rate of a grid (median over seeds) and its steps to a training-loss target, interpolated
+   between evaluations; B_crit and S_min of S = S_min (1 + B_crit / B) (McCandlish et al. 2018, "An
+   Empirical Model of Large-Batch Training") with a bootstrap interval over seeds.
+2. **Reference run**: one run at the smallest batch size and its tuned learning rate, with the
+   gradient-noise probe on a schedule (B_simple, biased and unbiased, with bootstrap intervals) and
+   parameter snapshots (:func:`deepmodels.predict.reference_run`).
+3. **Predicted** from the reference run alone (:func:`deepmodels.predict.predict`): the noise-scale
+   integral (McCandlish et al. 2018), NQMs fitted along the run (Zhang et al. 2019, "Which
+   Algorithmic Choices Matter at Which Batch Sizes?", piecewise), and the single NQM at
+   initialisation (the baseline).
+4. **Along training** (Merrill et al. 2025, at small scale): from the checkpoints of the reference
+   run, branch runs at several batch sizes measure the local B_crit of the next loss segment, beside
+   B_simple at the checkpoint and the local NQM's prediction.
+5. **Batch-size warmup**: a run whose batch size follows the measured B_simple
+   (:class:`deepmodels.train.NoiseScaleBatch`), its steps and examples to the target beside the
+   best constant batch size's.
+
+    python -m studies run theory_vs_practice --quick   # small grids, 1 seed of 2: minutes
+    python -m studies run theory_vs_practice           # the default scale
+    python -m studies run theory_vs_practice --full    # finer grids, 5 seeds (hours on CPU)
+
+Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted``, ``along``,
+``warmup`` and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from deepmodels import data, predict, steps
+from deepmodels.models import Factory, Restored
+from deepmodels.train import NoiseScaleBatch, train
+from toymodels import resume
+from toymodels.critical import piecewise_prediction
+from toymodels.schema import attach_attrs
+from toymodels.stats import fit_critical_batch
+
+from . import style
+from ._io import parser, publish, scale_of, settings_tag
+
+OPTIMIZERS = {"sgd": 0.0, "momentum": 0.9}
+# the effective learning rate lr / (1 - beta) spans the same grid for both optimizers
+_LRS = {"quick": np.geomspace(0.05, 0.8, 3), "default": np.geomspace(0.03, 1.0, 5),
+        "full": np.geomspace(0.02, 1.5, 9), "tiny": np.array([0.1, 0.3])}
+
+CONFIG = {
+    "tiny": dict(networks=("cnn",), optimizers=("sgd",), batch_sizes=[4, 32], seeds=[0, 1], max_steps=300,
+                 eval_every=10, n_segments=2, branch_batch_sizes=[4, 32], branch_lrs=2, k=6, probe_size=64,
+                 n_boot=200),
+    "quick": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"), batch_sizes=[4, 16, 64, 256],
+                  seeds=[0, 1], max_steps=1000, eval_every=10, n_segments=3, branch_batch_sizes=[4, 32, 256],
+                  branch_lrs=2, k=10, probe_size=128, n_boot=500),
+    "default": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
+                    batch_sizes=[4, 8, 16, 32, 64, 128, 256], seeds=[0, 1, 2], max_steps=1500, eval_every=10,
+                    n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256, n_boot=1000),
+    "full": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
+                 batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256, 512], seeds=[0, 1, 2, 3, 4], max_steps=4000,
+                 eval_every=10, n_segments=6, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=5, k=40,
+                 probe_size=512, n_boot=2000),
+}
+
+# name: (data, model factory, label, training-loss target per scale)
+NETWORKS = {
+    "cnn": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("cnn", 1, 10, 8, width=8), "CNN, digits",
+            {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
+    "mlp1d": (lambda: data.mnist1d(n_samples=4000, seed=0), lambda: Factory("mlp", 40, 10, (64, 64)),
+              "MLP, MNIST-1D", {"tiny": 2.0, "quick": 1.5, "default": 1.35, "full": 1.25}),
+    "resnet": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("resnet8", 1, 10, width=4, batch_norm=False),
+               "ResNet-8 (no BN), digits", {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
+}
+
+
+def _case(net, opt, cfg, scale, out, scheduler, progress):
+    """Measure, run the reference, predict, branch and warm up for one network and optimizer."""
+    make_data, make_factory, label, targets = NETWORKS[net]
+    d, factory, target, mom = make_data(), make_factory(), targets[scale], OPTIMIZERS[opt]
+    lrs = [float(v) * (1 - mom) for v in _LRS[scale]]
+    tag = settings_tag(scale, dict(cfg, target=target))
+    folder = os.path.join(out, f"theory_vs_practice_{net}_{opt}_{tag}")
+    os.makedirs(folder, exist_ok=True)
+    run_kw = dict(target=target, max_steps=cfg["max_steps"], eval_every=cfg["eval_every"], progress=progress,
+                  executor=scheduler or "serial")
+    measured = steps.measure_steps(factory, d, batch_sizes=cfg["batch_sizes"], lrs=lrs, momenta=[mom],
+                                   seeds=cfg["seeds"], path=os.path.join(folder, "grid"), n_boot=cfg["n_boot"], **run_kw)
+    # the reference run: the smallest batch size at its own tuned learning rate (seed 0)
+    b_ref = float(cfg["batch_sizes"][0])
+    lr_ref = float(measured.lr_opt.sel(batch_size=b_ref))
+    if not math.isfinite(lr_ref):
+        raise RuntimeError(f"{label}, {opt}: no learning rate of the grid reaches the target {target} at the "
+                           f"reference batch size {b_ref:g} within {cfg['max_steps']} steps.")
+    ref, snaps = predict.reference_run(factory(0), d, lr=lr_ref, batch_size=int(b_ref), momentum=mom, target=target,
+                                       n_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
+                                       probe_size=cfg["probe_size"], path=os.path.join(folder, "reference.nc"),
+                                       progress=progress)
+    pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=cfg["batch_sizes"], target=target,
+                           momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"])
+    along = _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress)
+    warm = _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress)
+    return measured, ref, pred, along, warm
+
+
+def _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress):
+    """Local B_crit of each loss segment of the reference run, from branch runs at its checkpoints."""
+    cps = np.asarray(pred.attrs["checkpoints"], dtype=np.float64)
+    ratios = np.asarray(pred.attrs["segment_ratios"], dtype=np.float64)
+    losses = np.interp(cps, ref.step.values, ref.loss.values)
+    local, b_simple, b_simple_u, nqm_local = [], [], [], []
+    # branch runs use the learning rates of the grid around the reference one
+    j = int(np.argmin(np.abs(np.log(np.asarray(lrs) / float(ref.attrs["lr"])))))
+    branch_lrs = sorted(lrs[max(0, j - cfg["branch_lrs"] // 2): j + (cfg["branch_lrs"] + 1) // 2 + 1])[: cfg["branch_lrs"]]
+    for i, c in enumerate(cps):
+        seg_target = float(losses[i] * ratios[i])
+        fn = Restored(factory, snaps[int(c)], label=f"step {int(c)}")
+        m = steps.measure_steps(fn, d, batch_sizes=cfg["branch_batch_sizes"], lrs=branch_lrs, momenta=[mom],
+                                seeds=[0], target=seg_target, max_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
+                                path=os.path.join(folder, f"branch_{int(c)}"), executor=scheduler or "serial",
+                                progress=progress, n_boot=2)
+        local.append(float(m.b_crit))
+        row = ref.sel(step=c, layer="total")
+        b_simple.append(float(row.noise_scale))
+        b_simple_u.append(float(row.noise_scale_unbiased))
+        nqm_local.append(float(pred.attrs["local_b_crit"][i]))
+    ds = xr.Dataset({"local_b_crit": ("checkpoint", local), "noise_scale": ("checkpoint", b_simple),
+                     "noise_scale_unbiased": ("checkpoint", b_simple_u), "b_crit_pred": ("checkpoint", nqm_local),
+                     "loss": ("checkpoint", losses)}, coords={"checkpoint": cps})
+    attach_attrs(ds, model="network", source="measurement", branch_lrs=branch_lrs,
+                 note="b_crit_pred: the NQM fitted at the checkpoint, for its own segment (theory)")
+    return ds
+
+
+def _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress):
+    """A run whose batch size follows the measured unbiased B_simple (a warmup from B_ref), at the
+    grid's tuned learning rate of each batch size, vs the best constant batch size."""
+    finite = np.isfinite(measured.lr_opt.values)
+    lr_of = {float(b): float(v) for b, v in zip(measured.batch_size.values[finite], measured.lr_opt.values[finite])}
+    rule = NoiseScaleBatch(int(b_ref), int(max(cfg["batch_sizes"])), estimate="unbiased", lr=lr_of)
+    run = train(factory(0), d, lr=lr_of[b_ref], batch_size=rule, n_steps=cfg["max_steps"], momentum=mom,
+                probe_at=np.arange(0, cfg["max_steps"] + 1, max(cfg["eval_every"], cfg["max_steps"] // 50)),
+                probe_size=cfg["probe_size"], target=target, eval_every=cfg["eval_every"],
+                path=os.path.join(folder, "warmup.nc"), progress=progress)
+    best = measured.steps_best.values
+    bs = measured.batch_size.values
+    examples = best * bs
+    i_steps, i_examples = int(np.argmin(best)), int(np.argmin(examples))
+    return dict(warmup_steps=float(run.attrs["steps_to_target"]), warmup_examples=float(run.attrs["examples_to_target"]),
+                fewest_steps=float(best[i_steps]), fewest_steps_batch=float(bs[i_steps]),
+                fewest_examples=float(examples[i_examples]), fewest_examples_batch=float(bs[i_examples]),
+                fewest_examples_steps=float(best[i_examples]))
+
+
+def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True):
+    """Every network and optimizer of the scale; writes ``theory_vs_practice.nc`` and ``.png``."""
+    if scale not in CONFIG:
+        raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
+    cfg = CONFIG[scale]
+    os.makedirs(out, exist_ok=True)
+    cases = {}
+    for net in cfg["networks"]:
+        for opt in cfg["optimizers"]:
+            t0 = time.perf_counter()
+            cases[(net, opt)] = _case(net, opt, cfg, scale, out, scheduler, progress)
+            if progress:
+                print(f"{net}, {opt}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return publish(_assemble(cases, cfg, scale), out, "theory_vs_practice", plot)
+
+
+def _assemble(cases, cfg, scale):
+    nets = list(dict.fromkeys(n for n, _ in cases))
+    opts = list(dict.fromkeys(o for _, o in cases))
+
+    def grid(fn, dims=()):
+        return np.array([[fn(*cases[(n, o)]) for o in opts] for n in nets])
+
+    measured = xr.concat([xr.concat([cases[(n, o)][0][["steps_best", "steps_per_seed", "lr_opt"]].drop_attrs()
+                                     .expand_dims(optimizer=[o]) for o in opts], dim="optimizer")
+                          .expand_dims(network=[n]) for n in nets], dim="network")
+    summary = xr.Dataset(coords={"network": nets, "optimizer": opts})
+    for v in ("b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi"):
+        summary[v] = (("network", "optimizer"), grid(lambda m, *_: float(m[v]), ))
+    predicted = xr.concat([xr.concat([cases[(n, o)][2][["steps_to_target", "b_crit", "s_min", "b_crit_lo", "b_crit_hi"]]
+                                      .drop_attrs().expand_dims(optimizer=[o]) for o in opts], dim="optimizer")
+                           .expand_dims(network=[n]) for n in nets], dim="network")
+    summary["b_crit_pred"] = predicted.b_crit
+    labels = [NETWORKS[n][2] for n in nets]
+    common = dict(scale=scale, networks=labels, targets=[NETWORKS[n][3][scale] for n in nets],
+                  batch_sizes=cfg["batch_sizes"], seeds=cfg["seeds"], ci_level=0.95)
+    attach_attrs(summary, model="network", source="measurement",
+                 note="b_crit*: measured (fit to the tuned steps, bootstrap over seeds); b_crit_pred: theory, from one "
+                      "reference run at the smallest batch size", **common)
+    attach_attrs(measured, model="network", source="measurement", **common)
+    attach_attrs(predicted, model="network", source="theory", **common)
+    along = xr.concat([xr.concat([cases[(n, o)][3].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
+                                 dim="optimizer", join="outer", fill_value=np.inf)
+                       .expand_dims(network=[n]) for n in nets], dim="network", join="outer", fill_value=np.inf)
+    along = along.rename(checkpoint="checkpoint")
+    attach_attrs(along, model="network", source="measurement",
+                 note="checkpoint coordinate: steps of each case's reference run (inf where a case has fewer)", **common)
+    warm = xr.Dataset(coords={"network": nets, "optimizer": opts})
+    for key in cases[(nets[0], opts[0])][4]:
+        warm[key] = (("network", "optimizer"), grid(lambda *c: c[4][key]))
+    attach_attrs(warm, model="network", source="measurement", **common)
+    result = {"summary": summary, "measured": measured, "predicted": predicted, "along": along, "warmup": warm}
+    for (n, o), c in cases.items():
+        ref = c[1]
+        keep = [v for v in ("loss", "noise_scale", "noise_scale_unbiased", "noise_scale_ci", "noise_scale_unbiased_ci")
+                if v in ref]
+        r = ref[keep].sel(layer="total").drop_vars("layer")
+        result[f"reference_{n}_{o}"] = r
+    return result
+
+
+_PRED_STYLE = {"noise_scale": ("C1", "-"), "noise_scale_biased": ("C1", ":"), "piecewise_nqm": ("C2", "-"),
+               "nqm_at_init": ("C7", "--")}
+
+
+def plot(result, path):
+    """Per network: steps vs batch size per optimizer (measured markers with the seeds' range, each
+    predictor a line); B_simple and the local B_crit along training; predicted / measured B_crit."""
+    import matplotlib.pyplot as plt
+
+    summ, meas, pred, along = result["summary"], result["measured"], result["predicted"], result["along"]
+    nets, opts = list(summ.network.values), list(summ.optimizer.values)
+    labels = dict(zip(nets, _as_list(summ.attrs["networks"])))
+    fig, axes = plt.subplots(len(nets), len(opts) + 2, figsize=(5.0 * (len(opts) + 2), 4.0 * len(nets)), squeeze=False)
+    for r, n in enumerate(nets):
+        for c, o in enumerate(opts):
+            ax = axes[r, c]
+            m = meas.sel(network=n, optimizer=o)
+            b = m.batch_size.values
+            per_seed = m.steps_per_seed.values
+            best = m.steps_best.values
+            lo = np.where(np.isfinite(per_seed).any(1), np.nanmin(np.where(np.isfinite(per_seed), per_seed, np.nan), 1), np.nan)
+            hi = np.max(per_seed, 1)
+            fin = np.isfinite(best)
+            err = np.vstack([best - lo, np.where(np.isfinite(hi), hi, best) - best])
+            style.draw(ax, b[fin], best[fin], source="measurement", err=err[:, fin], color="k",
+                       label="median over seeds, bars: seed range")
+            _mark_inf(ax, b[~fin], "not reached")
+            bc = float(summ.b_crit.sel(network=n, optimizer=o))
+            ax.axvspan(float(summ.b_crit_lo.sel(network=n, optimizer=o)), float(summ.b_crit_hi.sel(network=n, optimizer=o)),
+                       color="0.85", zorder=0, label=f"measured B_crit {bc:.3g} (95% bootstrap)")
+            for p in pred.predictor.values:
+                col, ls = _PRED_STYLE.get(str(p), ("C3", "-"))
+                y = pred.steps_to_target.sel(network=n, optimizer=o, predictor=p).values
+                bp = float(pred.b_crit.sel(network=n, optimizer=o, predictor=p))
+                ok = np.isfinite(y)
+                ax.plot(b[ok], y[ok], color=col, ls=ls, label=f"{p} (theory): B_crit {bp:.3g}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("batch size B")
+            ax.set_ylabel("steps to target")
+            ax.set_title(f"{labels[n]}, {o}")
+            ax.legend(fontsize=6.5, loc="upper right")
+        ax = axes[r, len(opts)]
+        for c, o in enumerate(opts):
+            ref = result[f"reference_{n}_{o}"]
+            k = ref.step.values
+            col = f"C{c}"
+            ax.plot(k, ref.noise_scale_unbiased.values, color=col, lw=1, label=f"B_simple unbiased, {o} (measured)")
+            ax.plot(k, ref.noise_scale.values, color=col, lw=1, ls=":", label=f"B_simple biased, {o} (measured)")
+            a = along.sel(network=n, optimizer=o)
+            cp = a.checkpoint.values
+            okc = np.isfinite(cp)
+            ax.plot(cp[okc], a.local_b_crit.values[okc], "o", color=col, ms=6, mfc="none",
+                    label=f"local B_crit from branch runs, {o} (measured)")
+            ax.plot(cp[okc], a.b_crit_pred.values[okc], "s", color=col, ms=4,
+                    label=f"local NQM's B_crit, {o} (theory)")
+        ax.set_yscale("log")
+        ax.set_xlabel("step of the reference run")
+        ax.set_ylabel("batch size")
+        ax.set_title(f"{labels[n]}: noise scale along training")
+        ax.legend(fontsize=6.5)
+        ax = axes[r, len(opts) + 1]
+        preds = list(pred.predictor.values)
+        width = 0.8 / len(preds)
+        for i, p in enumerate(preds):
+            ratio = (summ.b_crit_pred.sel(network=n, predictor=p) / summ.b_crit.sel(network=n)).values
+            x = np.arange(len(opts)) + (i - (len(preds) - 1) / 2) * width
+            col = _PRED_STYLE.get(str(p), ("C3", "-"))[0]
+            shown = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan)
+            ax.bar(x, np.log2(shown), width, color=col, alpha=0.5 if "biased" in str(p) or p == "nqm_at_init" else 0.9,
+                   label=str(p))
+            for xi, rv in zip(x, ratio):
+                if not (np.isfinite(rv) and rv > 0):
+                    ax.text(xi, 0, "inf" if rv == np.inf else "0" if rv == 0 else "n/a", ha="center", fontsize=7)
+        lo = np.log2((summ.b_crit_lo / summ.b_crit).sel(network=n).values)
+        hi = np.log2((summ.b_crit_hi / summ.b_crit).sel(network=n).values)
+        for j in range(len(opts)):
+            ax.plot([j - 0.45, j + 0.45], [lo[j], lo[j]], color="0.4", lw=0.8)
+            ax.plot([j - 0.45, j + 0.45], [hi[j], hi[j]], color="0.4", lw=0.8)
+        ax.axhspan(-1, 1, color="C2", alpha=0.08, label="within a factor 2")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(range(len(opts)), opts)
+        ax.set_ylabel("log2(predicted / measured B_crit)")
+        ax.set_title(f"{labels[n]}: predictions (grey lines: measured interval)")
+        ax.legend(fontsize=6.5)
+    fig.suptitle("Critical batch size predicted from one reference run at the smallest batch size vs measured "
+                 f"(scale {summ.attrs['scale']}, targets {summ.attrs['targets']})", fontsize=10)
+    style.save(fig, path)
+
+
+def _as_list(v):
+    if isinstance(v, str):
+        import ast
+
+        try:
+            return list(ast.literal_eval(v))
+        except (ValueError, SyntaxError):
+            return [v]
+    return list(np.atleast_1d(v))
+
+
+def _mark_inf(ax, b, text):
+    for x in b:
+        ax.annotate(f"inf ({text})", (x, 1), xycoords=("data", "axes fraction"), xytext=(0, -10),
+                    textcoords="offset points", ha="center", fontsize=6, color="C3")
+
+
+def main(argv=None):
+    p = parser(__doc__, scheduler=True)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress)
+    s = res["summary"]
+    print(s[["b_crit", "b_crit_lo", "b_crit_hi"]].to_dataframe().to_string())
+    print((s.b_crit_pred / s.b_crit).to_dataframe(name="predicted / measured B_crit").unstack("predictor").to_string())
+    print(f"wrote {a.out}/theory_vs_practice.nc and .png in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
