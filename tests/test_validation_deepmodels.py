@@ -165,10 +165,12 @@ EXAMPLES = {
         n_workers=1)),
     M + "steps.run_one": lambda: ((models.Factory("mlp", D, C, (4,)), _dataset()), dict(
         batch_size=2, lr=0.1, momentum=0.0, seed=0, target=10.0, metric="train_loss", max_steps=2, eval_every=1)),
+    M + "train.NoiseScaleBatch.__init__": lambda: ((_fresh(train.NoiseScaleBatch), 2, 8), dict(
+        factor=0.5, estimate="biased", lr={2: 0.1, 8: 0.2})),
     M + "train.probe_steps": lambda: ((10,), {"every": 5}),
     M + "train.train": lambda: ((_new_tiny()[0], _dataset()), dict(
         lr=0.1, batch_size=2, n_steps=2, momentum=0.5, probe_at=[0, 2], probe_size=4, seed=0, progress=False,
-        device="cpu", method="auto", loss_fn=CE, optimizer="sgd")),
+        device="cpu", method="auto", loss_fn=CE, optimizer="sgd", target=0.01, eval_every=1)),
 }
 
 assert deepmodels.__all__  # every module is imported (deepmodels/__init__) before the parameters are built

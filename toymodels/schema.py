@@ -86,6 +86,9 @@ VARIABLES = {
     "examples_to_target": "training examples drawn until the target (sum of the batch sizes)",
     "local_b_crit": "B_crit of the next loss segment, measured by branch runs from a checkpoint",
     "eigenvalue_batch_slope": "log-log slope of the top covariance eigenvalue vs batch size (-1: ~ 1/B)",
+    "batch_size_now": "batch size of the training update from this step on (a schedule's or an adaptive rule's)",
+    "examples": "training examples drawn before this step (the sum of the batch sizes of the earlier updates)",
+    "lr_now": "learning rate of the training update from this step on",
 }
 
 SOURCES = ("exact", "simulation", "measurement", "theory")  # theory: a prediction from measurements
