@@ -3,9 +3,17 @@
 For every batch size, learning rate, momentum and seed a fresh model (``model_fn(seed)``) is trained
 by SGD with heavy-ball momentum on batches drawn with replacement from a generator seeded with the
 seed; every ``eval_every`` steps the metric (training loss on the whole training set, or
-validation error) is evaluated, and the run's steps to target is the first evaluated step whose
-metric is <= target (``inf`` if none by ``max_steps``, or if the loss diverges).  Per batch size the
-result is the best (lr, momentum) by the median over seeds.
+validation error) is evaluated, and the run stops at the first evaluation whose metric is <= target.
+Its steps to target is the crossing interpolated between that evaluation (k1, m1) and the one
+before it (k0, m0), linear in log(metric) (:func:`toymodels.stats.crossing_step`):
+
+    k* = k0 + (k1 - k0) (log m0 - log target) / (log m0 - log m1),   k0 < k* <= k1,
+
+a float, not a multiple of ``eval_every`` (``0`` if the metric starts at or below the target; ``inf``
+if it is not reached by ``max_steps``, or if the loss diverges).  Per batch size the result is the
+best (lr, momentum) by the median over seeds; the critical batch size of S = S_min (1 + B_crit / B)
+(McCandlish et al. 2018) is fitted to these and given a percentile bootstrap interval over seeds
+(:func:`toymodels.stats.bootstrap_critical_batch`).
 
 Each run is an independent task: run them here one after another, or on a dask cluster
 (``executor="dask"`` starts a LocalCluster; a scheduler address uses a real one).  With ``path``
@@ -15,6 +23,7 @@ finished ones, so an interrupted sweep loses nothing.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import os
@@ -28,7 +37,7 @@ from toymodels import resume
 from toymodels._validate import check_int, check_real
 from toymodels.parallel import check_scheduler, run_tasks
 from toymodels.schema import attach_attrs
-from toymodels.stats import fit_critical_batch
+from toymodels.stats import bootstrap_critical_batch, crossing_step, fit_critical_batch, tuned_median
 
 from . import _validate as V
 from ._validate import Boolean, Function, Instance, Integer, Maybe, Options, Real, SequenceOf, validate
@@ -37,6 +46,7 @@ from .data import Dataset
 __all__ = ["run_one", "measure_steps"]
 
 METRICS = ("train_loss", "val_error")
+CROSSING = "log-interpolated"  # how run_one computes a crossing (saved with every run: older files are recomputed)
 MAX_RUNS = 10**6  # grid points x seeds of one sweep
 
 class _Executor(V.Constraint):
@@ -69,19 +79,32 @@ def _metric(model, data, metric):
 @validate(batch_size=Integer(1, V.MAX_WIDTH), lr=_LR, momentum=_MOMENTUM, seed=V.Seed(), **_RUN)
 def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed: int, target: float, metric: str,
             max_steps: int, eval_every: int) -> float:
-    """Steps to target of one training run (see the module docstring); a float holding an int, or inf."""
+    """Steps to target of one training run (see the module docstring).
+
+    The metric is evaluated at steps 0, ``eval_every``, 2 ``eval_every``, ... (and nowhere else) until
+    the first value <= ``target``; the result is ``crossing_step(evaluated steps, metrics, target)``,
+    the crossing interpolated in log(metric) between the last two evaluations: a float in
+    (k1 - ``eval_every``, k1] for the first evaluation k1 at or below the target, ``0.0`` if the
+    initial metric is, ``inf`` if no evaluation up to ``max_steps`` is, or if the training loss or
+    the metric stops being finite (divergence).
+    """
     torch.manual_seed(seed)  # for models that draw at construction without their own generator
     model = model_fn(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = data.x_train.shape[0]
+    # the evaluations so far; only the last two can bracket the crossing (every earlier one is finite
+    # and above the target), so only they are kept: the same crossing_step as of the whole record
+    at, values = collections.deque(maxlen=2), collections.deque(maxlen=2)
     for k in range(max_steps + 1):
         if k % eval_every == 0:
             value = _metric(model, data, metric)
             if not math.isfinite(value):
                 return math.inf
+            at.append(k)
+            values.append(value)
             if value <= target:
-                return float(k)
+                return crossing_step(list(at), list(values), target)
         if k == max_steps:
             break
         idx = torch.randint(0, n, (batch_size,), generator=gen)
@@ -117,10 +140,12 @@ def _run_task(args):
           momenta=SequenceOf(_MOMENTUM, unique=True, what="momenta in [0, 1)"),
           seeds=SequenceOf(V.Seed(), unique=True, what="seeds >= 0"),
           path=Maybe(Instance(str, os.PathLike, what="a folder path (str or os.PathLike)")),
-          executor=_Executor(), n_workers=Integer(1, 1024), progress=Boolean(), **_RUN)
+          executor=_Executor(), n_workers=Integer(1, 1024), progress=Boolean(),
+          ci=Real(0.0, 1.0, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS), **_RUN)
 def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
                   metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
-                  executor="serial", n_workers: int = 2, progress: bool = True) -> xr.Dataset:
+                  executor="serial", n_workers: int = 2, progress: bool = True, ci: float = 0.95,
+                  n_boot: int = 1000) -> xr.Dataset:
     """Measured steps to ``target`` over a grid; returns every run and the best per batch size.
 
     Args:
@@ -130,18 +155,41 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
             repeats, at most 10**6 runs in all.
         target: metric value to reach.
         metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
-        max_steps, eval_every: run length (at most 10**7) and evaluation interval (steps are
-            multiples of it).
+        max_steps, eval_every: run length (at most 10**7) and evaluation interval; a run's steps to
+            target is interpolated in log(metric) between the evaluations around the crossing
+            (see the module docstring), so it is a float, not a multiple of ``eval_every``.
         path: folder for per-run files (resume: a saved run is reused only if its target, metric,
-            run length, model factory, data and grid point match); None keeps results in memory only.
+            run length, model factory, data, grid point and crossing rule (``crossing`` attribute,
+            "log-interpolated"; files of the former first-evaluated-step rule lack it) match);
+            None keeps results in memory only.
         executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes), the address
             of a dask scheduler or a ``distributed.Client`` (:func:`toymodels.parallel.run_tasks`).
         progress: tqdm bar over runs.
+        ci: level of the bootstrap intervals of ``b_crit`` and ``s_min``, in (0, 1).
+        n_boot: bootstrap resamples (2 to 10**6), drawn with a fixed generator seed (0), so a
+            rerun gives the same interval.
 
     Returns:
-        Dataset with ``steps_to_target`` over (``batch_size``, ``lr``, ``momentum``, ``seed``), and over
-        ``batch_size``: ``steps_best`` (best median over seeds), ``lr_opt``, ``momentum_opt``; attrs
-        ``steps_min`` and ``critical_batch_size`` (fit of S = S_min (1 + B_crit / B), when possible).
+        Dataset with ``steps_to_target`` over (``batch_size``, ``lr``, ``momentum``, ``seed``); over
+        ``batch_size``: ``steps_best`` (the least median over seeds among the (lr, momentum)
+        settings), ``lr_opt``, ``momentum_opt`` (NaN where ``steps_best`` is inf); over
+        (``batch_size``, ``seed``): ``steps_per_seed``, each seed's steps at its batch size's tuned
+        (``lr_opt``, ``momentum_opt``) (inf where ``steps_best`` is inf); scalars ``b_crit``,
+        ``s_min`` (:func:`toymodels.stats.fit_critical_batch` of ``steps_best``: S = S_min (1 + B_crit / B),
+        McCandlish et al. 2018) and ``b_crit_lo``, ``b_crit_hi``, ``s_min_lo``, ``s_min_hi``, their
+        percentile bootstrap interval over seeds at level ``ci``
+        (:func:`toymodels.stats.bootstrap_critical_batch`: seeds resampled together for every batch
+        size and setting, the best setting re-chosen in each resample).  Attrs ``ci_level``,
+        ``n_boot``, ``n_boot_failed`` (resamples with fewer than 2 finite tuned batch sizes, left out
+        of the quantiles), ``ci_note`` (why an interval or estimate is NaN, else ""), and, when the fit
+        is possible, ``steps_min`` and ``critical_batch_size`` (equal to ``s_min``, ``b_crit``),
+        ``rms_relative_error``, ``n_points``.
+
+        With one seed there is no interval: ``b_crit`` and ``s_min`` are the point estimates and the
+        four bounds NaN (``ci_note`` "one seed: no interval").  When fewer than 2 batch sizes have a
+        finite ``steps_best`` (or a crossing is at step 0), no S(B) can be fitted: all six are NaN
+        and ``ci_note`` says why.  With few seeds (e.g. 3) the interval is coarse (at most 10
+        distinct resamples of 3 seeds).
     """
     if path is not None and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`path` must be a folder (one file per run); got {str(path)!r}, an existing file.")
@@ -162,7 +210,7 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     grid = list(itertools.product(bss, lr_list, moms, seed_list))
     # what a saved run must match to be reused (the file name holds the grid point)
     settings = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every, model=_describe(model_fn),
-                    data=f"{data.name} {tuple(data.x_train.shape)}")
+                    data=f"{data.name} {tuple(data.x_train.shape)}", crossing=CROSSING)
     results = {}
     if path is not None:
         os.makedirs(path, exist_ok=True)
@@ -195,25 +243,46 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     run_tasks(_run_task, tasks, scheduler=scheduler, on_result=lambda r: record(*r), n_workers=n_workers)
     if bar is not None:
         bar.close()
-    return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every)
+    return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every, ci=ci,
+                     n_boot=n_boot)
 
 
-def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every):
+def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, *, ci=0.95, n_boot=1000):
     arr = np.array([[[[results[(b, lr, m, s)] for s in seeds] for m in moms] for lr in lrs] for b in bss])
     ds = xr.Dataset({"steps_to_target": (("batch_size", "lr", "momentum", "seed"), arr)},
                     coords={"batch_size": np.asarray(bss, dtype=np.float64), "lr": lrs, "momentum": moms, "seed": seeds})
-    med = np.median(arr, axis=3)  # (B, lr, momentum); inf if half the seeds fail
-    flat = med.reshape(len(bss), -1)
-    best = np.argmin(flat, axis=1)
-    ds["steps_best"] = ("batch_size", flat[np.arange(len(bss)), best])
-    ii, jj = np.unravel_index(best, med.shape[1:])
-    ds["lr_opt"] = ("batch_size", np.where(np.isfinite(ds.steps_best.values), np.asarray(lrs)[ii], np.nan))
-    ds["momentum_opt"] = ("batch_size", np.where(np.isfinite(ds.steps_best.values), np.asarray(moms)[jj], np.nan))
-    fit = {}
+    flat = arr.reshape(len(bss), len(lrs) * len(moms), len(seeds))  # settings (lr, momentum), lr major
+    best, which = tuned_median(flat)  # median over seeds: inf if half the seeds fail
+    reached = np.isfinite(best)
+    ds["steps_best"] = ("batch_size", best)
+    ii, jj = np.unravel_index(which, (len(lrs), len(moms)))
+    ds["lr_opt"] = ("batch_size", np.where(reached, np.asarray(lrs)[ii], np.nan))
+    ds["momentum_opt"] = ("batch_size", np.where(reached, np.asarray(moms)[jj], np.nan))
+    per_seed = flat[np.arange(len(bss)), which]  # (batch_size, seed) at the tuned setting
+    ds["steps_per_seed"] = (("batch_size", "seed"), np.where(reached[:, None], per_seed, np.inf))
+    fit, note, n_failed = {}, "", 0
+    est = dict.fromkeys(("b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi"), math.nan)
     try:
-        fit = fit_critical_batch(ds.batch_size.values, ds.steps_best.values)
-    except ValueError:
-        pass
+        fit = fit_critical_batch(ds.batch_size.values, best)
+    except ValueError as err:
+        note = f"no fit of S(B): {err}"
+    if fit:
+        est["b_crit"], est["s_min"] = fit["critical_batch_size"], fit["steps_min"]
+        if len(seeds) == 1:
+            note = "one seed: no interval"
+        else:
+            try:
+                boot = bootstrap_critical_batch(ds.batch_size.values, flat, level=ci, n_boot=n_boot, seed=0)
+            except ValueError as err:  # a run that starts at the target (steps 0) in a resample's reach
+                note = f"no interval: {err}"
+            else:
+                est.update({k: boot[k] for k in ("b_crit_lo", "b_crit_hi", "s_min_lo", "s_min_hi")})
+                n_failed = boot["n_failed"]
+                if math.isnan(boot["b_crit_lo"]):
+                    note = f"no interval: all {n_boot} resamples had fewer than 2 batch sizes with finite steps"
+    for k, v in est.items():
+        ds[k] = ((), float(v))
     attach_attrs(ds, model="network", source="measurement", target=target, metric=metric, max_steps=max_steps,
-                 eval_every=eval_every, **fit)
+                 eval_every=eval_every, crossing=CROSSING, ci_level=ci, n_boot=n_boot, n_boot_failed=n_failed,
+                 ci_note=note, **fit)
     return ds

@@ -158,6 +158,9 @@ EXAMPLES = {
     "toymodels.critical.tune_lr": lambda: (([NQM.power_law(10)], [1.0], SGD, 4.0, [0.1]), {"n_grid": 5}),
     "toymodels.critical.piecewise_prediction": lambda: (([NQM.power_law(10)], [100.0], [0.5], SGD, 2.0, [1, 4, 16]), {}),
     "toymodels.stats.crossing_step": lambda: (([0, 10, 20], [1.0, 0.5, 0.1], 0.2), {}),
+    "toymodels.stats.bootstrap_critical_batch": lambda: (
+        ([1, 2, 4], [[100.0, 110.0], [55.0, 60.0], [30.0, 33.0]]), dict(level=0.9, n_boot=20, seed=0)),
+    "toymodels.stats.tuned_median": lambda: ((np.ones((2, 2, 3)),), {}),
     # sweeps (tiny: 8 modes, an easy target)
     "toymodels.sweep.batch_size_sweep": lambda: (
         (NQM8, "sgd", [1.0, 2.0], 0.5), dict(precond=0.5, decay=0.99, progress=False, path=None)),
@@ -212,7 +215,7 @@ def test_public_api_is_registered():
         cls, meth = name.split(".")
         assert hasattr(getattr(toymodels, cls).__dict__[meth], "__constraints__"), name
     for fn in (sweep.batch_size_sweep, sweep.family_sweeps, sweep.tune, sweep.tune_schedule, stats.fit_critical_batch,
-               tails.power_law_fit, history.gradient_history, spectra.power_law, parallel.run_tasks,
+               stats.bootstrap_critical_batch, tails.power_law_fit, history.gradient_history, spectra.power_law, parallel.run_tasks,
                estimators.estimator_stats):
         assert hasattr(fn, "__constraints__"), fn.__name__
 
