@@ -47,8 +47,9 @@ PREDICTORS = ("noise_scale", "noise_scale_biased", "piecewise_nqm", "nqm_at_init
 def segments(steps, loss, target: float, steps_to_target: float, n_segments: int = 4):
     """Checkpoints that cut the reference run into ``n_segments`` stretches of equal log-loss drop.
 
-    Checkpoint j is the first probe step whose loss is <= L_0 (target / L_0)^(j / n_segments);
-    probes closer than one step to the previous checkpoint are skipped (fewer segments then).
+    Checkpoint j is the first probe step whose loss is <= L_0 (target / L_0)^(j / n_segments), below
+    the previous checkpoint's loss and above the target, before ``steps_to_target``; a level no probe
+    satisfies is skipped (fewer segments then).
 
     Returns:
         ``(checkpoints, segment_steps, segment_ratios)``: probe steps (starting at 0), the steps from
@@ -62,12 +63,15 @@ def segments(steps, loss, target: float, steps_to_target: float, n_segments: int
     L0 = L[0]
     if not (0 < target < L0):
         raise ValueError(f"`target` must lie in (0, L_0 = {L0:.4g}); got {target}.")
-    cps = [0.0]
+    cps, last = [0.0], L0
     for j in range(1, n_segments):
         level = L0 * (target / L0) ** (j / n_segments)
-        hit = np.flatnonzero((L <= level) & (k < steps_to_target) & (k >= cps[-1] + 1))
+        # below the level, below the previous checkpoint's loss (losses are not monotone), above the
+        # target, and before the crossing
+        hit = np.flatnonzero((L <= level) & (L < last) & (L > target) & (k < steps_to_target) & (k >= cps[-1] + 1))
         if hit.size:
             cps.append(float(k[hit[0]]))
+            last = float(L[hit[0]])
     cps = np.unique(cps)
     ends = np.append(cps[1:], steps_to_target)
     at = {float(s): float(v) for s, v in zip(k, L)}

@@ -279,11 +279,14 @@ _BATCH_RULE = AnyOf(Integer(1, V.MAX_WIDTH), Instance(Schedule), Instance(NoiseS
           probe_size=Integer(2, V.MAX_WIDTH), loss_fn=LossFn(), method=Options("auto", "func", "hooks"), seed=V.Seed(),
           device=Maybe(Device()), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
           progress=Boolean(), diverge_factor=Real(1.0, np.inf, low_open=True, high_open=True),
-          target=Maybe(Real(**_POSITIVE)), eval_every=Maybe(Integer(1, V.MAX_STEPS)))
+          target=Maybe(Real(**_POSITIVE)), eval_every=Maybe(Integer(1, V.MAX_STEPS)),
+          probe_ci=Maybe(Real(0.0, 1.0, low_open=True, high_open=True)),
+          on_probe=Maybe(Function("a callable on_probe(step, model)")))
 def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
           seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True,
-          diverge_factor: float = 1e3, target: float | None = None, eval_every: int | None = None) -> xr.Dataset:
+          diverge_factor: float = 1e3, target: float | None = None, eval_every: int | None = None,
+          probe_ci: float | None = None, on_probe=None) -> xr.Dataset:
     """Train ``model`` on ``data`` with the gradient-statistics probe at ``probe_at``.
 
     Args:
@@ -317,6 +320,12 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         eval_every: steps between evaluations of the full training loss (at steps 0, e, 2e, ...
             and ``n_steps``); default 10 with a ``target``, none without (given without a target,
             the evaluations are recorded and training runs to ``n_steps``).
+        probe_ci: if given (e.g. 0.95), every probe also gives percentile-bootstrap intervals of its
+            statistics (``<stat>_ci`` over ``layer`` and ``bound``; 200 resamples of the probe's
+            examples, seeded with the step: :func:`deepmodels.probes.gradient_stats`).
+        on_probe: called as ``on_probe(step, model)`` after every probe (e.g. to keep a snapshot of
+            the parameters; :func:`deepmodels.predict.reference_run`), not for the probes a resumed
+            run restores from its checkpoint.
 
     Returns:
         Dataset over ``step`` (the probe steps) and ``layer``: ``loss``, ``accuracy``, ``test_loss``,
@@ -387,7 +396,7 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
                     batch_size=rule if isinstance(rule, int) else repr(rule), momentum=momentum, optimizer=opt_name,
                     seed=seed, probe_size=probe_size, method=method,
                     loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
-                    target=str(target), eval_every=str(eval_every))
+                    target=str(target), eval_every=str(eval_every), probe_ci=str(probe_ci))
     if rule_lr:
         settings["batch_lr"] = rule._lr_fingerprint()
     ckpt = None if path is None else str(path) + ".pt"
@@ -445,7 +454,7 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
                 break
             pidx = torch.randint(0, n, (min(probe_size, n),), generator=gen_probe).to(device)
             st = probes.gradient_stats(model, loss_fn, data.x_train[pidx], data.y_train[pidx],
-                                       batch_size=batches.at(k), method=method, step=k)
+                                       batch_size=batches.at(k), method=method, step=k, ci=probe_ci, seed=k)
             if st.attrs.get("diverged"):  # the probe met non-finite gradients
                 diverged(k, math.inf, "", reason=f"the probe at step {k}: {st.attrs['diverged']}")
                 break
@@ -471,6 +480,8 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
             st["lr_now"] = ("step", [lr_of(k)])
             st["examples"] = ("step", [float(examples)])
             rows.append(st.drop_attrs())
+            if on_probe is not None:
+                on_probe(k, model)
         if eval_every is not None and (k % eval_every == 0 or k == n_steps) and not (evals and evals[-1][0] == k):
             if tl is None:
                 was_training = model.training

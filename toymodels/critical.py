@@ -33,12 +33,17 @@ applied along training).  A quadratic model is fitted at checkpoints of the refe
 fitted at checkpoint j predicts the steps n_j(B, lr) its loss segment needs, the segment's loss
 *ratio* L(c_(j+1)) / L(c_j) of the reference run applied to the quadratic's own initial loss (the
 network's loss is read as an excess loss: its minimum taken to be 0).  Each segment's speed is
-calibrated once at the reference batch size, f_j = dS_j / n*_j(B_ref) (dS_j the reference run's
-steps in the segment, n*_j the quadratic's steps at its best learning rate there), and
+calibrated once at the reference batch size, f_j = dS_j / n_j(B_ref) (dS_j the reference run's
+steps in the segment), and
 
     S(B) = min over lr of sum_j f_j n_j(B, lr)         (``lr="per_run"``: one learning rate per
                                                          run, the measurement protocol), or
     S(B) = sum_j f_j min over lr of n_j(B, lr)         (``lr="per_segment"``: a lower bound).
+
+For ``"per_segment"`` n_j(B_ref) is each quadratic's steps at its own best learning rate; for
+``"per_run"`` it is the steps at the one learning rate that minimises sum_j f_j n_j(B_ref, lr),
+found by iterating f -> lr -> f to a fixed point (from the per-segment f), so that the prediction
+reproduces the reference run at B_ref: S(B_ref) = S_ref.
 
 With one segment both are the single fit calibrated at B_ref (:func:`deepmodels.bridge.predict_steps`).
 """
@@ -271,6 +276,17 @@ def piecewise_prediction(problems, segment_steps, segment_ratios, make, referenc
         ds["lr_opt"] = ("batch_size", np.full(bs.shape, np.nan))
         return ds
     f = ds_steps / n_ref
+    iterations = 0
+    if lr == "per_run":  # calibrate at the one learning rate that is best at B_ref (a fixed point)
+        for iterations in range(1, 21):
+            lr_ref, _, n_at = tune_lr(problems, f, make, b_ref, targets, search=search)
+            if not np.all(np.isfinite(n_at)):
+                break
+            f_new = ds_steps / np.asarray(n_at)
+            done = np.max(np.abs(f_new / f - 1.0)) < 1e-6
+            f = f_new
+            if done:
+                break
     out, lrs = np.empty(bs.size), np.full(bs.size, np.nan)
     for i, b in enumerate(bs):
         if lr == "per_run":
@@ -278,6 +294,6 @@ def piecewise_prediction(problems, segment_steps, segment_ratios, make, referenc
         else:
             out[i] = sum(fj * tune_lr([p], [1.0], make, b, [t], search=[s])[1]
                          for fj, p, s, t in zip(f, problems, search, targets))
-    ds = _result(bs, out, predictor, calibration=f.tolist(), **attrs)
+    ds = _result(bs, out, predictor, calibration=f.tolist(), calibration_iterations=iterations, **attrs)
     ds["lr_opt"] = ("batch_size", lrs)
     return ds
