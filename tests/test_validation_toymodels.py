@@ -16,15 +16,16 @@ import pytest
 import xarray as xr
 
 import toymodels
-from toymodels import (EMA, NQM, SGD, Constant, Cosine, Exponential, FiniteLinearRegression,
+from toymodels import (EMA, NQM, SGD, BatchSizeWarmup, Constant, Cosine, Exponential, FiniteLinearRegression,
                        GaussianLinearRegression, Momentum, PiecewiseConstant, RandomFeatures, StepDecay, Warmup,
-                       critical, dynamics, estimators, features, finite_regression, history, linreg, nqm, optimizers,
-                       parallel, schedules, schema, secular, spectra, stats, sweep, tails)
+                       batch_schedule, critical, dynamics, estimators, features, finite_regression, history, linreg,
+                       nqm, optimizers, parallel, schedules, schema, secular, spectra, stats, sweep, tails)
 from toymodels._validate import REGISTRY
 
 from badinput import bad_calls, check_example_runs, check_refused
 
-assert all(m.__name__.startswith("toymodels") for m in (estimators, features, finite_regression, history, linreg, nqm,
+assert all(m.__name__.startswith("toymodels") for m in (batch_schedule, estimators, features, finite_regression, history,
+                                                        linreg, nqm,
                                                         optimizers, parallel, schedules, schema, secular, spectra,
                                                         stats, sweep, tails, dynamics, toymodels))
 
@@ -53,6 +54,11 @@ def _rng():
 
 
 EXAMPLES = {
+    # batch-size schedules: steps and examples to target
+    "toymodels.batch_schedule.compare_with_constant": lambda: (
+        (NQM8, SGD(0.5), BatchSizeWarmup(1, 4, 6), [1.0, 4.0], 0.5), dict(max_steps=1000)),
+    "toymodels.batch_schedule.cost_to_target": lambda: (
+        (NQM8, SGD(0.5), BatchSizeWarmup(1, 4, 6), 0.5), dict(max_steps=1000)),
     # estimators
     "toymodels.estimators.estimator_stats": lambda: (
         (G, 2), dict(assign=ASSIGN, G_snapshot=G, n_samples=3, seed=0)),
@@ -135,7 +141,10 @@ EXAMPLES = {
     # parallel
     "toymodels.parallel.run_tasks": lambda: ((abs, [1, -2]), dict(scheduler=None, on_result=None, n_workers=1)),
     # schedules
+    "toymodels.schedules.BatchSizeWarmup.__init__": lambda: (
+        (_new(BatchSizeWarmup), 1, 8, 10), dict(every=2, integer=False)),
     "toymodels.schedules.Constant.__init__": lambda: ((_new(Constant), 0.1), {}),
+    "toymodels.schedules.cumulative": lambda: ((BatchSizeWarmup(1, 8, 10), [0, 5, 20]), {}),
     "toymodels.schedules.Cosine.__init__": lambda: ((_new(Cosine), 0.1, 10), dict(final_lr=0.0)),
     "toymodels.schedules.Exponential.__init__": lambda: ((_new(Exponential), 0.1), dict(gamma=0.9, min_lr=0.0)),
     "toymodels.schedules.PiecewiseConstant.__init__": lambda: ((_new(PiecewiseConstant), (5,), (0.1, 0.01)), {}),

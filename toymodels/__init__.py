@@ -5,7 +5,7 @@ from .features import RandomFeatures
 from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
 from .optimizers import EMA, SGD, Momentum
-from .schedules import Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
+from .schedules import BatchSizeWarmup, Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
 from .spectra import power_law
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "Exponential",
     "Cosine",
     "Warmup",
+    "BatchSizeWarmup",
     "power_law",
 ]

@@ -7,14 +7,16 @@ import math
 
 from ._validate import MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Instance, Integer, Maybe, Real, Steps
 from .optimizers import Optimizer
+from .schedules import BATCH_SIZE as BATCH_SIZES
 
-__all__ = ["BATCH_SIZE", "OPTIMIZER", "TARGET", "SEED", "N_RUNS", "STEPS", "MC_STEPS", "STEP", "LR", "MAYBE_LR",
+__all__ = ["BATCH_SIZE", "BATCH_SIZES", "OPTIMIZER", "TARGET", "SEED", "N_RUNS", "STEPS", "MC_STEPS", "STEP", "LR", "MAYBE_LR",
            "PROGRESS", "POSITIVE_ARRAY", "MAX_MC_STEPS", "MAX_RUNS"]
 
 MAX_RUNS = 10**6  # Monte Carlo runs at once
 MAX_MC_STEPS = 10**8  # Monte Carlo steps (each one costs n_runs x d random draws)
 
 BATCH_SIZE = Real(1.0, float(MAX_EXACT_INT))  # a count: large powers of two are given as floats
+# ... or a batch-size schedule (the methods that propagate or simulate over steps take one)
 OPTIMIZER = Instance(Optimizer, what="an SGD, Momentum or EMA spec")
 TARGET = Real(0.0, math.inf, low_open=True, high_open=True)
 SEED = Integer(0, 2**63 - 1)

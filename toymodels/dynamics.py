@@ -31,7 +31,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["propagate", "propagate_schedule", "jump", "ModalForm", "lyapunov", "loss_at", "loss_at_parts"]
+from .schedules import batch_sizes_at, check_batch_values, schedule_segments
+
+__all__ = ["propagate", "propagate_schedule", "merged_segments", "schedule_segments", "jump", "ModalForm", "lyapunov",
+           "loss_at", "loss_at_parts"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a 1- or 2-state mode is flagged
 # 3-state modes have only the loose Henrici bound when flagged, so they stay modal up to a larger
@@ -75,11 +78,13 @@ def _matmul(P, R, out):
 
 
 @njit(cache=True, nogil=True)
-def _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, r, lrs, record, S, out_loss, out_gsq):
+def _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, r, lrs, bss, record, S, out_loss, out_gsq):
     """Step S through len(lrs) updates; record loss and sum h^2 E[theta^2] at steps in ``record``.
 
     The noise variance of mode i at a step is q_i + q_self_i E[theta_i^2] + q_loss_i sum_j h_j E[theta_j^2]
-    (the last two are zero for the NQM; linear regression's fourth moments give them).
+    (the last two are zero for the NQM; linear regression's fourth moments give them).  With batch
+    sizes ``bss`` (one per update; empty: none) q, q_self and q_loss are per-example and update k
+    divides each by bss[k] (the same rounding as dividing them beforehand for a constant B).
     """
     d, s = b1.shape
     n = lrs.size
@@ -113,14 +118,18 @@ def _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, r, lrs, record, S, out_l
             for u in range(s):
                 for v in range(s):
                     A[u, v] = A0[i, u, v] + lr * A1[i, u, v]
-            qi = (q[i] + q_self[i] * S[i, 0, 0] + q_loss[i] * g2) * lr * lr
+            if bss.size == 0:
+                qi = (q[i] + q_self[i] * S[i, 0, 0] + q_loss[i] * g2) * lr * lr
+            else:
+                bk = bss[k]
+                qi = (q[i] / bk + (q_self[i] / bk) * S[i, 0, 0] + (q_loss[i] / bk) * g2) * lr * lr
             _sandwich(A, S[i], T)
             for u in range(s):
                 for v in range(s):
                     S[i, u, v] = T[u, v] + qi * b1[i, u] * b1[i, v]
 
 
-def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=None):
+def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=None, batch=None):
     """Propagate second moments through the updates ``lrs`` (one learning rate per update).
 
     Args:
@@ -133,6 +142,8 @@ def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=
         S: ``(d, s, s)`` second moments at step 0; overwritten with those at step n.
         q_self, q_loss: optional ``(d,)``: the noise variance becomes
             q_i + q_self_i E[theta_i^2] + q_loss_i sum_j h_j E[theta_j^2] (state-dependent noise).
+        batch: optional ``(n,)`` batch sizes B_k >= 1, one per update: then q, q_self and q_loss are
+            per-example (B = 1) and update k uses them divided by B_k.
 
     Returns:
         ``(loss, grad_sq)``: each ``(len(record),)``; grad_sq = sum_i h_i^2 E[theta_i^2].
@@ -140,10 +151,13 @@ def propagate(A0, A1, b1, q, h, readout, lrs, record, S, *, q_self=None, q_loss=
     zero = np.zeros(q.shape[0])
     q_self = zero if q_self is None else np.ascontiguousarray(q_self, dtype=np.float64)
     q_loss = zero if q_loss is None else np.ascontiguousarray(q_loss, dtype=np.float64)
+    lrs = np.asarray(lrs, np.float64)
+    bss = np.empty(0) if batch is None else np.ascontiguousarray(batch, dtype=np.float64)
+    if bss.size and bss.size != lrs.size:
+        raise ValueError(f"`batch` must have one batch size per update ({lrs.size}); got {bss.size}.")
     out_loss = np.empty(record.size)
     out_gsq = np.empty(record.size)
-    _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, int(readout), np.asarray(lrs, np.float64), record, S,
-                      out_loss, out_gsq)
+    _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, int(readout), lrs, bss, record, S, out_loss, out_gsq)
     return out_loss, out_gsq
 
 
@@ -217,35 +231,57 @@ _SCAN_CHUNK = 1 << 16  # learning rates computed at a time (no per-step arrays o
 _PROGRESS_MIN = 10**6  # step-by-step updates above which progress=None shows a bar
 
 
-def schedule_segments(schedule, end: int):
-    """Split updates 0..end-1 of ``schedule`` into ``(start, stop, lr)`` segments: ``lr`` a float on
-    constant pieces, ``None`` where the rate changes at every update (duck-typed: ``piecewise_constant``,
-    ``pieces()``, ``constant_after``, ``at(k)``)."""
-    if schedule.piecewise_constant:
-        starts, lrs = schedule.pieces()
-        stops = list(starts[1:]) + [end]
-        segs = [(int(a), int(min(b, end)), float(lr)) for a, b, lr in zip(starts, stops, lrs) if a < end]
-    else:
-        change = schedule.constant_after
-        change = end if change is None else min(int(change), end)
-        segs = [(0, change, None)] if change > 0 else []
-        if change < end:
-            segs.append((change, end, float(schedule.at(np.array([change]))[0])))
-    return [sg for sg in segs if sg[1] > sg[0]]
+def merged_segments(schedule, batch, end: int):
+    """Split updates 0..end-1 into ``(start, stop, lr, batch_size)`` segments on which the learning-rate
+    ``schedule`` and the batch-size schedule ``batch`` are both constant (``lr`` and ``batch_size``
+    floats) or on which one of them changes at every update (that one ``None``): the change points of
+    the two merged.  Adjacent constant pieces of ``batch`` with the same value are one piece (so a
+    constant batch-size schedule splits nothing).  ``batch`` None: ``batch_size`` 1.0 throughout."""
+    lsegs = schedule_segments(schedule, end)
+    if batch is None:
+        return [(a, b, lr, 1.0) for a, b, lr in lsegs]
+    bsegs = []
+    for a, b, v in schedule_segments(batch, end):
+        if v is not None and bsegs and bsegs[-1][2] == v and bsegs[-1][1] == a:
+            bsegs[-1] = (bsegs[-1][0], b, v)
+        else:
+            bsegs.append((a, b, v))
+    fixed = [(a, v) for a, _, v in bsegs if v is not None]
+    if fixed:
+        check_batch_values([v for _, v in fixed], [a for a, _ in fixed])
+    out = []
+    i = j = 0
+    while i < len(lsegs) and j < len(bsegs):
+        a = max(lsegs[i][0], bsegs[j][0])
+        b = min(lsegs[i][1], bsegs[j][1])
+        if b > a:
+            out.append((a, b, lsegs[i][2], bsegs[j][2]))
+        if lsegs[i][1] <= bsegs[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self=None, q_loss=None,
-                       progress=None, name: str = "steps"):
+                       progress=None, name: str = "steps", batch=None):
     """:func:`propagate` through a learning-rate schedule without per-step arrays of the whole curve.
 
     Constant pieces are jumped over in closed form (:func:`jump`, O(log k) per record) when the noise
     does not depend on the state (``q_self``, ``q_loss`` None); the other updates are stepped in
     chunks of 2^16, with a tqdm bar (``progress`` True; None: when more than 10^6 updates are stepped).
 
+    ``batch`` (optional) is a batch-size schedule (any :class:`toymodels.schedules.Schedule` with
+    values >= 1): then ``q``, ``q_self`` and ``q_loss`` are per-example (B = 1) and update k uses them
+    divided by B_k.  A piece is jumped where both the learning rate and the batch size are constant
+    (:func:`merged_segments`); on it the noise is q / B, computed once, so a constant batch-size
+    schedule gives bit for bit the result of ``q / B`` without ``batch``.
+
     Raises:
         ValueError: naming ``name`` (the record steps' argument) when more than
             :data:`MAX_SCAN_UPDATES` updates, or more than :data:`MAX_SCAN_WORK` updates x modes,
-            would have to be stepped one at a time.
+            would have to be stepped one at a time; naming ``batch_size`` when a batch size is not in
+            [1, 2^53].
 
     Returns:
         ``(loss, grad_sq)`` at ``record`` as :func:`propagate`; ``S`` is left at step ``record[-1]``.
@@ -253,13 +289,14 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
     record = np.asarray(record, dtype=np.int64)
     end = int(record[-1])
     coupled = q_self is not None or q_loss is not None
-    segs = schedule_segments(schedule, end)
-    n_scan = sum(b - a for a, b, lr in segs if lr is None or coupled)
+    segs = merged_segments(schedule, batch, end)
+    n_scan = sum(b - a for a, b, lr, bs in segs if lr is None or bs is None or coupled)
     d = q.shape[0]
     if n_scan > MAX_SCAN_UPDATES or n_scan * d > MAX_SCAN_WORK:
+        what = "learning rate" if batch is None else "learning rate or the batch size"
         raise ValueError(
             f"`{name}` must be reached within {MAX_SCAN_UPDATES:.0e} step-by-step updates (and {MAX_SCAN_WORK:.0e} "
-            f"updates x modes) where the learning rate keeps changing; got {n_scan} updates x {d} modes up to "
+            f"updates x modes) where the {what} keeps changing; got {n_scan} updates x {d} modes up to "
             f"step {end}. Use a piecewise-constant schedule or one that becomes constant earlier (its constant "
             f"part is computed in closed form), or fewer steps."
         )
@@ -278,21 +315,26 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
         loss[m] = 0.5 * np.sum(h * S[:, r, r])
         gsq[m] = np.sum(h**2 * S[:, 0, 0])
 
+    def per_batch(x, bs):
+        return x if x is None or batch is None else x / bs
+
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             if not segs:  # record == [0]
                 read(0)
                 return loss, gsq
-            for a, stop, lr in segs:
-                if lr is not None and not coupled:
+            for a, stop, lr, bs in segs:
+                if bs is not None:  # the noise of this piece (q itself without a batch schedule)
+                    qa, qsa, qla = per_batch(q, bs), per_batch(q_self, bs), per_batch(q_loss, bs)
+                if lr is not None and bs is not None and not coupled:
                     A, b = A0 + lr * A1, lr * b1
                     while j < record.size and record[j] <= stop:
-                        S[:] = jump(A, b, q, S, int(record[j]) - k_cur)
+                        S[:] = jump(A, b, qa, S, int(record[j]) - k_cur)
                         k_cur = int(record[j])
                         read(j)
                         j += 1
                     if k_cur < stop:
-                        S[:] = jump(A, b, q, S, stop - k_cur)
+                        S[:] = jump(A, b, qa, S, stop - k_cur)
                         k_cur = stop
                     continue
                 while k_cur < stop:
@@ -300,7 +342,11 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
                     lrs = np.full(k1 - k_cur, lr) if lr is not None else schedule.at(np.arange(k_cur, k1))
                     hi = np.searchsorted(record, k1, side="right")
                     rec = record[j:hi] - k_cur
-                    out_l, out_g = propagate(A0, A1, b1, q, h, r, lrs, rec, S, q_self=q_self, q_loss=q_loss)
+                    if bs is None:  # the batch size changes at every update: per-example noise / B_k
+                        out_l, out_g = propagate(A0, A1, b1, q, h, r, lrs, rec, S, q_self=q_self, q_loss=q_loss,
+                                                 batch=batch_sizes_at(batch, np.arange(k_cur, k1)))
+                    else:
+                        out_l, out_g = propagate(A0, A1, b1, qa, h, r, lrs, rec, S, q_self=qsa, q_loss=qla)
                     loss[j:hi], gsq[j:hi] = out_l, out_g
                     j = hi
                     if bar is not None:

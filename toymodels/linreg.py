@@ -34,14 +34,16 @@ import numpy as np
 import xarray as xr
 
 from . import dynamics, secular
-from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED, STEP, STEPS,
-                    TARGET)
+from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED,
+                    STEP, STEPS, TARGET)
 from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Real, check_bytes, check_int, check_real, check_spectrum,
                         validate)
 from .montecarlo import mc_divergence, mc_stats_dataset
-from .nqm import NQM, _check_optimizer, _check_target, check_batch_size, checked_trajectory, mc_setup
+from .nqm import (NQM, _check_optimizer, _check_target, batch_at_steps, batch_fields, check_batch_size,
+                  checked_trajectory, mc_setup)
 from .optimizers import SGD
-from .schedules import Constant
+from .schedules import Constant, Schedule, batch_sizes_at, constant_from
+from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
 from .spectra import power_law
 from .stats import gradient_statistics
@@ -106,7 +108,8 @@ class GaussianLinearRegression:
         return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
 
     def _noise(self, batch_size):
-        """(q, q_self, q_loss) of the per-mode gradient noise variance (module docstring)."""
+        """(q, q_self, q_loss) of the per-mode gradient noise variance (module docstring); each is
+        per-example over B, so ``_noise(1.0)`` divided by B is ``_noise(B)`` bit for bit."""
         lam = self.h
         return self.noise_std**2 * lam / batch_size, lam**2 / batch_size, lam / batch_size
 
@@ -205,37 +208,54 @@ class GaussianLinearRegression:
     # ------------------------------------------------------------------------------------------
     # any optimizer, step by step
     # ------------------------------------------------------------------------------------------
-    def _propagate(self, optimizer, batch_size, lrs, record, S):
+    def _propagate(self, optimizer, batch_size, lrs, record, S, bss=None):
+        """Step S through the updates ``lrs``; ``bss`` (optional) the batch size of each update, else
+        ``batch_size`` throughout."""
         a0, a1, b1 = optimizer.affine(self.h)
-        q, q_self, q_loss = self._noise(batch_size)
+        if bss is not None and np.all(bss == bss[0]):
+            batch_size, bss = bss[0], None  # the noise / B once, as for a constant batch size
+        q, q_self, q_loss = self._noise(1.0 if bss is not None else batch_size)
         with np.errstate(over="ignore", invalid="ignore"):
             return dynamics.propagate(a0, a1, b1, q, self.h, optimizer.readout, lrs, record, S,
-                                      q_self=q_self, q_loss=q_loss)
+                                      q_self=q_self, q_loss=q_loss, batch=bss)
 
     def _propagate_schedule(self, optimizer, batch_size, schedule, record, S, progress=None, readout=None):
-        """Step by step through ``schedule`` in chunks (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
+        """Step by step through ``schedule`` and the batch size (a float or a schedule) in chunks
+        (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
         a0, a1, b1 = optimizer.affine(self.h)
-        q, q_self, q_loss = self._noise(batch_size)
+        batch = batch_size if isinstance(batch_size, Schedule) else None
+        q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
         r = optimizer.readout if readout is None else readout
         with np.errstate(over="ignore", invalid="ignore"):
             return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
-                                               q_loss=q_loss, progress=progress)
+                                               q_loss=q_loss, progress=progress, batch=batch)
+
+    @staticmethod
+    def _constant_from(optimizer, batch):
+        """``(change, lr, B)``: the update from which the learning rate and the batch size (a float or
+        a schedule) are both constant and their values there, or ``(None, None, None)``."""
+        sched = optimizer.lr
+        ends = (sched.constant_after, constant_from(batch) if isinstance(batch, Schedule) else 0)
+        if None in ends:
+            return None, None, None
+        change = max(int(e) for e in ends)
+        at = np.array([change])
+        bs = float(batch_sizes_at(batch, at)[0]) if isinstance(batch, Schedule) else batch
+        return change, float(sched.at(at)[0]), bs
 
     def _trajectory(self, optimizer, batch_size, ks, progress=None):
         """Exact expected loss and sum lambda^2 E[e^2] at sorted steps ``ks``: step by step, and for
-        SGD in closed form from the step where the schedule becomes constant."""
+        SGD in closed form from the step where the learning rate and the batch size (a float or a
+        schedule) are both constant."""
         sched = optimizer.lr
         S = self._S0(optimizer)
-        change = sched.constant_after
-        if not (self._is_sgd(optimizer) and change is not None and ks[-1] > int(change) + 20_000):
+        change, lr, bs = self._constant_from(optimizer, batch_size)
+        if not (self._is_sgd(optimizer) and change is not None and ks[-1] > change + 20_000):
             return self._propagate_schedule(optimizer, batch_size, sched, ks, S, progress)
-        change = int(change)
         head = ks[ks <= change]
         rec = head if head.size and head[-1] == change else np.append(head, change).astype(np.int64)
         loss_h, gsq_h = self._propagate_schedule(optimizer, batch_size, sched, rec, S, progress)  # S: at `change`
-        lr = float(sched.at(np.array([change]))[0])
-        loss_t, gsq_t = self._sgd_closed_trajectory(optimizer, batch_size, lr, ks[ks > change] - change,
-                                                    S[:, 0, 0].copy())
+        loss_t, gsq_t = self._sgd_closed_trajectory(optimizer, bs, lr, ks[ks > change] - change, S[:, 0, 0].copy())
         return (np.concatenate([loss_h[: head.size], loss_t]), np.concatenate([gsq_h[: head.size], gsq_t]))
 
     def _sgd_closed_trajectory(self, optimizer, bs, lr, ks, s0=None):
@@ -321,7 +341,7 @@ class GaussianLinearRegression:
         v = float(loss[0])
         return v if math.isfinite(v) else math.inf
 
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
     def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and gradient statistics along the exact expected trajectory.
 
@@ -329,49 +349,57 @@ class GaussianLinearRegression:
         splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
         ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
         (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
+        The statistics at step k use the batch size of step k: under a batch-size schedule B_k, that
+        of the mini-batch drawn at step k (for the update k -> k + 1).
+
+        Args:
+            batch_size: B >= 1, or a batch-size schedule (as :meth:`toymodels.NQM.loss_curve`): every
+                1/B term of update k (label noise and both batch-noise terms) uses B_k.
 
         Returns:
             Dataset over ``step``: ``loss``, the five statistics of :mod:`toymodels.stats`,
-            ``trace_cov_label`` and ``trace_cov_batch``; ``source="exact"``.
+            ``trace_cov_label`` and ``trace_cov_batch``; ``source="exact"``; under a batch-size
+            schedule the coordinates ``batch_size`` (B_k) and ``examples`` (sum_{j<k} B_j).
         """
-        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
+        batch, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
+        bs = batch_at_steps(batch, ks)
         tr = float(np.sum(self.h))
         label = np.full(ks.size, self.noise_std**2 * tr)
         if optimizer.readout == 0:
-            batch = gsq + 2.0 * loss * tr
+            btrace = gsq + 2.0 * loss * tr
         else:  # EMA: gradients are taken at the base iterate, whose risk is not the reported loss
-            batch = self._base_batch_trace(optimizer, bs, ks, gsq)
-        batch[bad] = np.inf
-        stats = gradient_statistics(gsq, label + batch, self.dim, bs)
+            btrace = self._base_batch_trace(optimizer, batch, ks, gsq)
+        btrace[bad] = np.inf
+        stats = gradient_statistics(gsq, label + btrace, self.dim, bs)
+        coords, bs_attr = batch_fields(batch, ks, bs)
         ds = xr.Dataset(
             {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()},
-             "trace_cov_label": ("step", label), "trace_cov_batch": ("step", batch)},
-            coords={"step": ks},
+             "trace_cov_label": ("step", label), "trace_cov_batch": ("step", btrace)},
+            coords={"step": ks, **coords},
         )
         for v in ds.data_vars.values():
             v.values[np.isnan(v.values)] = np.inf
-        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
+        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs_attr, diverged=bool(bad.any()),
                      **self.params, **optimizer.hyperparameters)
         for v in ds.data_vars.values():
             v.attrs.update(ds.attrs)
         return ds
 
-    def _base_batch_trace(self, optimizer, bs, ks, gsq):
+    def _base_batch_trace(self, optimizer, batch, ks, gsq):
         S = self._S0(optimizer)
-        a0, a1, b1 = optimizer.affine(self.h)
-        q, q_self, q_loss = self._noise(bs)
         # read the base iterate: a copy of the system whose readout is entry 0
-        base, _ = self._propagate_schedule(optimizer, bs, optimizer.lr, ks, S, readout=0)
+        base, _ = self._propagate_schedule(optimizer, batch, optimizer.lr, ks, S, readout=0)
         return gsq + 2.0 * base * float(np.sum(self.h))
 
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
     def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
         """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``).
 
-        SGD whose schedule becomes constant is computed in closed form from that step on (any step
-        up to 10^15); every other update is computed one at a time, at most 10^9 of them (and 2e10
-        updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError; ``progress``
-        as in :meth:`toymodels.NQM.loss_curve`.
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
+        learning rate and batch size become constant is computed in closed form from that step on
+        (any step up to 10^15); every other update is computed one at a time, at most 10^9 of them
+        (and 2e10 updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError;
+        ``progress`` as in :meth:`toymodels.NQM.loss_curve`.
         """
         return self.gradient_stats(optimizer, batch_size, steps, progress=progress)["loss"]
 
@@ -389,52 +417,54 @@ class GaussianLinearRegression:
                 "batch": np.outer(se, se) + float(e @ se) * np.diag(self.h)}
 
     # ------------------------------------------------------------------------------------------
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, target=TARGET, max_steps=Maybe(Integer(1, MAX_STEPS)),
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, target=TARGET, max_steps=Maybe(Integer(1, MAX_STEPS)),
               full_output=Boolean())
     def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int | None = None,
                         full_output: bool = False):
         """The first step k with expected excess risk L_k <= target (``inf`` if never).
 
-        SGD with a constant (or, after its last change, constant) learning rate: exact through the
-        closed form and :meth:`toymodels.dynamics.ModalForm.first_crossing` (default ``max_steps``
-        10^15).  Other optimizers and changing schedules: every step is computed (exact for any
-        curve) up to ``max_steps`` (default 10^6).
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
+        learning rate and batch size become constant: exact through the closed form from that
+        update on and :meth:`toymodels.dynamics.ModalForm.first_crossing` (default ``max_steps``
+        10^15).  Other optimizers and schedules that keep changing: every step is computed (exact for
+        any curve) up to ``max_steps`` (default 10^6).
         """
         _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
+        batch = check_batch_sizes(batch_size)
         target = _check_target(target)
-        closed = self._is_sgd(optimizer) and optimizer.lr.constant_after is not None
+        closed = self._is_sgd(optimizer) and self._constant_from(optimizer, batch)[0] is not None
         if max_steps is None:
             max_steps = 10**15 if closed else _SCAN_DEFAULT
         max_steps = check_int("max_steps", max_steps, low=1)
         if not closed and max_steps > dynamics.MAX_SCAN_UPDATES:
             raise ValueError(f"`max_steps` must be at most {dynamics.MAX_SCAN_UPDATES} here (every step is computed "
                              f"for this optimizer and schedule); got {max_steps}.")
-        k, reason, floor = self._first_crossing(optimizer, bs, target, max_steps, closed)
+        k, reason, floor = self._first_crossing(optimizer, batch, target, max_steps, closed)
         steps = float(k) if k >= 0 else math.inf
         if full_output:
             return steps, {"reason": reason, "noise_floor": floor}
         return steps
 
-    def _first_crossing(self, optimizer, bs, target, max_steps, closed):
+    def _first_crossing(self, optimizer, batch, target, max_steps, closed):
         if self.initial_loss <= target:
             return 0, "", math.nan
         sched = optimizer.lr
         S = self._S0(optimizer)
         start = 0
+        change, lr, bs = self._constant_from(optimizer, batch)
         if closed:
-            start = min(int(sched.constant_after), max_steps)
-        k, reason = self._scan(optimizer, bs, S, sched, start if closed else max_steps, target)
+            start = min(change, max_steps)
+        k, reason = self._scan(optimizer, batch, S, sched, start if closed else max_steps, target)
         if k >= 0 or reason.startswith("diverges") or not closed or start >= max_steps:
             floor = math.nan
-            if not closed and k < 0 and not reason.startswith("diverges") and isinstance(sched, Constant):
+            if (not closed and k < 0 and not reason.startswith("diverges") and isinstance(sched, Constant)
+                    and change == 0):  # a constant learning rate and batch size
                 floor = self.stationary_loss(optimizer, bs)
                 if floor == math.inf:
                     reason = "diverges: the learning rate is above the stable limit (the second moments grow)"
                 elif floor > target:
                     reason = f"unreachable: noise floor {floor:.6g} > target {target:.6g}"
             return k, reason, floor
-        lr = float(sched.at(np.array([start]))[0])
         if lr <= 0.0:
             return -1, "unreachable: the learning rate decays to 0 before the target", math.nan
         mf = self._modal_from(S[:, 0, 0].copy(), optimizer, bs, lr)
@@ -450,14 +480,17 @@ class GaussianLinearRegression:
             return -1, f"unreachable: noise floor {floor:.6g} > target {target:.6g}", floor
         return -1, f"not reached within max_steps={max_steps}", floor
 
-    def _scan(self, optimizer, bs, S, schedule, n_steps, target):
+    def _scan(self, optimizer, batch, S, schedule, n_steps, target):
         """Exact step-by-step search over steps 0..n_steps (chunks); S ends at step n_steps."""
         k0 = 0
         chunk = 4096
+        scheduled = isinstance(batch, Schedule)
         while k0 < n_steps:
-            part = schedule.at(np.arange(k0, min(n_steps, k0 + chunk)))
+            idx = np.arange(k0, min(n_steps, k0 + chunk))
+            part = schedule.at(idx)
             rec = np.arange(part.size + 1, dtype=np.int64)
-            loss, _ = self._propagate(optimizer, bs, part, rec, S)
+            loss, _ = self._propagate(optimizer, batch, part, rec, S,
+                                      bss=batch_sizes_at(batch, idx) if scheduled else None)
             if not np.all(np.isfinite(loss)):
                 return -1, "diverges: the loss overflowed"
             hit = np.nonzero(loss <= target)[0]
@@ -467,40 +500,60 @@ class GaussianLinearRegression:
         return -1, f"not reached within max_steps={n_steps}"
 
     # ------------------------------------------------------------------------------------------
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
               progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0,
                  progress: bool = False) -> xr.Dataset:
         """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
 
+        ``batch_size``: a whole number B, or a batch-size schedule whose B_k are whole numbers
+        (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.
+
         Returns:
             Dataset over ``step``: ``loss`` (mean excess risk over runs) and ``loss_sem``, and the
-            statistics of the mean |Sigma e|^2; ``source="simulation"``.  Runs that overflow make
-            every value ``inf`` from the first recorded step where they have (``attrs["diverged"]``,
-            ``attrs["reason"]``), never NaN.  Limits as :meth:`toymodels.NQM.simulate`.
+            statistics of the mean |Sigma e|^2 (at step k with B_k); ``source="simulation"``; the
+            coordinates ``batch_size`` and ``examples`` under a batch-size schedule.  Runs that
+            overflow make every value ``inf`` from the first recorded step where they have
+            (``attrs["diverged"]``, ``attrs["reason"]``), never NaN.  Limits as
+            :meth:`toymodels.NQM.simulate`.
         """
         from .montecarlo import simulate_regression
 
-        if check_batch_size(batch_size) != int(batch_size):
-            raise ValueError(f"`batch_size` must be a whole number for sampled data; got {batch_size:g}.")
-        check_bytes("batch_size", 8.0 * n_runs * int(batch_size) * self.dim,
-                    what=f"one step's inputs, {n_runs} runs x {int(batch_size)} examples x {self.dim} features")
-        bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
-        a0, a1, b1 = optimizer.affine(self.h)
+        batch, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         n = int(ks[-1])
+        if isinstance(batch, Schedule):
+            updates = np.arange(n)
+            sizes = batch_sizes_at(batch, updates)
+            frac = sizes != np.floor(sizes)
+            if frac.any():
+                i = int(np.argmax(frac))
+                raise ValueError(f"`batch_size` must be whole numbers for sampled data; got {sizes[i]:g} at "
+                                 f"update {i}.")
+            draws = sizes.astype(np.int64)
+            b_max = int(draws.max()) if n else 1
+        else:
+            if batch != int(batch):
+                raise ValueError(f"`batch_size` must be a whole number for sampled data; got {batch:g}.")
+            draws = b_max = int(batch)
+        check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
+                    what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
+        a0, a1, b1 = optimizer.affine(self.h)
         loss, gsq, base = simulate_regression(
-            a0, a1, b1, self.h, self.noise_std, int(bs), optimizer.readout, optimizer.init, -self.w_star,
+            a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
         )
         if bar is not None:
             bar.close()
         first, reason = mc_divergence(ks, loss, gsq, base)
         tr = float(np.sum(self.h))
+        bs = batch_at_steps(batch, ks)
         with np.errstate(over="ignore", invalid="ignore"):
             g2 = gsq.mean(axis=1)
             stats = gradient_statistics(g2, self.noise_std**2 * tr + g2 + 2.0 * base.mean(axis=1) * tr, self.dim, bs)
         ds = mc_stats_dataset(ks, loss, stats, n_runs, first)
-        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
+        coords, bs_attr = batch_fields(batch, ks, bs)
+        ds = ds.assign_coords(coords)
+        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs_attr, n_runs=n_runs, seed=seed,
                      diverged=first is not None, reason=reason, **self.params, **optimizer.hyperparameters)
         return ds
 

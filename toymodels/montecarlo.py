@@ -1,8 +1,9 @@
 """Monte Carlo simulation of a per-mode linear system with additive Gaussian noise.
 
 The stochastic counterpart of :mod:`toymodels.dynamics`: each run draws theta_0 ~ N(0, init_sq) and
-eps_k ~ N(0, q) per mode and step (numpy ``Generator`` from an explicit seed), then iterates
-``x' = (A0 + lr_k A1) x + lr_k b1 eps``.  The wrapper draws the noise in chunks; the numba kernel only
+eps_k ~ N(0, q) per mode and step (N(0, q / B_k) under a batch-size schedule; numpy ``Generator`` from an
+explicit seed), then iterates ``x' = (A0 + lr_k A1) x + lr_k b1 eps``.  Linear regression draws B_k
+actual examples at update k.  The wrapper draws the noise in chunks; the numba kernel only
 loops and writes into preallocated arrays.
 """
 
@@ -52,7 +53,8 @@ def _simulate_chunk(A0, A1, b1, lrs, z, h, r, record_mask, X, out_loss, out_gsq,
     return j
 
 
-def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record, n_runs, rng, *, progress=None):
+def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record, n_runs, rng, *, progress=None,
+                           batch=None):
     """Simulate ``n_runs`` independent runs; return per-run loss and |H theta|^2 at ``record``.
 
     Args:
@@ -67,6 +69,8 @@ def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record
         n_runs: number of independent runs.
         rng: ``numpy.random.Generator``.
         progress: optional callable(n_steps_done) for a progress bar.
+        batch: optional ``(n,)`` batch sizes B_k >= 1: then ``q`` is per-example and update k draws
+            noise of variance q / B_k (the same numbers as ``q / B`` without it for a constant B).
 
     Returns:
         ``(loss, grad_sq)``, each ``(len(record), n_runs)``.
@@ -84,7 +88,8 @@ def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record
     j = 0
     for k0 in range(0, n, chunk):
         k1 = min(n, k0 + chunk)
-        z = rng.standard_normal((k1 - k0, n_runs, d)) * sq
+        z = rng.standard_normal((k1 - k0, n_runs, d))
+        z *= sq if batch is None else np.sqrt(q[None, :] / batch[k0:k1, None])[:, None, :]
         j = _simulate_chunk(A0, A1, b1, lrs[k0:k1], z, h, readout, mask[k0:k1], X, out_loss, out_gsq, j)
         if progress is not None:
             progress(k1 - k0)
@@ -95,15 +100,17 @@ def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record
 
 
 @njit(cache=True)
-def _regression_chunk(A0, A1, b1, lam, lrs, z, noise, r, record_mask, X, out_loss, out_gsq, out_base, rec_start):
+def _regression_chunk(A0, A1, b1, lam, lrs, offs, z, noise, r, record_mask, X, out_loss, out_gsq, out_base, rec_start):
     """Advance X (n_runs, d, s) through len(lrs) SGD-family updates on sampled data.
 
-    z: (n, n_runs, B, d) standard normals (inputs x = sqrt(lam) z); noise: (n, n_runs, B) label noise.
-    The gradient at the base iterate theta = X[..., 0] is g = mean_b x_b (x_b.theta - n_b); its
-    noise xi = g - lam theta enters as the NQM's eps: x' = (A0 + lr A1) x + lr b1 xi.
+    Update k draws B_k = offs[k + 1] - offs[k] examples per run: z holds standard normals laid out
+    as (update k, run, example b, feature i) at offs[k] n_runs d + (run B_k + b) d + i (inputs
+    x = sqrt(lam) z), noise the label noise at offs[k] n_runs + run B_k + b (for a constant B this
+    is the C order of (n, n_runs, B, d) and (n, n_runs, B)).  The gradient at the base iterate
+    theta = X[..., 0] is g = mean_b x_b (x_b.theta - n_b); its noise xi = g - lam theta enters as the
+    NQM's eps: x' = (A0 + lr A1) x + lr b1 xi.
     """
     n_runs, d, s = X.shape
-    B = z.shape[2]
     y = np.empty(s)
     g = np.empty(d)
     sq = np.sqrt(lam)
@@ -123,15 +130,18 @@ def _regression_chunk(A0, A1, b1, lam, lrs, z, noise, r, record_mask, X, out_los
                 out_base[j, run] = base
             j += 1
         lr = lrs[k]
+        B = offs[k + 1] - offs[k]
         for run in range(n_runs):
             for i in range(d):
                 g[i] = 0.0
+            zb = (offs[k] * n_runs + run * B) * d
+            nb = offs[k] * n_runs + run * B
             for bb in range(B):
-                res = -noise[k, run, bb]
+                res = -noise[nb + bb]
                 for i in range(d):
-                    res += sq[i] * z[k, run, bb, i] * X[run, i, 0]
+                    res += sq[i] * z[zb + bb * d + i] * X[run, i, 0]
                 for i in range(d):
-                    g[i] += sq[i] * z[k, run, bb, i] * res
+                    g[i] += sq[i] * z[zb + bb * d + i] * res
             for i in range(d):
                 xi = g[i] / B - lam[i] * X[run, i, 0]
                 for u in range(s):
@@ -144,6 +154,21 @@ def _regression_chunk(A0, A1, b1, lam, lrs, z, noise, r, record_mask, X, out_los
     return j
 
 
+def _chunks(sizes, budget):
+    """Split updates with ``sizes`` (draws per update, int64) into consecutive chunks of at most
+    ``budget`` draws (at least one update each): the list of ``(k0, k1)``."""
+    n = sizes.size
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    k0 = 0
+    while k0 < n:
+        k1 = int(np.searchsorted(cum, cum[k0] + budget, side="right")) - 1
+        k1 = min(n, max(k1, k0 + 1))
+        out.append((k0, k1))
+        k0 = k1
+    return out
+
+
 def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e0, lrs, record, n_runs, rng, *,
                         progress=None):
     """Simulate ``n_runs`` runs of an SGD-family optimizer on online Gaussian linear regression.
@@ -152,7 +177,7 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         A0, A1, b1: the optimizer's affine system on h = lam (as for the NQM).
         lam: ``(d,)`` input covariance eigenvalues.
         noise_std: label noise standard deviation.
-        batch_size: B, examples per step.
+        batch_size: B, examples per step (an int), or ``(n,)`` ints B_k: update k draws B_k examples.
         readout: state entry the loss is read at.
         init: ``(s,)`` state at step 0 in units of e_0.
         e0: ``(d,)`` the error w_0 - w* (deterministic).
@@ -168,18 +193,19 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
     out = [np.empty((record.size, n_runs)) for _ in range(3)]
     mask = np.zeros(n + 1, dtype=np.bool_)
     mask[record] = True
-    chunk = max(1, int(4_000_000 // max(1, n_runs * d * batch_size)))
+    sizes = np.broadcast_to(np.asarray(batch_size, dtype=np.int64), (n,))
     j = 0
-    for k0 in range(0, n, chunk):
-        k1 = min(n, k0 + chunk)
-        z = rng.standard_normal((k1 - k0, n_runs, batch_size, d))
-        noise = rng.standard_normal((k1 - k0, n_runs, batch_size)) * noise_std
-        j = _regression_chunk(A0, A1, b1, lam, lrs[k0:k1], z, noise, readout, mask[k0:k1], X, *out, j)
+    # chunks of at most 4e6 draws (a constant B: 4e6 // (n_runs d B) updates each, as it always was)
+    for k0, k1 in _chunks(sizes * (n_runs * d), 4_000_000):
+        offs = np.concatenate([[0], np.cumsum(sizes[k0:k1])])
+        z = rng.standard_normal(int(offs[-1]) * n_runs * d)
+        noise = rng.standard_normal(int(offs[-1]) * n_runs) * noise_std
+        j = _regression_chunk(A0, A1, b1, lam, lrs[k0:k1], offs, z, noise, readout, mask[k0:k1], X, *out, j)
         if progress is not None:
             progress(k1 - k0)
     if mask[n]:
-        _regression_chunk(A0, A1, b1, lam, np.zeros(1), np.zeros((1, n_runs, batch_size, d)),
-                          np.zeros((1, n_runs, batch_size)), readout, np.ones(1, dtype=np.bool_), X, *out, j)
+        _regression_chunk(A0, A1, b1, lam, np.zeros(1), np.array([0, 1], dtype=np.int64), np.zeros(n_runs * d),
+                          np.zeros(n_runs), readout, np.ones(1, dtype=np.bool_), X, *out, j)
     return tuple(out)
 
 

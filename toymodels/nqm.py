@@ -22,18 +22,19 @@ import numpy as np
 import xarray as xr
 
 from . import dynamics
-from ._args import (BATCH_SIZE, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED, STEP, STEPS,
-                    TARGET)
+from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED,
+                    STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
 from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system
 from .optimizers import Optimizer
-from .schedules import Constant
+from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
+from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
 from .spectra import power_law
 from .stats import gradient_statistics
 
-__all__ = ["NQM", "check_batch_size"]
+__all__ = ["NQM", "check_batch_size", "batch_at_steps"]
 
 _SCAN_LIMIT = 10**7  # step-by-step updates for schedules that never become constant
 
@@ -52,27 +53,45 @@ def _check_optimizer(optimizer):
 
 def checked_trajectory(model, optimizer, batch_size, steps, progress=None):
     """Validate the arguments of ``gradient_stats`` and run ``model._trajectory``; overflowed
-    entries become ``inf``.  Returns ``(batch_size, steps, loss, grad_sq, diverged_mask)``."""
+    entries become ``inf``.  Returns ``(batch, steps, loss, grad_sq, diverged_mask)``, ``batch`` the
+    checked batch size (a float) or batch-size schedule."""
     _check_optimizer(optimizer)
-    bs = check_batch_size(batch_size)
+    batch = check_batch_sizes(batch_size)
     ks = check_steps(steps)
-    loss, gsq = model._trajectory(optimizer, bs, ks, progress=progress)
+    loss, gsq = model._trajectory(optimizer, batch, ks, progress=progress)
     bad = ~np.isfinite(loss) | ~np.isfinite(gsq)
     loss[bad] = np.inf
     gsq[bad] = np.inf
-    return bs, ks, loss, gsq, bad
+    return batch, ks, loss, gsq, bad
+
+
+def batch_at_steps(batch, ks):
+    """The batch size the statistics at steps ``ks`` use: ``batch`` itself (a float), or for a
+    schedule B_k at each step k, that of the mini-batch drawn there (for the update k -> k + 1)."""
+    return batch_sizes_at(batch, ks) if isinstance(batch, Schedule) else batch
+
+
+def batch_fields(batch, ks, bs):
+    """The extra coordinates of a curve under a batch-size schedule (none for a constant batch size):
+    ``batch_size`` (B_k, ``bs``) and ``examples`` (sum_{j<k} B_j, examples drawn before step k) over
+    ``step``; and the ``batch_size`` attribute (the number, or the schedule's repr)."""
+    if not isinstance(batch, Schedule):
+        return {}, batch
+    coords = {"batch_size": ("step", np.asarray(bs, np.float64)), "examples": ("step", cumulative(batch, ks))}
+    return coords, repr(batch)
 
 
 def mc_setup(optimizer, batch_size, steps, n_runs, seed, progress):
     """The checked arguments of a Monte Carlo ``simulate`` and its generator and optional tqdm bar:
-    ``(batch_size, steps, n_runs, seed, rng, bar)``."""
+    ``(batch, steps, n_runs, seed, rng, bar)`` (``batch`` a float or a batch-size schedule)."""
     _check_optimizer(optimizer)
-    bs = check_batch_size(batch_size)
+    bs = check_batch_sizes(batch_size)
     ks = check_steps(steps)
     n_runs = check_int("n_runs", n_runs, low=2)
     seed = check_int("seed", seed, low=0)
     check_bytes("n_runs", 3 * 8.0 * ks.size * n_runs, what=f"{ks.size} recorded steps x {n_runs} runs")
-    check_bytes("steps", 8.0 * (int(ks[-1]) + 1), what=f"{int(ks[-1])} learning rates")
+    per_step = 16.0 if isinstance(bs, Schedule) else 8.0
+    check_bytes("steps", per_step * (int(ks[-1]) + 1), what=f"{int(ks[-1])} learning rates (and batch sizes)")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -236,21 +255,28 @@ class NQM:
 
     # ------------------------------------------------------------------------------------------
     def _trajectory(self, optimizer, batch_size, ks, progress=None):
-        """Exact expected loss and sum h^2 E[theta^2] at sorted steps ``ks``: constant pieces of the
-        schedule in closed form, the rest step by step (:func:`toymodels.dynamics.propagate_schedule`)."""
-        q = self.c / batch_size
+        """Exact expected loss and sum h^2 E[theta^2] at sorted steps ``ks``: pieces where the learning
+        rate and the batch size (a float or a schedule) are both constant in closed form, the rest
+        step by step (:func:`toymodels.dynamics.propagate_schedule`)."""
+        sched = batch_size if isinstance(batch_size, Schedule) else None
+        q = self.c if sched is not None else self.c / batch_size
         a0, a1, b1 = optimizer.affine(self.h)
         S = self._S0(optimizer).copy()
         return dynamics.propagate_schedule(a0, a1, b1, q, self.h, optimizer.readout, optimizer.lr, ks, S,
-                                           progress=progress)
+                                           progress=progress, batch=sched)
 
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
     def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
         """Exact expected loss over steps.
 
         Args:
             optimizer: an optimizer spec (its ``lr`` a number or a schedule).
-            batch_size: B >= 1.
+            batch_size: B >= 1 (a real number: only the noise variance c / B enters), or a batch-size
+                schedule (:class:`toymodels.schedules.Schedule` with values B_k in [1, 2^53], e.g.
+                :class:`~toymodels.schedules.BatchSizeWarmup` or ``PiecewiseConstant``): update k
+                (step k -> k + 1) has noise variance c / B_k.  Pieces where the learning rate and
+                the batch size are both constant are jumped in closed form; where either changes at
+                every update, the updates are computed one at a time (bounded as below).
             steps: a count n (the curve at 0..n) or a strictly increasing array of step indices
                 <= 10^15; where the learning rate is constant (piecewise-constant schedules, and the
                 constant tail of the others) the cost grows with log(step), so a 10^7-step curve on a
@@ -262,55 +288,65 @@ class NQM:
 
         Returns:
             ``DataArray`` named ``loss`` over ``step``; ``inf`` where the run has overflowed
-            (``attrs["diverged"]`` says whether it did).
+            (``attrs["diverged"]`` says whether it did).  Under a batch-size schedule it has the
+            coordinates ``batch_size`` (B_k) and ``examples`` (sum_{j<k} B_j, the examples drawn
+            before step k) over ``step``, and ``attrs["batch_size"]`` is the schedule's repr.
         """
         ds = self.gradient_stats(optimizer, batch_size, steps, progress=progress)
         return ds["loss"]
 
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=STEPS, progress=PROGRESS)
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
     def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and the gradient statistics along the exact expected trajectory.
 
         At step k the expected squared norm of the full-batch gradient is sum_i h_i^2 E[theta_i^2]
         (taken at the base iterate theta, also under iterate averaging), the per-example noise
-        covariance trace is sum_i c_i; the statistics follow :func:`toymodels.stats.gradient_statistics`.
+        covariance trace is sum_i c_i; the statistics follow :func:`toymodels.stats.gradient_statistics`
+        with the batch size of step k: under a batch-size schedule B_k, that of the mini-batch drawn
+        at step k (for the update k -> k + 1).
 
         Args and limits as :meth:`loss_curve` (``progress``: a tqdm bar over updates computed one at
         a time).
 
         Returns:
             Dataset over ``step`` with ``loss``, ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``
-            and ``noise_scale``; ``source="exact"``; ``inf`` from an overflow on (``attrs["diverged"]``).
+            and ``noise_scale``; ``source="exact"``; ``inf`` from an overflow on (``attrs["diverged"]``);
+            under a batch-size schedule the coordinates ``batch_size`` and ``examples`` (as
+            :meth:`loss_curve`).
         """
-        bs, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
+        batch, ks, loss, gsq, bad = checked_trajectory(self, optimizer, batch_size, steps, progress)
+        bs = batch_at_steps(batch, ks)
         stats = gradient_statistics(gsq, np.sum(self.c), self.dim, bs)
+        coords, bs_attr = batch_fields(batch, ks, bs)
         ds = xr.Dataset(
             {"loss": ("step", loss), **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()}},
-            coords={"step": ks},
+            coords={"step": ks, **coords},
         )
         for v in ds.data_vars.values():
             v.values[np.isnan(v.values)] = np.inf
-        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs, diverged=bool(bad.any()),
+        attach_attrs(ds, model=self.model_name, source="exact", batch_size=bs_attr, diverged=bool(bad.any()),
                      **self.params, **optimizer.hyperparameters)
         for v in ds.data_vars.values():
             v.attrs.update(ds.attrs)
         return ds
 
     # ------------------------------------------------------------------------------------------
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, target=TARGET, max_steps=Integer(1, MAX_STEPS),
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, target=TARGET, max_steps=Integer(1, MAX_STEPS),
               full_output=Boolean())
     def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int = 10**15, full_output: bool = False):
         """The first step k with expected loss L_k <= target.
 
-        Exact, also for the non-monotone curves of momentum and iterate averaging: per constant-lr
-        piece the loss is a finite sum of exponentials, and :meth:`toymodels.dynamics.ModalForm.first_crossing`
-        discards only step intervals whose rigorous lower bound exceeds the target and checks every
-        step of the rest, so L_{k-1} > target >= L_k and no earlier step crosses.  Schedules that are
-        not piecewise constant are stepped one update at a time (up to ``max_steps``).
+        Exact, also for the non-monotone curves of momentum and iterate averaging: per piece where the
+        learning rate and the batch size are both constant the loss is a finite sum of exponentials,
+        and :meth:`toymodels.dynamics.ModalForm.first_crossing` discards only step intervals whose
+        rigorous lower bound exceeds the target and checks every step of the rest, so
+        L_{k-1} > target >= L_k and no earlier step crosses.  Where the learning rate or the batch
+        size changes at every update the search steps one update at a time (up to ``max_steps``;
+        at most 10^7 updates where a schedule never becomes constant).
 
         Args:
             optimizer: an optimizer spec.
-            batch_size: B >= 1.
+            batch_size: B >= 1, or a batch-size schedule (as in :meth:`loss_curve`).
             target: a loss > 0.
             max_steps: give up (``inf``) beyond this step, an integer in [1, 10^15].
             full_output: also return a dict with ``reason`` (why inf), ``noise_floor`` and the spec.
@@ -318,57 +354,63 @@ class NQM:
         Returns:
             ``float`` holding an integer, or ``math.inf`` when the target is below the noise floor,
             the run diverges (a mode with spectral radius >= 1 after step 0), or it is not reached
-            by ``max_steps``.
+            by ``max_steps``.  The examples drawn until then are
+            ``toymodels.schedules.cumulative(batch_size, [k])`` (k B for a constant B).
         """
         _check_optimizer(optimizer)
-        bs = check_batch_size(batch_size)
+        batch = check_batch_sizes(batch_size)
         target = _check_target(target)
         max_steps = check_int("max_steps", max_steps, low=1)
-        k, reason, floor = self._first_crossing(optimizer, bs, target, max_steps)
+        k, reason, floor = self._first_crossing(optimizer, batch, target, max_steps)
         steps = float(k) if k >= 0 else math.inf
         if full_output:
             return steps, {"reason": reason, "noise_floor": floor}
         return steps
 
-    def _first_crossing(self, optimizer, bs, target, max_steps):
+    def _first_crossing(self, optimizer, batch, target, max_steps):
+        """``(k, reason, noise_floor)``: the exact first crossing over the segments of updates on
+        which the learning rate and the batch size (a float or a schedule) are both constant
+        (closed form) or one of them changes at every update (stepped)."""
         if self.initial_loss <= target:
             return 0, "", math.nan
         sched = optimizer.lr
-        q = self.c / bs
+        bsched = batch if isinstance(batch, Schedule) else Constant(batch)
         S = self._S0(optimizer).copy()
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
-        if not sched.piecewise_constant:
-            # step by step while the rate changes, then one constant piece in closed form
-            change = sched.constant_after
-            n_scan = min(max_steps, _SCAN_LIMIT if change is None else change)
-            k, reason, _ = self._scan(a0, a1, b1, q, r, S, sched, n_scan, target)
-            if k >= 0 or reason.startswith("diverges") or change is None or change > n_scan:
-                if k < 0 and not reason.startswith("diverges"):
-                    reason = f"not reached within {n_scan} step-by-step updates (the schedule keeps changing)"
-                return k, reason, math.nan
-            final = float(sched.at(np.array([change]))[0])
-            if final <= 0.0:
-                return -1, "unreachable: the learning rate decays to 0 before the target", math.nan
-            starts, lrs = np.array([change], dtype=np.int64), np.array([final])
-        else:
-            starts, lrs = sched.pieces()
+        ends = (sched.constant_after, constant_from(bsched))
+        change = None if None in ends else max(int(e) for e in ends)  # both constant from here on
+        segs = dynamics.merged_segments(sched, bsched, max_steps)
         floor = math.nan
-        for p in range(starts.size):
-            start = int(starts[p])
-            if start > max_steps:
-                break
-            last = p + 1 == starts.size
-            length = max_steps - start if last else int(min(starts[p + 1], max_steps) - start)
-            A, b = a0 + lrs[p] * a1, lrs[p] * b1
+        stepped_last = False
+        for p, (start, stop, lr, bs) in enumerate(segs):
+            length = stop - start
+            final = p + 1 == len(segs)
+            if lr is None or bs is None:  # step by step while a schedule changes at every update
+                endless = final and change is None
+                n_scan = min(length, _SCAN_LIMIT) if endless else length
+                k, reason = self._scan(a0, a1, b1, r, S, sched, bsched, start, start + n_scan, target)
+                if k >= 0 or reason.startswith("diverges"):
+                    return k, reason, math.nan
+                if endless:
+                    return -1, (f"not reached within {start + n_scan} step-by-step updates (the schedule keeps "
+                                f"changing)"), math.nan
+                stepped_last = final
+                continue
+            last = final and change is not None and start >= change  # this piece lasts for ever
+            if last and lr <= 0.0:
+                return -1, "unreachable: the learning rate decays to 0 before the target", math.nan
+            q = self.c / bs
+            A, b = a0 + lr * a1, lr * b1
             mf = dynamics.ModalForm(A, b, q, self.h, r, S)
             floor = mf.loss_inf
             if not mf.stable:
                 if last:
                     return -1, "diverges: spectral radius >= 1 (learning rate above the stability limit)", math.inf
-                k, reason, _ = self._scan(a0, a1, b1, q, r, S, Constant(lrs[p]), min(length, _SCAN_LIMIT), target)
+                k, reason = self._scan(a0, a1, b1, r, S, Constant(lr), Constant(bs), start,
+                                       start + min(length, _SCAN_LIMIT), target)
                 if k >= 0:
-                    return start + k, "", floor
+                    return k, "", floor
                 if reason.startswith("diverges"):
                     return -1, reason, math.inf
                 if length > _SCAN_LIMIT:  # a long unstable piece: searched step by step up to a bound only
@@ -385,6 +427,8 @@ class NQM:
                     return -1, f"unreachable: noise floor {floor:.6g} > target {target:.6g}", floor
                 return -1, f"not reached within max_steps={max_steps}", floor
             S = dynamics.jump(A, b, q, S, length)
+        if stepped_last:
+            return -1, f"not reached within {max_steps} step-by-step updates (the schedule keeps changing)", math.nan
         return -1, f"not reached within max_steps={max_steps}", floor
 
     @staticmethod
@@ -400,21 +444,28 @@ class NQM:
             k *= 2
         return min(k, length)
 
-    def _scan(self, a0, a1, b1, q, r, S, schedule, n_steps, target):
-        """Step-by-step search over updates 0..n_steps-1 (chunks of 4096); S ends at step n_steps."""
-        k0 = 0
+    def _scan(self, a0, a1, b1, r, S, schedule, batch, k_start, k_stop, target):
+        """Step-by-step search over updates k_start..k_stop-1 (chunks of 4096) with the learning rates
+        of ``schedule`` and the batch sizes of the schedule ``batch`` at those updates; S goes from
+        step k_start to k_stop.  Returns ``(k, reason)``, k the first step with L_k <= target or -1."""
+        k0 = k_start
         chunk = 4096
-        while k0 < n_steps:
-            part = schedule.at(np.arange(k0, min(n_steps, k0 + chunk)))
+        while k0 < k_stop:
+            idx = np.arange(k0, min(k_stop, k0 + chunk))
+            part = schedule.at(idx)
+            bss = batch_sizes_at(batch, idx)
             rec = np.arange(part.size + 1, dtype=np.int64)
-            loss, _ = dynamics.propagate(a0, a1, b1, q, self.h, r, part, rec, S)
+            if np.all(bss == bss[0]):  # q = c / B once, as for a constant batch size
+                loss, _ = dynamics.propagate(a0, a1, b1, self.c / bss[0], self.h, r, part, rec, S)
+            else:
+                loss, _ = dynamics.propagate(a0, a1, b1, self.c, self.h, r, part, rec, S, batch=bss)
             if not np.all(np.isfinite(loss)):
-                return -1, "diverges: the loss overflowed", math.inf
+                return -1, "diverges: the loss overflowed"
             hit = np.nonzero(loss <= target)[0]
             if hit.size:
-                return k0 + int(hit[0]), "", math.nan
+                return k0 + int(hit[0]), ""
             k0 += part.size
-        return -1, f"not reached within max_steps={n_steps}", math.nan
+        return -1, f"not reached within max_steps={k_stop}"
 
     # ------------------------------------------------------------------------------------------
     @validate(n_samples=Array((0, 1), low=0.0, min_size=0))
@@ -457,13 +508,14 @@ class NQM:
         return float(math.ceil(hi / bs))
 
     # ------------------------------------------------------------------------------------------
-    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=MC_STEPS, n_runs=N_RUNS, seed=SEED,
               progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0, progress: bool = False) -> xr.Dataset:
         """Monte Carlo runs of the stochastic NQM: Gaussian theta_0 and gradient noise.
 
         Args:
-            optimizer, batch_size: as in :meth:`loss_curve`.
+            optimizer, batch_size: as in :meth:`loss_curve`; under a batch-size schedule update k
+                draws its gradient noise with variance c / B_k (B_k need not be a whole number).
             steps: as in :meth:`loss_curve`, at most 10^8.
             n_runs: independent runs, in [2, 10^6].
             seed: seed of the ``numpy.random.Generator``.
@@ -471,26 +523,32 @@ class NQM:
 
         Returns:
             Dataset over ``step``: ``loss`` (mean over runs), ``loss_sem`` (its standard error) and the
-            gradient statistics of the mean |H theta|^2; ``source="simulation"``.  A run that
+            gradient statistics of the mean |H theta|^2 (at step k with B_k); ``source="simulation"``;
+            the coordinates ``batch_size`` and ``examples`` under a batch-size schedule.  A run that
             overflows makes every value ``inf`` from the first recorded step where it has, with
             ``attrs["diverged"]`` and ``attrs["reason"]`` (never NaN).
         """
         check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
                     what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
-        bs, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
+        batch, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
+        scheduled = isinstance(batch, Schedule)
         loss, gsq = simulate_linear_system(
-            a0, a1, b1, self.c / bs, self.h, optimizer.readout, optimizer.init, self.init_sq,
-            optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+            a0, a1, b1, self.c if scheduled else self.c / batch, self.h, optimizer.readout, optimizer.init,
+            self.init_sq, optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+            batch=batch_sizes_at(batch, np.arange(n)) if scheduled else None,
         )
         if bar is not None:
             bar.close()
         first, reason = mc_divergence(ks, loss, gsq)
+        bs = batch_at_steps(batch, ks)
         with np.errstate(over="ignore", invalid="ignore"):
             g2 = gsq.mean(axis=1)
             stats = gradient_statistics(g2, np.sum(self.c), self.dim, bs)
         ds = mc_stats_dataset(ks, loss, stats, n_runs, first)
-        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs, n_runs=n_runs, seed=seed,
+        coords, bs_attr = batch_fields(batch, ks, bs)
+        ds = ds.assign_coords(coords)
+        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=bs_attr, n_runs=n_runs, seed=seed,
                      diverged=first is not None, reason=reason, **self.params, **optimizer.hyperparameters)
         return ds

@@ -1,8 +1,10 @@
-"""Learning-rate schedules.
+"""Learning-rate and batch-size schedules.
 
 A schedule maps the update index k = 0, 1, 2, ... (the update that takes the iterate from step k to
-step k + 1) to a learning rate.  Piecewise-constant schedules expose their pieces, so the exact
-dynamics can jump over a whole piece at once; the others are propagated step by step.
+step k + 1) to a learning rate, or to the batch size B_k of the mini-batch that update draws (any
+schedule whose values are >= 1 is a batch-size schedule; :class:`BatchSizeWarmup` is made for it).
+Piecewise-constant schedules expose their pieces, so the exact dynamics can jump over a whole piece
+at once; the others are propagated step by step.
 
 All schedules are small frozen values::
 
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import (MAX_STEPS, AnyOf, Array, Instance, Integer, Real, check_bytes, check_int, check_real,
-                        validate, validate_init)
+from ._validate import (MAX_EXACT_INT, MAX_STEPS, AnyOf, Array, Boolean, Constraint, Instance, Integer, Real,
+                        Steps, check_bytes, check_int, check_real, validate, validate_init)
 
 __all__ = [
     "Schedule",
@@ -28,8 +30,16 @@ __all__ = [
     "Exponential",
     "Cosine",
     "Warmup",
+    "BatchSizeWarmup",
     "as_schedule",
+    "cumulative",
+    "constant_from",
+    "batch_sizes_at",
+    "check_batch_values",
+    "schedule_segments",
+    "check_batch_size",
     "LEARNING_RATE",
+    "BATCH_SIZE",
 ]
 
 _POSITIVE = dict(low=0.0, high=math.inf, low_open=True, high_open=True)
@@ -265,3 +275,211 @@ def as_schedule(lr) -> Schedule:
     if isinstance(lr, Schedule):
         return lr
     return Constant(lr)
+
+
+_BATCH = Real(1.0, float(MAX_EXACT_INT))
+_BATCH_RANGE = f"[1, {float(MAX_EXACT_INT):g}]"
+
+
+@validate_init(start=_BATCH, final=_BATCH, warmup_steps=_STEP_COUNT, every=_STEP_COUNT, integer=Boolean())
+@dataclass(frozen=True)
+class BatchSizeWarmup(Schedule):
+    """Geometric batch-size warm-up: from ``start`` to ``final`` over ``warmup_steps`` updates, then ``final``.
+
+    Update k < ``warmup_steps`` draws a mini-batch of
+
+        B_k = start * 2 ** (log2(final / start) * m_k / warmup_steps),   m_k = every * (k // every),
+
+    so the batch size changes every ``every`` updates (stage j = k // every), and B_k = ``final`` from
+    update ``warmup_steps`` on.  ``every=1`` grows it at every update (the exact engine steps through
+    the warm-up one update at a time); ``every > 1`` makes it piecewise constant (each stage jumped in
+    closed form).  Doubling every m updates from b0 to b0 * 2^n is ``BatchSizeWarmup(b0, b0 * 2**n,
+    n * m, every=m)``: stage j uses exactly b0 * 2^j.  ``final < start`` (a decreasing batch size) is
+    allowed.
+
+    Batch sizes need not be whole numbers for the exact moments, nor for the NQM's Monte Carlo
+    (only the noise variance c / B_k enters); ``integer=True`` rounds every B_k to the nearest whole
+    number (halves up), as sampled data needs (:meth:`toymodels.GaussianLinearRegression.simulate`
+    draws B_k examples at update k); ``start`` and ``final`` must then be whole numbers.
+
+    Example:
+        >>> BatchSizeWarmup(8, 64, 30, every=10).values(31)[::10]
+        array([ 8., 16., 32., 64.])
+    """
+
+    start: float
+    final: float
+    warmup_steps: int
+    every: int = 1
+    integer: bool = False
+
+    def __post_init__(self):
+        for name in ("start", "final"):
+            v = check_real(name, getattr(self, name), low=1.0, high=float(MAX_EXACT_INT))
+            if self.integer and not v.is_integer():
+                raise ValueError(f"`{name}` must be a whole number when integer=True; got {v:g}.")
+            object.__setattr__(self, name, v)
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=1))
+        object.__setattr__(self, "every", check_int("every", self.every, low=1))
+        if not isinstance(self.integer, (bool, np.bool_)):
+            raise TypeError(f"`integer` must be True or False; got {type(self.integer).__name__}.")
+        object.__setattr__(self, "integer", bool(self.integer))
+
+    @property
+    def piecewise_constant(self):
+        return self.every > 1
+
+    def _at(self, k):
+        k = np.asarray(k, dtype=np.int64)
+        m = (k // self.every) * self.every
+        with np.errstate(over="ignore"):
+            b = self.start * np.exp2(math.log2(self.final / self.start) * m / self.warmup_steps)
+        if self.integer:
+            b = np.floor(b + 0.5)
+        return np.where(k >= self.warmup_steps, self.final, np.clip(b, min(self.start, self.final),
+                                                                    max(self.start, self.final)))
+
+    @property
+    def constant_after(self):
+        return self.warmup_steps
+
+    def pieces(self):
+        n_stages = -(-self.warmup_steps // self.every)
+        check_bytes("every", 16.0 * (n_stages + 1), what=f"{n_stages} warm-up stages")
+        starts = np.append(np.arange(n_stages, dtype=np.int64) * self.every, self.warmup_steps)
+        vals = self._at(starts)
+        keep = np.r_[True, vals[1:] != vals[:-1]]  # stages that round to the same size are one piece
+        return starts[keep], vals[keep]
+
+    @property
+    def max_lr(self):
+        """The largest value (the name of the :class:`Schedule` interface)."""
+        return max(self.start, self.final)
+
+
+def schedule_segments(schedule, end: int):
+    """Split updates 0..end-1 of ``schedule`` into ``(start, stop, value)`` segments: ``value`` a float
+    on constant pieces, ``None`` where it changes at every update (duck-typed: ``piecewise_constant``,
+    ``pieces()``, ``constant_after``, ``at(k)``)."""
+    if schedule.piecewise_constant:
+        starts, lrs = schedule.pieces()
+        stops = list(starts[1:]) + [end]
+        segs = [(int(a), int(min(b, end)), float(lr)) for a, b, lr in zip(starts, stops, lrs) if a < end]
+    else:
+        change = schedule.constant_after
+        change = end if change is None else min(int(change), end)
+        segs = [(0, change, None)] if change > 0 else []
+        if change < end:
+            segs.append((change, end, float(schedule.at(np.array([change]))[0])))
+    return [sg for sg in segs if sg[1] > sg[0]]
+
+
+def constant_from(schedule) -> int | None:
+    """The update from which the values of ``schedule`` never change again (None: they change for
+    ever): ``constant_after``, moved back over the trailing pieces of a piecewise-constant schedule
+    that repeat its final value (so ``PiecewiseConstant((7, 90), (6, 6, 6))`` is constant from 0)."""
+    if schedule.piecewise_constant:
+        starts, vals = schedule.pieces()
+        i = len(vals) - 1
+        while i > 0 and vals[i - 1] == vals[i]:
+            i -= 1
+        return int(starts[i])
+    change = schedule.constant_after
+    return None if change is None else int(change)
+
+
+_CUM_CHUNK = 1 << 16
+MAX_CUMULATIVE_UPDATES = 10**9  # values summed one at a time where a schedule keeps changing
+
+
+@validate(schedule=Instance(Schedule), steps=Steps(MAX_STEPS))
+def cumulative(schedule, steps) -> np.ndarray:
+    """Sum of the values of updates 0..k-1 at each step k: for a batch-size schedule the number of
+    examples drawn before step k (sum_{j<k} B_j), for a learning-rate schedule the total rate.
+
+    Args:
+        schedule: any :class:`Schedule`.
+        steps: a count n (0..n) or a strictly increasing array of steps <= 10^15.
+
+    Returns:
+        ``(len(steps),)`` float64.  Constant pieces are summed in closed form; where the value
+        changes at every update, at most 10^9 of them are summed one at a time (else ValueError).
+    """
+    ks = np.asarray(steps, dtype=np.int64)
+    segs = schedule_segments(schedule, int(ks[-1]))
+    n_scan = sum(b - a for a, b, v in segs if v is None)
+    if n_scan > MAX_CUMULATIVE_UPDATES:
+        raise ValueError(f"`steps` must be reached within {MAX_CUMULATIVE_UPDATES:.0e} updates where the schedule "
+                         f"keeps changing; got {n_scan}.")
+    out = np.zeros(ks.size)
+    total = 0.0
+    j = 0
+    for a, b, v in segs:
+        if v is not None:
+            while j < ks.size and ks[j] <= b:
+                out[j] = total + v * (int(ks[j]) - a)
+                j += 1
+            total += v * (b - a)
+            continue
+        for k0 in range(a, b, _CUM_CHUNK):
+            k1 = min(b, k0 + _CUM_CHUNK)
+            c = total + np.concatenate([[0.0], np.cumsum(schedule.at(np.arange(k0, k1)))])
+            hi = int(np.searchsorted(ks, k1, side="right"))
+            out[j:hi] = c[ks[j:hi] - k0]
+            j = hi
+            total = float(c[-1])
+    return out
+
+
+def check_batch_values(values, updates, *, name: str = "batch_size") -> np.ndarray:
+    """``values`` (batch sizes of the updates ``updates``, same shape) as float64 after checking each is
+    a finite number in [1, 2^53]; else a ``ValueError`` naming ``name`` and the first bad update."""
+    b = np.asarray(values, dtype=np.float64)
+    bad = ~((b >= 1.0) & (b <= float(MAX_EXACT_INT)))  # NaN too
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"`{name}` must be a schedule of batch sizes in {_BATCH_RANGE} at every update; got "
+                         f"{b.flat[i]:g} at update {int(np.asarray(updates).flat[i])}.")
+    return b
+
+
+def batch_sizes_at(schedule, k, *, name: str = "batch_size") -> np.ndarray:
+    """The batch sizes B_k of ``schedule`` at update indices ``k`` (int array), checked by
+    :func:`check_batch_values`."""
+    k = np.asarray(k, dtype=np.int64)
+    return check_batch_values(schedule.at(k), k, name=name)
+
+
+def check_batch_size(value, name: str = "batch_size"):
+    """A batch size (a real number in [1, 2^53], returned as float) or a batch-size :class:`Schedule`
+    (returned as is after checking what can be checked without stepping through it: every piece of
+    a piecewise-constant one, the first 64 and the final value of the others; the values where it
+    keeps changing are checked as they are computed, :func:`batch_sizes_at`)."""
+    if isinstance(value, Schedule):
+        if value.piecewise_constant:
+            starts, vals = value.pieces()
+            check_batch_values(vals, starts, name=name)
+        else:  # the first 64 updates and the final value
+            change = value.constant_after
+            head = np.arange(64 if change is None else min(64, int(change)))
+            batch_sizes_at(value, head if change is None else np.append(head, int(change)), name=name)
+        return value
+    return check_real(name, value, low=1.0, high=float(MAX_EXACT_INT))  # the messages of a number, as before
+
+
+class BatchSizes(Constraint):
+    """A batch size in [1, 2^53] or a batch-size :class:`Schedule` (:func:`check_batch_size`)."""
+
+    def __call__(self, name, value):
+        return check_batch_size(value, name)
+
+    def bad_values(self):
+        return _BATCH.bad_values() + [object(), Constant(0.5), PiecewiseConstant((3,), (4.0, 0.5)),
+                                      Exponential(4.0, 0.5)]
+
+    def __repr__(self):
+        return "BatchSizes()"
+
+
+BATCH_SIZE = BatchSizes()
+"""The constraint of every ``batch_size`` argument that takes a number or a batch-size schedule."""
