@@ -25,7 +25,8 @@ def _check_size(n_params: int, sizes: dict):
     widths = ", ".join(f"{k}={v}" for k, v in sizes.items())
     V.check_bytes(name, 4.0 * n_params, f"the {n_params:.3g} parameters of this model ({widths})")
 
-__all__ = ["mlp", "cnn", "resnet8", "linear", "random_features"]
+BUILDERS = ("mlp", "cnn", "resnet8", "linear", "random_features")
+__all__ = [*BUILDERS, "Factory", "Restored"]
 
 
 def _seeded(seed: int, build):
@@ -148,7 +149,7 @@ class Factory:
     """A picklable ``seed -> model`` callable (for sweeps whose runs go to other processes):
     ``Factory("mlp", 64, 10, (32,))(seed)`` is ``mlp(64, 10, (32,), seed=seed)``."""
 
-    @validate(name=Options(*__all__))
+    @validate(name=Options(*BUILDERS))
     def __init__(self, name: str, *args, **kwargs):
         if "seed" in kwargs:
             raise TypeError("`seed` must not be given to Factory: it is the argument of each call.")
@@ -166,20 +167,38 @@ class Factory:
         return f"Factory({self.name!r}, *{self.args}, **{self.kwargs})"
 
 
+class _StateDict(V.Constraint):
+    """A module's ``state_dict()``: a non-empty dict of str -> tensor."""
+
+    def __call__(self, name, value):
+        if not isinstance(value, dict) or not value or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+            raise TypeError(f"`{name}` must be a module's state_dict() (a non-empty dict of str -> tensor); got "
+                            f"{type(value).__name__}.")
+        return value
+
+    def bad_values(self):
+        return [None, {}, {"w": 1.0}, [torch.zeros(1)]]
+
+
 class Restored:
     """A picklable ``seed -> model`` callable that starts every model from saved parameters: the
-    architecture of ``factory(seed)``, the parameters ``state_dict`` (e.g. a checkpoint of a
-    reference run, for runs branching from it; the seed then only drives the batches)."""
+    architecture of ``factory(seed)`` with the parameters ``state_dict`` (e.g. a checkpoint of a
+    reference run, for runs branching from it; the seed then only drives the batches).
 
+    Args:
+        factory: ``seed -> nn.Module`` (e.g. a :class:`Factory`), whose models take ``state_dict``.
+        state_dict: the parameters (copied to CPU).
+        label: a readable name for the state (it appears in the repr, with a hash of the tensors).
+    """
+
+    @validate(factory=V.Function("a callable seed -> nn.Module"), state_dict=_StateDict())
     def __init__(self, factory, state_dict: dict, *, label: str = ""):
-        if not callable(factory):
-            raise TypeError(f"`factory` must be a callable seed -> nn.Module; got {type(factory).__name__}.")
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise TypeError("`state_dict` must be a dict of tensors (a module's state_dict()).")
         self.factory = factory
         self.state_dict = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
-        self.label = label
+        self.label = str(label)
 
+    @validate(seed=_SEED)
     def __call__(self, seed: int) -> nn.Module:
         model = self.factory(seed)
         model.load_state_dict(self.state_dict)

@@ -35,7 +35,9 @@ from toymodels.schema import attach_attrs
 
 from . import _validate as V
 from . import bridge
-from ._validate import Instance, Integer, LossFn, Module, Options, Real, SequenceOf, validate
+from toymodels._validate import Array
+
+from ._validate import Instance, Integer, LossFn, Maybe, Module, Options, Real, SequenceOf, validate
 from .data import Dataset
 
 __all__ = ["PREDICTORS", "reference_run", "segments", "predict"]
@@ -43,7 +45,8 @@ __all__ = ["PREDICTORS", "reference_run", "segments", "predict"]
 PREDICTORS = ("noise_scale", "noise_scale_biased", "piecewise_nqm", "nqm_at_init")
 
 
-@validate(n_segments=Integer(1, 100))
+@validate(steps=Array(1, low=0.0), loss=Array(1, low=0.0, posinf=True), target=Real(0, math.inf, low_open=True, high_open=True),
+          steps_to_target=Real(0, math.inf, low_open=True, high_open=True), n_segments=Integer(1, 100))
 def segments(steps, loss, target: float, steps_to_target: float, n_segments: int = 4):
     """Checkpoints that cut the reference run into ``n_segments`` stretches of equal log-loss drop.
 
@@ -85,7 +88,8 @@ def segments(steps, loss, target: float, steps_to_target: float, n_segments: int
           target=Real(0, math.inf, low_open=True, high_open=True), n_steps=Integer(1, V.MAX_STEPS),
           momentum=Real(0.0, 1.0, high_open=True), eval_every=Integer(1, V.MAX_STEPS), n_probes=Integer(2, 10**4),
           probe_size=Integer(2, V.MAX_WIDTH), ci=Real(0, 1, low_open=True, high_open=True), loss_fn=LossFn(),
-          seed=V.Seed())
+          seed=V.Seed(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
+          progress=V.Boolean())
 def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_steps: int, momentum: float = 0.0,
                   eval_every: int = 10, n_probes: int = 60, probe_size: int = 256, ci: float = 0.95,
                   loss_fn=F.cross_entropy, seed: int = 0, path=None, progress: bool = True):
@@ -147,7 +151,8 @@ def _family(momentum):
           batch_sizes=SequenceOf(Real(1, 2.0**53), increasing=True, what="increasing batch sizes >= 1"),
           target=Real(0, math.inf, low_open=True, high_open=True), momentum=Real(0.0, 1.0, high_open=True),
           n_segments=Integer(1, 100), k=Integer(1, V.MAX_WIDTH), fit_size=Integer(2, V.MAX_WIDTH),
-          lr_protocol=Options("per_run", "per_segment"), dim=Integer(1, bridge.MAX_DIM))
+          lr_protocol=Options("per_run", "per_segment"), dim=Integer(1, bridge.MAX_DIM), seed=V.Seed(),
+          snapshots=Instance(dict, what="a dict {step: state_dict}"))
 def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, batch_sizes, target: float,
             momentum: float = 0.0, n_segments: int = 4, k: int = 20, fit_size: int = 512,
             lr_protocol: str = "per_run", dim: int = 4096, seed: int = 0) -> xr.Dataset:

@@ -123,8 +123,9 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
         g2u, tru = two_batch_estimates((W @ torch.diagonal(K)).cpu().numpy() / B, 1.0, g2.cpu().numpy(), float(B))
         with np.errstate(divide="ignore", invalid="ignore"):
             st["noise_scale_unbiased"] = np.where(g2u > 0, np.maximum(tru, 0.0) / np.where(g2u > 0, g2u, 1.0), np.inf)
-        for s in STAT_CI:
-            out[s][j] = np.quantile(st[s], qs)
+        for s in STAT_CI:  # order statistics where a resample is inf (interpolating inf - inf is NaN)
+            v = st[s]
+            out[s][j] = np.quantile(v, qs, method="linear" if np.all(np.isfinite(v)) else "inverted_cdf")
     return out
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import deepmodels
 from deepmodels import _checks
 from deepmodels import _validate as V
-from deepmodels import bridge, cluster, data, hessian, models, optim, pergrad, probes, spectra, steps, train
+from deepmodels import bridge, cluster, data, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
 
 import badinput
@@ -43,6 +43,16 @@ _tiny = functools.lru_cache(maxsize=None)(_new_tiny)  # shared by the calls that
 def _dataset():
     _, x, y = _tiny()
     return data.Dataset(x, y, x[:4], y[:4], C, "tiny")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference():
+    """A reference run of the tiny model that reaches its target (90% of its initial loss)."""
+    model = _new_tiny()[0]
+    with torch.no_grad():
+        l0 = float(CE(model(_tiny()[1]), _tiny()[2]))
+    return predict.reference_run(model, _dataset(), lr=0.5, batch_size=2, target=0.9 * l0, n_steps=200,
+                                 n_probes=20, probe_size=8, progress=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,6 +137,15 @@ EXAMPLES = {
     M + "hessian.top_eigenvalues": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2}),
     M + "models.Factory.__call__": lambda: ((models.Factory("mlp", D, C, (4,)), 1), {}),
     M + "models.Factory.__init__": lambda: ((_fresh(models.Factory), "mlp", D, C), {}),
+    M + "models.Restored.__init__": lambda: ((_fresh(models.Restored), models.Factory("mlp", D, C, (4,)),
+                                              _new_tiny()[0].state_dict()), {}),
+    M + "models.Restored.__call__": lambda: ((models.Restored(models.Factory("mlp", D, C, (4,)),
+                                                              _new_tiny(1)[0].state_dict()), 0), {}),
+    M + "predict.segments": lambda: (([0, 10, 20], [2.0, 1.0, 0.5], 0.4, 25.0), {"n_segments": 2}),
+    M + "predict.reference_run": lambda: ((_new_tiny()[0], _dataset()), dict(
+        lr=0.1, batch_size=2, target=0.01, n_steps=4, n_probes=2, probe_size=4, progress=False)),
+    M + "predict.predict": lambda: (_reference() + (_new_tiny()[0], CE, _dataset()), dict(
+        batch_sizes=[1, 2, 4], target=_reference()[0].attrs["target"], n_segments=1, k=2, dim=10, fit_size=8)),
     M + "models.cnn": lambda: ((1, C, 8), {"width": 2}),
     M + "models.linear": lambda: ((D, 2), {"bias": True}),
     M + "models.mlp": lambda: ((D, C, (4,)), {}),
