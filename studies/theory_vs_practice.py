@@ -148,7 +148,7 @@ def _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress):
     finite = np.isfinite(measured.lr_opt.values)
     lr_of = {float(b): float(v) for b, v in zip(measured.batch_size.values[finite], measured.lr_opt.values[finite])}
     rule = NoiseScaleBatch(int(b_ref), int(max(cfg["batch_sizes"])), estimate="unbiased", lr=lr_of)
-    run = train(factory(0), d, lr=lr_of[b_ref], batch_size=rule, n_steps=cfg["max_steps"], momentum=mom,
+    run = train(factory(0), d, batch_size=rule, n_steps=cfg["max_steps"], momentum=mom,
                 probe_at=np.arange(0, cfg["max_steps"] + 1, max(cfg["eval_every"], cfg["max_steps"] // 50)),
                 probe_size=cfg["probe_size"], target=target, eval_every=cfg["eval_every"],
                 path=os.path.join(folder, "warmup.nc"), progress=progress)
@@ -156,10 +156,15 @@ def _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress):
     bs = measured.batch_size.values
     examples = best * bs
     i_steps, i_examples = int(np.argmin(best)), int(np.argmin(examples))
-    return dict(warmup_steps=float(run.attrs["steps_to_target"]), warmup_examples=float(run.attrs["examples_to_target"]),
-                fewest_steps=float(best[i_steps]), fewest_steps_batch=float(bs[i_steps]),
-                fewest_examples=float(examples[i_examples]), fewest_examples_batch=float(bs[i_examples]),
-                fewest_examples_steps=float(best[i_examples]))
+    final_b = float(run.batch_size_now.values[-1]) if run.sizes.get("step", 0) else float(b_ref)
+    # rows: the warmup, the constant batch size with the fewest steps, the one with the fewest examples
+    return dict(steps_to_target=[float(run.attrs["steps_to_target"]), float(best[i_steps]), float(best[i_examples])],
+                examples_to_target=[float(run.attrs["examples_to_target"]), float(examples[i_steps]),
+                                    float(examples[i_examples])],
+                batch_size_now=[final_b, float(bs[i_steps]), float(bs[i_examples])])
+
+
+WARMUP_ROWS = ["noise_scale_warmup", "constant_fewest_steps", "constant_fewest_examples"]
 
 
 def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True):
@@ -209,10 +214,13 @@ def _assemble(cases, cfg, scale):
     along = along.rename(checkpoint="checkpoint")
     attach_attrs(along, model="network", source="measurement",
                  note="checkpoint coordinate: steps of each case's reference run (inf where a case has fewer)", **common)
-    warm = xr.Dataset(coords={"network": nets, "optimizer": opts})
-    for key in cases[(nets[0], opts[0])][4]:
-        warm[key] = (("network", "optimizer"), grid(lambda *c: c[4][key]))
-    attach_attrs(warm, model="network", source="measurement", **common)
+    warm = xr.Dataset(coords={"network": nets, "optimizer": opts, "schedule": WARMUP_ROWS})
+    for key in ("steps_to_target", "examples_to_target", "batch_size_now"):
+        warm[key] = (("network", "optimizer", "schedule"), np.array([[cases[(n, o)][4][key] for o in opts] for n in nets]))
+    attach_attrs(warm, model="network", source="measurement",
+                 note="noise_scale_warmup: one run (seed 0) whose batch size follows the measured unbiased B_simple "
+                      "(batch_size_now: its last batch size); constant_*: the grid's median over seeds at the "
+                      "constant batch size with the fewest steps / examples", **common)
     result = {"summary": summary, "measured": measured, "predicted": predicted, "along": along, "warmup": warm}
     for (n, o), c in cases.items():
         ref = c[1]
