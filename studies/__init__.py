@@ -22,5 +22,8 @@ STUDIES = {
                         "clustering",
     "hessian_vs_covariance": "Rayleigh quotients v^T H v vs v^T C v of an MLP and a CNN: is the noise covariance "
                              "the Hessian?",
+    "theory_vs_practice": "a network's critical batch size predicted from one small-batch run (noise scale, "
+                          "NQMs along training) vs measured with a bootstrap interval; B_crit along training; "
+                          "batch-size warmup",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
 }

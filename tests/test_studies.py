@@ -181,3 +181,29 @@ def test_schedule_sweep_resumes_only_on_the_same_grid(tmp_path):
         again = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, path, False)
     fresh = _schedule_sweep(nqm, np.array([1.0, 2.0, 4.0]), target, str(tmp_path / "fresh.nc"), False)
     xr.testing.assert_identical(again, fresh)
+
+
+def test_theory_vs_practice_tiny(tmp_path):
+    """The prediction study runs end to end at a tiny scale, writes valid groups, and resumes: a rerun
+    trains nothing and gives the same numbers."""
+    import time
+
+    from studies import theory_vs_practice
+
+    res = theory_vs_practice.run(scale="tiny", out=str(tmp_path), progress=False)
+    assert (tmp_path / "theory_vs_practice.png").stat().st_size > 10_000
+    for group in ("summary", "measured", "predicted", "along", "warmup", "reference_cnn_sgd"):
+        validate(xr.load_dataset(tmp_path / "theory_vs_practice.nc", group=group))
+    summ, pred = res["summary"], res["predicted"]
+    assert list(pred.predictor.values) == ["noise_scale", "noise_scale_biased", "piecewise_nqm", "nqm_at_init"]
+    assert np.isfinite(summ.b_crit.values).all() and (summ.b_crit_lo <= summ.b_crit).all()
+    # every predictor is anchored at the reference run: S(B_ref) = its steps to target
+    ref_steps = float(pred.attrs.get("reference_steps", np.nan)) if "reference_steps" in pred.attrs else None
+    s_ref = pred.steps_to_target.sel(batch_size=4.0, predictor="noise_scale").values
+    np.testing.assert_allclose(pred.steps_to_target.sel(batch_size=4.0, predictor="nqm_at_init").values, s_ref,
+                               rtol=1e-9)
+    assert ref_steps is None or np.isfinite(ref_steps)
+    t0 = time.perf_counter()
+    again = theory_vs_practice.run(scale="tiny", out=str(tmp_path), progress=False)
+    xr.testing.assert_allclose(again["summary"], summ)
+    assert time.perf_counter() - t0 < 60  # nothing retrained (the first run takes longer)
