@@ -43,7 +43,7 @@ from . import _validate as V
 from ._validate import Boolean, Function, Instance, Integer, Maybe, Options, Real, SequenceOf, validate
 from .data import Dataset
 
-__all__ = ["run_one", "measure_steps"]
+__all__ = ["run_one", "measure_steps", "summarize"]
 
 METRICS = ("train_loss", "val_error")
 CROSSING = "log-interpolated"  # how run_one computes a crossing (saved with every run: older files are recomputed)
@@ -245,6 +245,27 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         bar.close()
     return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every, ci=ci,
                      n_boot=n_boot)
+
+
+@validate(runs=Instance(xr.DataArray, what="a DataArray over (batch_size, lr, momentum, seed), e.g. the "
+                                            "`steps_to_target` of measure_steps"),
+          target=_LR, metric=Options(*METRICS), max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS),
+          ci=Real(0.0, 1.0, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS))
+def summarize(runs: xr.DataArray, *, target: float, metric: str = "train_loss", max_steps: int, eval_every: int,
+              ci: float = 0.95, n_boot: int = 1000) -> xr.Dataset:
+    """The Dataset of :func:`measure_steps` from its runs' steps (e.g. grids measured in parts and
+    concatenated over ``batch_size``): the best per batch size, ``steps_per_seed``, B_crit and S_min
+    with their bootstrap intervals.  ``max_steps`` and ``eval_every`` are recorded in the attrs."""
+    dims = ("batch_size", "lr", "momentum", "seed")
+    if tuple(runs.dims) != dims:
+        raise ValueError(f"`runs` must have the dims {dims}; got {tuple(runs.dims)}.")
+    if np.isnan(runs.values).any():
+        raise ValueError("`runs` must not hold NaN (a run that does not reach the target is inf).")
+    bss, lrs, moms, seeds = (runs[d].values.tolist() for d in dims)
+    results = {key: float(runs.values[idx]) for idx, key in
+               zip(itertools.product(*(range(len(v)) for v in (bss, lrs, moms, seeds))),
+                   itertools.product(bss, lrs, moms, seeds))}
+    return _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, ci=ci, n_boot=n_boot)
 
 
 def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, *, ci=0.95, n_boot=1000):

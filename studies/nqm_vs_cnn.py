@@ -165,14 +165,21 @@ def plot(result, path):
     fig, (ax1, ax2, ax3) = style.figure(3)
     colors = {"sgd": "C0", "momentum": "C2"}
     for n in meas.optimizer.values:
-        style.draw(ax1, meas.batch_size, meas.steps_best.sel(optimizer=n), source="measurement", color=colors[n],
-                   label=f"{meas.attrs['network']}, {n}")
+        y = meas.steps_best.sel(optimizer=n).values
+        b = meas.batch_size.values
+        m_crit = meas.attrs.get(f"measured_{n}_critical_batch_size", np.nan)
+        style.draw(ax1, b[np.isfinite(y)], y[np.isfinite(y)], source="measurement", color=colors[n],
+                   label=f"{meas.attrs['network']}, {n} (B_crit {m_crit:.3g})")
+        for x in b[~np.isfinite(y)]:  # not reached: inf, drawn at the top edge
+            ax1.annotate("inf", (x, 1), xycoords=("data", "axes fraction"), xytext=(0, -10), textcoords="offset points",
+                         ha="center", fontsize=7, color=colors[n])
         crit = pred.attrs.get(f"predicted_{n}_critical_batch_size", np.nan)
         style.draw(ax1, pred.batch_size, pred.steps_to_target.sel(optimizer=n), source="exact", color=colors[n],
                    label=f"fitted NQM, {n} (B_crit {crit:.3g})")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
-    ax1.axvline(meas.attrs["noise_scale_at_init"], color="0.5", ls=":", label=f"B_simple at init = {meas.attrs['noise_scale_at_init']:.3g}")
+    ax1.axvline(meas.attrs["noise_scale_at_init"], color="0.5", ls=":",
+                label=f"measured B_simple at step 0 (biased) = {meas.attrs['noise_scale_at_init']:.3g}")
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("steps to target")
     ax1.set_title(f"{meas.attrs['network']} vs NQM fitted to it (calibration x{pred.attrs['calibration']:.3g})")
@@ -180,11 +187,16 @@ def plot(result, path):
     k = probe.step.values
     keep = k > 0
     for ax, var, what in ((ax2, "grad_nvar", "normalized variance"), (ax3, "noise_scale", "noise scale B_simple")):
+        est = " (biased)" if var == "noise_scale" else ""
         style.draw(ax, k[keep], probe[var].sel(layer="total").values[keep], source="measurement", connect=True,
-                   label=meas.attrs["network"])
-        style.draw(ax, k[keep], nq[var].values[keep], source="exact", label="fitted NQM")
+                   label=f"{meas.attrs['network']}'s{est}")
+        if var == "noise_scale" and "noise_scale_unbiased" in probe:
+            style.draw(ax, k[keep], probe["noise_scale_unbiased"].sel(layer="total").values[keep], source="measurement",
+                       connect=True, marker="s", mfc="none", label=f"{meas.attrs['network']}'s (unbiased)")
+        style.draw(ax, k[keep], nq[var].values[keep], source="exact", label="the fitted NQM's own")
         if lin is not None:
-            style.draw(ax, k[keep], lin[var].values[keep], source="exact", ls="--", label="fitted linear regression")
+            style.draw(ax, k[keep], lin[var].values[keep], source="exact", ls="--",
+                       label="the fitted linear regression's own")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("step")

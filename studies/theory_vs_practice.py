@@ -60,17 +60,18 @@ _LRS = {"quick": np.geomspace(0.05, 0.8, 3), "default": np.geomspace(0.03, 1.0, 
 CONFIG = {
     "tiny": dict(networks=("cnn",), optimizers=("sgd",), batch_sizes=[4, 32], seeds=[0, 1], max_steps=300,
                  eval_every=10, n_segments=2, branch_batch_sizes=[4, 32], branch_lrs=2, k=6, probe_size=64,
-                 n_boot=200),
-    "quick": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"), batch_sizes=[4, 16, 64, 256],
-                  seeds=[0, 1], max_steps=1000, eval_every=10, n_segments=3, branch_batch_sizes=[4, 32, 256],
-                  branch_lrs=2, k=10, probe_size=128, n_boot=500),
+                 n_probes=20, n_boot=200, cap_factor=2.0),
+    "quick": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"), batch_sizes=[4, 32, 256],
+                  seeds=[0, 1], max_steps=800, eval_every=10, n_segments=3, branch_batch_sizes=[4, 64],
+                  branch_lrs=2, k=8, probe_size=128, n_probes=30, n_boot=500, cap_factor=2.0),
     "default": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
                     batch_sizes=[4, 8, 16, 32, 64, 128, 256], seeds=[0, 1, 2], max_steps=1500, eval_every=10,
-                    n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256, n_boot=1000),
+                    n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256,
+                    n_probes=60, n_boot=1000, cap_factor=2.0),
     "full": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
                  batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256, 512], seeds=[0, 1, 2, 3, 4], max_steps=4000,
                  eval_every=10, n_segments=6, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=5, k=40,
-                 probe_size=512, n_boot=2000),
+                 probe_size=512, n_probes=100, n_boot=2000, cap_factor=2.0),
 }
 
 # name: (data, model factory, label, training-loss target per scale)
@@ -78,7 +79,7 @@ NETWORKS = {
     "cnn": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("cnn", 1, 10, 8, width=8), "CNN, digits",
             {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
     "mlp1d": (lambda: data.mnist1d(n_samples=4000, seed=0), lambda: Factory("mlp", 40, 10, (64, 64)),
-              "MLP, MNIST-1D", {"tiny": 2.0, "quick": 1.5, "default": 1.35, "full": 1.25}),
+              "MLP, MNIST-1D", {"tiny": 2.0, "quick": 1.6, "default": 1.5, "full": 1.3}),
     "resnet": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("resnet8", 1, 10, width=4, batch_norm=False),
                "ResNet-8 (no BN), digits", {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
 }
@@ -94,23 +95,50 @@ def _case(net, opt, cfg, scale, out, scheduler, progress):
     os.makedirs(folder, exist_ok=True)
     run_kw = dict(target=target, max_steps=cfg["max_steps"], eval_every=cfg["eval_every"], progress=progress,
                   executor=scheduler or "serial")
-    measured = steps.measure_steps(factory, d, batch_sizes=cfg["batch_sizes"], lrs=lrs, momenta=[mom],
-                                   seeds=cfg["seeds"], path=os.path.join(folder, "grid"), n_boot=cfg["n_boot"], **run_kw)
-    # the reference run: the smallest batch size at its own tuned learning rate (seed 0)
-    b_ref = float(cfg["batch_sizes"][0])
+    measured = _measure(factory, d, lrs, mom, cfg, folder, run_kw)
+    # the reference run: the smallest batch size whose tuned runs reach the target, at its own tuned
+    # learning rate (seed 0)
+    finite = np.flatnonzero(np.isfinite(measured.steps_best.values))
+    if finite.size == 0:
+        raise RuntimeError(f"{label}, {opt}: no batch size and learning rate of the grid reaches the target {target} "
+                           f"within {cfg['max_steps']} steps.")
+    b_ref = float(measured.batch_size.values[finite[0]])
     lr_ref = float(measured.lr_opt.sel(batch_size=b_ref))
-    if not math.isfinite(lr_ref):
-        raise RuntimeError(f"{label}, {opt}: no learning rate of the grid reaches the target {target} at the "
-                           f"reference batch size {b_ref:g} within {cfg['max_steps']} steps.")
     ref, snaps = predict.reference_run(factory(0), d, lr=lr_ref, batch_size=int(b_ref), momentum=mom, target=target,
                                        n_steps=cfg["max_steps"], eval_every=cfg["eval_every"],
-                                       probe_size=cfg["probe_size"], path=os.path.join(folder, "reference.nc"),
+                                       probe_size=cfg["probe_size"], n_probes=cfg["n_probes"], path=os.path.join(folder, "reference.nc"),
                                        progress=progress)
     pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=cfg["batch_sizes"], target=target,
                            momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"])
     along = _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress)
     warm = _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress)
     return measured, ref, pred, along, warm
+
+
+def _measure(factory, d, lrs, mom, cfg, folder, run_kw):
+    """The grid, in two passes: the smallest batch sizes first (up to the first whose tuned runs reach
+    the target), then the others with at most ``cap_factor`` times that batch size's steps (a larger
+    batch size at its best learning rate never needs more steps than a smaller one, so a run that
+    has not arrived by then is at a learning rate that is not the best; it is recorded as ``inf``
+    without spending the rest of ``max_steps`` on it)."""
+    bss = list(cfg["batch_sizes"])
+    common = dict(lrs=lrs, momenta=[mom], seeds=cfg["seeds"], path=os.path.join(folder, "grid"), n_boot=cfg["n_boot"])
+    first = 0
+    while True:
+        part = steps.measure_steps(factory, d, batch_sizes=bss[: first + 1], **common, **run_kw)
+        if np.isfinite(part.steps_best.values[-1]) or first == len(bss) - 1:
+            break
+        first += 1
+    if first < len(bss) - 1:
+        best = float(part.steps_best.values[-1])
+        cap = int(min(run_kw["max_steps"], math.ceil(cfg["cap_factor"] * best / run_kw["eval_every"]) * run_kw["eval_every"]))
+        rest = steps.measure_steps(factory, d, batch_sizes=bss[first + 1:], **common, **dict(run_kw, max_steps=cap))
+        runs = xr.concat([part.steps_to_target, rest.steps_to_target], dim="batch_size")
+        out = steps.summarize(runs, target=run_kw["target"], max_steps=run_kw["max_steps"],
+                              eval_every=run_kw["eval_every"], n_boot=cfg["n_boot"])
+        out.attrs.update(capped_max_steps=cap, capped_from_batch_size=float(bss[first + 1]))
+        return out
+    return part
 
 
 def _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress):
@@ -173,14 +201,17 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
         raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
     cfg = CONFIG[scale]
     os.makedirs(out, exist_ok=True)
-    cases = {}
+    cases, seconds = {}, {}
     for net in cfg["networks"]:
         for opt in cfg["optimizers"]:
             t0 = time.perf_counter()
             cases[(net, opt)] = _case(net, opt, cfg, scale, out, scheduler, progress)
+            seconds[f"seconds_{net}_{opt}"] = round(time.perf_counter() - t0, 1)
             if progress:
-                print(f"{net}, {opt}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return publish(_assemble(cases, cfg, scale), out, "theory_vs_practice", plot)
+                print(f"{net}, {opt}: {seconds[f'seconds_{net}_{opt}']:.0f} s", flush=True)
+    result = _assemble(cases, cfg, scale)
+    result["summary"].attrs.update(seconds)  # this run's wall time per case (resumed parts cost ~0)
+    return publish(result, out, "theory_vs_practice", plot)
 
 
 def _assemble(cases, cfg, scale):

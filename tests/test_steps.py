@@ -182,6 +182,11 @@ def test_measure_steps_with_an_interval_end_to_end(tiny, tmp_path, monkeypatch):
         assert float(ds[name]) == boot[name], name
     assert float(ds.b_crit) == ds.attrs["critical_batch_size"] and float(ds.s_min) == ds.attrs["steps_min"]
     assert ds.b_crit_lo <= ds.b_crit_hi and ds.s_min_lo <= ds.s_min_hi
+    # the same summary from the runs alone (grids measured in parts)
+    parts = xr.concat([ds.steps_to_target.isel(batch_size=[0]), ds.steps_to_target.isel(batch_size=[1, 2])],
+                      dim="batch_size")
+    xr.testing.assert_identical(steps.summarize(parts, target=0.3, max_steps=200, eval_every=10, ci=0.9, n_boot=300),
+                                ds)
     # an old run file: its crossing rounded up to the evaluation, without the `crossing` attribute
     from toymodels import resume
     from toymodels.resume import ResumeWarning

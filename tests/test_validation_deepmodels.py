@@ -45,6 +45,14 @@ def _dataset():
     return data.Dataset(x, y, x[:4], y[:4], C, "tiny")
 
 
+def _runs():
+    import xarray as xr
+
+    arr = np.array([[[[100.0, 120.0]]], [[[40.0, 50.0]]], [[[30.0, 35.0]]]])
+    return xr.DataArray(arr, dims=("batch_size", "lr", "momentum", "seed"),
+                        coords={"batch_size": [1.0, 4.0, 16.0], "lr": [0.1], "momentum": [0.0], "seed": [0, 1]})
+
+
 @functools.lru_cache(maxsize=None)
 def _reference():
     """A reference run of the tiny model that reaches its target (90% of its initial loss)."""
@@ -141,6 +149,7 @@ EXAMPLES = {
                                               _new_tiny()[0].state_dict()), {}),
     M + "models.Restored.__call__": lambda: ((models.Restored(models.Factory("mlp", D, C, (4,)),
                                                               _new_tiny(1)[0].state_dict()), 0), {}),
+    M + "steps.summarize": lambda: ((_runs(),), dict(target=1.0, max_steps=100, eval_every=10, n_boot=10)),
     M + "predict.segments": lambda: (([0, 10, 20], [2.0, 1.0, 0.5], 0.4, 25.0), {"n_segments": 2}),
     M + "predict.reference_run": lambda: ((_new_tiny()[0], _dataset()), dict(
         lr=0.1, batch_size=2, target=0.01, n_steps=4, n_probes=2, probe_size=4, progress=False)),

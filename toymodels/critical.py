@@ -215,8 +215,8 @@ def tune_lr(problems, weights, make, batch_size: float, target, *, n_grid: int =
     i = int(np.argmin(vals))
     lo, hi = xs[max(i - 1, 0)], xs[min(i + 1, n_grid - 1)]
     if hi > lo:
-        res = optimize.minimize_scalar(lambda x: cost(x, search), bounds=(lo, hi), method="bounded",
-                                       options={"xatol": 1e-3})
+        res = optimize.minimize_scalar(lambda x: min(cost(x, search), 1e300), bounds=(lo, hi), method="bounded",
+                                       options={"xatol": 1e-3})  # (Brent's parabolas need finite values)
         x_best = res.x if res.fun <= vals[i] else xs[i]
     else:
         x_best = xs[i]
