@@ -187,16 +187,16 @@ def plot(result, path):
     k = probe.step.values
     keep = k > 0
     for ax, var, what in ((ax2, "grad_nvar", "normalized variance"), (ax3, "noise_scale", "noise scale B_simple")):
-        est = " (biased)" if var == "noise_scale" else ""
+        est = ", biased estimate" if var == "noise_scale" else ""
         style.draw(ax, k[keep], probe[var].sel(layer="total").values[keep], source="measurement", connect=True,
-                   label=f"{meas.attrs['network']}'s{est}")
+                   label=f"{meas.attrs['network']}{est}")
         if var == "noise_scale" and "noise_scale_unbiased" in probe:
             style.draw(ax, k[keep], probe["noise_scale_unbiased"].sel(layer="total").values[keep], source="measurement",
-                       connect=True, marker="s", mfc="none", label=f"{meas.attrs['network']}'s (unbiased)")
-        style.draw(ax, k[keep], nq[var].values[keep], source="exact", label="the fitted NQM's own")
+                       connect=True, marker="s", mfc="none", label=f"{meas.attrs['network']}, unbiased estimate")
+        style.draw(ax, k[keep], nq[var].values[keep], source="exact", label="fitted NQM, its own")
         if lin is not None:
             style.draw(ax, k[keep], lin[var].values[keep], source="exact", ls="--",
-                       label="the fitted linear regression's own")
+                       label="fitted linear regression, its own")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("step")
