@@ -60,18 +60,18 @@ _LRS = {"quick": np.geomspace(0.05, 0.8, 3), "default": np.geomspace(0.03, 1.0, 
 CONFIG = {
     "tiny": dict(networks=("cnn",), optimizers=("sgd",), batch_sizes=[4, 32], seeds=[0, 1], max_steps=300,
                  eval_every=10, n_segments=2, branch_batch_sizes=[4, 32], branch_lrs=2, k=6, probe_size=64,
-                 n_probes=20, n_boot=200, cap_factor=2.0),
+                 n_probes=20, n_boot=200, cap_factor=2.0, prune_factor=2.0),
     "quick": dict(networks=("cnn", "mlp1d"), optimizers=("sgd", "momentum"), batch_sizes=[4, 32, 256],
                   seeds=[0, 1], max_steps=800, eval_every=10, n_segments=3, branch_batch_sizes=[4, 64],
-                  branch_lrs=2, k=8, probe_size=128, n_probes=30, n_boot=500, cap_factor=2.0),
+                  branch_lrs=2, k=8, probe_size=128, n_probes=30, n_boot=500, cap_factor=2.0, prune_factor=2.0),
     "default": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
                     batch_sizes=[4, 8, 16, 32, 64, 128, 256], seeds=[0, 1, 2], max_steps=1500, eval_every=20,
                     n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256,
-                    n_probes=60, n_boot=1000, cap_factor=2.0),
+                    n_probes=60, n_boot=1000, cap_factor=2.0, prune_factor=2.0),
     "full": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
                  batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256, 512], seeds=[0, 1, 2, 3, 4], max_steps=4000,
                  eval_every=10, n_segments=6, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=5, k=40,
-                 probe_size=512, n_probes=100, n_boot=2000, cap_factor=2.0),
+                 probe_size=512, n_probes=100, n_boot=2000, cap_factor=2.0, prune_factor=2.0),
 }
 
 # name: (data, model factory, label, training-loss target per scale)
@@ -120,29 +120,58 @@ def _case(net, opt, cfg, scale, out, scheduler, progress):
 
 
 def _measure(factory, d, lrs, mom, cfg, folder, run_kw):
-    """The grid, in two passes: the smallest batch sizes first (up to the first whose tuned runs reach
-    the target), then the others with at most ``cap_factor`` times that batch size's steps (a larger
-    batch size at its best learning rate never needs more steps than a smaller one, so a run that
-    has not arrived by then is at a learning rate that is not the best; it is recorded as ``inf``
-    without spending the rest of ``max_steps`` on it)."""
-    bss = list(cfg["batch_sizes"])
-    common = dict(lrs=lrs, momenta=[mom], seeds=cfg["seeds"], path=os.path.join(folder, "grid"), n_boot=cfg["n_boot"])
-    first = 0
+    """The grid of batch sizes x learning rates x seeds, without spending time on runs that cannot be
+    the tuned optimum.
+
+    1. Seed 0 at every batch size and learning rate, the smallest batch sizes first up to the first
+       whose best run reaches the target (B_first); the larger ones with at most ``cap_factor`` times
+       that run's steps (a larger batch at its best learning rate does not need more steps than a
+       smaller one, so a run still going by then is at a learning rate that is not the best).
+    2. The other seeds only at the learning rates whose seed-0 run needed at most ``prune_factor``
+       times the best seed-0 steps of that batch size; the pruned settings count as ``inf`` for those
+       seeds (the tuned median and the bootstrap never choose them).
+    The summary (best per batch size, B_crit with its interval) comes from all the runs
+    (:func:`deepmodels.steps.summarize`); attrs say what was capped and pruned.
+    """
+    bss, seeds = list(cfg["batch_sizes"]), list(cfg["seeds"])
+    grid = os.path.join(folder, "grid")
+
+    def measure(batch_sizes, lr_list, seed_list, max_steps):
+        return steps.measure_steps(factory, d, batch_sizes=batch_sizes, lrs=lr_list, momenta=[mom], seeds=seed_list,
+                                   path=grid, n_boot=2, **dict(run_kw, max_steps=max_steps)).steps_to_target
+
+    first, cap, parts = 0, run_kw["max_steps"], []
     while True:
-        part = steps.measure_steps(factory, d, batch_sizes=bss[: first + 1], **common, **run_kw)
-        if np.isfinite(part.steps_best.values[-1]) or first == len(bss) - 1:
+        parts.append(measure([bss[first]], lrs, seeds[:1], cap))
+        if np.isfinite(parts[-1].values).any() or first == len(bss) - 1:
             break
         first += 1
-    if first < len(bss) - 1:
-        best = float(part.steps_best.values[-1])
-        cap = int(min(run_kw["max_steps"], math.ceil(cfg["cap_factor"] * best / run_kw["eval_every"]) * run_kw["eval_every"]))
-        rest = steps.measure_steps(factory, d, batch_sizes=bss[first + 1:], **common, **dict(run_kw, max_steps=cap))
-        runs = xr.concat([part.steps_to_target, rest.steps_to_target], dim="batch_size")
-        out = steps.summarize(runs, target=run_kw["target"], max_steps=run_kw["max_steps"],
-                              eval_every=run_kw["eval_every"], n_boot=cfg["n_boot"])
-        out.attrs.update(capped_max_steps=cap, capped_from_batch_size=float(bss[first + 1]))
-        return out
-    return part
+    reached = np.isfinite(parts[-1].values).any()
+    if reached and first < len(bss) - 1:
+        best0 = float(np.min(parts[-1].values))
+        every = run_kw["eval_every"]
+        cap = int(min(run_kw["max_steps"], math.ceil(cfg["cap_factor"] * best0 / every) * every))
+        parts.append(measure(bss[first + 1:], lrs, seeds[:1], cap))
+    seed0 = xr.concat(parts, dim="batch_size")  # (batch_size, lr, momentum, seed=[seeds[0]])
+    runs = np.full((len(bss), len(lrs), 1, len(seeds)), np.inf)
+    runs[:, :, :, :1] = seed0.values
+    n_pruned = 0
+    for i, b in enumerate(bss):
+        s0 = seed0.values[i, :, 0, 0]
+        if not np.isfinite(s0).any() or len(seeds) == 1:
+            continue
+        keep = [j for j in range(len(lrs)) if s0[j] <= cfg["prune_factor"] * np.min(s0)]
+        n_pruned += (len(lrs) - len(keep)) * (len(seeds) - 1)
+        more = measure([b], [lrs[j] for j in keep], seeds[1:], cap if i > first else run_kw["max_steps"])
+        runs[i, keep, :, 1:] = more.values[0]
+    arr = xr.DataArray(runs, dims=("batch_size", "lr", "momentum", "seed"),
+                       coords={"batch_size": np.asarray(bss, dtype=np.float64), "lr": lrs, "momentum": [mom],
+                               "seed": seeds})
+    out = steps.summarize(arr, target=run_kw["target"], max_steps=run_kw["max_steps"], eval_every=run_kw["eval_every"],
+                          n_boot=cfg["n_boot"])
+    out.attrs.update(capped_max_steps=cap, capped_from_batch_size=float(bss[min(first + 1, len(bss) - 1)]),
+                     pruned_runs=n_pruned, prune_factor=cfg["prune_factor"], cap_factor=cfg["cap_factor"])
+    return out
 
 
 def _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress):
@@ -213,6 +242,7 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
 
         cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
         client = scheduler = Client(cluster)
+        client.run(torch.set_num_threads, 1)  # one thread per worker process: no oversubscribed cores
     try:
         for net in cfg["networks"]:
             for opt in cfg["optimizers"]:
