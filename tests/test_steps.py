@@ -156,6 +156,19 @@ def test_one_seed_and_no_fit():
     assert "critical_batch_size" not in ds.attrs
 
 
+def _count_runs(monkeypatch) -> dict:
+    """Count the training runs measure_steps starts (``calls["n"]``)."""
+    calls = {"n": 0}
+    original = steps.run_one
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    monkeypatch.setattr(steps, "run_one", counting)
+    return calls
+
+
 def test_measure_steps_with_an_interval_end_to_end(tiny, tmp_path, monkeypatch):
     """3 seeds on a tiny MLP: the new variables, the schema, steps_per_seed at the tuned setting, the
     interval equal to bootstrap_critical_batch of the runs, and resume: a run file of the former
@@ -196,14 +209,7 @@ def test_measure_steps_with_an_interval_end_to_end(tiny, tmp_path, monkeypatch):
     saved["steps_to_target"] = 10.0 * np.ceil(saved.steps_to_target / 10.0)
     del saved.attrs["crossing"]
     resume.write(saved, old)
-    calls = {"n": 0}
-    original = steps.run_one
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return original(*a, **k)
-
-    monkeypatch.setattr(steps, "run_one", counting)
+    calls = _count_runs(monkeypatch)
     with pytest.warns(ResumeWarning, match=r"bs8_lr0\.3_mom0_seed1\.nc: it was written for other settings \(it "
                                            r"has no `crossing` attribute\)"):
         again = steps.measure_steps(fn, tiny, path=str(tmp_path), **kw)
@@ -220,14 +226,7 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     files = sorted((tmp_path / "a").iterdir())
     for f in files[::2]:  # an "interrupted" sweep: half the runs are missing
         f.unlink()
-    calls = {"n": 0}
-    original = steps.run_one
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return original(*a, **k)
-
-    monkeypatch.setattr(steps, "run_one", counting)
+    calls = _count_runs(monkeypatch)
     resumed = steps.measure_steps(fn, tiny, path=str(tmp_path / "a"), **kw)
     assert calls["n"] == len(files[::2])
     xr.testing.assert_identical(resumed, full)
