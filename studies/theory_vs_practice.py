@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -112,7 +113,9 @@ def _case(net, opt, cfg, scale, out, scheduler, progress):
                                        n_steps=cfg["max_steps"], eval_every=max(1, cfg["eval_every"] // 4),
                                        probe_size=cfg["probe_size"], n_probes=cfg["n_probes"], path=os.path.join(folder, "reference.nc"),
                                        progress=progress)
-    pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=cfg["batch_sizes"], target=target,
+    # predictions at every batch size of the scale (a network may be measured on a coarser grid)
+    pred_bs = sorted(set(CONFIG[scale]["batch_sizes"]) | set(cfg["batch_sizes"]))
+    pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=pred_bs, target=target,
                            momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"])
     along = _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress)
     warm = _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress)
@@ -198,7 +201,8 @@ def _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progr
         nqm_local.append(float(pred.attrs["local_b_crit"][i]))
     ds = xr.Dataset({"local_b_crit": ("checkpoint", local), "noise_scale": ("checkpoint", b_simple),
                      "noise_scale_unbiased": ("checkpoint", b_simple_u), "b_crit_pred": ("checkpoint", nqm_local),
-                     "loss": ("checkpoint", losses)}, coords={"checkpoint": cps})
+                     "loss": ("checkpoint", losses)},
+                    coords={"checkpoint": np.arange(cps.size), "step": ("checkpoint", cps)})
     attach_attrs(ds, model="network", source="measurement", branch_lrs=branch_lrs,
                  note="b_crit_pred: the NQM fitted at the checkpoint, for its own segment (theory)")
     return ds
@@ -268,8 +272,8 @@ def _assemble(cases, cfg, scale):
         return np.array([[fn(*cases[(n, o)]) for o in opts] for n in nets])
 
     measured = xr.concat([xr.concat([cases[(n, o)][0][["steps_best", "steps_per_seed", "lr_opt"]].drop_attrs()
-                                     .expand_dims(optimizer=[o]) for o in opts], dim="optimizer")
-                          .expand_dims(network=[n]) for n in nets], dim="network")
+                                     .expand_dims(optimizer=[o]) for o in opts], dim="optimizer", join="outer")
+                          .expand_dims(network=[n]) for n in nets], dim="network", join="outer")  # NaN: not run
     summary = xr.Dataset(coords={"network": nets, "optimizer": opts})
     for v in ("b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi"):
         summary[v] = (("network", "optimizer"), grid(lambda m, *_: float(m[v]), ))
@@ -288,9 +292,10 @@ def _assemble(cases, cfg, scale):
     along = xr.concat([xr.concat([cases[(n, o)][3].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
                                  dim="optimizer", join="outer", fill_value=np.inf)
                        .expand_dims(network=[n]) for n in nets], dim="network", join="outer", fill_value=np.inf)
-    along = along.rename(checkpoint="checkpoint")
     attach_attrs(along, model="network", source="measurement",
-                 note="checkpoint coordinate: steps of each case's reference run (inf where a case has fewer)", **common)
+                 note="checkpoint j of each case's reference run, at the reference step `step` (inf where a case "
+                      "has fewer checkpoints); local_b_crit from branch runs (measured, one seed), b_crit_pred from "
+                      "the NQM fitted at the checkpoint for its own segment (theory)", **common)
     warm = xr.Dataset(coords={"network": nets, "optimizer": opts, "schedule": WARMUP_ROWS})
     for key in ("steps_to_target", "examples_to_target", "batch_size_now"):
         warm[key] = (("network", "optimizer", "schedule"), np.array([[cases[(n, o)][4][key] for o in opts] for n in nets]))
@@ -328,13 +333,15 @@ def plot(result, path):
             b = m.batch_size.values
             per_seed = m.steps_per_seed.values
             best = m.steps_best.values
-            lo = np.where(np.isfinite(per_seed).any(1), np.nanmin(np.where(np.isfinite(per_seed), per_seed, np.nan), 1), np.nan)
-            hi = np.max(per_seed, 1)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: batch sizes not run
+                lo = np.nanmin(np.where(np.isfinite(per_seed), per_seed, np.nan), 1)
+                hi = np.nanmax(np.where(np.isnan(per_seed), -np.inf, per_seed), 1)
             fin = np.isfinite(best)
             err = np.vstack([best - lo, np.where(np.isfinite(hi), hi, best) - best])
             style.draw(ax, b[fin], best[fin], source="measurement", err=err[:, fin], color="k",
                        label="median over seeds, bars: seed range")
-            _mark_inf(ax, b[~fin], "not reached")
+            _mark_inf(ax, b[np.isinf(best)], "not reached")  # (NaN: a batch size this network was not run at)
             bc = float(summ.b_crit.sel(network=n, optimizer=o))
             ax.axvspan(float(summ.b_crit_lo.sel(network=n, optimizer=o)), float(summ.b_crit_hi.sel(network=n, optimizer=o)),
                        color="0.85", zorder=0, label=f"measured B_crit {bc:.3g} (95% bootstrap)")
@@ -358,7 +365,7 @@ def plot(result, path):
             ax.plot(k, ref.noise_scale_unbiased.values, color=col, lw=1, label=f"B_simple unbiased, {o} (measured)")
             ax.plot(k, ref.noise_scale.values, color=col, lw=1, ls=":", label=f"B_simple biased, {o} (measured)")
             a = along.sel(network=n, optimizer=o)
-            cp = a.checkpoint.values
+            cp = a.step.values
             okc = np.isfinite(cp)
             ax.plot(cp[okc], a.local_b_crit.values[okc], "o", color=col, ms=6, mfc="none",
                     label=f"local B_crit from branch runs, {o} (measured)")
