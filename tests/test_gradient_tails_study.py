@@ -2,6 +2,7 @@
 headline facts (Gaussian NQM noise, power-law dimension-wise gradients, c - 1 outliers, ~1/B)."""
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from studies import gradient_tails
@@ -14,6 +15,7 @@ def test_count_outliers():
     assert gradient_tails.count_outliers(np.concatenate([[50.0, 40.0, 30.0], bulk])) == 3
 
 
+@pytest.mark.slow  # 30 s: the gradient-tails tests and helpers above stay in the default suite
 def test_gradient_tails_quick(tmp_path):
     res = gradient_tails.run(scale="quick", out=str(tmp_path), progress=False)
     toy, deep = res["toy"], res["deep"]

@@ -239,7 +239,7 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     assert calls["n"] == len(files)
     fresh = steps.measure_steps(fn, tiny, **dict(kw, target=0.9))
     xr.testing.assert_identical(other.steps_to_target, fresh.steps_to_target)
-    monkeypatch.setattr(steps, "run_one", original)
+    monkeypatch.undo()
     on_dask = steps.measure_steps(fn, tiny, executor="dask", n_workers=2, **kw)
     xr.testing.assert_identical(on_dask, full)
 

@@ -61,7 +61,7 @@ def test_rf_variance_quick(tmp_path):
     xr.testing.assert_equal(again.grad_var_max, res.grad_var_max)
 
 
-@pytest.mark.parametrize("network", ["cnn", "mlp1d"])
+@pytest.mark.parametrize("network", ["cnn", pytest.param("mlp1d", marks=pytest.mark.slow)])
 def test_nqm_vs_network_tiny(tmp_path, network):
     """The theory-vs-network study runs end to end at a tiny scale and writes valid groups."""
     from studies import nqm_vs_cnn
