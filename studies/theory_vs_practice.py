@@ -290,8 +290,9 @@ def _assemble(cases, cfg, scale):
     attach_attrs(measured, model="network", source="measurement", **common)
     attach_attrs(predicted, model="network", source="theory", **common)
     along = xr.concat([xr.concat([cases[(n, o)][3].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
-                                 dim="optimizer", join="outer", fill_value=np.inf)
-                       .expand_dims(network=[n]) for n in nets], dim="network", join="outer", fill_value=np.inf)
+                                 dim="optimizer", join="outer", fill_value=np.inf, coords="different", compat="equals")
+                       .expand_dims(network=[n]) for n in nets], dim="network", join="outer", fill_value=np.inf,
+                      coords="different", compat="equals")  # `step` differs per case: concatenated too
     attach_attrs(along, model="network", source="measurement",
                  note="checkpoint j of each case's reference run, at the reference step `step` (inf where a case "
                       "has fewer checkpoints); local_b_crit from branch runs (measured, one seed), b_crit_pred from "
