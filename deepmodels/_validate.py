@@ -389,3 +389,25 @@ from ._checks import (  # noqa: E402,F401  (re-exported; _checks uses the constr
     check_model_fn,
     check_model_input,
 )
+
+
+def describe(fn) -> str:
+    """A name for a callable that is the same in every process (no memory addresses): a function's
+    ``module.qualname``, an object's own repr (e.g. ``models.Factory``), else its class name.  Used in
+    the settings that resume files must match."""
+    if hasattr(fn, "__qualname__"):  # a function
+        return f"{fn.__module__}.{fn.__qualname__}"
+    if type(fn).__repr__ is not object.__repr__:
+        return repr(fn)
+    return f"{type(fn).__module__}.{type(fn).__qualname__}"
+
+
+def state_hash(state_dict: dict) -> str:
+    """A hex SHA-1 of a module's ``state_dict()`` (names and raw bytes of any dtype)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in state_dict.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -205,10 +205,4 @@ class Restored:
         return model
 
     def __repr__(self):  # names the run files of a sweep: the same in every process
-        import hashlib
-
-        h = hashlib.sha1()
-        for k, v in self.state_dict.items():
-            h.update(k.encode())
-            h.update(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        return f"Restored({self.factory!r}, {self.label or 'state'} {h.hexdigest()[:12]})"
+        return f"Restored({self.factory!r}, {self.label or 'state'} {V.state_hash(self.state_dict)[:12]})"

@@ -20,7 +20,6 @@ predictors give S(B) and B_crit (:func:`predict`; the formulas in :mod:`toymodel
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
 
@@ -105,7 +104,7 @@ def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_s
         ``(result, snapshots)``: the training Dataset (attrs ``steps_to_target`` ...) and
         ``{step: state_dict}`` (CPU tensors) at every probe step of the run.
     """
-    from .train import _model_fingerprint, probe_steps, train
+    from .train import _model_fingerprint, probe_steps, _save_torch, train
 
     half = max(2, n_probes // 2)
     probe_at = np.union1d(probe_steps(n_steps, n_log=half), np.linspace(0, n_steps, half).round().astype(np.int64))
@@ -123,14 +122,7 @@ def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_s
     def keep(step, net):
         snaps[int(step)] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         if snap_file is not None:
-            buf = io.BytesIO()
-            torch.save({"settings": settings, "snapshots": snaps}, buf)
-
-            def to(tmp):
-                with open(tmp, "wb") as f:
-                    f.write(buf.getvalue())
-
-            resume.replace_atomically(snap_file, to)
+            _save_torch(snap_file, {"settings": settings, "snapshots": snaps})
 
     result = train(model, data, lr=lr, batch_size=batch_size, n_steps=n_steps, momentum=momentum, probe_at=probe_at,
                    probe_size=probe_size, loss_fn=loss_fn, seed=seed, path=path, progress=progress, target=target,

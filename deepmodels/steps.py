@@ -117,14 +117,6 @@ def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed
     return math.inf
 
 
-def _describe(fn) -> str:
-    """A name for the model factory that is the same in every process (no memory addresses)."""
-    if hasattr(fn, "__qualname__"):  # a function
-        return f"{fn.__module__}.{fn.__qualname__}"
-    if type(fn).__repr__ is not object.__repr__:  # e.g. models.Factory
-        return repr(fn)
-    return f"{type(fn).__module__}.{type(fn).__qualname__}"
-
 
 def _task_file(path, bs, lr, mom, seed):
     return os.path.join(path, f"bs{bs}_lr{lr:.6g}_mom{mom:g}_seed{seed}.nc")
@@ -209,7 +201,7 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     eval_every = check_int("eval_every", eval_every, low=1)
     grid = list(itertools.product(bss, lr_list, moms, seed_list))
     # what a saved run must match to be reused (the file name holds the grid point)
-    settings = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every, model=_describe(model_fn),
+    settings = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every, model=V.describe(model_fn),
                     data=f"{data.name} {tuple(data.x_train.shape)}", crossing=CROSSING)
     results = {}
     if path is not None:

@@ -46,7 +46,6 @@ their values) and the attrs ``diverged_at`` (the step) and ``divergence`` (the r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -106,14 +105,6 @@ _LR_RULE = AnyOf(Function("a callable lr(batch_size) -> float"), _LrTable(),
                  what="a callable lr(batch_size) -> float or a dict {batch size: learning rate}")
 
 
-def _describe(fn) -> str:
-    """A name for a callable that is the same in every process (no memory addresses)."""
-    if hasattr(fn, "__qualname__"):  # a function
-        return f"{fn.__module__}.{fn.__qualname__}"
-    if type(fn).__repr__ is not object.__repr__:
-        return repr(fn)
-    return f"{type(fn).__module__}.{type(fn).__qualname__}"
-
 
 @validate_init(b_min=Integer(1, V.MAX_WIDTH), b_max=Integer(1, V.MAX_WIDTH), factor=Real(**_POSITIVE),
                  estimate=Options("unbiased", "biased"), lr=Maybe(_LR_RULE))
@@ -172,7 +163,7 @@ class NoiseScaleBatch:
             object.__setattr__(self, "lr", _LrTable()("lr", self.lr))  # a sorted copy, checked
 
     def __repr__(self):
-        lr = "" if self.lr is None else f", lr={self.lr if isinstance(self.lr, dict) else _describe(self.lr)}"
+        lr = "" if self.lr is None else f", lr={self.lr if isinstance(self.lr, dict) else V.describe(self.lr)}"
         return (f"NoiseScaleBatch(b_min={self.b_min}, b_max={self.b_max}, factor={self.factor!r}, "
                 f"estimate={self.estimate!r}{lr})")
 
@@ -563,12 +554,8 @@ def _diverged_row(rows, k, reason, *, batch_size, lr, examples) -> xr.Dataset:
 
 def _model_fingerprint(model) -> dict:
     """The model's class, parameter count and a hash of its parameters now (the initial ones)."""
-    h = hashlib.sha1()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # any dtype
     return {"model": type(model).__qualname__, "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "initial_parameters": h.hexdigest()[:16]}
+            "initial_parameters": V.state_hash(model.state_dict())[:16]}
 
 
 def _save_checkpoint(ckpt, model, opt, gen_train, gen_probe, step, rows, settings, initial_loss, *, examples,
@@ -577,14 +564,20 @@ def _save_checkpoint(ckpt, model, opt, gen_train, gen_probe, step, rows, setting
              "gen_probe": gen_probe.get_state(), "step": int(step), "rows": rows, "settings": settings,
              "initial_loss": float(initial_loss), "examples": int(examples), "evals": [list(e) for e in evals],
              "batch_history": None if batch_history is None else [list(h) for h in batch_history]}
+    _save_torch(ckpt, state)
+
+
+def _save_torch(path, obj) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (serialized first, then written under a temporary
+    name and renamed: :func:`toymodels.resume.replace_atomically`)."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(obj, buf)
 
     def to(tmp):
         with open(tmp, "wb") as f:
             f.write(buf.getvalue())
 
-    resume.replace_atomically(ckpt, to)
+    resume.replace_atomically(path, to)
 
 
 def _load_checkpoint(ckpt, settings, steps, n_steps, device):
