@@ -28,7 +28,9 @@ has no dimension for another set of steps).
 With a ``path``, a checkpoint (``path + ".pt"``: model, optimizer, both generators, the step, the
 probe rows and evaluations so far, the examples drawn, the batch sizes of :class:`NoiseScaleBatch`
 so far, and the run's settings) is written atomically after every probe, on reaching the target and
-at the end, then the netCDF results derived from that same checkpoint: one consistent state,
+at the end; the netCDF results are derived from that same checkpoint and written after it, at the
+end and otherwise at most every :data:`RESULTS_EVERY_S` seconds (a netCDF write costs more than a
+small network's probe; the checkpoint alone decides what a rerun resumes): one consistent state,
 whatever the moment of an interrupt.  A rerun resumes from the checkpoint only if it is whole and of
 the same settings (model and its initial parameters, data, learning rate or schedule, batch size or
 batch-size rule, momentum, optimizer, seed, probe size and schedule, loss, method, target and
@@ -49,6 +51,7 @@ import dataclasses
 import io
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -69,7 +72,11 @@ from ._validate import (AnyOf, Boolean, Device, Function, Instance, Integer, Los
                         SequenceOf, validate)
 from .data import Dataset
 
-__all__ = ["probe_steps", "train", "NoiseScaleBatch"]
+__all__ = ["probe_steps", "train", "NoiseScaleBatch", "RESULTS_EVERY_S"]
+
+RESULTS_EVERY_S = 10.0
+"""Seconds between two writes of a run's netCDF results before its end (its checkpoint is written
+after every probe)."""
 
 _POSITIVE = dict(low=0.0, high=math.inf, low_open=True, high_open=True)
 
@@ -300,7 +307,8 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         loss_fn: mean-reducing batch loss.
         method: per-example gradient method of :func:`deepmodels.probes.gradient_stats`.
         device: ``"cpu"``, ``"cuda"``, ... (default: the model's device).
-        path: netCDF results file (and ``path + ".pt"`` checkpoint) written after each probe; an
+        path: netCDF results file (and ``path + ".pt"`` checkpoint, written after each probe; the
+            results at the end and at most every :data:`RESULTS_EVERY_S` seconds before); an
             existing one of the same settings is resumed, one of other settings (or damaged) is
             replaced with a warning (see the module docstring).
         progress: tqdm bar.
@@ -409,11 +417,15 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
     def write(to):
         return _write(rows, to, model, dict(attrs, **_eval_attrs(evals, target, batches, rows, n_steps)))
 
-    def save(step):
+    last_write = [-math.inf]
+
+    def save(step, final=False):
         if path is not None:
             _save_checkpoint(ckpt, model, opt, gen_train, gen_probe, step, rows, settings, initial_loss,
                              examples=examples, evals=evals, batch_history=batches.history)
-            write(path)
+            if final or time.monotonic() - last_write[0] >= RESULTS_EVERY_S:
+                write(path)
+                last_write[0] = time.monotonic()
 
     bar = None
     if progress:
@@ -432,7 +444,7 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         if rows and int(rows[-1].step[0]) == k:  # the probe of this step measured a diverging model
             rows.pop()
         rows.append(_diverged_row(rows, k, reason, batch_size=batches.at(k), lr=lr_of(k), examples=examples))
-        save(k)
+        save(k, final=True)
         return True
 
     k = start
@@ -484,7 +496,7 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
             evals.append([k, tl, examples])
         reached = target is not None and evals and evals[-1][0] == k and evals[-1][1] <= target
         if k in todo or reached or k == n_steps:  # after a probe (with this step's evaluation), and at the end:
-            save(k)  # a finished run (target reached, or n_steps) is returned at once by a rerun
+            save(k, final=reached or k == n_steps)  # a finished run is returned at once by a rerun
         if reached or k == n_steps:
             break
         b = batches.at(k)

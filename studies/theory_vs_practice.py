@@ -27,7 +27,7 @@ on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
     python -m studies run theory_vs_practice --full --scheduler local   # 9 batch sizes, 9 lrs, 5 seeds (hours)
 
 Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted``, ``along``,
-``warmup`` and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.
+``warmup``, ``aggregations`` (:func:`aggregations`) and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.
 """
 
 from __future__ import annotations
@@ -260,6 +260,7 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
             client.close()
             cluster.close()
     result = _assemble(cases, cfg, scale)
+    result["aggregations"] = aggregations(result)
     result["summary"].attrs.update(seconds)  # this run's wall time per case (resumed parts cost ~0)
     return publish(result, out, "theory_vs_practice", plot)
 
@@ -312,6 +313,68 @@ def _assemble(cases, cfg, scale):
         r = ref[keep].sel(layer="total").drop_vars("layer")
         result[f"reference_{n}_{o}"] = r
     return result
+
+
+AGGREGATIONS = ("at_init", "time_average", "median", "at_target", "ds_min_weighted")
+
+
+def aggregations(result) -> xr.Dataset:
+    """B_crit predicted by five ways of reducing the reference run's B_simple to one number, beside
+    the measured B_crit: why the noise-scale predictor weights B_simple by dS_min.
+
+    Over the reference run's steps up to its crossing S_ref, with B_simple read where it is finite
+    and >= 0 (linearly interpolated between probes): ``at_init`` (step 0), ``time_average`` (plain
+    average over [0, S_ref]), ``median`` (of the probes up to S_ref), ``at_target`` (the last probe
+    up to S_ref), and ``ds_min_weighted``, the one derived from McCandlish et al. 2018's
+    dS = dS_min (1 + B_noise / B) (:func:`toymodels.critical.noise_scale_prediction`). Only the last
+    has a derivation; the others are the alternatives the study rejects, kept so the comparison
+    reproduces: ``python -m studies run theory_vs_practice`` prints it.
+
+    Returns:
+        Dataset over ``network``, ``optimizer``, ``estimate`` ("unbiased", "biased") and
+        ``aggregation``: ``b_crit_pred`` (theory) and ``b_crit`` (measured, for the ratio).
+    """
+    from toymodels.critical import noise_scale_prediction
+
+    summ = result["summary"]
+    nets, opts = list(summ.network.values), list(summ.optimizer.values)
+    out = np.full((len(nets), len(opts), 2, len(AGGREGATIONS)), np.nan)
+    for i, n in enumerate(nets):
+        for j, o in enumerate(opts):
+            ref = result[f"reference_{n}_{o}"]
+            s_ref = float(ref.attrs["steps_to_target"])
+            b_ref = float(ref.attrs["batch_size"])
+            k = ref.step.values.astype(np.float64)
+            for e, var in enumerate(("noise_scale_unbiased", "noise_scale")):
+                raw = ref[var].values.astype(np.float64)
+                ok = np.isfinite(raw) & (raw >= 0)
+                inside = ok & (k <= s_ref)
+                grid = np.linspace(0.0, s_ref, 2001)
+                on_grid = np.interp(grid, k[ok], raw[ok])
+                out[i, j, e] = [raw[ok][0], np.trapezoid(on_grid, grid) / s_ref, np.median(raw[inside]),
+                                raw[inside][-1],
+                                float(noise_scale_prediction(k, raw, b_ref, s_ref, [b_ref, 2 * b_ref]).b_crit)]
+    ds = xr.Dataset({"b_crit_pred": (("network", "optimizer", "estimate", "aggregation"), out)},
+                    coords={"network": nets, "optimizer": opts, "estimate": ["unbiased", "biased"],
+                            "aggregation": list(AGGREGATIONS)})
+    ds["b_crit"] = summ.b_crit
+    attach_attrs(ds, model="network", source="theory",
+                 note="b_crit_pred: B_simple of the reference run reduced by each aggregation (theory); b_crit: "
+                      "measured")
+    return ds
+
+
+def aggregation_table(agg: xr.Dataset) -> str:
+    """Per aggregation and estimate: cases within a factor 2 of the measured B_crit and the mean
+    |log2(predicted / measured)|, as a text table."""
+    r = np.abs(np.log2(agg.b_crit_pred / agg.b_crit))
+    n = int(agg.sizes["network"] * agg.sizes["optimizer"])
+    lines = [f"{'aggregation of B_simple':24s} {'estimate':9s} within 2x  mean |log2(pred/measured)|"]
+    for a in agg.aggregation.values:
+        for e in agg.estimate.values:
+            v = r.sel(aggregation=a, estimate=e).values
+            lines.append(f"{a:24s} {e:9s} {int((v <= 1).sum()):3d} of {n}  {float(np.mean(v)):.2f}")
+    return "\n".join(lines)
 
 
 _PRED_STYLE = {"noise_scale": ("C1", "-"), "noise_scale_biased": ("C1", ":"), "piecewise_nqm": ("C2", "-"),
@@ -431,6 +494,7 @@ def main(argv=None):
     s = res["summary"]
     print(s[["b_crit", "b_crit_lo", "b_crit_hi"]].to_dataframe().to_string())
     print((s.b_crit_pred / s.b_crit).to_dataframe(name="predicted / measured B_crit").unstack("predictor").to_string())
+    print(aggregation_table(res["aggregations"]))
     print(f"wrote {a.out}/theory_vs_practice.nc and .png in {time.perf_counter() - t0:.1f} s")
 
 

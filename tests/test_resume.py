@@ -8,6 +8,7 @@ half a file), and the rerun must give exactly the result of an uninterrupted run
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -167,7 +168,9 @@ def test_study_killed_during_a_point_write_resumes_to_the_same_result(tmp_path):
 # --------------------------------------------------------------------------------------- training
 TRAIN = """
 from deepmodels import data, models
+from deepmodels import train as training
 from deepmodels.train import train
+training.RESULTS_EVERY_S = 0.0  # results after every probe, so write 3 is the probe at step 10's
 train(models.mlp(64, 10, (16,), seed=3), data.digits(), lr=0.1, batch_size=8, n_steps=20,
       probe_at=[0, 5, 10, 15, 20], probe_size=32, path={path!r}, progress=False)
 """
@@ -197,6 +200,55 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     torch.testing.assert_close(p_resumed, p_straight, rtol=0, atol=0)
     _assert_same(resumed, straight)
     _assert_same(resume.read(path), straight)
+
+
+def test_training_writes_results_at_most_every_results_every_s(tmp_path, monkeypatch):
+    """Checkpoint after every probe; the netCDF results only when RESULTS_EVERY_S has passed and at
+    the end, and a run killed between two results writes resumes from its checkpoint."""
+    import torch
+
+    from deepmodels import train as training
+
+    monkeypatch.setattr(training, "RESULTS_EVERY_S", math.inf)
+    written = {"nc": 0, "pt": 0}
+    orig_nc, orig_pt = resume.write, training._save_torch
+
+    def count_nc(ds, path, *a, **k):
+        written["nc"] += 1
+        return orig_nc(ds, path, *a, **k)
+
+    def count_pt(path, obj):
+        written["pt"] += 1
+        return orig_pt(path, obj)
+
+    monkeypatch.setattr(resume, "write", count_nc)
+    monkeypatch.setattr(training, "_save_torch", count_pt)
+    path = tmp_path / "run.nc"
+    ds, params = _train(path)
+    assert written == {"nc": 2, "pt": 5}  # results at the first probe and the end; 5 probes' checkpoints
+    _assert_same(resume.read(path), ds)
+    # killed right after the checkpoint of the probe at step 10, its results file still of step 0:
+    # the rerun resumes from the checkpoint to the same run
+    killed = tmp_path / "killed.nc"
+    body = """
+import os, signal
+from deepmodels import train as training
+training.RESULTS_EVERY_S = float("inf")
+_orig, _n = training._save_torch, [0]
+def _save(path, obj):
+    _orig(path, obj)
+    _n[0] += 1
+    if _n[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+training._save_torch = _save
+""" + TRAIN.replace("training.RESULTS_EVERY_S = 0.0", "").format(path=str(killed))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert list(resume.read(killed).step.values) == [0]
+    resumed, p_resumed = _train(killed)
+    torch.testing.assert_close(p_resumed, params, rtol=0, atol=0)
+    _assert_same(resumed, ds)
 
 
 def test_training_with_other_settings_starts_afresh(tmp_path):

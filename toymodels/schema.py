@@ -16,7 +16,8 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
-        "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate", "schedule")
+        "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate", "schedule",
+        "aggregation")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
