@@ -439,7 +439,8 @@ def plot(result, path):
         ax.set_xlabel("step of the reference run")
         ax.set_ylabel("batch size")
         ax.set_title(f"{labels[n]}: noise scale along training")
-        ax.legend(fontsize=6.5)
+        if r == 0:  # the same entries in every row: once, below the figure
+            fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, ncol=4, loc="lower center")
         ax = axes[r, len(opts) + 1]
         preds = list(pred.predictor.values)
         width = 0.8 / len(preds)
@@ -462,11 +463,13 @@ def plot(result, path):
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(range(len(opts)), opts)
         ax.set_ylabel("log2(predicted / measured B_crit)")
-        ax.set_title(f"{labels[n]}: predictions (grey lines: measured interval)")
-        ax.legend(fontsize=6.5)
+        ax.set_title(f"{labels[n]}: predicted / measured B_crit", fontsize=10)
+        ax.text(0.02, 0.02, "grey lines: the measured 95% interval", transform=ax.transAxes, fontsize=7, color="0.3")
+        if r == 0:
+            ax.legend(fontsize=6.5, framealpha=0.6)
     fig.suptitle("Critical batch size predicted from one reference run at the smallest batch size vs measured "
                  f"(scale {summ.attrs['scale']}, targets {summ.attrs['targets']})", fontsize=10)
-    style.save(fig, path)
+    style.save(fig, path, rect=(0, 0.05, 1, 1))  # room for the legend of the noise-scale panels
 
 
 def _as_list(v):
