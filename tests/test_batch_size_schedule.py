@@ -2,7 +2,17 @@
 
 A constant schedule reproduces the constant batch size bit for bit; a changing one agrees with Monte
 Carlo within 4 standard errors and with an independent numpy recursion to machine precision, and is
-told apart from its final batch size; bad batch sizes are refused by name.
+told apart from its final batch size; bad batch sizes are refused by name.  The tuned comparison
+(``compare_tuned``: the learning rate follows the batch size) is checked the same way: a constant
+"schedule" is its tuned constant exactly, the followed learning rates are the log-log interpolation
+by hand, and the schedule's steps are the first crossing of the numpy recursion, whose curve agrees
+with Monte Carlo.
+
+The 4-SE tolerance: ``loss_sem`` is the sample standard deviation of the per-run losses over
+sqrt(n_runs); the per-run loss is a quadratic form of Gaussians (finite fourth moment), so with
+n_runs = 2000 the mean is normal to a good approximation and z = (mean - exact) / sem ~ N(0, 1):
+P(|z| >= 4) = 6.3e-5 per recorded step, below 1e-3 over the six steps of a test (the seeds are
+fixed, so a run is reproducible).  Each such test also checks that a wrong answer is > 10 SE off.
 """
 
 import math
@@ -11,10 +21,12 @@ import numpy as np
 import pytest
 
 from toymodels import (NQM, SGD, BatchSizeWarmup, Constant, Cosine, Exponential, GaussianLinearRegression, Momentum,
-                       PiecewiseConstant)
-from toymodels.batch_schedule import compare_with_constant, cost_to_target
+                       PiecewiseConstant, Tabulated)
+from toymodels.batch_schedule import compare_tuned, compare_with_constant, cost_to_target, lr_follows_batch
+from toymodels.resume import ResumeWarning
 from toymodels.schedules import cumulative
 from toymodels.schema import validate
+from toymodels.sweep import batch_size_sweep, grid_search, tune
 
 NQM20 = NQM.power_law(20)
 GLR8 = GaussianLinearRegression.power_law(8, noise_std=0.3)
@@ -315,3 +327,183 @@ def test_sampled_data_needs_whole_batch_sizes():
 def test_batch_size_warmup_bad_input(kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         BatchSizeWarmup(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# tuned: the learning rate follows the batch size (compare_tuned, lr_follows_batch, Tabulated)
+# ------------------------------------------------------------------------------------------------
+def test_tabulated_schedule_values_and_engine():
+    tab = Tabulated([0.3, 0.2, 0.1])
+    np.testing.assert_array_equal(tab.values(6), [0.3, 0.2, 0.1, 0.1, 0.1, 0.1])
+    np.testing.assert_array_equal(tab.at(np.array([0, 2, 10**12])), [0.3, 0.1, 0.1])
+    assert tab.constant_after == 2 and not tab.piecewise_constant and tab.max_lr == 0.3
+    assert repr(tab) == "Tabulated(lrs=(0.3, 0.2, 0.1))" and "<7 values" in repr(Tabulated(np.ones(7)))
+    # stepped through the table, the engine gives the jumped piecewise-constant curve and crossing
+    pc = PiecewiseConstant((4, 9), (0.8, 0.4, 0.1))
+    same = Tabulated(pc.values(10))
+    ks = np.array([0, 3, 4, 8, 9, 10, 50, 5000])
+    for opt in (SGD, lambda lr: Momentum(lr, 0.6)):
+        np.testing.assert_allclose(NQM20.loss_curve(opt(same), 4.0, ks).values,
+                                   NQM20.loss_curve(opt(pc), 4.0, ks).values, rtol=1e-12, atol=0)
+        t = 0.02 * NQM20.initial_loss
+        assert NQM20.steps_to_target(opt(same), 4.0, t) == NQM20.steps_to_target(opt(pc), 4.0, t)
+    for bad in ([], [0.1, 0.0], [0.1, math.nan], [[0.1]]):
+        with pytest.raises((TypeError, ValueError), match="`lrs` must be"):
+            Tabulated(bad)
+
+
+def test_lr_follows_batch_is_the_log_log_interpolation_by_hand():
+    # lr_opt ~ 1 / B between the keys 2 and 8 (0.3 -> 0.075): then lr*(B) = 0.6 / B there exactly
+    keys, rates = [2.0, 8.0, 32.0], [0.3, 0.075, 0.05]
+    batch = PiecewiseConstant((3, 5, 7, 9, 11, 13), (1.0, 2.0, 3.0, 4.0, 16.0, 32.0, 100.0))
+    lr = lr_follows_batch(batch, keys, rates)
+    assert isinstance(lr, PiecewiseConstant) and lr.boundaries == batch.boundaries
+    # B = 16 is halfway in log between 8 and 32: lr = sqrt(0.075 * 0.05); below 2 and above 32 clamped
+    hand = [0.3, 0.3, 0.6 / 3, 0.6 / 4, math.sqrt(0.075 * 0.05), 0.05, 0.05]
+    np.testing.assert_allclose(lr.lrs, hand, rtol=1e-14)
+    assert lr.lrs[1] == 0.3 and lr.lrs[0] == 0.3 and lr.lrs[-1] == 0.05  # keys and clamped ends exactly
+    # every = 1: one value per update up to constant_after, each the interpolation of B_k
+    warm = BatchSizeWarmup(2, 32, 20)
+    tab = lr_follows_batch(warm, keys, rates)
+    assert isinstance(tab, Tabulated) and tab.constant_after == 20
+    b = warm.values(25)
+    log_hand = np.where(b <= 8, np.log(0.3) + np.log(b / 2) / np.log(4) * np.log(0.25),
+                        np.log(0.075) + np.log(b / 8) / np.log(4) * np.log(0.05 / 0.075))
+    np.testing.assert_allclose(tab.values(25), np.exp(log_hand), rtol=1e-13)
+    # a batch size that never changes gets a constant learning rate
+    assert lr_follows_batch(BatchSizeWarmup(8, 8, 5), keys, rates) == Constant(0.075)
+
+
+CONSTANT_ROWS = {"nqm sgd": (NQM20, "sgd", 0.05), "nqm momentum": (NQM20, "momentum", 0.05),
+                 "linreg sgd": (GLR8, "sgd", 0.1)}
+
+
+@pytest.mark.parametrize("case", list(CONSTANT_ROWS))
+def test_compare_tuned_constant_schedule_is_the_tuned_constant(case):
+    model, family, frac = CONSTANT_ROWS[case]
+    target, sizes = frac * model.initial_loss, [2.0, 8.0, 32.0]
+    for sched in (PiecewiseConstant((), (8.0,)), BatchSizeWarmup(8, 8, 3)):
+        ds = compare_tuned(model, family, sched, sizes, target, progress=False)
+        validate(ds)
+        row = ds.sel(batch_size=8.0)
+        assert ds.attrs["schedule_steps"] == row.steps_to_target and ds.attrs["examples_saved"] <= 0
+        assert ds.attrs["schedule_examples"] == row.examples_to_target == 8 * row.steps_to_target
+        assert ds.attrs["lr_schedule"] == repr(Constant(float(row.lr_opt)))
+        # the grid of fixed lrs holds lr*(8): no worse than the tuned constant (the tuner's optimum)
+        assert ds.attrs["fixed_lr_steps"] == row.steps_to_target and ds.attrs["fixed_lr"] == row.lr_opt
+    assert ds.attrs["optimizer"] == family and (family == "sgd") == math.isnan(ds.attrs["momentum"])
+
+
+def test_compare_tuned_reuses_a_sweep():
+    target, sizes, sched = 0.05 * NQM20.initial_loss, [1.0, 4.0, 16.0], BatchSizeWarmup(1, 16, 30, every=15)
+    tuned = batch_size_sweep(NQM20, "momentum", sizes, target, extra=0.9, progress=False)
+    ds = compare_tuned(NQM20, "momentum", sched, sizes, target, progress=False)
+    assert compare_tuned(NQM20, "momentum", sched, sizes, target, tuned=tuned).identical(ds)
+    for kwargs, what in [(dict(momentum=0.5), "fixed beta"), (dict(target=target / 2), "target"),
+                         (dict(batch_sizes=[1.0, 4.0]), "batch sizes"), (dict(family="sgd"), "optimizer"),
+                         (dict(problem=GLR8), "model")]:
+        args = dict(problem=NQM20, family="momentum", schedule=sched, batch_sizes=sizes, target=target, tuned=tuned)
+        with pytest.raises(ValueError, match=f"`tuned` must be the batch_size_sweep of these settings; got one with "
+                                             f".*{what}"):
+            compare_tuned(**(args | kwargs))
+
+
+def _follow(ds, schedule):
+    ok = np.isfinite(ds.lr_opt.values)
+    return lr_follows_batch(schedule, ds.batch_size.values[ok], ds.lr_opt.values[ok])
+
+
+def test_compare_tuned_nqm_momentum_warmup_exact_and_monte_carlo():
+    """lr follows a doubling warm-up; the row's steps are the first crossing of an independent numpy
+    recursion, its curve agrees with Monte Carlo within 4 SE (and the lr of the final batch size
+    throughout is far off), and the attrs are the comparison of the numbers."""
+    sched, beta = BatchSizeWarmup(1, 16, 40, every=10), 0.9
+    target = 0.05 * NQM20.initial_loss
+    ds = compare_tuned(NQM20, "momentum", sched, 2.0 ** np.arange(6), target, momentum=beta, progress=False)
+    validate(ds)
+    lr = _follow(ds, sched)
+    assert isinstance(lr, PiecewiseConstant) and ds.attrs["lr_schedule"] == repr(lr)
+    np.testing.assert_array_equal(lr.lrs, ds.lr_opt.values[:5])  # stage j: B = 2^j, its own tuned lr
+    opt = Momentum(lr, beta)
+    S = int(ds.attrs["schedule_steps"])
+    n = S + 20
+    ref = _nqm_reference(NQM20.h, NQM20.c, NQM20.init_sq, opt, lr.values(n), sched.values(n))
+    assert ref[S] <= target < ref[:S].min()
+    assert ds.attrs["schedule_examples"] == np.sum(sched.values(S))
+    # Monte Carlo of the same lr and batch-size schedules
+    ks = np.array([5, 15, 30, S - 1, S, n])
+    mc = NQM20.simulate(opt, sched, ks, n_runs=2000, seed=11)
+    z = _z(ref[ks], mc)
+    assert np.all(np.abs(z) < 4), z
+    wrong = NQM20.loss_curve(Momentum(float(lr.lrs[-1]), beta), sched, ks).values
+    assert np.max(np.abs(_z(wrong, mc))) > 10
+    a = ds.attrs
+    assert a["best_steps"] == ds.steps_to_target.min() and a["steps_saved"] == a["best_steps"] - S
+    assert a["best_examples"] == ds.examples_to_target.min()
+    assert a["examples_saved"] == a["best_examples"] - a["schedule_examples"]
+    assert a["fixed_lr_steps"] == NQM20.steps_to_target(Momentum(a["fixed_lr"], beta), sched, target)
+
+
+def test_compare_tuned_linreg_per_update_warmup_exact_and_monte_carlo():
+    """Label noise, a batch size that grows at every update (integer, for sampled data): the lr is
+    tabulated per update; exact first crossing against the numpy recursion, curve against Monte
+    Carlo within 4 SE."""
+    glr = GaussianLinearRegression.power_law(6, noise_std=0.3)
+    sched = BatchSizeWarmup(1, 16, 30, integer=True)
+    target = 0.1 * glr.initial_loss
+    ds = compare_tuned(glr, "sgd", sched, [1.0, 2.0, 4.0, 8.0, 16.0], target, lrs=[0.2, 0.4], progress=False)
+    validate(ds)
+    lr = _follow(ds, sched)
+    assert isinstance(lr, Tabulated) and ds.attrs["lr_schedule"] == repr(lr)
+    S = int(ds.attrs["schedule_steps"])
+    n = 40
+    ref = _linreg_sgd_reference(glr.h, glr.noise_std**2, glr.init_sq, lr.values(n), sched.values(n))
+    assert 0 < S < n and ref[S] <= target < ref[:S].min()
+    assert ds.attrs["schedule_examples"] == np.sum(sched.values(S))
+    ks = np.array([2, 5, 10, S - 1, S, n])
+    mc = glr.simulate(SGD(lr), sched, ks, n_runs=2000, seed=12)
+    z = _z(ref[ks], mc)
+    assert np.all(np.abs(z) < 4), z
+    wrong = glr.loss_curve(SGD(float(lr.lrs[0])), sched, ks).values  # lr*(1) throughout
+    assert np.max(np.abs(_z(wrong, mc))) > 10
+    # the fixed-lr row: the better of the two given rates
+    best = min((glr.steps_to_target(SGD(a), sched, target), a) for a in (0.2, 0.4))
+    assert (ds.attrs["fixed_lr_steps"], ds.attrs["fixed_lr"]) == best
+
+
+def test_fixed_momentum_tuner():
+    """extra= holds beta: the tuned lr is at least as good as an exact lr grid at that beta, and
+    refused where the family has no beta; a sweep that tunes beta does not resume a fixed-beta file."""
+    target = 0.05 * NQM20.initial_loss
+    res = tune(NQM20, "momentum", 4.0, target, extra=0.8)
+    grid = grid_search(NQM20, "momentum", 4.0, target, lr_fractions=np.geomspace(1e-3, 0.9, 60), extras=[0.8])
+    assert res["extra"] == 0.8 and len(res["theta"]) == 1 and res["steps"] <= grid["steps"]
+    assert NQM20.steps_to_target(Momentum(res["lr"], 0.8), 4.0, target) == res["steps"]
+    with pytest.raises(ValueError, match="`extra` must be None for 'sgd'"):
+        tune(NQM20, "sgd", 4.0, target, extra=0.8)
+
+
+def test_fixed_momentum_sweep_resume(tmp_path):
+    path = tmp_path / "sweep.nc"
+    target = 0.1 * NQM20.initial_loss
+    fixed = batch_size_sweep(NQM20, "momentum", [2.0, 8.0], target, extra=0.5, progress=False, path=path)
+    np.testing.assert_array_equal(fixed.momentum_opt.values, 0.5)
+    again = batch_size_sweep(NQM20, "momentum", [2.0, 8.0], target, extra=0.5, progress=False, path=path)
+    assert again.identical(fixed)
+    with pytest.warns(ResumeWarning, match="holds the extra hyper-parameter fixed"):
+        batch_size_sweep(NQM20, "momentum", [2.0], target, progress=False, path=path)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: compare_tuned(NQM20, "ema", Constant(4.0), [1.0, 4.0], 0.1), "`family` must be one of"),
+    (lambda: compare_tuned(NQM20, "sgd", Constant(4.0), [4.0, 1.0], 0.1), "`batch_sizes` must be strictly increasing"),
+    (lambda: compare_tuned(NQM20, "sgd", PiecewiseConstant((3,), (4.0, 0.5)), [1.0], 0.1), "`schedule` must be"),
+    (lambda: compare_tuned(NQM20, "momentum", Constant(4.0), [1.0], 0.1, momentum=1.0), "`momentum` must be"),
+    (lambda: lr_follows_batch(Constant(4.0), [1.0, 2.0], [0.1]), "`lrs` must have one learning rate per batch size"),
+    (lambda: lr_follows_batch(Constant(4.0), [2.0, 2.0], [0.1, 0.2]), "`batch_sizes` must be strictly increasing"),
+    (lambda: lr_follows_batch(Exponential(64.0, 0.99), [1.0], [0.1]), "`schedule` must become constant"),
+    (lambda: lr_follows_batch(Constant(4.0), [1.0], [-0.1]), "`lrs` must be"),
+])
+def test_compare_tuned_bad_input(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()

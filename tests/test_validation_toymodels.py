@@ -17,7 +17,7 @@ import xarray as xr
 
 import toymodels
 from toymodels import (EMA, NQM, SGD, BatchSizeWarmup, Constant, Cosine, Exponential, FiniteLinearRegression,
-                       GaussianLinearRegression, Momentum, PiecewiseConstant, RandomFeatures, StepDecay, Warmup,
+                       GaussianLinearRegression, Momentum, PiecewiseConstant, RandomFeatures, StepDecay, Tabulated, Warmup,
                        batch_schedule, critical, dynamics, estimators, features, finite_regression, history, linreg,
                        nqm, optimizers, parallel, schedules, schema, secular, spectra, stats, sweep, tails)
 from toymodels._validate import REGISTRY
@@ -55,6 +55,10 @@ def _rng():
 
 EXAMPLES = {
     # batch-size schedules: steps and examples to target
+    "toymodels.batch_schedule.compare_tuned": lambda: (
+        (NQM8, "momentum", BatchSizeWarmup(1, 4, 6, every=3), [1.0, 4.0], 0.5),
+        dict(lrs=[0.1], momentum=0.5, max_steps=1000, progress=False, tuned=None)),
+    "toymodels.batch_schedule.lr_follows_batch": lambda: ((BatchSizeWarmup(1, 4, 6), [1.0, 4.0], [0.2, 0.5]), {}),
     "toymodels.batch_schedule.compare_with_constant": lambda: (
         (NQM8, SGD(0.5), BatchSizeWarmup(1, 4, 6), [1.0, 4.0], 0.5), dict(max_steps=1000)),
     "toymodels.batch_schedule.cost_to_target": lambda: (
@@ -153,6 +157,7 @@ EXAMPLES = {
     "toymodels.schedules.StepDecay.__init__": lambda: (
         (_new(StepDecay), 0.1), dict(factor=0.5, every=3, n_decays=2)),
     "toymodels.schedules.Warmup.__init__": lambda: ((_new(Warmup), Constant(0.1), 3), {}),
+    "toymodels.schedules.Tabulated.__init__": lambda: ((_new(Tabulated), [0.3, 0.1]), {}),
     "toymodels.schedules.as_schedule": lambda: ((0.1,), {}),
     # schema, secular, spectra, stats
     "toymodels.schema.attach_attrs": lambda: ((xr.Dataset(),), dict(model="nqm", source="exact")),

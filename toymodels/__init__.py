@@ -5,7 +5,8 @@ from .features import RandomFeatures
 from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
 from .optimizers import EMA, SGD, Momentum
-from .schedules import BatchSizeWarmup, Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Warmup
+from .schedules import (BatchSizeWarmup, Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Tabulated,
+                        Warmup)
 from .spectra import power_law
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Exponential",
     "Cosine",
     "Warmup",
+    "Tabulated",
     "BatchSizeWarmup",
     "power_law",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "Exponential",
     "Cosine",
     "Warmup",
+    "Tabulated",
     "BatchSizeWarmup",
     "as_schedule",
     "cumulative",
@@ -263,6 +264,50 @@ class Warmup(Schedule):
     @property
     def max_lr(self):
         return self.base.max_lr
+
+
+@validate_init(lrs=Array(1, **_POSITIVE))
+@dataclass(frozen=True, repr=False)
+class Tabulated(Schedule):
+    """Any values, one per update: ``lrs[k]`` for update k < n = ``len(lrs)``, then ``lrs[-1]`` for ever.
+
+    For rates (or batch sizes) that follow no formula, e.g. a learning rate that follows a
+    batch-size schedule update by update (:func:`toymodels.batch_schedule.lr_follows_batch`).  The
+    exact engine steps through the first n - 1 updates one at a time (``constant_after`` = n - 1)
+    and jumps the constant tail in closed form.
+
+    Example:
+        >>> Tabulated([0.3, 0.2, 0.1]).values(5)
+        array([0.3, 0.2, 0.1, 0.1, 0.1])
+    """
+
+    lrs: tuple
+
+    def __post_init__(self):
+        arr = np.array(np.atleast_1d(self.lrs), dtype=np.float64)
+        if arr.ndim != 1 or arr.size == 0 or not np.all((arr > 0) & (arr < math.inf)):
+            raise ValueError(f"`lrs` must be a non-empty 1-D array of values in (0, inf); got {arr.size} values "
+                             f"of shape {arr.shape}.")
+        arr.setflags(write=False)
+        object.__setattr__(self, "lrs", tuple(arr.tolist()))
+        object.__setattr__(self, "_table", arr)
+
+    def __repr__(self):
+        if len(self.lrs) <= 6:
+            return f"Tabulated(lrs={self.lrs!r})"
+        return (f"Tabulated(lrs=<{len(self.lrs)} values: {self.lrs[0]!r}, {self.lrs[1]!r}, ..., "
+                f"{self.lrs[-1]!r}>)")
+
+    def _at(self, k):
+        return self._table[np.minimum(np.asarray(k, dtype=np.int64), len(self.lrs) - 1)]
+
+    @property
+    def constant_after(self):
+        return len(self.lrs) - 1
+
+    @property
+    def max_lr(self):
+        return max(self.lrs)
 
 
 LEARNING_RATE = AnyOf(_LR, Instance(Schedule), what="a float in (0, inf) or a Schedule")

@@ -107,29 +107,36 @@ def make_optimizer(family: str, lr: float, extra: float | None = None, *, precon
 
 @dataclass
 class _Evaluator:
-    """L_k(theta) in tuning coordinates x = log(lr / limit(theta)), y = log(1 - extra)."""
+    """L_k(theta) in tuning coordinates x = log(lr / limit(theta)), y = log(1 - extra).
+
+    ``fixed_extra`` (a beta or mu, for the two-parameter families) holds the extra hyper-parameter
+    there: theta is then x alone."""
 
     problem: object
     family: str
     batch_size: float
     precond: float
     decay: float
+    fixed_extra: float | None = None
     n_evals: int = 0
 
     def __post_init__(self):
-        # fast path: problems that evaluate a whole family affine in its hyper-parameter
+        # fast path: problems that evaluate a whole family affine in its hyper-parameter (a fixed
+        # extra: a family constant in e, so e = 0 of the 1-D search is the fixed value)
         self._fast = None
         if hasattr(self.problem, "family_loss"):
             two_d = _EXTRA[self.family] is not None
+            fixed = self.fixed_extra
             self._fast = self.problem.family_loss(
-                lambda e: make_optimizer(self.family, 1.0, e if two_d else None, precond=self.precond,
-                                         decay=self.decay),
+                lambda e: make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
+                                         precond=self.precond, decay=self.decay),
                 self.batch_size,
             )
 
     def _probe(self, y):
-        """The family's optimizer at lr = 1 and extra = 1 - exp(y), and its learning-rate limit."""
-        extra = None if y is None else 1.0 - math.exp(y)
+        """The family's optimizer at lr = 1 and extra = 1 - exp(y) (or the fixed extra), and its
+        learning-rate limit."""
+        extra = self.fixed_extra if y is None else 1.0 - math.exp(y)
         probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
         return probe, self.problem.lr_limit(probe)
 
@@ -281,10 +288,19 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
+def _check_fixed_extra(family, extra):
+    """``extra`` (a fixed beta or mu) only for the families that have one."""
+    if extra is not None and _EXTRA[family] is None:
+        raise ValueError(f"`extra` must be None for {family!r} (it has no momentum or averaging decay to fix); "
+                         f"got {extra!r}.")
+    return extra
+
+
 @validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET, precond=_PRECOND, decay=_DECAY,
-          start=Maybe(Array(1, low=-1e3, high=1.0)), coarse=Boolean(), k_floor=Integer(0, MAX_STEPS))
+          start=Maybe(Array(1, low=-1e3, high=1.0)), coarse=Boolean(), k_floor=Integer(0, MAX_STEPS),
+          extra=Maybe(_DECAY))
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
-         coarse: bool = True, k_floor: int = 0):
+         coarse: bool = True, k_floor: int = 0, extra: float | None = None):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
 
     Args:
@@ -302,20 +318,24 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
             the search; checked, and dropped if a setting does reach the target by then).
             :func:`batch_size_sweep` passes what perfect scaling from the previous batch size
             would give, steps(B') B' / B.
+        extra: hold beta (``"momentum"``, ``"momentum_ema"``) or mu (``"ema"``) fixed at this value in
+            [0, 1) and tune the learning rate alone (None: tune both; must be None for the other
+            families).
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
         (beta or mu, NaN for SGD), ``theta`` (warm start for the next batch size), ``n_evals``.
     """
     _check_problem_family(problem, family)
+    fixed = _check_fixed_extra(family, extra)
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
-    two_d = _EXTRA[family] is not None
+    two_d = _EXTRA[family] is not None and fixed is None
     if start is not None:
         if len(start) != 1 + two_d:
             raise ValueError(f"`start` must be {1 + two_d} tuning coordinates for {family!r}; got {len(start)}.")
         start = tuple(float(v) for v in start)
-    ev = _Evaluator(problem, family, bs, precond, decay)
+    ev = _Evaluator(problem, family, bs, precond, decay, fixed)
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
     global_checks = True
@@ -325,10 +345,10 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         surrogate = problem.coarsen(0.05)
         if surrogate.dim <= problem.dim // 4:
             rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False,
-                      k_floor=k_floor)
+                      k_floor=k_floor, extra=fixed)
             if rs["theta"] is not None:
                 start, global_checks = rs["theta"], False
-                ev_s = _Evaluator(surrogate, family, bs, precond, decay)
+                ev_s = _Evaluator(surrogate, family, bs, precond, decay, fixed)
 
                 def inner(k, theta, step):
                     # the optimum of the coarsened loss, valued on the full model: an upper bound of
@@ -412,7 +432,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
             lo, v_lo = mid, val
         stalls = stalls + 1 if (hi - lo) > width / 2 else 0
     opt = ev.optimizer(*theta)
-    extra = math.nan if not two_d else 1.0 - math.exp(theta[1])
+    extra = (fixed if fixed is not None else math.nan) if not two_d else 1.0 - math.exp(theta[1])
     return {"steps": float(hi), "lr": opt.lr.lr, "extra": extra, "theta": theta, "n_evals": ev.n_evals, "lo": lo}
 
 
@@ -460,7 +480,7 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
     return {"steps": float(best[0]), "lr": opt.lr.lr, "extra": extra, "theta": best[1]}
 
 
-def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay):
+def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, extra=None):
     extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
     data = {
         "steps_to_target": ("batch_size", np.array([r["steps"] for r in rows], dtype=np.float64)),
@@ -473,13 +493,16 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay):
     attach_attrs(ds, model=problem.model_name, source="exact", optimizer=family, target=target,
                  precond=precond if family == "precond" else 0.0,
                  decay=decay if family == "momentum_ema" else math.nan, **problem.params)
+    if extra is not None:
+        ds.attrs["fixed_extra"] = extra
     return ds
 
 
 @validate(problem=_PROBLEM, family=_FAMILY, batch_sizes=_BATCH_SIZES, target=TARGET, precond=_PRECOND, decay=_DECAY,
-          progress=Boolean(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")))
+          progress=Boolean(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
+          extra=Maybe(_DECAY))
 def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0.5, decay: float = 0.99,
-                     progress: bool = True, path: str | os.PathLike | None = None):
+                     progress: bool = True, path: str | os.PathLike | None = None, extra: float | None = None):
     """Tuned steps-to-target for each batch size.
 
     Args:
@@ -496,6 +519,8 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             same settings and batch-size grid is resumed (finished batch sizes are not recomputed);
             one that is unreadable, incomplete or of other settings is recomputed with a
             :class:`toymodels.resume.ResumeWarning` naming it.
+        extra: hold beta or mu fixed at this value and tune the learning rate alone (see
+            :func:`tune`; ``momentum_opt`` / ``decay_opt`` then hold it, and attr ``fixed_extra``).
 
     Returns:
         Dataset over ``batch_size`` with ``steps_to_target``, ``lr_opt``, ``momentum_opt`` or
@@ -504,6 +529,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         :func:`default_grid` (checked in the tests).
     """
     _check_problem_family(problem, family)
+    fixed = _check_fixed_extra(family, extra)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
     bss = [check_batch_size(b) for b in np.atleast_1d(batch_sizes)]
     if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
@@ -518,7 +544,14 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             settings["precond"] = precond
         if family == "momentum_ema":
             settings["decay"] = decay
-        old = resume.read(path, settings=settings, prefix={"batch_size": bss},
+        if fixed is not None:
+            settings["fixed_extra"] = fixed
+
+        def tuned_both(ds):  # a sweep that tunes beta / mu does not resume one that held it fixed
+            if fixed is None and "fixed_extra" in ds.attrs:
+                raise ValueError(f"it holds the extra hyper-parameter fixed at {ds.attrs['fixed_extra']}")
+
+        old = resume.read(path, settings=settings, prefix={"batch_size": bss}, check=tuned_both,
                           variables=("steps_to_target", "lr_opt", "reason") + ((extra_name,) if extra_name else ()))
     if old is not None:
         for j in range(min(old.batch_size.size, len(bss))):
@@ -534,14 +567,16 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
 
         bar = tqdm(total=len(bss), initial=len(rows), desc=f"sweep {family}", unit="B")
     if rows and math.isfinite(rows[-1]["steps"]) and math.isfinite(rows[-1]["lr"]):
-        ev = _Evaluator(problem, family, bss[len(rows) - 1], precond, decay)
-        probe = ev.optimizer(0.0, None if math.isnan(rows[-1]["extra"]) else math.log(1 - rows[-1]["extra"]))
+        ev = _Evaluator(problem, family, bss[len(rows) - 1], precond, decay, fixed)
+        one_d = _EXTRA[family] is None or fixed is not None
+        probe = ev.optimizer(0.0, None if one_d else math.log(1 - rows[-1]["extra"]))
         x = math.log(rows[-1]["lr"] / problem.lr_limit(probe))
-        start = (x,) if _EXTRA[family] is None else (x, math.log(1 - rows[-1]["extra"]))
+        start = (x,) if one_d else (x, math.log(1 - rows[-1]["extra"]))
     for j, bs in enumerate(bss[len(rows):], start=len(rows)):
         if j > 0 and math.isfinite(rows[-1]["steps"]):
             k_floor = max(0, int(rows[-1]["steps"] * bss[j - 1] / bs) - 1)
-        res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start, k_floor=k_floor)
+        res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start, k_floor=k_floor,
+                   extra=fixed)
         if math.isfinite(res["steps"]):
             start = res["theta"]
             res["reason"] = ""
@@ -549,12 +584,12 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             res["reason"] = "no setting reaches the target"
         rows.append(res)
         if path is not None:
-            resume.write(_result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay), path)
+            resume.write(_result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay, fixed), path)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return _result_dataset(problem, family, bss, rows, target, precond, decay)
+    return _result_dataset(problem, family, bss, rows, target, precond, decay, fixed)
 
 
 def _family_job(args):
