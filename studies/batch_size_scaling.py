@@ -1,4 +1,5 @@
-"""Steps to a target loss vs batch size on the NQM, each point tuned (lecture seed 004, NQM slides).
+"""Steps to a target loss vs batch size on the NQM, each point tuned (Grosse's CSC 2541 Lecture 7,
+"Noisy Quadratic Model" slides).
 
 Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned), iterate
 averaging (SGD + EMA, lr and decay tuned) and SGD with a tuned 3-piece learning-rate schedule, with the
@@ -11,6 +12,10 @@ noise-dominated regime).
 
 Writes ``batch_size_scaling.nc`` and ``batch_size_scaling.png`` into ``--out`` (default ``results``);
 per-family sweeps are saved as they go and resume after an interruption.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

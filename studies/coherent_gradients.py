@@ -1,5 +1,5 @@
-"""Memorization under suppressed weak gradient directions (coherent gradients, seed 003: Zielinski,
-Krishnan, Chatterjee, Sec. 2, 3.3 and 4.3) at small scale on scikit-learn's digits.
+"""Memorization under suppressed weak gradient directions (coherent gradients, Zielinski et
+al. 2020, Sec. 2, 3.3 and 4.3) at small scale on scikit-learn's digits.
 
 An MLP is trained from the same initialisation and batch order with 0 / 50 / 100% label noise by
 plain SGD and by the wrappers of :mod:`deepmodels.optim` around the same SGD: RA3 (control), RM3, M3
@@ -21,6 +21,10 @@ accuracy is tracked in the clean-label runs: does RM3 impair the hard examples m
 
 Every finished run is saved under ``<out>/coherent_gradients_runs/`` and skipped on a rerun.
 Writes ``coherent_gradients.nc`` and ``coherent_gradients.png``.
+
+References:
+    Zielinski et al., "Weak and Strong Gradient Directions: Explaining Memorization, Generalization,
+    and Hardness of Examples at Scale", 2020.
 """
 
 from __future__ import annotations

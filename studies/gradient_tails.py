@@ -1,4 +1,4 @@
-"""Heavy tails, Gaussianity and power-law covariance of stochastic gradients (Xie et al., seed 002).
+"""Heavy tails, Gaussianity and power-law covariance of stochastic gradients (Xie et al. 2023).
 
 A gradient history G ``(T, P)`` holds T mini-batch gradients at fixed parameters (one row per
 iteration).  On each history this study runs the tests of Xie et al. Table 1 / Table 4 -- power-law
@@ -26,6 +26,10 @@ hold the scale and the case, not the settings of ``SCALES``: clear the folder af
 ``gradient_tails.nc`` (groups ``toy``, source simulation, and ``deep``, source measurement, both
 over ``case`` x ``kind`` / ``rank``), ``gradient_tails.png`` (spectra) and
 ``gradient_tails_tests.png`` (pass rates), and prints the tables.
+
+References:
+    Z. Xie, Q.-Y. Tang, M. Sun and P. Li, "On the Overlooked Structure of Stochastic Gradients",
+    NeurIPS 2023.
 """
 
 from __future__ import annotations

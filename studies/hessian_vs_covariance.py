@@ -1,6 +1,7 @@
 """Is the gradient covariance the Hessian?  Rayleigh quotients v^T H v against v^T C v along chosen
-directions of real networks (lecture seed 004, "NQM: H = C?", the scatter along K-FAC eigenvectors;
-the NQM assumes the noise covariance is aligned with, and proportional to, the curvature).
+directions of real networks (Grosse's CSC 2541 Lecture 7, the "Noisy Quadratic Model" slide on
+H = C: the scatter along K-FAC eigenvectors; the NQM assumes the noise covariance is aligned with,
+and proportional to, the curvature).
 
 For a model on the cross-entropy loss the gradient covariance C (per-example, centred) approaches
 the Fisher and so the Gauss-Newton part of the Hessian near a good fit; far from it, and along
@@ -19,6 +20,10 @@ gives the correlation of the logarithms over the directions with positive curvat
     python -m studies run hessian_vs_covariance --full     # 50 directions, all training examples
 
 Writes ``hessian_vs_covariance.nc`` and ``hessian_vs_covariance.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Two models of stochastic optimization: O(1/k) noise floors vs exponential convergence (lecture
-seed 004, "Stochastic Linear Regression", "Exponential Convergence", "Two Models").
+"""Two models of stochastic optimization: O(1/k) noise floors vs exponential convergence (Grosse's
+CSC 2541 Lecture 7, "Stochastic Linear Regression", "Exponential Convergence", "Two Models of
+Stochastic Optimization").
 
 Left panel, online data (loss / L0 vs step, log-log), one spectrum lambda_i = 1/i, one SGD learning
 rate, batch size 1:
@@ -20,6 +21,10 @@ Strohmer-Vershynin bound, which holds for the consistent system; label noise sta
 
 Writes ``interpolation.nc`` (netCDF groups ``online``, ``finite`` and ``finite_mc``) and
 ``interpolation.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Gradient variance along training of real networks for four gradient-mean estimators (Faghri et al.,
-seed 000, Sec. 4.1, Fig. 2-3): does the variance rise or fall as a network learns, and how much do
+"""Gradient variance along training of real networks for four gradient-mean estimators (Faghri et al.
+2020, Sec. 4.1, Fig. 2-3): does the variance rise or fall as a network learns, and how much do
 SG-2B, SVRG and gradient clustering remove?
 
 An MLP and a LeNet-style CNN are trained on scikit-learn's digits by SGD (B = 32).  At log-spaced
@@ -18,6 +18,10 @@ variance and the normalized variance of:
     python -m studies run network_variance --full     # 5000 steps, every training example
 
 Writes ``network_variance.nc`` and ``network_variance.png``.
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The convergence-rate / noise-floor trade-off of SGD along high- and low-curvature directions of
-the NQM (lecture seed 004, "NQM: per-dimension analysis"; Zhang et al. 2019, Sec. 3).
+the NQM (Grosse's CSC 2541 Lecture 7, the per-dimension risk of the "Noisy Quadratic Model" slides;
+Zhang et al. 2019, Sec. 3).
 
 Along an eigen-direction with curvature h and gradient-noise variance c, SGD with learning rate a and
 batch size B has the expected loss, exactly,
@@ -20,6 +21,10 @@ rate: no single rate is good for both.
     python -m studies run rate_vs_floor --full     # 20000 runs, 10^5 steps
 
 Writes ``rate_vs_floor.nc`` (groups ``exact``, ``simulation``, ``tradeoff``) and ``rate_vs_floor.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

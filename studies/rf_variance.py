@@ -1,4 +1,4 @@
-"""Gradient variance of random-features models vs overparametrization (Faghri et al., seeds 000/001,
+"""Gradient variance of random-features models vs overparametrization (Faghri et al. 2020,
 Sec. 4.2 Fig. 4/5 and Sec. 4.3 Fig. 8).
 
 For each duplicate share (none, and 5 points repeated to make up part of the set), learning rate and
@@ -15,6 +15,10 @@ variance (top) and of SG-B's normalized variance (bottom), as in the paper.
 
 Every finished point is saved under ``<out>/rf_variance_points/`` and skipped on a rerun, so an
 interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations

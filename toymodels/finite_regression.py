@@ -23,6 +23,10 @@ P_r e + rho_r x_r / |x_r|^2 with the projection P_r = I - u_r u_r^T, u_r = x_r /
 
 For a consistent system (rho = 0) and w_0 in the row space, E|e_k|^2 <= (1 - 1/kappa^2)^k |e_0|^2
 with kappa = |X|_F / sigma_min(X) (sigma_min the smallest non-zero singular value).
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

@@ -10,13 +10,17 @@ A spec only writes (A0, A1, b1); :mod:`toymodels.dynamics` propagates the moment
 the loss is measured at.
 
 * :class:`SGD` -- theta' = theta - a (h theta + eps), with a = lr * h^-gamma for P = H^gamma
-  (lecture seed 004, "NQM: Preconditioning").  State (theta,).
+  (Grosse's lecture, "NQM: Preconditioning").  State (theta,).
 * :class:`Momentum` -- heavy ball in the lecture's form, v' = beta v - a g, theta' = theta + v'.
   State (theta, v).
 * :class:`EMA` -- exponential moving average of the iterates of any base optimizer,
   avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is read at avg.  State (base..., avg).
 
 Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iterate averaging.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -121,7 +125,10 @@ class SGD(Optimizer):
 @validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0))
 @dataclass(frozen=True)
 class Momentum(Optimizer):
-    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v' (lecture seed 004), beta in [0, 1)."""
+    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v', beta in [0, 1).
+
+    The form of Grosse's CSC 2541 Lecture 7, "NQM: Momentum and Iterate Averaging".
+    """
 
     lr: Schedule | float
     beta: float = 0.9
