@@ -76,6 +76,8 @@ class Dataset:
 
     @validate(device=Device())
     def to(self, device) -> "Dataset":
+        """A copy with the four tensors on ``device`` (a ``torch.device`` or its name; one this torch build
+        can use); ``n_classes`` and ``name`` are kept."""
         return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                        self.y_test.to(device), self.n_classes, self.name)
 

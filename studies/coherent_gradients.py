@@ -254,12 +254,23 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The final accuracies as a table: one row per (label noise, optimizer), one column per subset
+    (pristine, corrupt against the noisy label, test, easy, hard)."""
     final = res.accuracy.isel(step=-1).sel(subset=["pristine", "corrupt", "test", "easy", "hard"])
     table = final.reset_coords(drop=True).to_dataframe().unstack("subset")
     return f"final accuracy (corrupt: against the noisy label):\n{table.to_string(float_format='%.3f')}"
 
 
 def main(argv=None):
+    """The command line ``python -m studies run coherent_gradients`` (``-h`` lists the flags): run at
+    the scale the flags choose, print the final accuracies and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "coherent_gradients", argv, summary=summary)
 
 

@@ -94,6 +94,8 @@ class Case:
 
     @property
     def name(self) -> str:
+        """The case's identifier, e.g. ``"cnn-digits-init-sgd-noise0-c10-B1"``: its coordinate in the
+        results and the name of its resume file."""
         return (f"{self.model}-{self.data}-{self.state}-{self.optimizer}-noise{self.label_noise:g}-c{self.n_classes}"
                 f"-B{self.batch_size}")
 
@@ -426,6 +428,9 @@ def plot_tests(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """Xie et al.'s Table 1 (pass rates at the table's batch size) for the toy models and the networks,
+    Table 4 (at initialisation), the covariance-spectrum fits, and the slope of the top covariance
+    eigenvalue against the batch size, as text."""
     toy, deep = res["toy"], res["deep"]
     b = toy.attrs["table_batch"]
     options = ("display.width", 200, "display.max_rows", 500, "display.max_columns", 20, "display.float_format", "{:.4g}".format)
@@ -440,6 +445,15 @@ def summary(res) -> str:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run gradient_tails`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the tables of :func:`summary` and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "gradient_tails", argv, summary=summary)
 
 

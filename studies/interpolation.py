@@ -118,6 +118,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
 
 
 def plot(result: dict, path: str) -> None:
+    """Three panels: the online curves with the NQM's O(1/k) lower bound (log-log); the finite data set's
+    excess loss under SGD and Kaczmarz, exact and Monte Carlo (semi-log); Kaczmarz's squared error with
+    the Strohmer-Vershynin bound."""
     online, finite, finite_mc = result["online"], result["finite"], result["finite_mc"]
     fig, (ax1, ax2, ax3) = style.figure(3, width=5.5, height=4.5)
     k = online.step.values
@@ -170,10 +173,20 @@ def plot(result: dict, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The online curves' loss / L0 at the last step, one line per curve."""
     return "online, loss / L0 at the last step:\n" + res["online"].loss.isel(step=-1).to_pandas().to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run interpolation`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the final online losses and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "interpolation", argv, summary=summary)
 
 

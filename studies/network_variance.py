@@ -117,6 +117,8 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: xr.Dataset, path: str) -> None:
+    """Two log-log panels per network: the average variance and the normalized variance of each
+    estimator (SG-B, SG-2B, SVRG, GC) against the training step."""
     cases = list(result.case.values)
     fig, axes = style.figure(2 * len(cases), width=4.2, height=4.0)
     for c, case in enumerate(cases):
@@ -137,6 +139,7 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The average variance per estimator (rows) and probe step (columns), one table per network."""
     lines = ["average variance (rows: estimator, columns: step):"]
     for case in res.case.values:
         lines += [case, res.grad_var.sel(case=case).to_pandas().to_string(float_format="%.3g")]
@@ -144,6 +147,15 @@ def summary(res) -> str:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run network_variance`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the variance tables and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "network_variance", argv, summary=summary)
 
 

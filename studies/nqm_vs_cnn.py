@@ -212,6 +212,13 @@ def plot(result, path):
 
 
 def main(argv=None):
+    """The command line ``python -m studies run nqm_vs_cnn`` (``-h`` lists the flags): the shared flags
+    and ``--network``; prints the measured steps per batch size, the predicted and measured critical
+    batch sizes with the calibration factor, and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+    """
     p = parser(__doc__, scheduler=True)
     p.add_argument("--network", default="cnn", choices=tuple(NETWORKS), help="cnn (digits) or mlp1d (MNIST-1D)")
     a = p.parse_args(argv)

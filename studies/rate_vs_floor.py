@@ -90,6 +90,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: dict, path: str) -> None:
+    """Three panels: the high- and the low-curvature direction's expected loss over steps for each
+    learning rate (exact lines, Monte Carlo markers with standard errors), and both directions' noise
+    floor and convergence time against the learning rate."""
     exact, sims, trade = result["exact"], result["simulation"], result["tradeoff"]
     fig, axes = style.figure(3, width=5.0)
     for ax, name in zip(axes[:2], CURVATURES):
@@ -123,11 +126,21 @@ def plot(result: dict, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The exact expected loss at the last step, one row per direction, one column per learning rate."""
     last = res["exact"].loss.isel(step=-1).to_pandas()
     return "expected loss at the last step (rows: direction, columns: lr):\n" + last.to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run rate_vs_floor`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the expected loss at the last step and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "rate_vs_floor", argv, summary=summary)
 
 

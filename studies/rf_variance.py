@@ -172,11 +172,22 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The maximal average variance of each estimator (columns) at the largest learning rate, one row per
+    duplicate share and training-set size."""
     table = res.grad_var_max.sel(lr=res.lr.values[-1]).reset_coords(drop=True).to_dataframe().unstack("estimator")
     return f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run rf_variance`` (``-h`` lists the flags): run at the scale
+    the flags choose, print the variance table and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "rf_variance", argv, summary=summary, scheduler=True)
 
 

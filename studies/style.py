@@ -49,6 +49,7 @@ def figure(n_panels: int, *, width: float = 5.2, height: float = 4.3, **kwargs):
 
 
 def save(fig, path: str, *, dpi: int = 110) -> None:
+    """Lay ``fig`` out tightly, write it to ``path`` (the format from the suffix) at ``dpi`` and close it."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

@@ -94,6 +94,8 @@ class RandomFeatures:
 
     @property
     def params(self) -> dict:
+        """The generating parameters, as attrs of the model's results: ``n_train``, ``input_dim``,
+        ``teacher_hidden``, ``student_hidden``, ``duplicates`` and ``seed``."""
         return {"n_train": self.n_train, "input_dim": self.input_dim, "teacher_hidden": self.teacher_hidden,
                 "student_hidden": self.student_hidden, "duplicates": self.duplicates, "seed": self.seed}
 
@@ -116,6 +118,15 @@ class RandomFeatures:
 
     @validate(theta2=Array(1))
     def accuracy(self, theta2) -> float:
+        """Training accuracy of the student with second layer ``theta2``: the fraction of the N training
+        examples with y_i (phi_i . theta_2) > 0 (a zero margin counts as wrong).
+
+        Args:
+            theta2: second-layer weights, shape ``(student_hidden,)``, finite.
+
+        Returns:
+            float: the accuracy, in [0, 1].
+        """
         return float(np.mean(self.y * (self.phi @ self._check_theta(theta2)) > 0))
 
     def _grad_weights(self, theta2, idx=slice(None)):

@@ -141,10 +141,12 @@ class FiniteLinearRegression:
     # ------------------------------------------------------------------------------------------
     @property
     def n(self) -> int:
+        """Number of data rows n (training examples)."""
         return self.X.shape[0]
 
     @property
     def dim(self) -> int:
+        """Number of features d (columns of X)."""
         return self.X.shape[1]
 
     @property
@@ -159,11 +161,14 @@ class FiniteLinearRegression:
 
     @property
     def initial_loss(self) -> float:
+        """Excess loss at w_0: (w_0 - w_ls)^T Sigma (w_0 - w_ls) / 2 with Sigma = X^T X / n (the training
+        loss at w_0 minus :attr:`min_loss`), the loss every curve of this model starts from."""
         e = self.w0 - self.w_ls
         return float(0.5 * e @ self.sigma @ e)
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``n``, ``dim``, ``min_loss`` and ``interpolating``."""
         return {"n": self.n, "dim": self.dim, "min_loss": self.min_loss, "interpolating": self.interpolating}
 
     @validate(optimizer=Maybe(OPTIMIZER))

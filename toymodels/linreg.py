@@ -92,6 +92,7 @@ class GaussianLinearRegression:
     # ------------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
+        """Number of features d (eigen-directions of Sigma)."""
         return self.h.size
 
     @property
@@ -101,10 +102,13 @@ class GaussianLinearRegression:
 
     @property
     def initial_loss(self) -> float:
+        """Excess risk at w_0 = 0: sum_i lambda_i w*_i^2 / 2 (the label-noise floor sigma^2 / 2 not
+        included)."""
         return float(0.5 * np.sum(self.h * self.init_sq))
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
     def _S0(self, optimizer):

@@ -155,6 +155,7 @@ class NQM:
     # ------------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
+        """Number of modes d (eigen-directions of H)."""
         return self.h.size
 
     @property
@@ -164,6 +165,7 @@ class NQM:
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``dim`` and ``initial_loss``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss}
 
     def _S0(self, optimizer):

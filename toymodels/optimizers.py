@@ -47,6 +47,7 @@ class Optimizer:
 
     @property
     def init(self) -> np.ndarray:  # pragma: no cover - abstract
+        """How the state starts from theta_0: x_0 = ``init`` * theta_0 per mode, shape ``(n_state,)``."""
         raise NotImplementedError
 
     @validate(h=_CURVATURE)
@@ -82,6 +83,9 @@ class Optimizer:
 
     @property
     def hyperparameters(self) -> dict:  # pragma: no cover - abstract
+        """The settings that name the spec in results' attrs: ``optimizer`` (``"sgd"``, ``"precond"``,
+        ``"momentum"``, with ``"+ema"`` under iterate averaging) and the hyper-parameters other than the
+        learning rate (``precond``, ``momentum``, ``decay``)."""
         raise NotImplementedError
 
 
@@ -105,6 +109,7 @@ class SGD(Optimizer):
 
     @property
     def init(self):
+        """``[1.0]``: the state is theta itself."""
         return np.array([1.0])
 
     def _affine(self, h):
@@ -119,6 +124,7 @@ class SGD(Optimizer):
 
     @property
     def hyperparameters(self):
+        """``optimizer`` (``"sgd"``, or ``"precond"`` when ``precond > 0``) and ``precond``."""
         return {"optimizer": "sgd" if self.precond == 0 else "precond", "precond": self.precond}
 
 
@@ -143,6 +149,7 @@ class Momentum(Optimizer):
 
     @property
     def init(self):
+        """``[1.0, 0.0]``: theta_0 and zero velocity."""
         return np.array([1.0, 0.0])
 
     def _affine(self, h):
@@ -166,6 +173,7 @@ class Momentum(Optimizer):
 
     @property
     def hyperparameters(self):
+        """``optimizer="momentum"``, ``precond`` and ``momentum`` (beta)."""
         return {"optimizer": "momentum", "precond": self.precond, "momentum": self.beta}
 
 
@@ -188,18 +196,22 @@ class EMA(Optimizer):
 
     @property
     def lr(self):
+        """The base optimizer's learning rate (a :class:`~toymodels.schedules.Schedule`)."""
         return self.base.lr
 
     @property
     def n_state(self):
+        """The base optimizer's state entries and one more, the average."""
         return self.base.n_state + 1
 
     @property
     def readout(self):
+        """Index of the average in the state (its last entry): the loss is measured there."""
         return self.base.n_state
 
     @property
     def init(self):
+        """The base optimizer's ``init`` followed by 1 (avg_0 = theta_0)."""
         return np.concatenate([self.base.init, [1.0]])
 
     def _affine(self, h):
@@ -225,6 +237,7 @@ class EMA(Optimizer):
 
     @property
     def hyperparameters(self):
+        """The base optimizer's, with ``"+ema"`` appended to ``optimizer``, and the ``decay``."""
         hp = dict(self.base.hyperparameters)
         hp["optimizer"] = hp["optimizer"] + "+ema"
         hp["decay"] = self.decay
