@@ -4,12 +4,14 @@ Stochastic Optimization").
 
 Left panel, online data (loss / L0 vs step, log-log), one spectrum lambda_i = 1/i, one SGD learning
 rate, batch size 1:
+
   * the NQM with gradient noise independent of the parameters (C = sigma^2 H: linear regression's
     label noise alone): SGD stalls at a noise floor, and no algorithm beats the information-theoretic
     O(1/k) bound (dotted);
   * online linear regression with label noise sigma: the batch noise adds to it, same kind of floor;
   * online linear regression without label noise (a teacher the student can match): the noise
     vanishes at the optimum and the risk falls exponentially.
+
 Middle panel, a finite data set (excess loss / L0 vs step, semi-log): SGD with replacement (exact,
 with Monte Carlo with and without replacement) and randomized Kaczmarz (exact and Monte Carlo), on
 interpolating data and on noisy data.  Right panel: Kaczmarz's squared error with the

@@ -10,11 +10,11 @@ variance (top) and of SG-B's normalized variance (bottom), as in the paper.
 
     python -m studies run rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
     python -m studies run rf_variance --quick    # smaller still
-    python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours;
-                                                 # --scheduler spreads the points over a dask cluster)
+    python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours)
 
-Every finished point is saved under ``<out>/rf_variance_points/`` and skipped on a rerun, so an
-interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
+``--scheduler`` spreads the points over a dask cluster.  Every finished point is saved under
+``<out>/rf_variance_points/`` and skipped on a rerun, so an interrupted run resumes.  Writes
+``rf_variance.nc`` and ``rf_variance.png``.
 
 References:
     F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
