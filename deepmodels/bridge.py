@@ -1,5 +1,5 @@
-"""An NQM fitted to a network (Zhang et al. 2019's calibration; lecture seed 004, "NQM: Empirical
-Results"), and its predicted steps-to-target curve beside the measured one.
+"""An NQM fitted to a network (Zhang et al. 2019's calibration; Grosse's CSC 2541 Lecture 7, "Noisy
+Quadratic Model: Empirical Results"), and its predicted steps-to-target curve beside the measured one.
 
 At a point of training, on a batch ``(x, y)``:
 
@@ -19,6 +19,10 @@ The fit quality is reported (R^2 of both log-log fits, the tail's share of tr H,
 and of the noise).  Predicted steps
 come from :func:`toymodels.sweep.batch_size_sweep` on the fitted NQM; ``calibrate=(batch_size,
 steps)`` rescales them by one measured point, as the NQM paper does, and reports the factor.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

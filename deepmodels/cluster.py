@@ -13,6 +13,10 @@ uncorrelated) for Linear layers and to the top singular pair of the cluster's me
 min-Frobenius rank-1 fit) for Conv2d layers.  The variance of the stratified estimator for the
 resulting partition is Prop. 3.1's N^-2 sum_k N_k^2 V_k, computed exactly from per-cluster sums
 (no (N, P) array for Linear layers).
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations

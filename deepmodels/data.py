@@ -9,6 +9,12 @@
 
 Every split and corruption is drawn from an explicit seed.  Arguments are checked before any
 work (see :mod:`deepmodels._validate`); ``device`` must be one this torch build can use.
+
+References:
+    * F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep
+      Learning", 2020.
+    * Zielinski et al., "Weak and Strong Gradient Directions: Explaining Memorization,
+      Generalization, and Hardness of Examples at Scale", 2020.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class Dataset:
 
     @validate(device=Device())
     def to(self, device) -> "Dataset":
+        """A copy with the four tensors on ``device`` (a ``torch.device`` or its name; one this torch build
+        can use); ``n_classes`` and ``name`` are kept."""
         return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
                        self.y_test.to(device), self.n_classes, self.name)
 
@@ -137,9 +145,10 @@ def corrupt_labels(y, fraction: float, n_classes: int, seed: int = 0, *, redraw:
 
     By default each chosen label is replaced by a different class drawn uniformly (``fraction`` in
     [0, 1)).  ``redraw=True`` draws the chosen labels uniformly from all classes instead, as the
-    coherent-gradients paper randomizes labels (seed 003): about 1 / n_classes of them keep their
-    class, and ``fraction`` may be 1.  Returns ``(new_labels, corrupted_mask)`` (numpy), the mask true
-    where the label differs from the original.  ``y``: integer labels in ``[0, n_classes)``.
+    coherent-gradients paper randomizes labels (Zielinski et al. 2020, Sec. 2): about 1 / n_classes
+    of them keep their class, and ``fraction`` may be 1.  Returns ``(new_labels, corrupted_mask)``
+    (numpy), the mask true where the label differs from the original.  ``y``: integer labels in
+    ``[0, n_classes)``.
     """
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"`y` must hold class labels in [0, {n_classes}) (`n_classes`); got "

@@ -6,13 +6,18 @@ lecture's comparison of curvature H with gradient noise C along chosen direction
   restarted Lanczos, ``scipy.sparse.linalg.eigsh``, on the HVP operator).
 * :func:`hutchinson_trace`: tr H = E[v^T H v] with Rademacher v, with its standard error.
 * :func:`rayleigh_quotients`: v^T H v and v^T C v for directions v (C the per-example gradient
-  covariance), the scatter that justifies H = C in the NQM (lecture seed 004).
+  covariance), the scatter that justifies H = C in the NQM (Grosse's CSC 2541 Lecture 7, the
+  "Noisy Quadratic Model" slide on H = C).
 
 Parameters are the model's trainable ones, flattened in ``named_parameters`` order; the loss is
 ``loss_fn(model(x), y)`` on one fixed batch.  ``x`` must have the model's dtype and device (see
 :mod:`deepmodels._validate`); direction vectors (``v``, ``directions``) are converted to the
 parameters' dtype and device.  A model with non-finite parameters, or a non-finite loss, raises
 :class:`deepmodels._validate.Diverged` (a ValueError).
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Robust gradient aggregation that suppresses weak gradient directions (coherent gradients,
-seed ``003_...``: Zielinski, Krishnan, Chatterjee, "Weak and strong gradient directions", Sec. 3 and
-App. B), as wrappers around any ``torch.optim.Optimizer``.
+Zielinski et al. 2020, "Weak and Strong Gradient Directions", Sec. 3 and App. B), as wrappers
+around any ``torch.optim.Optimizer``.
 
 Each wrapper forms an aggregated gradient, writes it into ``p.grad`` and calls the inner
 optimizer's ``step()``, so it works with SGD, momentum, Adam, ... unchanged:
@@ -27,6 +27,10 @@ stays bounded however long one trains.
     ...     return loss
     >>> for _ in range(100):
     ...     loss = opt.step(closure)
+
+References:
+    Zielinski et al., "Weak and Strong Gradient Directions: Explaining Memorization, Generalization,
+    and Hardness of Examples at Scale", 2020.
 """
 
 from __future__ import annotations

@@ -279,6 +279,9 @@ class Measurement:
 
     @validate()
     def to_dataset(self) -> xr.Dataset:
+        """The statistics of :meth:`variables` as a Dataset over ``layer`` (the last entry the total), with
+        a ``step`` dimension of length one when :attr:`step` is set; a diverged measurement keeps its
+        reason in ``attrs["diverged"]``."""
         ds = xr.Dataset({k: ("layer", v) for k, v in self.variables().items()}, coords={"layer": self.layer})
         if self.diverged is not None:
             ds.attrs["diverged"] = self.diverged

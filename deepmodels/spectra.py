@@ -1,9 +1,13 @@
-"""Gradient-history matrices and their spectra (Xie et al., seed 002, App. A), by the Gram trick.
+"""Gradient-history matrices and their spectra (Xie et al. 2023, App. A), by the Gram trick.
 
 At fixed parameters, T mini-batch gradients g_1..g_T (rows of M, ``(T, P)``) give the second-moment
 matrix M^T M / T and the covariance (M - mean)^T (M - mean) / T, both P x P.  Their non-zero
 eigenvalues are those of the T x T Gram matrices M M^T / T and (centred) Mc Mc^T / T, so the
 spectra cost O(T^2 P + T^3) and never form a P x P matrix.
+
+References:
+    Z. Xie, Q.-Y. Tang, M. Sun and P. Li, "On the Overlooked Structure of Stochastic Gradients",
+    NeurIPS 2023.
 """
 
 from __future__ import annotations

@@ -27,3 +27,5 @@ STUDIES = {
                           "batch-size warmup",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
 }
+"""Every study: its module name under :mod:`studies` -> one line on what it shows (``python -m studies
+list`` prints them, in this order)."""

@@ -25,13 +25,19 @@ def _module(name):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m studies", description=__doc__.splitlines()[0])
+    # the docstring's first paragraph on one line (as studies._io.description, without importing the models)
+    p = argparse.ArgumentParser(prog="python -m studies", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                epilog="`python -m studies list` shows the studies; `python -m studies run NAME -h` "
+                                       "shows a study's flags.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the studies")
-    r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)")
+    sub.add_parser("list", help="list the studies", description="List the studies, one line each.")
+    r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)",
+                       description="Run a study and write its results (NAME.nc) and figure (NAME.png); the flags "
+                                   "after NAME go to the study, and `python -m studies run NAME -h` lists them.")
     r.add_argument("name", help="a study from `python -m studies list`; `run NAME -h` shows its flags")
-    pl = sub.add_parser("plot", help="redraw a study's figure from its netCDF file")
-    pl.add_argument("file")
+    pl = sub.add_parser("plot", help="redraw a study's figure from its netCDF file",
+                        description="Redraw a study's figure from the netCDF file it wrote, without recomputing.")
+    pl.add_argument("file", help="a study's results file (e.g. results/NAME.nc)")
     pl.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
     if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):  # the rest belongs to the study
         module = _module(argv[1])

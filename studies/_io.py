@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import xarray as xr
@@ -17,15 +18,23 @@ import xarray as xr
 from toymodels import resume
 from toymodels.schema import validate
 
-__all__ = ["SCALES", "parser", "scale_of", "command", "save", "publish", "load", "settings_tag"]
+__all__ = ["SCALES", "description", "parser", "scale_of", "command", "save", "publish", "load", "settings_tag"]
 
 SCALES = ("quick", "default", "full")
 
 
+def description(doc: str) -> str:
+    """The first paragraph of a module docstring ``doc`` on one line (whitespace runs joined into one
+    space): a study's ``-h`` description, whole sentences rather than the docstring's first line."""
+    first = re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0]
+    return " ".join(first.split())
+
+
 def parser(doc: str, *, scheduler: bool = False) -> argparse.ArgumentParser:
     """The flags every study takes: ``--quick`` / ``--full`` (default: the reduced scale), ``--out``,
-    ``--no-progress``, and ``--scheduler`` for studies whose tasks can run on dask."""
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ``--no-progress``, and ``--scheduler`` for studies whose tasks can run on dask.  The description
+    is the first paragraph of ``doc`` (:func:`description`)."""
+    p = argparse.ArgumentParser(description=description(doc))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smallest scale (seconds to a few minutes on a CPU)")
     g.add_argument("--full", action="store_true", help="the papers' scale (long)")
@@ -46,6 +55,7 @@ def settings_tag(scale: str, cfg: dict) -> str:
 
 
 def scale_of(args) -> str:
+    """The scale the parsed flags choose: ``"quick"``, ``"full"`` or ``"default"``."""
     return "quick" if args.quick else "full" if args.full else "default"
 
 

@@ -1,4 +1,5 @@
-"""Steps to a target loss vs batch size on the NQM, each point tuned (lecture seed 004, NQM slides).
+"""Steps to a target loss vs batch size on the NQM, each point tuned (Grosse's CSC 2541 Lecture 7,
+"Noisy Quadratic Model" slides).
 
 Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned), iterate
 averaging (SGD + EMA, lr and decay tuned) and SGD with a tuned 3-piece learning-rate schedule, with the
@@ -11,6 +12,10 @@ noise-dominated regime).
 
 Writes ``batch_size_scaling.nc`` and ``batch_size_scaling.png`` into ``--out`` (default ``results``);
 per-family sweeps are saved as they go and resume after an interruption.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
 
 
 def plot(result: xr.Dataset, path: str) -> None:
-    """Two panels: steps vs batch size with the lower bound; tuned learning rate vs batch size."""
+    """Three panels: steps vs batch size with the lower bound; tuned learning rate vs batch size; the
+    tuned 3-piece schedules of some batch sizes (when the sweep has them)."""
     fig, (ax1, ax2, ax3) = style.figure(3, width=5.2, height=4.2)
     bs = result.batch_size.values
     for fam, label in FAMILIES.items():
@@ -172,6 +178,13 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run batch_size_scaling`` (``-h`` lists the flags): the
+    shared flags, ``--dim`` and ``--target-fraction``; runs the sweeps and prints the steps to target
+    per family and batch size and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+    """
     p = parser(__doc__, scheduler=True)
     p.add_argument("--dim", type=int, default=None, help="NQM dimension (default: 10^4; 10^3 quick, 10^5 full)")
     p.add_argument("--target-fraction", type=float, default=0.01, help="target loss as a fraction of L0")

@@ -1,5 +1,5 @@
-"""Memorization under suppressed weak gradient directions (coherent gradients, seed 003: Zielinski,
-Krishnan, Chatterjee, Sec. 2, 3.3 and 4.3) at small scale on scikit-learn's digits.
+"""Memorization under suppressed weak gradient directions (coherent gradients, Zielinski et
+al. 2020, Sec. 2, 3.3 and 4.3) at small scale on scikit-learn's digits.
 
 An MLP is trained from the same initialisation and batch order with 0 / 50 / 100% label noise by
 plain SGD and by the wrappers of :mod:`deepmodels.optim` around the same SGD: RA3 (control), RM3, M3
@@ -21,6 +21,10 @@ accuracy is tracked in the clean-label runs: does RM3 impair the hard examples m
 
 Every finished run is saved under ``<out>/coherent_gradients_runs/`` and skipped on a rerun.
 Writes ``coherent_gradients.nc`` and ``coherent_gradients.png``.
+
+References:
+    Zielinski et al., "Weak and Strong Gradient Directions: Explaining Memorization, Generalization,
+    and Hardness of Examples at Scale", 2020.
 """
 
 from __future__ import annotations
@@ -250,12 +254,23 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The final accuracies as a table: one row per (label noise, optimizer), one column per subset
+    (pristine, corrupt against the noisy label, test, easy, hard)."""
     final = res.accuracy.isel(step=-1).sel(subset=["pristine", "corrupt", "test", "easy", "hard"])
     table = final.reset_coords(drop=True).to_dataframe().unstack("subset")
     return f"final accuracy (corrupt: against the noisy label):\n{table.to_string(float_format='%.3f')}"
 
 
 def main(argv=None):
+    """The command line ``python -m studies run coherent_gradients`` (``-h`` lists the flags): run at
+    the scale the flags choose, print the final accuracies and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "coherent_gradients", argv, summary=summary)
 
 

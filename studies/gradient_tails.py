@@ -1,4 +1,4 @@
-"""Heavy tails, Gaussianity and power-law covariance of stochastic gradients (Xie et al., seed 002).
+"""Heavy tails, Gaussianity and power-law covariance of stochastic gradients (Xie et al. 2023).
 
 A gradient history G ``(T, P)`` holds T mini-batch gradients at fixed parameters (one row per
 iteration).  On each history this study runs the tests of Xie et al. Table 1 / Table 4 -- power-law
@@ -26,6 +26,10 @@ hold the scale and the case, not the settings of ``SCALES``: clear the folder af
 ``gradient_tails.nc`` (groups ``toy``, source simulation, and ``deep``, source measurement, both
 over ``case`` x ``kind`` / ``rank``), ``gradient_tails.png`` (spectra) and
 ``gradient_tails_tests.png`` (pass rates), and prints the tables.
+
+References:
+    Z. Xie, Q.-Y. Tang, M. Sun and P. Li, "On the Overlooked Structure of Stochastic Gradients",
+    NeurIPS 2023.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class Case:
 
     @property
     def name(self) -> str:
+        """The case's identifier, e.g. ``"cnn-digits-init-sgd-noise0-c10-B1"``: its coordinate in the
+        results and the name of its resume file."""
         return (f"{self.model}-{self.data}-{self.state}-{self.optimizer}-noise{self.label_noise:g}-c{self.n_classes}"
                 f"-B{self.batch_size}")
 
@@ -422,6 +428,9 @@ def plot_tests(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """Xie et al.'s Table 1 (pass rates at the table's batch size) for the toy models and the networks,
+    Table 4 (at initialisation), the covariance-spectrum fits, and the slope of the top covariance
+    eigenvalue against the batch size, as text."""
     toy, deep = res["toy"], res["deep"]
     b = toy.attrs["table_batch"]
     options = ("display.width", 200, "display.max_rows", 500, "display.max_columns", 20, "display.float_format", "{:.4g}".format)
@@ -436,6 +445,15 @@ def summary(res) -> str:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run gradient_tails`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the tables of :func:`summary` and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "gradient_tails", argv, summary=summary)
 
 

@@ -1,6 +1,7 @@
 """Is the gradient covariance the Hessian?  Rayleigh quotients v^T H v against v^T C v along chosen
-directions of real networks (lecture seed 004, "NQM: H = C?", the scatter along K-FAC eigenvectors;
-the NQM assumes the noise covariance is aligned with, and proportional to, the curvature).
+directions of real networks (Grosse's CSC 2541 Lecture 7, the "Noisy Quadratic Model" slide on
+H = C: the scatter along K-FAC eigenvectors; the NQM assumes the noise covariance is aligned with,
+and proportional to, the curvature).
 
 For a model on the cross-entropy loss the gradient covariance C (per-example, centred) approaches
 the Fisher and so the Gauss-Newton part of the Hessian near a good fit; far from it, and along
@@ -19,6 +20,10 @@ gives the correlation of the logarithms over the directions with positive curvat
     python -m studies run hessian_vs_covariance --full     # 50 directions, all training examples
 
 Writes ``hessian_vs_covariance.nc`` and ``hessian_vs_covariance.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: xr.Dataset, path: str) -> None:
+    """One log-log panel per case (network, before or after training): v^T C v against v^T H v for each
+    kind of direction (top Hessian eigenvectors, top covariance eigenvectors, random), directions of
+    non-positive curvature left out, with the line C = H and the correlation of the logarithms."""
     cases = list(result.case.values)
     fig, axes = style.figure(len(cases), width=4.2, height=4.2)
     for ax, case in zip(axes, cases):
@@ -121,6 +129,8 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """Per case, the correlation of log v^T H v with log v^T C v (:func:`log_correlation`) and the median
+    ratio C / H over the directions of positive curvature, one line each."""
     lines = []
     for case in res.case.values:
         r = res.sel(case=case)
@@ -131,6 +141,15 @@ def summary(res) -> str:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run hessian_vs_covariance`` (``-h`` lists the flags): run at
+    the scale the flags choose, print the correlations of :func:`summary` and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "hessian_vs_covariance", argv, summary=summary)
 
 

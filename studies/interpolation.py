@@ -1,14 +1,17 @@
-"""Two models of stochastic optimization: O(1/k) noise floors vs exponential convergence (lecture
-seed 004, "Stochastic Linear Regression", "Exponential Convergence", "Two Models").
+"""Two models of stochastic optimization: O(1/k) noise floors vs exponential convergence (Grosse's
+CSC 2541 Lecture 7, "Stochastic Linear Regression", "Exponential Convergence", "Two Models of
+Stochastic Optimization").
 
 Left panel, online data (loss / L0 vs step, log-log), one spectrum lambda_i = 1/i, one SGD learning
 rate, batch size 1:
+
   * the NQM with gradient noise independent of the parameters (C = sigma^2 H: linear regression's
     label noise alone): SGD stalls at a noise floor, and no algorithm beats the information-theoretic
     O(1/k) bound (dotted);
   * online linear regression with label noise sigma: the batch noise adds to it, same kind of floor;
   * online linear regression without label noise (a teacher the student can match): the noise
     vanishes at the optimum and the risk falls exponentially.
+
 Middle panel, a finite data set (excess loss / L0 vs step, semi-log): SGD with replacement (exact,
 with Monte Carlo with and without replacement) and randomized Kaczmarz (exact and Monte Carlo), on
 interpolating data and on noisy data.  Right panel: Kaczmarz's squared error with the
@@ -20,6 +23,10 @@ Strohmer-Vershynin bound, which holds for the consistent system; label noise sta
 
 Writes ``interpolation.nc`` (netCDF groups ``online``, ``finite`` and ``finite_mc``) and
 ``interpolation.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -113,6 +120,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
 
 
 def plot(result: dict, path: str) -> None:
+    """Three panels: the online curves with the NQM's O(1/k) lower bound (log-log); the finite data set's
+    excess loss under SGD and Kaczmarz, exact and Monte Carlo (semi-log); Kaczmarz's squared error with
+    the Strohmer-Vershynin bound."""
     online, finite, finite_mc = result["online"], result["finite"], result["finite_mc"]
     fig, (ax1, ax2, ax3) = style.figure(3, width=5.5, height=4.5)
     k = online.step.values
@@ -165,10 +175,20 @@ def plot(result: dict, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The online curves' loss / L0 at the last step, one line per curve."""
     return "online, loss / L0 at the last step:\n" + res["online"].loss.isel(step=-1).to_pandas().to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run interpolation`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the final online losses and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "interpolation", argv, summary=summary)
 
 

@@ -1,5 +1,5 @@
-"""Gradient variance along training of real networks for four gradient-mean estimators (Faghri et al.,
-seed 000, Sec. 4.1, Fig. 2-3): does the variance rise or fall as a network learns, and how much do
+"""Gradient variance along training of real networks for four gradient-mean estimators (Faghri et al.
+2020, Sec. 4.1, Fig. 2-3): does the variance rise or fall as a network learns, and how much do
 SG-2B, SVRG and gradient clustering remove?
 
 An MLP and a LeNet-style CNN are trained on scikit-learn's digits by SGD (B = 32).  At log-spaced
@@ -18,6 +18,10 @@ variance and the normalized variance of:
     python -m studies run network_variance --full     # 5000 steps, every training example
 
 Writes ``network_variance.nc`` and ``network_variance.png``.
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: xr.Dataset, path: str) -> None:
+    """Two log-log panels per network: the average variance and the normalized variance of each
+    estimator (SG-B, SG-2B, SVRG, GC) against the training step."""
     cases = list(result.case.values)
     fig, axes = style.figure(2 * len(cases), width=4.2, height=4.0)
     for c, case in enumerate(cases):
@@ -133,6 +139,7 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The average variance per estimator (rows) and probe step (columns), one table per network."""
     lines = ["average variance (rows: estimator, columns: step):"]
     for case in res.case.values:
         lines += [case, res.grad_var.sel(case=case).to_pandas().to_string(float_format="%.3g")]
@@ -140,6 +147,15 @@ def summary(res) -> str:
 
 
 def main(argv=None):
+    """The command line ``python -m studies run network_variance`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the variance tables and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "network_variance", argv, summary=summary)
 
 

@@ -1,6 +1,7 @@
 """Theory meets practice: a CNN's measured steps to target per batch size beside the prediction of
-an NQM fitted to the same CNN, and the measured gradient statistics beside the NQM's (lecture seed
-004, "NQM: Empirical Results"; Zhang et al. 2019; Shallue et al. 2019; McCandlish et al. 2018).
+an NQM fitted to the same CNN, and the measured gradient statistics beside the NQM's (Grosse's
+CSC 2541 Lecture 7, "Noisy Quadratic Model: Empirical Results"; Zhang et al. 2019; Shallue et
+al. 2019; McCandlish et al. 2018).
 
 1. Measured: a LeNet-style CNN on scikit-learn's digits, SGD and heavy-ball momentum (0.9), for each
    batch size the best learning rate of a grid (median over seeds) to reach a training loss target
@@ -24,6 +25,10 @@ an NQM fitted to the same CNN, and the measured gradient statistics beside the N
 
 Writes ``nqm_vs_<network>.nc`` (groups measured, predicted, probe, nqm_stats, linreg_stats) and
 ``nqm_vs_<network>.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -207,6 +212,13 @@ def plot(result, path):
 
 
 def main(argv=None):
+    """The command line ``python -m studies run nqm_vs_cnn`` (``-h`` lists the flags): the shared flags
+    and ``--network``; prints the measured steps per batch size, the predicted and measured critical
+    batch sizes with the calibration factor, and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+    """
     p = parser(__doc__, scheduler=True)
     p.add_argument("--network", default="cnn", choices=tuple(NETWORKS), help="cnn (digits) or mlp1d (MNIST-1D)")
     a = p.parse_args(argv)

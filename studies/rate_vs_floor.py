@@ -1,5 +1,6 @@
 """The convergence-rate / noise-floor trade-off of SGD along high- and low-curvature directions of
-the NQM (lecture seed 004, "NQM: per-dimension analysis"; Zhang et al. 2019, Sec. 3).
+the NQM (Grosse's CSC 2541 Lecture 7, the per-dimension risk of the "Noisy Quadratic Model" slides;
+Zhang et al. 2019, Sec. 3).
 
 Along an eigen-direction with curvature h and gradient-noise variance c, SGD with learning rate a and
 batch size B has the expected loss, exactly,
@@ -20,6 +21,10 @@ rate: no single rate is good for both.
     python -m studies run rate_vs_floor --full     # 20000 runs, 10^5 steps
 
 Writes ``rate_vs_floor.nc`` (groups ``exact``, ``simulation``, ``tradeoff``) and ``rate_vs_floor.png``.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: dict, path: str) -> None:
+    """Three panels: the high- and the low-curvature direction's expected loss over steps for each
+    learning rate (exact lines, Monte Carlo markers with standard errors), and both directions' noise
+    floor and convergence time against the learning rate."""
     exact, sims, trade = result["exact"], result["simulation"], result["tradeoff"]
     fig, axes = style.figure(3, width=5.0)
     for ax, name in zip(axes[:2], CURVATURES):
@@ -118,11 +126,21 @@ def plot(result: dict, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The exact expected loss at the last step, one row per direction, one column per learning rate."""
     last = res["exact"].loss.isel(step=-1).to_pandas()
     return "expected loss at the last step (rows: direction, columns: lr):\n" + last.to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run rate_vs_floor`` (``-h`` lists the flags): run at the
+    scale the flags choose, print the expected loss at the last step and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "rate_vs_floor", argv, summary=summary)
 
 

@@ -1,4 +1,4 @@
-"""Gradient variance of random-features models vs overparametrization (Faghri et al., seeds 000/001,
+"""Gradient variance of random-features models vs overparametrization (Faghri et al. 2020,
 Sec. 4.2 Fig. 4/5 and Sec. 4.3 Fig. 8).
 
 For each duplicate share (none, and 5 points repeated to make up part of the set), learning rate and
@@ -10,11 +10,15 @@ variance (top) and of SG-B's normalized variance (bottom), as in the paper.
 
     python -m studies run rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
     python -m studies run rf_variance --quick    # smaller still
-    python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours;
-                                                 # --scheduler spreads the points over a dask cluster)
+    python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours)
 
-Every finished point is saved under ``<out>/rf_variance_points/`` and skipped on a rerun, so an
-interrupted run resumes.  Writes ``rf_variance.nc`` and ``rf_variance.png``.
+``--scheduler`` spreads the points over a dask cluster.  Every finished point is saved under
+``<out>/rf_variance_points/`` and skipped on a rerun, so an interrupted run resumes.  Writes
+``rf_variance.nc`` and ``rf_variance.png``.
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations
@@ -168,11 +172,22 @@ def plot(result: xr.Dataset, path: str) -> None:
 
 
 def summary(res) -> str:
+    """The maximal average variance of each estimator (columns) at the largest learning rate, one row per
+    duplicate share and training-set size."""
     table = res.grad_var_max.sel(lr=res.lr.values[-1]).reset_coords(drop=True).to_dataframe().unstack("estimator")
     return f"max average variance at lr={res.lr.values[-1]:g}:\n" + table.to_string()
 
 
 def main(argv=None):
+    """The command line ``python -m studies run rf_variance`` (``-h`` lists the flags): run at the scale
+    the flags choose, print the variance table and the files written.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        the study's results, as :func:`run` returns them.
+    """
     return command(__doc__, run, "rf_variance", argv, summary=summary, scheduler=True)
 
 

@@ -49,8 +49,9 @@ def figure(n_panels: int, *, width: float = 5.2, height: float = 4.3, **kwargs):
 
 
 def save(fig, path: str, *, dpi: int = 110, rect=None) -> None:
-    """Lay out (``rect``: the part of the figure the axes may fill, (left, bottom, right, top) in
-    figure fractions, leaving room for a figure legend) and write ``fig`` to ``path``, then close it."""
+    """Lay ``fig`` out tightly (``rect``: the part of the figure the axes may fill, (left, bottom,
+    right, top) in figure fractions, leaving room for a figure legend), write it to ``path`` (the
+    format from the suffix) at ``dpi`` and close it."""
     fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)

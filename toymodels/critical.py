@@ -36,9 +36,11 @@ network's loss is read as an excess loss: its minimum taken to be 0).  Each segm
 calibrated once at the reference batch size, f_j = dS_j / n_j(B_ref) (dS_j the reference run's
 steps in the segment), and
 
-    S(B) = min over lr of sum_j f_j n_j(B, lr)         (``lr="per_run"``: one learning rate per
-                                                         run, the measurement protocol), or
-    S(B) = sum_j f_j min over lr of n_j(B, lr)         (``lr="per_segment"``: a lower bound).
+    S(B) = min over lr of sum_j f_j n_j(B, lr),        or
+    S(B) = sum_j f_j min over lr of n_j(B, lr),
+
+the first with ``lr="per_run"`` (one learning rate per run, the measurement protocol), the second
+with ``lr="per_segment"`` (a lower bound).
 
 For ``"per_segment"`` n_j(B_ref) is each quadratic's steps at its own best learning rate; for
 ``"per_run"`` it is the steps at the one learning rate that minimises sum_j f_j n_j(B_ref, lr),

@@ -1,5 +1,5 @@
 """Estimators of the mean gradient from per-example gradients, with their exact variances
-(Faghri et al., seeds 000/001, Sec. 3 and 4).  Framework-agnostic numpy: the deep-net probe passes
+(Faghri et al. 2020, Sec. 3 and 4).  Framework-agnostic numpy: the deep-net probe passes
 its per-example gradients here too.
 
 Input: ``G`` ``(N, P)``, the gradients g_i of the N training examples at the current parameters;
@@ -17,6 +17,10 @@ variance"), and ``grad_nvar`` = V / E|g_hat|^2 = V / (|g|^2 + V) (its "normalize
   V = N^-2 sum_k N_k^2 V_k, V_k the within-cluster variance.  The partition minimising V is a
   weighted clustering (Eq. 2), found by Alg. 1-3: A step a_i = argmin_k N_k |C_k - g_i|^2 at fixed
   N_k, N_k update, U step C_k = mean of cluster k.
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations

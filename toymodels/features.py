@@ -1,4 +1,4 @@
-"""The random-features teacher-student model of Faghri et al. (seeds 000/001, Sec. 4.2 and 4.3).
+"""The random-features teacher-student model of Faghri et al. 2020 (Sec. 4.2 and 4.3).
 
 Data: x ~ N(0, I_I); a teacher with h_t ReLU features (columns of theta_hat_1 ``(I, h_t)``, each
 scaled to unit norm), second layer theta_hat_2 ~ N(0, I) and bias b ~ N(0, 1) labels
@@ -13,6 +13,10 @@ gradients are closed-form: g_i = -y_i sigmoid(-y_i phi_i . theta_2) phi_i.
 :meth:`RandomFeatures.train` runs mini-batch SGD and, on a schedule, measures the variance of the
 gradient-mean estimators of :mod:`toymodels.estimators` (SG-B, SG-2B, SVRG and GC, with the SVRG
 snapshot and the GC clustering refreshed every ``update_every`` steps, as in the paper).
+
+References:
+    F. Faghri, D. Duvenaud, D. J. Fleet and J. Ba, "A Study of Gradient Variance in Deep Learning",
+    2020.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class RandomFeatures:
 
     @property
     def params(self) -> dict:
+        """The generating parameters, as attrs of the model's results: ``n_train``, ``input_dim``,
+        ``teacher_hidden``, ``student_hidden``, ``duplicates`` and ``seed``."""
         return {"n_train": self.n_train, "input_dim": self.input_dim, "teacher_hidden": self.teacher_hidden,
                 "student_hidden": self.student_hidden, "duplicates": self.duplicates, "seed": self.seed}
 
@@ -112,6 +118,15 @@ class RandomFeatures:
 
     @validate(theta2=Array(1))
     def accuracy(self, theta2) -> float:
+        """Training accuracy of the student with second layer ``theta2``: the fraction of the N training
+        examples with y_i (phi_i . theta_2) > 0 (a zero margin counts as wrong).
+
+        Args:
+            theta2: second-layer weights, shape ``(student_hidden,)``, finite.
+
+        Returns:
+            float: the accuracy, in [0, 1].
+        """
         return float(np.mean(self.y * (self.phi @ self._check_theta(theta2)) > 0))
 
     def _grad_weights(self, theta2, idx=slice(None)):

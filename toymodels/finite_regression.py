@@ -23,6 +23,10 @@ P_r e + rho_r x_r / |x_r|^2 with the projection P_r = I - u_r u_r^T, u_r = x_r /
 
 For a consistent system (rho = 0) and w_0 in the row space, E|e_k|^2 <= (1 - 1/kappa^2)^k |e_0|^2
 with kappa = |X|_F / sigma_min(X) (sigma_min the smallest non-zero singular value).
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -137,10 +141,12 @@ class FiniteLinearRegression:
     # ------------------------------------------------------------------------------------------
     @property
     def n(self) -> int:
+        """Number of data rows n (training examples)."""
         return self.X.shape[0]
 
     @property
     def dim(self) -> int:
+        """Number of features d (columns of X)."""
         return self.X.shape[1]
 
     @property
@@ -155,11 +161,14 @@ class FiniteLinearRegression:
 
     @property
     def initial_loss(self) -> float:
+        """Excess loss at w_0: (w_0 - w_ls)^T Sigma (w_0 - w_ls) / 2 with Sigma = X^T X / n (the training
+        loss at w_0 minus :attr:`min_loss`), the loss every curve of this model starts from."""
         e = self.w0 - self.w_ls
         return float(0.5 * e @ self.sigma @ e)
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``n``, ``dim``, ``min_loss`` and ``interpolating``."""
         return {"n": self.n, "dim": self.dim, "min_loss": self.min_loss, "interpolating": self.interpolating}
 
     @validate(optimizer=Maybe(OPTIMIZER))

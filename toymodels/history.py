@@ -1,4 +1,4 @@
-"""Gradient-history matrices of the toy models (Xie et al., seed 002, Sec. 2 and App. A.1).
+"""Gradient-history matrices of the toy models (Xie et al. 2023, Sec. 2 and App. A.1).
 
 A gradient history G ``(T, P)`` holds T mini-batch gradients of P coordinates, one row per
 iteration (Xie et al. write the transpose), the input of :func:`toymodels.tails.gradient_history_tests`
@@ -32,6 +32,10 @@ Example:
     >>> G = gradient_history(nqm, np.ones(100), batch_size=10, n_iter=500, seed=0)
     >>> G.shape
     (500, 100)
+
+References:
+    Z. Xie, Q.-Y. Tang, M. Sun and P. Li, "On the Overlooked Structure of Stochastic Gradients",
+    NeurIPS 2023.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stochastic linear regression with a teacher (lecture seed 004, "Stochastic Linear Regression").
+"""Stochastic linear regression with a teacher (Grosse, CSC 2541 Lecture 7, "Stochastic Linear Regression").
 
 Online data x ~ N(0, Sigma), labels t = w*.x + n with n ~ N(0, noise_std^2); squared loss
 l = (w.x - t)^2 / 2.  We work in Sigma's eigenbasis (Sigma = diag(lambda)) with the error
@@ -24,6 +24,10 @@ E[(x.e)^2] / 2 = sum_i lambda_i E[e_i^2] / 2 (the label-noise floor sigma^2 / 2 
 Without label noise the optimum interpolates, the gradient noise vanishes there, and SGD converges
 exponentially (the lecture's "Exponential Convergence"); with it the risk settles at a floor
 (:meth:`GaussianLinearRegression.stationary_loss`).
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class GaussianLinearRegression:
     # ------------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
+        """Number of features d (eigen-directions of Sigma)."""
         return self.h.size
 
     @property
@@ -97,10 +102,13 @@ class GaussianLinearRegression:
 
     @property
     def initial_loss(self) -> float:
+        """Excess risk at w_0 = 0: sum_i lambda_i w*_i^2 / 2 (the label-noise floor sigma^2 / 2 not
+        included)."""
         return float(0.5 * np.sum(self.h * self.init_sq))
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
     def _S0(self, optimizer):

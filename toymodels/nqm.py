@@ -1,4 +1,4 @@
-"""The noisy quadratic model (NQM) of the lecture (seed 004, "Noisy Quadratic Model").
+"""The noisy quadratic model (NQM) of Grosse's lecture (CSC 2541 Lecture 7, "Noisy Quadratic Model").
 
 Loss L(theta) = 1/2 sum_i h_i theta_i^2; a mini-batch gradient of size B is H theta + eps with
 Cov(eps) = diag(c) / B, independent across steps; E[theta_i^2] = init_sq_i at step 0.  With H and C
@@ -12,6 +12,10 @@ Example:
     >>> from toymodels import NQM, SGD
     >>> nqm = NQM.power_law(1000)
     >>> k = nqm.steps_to_target(SGD(0.5), batch_size=64, target=0.1)
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ class NQM:
     # ------------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
+        """Number of modes d (eigen-directions of H)."""
         return self.h.size
 
     @property
@@ -160,6 +165,7 @@ class NQM:
 
     @property
     def params(self) -> dict:
+        """The attrs of the model's results: ``dim`` and ``initial_loss``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss}
 
     def _S0(self, optimizer):

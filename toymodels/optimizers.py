@@ -10,13 +10,17 @@ A spec only writes (A0, A1, b1); :mod:`toymodels.dynamics` propagates the moment
 the loss is measured at.
 
 * :class:`SGD` -- theta' = theta - a (h theta + eps), with a = lr * h^-gamma for P = H^gamma
-  (lecture seed 004, "NQM: Preconditioning").  State (theta,).
+  (Grosse's lecture, "NQM: Preconditioning").  State (theta,).
 * :class:`Momentum` -- heavy ball in the lecture's form, v' = beta v - a g, theta' = theta + v'.
   State (theta, v).
 * :class:`EMA` -- exponential moving average of the iterates of any base optimizer,
   avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is read at avg.  State (base..., avg).
 
 Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iterate averaging.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Optimizer:
 
     @property
     def init(self) -> np.ndarray:  # pragma: no cover - abstract
+        """How the state starts from theta_0: x_0 = ``init`` * theta_0 per mode, shape ``(n_state,)``."""
         raise NotImplementedError
 
     @validate(h=_CURVATURE)
@@ -78,6 +83,9 @@ class Optimizer:
 
     @property
     def hyperparameters(self) -> dict:  # pragma: no cover - abstract
+        """The settings that name the spec in results' attrs: ``optimizer`` (``"sgd"``, ``"precond"``,
+        ``"momentum"``, with ``"+ema"`` under iterate averaging) and the hyper-parameters other than the
+        learning rate (``precond``, ``momentum``, ``decay``)."""
         raise NotImplementedError
 
 
@@ -101,6 +109,7 @@ class SGD(Optimizer):
 
     @property
     def init(self):
+        """``[1.0]``: the state is theta itself."""
         return np.array([1.0])
 
     def _affine(self, h):
@@ -115,13 +124,17 @@ class SGD(Optimizer):
 
     @property
     def hyperparameters(self):
+        """``optimizer`` (``"sgd"``, or ``"precond"`` when ``precond > 0``) and ``precond``."""
         return {"optimizer": "sgd" if self.precond == 0 else "precond", "precond": self.precond}
 
 
 @validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0))
 @dataclass(frozen=True)
 class Momentum(Optimizer):
-    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v' (lecture seed 004), beta in [0, 1)."""
+    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v', beta in [0, 1).
+
+    The form of Grosse's CSC 2541 Lecture 7, "NQM: Momentum and Iterate Averaging".
+    """
 
     lr: Schedule | float
     beta: float = 0.9
@@ -136,6 +149,7 @@ class Momentum(Optimizer):
 
     @property
     def init(self):
+        """``[1.0, 0.0]``: theta_0 and zero velocity."""
         return np.array([1.0, 0.0])
 
     def _affine(self, h):
@@ -159,6 +173,7 @@ class Momentum(Optimizer):
 
     @property
     def hyperparameters(self):
+        """``optimizer="momentum"``, ``precond`` and ``momentum`` (beta)."""
         return {"optimizer": "momentum", "precond": self.precond, "momentum": self.beta}
 
 
@@ -181,18 +196,22 @@ class EMA(Optimizer):
 
     @property
     def lr(self):
+        """The base optimizer's learning rate (a :class:`~toymodels.schedules.Schedule`)."""
         return self.base.lr
 
     @property
     def n_state(self):
+        """The base optimizer's state entries and one more, the average."""
         return self.base.n_state + 1
 
     @property
     def readout(self):
+        """Index of the average in the state (its last entry): the loss is measured there."""
         return self.base.n_state
 
     @property
     def init(self):
+        """The base optimizer's ``init`` followed by 1 (avg_0 = theta_0)."""
         return np.concatenate([self.base.init, [1.0]])
 
     def _affine(self, h):
@@ -218,6 +237,7 @@ class EMA(Optimizer):
 
     @property
     def hyperparameters(self):
+        """The base optimizer's, with ``"+ema"`` appended to ``optimizer``, and the ``decay``."""
         hp = dict(self.base.hyperparameters)
         hp["optimizer"] = hp["optimizer"] + "+ema"
         hp["decay"] = self.decay

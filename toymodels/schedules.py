@@ -79,6 +79,8 @@ class Schedule:
 
     @property
     def max_lr(self) -> float:  # pragma: no cover - abstract
+        """The largest value the schedule takes: the peak learning rate, or for a batch-size schedule the
+        largest batch size."""
         raise NotImplementedError
 
 
@@ -519,6 +521,8 @@ class BatchSizes(Constraint):
         return check_batch_size(value, name)
 
     def bad_values(self):
+        """Values the constraint must refuse (the generated bad-input tests use them): a bad number,
+        an object, and schedules with a value below 1 (a learning-rate schedule passed as batch sizes)."""
         return _BATCH.bad_values() + [object(), Constant(0.5), PiecewiseConstant((3,), (4.0, 0.5)),
                                       Exponential(4.0, 0.5)]
 

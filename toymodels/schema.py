@@ -1,4 +1,4 @@
-"""The shared xarray vocabulary (DESIGN.md "The shared vocabulary") and a validator.
+"""The shared xarray vocabulary (names of dimensions, variables and attributes) and a validator.
 
 Theory and measurement write the same names; a curve from a toy model and one from a network differ
 in the ``source`` attribute, not in shape or names.
@@ -102,7 +102,7 @@ NO_NAN = ("loss", "test_loss", "steps_to_target", "steps_lower_bound", "grad_nor
 @_validate(obj=Instance(xr.Dataset, xr.DataArray, what="an xarray Dataset or DataArray"), model=Instance(str),
            source=Options(*SOURCES))
 def attach_attrs(obj, *, model: str, source: str, **params):
-    """Set DESIGN.md's attrs (``model``, ``source`` and the generating parameters) in place.
+    """Set the vocabulary's attrs (``model``, ``source`` and the generating parameters) in place.
 
     Values that netCDF cannot store (None, bool, dicts) are converted to strings.
     """

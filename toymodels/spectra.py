@@ -1,7 +1,11 @@
 """Eigen-spectra used by the toy models.
 
-The lecture's NQM (seed 004, "Noisy Quadratic Model") takes a scale-free Hessian h_i = 1/i and
-gradient covariance C = H.  :func:`power_law` generalises that to h_i = scale * i^-p.
+The NQM of Grosse's lecture (CSC 2541 Lecture 7, "Noisy Quadratic Model") takes a scale-free
+Hessian h_i = 1/i and gradient covariance C = H.  :func:`power_law` generalises that to h_i = scale * i^-p.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

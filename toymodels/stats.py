@@ -1,7 +1,7 @@
 """The shared gradient statistics (numpy in, numpy out).
 
 Defined once here and used by the toy models and by the deep-net probes, so that theory and
-measurement mean the same thing by the same name (names as in DESIGN.md / :mod:`toymodels.schema`).
+measurement mean the same thing by the same name (the names of :mod:`toymodels.schema`).
 
 Conventions, for a mini-batch gradient g_B = mean of B per-example gradients, P parameters:
 

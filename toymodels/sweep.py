@@ -16,6 +16,10 @@ first tuned on ``problem.coarsen()`` and refined on the full model.  Every accep
 an exact first-crossing search at a concrete theta, so the reported optimum is always achieved.
 :func:`grid_search` is the exact minimum over a given grid (each point's exact first crossing,
 pruned by the incumbent), used to check the tuner and as the straightforward reference.
+
+References:
+    R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
+    University of Toronto, Winter 2022.
 """
 
 from __future__ import annotations

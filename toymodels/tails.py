@@ -1,4 +1,4 @@
-"""Heavy tails and Gaussianity of stochastic gradients: the tests of Xie et al. (seed 002).
+"""Heavy tails and Gaussianity of stochastic gradients: the tests of Xie et al. 2023.
 
 Numpy in, numpy out (scipy only for the D'Agostino test).  Symbols: K the number of tail values
 tested, T iterations, P coordinates (parameters).
@@ -13,6 +13,10 @@ tested, T iterations, P coordinates (parameters).
 
 Xie et al. write G as an n x T matrix (parameters x iterations); here G has shape ``(T, P)``, one
 row per iteration, so Xie's columns (dimension-wise gradients) are our rows.
+
+References:
+    Z. Xie, Q.-Y. Tang, M. Sun and P. Li, "On the Overlooked Structure of Stochastic Gradients",
+    NeurIPS 2023.
 """
 
 from __future__ import annotations
