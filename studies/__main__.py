@@ -5,37 +5,49 @@
     python -m studies plot FILE.nc [--out FILE.png]   # redraw from saved results, no recomputing
 
 ``python -m studies.NAME [flags]`` is the same as ``python -m studies run NAME [flags]``.
+
+A user error (an unknown study or flag, a bad flag value, a file that is missing, unreadable or not a
+study's results) is one line on stderr, ``python -m studies: error: ...``, with exit status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 
 from . import STUDIES
+from ._io import PROG, ArgumentParser, UsageError, error_exit
 
 
-def _module(name):
+def _module(name, where=""):
     if name not in STUDIES:
-        raise SystemExit(f"unknown study {name!r}; known: {', '.join(STUDIES)} (python -m studies list).")
+        raise UsageError(f"unknown study {name!r}{where}; known: {', '.join(STUDIES)} ({PROG} list).")
     return importlib.import_module(f"studies.{name}")
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m studies", description=__doc__.splitlines()[0])
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); user errors exit with status 2
+    after one line on stderr (see the module docstring)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except UsageError as err:
+        error_exit(err)
+
+
+def _main(argv):
+    p = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the studies")
     r = sub.add_parser("run", help="run a study (the flags after NAME go to the study; NAME -h lists them)")
-    r.add_argument("name", help="a study from `python -m studies list`; `run NAME -h` shows its flags")
+    r.add_argument("name", help=f"a study from `{PROG} list`; `run NAME -h` shows its flags")
     pl = sub.add_parser("plot", help="redraw a study's figure from its netCDF file")
     pl.add_argument("file")
     pl.add_argument("--out", default=None, help="PNG to write (default: FILE with .png)")
     if argv[:1] == ["run"] and len(argv) >= 2 and not argv[1].startswith("-"):  # the rest belongs to the study
         module = _module(argv[1])
-        sys.argv[0] = f"python -m studies run {argv[1]}"  # the study's --help names the command
+        sys.argv[0] = f"{PROG} run {argv[1]}"  # the study's --help names the command
         return module.main(argv[2:])
     a = p.parse_args(argv)
     if a.command == "list":
@@ -47,12 +59,12 @@ def main(argv=None):
         return _module(a.name).main([])
     from ._io import load
 
-    try:
-        name, result = load(a.file)
-    except ValueError as err:
-        raise SystemExit(f"python -m studies plot: {err}") from None
     out = a.out or os.path.splitext(a.file)[0] + ".png"
-    _module(name).plot(result, out)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of --out {out!r} does not exist ({folder}).")
+    name, result = load(a.file)
+    _module(name, f" in the `study` attribute of {a.file}").plot(result, out)
     print(f"wrote {out}")
     return None
 
