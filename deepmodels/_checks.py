@@ -114,6 +114,16 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     return out
 
 
+def check_one_target(target, target_rel, *, what: str = "training loss", required: bool = True) -> None:
+    """``target`` (an absolute ``what``) and ``target_rel`` (a fraction of the initial one): exactly
+    one of them (``required``), or at most one."""
+    both = target is not None and target_rel is not None
+    if both or (required and target is None and target_rel is None):
+        got = f"both (target={target!r}, target_rel={target_rel!r})" if both else "neither"
+        raise ValueError(f"{'exactly' if required else 'at most'} one of `target` (an absolute {what}) and "
+                         f"`target_rel` (a fraction in (0, 1) of the initial {what}) must be given; got {got}.")
+
+
 def check_model_fn(model_fn, data, seed: int, loss_fn=None) -> nn.Module:
     """Build ``model_fn(seed)`` (the global RNG state is kept) and check it against ``data``'s
     first training examples and number of classes; return the model."""

@@ -54,7 +54,7 @@ __all__ = [
     "check_int", "check_real",
     "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "DictOf", "AnyOf", "Seed",
     "Diverged", "check_batch", "check_model_input", "check_bytes", "available_bytes", "nonfinite_params",
-    "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn",
+    "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn", "check_one_target",
     "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
 ]
 
@@ -388,6 +388,7 @@ from ._checks import (  # noqa: E402,F401  (re-exported; _checks uses the constr
     check_data_fits,
     check_model_fn,
     check_model_input,
+    check_one_target,
 )
 
 

@@ -154,12 +154,18 @@ class _Calibration(Constraint):
 
 @validate(fitted=Instance(FittedNQM, what="a FittedNQM (from fit_nqm)"),
           batch_sizes=SequenceOf(Real(1, math.inf, high_open=True), increasing=True, what="increasing batch sizes >= 1"),
-          target=Real(0, math.inf, low_open=True, high_open=True), family=Options(*FAMILIES), calibrate=Maybe(_Calibration()))
-def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str = "sgd", calibrate=None,
-                  **kwargs) -> xr.Dataset:
+          target=Maybe(Real(0, math.inf, low_open=True, high_open=True)),
+          target_rel=Maybe(Real(0, 1, low_open=True, high_open=True)), family=Options(*FAMILIES),
+          calibrate=Maybe(_Calibration()))
+def predict_steps(fitted: FittedNQM, batch_sizes, target: float | None = None, *, target_rel: float | None = None,
+                  family: str = "sgd", calibrate=None, **kwargs) -> xr.Dataset:
     """The fitted NQM's tuned steps to ``target`` per batch size (``toymodels.sweep.batch_size_sweep``).
 
     Args:
+        target: an absolute target of the NQM's loss (its excess loss, zero at its minimum).
+        target_rel: instead of ``target``, a fraction in (0, 1) of the fitted NQM's initial loss
+            (``fitted.nqm.initial_loss``); exactly one of the two.  The sweep's attrs hold the
+            absolute ``target`` and, when given, ``target_rel``.
         calibrate: optional ``(batch_size, measured_steps)``: predicted steps are multiplied by
             measured / predicted at that batch size (reported as attr ``calibration``).
         **kwargs: passed on to ``batch_size_sweep`` (e.g. ``precond``, ``progress``).
@@ -168,6 +174,9 @@ def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str 
         The sweep's Dataset (``steps_to_target``, ``lr_opt`` ...) with attrs ``calibration`` and the
         fit report.
     """
+    checks.check_one_target(target, target_rel, what="NQM loss")
+    if target_rel is not None:
+        target = target_rel * fitted.nqm.initial_loss
     kwargs.setdefault("progress", False)
     ds = batch_size_sweep(fitted.nqm, family, batch_sizes, target, **kwargs)
     factor = 1.0
@@ -179,6 +188,8 @@ def predict_steps(fitted: FittedNQM, batch_sizes, target: float, *, family: str 
         factor = s0 / pred
         ds["steps_to_target"] = ds.steps_to_target * factor
     ds.attrs.update({"calibration": factor, **{f"fit_{k}": v for k, v in fitted.report.items()}})
+    if target_rel is not None:
+        ds.attrs["target_rel"] = target_rel
     return ds
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,16 @@ _FRACTION = Real(0.0, 1.0, high_open=True)
 _PATH = Instance(str, os.PathLike, what="a path (str or os.PathLike)")
 
 
-@dataclass
+@dataclass(repr=False)
 class Dataset:
-    """Train and test tensors: ``x`` float32 ``(n, ...)``, ``y`` int64 ``(n,)``."""
+    """Train and test tensors: ``x`` float32 ``(n, ...)``, ``y`` int64 ``(n,)``.
+
+    The loaders also record where the data came from: ``source`` (a sentence), ``seed`` (of the
+    split and the corruptions), ``label_noise`` (share of training labels replaced) and
+    ``duplicates`` (share of the training set replaced by copies of a few examples).  The repr is a
+    short summary (name, source, sizes, example shape and dtype, classes, corruptions, seed), never
+    the tensors.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -47,8 +55,18 @@ class Dataset:
     y_test: torch.Tensor
     n_classes: int
     name: str
+    source: str = ""
+    seed: int | None = None
+    label_noise: float = 0.0
+    duplicates: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.source, str):
+            raise TypeError(f"`source` must be a str; got {type(self.source).__name__}.")
+        if self.seed is not None:
+            self.seed = V.check_int("seed", self.seed, low=0, high=V.MAX_SEED)
+        self.label_noise = V.check_real("label_noise", self.label_noise, low=0.0, high=1.0)
+        self.duplicates = V.check_real("duplicates", self.duplicates, low=0.0, high=1.0, high_open=True)
         xt = V.Tensor("float", min_ndim=1, nonempty=True)
         self.x_train = xt("x_train", self.x_train)
         self.x_test = V.Tensor("float", min_ndim=1)("x_test", self.x_test)
@@ -78,8 +96,24 @@ class Dataset:
     def to(self, device) -> "Dataset":
         """A copy with the four tensors on ``device`` (a ``torch.device`` or its name; one this torch build
         can use); ``n_classes`` and ``name`` are kept."""
-        return Dataset(self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
-                       self.y_test.to(device), self.n_classes, self.name)
+        return dataclasses.replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                                   x_test=self.x_test.to(device), y_test=self.y_test.to(device))
+
+    def __repr__(self) -> str:
+        x = self.x_train
+        rows = [("source", self.source or "(not recorded)"),
+                ("n_train", f"{x.shape[0]}"), ("n_test", f"{self.x_test.shape[0]}"),
+                ("x", f"(n, {', '.join(str(d) for d in x.shape[1:])}) {str(x.dtype).replace('torch.', '')} "
+                      f"on {x.device}"),
+                ("n_classes", f"{self.n_classes}")]
+        if self.label_noise:
+            rows.append(("label_noise", f"{self.label_noise:g} of the training labels replaced"))
+        if self.duplicates:
+            rows.append(("duplicates", f"{self.duplicates:g} of the training set replaced by copies of a few examples"))
+        rows.append(("seed", "(not recorded)" if self.seed is None else f"{self.seed}"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k + ':':{width + 1}s} {v}" for k, v in rows]
+        return "\n".join([f"<deepmodels.data.Dataset {self.name!r}>", *lines])
 
 
 def _check_fraction(name, value, high=1.0):
@@ -191,7 +225,8 @@ def add_duplicates(x, y, share: float, n_points: int = 5, seed: int = 0):
     return x, y
 
 
-def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicates, device, image_shape=None):
+def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicates, device, image_shape=None,
+            source=""):
     x = (x - x.mean()) / x.std()
     x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed)
     if _check_fraction("label_noise", label_noise):
@@ -201,7 +236,8 @@ def _finish(x, y, n_classes, name, *, test_fraction, seed, label_noise, duplicat
     shape = (-1,) + tuple(image_shape) if image_shape else (-1,) + x.shape[1:]
     t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
     return Dataset(t(x_tr.reshape(shape), torch.float32), t(y_tr, torch.int64), t(x_te.reshape(shape), torch.float32),
-                   t(y_te, torch.int64), n_classes, name)
+                   t(y_te, torch.int64), n_classes, name, source=source, seed=seed, label_noise=label_noise,
+                   duplicates=duplicates)
 
 
 _COMMON = dict(test_fraction=_FRACTION, seed=V.Seed(), label_noise=_FRACTION, duplicates=_FRACTION, device=Device())
@@ -225,7 +261,9 @@ def digits(*, test_fraction: float = 0.2, seed: int = 0, label_noise: float = 0.
     d = load_digits()
     return _finish(d.data.astype(np.float64), d.target.astype(np.int64), 10, "digits", test_fraction=test_fraction,
                    seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
-                   image_shape=None if flatten else (1, 8, 8))
+                   image_shape=None if flatten else (1, 8, 8),
+                   source="scikit-learn's handwritten digits (8x8 images), standardised, "
+                          + ("flattened to 64-vectors" if flatten else "as 1x8x8 images"))
 
 
 @validate(n_samples=Integer(20, MAX_SAMPLES), channels=Boolean(), **_COMMON)
@@ -251,7 +289,8 @@ def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0,
         random.setstate(pystate)
     return _finish(d["x"].astype(np.float64), d["y"].astype(np.int64), 10, "mnist1d", test_fraction=test_fraction,
                    seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
-                   image_shape=(1, 40) if channels else None)
+                   image_shape=(1, 40) if channels else None,
+                   source=f"MNIST-1D generated locally ({n_samples} length-40 signals), standardised")
 
 
 _LOAD = dict(n_train=Maybe(Integer(1, V.MAX_WIDTH)), seed=V.Seed(), label_noise=_FRACTION, device=Device())
@@ -264,7 +303,8 @@ def load_mnist_npz(path, *, n_train: int | None = None, seed: int = 0, label_noi
         raise FileNotFoundError(f"`path` {path!r} does not exist (nothing is downloaded; point it at your mnist.npz).")
     with np.load(path) as f:
         xtr, ytr, xte, yte = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    return _from_arrays(xtr, ytr, xte, yte, 10, "mnist", n_train, seed, label_noise, device, (1, 28, 28))
+    return _from_arrays(xtr, ytr, xte, yte, 10, "mnist", n_train, seed, label_noise, device, (1, 28, 28),
+                        f"MNIST from {os.fspath(path)}, standardised")
 
 
 @validate(folder=_PATH, **_LOAD)
@@ -282,10 +322,11 @@ def load_cifar10(folder, *, n_train: int | None = None, seed: int = 0, label_noi
     xte, yte = batch("test_batch")
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
-    return _from_arrays(xtr, ytr, xte, yte, 10, "cifar10", n_train, seed, label_noise, device, (3, 32, 32))
+    return _from_arrays(xtr, ytr, xte, yte, 10, "cifar10", n_train, seed, label_noise, device, (3, 32, 32),
+                        f"CIFAR-10 from {os.fspath(folder)}, standardised")
 
 
-def _from_arrays(xtr, ytr, xte, yte, n_classes, name, n_train, seed, label_noise, device, shape):
+def _from_arrays(xtr, ytr, xte, yte, n_classes, name, n_train, seed, label_noise, device, shape, source=""):
     xtr = xtr.astype(np.float64) / 255.0
     xte = xte.astype(np.float64) / 255.0
     mean, std = xtr.mean(), xtr.std()
@@ -299,4 +340,4 @@ def _from_arrays(xtr, ytr, xte, yte, n_classes, name, n_train, seed, label_noise
     t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
     return Dataset(t(((xtr - mean) / std).reshape((-1,) + shape), torch.float32), t(ytr.astype(np.int64), torch.int64),
                    t(((xte - mean) / std).reshape((-1,) + shape), torch.float32), t(yte.astype(np.int64), torch.int64),
-                   n_classes, name)
+                   n_classes, name, source=source, seed=seed, label_noise=label_noise)

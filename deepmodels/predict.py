@@ -84,17 +84,24 @@ def segments(steps, loss, target: float, steps_to_target: float, n_segments: int
 
 @validate(model=Module(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
           lr=Real(0, math.inf, low_open=True, high_open=True), batch_size=Integer(1, V.MAX_WIDTH),
-          target=Real(0, math.inf, low_open=True, high_open=True), n_steps=Integer(1, V.MAX_STEPS),
+          target=Maybe(Real(0, math.inf, low_open=True, high_open=True)),
+          target_rel=Maybe(Real(0, 1, low_open=True, high_open=True)), n_steps=Integer(1, V.MAX_STEPS),
           momentum=Real(0.0, 1.0, high_open=True), eval_every=Integer(1, V.MAX_STEPS), n_probes=Integer(2, 10**4),
           probe_size=Integer(2, V.MAX_WIDTH), ci=Real(0, 1, low_open=True, high_open=True), loss_fn=LossFn(),
           seed=V.Seed(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
           progress=V.Boolean())
-def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_steps: int, momentum: float = 0.0,
-                  eval_every: int = 10, n_probes: int = 60, probe_size: int = 256, ci: float = 0.95,
-                  loss_fn=F.cross_entropy, seed: int = 0, path=None, progress: bool = True):
+def reference_run(model, data, *, lr: float, batch_size: int, target: float | None = None,
+                  target_rel: float | None = None, n_steps: int, momentum: float = 0.0, eval_every: int = 10,
+                  n_probes: int = 60, probe_size: int = 256, ci: float = 0.95, loss_fn=F.cross_entropy, seed: int = 0,
+                  path=None, progress: bool = True):
     """The reference run: :func:`deepmodels.train.train` to ``target`` with the probe (and its
     bootstrap interval, level ``ci``) at ``n_probes`` steps, half log-spaced (B_simple changes fastest
     early), half evenly spaced up to ``n_steps``, and a snapshot of the parameters at every probe.
+
+    The target is exactly one of ``target`` (an absolute training loss) and ``target_rel`` (a
+    fraction in (0, 1) of the run's initial training loss, its evaluation at step 0: see
+    :func:`deepmodels.train.train`); the result's attrs hold the absolute ``target`` either way (pass
+    it on to :func:`predict`) and ``target_rel`` when given.
 
     With ``path`` the run resumes from its checkpoint (see :func:`deepmodels.train.train`) and the
     snapshots are kept in ``path + ".snapshots.pt"`` (written atomically after every probe, with the
@@ -106,9 +113,11 @@ def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_s
     """
     from .train import _model_fingerprint, probe_steps, _save_torch, train
 
+    V.check_one_target(target, target_rel)
     half = max(2, n_probes // 2)
     probe_at = np.union1d(probe_steps(n_steps, n_log=half), np.linspace(0, n_steps, half).round().astype(np.int64))
-    settings = dict(_model_fingerprint(model), lr=lr, batch_size=batch_size, target=target, n_steps=n_steps,
+    goal = dict(target=target) if target_rel is None else dict(target_rel=target_rel)
+    settings = dict(_model_fingerprint(model), lr=lr, batch_size=batch_size, **goal, n_steps=n_steps,
                     momentum=momentum, eval_every=eval_every, probes=len(probe_at), seed=seed)
     snaps, snap_file = {}, None if path is None else str(path) + ".snapshots.pt"
     if snap_file is not None and os.path.exists(snap_file):
@@ -126,7 +135,7 @@ def reference_run(model, data, *, lr: float, batch_size: int, target: float, n_s
 
     result = train(model, data, lr=lr, batch_size=batch_size, n_steps=n_steps, momentum=momentum, probe_at=probe_at,
                    probe_size=probe_size, loss_fn=loss_fn, seed=seed, path=path, progress=progress, target=target,
-                   eval_every=eval_every, probe_ci=ci, on_probe=keep)
+                   target_rel=target_rel, eval_every=eval_every, probe_ci=ci, on_probe=keep)
     missing = [int(k) for k in result.step.values if int(k) not in snaps and "diverged_at" not in result.attrs]
     if missing:
         raise RuntimeError(f"the snapshots of steps {missing[:5]} are missing (was {snap_file} removed while the run's "
@@ -141,15 +150,16 @@ def _family(momentum):
 @validate(reference=Instance(xr.Dataset, what="the Dataset of deepmodels.train (the reference run)"),
           model=Module(), loss_fn=LossFn(), data=Instance(Dataset, what="a deepmodels.data.Dataset"),
           batch_sizes=SequenceOf(Real(1, 2.0**53), increasing=True, what="increasing batch sizes >= 1"),
-          target=Real(0, math.inf, low_open=True, high_open=True), momentum=Real(0.0, 1.0, high_open=True),
+          target=Maybe(Real(0, math.inf, low_open=True, high_open=True)),
+          target_rel=Maybe(Real(0, 1, low_open=True, high_open=True)), momentum=Real(0.0, 1.0, high_open=True),
           n_segments=Integer(1, 100), k=Integer(1, V.MAX_WIDTH), fit_size=Integer(2, V.MAX_WIDTH),
           lr_protocol=Options("per_run", "per_segment"), dim=Integer(1, bridge.MAX_DIM), seed=V.Seed(),
           snapshots=Instance(dict, what="a dict {step: state_dict}"),
           dtype=Options(torch.float32, torch.float64))
-def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, batch_sizes, target: float,
-            momentum: float = 0.0, n_segments: int = 4, k: int = 20, fit_size: int = 512,
-            lr_protocol: str = "per_run", dim: int = 4096, seed: int = 0,
-            dtype: torch.dtype = torch.float32) -> xr.Dataset:
+def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, batch_sizes,
+            target: float | None = None, target_rel: float | None = None, momentum: float = 0.0, n_segments: int = 4,
+            k: int = 20, fit_size: int = 512, lr_protocol: str = "per_run", dim: int = 4096,
+            seed: int = 0, dtype: torch.dtype = torch.float32) -> xr.Dataset:
     """Every predictor's S(B) and B_crit from one reference run.
 
     Args:
@@ -161,7 +171,11 @@ def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, bat
         loss_fn, data: the run's loss and data; the NQMs are fitted on the first ``fit_size``
             training examples.
         batch_sizes: where to predict.
-        target: the training-loss target of the reference run.
+        target: the training-loss target of the reference run (absolute: its attrs' ``target``).
+        target_rel: instead of ``target``, a fraction in (0, 1) of the reference run's initial
+            training loss (its loss at step 0): the target is ``target_rel`` x ``reference.loss`` at
+            step 0, the absolute target of a reference run trained with this ``target_rel``.
+            Exactly one of ``target`` and ``target_rel``.
         momentum: the run's heavy-ball momentum (0: SGD); the NQMs use the same.
         n_segments: segments of the piecewise NQM (:func:`segments`).
         k, dim, seed: Hessian eigenpairs, modes and Lanczos seed of each fit (:func:`bridge.fit_nqm`).
@@ -176,6 +190,9 @@ def predict(reference: xr.Dataset, snapshots: dict, model, loss_fn, data, *, bat
         ``b_crit``, ``s_min`` (and ``b_crit_lo``/``b_crit_hi`` where an interval exists, else inf
         bounds are not invented: NaN), ``source="theory"``.
     """
+    V.check_one_target(target, target_rel)
+    if target_rel is not None:
+        target = target_rel * float(reference.loss.values[0])
     s_ref = float(reference.attrs.get("steps_to_target", math.nan))
     if not (math.isfinite(s_ref) and s_ref > 0):
         raise ValueError("`reference` must have reached its target (attrs['steps_to_target'] finite and > 0); got "

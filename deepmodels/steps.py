@@ -10,9 +10,17 @@ before it (k0, m0), linear in log(metric) (:func:`toymodels.stats.crossing_step`
     k* = k0 + (k1 - k0) (log m0 - log target) / (log m0 - log m1),   k0 < k* <= k1,
 
 a float, not a multiple of ``eval_every`` (``0`` if the metric starts at or below the target; ``inf``
-if it is not reached by ``max_steps``, or if the loss diverges).  Per batch size the result is the
-best (lr, momentum) by the median over seeds; the critical batch size of S = S_min (1 + B_crit / B)
-(McCandlish et al. 2018) is fitted to these and given a percentile bootstrap interval over seeds
+if it is not reached by ``max_steps``, or if the loss diverges).
+
+The target is an absolute value of the metric (``target``) or a fraction of the initial one
+(``target_rel``): then each run's target is ``target_rel`` x that run's own metric at step 0 (its
+first evaluation, the one the target is checked on).  Each seed starts from its own initialisation,
+whose initial loss differs slightly, so every run is asked for the same relative progress; the
+absolute target each run used is kept (``target_value``), and a run with ``target_rel=r`` gives
+exactly the steps of the same run with ``target = r x`` its initial metric.
+
+Per batch size the result is the best (lr, momentum) by the median over seeds; the critical batch
+size of S = S_min (1 + B_crit / B) (McCandlish et al. 2018) is fitted to these and given a percentile bootstrap interval over seeds
 (:func:`toymodels.stats.bootstrap_critical_batch`).
 
 Each run is an independent task: run them here one after another, or on a dask cluster
@@ -64,9 +72,11 @@ class _Executor(V.Constraint):
 
 _LR = Real(0.0, math.inf, low_open=True, high_open=True)
 _MOMENTUM = Real(0.0, 1.0, high_open=True)
+_FRACTION = Real(0.0, 1.0, low_open=True, high_open=True)
+_WHAT = {"train_loss": "training loss", "val_error": "validation error"}
 _RUN = dict(model_fn=Function("a callable model_fn(seed) -> nn.Module"),
-            data=Instance(Dataset, what="a deepmodels.data.Dataset"), target=_LR, metric=Options(*METRICS),
-            max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS))
+            data=Instance(Dataset, what="a deepmodels.data.Dataset"), target=Maybe(_LR), target_rel=Maybe(_FRACTION),
+            metric=Options(*METRICS), max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS))
 
 
 def _metric(model, data, metric):
@@ -77,17 +87,28 @@ def _metric(model, data, metric):
 
 
 @validate(batch_size=Integer(1, V.MAX_WIDTH), lr=_LR, momentum=_MOMENTUM, seed=V.Seed(), **_RUN)
-def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed: int, target: float, metric: str,
-            max_steps: int, eval_every: int) -> float:
+def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed: int, target: float | None = None,
+            target_rel: float | None = None, metric: str, max_steps: int, eval_every: int) -> float:
     """Steps to target of one training run (see the module docstring).
 
     The metric is evaluated at steps 0, ``eval_every``, 2 ``eval_every``, ... (and nowhere else) until
-    the first value <= ``target``; the result is ``crossing_step(evaluated steps, metrics, target)``,
+    the first value <= the target; the result is ``crossing_step(evaluated steps, metrics, target)``,
     the crossing interpolated in log(metric) between the last two evaluations: a float in
     (k1 - ``eval_every``, k1] for the first evaluation k1 at or below the target, ``0.0`` if the
     initial metric is, ``inf`` if no evaluation up to ``max_steps`` is, or if the training loss or
     the metric stops being finite (divergence).
+
+    Exactly one of ``target`` (an absolute value of the metric) and ``target_rel`` (a fraction in
+    (0, 1) of this run's metric at step 0: the target is ``target_rel`` x that evaluation).
     """
+    V.check_one_target(target, target_rel, what=_WHAT[metric])
+    return _run(model_fn, data, batch_size=batch_size, lr=lr, momentum=momentum, seed=seed, target=target,
+                target_rel=target_rel, metric=metric, max_steps=max_steps, eval_every=eval_every)[0]
+
+
+def _run(model_fn, data, *, batch_size, lr, momentum, seed, target, target_rel, metric, max_steps, eval_every):
+    """:func:`run_one`'s ``(steps to target, the absolute target used)`` (NaN target: the initial
+    metric was not finite, with ``target_rel``)."""
     torch.manual_seed(seed)  # for models that draw at construction without their own generator
     model = model_fn(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -100,21 +121,23 @@ def run_one(model_fn, data, *, batch_size: int, lr: float, momentum: float, seed
         if k % eval_every == 0:
             value = _metric(model, data, metric)
             if not math.isfinite(value):
-                return math.inf
+                return math.inf, (math.nan if target is None else target)
+            if target is None:  # the first evaluation (step 0): the relative target's reference
+                target = target_rel * value
             at.append(k)
             values.append(value)
             if value <= target:
-                return crossing_step(list(at), list(values), target)
+                return crossing_step(list(at), list(values), target), target
         if k == max_steps:
             break
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         if not torch.isfinite(loss):
-            return math.inf
+            return math.inf, target
         loss.backward()
         opt.step()
-    return math.inf
+    return math.inf, target
 
 
 
@@ -124,7 +147,7 @@ def _task_file(path, bs, lr, mom, seed):
 
 def _run_task(args):
     model_fn, data, kw, key = args
-    return key, run_one(model_fn, data, **kw)
+    return key, _run(model_fn, data, **kw)
 
 
 @validate(batch_sizes=SequenceOf(Integer(1, V.MAX_WIDTH), unique=True, what="batch sizes >= 1"),
@@ -134,10 +157,10 @@ def _run_task(args):
           path=Maybe(Instance(str, os.PathLike, what="a folder path (str or os.PathLike)")),
           executor=_Executor(), n_workers=Integer(1, 1024), progress=Boolean(),
           ci=Real(0.0, 1.0, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS), **_RUN)
-def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float,
-                  metric: str = "train_loss", max_steps: int = 2000, eval_every: int = 10, path=None,
-                  executor="serial", n_workers: int = 2, progress: bool = True, ci: float = 0.95,
-                  n_boot: int = 1000) -> xr.Dataset:
+def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,), target: float | None = None,
+                  target_rel: float | None = None, metric: str = "train_loss", max_steps: int = 2000,
+                  eval_every: int = 10, path=None, executor="serial", n_workers: int = 2, progress: bool = True,
+                  ci: float = 0.95, n_boot: int = 1000) -> xr.Dataset:
     """Measured steps to ``target`` over a grid; returns every run and the best per batch size.
 
     Args:
@@ -145,14 +168,18 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
         data: a :class:`deepmodels.data.Dataset`.
         batch_sizes, lrs, momenta, seeds: the grid (each run a task): non-empty lists without
             repeats, at most 10**6 runs in all.
-        target: metric value to reach.
+        target: the value of the metric to reach (an absolute training loss with the default metric).
+        target_rel: instead of ``target``, a fraction in (0, 1) of each run's own initial metric (its
+            evaluation at step 0; each seed's initialisation has its own): see the module docstring.
+            Exactly one of ``target`` and ``target_rel``.
         metric: ``"train_loss"`` (cross-entropy on the whole training set) or ``"val_error"``.
         max_steps, eval_every: run length (at most 10**7) and evaluation interval; a run's steps to
             target is interpolated in log(metric) between the evaluations around the crossing
             (see the module docstring), so it is a float, not a multiple of ``eval_every``.
-        path: folder for per-run files (resume: a saved run is reused only if its target, metric,
-            run length, model factory, data, grid point and crossing rule (``crossing`` attribute,
-            "log-interpolated"; files of the former first-evaluated-step rule lack it) match);
+        path: folder for per-run files (resume: a saved run is reused only if its target (or
+            ``target_rel``), metric, run length, model factory, data, grid point and crossing rule
+            (``crossing`` attribute, "log-interpolated"; files of the former first-evaluated-step rule
+            lack it) match);
             None keeps results in memory only.
         executor: ``"serial"``, ``"dask"`` (a LocalCluster of ``n_workers`` processes), the address
             of a dask scheduler or a ``distributed.Client`` (:func:`toymodels.parallel.run_tasks`).
@@ -162,16 +189,21 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
             rerun gives the same interval.
 
     Returns:
-        Dataset with ``steps_to_target`` over (``batch_size``, ``lr``, ``momentum``, ``seed``); over
-        ``batch_size``: ``steps_best`` (the least median over seeds among the (lr, momentum)
-        settings), ``lr_opt``, ``momentum_opt`` (NaN where ``steps_best`` is inf); over
+        Dataset with ``steps_to_target`` over (``batch_size``, ``lr``, ``momentum``, ``seed``) (with
+        ``target_rel`` also ``target_value`` there: the absolute target of each run, NaN where its
+        initial metric was not finite); over ``batch_size``: ``steps_best`` (the least median over
+        seeds among the (lr, momentum) settings), ``lr_opt``, ``momentum_opt`` and ``lr_eff_opt`` =
+        ``lr_opt / (1 - momentum_opt)``, the effective learning rate of heavy-ball momentum (smooth in
+        the batch size where the tuned pair (lr, momentum) jumps along a ridge of equal
+        lr / (1 - momentum)) (NaN where ``steps_best`` is inf); over
         (``batch_size``, ``seed``): ``steps_per_seed``, each seed's steps at its batch size's tuned
         (``lr_opt``, ``momentum_opt``) (inf where ``steps_best`` is inf); scalars ``b_crit``,
         ``s_min`` (:func:`toymodels.stats.fit_critical_batch` of ``steps_best``: S = S_min (1 + B_crit / B),
         McCandlish et al. 2018) and ``b_crit_lo``, ``b_crit_hi``, ``s_min_lo``, ``s_min_hi``, their
         percentile bootstrap interval over seeds at level ``ci``
         (:func:`toymodels.stats.bootstrap_critical_batch`: seeds resampled together for every batch
-        size and setting, the best setting re-chosen in each resample).  Attrs ``ci_level``,
+        size and setting, the best setting re-chosen in each resample).  Attrs ``target`` (absolute)
+        or ``target_rel`` and ``target_of`` (what it is a fraction of), ``ci_level``,
         ``n_boot``, ``n_boot_failed`` (resamples with fewer than 2 finite tuned batch sizes, left out
         of the quantiles), ``ci_note`` (why an interval or estimate is NaN, else ""), and, when the fit
         is possible, ``steps_min`` and ``critical_batch_size`` (equal to ``s_min``, ``b_crit``),
@@ -193,27 +225,31 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     lr_list = [check_real("lrs", v, low=0.0, high=math.inf, low_open=True, high_open=True) for v in lrs]
     moms = [check_real("momenta", v, low=0.0, high=1.0, high_open=True) for v in momenta]
     seed_list = [check_int("seeds", s, low=0) for s in seeds]
-    target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    V.check_one_target(target, target_rel, what=_WHAT[metric])
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {METRICS}; got {metric!r}.")
     check_scheduler(executor, name="executor")
     max_steps = check_int("max_steps", max_steps, low=1)
     eval_every = check_int("eval_every", eval_every, low=1)
     grid = list(itertools.product(bss, lr_list, moms, seed_list))
-    # what a saved run must match to be reused (the file name holds the grid point)
-    settings = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every, model=V.describe(model_fn),
+    # what a saved run must match to be reused (the file name holds the grid point); a run of a relative
+    # target also holds the absolute target it used (attr `target`, variable `target_value`)
+    goal = dict(target=target) if target_rel is None else dict(target_rel=target_rel)
+    settings = dict(goal, metric=metric, max_steps=max_steps, eval_every=eval_every, model=V.describe(model_fn),
                     data=f"{data.name} {tuple(data.x_train.shape)}", crossing=CROSSING)
-    results = {}
+    results, targets = {}, {}
     if path is not None:
         os.makedirs(path, exist_ok=True)
         for key in grid:
             b, lr, m, seed = key
-            saved = resume.read(_task_file(path, *key), variables=("steps_to_target",),
+            saved = resume.read(_task_file(path, *key),
+                                variables=("steps_to_target",) + (() if target_rel is None else ("target_value",)),
                                 settings=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed))
             if saved is not None:
                 results[key] = float(saved.steps_to_target)
+                targets[key] = target if target_rel is None else float(saved.target_value)
     todo = [key for key in grid if key not in results]
-    kw = dict(target=target, metric=metric, max_steps=max_steps, eval_every=eval_every)
+    kw = dict(target=target, target_rel=target_rel, metric=metric, max_steps=max_steps, eval_every=eval_every)
     tasks = [(model_fn, data, dict(kw, batch_size=b, lr=lr, momentum=m, seed=s), (b, lr, m, s)) for b, lr, m, s in todo]
     bar = None
     if progress:
@@ -221,13 +257,16 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
 
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="steps to target", unit="run")
 
-    def record(key, steps):
-        results[key] = steps
+    def record(key, out):
+        results[key], targets[key] = out
         if path is not None:
             b, lr, m, seed = key
-            resume.write(xr.Dataset({"steps_to_target": ((), steps)},
-                                    attrs=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed)),
-                         _task_file(path, *key))
+            run = xr.Dataset({"steps_to_target": ((), out[0])},
+                             attrs=dict(settings, batch_size=b, lr=lr, momentum=m, seed=seed))
+            if target_rel is not None:
+                run["target_value"] = ((), out[1])
+                run.attrs["target"] = out[1]
+            resume.write(run, _task_file(path, *key))
         if bar is not None:
             bar.update(1)
 
@@ -236,18 +275,23 @@ def measure_steps(model_fn, data, *, batch_sizes, lrs, momenta=(0.0,), seeds=(0,
     if bar is not None:
         bar.close()
     return _assemble(results, bss, lr_list, moms, seed_list, target, metric, max_steps, eval_every, ci=ci,
-                     n_boot=n_boot)
+                     n_boot=n_boot, target_rel=target_rel, targets=None if target_rel is None else targets)
 
 
 @validate(runs=Instance(xr.DataArray, what="a DataArray over (batch_size, lr, momentum, seed), e.g. the "
                                             "`steps_to_target` of measure_steps"),
-          target=_LR, metric=Options(*METRICS), max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS),
-          ci=Real(0.0, 1.0, low_open=True, high_open=True), n_boot=Integer(2, V.MAX_DRAWS))
-def summarize(runs: xr.DataArray, *, target: float, metric: str = "train_loss", max_steps: int, eval_every: int,
-              ci: float = 0.95, n_boot: int = 1000) -> xr.Dataset:
+          target=Maybe(_LR), target_rel=Maybe(_FRACTION), metric=Options(*METRICS), max_steps=Integer(1, V.MAX_STEPS),
+          eval_every=Integer(1, V.MAX_STEPS), ci=Real(0.0, 1.0, low_open=True, high_open=True),
+          n_boot=Integer(2, V.MAX_DRAWS))
+def summarize(runs: xr.DataArray, *, target: float | None = None, target_rel: float | None = None,
+              metric: str = "train_loss", max_steps: int, eval_every: int, ci: float = 0.95,
+              n_boot: int = 1000) -> xr.Dataset:
     """The Dataset of :func:`measure_steps` from its runs' steps (e.g. grids measured in parts and
     concatenated over ``batch_size``): the best per batch size, ``steps_per_seed``, B_crit and S_min
-    with their bootstrap intervals.  ``max_steps`` and ``eval_every`` are recorded in the attrs."""
+    with their bootstrap intervals.  The runs' ``target`` (absolute) or ``target_rel`` (exactly one;
+    no ``target_value`` then: the runs' absolute targets are not in ``runs``), ``max_steps`` and
+    ``eval_every`` are recorded in the attrs."""
+    V.check_one_target(target, target_rel, what=_WHAT[metric])
     dims = ("batch_size", "lr", "momentum", "seed")
     if tuple(runs.dims) != dims:
         raise ValueError(f"`runs` must have the dims {dims}; got {tuple(runs.dims)}.")
@@ -257,13 +301,19 @@ def summarize(runs: xr.DataArray, *, target: float, metric: str = "train_loss", 
     results = {key: float(runs.values[idx]) for idx, key in
                zip(itertools.product(*(range(len(v)) for v in (bss, lrs, moms, seeds))),
                    itertools.product(bss, lrs, moms, seeds))}
-    return _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, ci=ci, n_boot=n_boot)
+    return _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, ci=ci, n_boot=n_boot,
+                     target_rel=target_rel)
 
 
-def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, *, ci=0.95, n_boot=1000):
+def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_every, *, ci=0.95, n_boot=1000,
+              target_rel=None, targets=None):
+    dims = ("batch_size", "lr", "momentum", "seed")
     arr = np.array([[[[results[(b, lr, m, s)] for s in seeds] for m in moms] for lr in lrs] for b in bss])
-    ds = xr.Dataset({"steps_to_target": (("batch_size", "lr", "momentum", "seed"), arr)},
+    ds = xr.Dataset({"steps_to_target": (dims, arr)},
                     coords={"batch_size": np.asarray(bss, dtype=np.float64), "lr": lrs, "momentum": moms, "seed": seeds})
+    if targets is not None:
+        ds["target_value"] = (dims, np.array([[[[targets[(b, lr, m, s)] for s in seeds] for m in moms] for lr in lrs]
+                                              for b in bss], dtype=np.float64))
     flat = arr.reshape(len(bss), len(lrs) * len(moms), len(seeds))  # settings (lr, momentum), lr major
     best, which = tuned_median(flat)  # median over seeds: inf if half the seeds fail
     reached = np.isfinite(best)
@@ -271,6 +321,7 @@ def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_ev
     ii, jj = np.unravel_index(which, (len(lrs), len(moms)))
     ds["lr_opt"] = ("batch_size", np.where(reached, np.asarray(lrs)[ii], np.nan))
     ds["momentum_opt"] = ("batch_size", np.where(reached, np.asarray(moms)[jj], np.nan))
+    ds["lr_eff_opt"] = ds.lr_opt / (1.0 - ds.momentum_opt)  # heavy ball's effective learning rate
     per_seed = flat[np.arange(len(bss)), which]  # (batch_size, seed) at the tuned setting
     ds["steps_per_seed"] = (("batch_size", "seed"), np.where(reached[:, None], per_seed, np.inf))
     fit, note, n_failed = {}, "", 0
@@ -295,7 +346,9 @@ def _assemble(results, bss, lrs, moms, seeds, target, metric, max_steps, eval_ev
                     note = f"no interval: all {n_boot} resamples had fewer than 2 batch sizes with finite steps"
     for k, v in est.items():
         ds[k] = ((), float(v))
-    attach_attrs(ds, model="network", source="measurement", target=target, metric=metric, max_steps=max_steps,
+    goal = dict(target=target) if target_rel is None else dict(
+        target_rel=target_rel, target_of=f"each run's own initial {metric} (its evaluation at step 0)")
+    attach_attrs(ds, model="network", source="measurement", **goal, metric=metric, max_steps=max_steps,
                  eval_every=eval_every, crossing=CROSSING, ci_level=ci, n_boot=n_boot, n_boot_failed=n_failed,
                  ci_note=note, **fit)
     return ds

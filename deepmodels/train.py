@@ -14,9 +14,13 @@ a batch-size warmup saves steps).  Every probe row records ``batch_size_now`` an
 batch size and learning rate of the update from that step on) and ``examples`` (training examples
 drawn before that step: the sum of the batch sizes of the updates before it).
 
-Target (``target``): the full training loss is evaluated every ``eval_every`` steps (and at
-``n_steps``), besides the probes; training stops at the first evaluation <= ``target`` and the result
-has attrs ``steps_to_target`` (:func:`toymodels.stats.crossing_step` over the evaluations,
+Target (``target``, an absolute training loss, or ``target_rel``, a fraction of the initial one): the
+full training loss is evaluated every ``eval_every`` steps (and at ``n_steps``), besides the probes;
+``target_rel`` = r stands for the absolute target r x L_0, L_0 the run's evaluation at step 0 (the
+same evaluation the target is checked on, in ``eval()`` mode), so ``target_rel=r`` and
+``target=r * L_0`` give the same run and the same crossing; the attrs hold the absolute ``target``
+the run used (and ``target_rel`` when given).  Training stops at the first evaluation <= the target
+and the result has attrs ``steps_to_target`` (:func:`toymodels.stats.crossing_step` over the evaluations,
 interpolated in log loss between the last evaluation above the target and the first at or below
 it) and ``examples_to_target`` (the examples drawn up to that fractional step s: those before
 floor(s), plus (s - floor(s)) times the batch size of update floor(s)); both ``inf`` with a
@@ -33,8 +37,8 @@ end and otherwise at most every :data:`RESULTS_EVERY_S` seconds (a netCDF write 
 small network's probe; the checkpoint alone decides what a rerun resumes): one consistent state,
 whatever the moment of an interrupt.  A rerun resumes from the checkpoint only if it is whole and of
 the same settings (model and its initial parameters, data, learning rate or schedule, batch size or
-batch-size rule, momentum, optimizer, seed, probe size and schedule, loss, method, target and
-evaluation interval) and not past ``n_steps``; otherwise it warns
+batch-size rule, momentum, optimizer, seed, probe size and schedule, loss, method, target (and
+``target_rel``) and evaluation interval) and not past ``n_steps``; otherwise it warns
 (:class:`toymodels.resume.ResumeWarning`, naming the file and the difference) and starts afresh,
 overwriting both files.  It never returns the results of other settings.  An interrupted and
 resumed run equals the uninterrupted one exactly (parameters, rows, evaluations and crossing).
@@ -261,6 +265,23 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
     return sum(losses) / x.shape[0], correct / x.shape[0]
 
 
+def _initial_eval(model, data, loss_fn, name: str) -> float:
+    """The full training loss of ``model`` now, in ``eval()`` mode (the mode restored): the evaluation
+    a target is checked on, so the step-0 evaluation of a run equals it bit for bit.  Refused (naming
+    ``name``) unless finite and > 0, as a fraction of it would not be a target."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        loss = _evaluate(model, data.x_train, data.y_train, loss_fn)[0]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not (math.isfinite(loss) and loss > 0):
+        raise ValueError(f"`{name}` must be a fraction of a finite, positive initial training loss; the initial "
+                         f"training loss is {loss!r} (give an absolute `target` instead).")
+    return loss
+
+
 _BATCH_RULE = AnyOf(Integer(1, V.MAX_WIDTH), Instance(Schedule), Instance(NoiseScaleBatch),
                     what="an integer in [1, 2147483647], a toymodels.schedules.Schedule of batch sizes or a "
                          "deepmodels.train.NoiseScaleBatch")
@@ -277,14 +298,14 @@ _BATCH_RULE = AnyOf(Integer(1, V.MAX_WIDTH), Instance(Schedule), Instance(NoiseS
           probe_size=Integer(2, V.MAX_WIDTH), loss_fn=LossFn(), method=Options("auto", "func", "hooks"), seed=V.Seed(),
           device=Maybe(Device()), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
           progress=Boolean(), diverge_factor=Real(1.0, np.inf, low_open=True, high_open=True),
-          target=Maybe(Real(**_POSITIVE)), eval_every=Maybe(Integer(1, V.MAX_STEPS)),
-          probe_ci=Maybe(Real(0.0, 1.0, low_open=True, high_open=True)),
+          target=Maybe(Real(**_POSITIVE)), target_rel=Maybe(Real(0.0, 1.0, low_open=True, high_open=True)),
+          eval_every=Maybe(Integer(1, V.MAX_STEPS)), probe_ci=Maybe(Real(0.0, 1.0, low_open=True, high_open=True)),
           on_probe=Maybe(Function("a callable on_probe(step, model)")))
 def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: float = 0.0,
           optimizer="sgd", probe_at=None, probe_size: int = 256, loss_fn=F.cross_entropy, method: str = "auto",
           seed: int = 0, device=None, path: str | os.PathLike | None = None, progress: bool = True,
-          diverge_factor: float = 1e3, target: float | None = None, eval_every: int | None = None,
-          probe_ci: float | None = None, on_probe=None) -> xr.Dataset:
+          diverge_factor: float = 1e3, target: float | None = None, target_rel: float | None = None,
+          eval_every: int | None = None, probe_ci: float | None = None, on_probe=None) -> xr.Dataset:
     """Train ``model`` on ``data`` with the gradient-statistics probe at ``probe_at``.
 
     Args:
@@ -314,10 +335,13 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         progress: tqdm bar.
         diverge_factor: the run is declared diverged when a training batch loss exceeds this
             multiple of the full training loss at step 0 (or is not finite).
-        target: a training loss (> 0) to reach: training stops at the first evaluation at or below
-            it, and the result gets ``steps_to_target`` and ``examples_to_target``.
+        target: an absolute training loss (> 0) to reach: training stops at the first evaluation at
+            or below it, and the result gets ``steps_to_target`` and ``examples_to_target``.
+        target_rel: instead of ``target``, a fraction in (0, 1) of the run's initial training loss
+            (its evaluation at step 0, the one the target is checked on): the target is
+            ``target_rel * L_0``.  At most one of ``target`` and ``target_rel``.
         eval_every: steps between evaluations of the full training loss (at steps 0, e, 2e, ...
-            and ``n_steps``); default 10 with a ``target``, none without (given without a target,
+            and ``n_steps``); default 10 with a target, none without (given without a target,
             the evaluations are recorded and training runs to ``n_steps``).
         probe_ci: if given (e.g. 0.95), every probe also gives percentile-bootstrap intervals of its
             statistics (``<stat>_ci`` over ``layer`` and ``bound``; 200 resamples of the probe's
@@ -332,7 +356,8 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         ``batch_size_now``), ``batch_size_now``, ``lr_now`` and ``examples``; ``source="measurement"``;
         attrs ``batch_size`` (the integer as a float, or the rule's repr), ``lr`` (of update 0);
         with evaluations, attrs ``eval_steps``, ``eval_loss``, ``eval_examples`` (float64 arrays) and
-        ``eval_every``; with a target, attrs ``target``, ``steps_to_target`` (a float step) and
+        ``eval_every``; with a target, attrs ``target`` (the absolute training loss, also with
+        ``target_rel``, which is then recorded too), ``steps_to_target`` (a float step) and
         ``examples_to_target`` (a float), and ``reason`` when they are ``inf``; after a divergence,
         a last row of ``inf`` at the step it happened and attrs ``diverged_at`` and ``divergence``.
     """
@@ -354,7 +379,8 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
     if isinstance(rule, Schedule) and not rule.max_lr < V.MAX_WIDTH + 0.5:
         raise ValueError(f"`batch_size` must be a schedule of batch sizes at most {V.MAX_WIDTH}; got {rule!r}, "
                          f"whose largest value is {rule.max_lr:g}.")
-    if eval_every is None and target is not None:
+    V.check_one_target(target, target_rel, required=False)
+    if eval_every is None and (target is not None or target_rel is not None):
         eval_every = 10
     V.check_data_fits(model, data, loss_fn, device=device)
     if method == "func":
@@ -388,14 +414,20 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
                  momentum=momentum, seed=seed, optimizer=opt_name)
     if eval_every is not None:
         attrs["eval_every"] = eval_every
+    if target_rel is not None:  # the absolute target: a fraction of the evaluation at step 0 (the initial model)
+        target = target_rel * _initial_eval(model, data, loss_fn, "target_rel")
     if target is not None:
         attrs["target"] = target
+    if target_rel is not None:
+        attrs["target_rel"] = target_rel
     settings = dict(_model_fingerprint(model), data=f"{data.name} {tuple(data.x_train.shape)}",
                     lr=repr(schedule) if schedule is not None else "None",
                     batch_size=rule if isinstance(rule, int) else repr(rule), momentum=momentum, optimizer=opt_name,
                     seed=seed, probe_size=probe_size, method=method,
                     loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
                     target=str(target), eval_every=str(eval_every), probe_ci=str(probe_ci))
+    if target_rel is not None:
+        settings["target_rel"] = str(target_rel)
     if rule_lr:
         settings["batch_lr"] = rule._lr_fingerprint()
     ckpt = None if path is None else str(path) + ".pt"

@@ -4,7 +4,8 @@
 Families: SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum (lr and beta tuned), iterate
 averaging (SGD + EMA, lr and decay tuned) and SGD with a tuned 3-piece learning-rate schedule, with the
 information-theoretic lower bound, and the tuned learning rate per batch size (linear scaling in the
-noise-dominated regime).
+noise-dominated regime; for momentum the effective rate lr / (1 - β), ``lr_eff_opt``, which is smooth
+where the tuned pair (lr, β) jumps).
 
     python -m studies run batch_size_scaling            # dimension 10^4, batch sizes 2^0..2^20
     python -m studies run batch_size_scaling --quick    # dimension 10^3, batch sizes 2^0..2^16 step 4
@@ -31,7 +32,7 @@ from toymodels.schema import attach_attrs
 from toymodels.sweep import family_sweeps, tune_schedule
 
 from . import style
-from ._io import parser, publish, scale_of
+from ._io import fraction, parser, positive_int, publish, scale_of
 
 FAMILIES = {"sgd": "SGD", "precond": "preconditioned SGD (γ=0.5)", "momentum": "heavy-ball momentum", "ema": "SGD + EMA"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "sgd_schedule": "C4"}
@@ -67,6 +68,8 @@ def run(*, scale: str = "default", out: str = "results", dim: int | None = None,
         for name in ("momentum_opt", "decay_opt"):
             if name not in ds:
                 ds[name] = ("batch_size", np.full(batch_sizes.size, np.nan))
+        if "lr_eff_opt" not in ds:  # no momentum (beta = 0): the effective learning rate is the learning rate
+            ds["lr_eff_opt"] = ds.lr_opt
         parts.append(ds.drop_attrs().expand_dims(optimizer=[fam]))
     parts.append(_schedule_sweep(nqm, batch_sizes, target, os.path.join(parts_dir, f"schedule_{dim}.nc"),
                                  progress))
@@ -120,6 +123,7 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
     lrs, fracs = np.array(lrs, dtype=np.float64), np.array(fracs, dtype=np.float64)
     ds = xr.Dataset({"steps_to_target": ("batch_size", np.array(steps, dtype=np.float64)),
                      "lr_opt": ("batch_size", lrs[:, 0]),
+                     "lr_eff_opt": ("batch_size", lrs[:, 0]),
                      "lr_schedule_opt": (("batch_size", "piece"), lrs),
                      "piece_fraction_opt": (("batch_size", "piece"), fracs),
                      "momentum_opt": ("batch_size", np.full(batch_sizes.size, np.nan)),
@@ -130,8 +134,8 @@ def _schedule_sweep(nqm, batch_sizes, target, path, progress):
 
 
 def plot(result: xr.Dataset, path: str) -> None:
-    """Three panels: steps vs batch size with the lower bound; tuned learning rate vs batch size; the
-    tuned 3-piece schedules of some batch sizes (when the sweep has them)."""
+    """Three panels: steps vs batch size with the lower bound; tuned effective learning rate
+    lr / (1 - β) vs batch size (the learning rate itself without momentum); the fitted schedules."""
     fig, (ax1, ax2, ax3) = style.figure(3, width=5.2, height=4.2)
     bs = result.batch_size.values
     for fam, label in FAMILIES.items():
@@ -139,10 +143,12 @@ def plot(result: xr.Dataset, path: str) -> None:
             continue
         r = result.sel(optimizer=fam)
         style.draw(ax1, bs, r.steps_to_target.values, source="exact", color=COLORS[fam], label=label)
-        lr = r.lr_opt.values
-        if fam == "momentum":  # the effective learning rate lr / (1 - beta) is comparable with SGD's
-            lr = lr / (1.0 - r.momentum_opt.values)
-            label = label + ": lr/(1-β)"
+        # the effective learning rate lr / (1 - beta): comparable with SGD's, and smooth where momentum's
+        # tuned (lr, beta) jump; files written before lr_eff_opt existed have lr_opt and momentum_opt
+        lr = (r.lr_eff_opt.values if "lr_eff_opt" in r
+              else r.lr_opt.values / (1.0 - np.nan_to_num(r.momentum_opt.values)))
+        if fam == "momentum":
+            label = label + ": effective rate lr / (1 - β)"
         style.draw(ax2, bs, lr, source="exact", color=COLORS[fam], label=label)
     if "sgd_schedule" in result.optimizer.values:
         style.draw(ax1, bs, result.sel(optimizer="sgd_schedule").steps_to_target.values, source="exact", ls="--",
@@ -153,10 +159,11 @@ def plot(result: xr.Dataset, path: str) -> None:
     ax1.set_ylabel("steps to target")
     ax1.set_title(f"NQM, d={result.attrs['dim']}, target={result.attrs['target_fraction']:g}·L0")
     ax1.legend(fontsize=7)
-    ref = bs * result.sel(optimizer="sgd").lr_opt.values[0]
+    ref = bs * result.sel(optimizer="sgd").lr_opt.values[0]  # SGD: effective rate = lr
     ax2.plot(bs, ref, "--", color="0.6", lw=1, label="linear scaling")
     ax2.set_xlabel("batch size")
-    ax2.set_ylabel("tuned learning rate")
+    ax2.set_ylabel("tuned effective learning rate lr / (1 - β)")
+    ax2.set_title("effective learning rate lr / (1 - β) (β = 0 without momentum)", fontsize=9)
     ax2.legend(fontsize=7)
     for ax in (ax1, ax2):
         ax.set_xscale("log")
@@ -186,8 +193,9 @@ def main(argv=None):
         argv: the flags (default: ``sys.argv[1:]``).
     """
     p = parser(__doc__, scheduler=True)
-    p.add_argument("--dim", type=int, default=None, help="NQM dimension (default: 10^4; 10^3 quick, 10^5 full)")
-    p.add_argument("--target-fraction", type=float, default=0.01, help="target loss as a fraction of L0")
+    p.add_argument("--dim", type=positive_int, default=None,
+                   help="NQM dimension (default: 10^4; 10^3 quick, 10^5 full)")
+    p.add_argument("--target-fraction", type=fraction, default=0.01, help="target loss as a fraction of L0, in (0, 1)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     res = run(scale=scale_of(a), out=a.out, dim=a.dim, target_fraction=a.target_fraction, progress=not a.no_progress,

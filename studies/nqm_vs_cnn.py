@@ -140,10 +140,11 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
 
 
 def _assemble(measured, predicted, probe, nqm_stats, fit, b_simple, cfg, quick, network, label):
-    meas = xr.concat([m[["steps_best", "lr_opt"]].expand_dims(optimizer=[n]) for n, m in measured.items()],
-                     dim="optimizer")
-    pred = xr.concat([p[["steps_to_target", "lr_opt"]].expand_dims(optimizer=[n]) for n, p in predicted.items()],
-                     dim="optimizer")
+    # lr_eff_opt: the effective learning rate lr / (1 - beta) (the learning rate itself for SGD)
+    meas = xr.concat([m[["steps_best", "lr_opt", "lr_eff_opt"]].expand_dims(optimizer=[n])
+                      for n, m in measured.items()], dim="optimizer")
+    pred = xr.concat([p[["steps_to_target", "lr_opt"]].assign(lr_eff_opt=p.get("lr_eff_opt", p.lr_opt))
+                      .expand_dims(optimizer=[n]) for n, p in predicted.items()], dim="optimizer")
     crit = {}
     for tag, ds, var in (("measured", meas, "steps_best"), ("predicted", pred, "steps_to_target")):
         for n in ds.optimizer.values:

@@ -272,8 +272,9 @@ def _assemble(cases, cfg, scale):
     def grid(fn, dims=()):
         return np.array([[fn(*cases[(n, o)]) for o in opts] for n in nets])
 
-    measured = xr.concat([xr.concat([cases[(n, o)][0][["steps_best", "steps_per_seed", "lr_opt"]].drop_attrs()
-                                     .expand_dims(optimizer=[o]) for o in opts], dim="optimizer", join="outer")
+    kept = ["steps_best", "steps_per_seed", "lr_opt", "lr_eff_opt"]  # lr_eff_opt: lr / (1 - momentum)
+    measured = xr.concat([xr.concat([cases[(n, o)][0][kept].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
+                                    dim="optimizer", join="outer")
                           .expand_dims(network=[n]) for n in nets], dim="network", join="outer")  # NaN: not run
     summary = xr.Dataset(coords={"network": nets, "optimizer": opts})
     for v in ("b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi"):

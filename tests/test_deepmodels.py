@@ -64,7 +64,7 @@ def test_conv_fast_path_equals_torch_func():
     x, y = d.x_train[:24], d.y_train[:24]
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
-    assert set(fast) == {"0", "3", "7", "9"}  # two convolutions, two linear layers
+    assert set(fast) == {"conv1", "conv2", "fc1", "out"}  # two convolutions, two linear layers
     for layer, f in fast.items():
         _assert_summaries_match(f, torch.cat([grads[f"{layer}.weight"].reshape(24, -1), grads[f"{layer}.bias"]], dim=1))
     strided = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1), torch.nn.Flatten(),
@@ -152,11 +152,11 @@ def test_probe_hooks_equal_func_and_schema(digits):
     a = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="hooks")
     b = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="func")
     validate(a)
-    assert list(a.layer.values) == ["0", "2", "total"]
+    assert list(a.layer.values) == ["fc1", "out", "total"]
     for v in ("grad_norm_sq", "trace_cov", "grad_var", "grad_nvar", "noise_scale", "noise_scale_unbiased"):
         np.testing.assert_allclose(a[v].values, b[v].values, rtol=2e-4)
     # totals add up; grad_var is tr Sigma / (B P)
-    np.testing.assert_allclose(a.trace_cov.sel(layer="total"), a.trace_cov.sel(layer=["0", "2"]).sum(), rtol=1e-12)
+    np.testing.assert_allclose(a.trace_cov.sel(layer="total"), a.trace_cov.sel(layer=["fc1", "out"]).sum(), rtol=1e-12)
     np.testing.assert_allclose(a.grad_var, a.trace_cov / 16 / a.n_params, rtol=1e-12)
     cnn = models.cnn(1, 10, 8, width=4)
     d = data.digits(seed=0, flatten=False)

@@ -268,6 +268,29 @@ def test_training_with_other_settings_starts_afresh(tmp_path):
     _assert_same(again, _train()[0])
 
 
+def test_a_checkpoint_of_unnamed_layers_is_other_settings(tmp_path):
+    """A checkpoint written before the models' layers had names (state_dict keys '0.weight', ...)
+    holds the same parameters under other keys: it is of other settings (a fresh run with a
+    ResumeWarning), never loaded into the named model."""
+    import copy
+
+    import torch
+
+    from deepmodels import data, models
+    from deepmodels.train import train
+
+    unnamed = torch.nn.Sequential(*copy.deepcopy(models.mlp(64, 10, (16,), seed=3)).children())
+    assert list(unnamed.state_dict())[0] == "0.weight"
+    path = tmp_path / "run.nc"
+    old = train(unnamed, data.digits(), lr=0.1, batch_size=8, n_steps=20, probe_at=[0, 5, 10, 15, 20], probe_size=32,
+                path=path, progress=False)
+    assert list(old.layer.values) == ["0", "2", "total"]
+    with pytest.warns(ResumeWarning, match=r"run\.nc\.pt: it was written for other settings \(`initial_parameters`"):
+        again, _ = _train(path)
+    assert list(again.layer.values) == ["fc1", "out", "total"]
+    _assert_same(again, _train()[0])
+
+
 def test_training_divergence_is_reported(tmp_path):
     ds, params = _train(lr=1e6)
     k = ds.attrs["diverged_at"]

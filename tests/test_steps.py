@@ -124,6 +124,7 @@ def test_best_over_the_grid_by_hand():
     validate(ds)
     np.testing.assert_array_equal(ds.steps_best.values, [11.0, 8.0])  # medians 12 vs 11; 8 vs inf
     np.testing.assert_array_equal(ds.lr_opt.values, [0.2, 0.1])
+    np.testing.assert_array_equal(ds.lr_eff_opt.values, [0.2, 0.1])  # lr / (1 - momentum), momentum 0
     np.testing.assert_array_equal(ds.steps_per_seed.values, [[11.0, 11.0, math.inf], [8.0, 9.0, 7.0]])
     fit = fit_critical_batch([1.0, 2.0], [11.0, 8.0])
     assert float(ds.b_crit) == fit["critical_batch_size"] == ds.attrs["critical_batch_size"]
@@ -157,15 +158,16 @@ def test_one_seed_and_no_fit():
 
 
 def _count_runs(monkeypatch) -> dict:
-    """Count the training runs measure_steps starts (``calls["n"]``)."""
+    """Count the training runs measure_steps starts (``calls["n"]``: its tasks call ``steps._run``,
+    the body of ``run_one``)."""
     calls = {"n": 0}
-    original = steps.run_one
+    original = steps._run
 
     def counting(*a, **k):
         calls["n"] += 1
         return original(*a, **k)
 
-    monkeypatch.setattr(steps, "run_one", counting)
+    monkeypatch.setattr(steps, "_run", counting)
     return calls
 
 
@@ -190,6 +192,7 @@ def test_measure_steps_with_an_interval_end_to_end(tiny, tmp_path, monkeypatch):
         want = ds.steps_to_target.sel(batch_size=b, lr=float(at.lr_opt), momentum=float(at.momentum_opt))
         np.testing.assert_array_equal(at.steps_per_seed.values, want.values)
         assert float(at.steps_best) == np.median(want.values)
+        assert float(at.lr_eff_opt) == float(at.lr_opt) / (1.0 - float(at.momentum_opt))
     boot = bootstrap_critical_batch(ds.batch_size.values, s.reshape(3, 2, 3), level=0.9, n_boot=300, seed=0)
     for name in ("b_crit", "b_crit_lo", "b_crit_hi", "s_min", "s_min_lo", "s_min_hi"):
         assert float(ds[name]) == boot[name], name

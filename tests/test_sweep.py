@@ -34,7 +34,9 @@ def test_sweep_shapes_names_and_scaling(nqm, tmp_path):
     bs = 2.0 ** np.arange(0, 13, 3)
     ds = batch_size_sweep(nqm, "momentum", bs, 0.05 * nqm.initial_loss, progress=False)
     validate(ds)
-    assert set(ds.data_vars) >= {"steps_to_target", "lr_opt", "momentum_opt", "reason"}
+    assert set(ds.data_vars) >= {"steps_to_target", "lr_opt", "momentum_opt", "lr_eff_opt", "reason"}
+    # heavy ball's effective learning rate lr / (1 - beta), where the tuned (lr, beta) pair may jump
+    np.testing.assert_array_equal(ds.lr_eff_opt.values, ds.lr_opt.values / (1.0 - ds.momentum_opt.values))
     assert ds.attrs["source"] == "exact" and ds.attrs["optimizer"] == "momentum"
     s = ds.steps_to_target.values
     assert np.all(np.diff(s) <= 0)  # more data per step never hurts when tuned
@@ -110,7 +112,8 @@ def test_momentum_ema_family(nqm):
     target = 0.05 * nqm.initial_loss
     ds = batch_size_sweep(nqm, "momentum_ema", [1.0, 64.0], target, progress=False)
     validate(ds)
-    assert np.all(np.isfinite(ds.steps_to_target.values)) and "momentum_opt" in ds
+    assert np.all(np.isfinite(ds.steps_to_target.values)) and "momentum_opt" in ds and "lr_eff_opt" in ds
+    assert "lr_eff_opt" not in batch_size_sweep(nqm, "ema", [1.0], target, progress=False)  # no beta: not defined
     lrs, extras = default_grid(nqm, "momentum_ema", n_lr=30, n_extra=6)
     grid = grid_search(nqm, "momentum_ema", 64.0, target, lr_fractions=lrs, extras=extras)
     assert ds.steps_to_target.values[1] <= grid["steps"]

@@ -159,7 +159,7 @@ EXAMPLES = {
     M + "models.linear": lambda: ((D, 2), {"bias": True}),
     M + "models.mlp": lambda: ((D, C, (4,)), {}),
     M + "models.random_features": lambda: ((D, 4, 2), {}),
-    M + "models.resnet8": lambda: ((1, C), {"width": 2, "batch_norm": False}),
+    M + "models.resnet8": lambda: ((1, C), {"width": 2, "batch_norm": False, "image_size": 8}),
     M + "optim.M3.step": lambda: ((optim.M3(_sgd()),), {"grads": [[torch.ones(2)], [torch.zeros(2)], [torch.ones(2)]]}),
     M + "optim.Winsorized.__init__": lambda: ((_fresh(optim.Winsorized), _sgd(), 1), {}),
     M + "optim.Winsorized.step": lambda: ((optim.Winsorized(_sgd(), 1),), {"per_example": [torch.randn(5, 2)]}),
@@ -421,7 +421,7 @@ def _diverged(kind):
     model, x, y = _new_tiny()
     if kind == "nan":
         with torch.no_grad():
-            model[0].weight[0, 0] = math.nan
+            model.fc1.weight[0, 0] = math.nan
     else:  # a real SGD step with a huge learning rate
         opt = torch.optim.SGD(model.parameters(), lr=1e30)
         CE(model(x), y).backward()
@@ -430,9 +430,9 @@ def _diverged(kind):
     return model, x, y
 
 
-@pytest.mark.parametrize("kind,reason", [("nan", r"non-finite parameters \(1 in `0.weight`\): the model diverged"),
+@pytest.mark.parametrize("kind,reason", [("nan", r"non-finite parameters \(1 in `fc1.weight`\): the model diverged"),
                                          ("step", r"(the loss is not finite|non-finite per-example gradient in "
-                                                  r"`0.weight`).* at finite parameters")])
+                                                  r"`fc1.weight`).* at finite parameters")])
 @pytest.mark.parametrize("method", ["auto", "func"])
 def test_probe_reports_divergence(kind, reason, method):
     model, x, y = _diverged(kind)
@@ -441,7 +441,7 @@ def test_probe_reports_divergence(kind, reason, method):
     for stat in STATS:
         assert np.all(np.isposinf(ds[stat].values)), stat
     assert np.all(np.isposinf(ds.grad_norm_sq_ci.values))
-    assert list(ds.layer.values) == ["0", "2", "total"] and ds.n_params.values[-1] == P
+    assert list(ds.layer.values) == ["fc1", "out", "total"] and ds.n_params.values[-1] == P
     healthy = probes.gradient_stats(_tiny()[0], CE, x, y, method=method)
     assert "diverged" not in healthy.attrs and np.all(np.isfinite(healthy.grad_norm_sq.values))
 
@@ -461,7 +461,7 @@ def test_probed_step_reports_divergence_and_does_not_step():
 
 def test_other_functions_raise_on_divergence():
     model, x, y = _diverged("nan")
-    msg = r"`model` must be a model with finite parameters; got non-finite parameters \(1 in `0.weight`\): the model diverged"
+    msg = r"`model` must be a model with finite parameters; got non-finite parameters \(1 in `fc1.weight`\): the model diverged"
     for call in (lambda: pergrad.per_example_grads(model, CE, x, y), lambda: hessian.hvp(model, CE, x, y, torch.ones(P)),
                  lambda: bridge.fit_nqm(model, CE, x, y, k=2), lambda: cluster.Rank1Clustering(model, 2).fit(CE, x, y),
                  lambda: spectra.gradient_history(model, CE, x, y, batch_size=2, n_batches=2)):

@@ -48,6 +48,9 @@ VARIABLES = {
     "noise_scale_unbiased_ci": "bootstrap interval of noise_scale_unbiased",
     "grad_var_sampled": "grad_var measured from draws of the estimator (as Faghri et al. measure it)",
     "lr_opt": "tuned learning rate",
+    "lr_eff_opt": "tuned effective learning rate lr_opt / (1 - momentum_opt) of heavy-ball momentum (lr_opt without "
+                  "momentum): smooth in the batch size where the tuned (lr, momentum) pair jumps along its ridge",
+    "target_value": "the absolute target a run used (target_rel x its own initial metric, for a relative target)",
     "steps_best": "measured steps_to_target of the best hyper-parameters (median over seeds)",
     "momentum_opt": "tuned heavy-ball momentum",
     "decay_opt": "tuned iterate-averaging decay",

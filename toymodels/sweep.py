@@ -492,6 +492,8 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, 
     }
     if extra_name:
         data[extra_name] = ("batch_size", np.array([r["extra"] for r in rows], dtype=np.float64))
+    if extra_name == "momentum_opt":  # heavy ball's effective learning rate, smooth where (lr, beta) jump
+        data["lr_eff_opt"] = ("batch_size", data["lr_opt"][1] / (1.0 - data["momentum_opt"][1]))
     data["reason"] = ("batch_size", np.array([r.get("reason", "") for r in rows], dtype=object).astype(str))
     ds = xr.Dataset(data, coords={"batch_size": np.asarray(batch_sizes, dtype=np.float64)})
     attach_attrs(ds, model=problem.model_name, source="exact", optimizer=family, target=target,
@@ -529,6 +531,10 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     Returns:
         Dataset over ``batch_size`` with ``steps_to_target``, ``lr_opt``, ``momentum_opt`` or
         ``decay_opt`` and ``reason``; attrs ``model``, ``source="exact"``, ``optimizer``, ``target``.
+        The families with a tuned beta (``"momentum"``, ``"momentum_ema"``) also give ``lr_eff_opt``
+        = ``lr_opt / (1 - momentum_opt)``, heavy ball's effective learning rate: the tuned pair
+        (lr, beta) can jump between neighbouring batch sizes along a ridge of nearly equal
+        lr / (1 - beta), which is smooth.
         The optimum per batch size is at least as good as the exact optimum over
         :func:`default_grid` (checked in the tests).
     """
