@@ -15,7 +15,7 @@ stopped when their training accuracy first reaches ``easy_at`` (the paper's 50%)
 *easy* if every reference run classifies it correctly then, *hard* if none does.  Their training
 accuracy is tracked in the clean-label runs: does RM3 impair the hard examples more than SGD?
 
-    python -m studies run coherent_gradients            # reduced scale, ~2 min on 2 CPU cores
+    python -m studies run coherent_gradients            # reduced scale, 15 min on 2 busy CPU cores
     python -m studies run coherent_gradients --quick    # smaller (~30 s)
     python -m studies run coherent_gradients --full     # 5 noise levels, 256-256 MLP, 20000 steps, 8 reference runs
 
@@ -201,7 +201,8 @@ def plot(result: xr.Dataset, path: str) -> None:
     from matplotlib.lines import Line2D
 
     noises = result.label_noise.values
-    fig, axes = plt.subplots(2, noises.size + 1, figsize=(3.9 * (noises.size + 1), 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, noises.size + 1, figsize=(3.9 * (noises.size + 1) + 1.0, 6.8), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[1.0] * noises.size + [1.25]))
     x = result.step.values
     for c, noise in enumerate(noises):
         top, bottom = axes[0, c], axes[1, c]
@@ -217,8 +218,11 @@ def plot(result: xr.Dataset, path: str) -> None:
         for ax in (top, bottom):
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("training accuracy")
-    axes[1, 0].set_ylabel("test accuracy")
+    for ax, noise in zip(axes[0, :-1], noises):  # corrupt examples are scored against their noisy label
+        ax.set_ylabel("training accuracy (fraction correct)" if noise == 0 else
+                      "training accuracy (fraction correct;\ncorrupt: against the noisy label)")
+    for ax in axes[1, :-1]:
+        ax.set_ylabel("test accuracy (fraction correct)")
     ez, bars = axes[0, -1], axes[1, -1]
     if 0.0 in noises:
         clean = result.sel(label_noise=0.0)
@@ -228,6 +232,7 @@ def plot(result: xr.Dataset, path: str) -> None:
         n = clean.n_examples
         ez.set_title(f"0% noise: easy ({int(n.sel(subset='easy'))}) vs hard ({int(n.sel(subset='hard'))})", fontsize=9)
         ez.set_xlabel("step")
+        ez.set_ylabel("training accuracy on easy / hard\nexamples (fraction correct)")
         ez.set_ylim(-0.02, 1.02)
         ez.grid(alpha=0.3)
         final = clean.accuracy.isel(step=-1).sel(optimizer=list(OPTIMIZERS))
@@ -236,15 +241,17 @@ def plot(result: xr.Dataset, path: str) -> None:
             v = final.sel(subset=sub).values
             bars.bar(pos + shift, v, 0.4, color=color)
             for xi, vi in zip(pos + shift, v):
-                bars.text(xi, vi + 0.003, f"{vi:.2f}", ha="center", va="bottom", fontsize=6)
+                bars.text(xi, vi + 0.003, f"{vi:.2f}", ha="center", va="bottom", fontsize=6.5)
         bars.set_xticks(pos, [v[0] for v in OPTIMIZERS.values()], fontsize=8)
         low = float(np.nanmin(final.sel(subset=["easy", "hard"]).values))
         bars.set_ylim(min(0.8, low - 0.05), 1.04)
-        bars.set_title("final training accuracy, 0% noise\nlight: easy, dark: hard", fontsize=9)
+        bars.set_title(f"0% noise, last step ({int(x[-1])}): light easy, dark hard", fontsize=9)
+        bars.set_ylabel("final training accuracy on easy / hard\nexamples (fraction correct)")
+        bars.set_xlabel("optimizer")
     handles = [Line2D([], [], color=color, label=label) for label, color in OPTIMIZERS.values()]
     handles += [Line2D([], [], color="0.3", ls="-", label="pristine / easy"),
                 Line2D([], [], color="0.3", ls="--", label="corrupt / hard")]
-    axes[0, 0].legend(handles=handles, fontsize=7, loc="center right")
+    axes[0, 0].legend(handles=handles, fontsize=8, loc="center right")  # 0% noise: every curve is near 1 from step ~200
     a = result.attrs
     fig.suptitle(f"memorization on digits: MLP {a['hidden']}, SGD lr {a['lr']:g}, B = {a['batch_size']:g}, "
                  f"winsorization s = {a['winsorization_s']} (Zielinski et al., Fig. 2, 3, 5a); all curves measured", fontsize=10)

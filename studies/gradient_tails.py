@@ -17,7 +17,7 @@ batch-size grid (init); covariance spectra at B = 1 for trained models with labe
 momentum (lr 0.01, beta 0.9: SGD's effective step) or Adam (lr 1e-3), and for 2- or 5-class subsets
 of the digits (10 logits kept) to count the outliers (c - 1 expected).
 
-    python -m studies run gradient_tails            # reduced scale: T = 2000, K = 400, ~2 min on 2 busy cores
+    python -m studies run gradient_tails            # reduced scale: T = 2000, K = 400 (spectra: 1000, 200), ~8 min
     python -m studies run gradient_tails --quick    # T = 300 (tests), ~15 s
     python -m studies run gradient_tails --full     # Xie's T = 5000, K = 1000, wider CNN, B up to 1000 (hours)
 
@@ -346,7 +346,8 @@ def _rank_plot(ax, ds: xr.Dataset, label: str, color, *, normalise=False):
     ranks = np.arange(1, lam.size + 1)
     s, n_out = float(ds.zipf_exponent), int(ds.n_outliers)
     passed = "pass" if float(ds.power_law_rate.sel(kind="spectrum")) else "fail"
-    ax.loglog(ranks, lam / scale, color=color, lw=1.3, label=f"{label}: s={s:.2f}, KS {passed}, {n_out} outl.")
+    outliers = f"{n_out} outlier{'' if n_out == 1 else 's'}"
+    ax.loglog(ranks, lam / scale, color=color, lw=1.3, label=f"{label}: s = {s:.2f}, KS {passed}, {outliers}")
     if k_fit:
         k = np.arange(1, k_fit + 1)
         ax.loglog(k, lam[k_fit - 1] * (k / k_fit) ** -s / scale, "--", color=color, lw=0.9)
@@ -359,12 +360,13 @@ def _panel(ax, ds: xr.Dataset, picks, title, **kw):
             _rank_plot(ax, sub.isel(case=0), label, f"C{i}", **kw)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("rank k")
-    ax.legend(fontsize=7, loc="lower left")
+    # below the axes: the spectra fill the panels from corner to corner
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), borderaxespad=0, frameon=False)
 
 
 def plot_spectra(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
     """Rank plots of covariance spectra (dashed: fitted power laws) and the top eigenvalue vs B."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 12.5))
     one = dict(batch_size=1.0, optimizer="sgd", label_noise=0.0, n_classes=10)
     _panel(axes[0, 0], deep, [(dict(model=m, data=d, state=s, **one), f"{m}/{d} {s}") for m, d in NETS
                               for s in ("init", "trained")], "networks, B = 1")
@@ -388,13 +390,18 @@ def plot_spectra(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
         ax.loglog(sub.batch_size.values, top / top[0], "o-", color=f"C{i}", label=f"{m}: slope {slope:.2f}")
     bs = np.array(sorted(set(deep.batch_size.values.tolist())))
     ax.loglog(bs, 1.0 / bs, "k--", lw=1, label="1 / B")
-    ax.set(title="top covariance eigenvalue vs batch size (init)", xlabel="batch size B", ylabel="lambda_1(B) / lambda_1(1)")
-    ax.legend(fontsize=8)
-    for a in axes[:, 0]:
-        a.set_ylabel("covariance eigenvalue")
-    fig.suptitle(f"gradient covariance spectra (Xie et al. Fig. 4, 6, 7, 11, 13); T = {deep.attrs['n_spectrum']}, "
-                 f"power-law fit on the top K = {deep.attrs['k_spectrum']} (dashed); networks measured, toy models simulated")
-    fig.tight_layout()
+    ax.set_title("top covariance eigenvalue vs batch size (init)", fontsize=10)
+    ax.set(xlabel="batch size B", ylabel="top eigenvalue relative to B = 1, λ₁(B) / λ₁(1)")
+    ax.legend(fontsize=9, loc="upper right")  # the curves fall from the upper left: that corner is empty
+    for a in axes.flat[:-1]:
+        a.set_ylabel("covariance eigenvalue λ_k")
+    axes[0, 2].set_ylabel("covariance eigenvalue relative to the top one, λ_k / λ₁")
+    a = deep.attrs
+    fig.suptitle(f"gradient covariance spectra (Xie et al. Fig. 4, 6, 7, 11, 13) of the first {a['n_spectrum']} of "
+                 f"T = {a['n_iter']} mini-batch gradients per history;\npower law λ_k ∝ k^-s fitted to the top "
+                 f"K = {a['k_spectrum']} eigenvalues (dashed), KS test at 5%; networks measured, toy models simulated",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -414,14 +421,22 @@ def plot_tests(toy: xr.Dataset, deep: xr.Dataset, path: str) -> None:
         ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8, color="w" if v < 0.6 else "k")
     ax.set_xticks(range(grid.shape[1]), [c.replace(": ", ":\n") for c in grid.columns], fontsize=8)
     ax.set_yticks(range(len(order)), order, fontsize=8)
-    ax.set_title(f"pass rates (%) at B = {b:g} (Xie Table 1): power-law KS test, D'Agostino test", fontsize=10)
+    a = toy.attrs
+    ax.set_title(f"pass rates (%) at B = {b:g} (Xie Table 1): power-law KS test on the top K = {a['k_power']} values, "
+                 f"D'Agostino test;\nT = {a['n_iter']} mini-batch gradients per history", fontsize=10)
     for i, (ds, m) in enumerate([(deep, "cnn")] + [(toy, t) for t in TOYS]):
         sub = _batch_sweep(ds, m)
         bs = sub.batch_size.values
-        bx.semilogx(bs, sub.gaussian_rate.sel(kind="iteration"), "o-", color=f"C{i}", label=f"{m}: Gaussian, iteration")
-        bx.semilogx(bs, sub.power_law_rate.sel(kind="dimension"), "s--", color=f"C{i}", label=f"{m}: power law, dimension")
-    bx.set(title="rates vs batch size at init (Xie Table 4)", xlabel="batch size B", ylabel="pass rate", ylim=(-0.03, 1.03))
-    bx.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+        bx.semilogx(bs, sub.gaussian_rate.sel(kind="iteration"), "o-", color=f"C{i}")
+        bx.semilogx(bs, sub.power_law_rate.sel(kind="dimension"), "s--", color=f"C{i}")
+    bx.set_title("pass rates vs batch size at init (Xie Table 4)", fontsize=10)
+    bx.set(xlabel="batch size B", ylabel="pass rate (fraction of tested sets not rejected)", ylim=(-0.03, 1.03))
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i}", label=m) for i, m in enumerate(("cnn",) + TOYS)]
+    handles += [Line2D([], [], color="0.3", marker="o", ls="-", label="Gaussian, iteration-wise"),
+                Line2D([], [], color="0.3", marker="s", ls="--", label="power law, dimension-wise")]
+    bx.legend(handles=handles, fontsize=9, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

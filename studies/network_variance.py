@@ -28,19 +28,23 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-import xarray as xr
+import matplotlib
 
-from deepmodels import data, models, probes
-from deepmodels.cluster import Rank1Clustering
-from deepmodels.train import probe_steps
-from toymodels.schema import attach_attrs
-from toymodels.stats import gradient_statistics
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import xarray as xr  # noqa: E402
 
-from . import style
-from ._io import command, publish
+from deepmodels import data, models, probes  # noqa: E402
+from deepmodels.cluster import Rank1Clustering  # noqa: E402
+from deepmodels.train import probe_steps  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
+from toymodels.stats import gradient_statistics  # noqa: E402
+
+from . import style  # noqa: E402
+from ._io import command, publish  # noqa: E402
 
 ESTIMATORS = {"sg_b": ("SG-B", "C0"), "sg_2b": ("SG-2B", "C1"), "svrg": ("SVRG", "C2"), "gc": ("GC", "C3"),
               "gc_rank1": ("GC, rank-1 centres", "C4")}
@@ -117,25 +121,48 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: xr.Dataset, path: str) -> None:
-    """Two log-log panels per network: the average variance and the normalized variance of each
-    estimator (SG-B, SG-2B, SVRG, GC) against the training step."""
+    """One row per network: the estimators' average variance, their normalized variance and the
+    training loss along training, the probe interval with the loss's largest drop shaded in all three."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     cases = list(result.case.values)
-    fig, axes = style.figure(2 * len(cases), width=4.2, height=4.0)
+    fig, axes = plt.subplots(len(cases), 3, figsize=(14.0, 3.9 * len(cases) + 0.7), squeeze=False)
+    b = result.attrs["batch_size"]
     for c, case in enumerate(cases):
         r = result.sel(case=case)
         k = r.step.values
         keep = k > 0
-        for var, ax in (("grad_var", axes[2 * c]), ("grad_nvar", axes[2 * c + 1])):
+        loss = r.loss.values
+        i = int(np.argmax(-np.diff(loss[keep])))  # probes are log-spaced: the steepest stretch on a log axis
+        fast = k[keep][i], k[keep][i + 1]
+        var_ax, nvar_ax, loss_ax = axes[c]
+        for var, ax in (("grad_var", var_ax), ("grad_nvar", nvar_ax)):
             for est, (label, color) in ESTIMATORS.items():
                 style.draw(ax, k[keep], r[var].sel(estimator=est).values[keep], source="measurement", connect=True,
                            color=color, label=label)
-            ax.set_xscale("log")
             ax.set_yscale("log")
+        style.draw(loss_ax, k[keep], loss[keep], source="measurement", connect=True, color="k", label="training loss")
+        for ax in axes[c]:
+            ax.axvspan(*fast, color="0.88", zorder=0)
+            ax.set_xscale("log")
             ax.set_xlabel("step")
-            ax.set_ylabel("average variance" if var == "grad_var" else "normalized variance")
-            ax.set_title(f"{case} on digits, B = {result.attrs['batch_size']:g}", fontsize=10)
-    axes[0].legend(fontsize=7)
-    style.save(fig, path)
+        var_ax.set_ylabel("average variance per parameter,\ntr Cov(ĝ) / P")
+        nvar_ax.set_ylabel("normalized variance, tr Cov(ĝ) / E|ĝ|²")
+        loss_ax.set_ylabel("training loss (cross-entropy, nats)")
+        var_ax.set_title(f"{case}: variance of the gradient-mean estimate ĝ", fontsize=10)
+        nvar_ax.set_title(f"{case}: normalized variance of ĝ", fontsize=10)
+        loss_ax.set_title(f"{case}: training loss on all training examples", fontsize=10)
+        loss_ax.set_ylim(bottom=0)
+    handles = [Line2D([], [], color=color, marker="o", ms=4, lw=0.8, label=label) for label, color in ESTIMATORS.values()]
+    handles += [Patch(color="0.88", label="largest loss drop between probes")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False,
+               title=f"estimators of the mean gradient, B = {b:g} (all measured)", title_fontsize=9)
+    fig.suptitle(f"gradient-mean estimators along SGD training on the digits (B = {b:g}, lr {result.attrs['lr']:g}; "
+                 "Faghri et al. Fig. 2-3)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summary(res) -> str:

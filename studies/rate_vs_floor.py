@@ -11,10 +11,10 @@ so a larger a converges faster, at the rate (1 - a h)^2, towards a higher floor 
 High-curvature directions converge within a few steps and sit on their floor; low-curvature ones
 are still converging, at a rate the learning rate cannot push above (1 - a h)^2 with a h <= 2.
 
-Left and middle: one high- (h = 1) and one low-curvature (h = 0.01) direction, c = h, over steps
+Top: one high- (h = 1) and one low-curvature (h = 0.01) direction, c = h, over steps
 for four learning rates: the exact loss (lines) and Monte Carlo runs (markers with standard errors).
-Right: the two directions' floor and convergence time 1 / (1 - (1 - a h)^2) against the learning
-rate: no single rate is good for both.
+Bottom: the two directions' noise floor (a loss) and relaxation time 1 / (1 - (1 - a h)^2) (in steps)
+against the learning rate, in separate panels: no single rate is good for both.
 
     python -m studies run rate_vs_floor            # 2000 Monte Carlo runs, 10^4 steps
     python -m studies run rate_vs_floor --quick    # 200 runs
@@ -29,15 +29,18 @@ References:
 
 from __future__ import annotations
 
+import matplotlib
 
-import numpy as np
-import xarray as xr
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
 
-from toymodels import NQM, SGD
-from toymodels.schema import attach_attrs
+from toymodels import NQM, SGD  # noqa: E402
+from toymodels.schema import attach_attrs  # noqa: E402
 
-from . import style
-from ._io import command, publish
+from . import style  # noqa: E402
+from ._io import command, publish  # noqa: E402
 
 CURVATURES = {"high": 1.0, "low": 0.01}
 LR_FRACTIONS = (0.05, 0.2, 0.5, 0.9)  # of the stability limit 2 / h_max
@@ -90,38 +93,58 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 
 def plot(result: dict, path: str) -> None:
-    """Three panels: the high- and the low-curvature direction's expected loss over steps for each
-    learning rate (exact lines, Monte Carlo markers with standard errors), and both directions' noise
-    floor and convergence time against the learning rate."""
+    """Top: the expected loss over steps along each direction (one panel each, colour = learning
+    rate).  Bottom: against the learning rate, the noise floor (a loss) and the relaxation time (in
+    steps) in separate panels, the four learning rates of the top row marked in their colours."""
+    from matplotlib.lines import Line2D
+
     exact, sims, trade = result["exact"], result["simulation"], result["tradeoff"]
-    fig, axes = style.figure(3, width=5.0)
-    for ax, name in zip(axes[:2], CURVATURES):
-        for j, lr in enumerate(exact.lr.values):
+    fig, axes = plt.subplots(2, 2, figsize=(12.5, 8.6))
+    lrs = exact.lr.values
+    for ax, name in zip(axes[0], CURVATURES):
+        for j, lr in enumerate(lrs):
             e = exact.loss.sel(curve=name, lr=lr)
             k = e.step.values
-            style.draw(ax, k[k > 0], e.values[k > 0], source="exact", color=f"C{j}", label=f"lr = {lr:.2g}")
+            style.draw(ax, k[k > 0], e.values[k > 0], source="exact", color=f"C{j}")
             m = sims.sel(curve=name, lr=lr)
             km = m.step.values
             style.draw(ax, km[km > 0], m.loss.values[km > 0], err=m.loss_sem.values[km > 0], source="simulation",
                        color=f"C{j}")
-        style.draw(ax, [], [], source="simulation", color="0.4", label=f"mean of {sims.attrs['n_runs']} runs ± SE")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("expected loss along the direction")
-        ax.set_title(f"{name} curvature h = {CURVATURES[name]:g} (c = h, B = {BATCH_SIZE:g})")
-        ax.legend(fontsize=7, loc="lower left")
-    ax = axes[2]
-    for name, color in zip(CURVATURES, ("C3", "C0")):
-        style.draw(ax, trade.lr, trade.loss_inf.sel(curve=name), source="exact", color=color,
-                   label=f"noise floor, h = {CURVATURES[name]:g}")
-        style.draw(ax, trade.lr, trade.relaxation_steps.sel(curve=name), source="exact", color=color, ls="--",
-                   label=f"steps to converge 1/(1-(1-ah)²), h = {CURVATURES[name]:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("learning rate a")
-    ax.set_title("faster convergence costs a higher floor")
-    ax.legend(fontsize=7)
+        ax.set_xlabel("step k")
+        ax.set_ylabel("expected loss along the direction, E l(k)")
+        ax.set_title(f"{name} curvature h = {CURVATURES[name]:g} (c = h, B = {BATCH_SIZE:g})", fontsize=10)
+    # one legend for the top row, outside the axes: colour = learning rate, line = theory, markers = Monte Carlo
+    handles = [Line2D([], [], color=f"C{j}", label=f"lr a = {lr:.2g}") for j, lr in enumerate(lrs)]
+    handles += [Line2D([], [], color="0.3", label="exact (theory)"),
+                Line2D([], [], color="0.3", ls="none", marker="o", mfc="none", ms=4,
+                       label=f"mean of {sims.attrs['n_runs']} runs ± SE\n(Monte Carlo)")]
+    axes[0, 1].legend(handles=handles, fontsize=8.5, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0,
+                      title="top row", title_fontsize=8.5)
+    floor_ax, time_ax = axes[1]
+    for name, color in zip(CURVATURES, ("0.15", "0.55")):
+        h = CURVATURES[name]
+        style.draw(floor_ax, trade.lr, trade.loss_inf.sel(curve=name), source="exact", color=color, label=f"h = {h:g}")
+        style.draw(time_ax, trade.lr, trade.relaxation_steps.sel(curve=name), source="exact", color=color,
+                   label=f"h = {h:g}")
+    for ax in (floor_ax, time_ax):
+        for j, lr in enumerate(lrs):  # the learning rates of the top row
+            ax.axvline(lr, color=f"C{j}", ls=":", lw=1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate a")
+    floor_ax.set_ylabel("noise floor: stationary expected loss\na c / (2B (2 - a h))")
+    floor_ax.set_title("the floor rises with the learning rate", fontsize=10)
+    time_ax.set_ylabel("relaxation time 1 / (1 - (1 - a h)²)  [steps]")
+    time_ax.set_title("the time to reach it falls (while a h < 1)", fontsize=10)
+    handles = [Line2D([], [], color=c, label=f"h = {h:g} (theory)") for h, c in zip(CURVATURES.values(), ("0.15", "0.55"))]
+    handles += [Line2D([], [], color="0.3", ls=":", label="the learning rates\nof the top row")]
+    # outside the axes, beside the row it explains (inside, it would cover the learning-rate marks)
+    time_ax.legend(handles=handles, fontsize=8.5, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0,
+                   title="bottom row", title_fontsize=8.5)
+    fig.suptitle("faster convergence costs a higher noise floor, and no single learning rate suits both directions",
+                 fontsize=11)
     style.save(fig, path)
 
 

@@ -8,7 +8,7 @@ the way: SG-B, SG-2B, SVRG and gradient clustering (GC, B clusters), with SVRG's
 clustering refreshed every ``U`` steps.  Plotted: the maximum over the last 70% of training of the
 variance (top) and of SG-B's normalized variance (bottom), as in the paper.
 
-    python -m studies run rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~30 s
+    python -m studies run rf_variance            # reduced scale: h_s = 100, N = 10..1000, 3 seeds, ~4 min
     python -m studies run rf_variance --quick    # smaller still
     python -m studies run rf_variance --full     # the paper's scale: h_s = 1000, N = 100..10000 (hours)
 
@@ -135,17 +135,20 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
 
 def plot(result: xr.Dataset, path: str) -> None:
     """Top: max variance per estimator (colour) and learning rate (line style); bottom: SG-B's
-    max normalized variance.  One column per duplicate share."""
+    max normalized variance.  One column per duplicate share; where a share leaves fewer than 5
+    duplicated examples (no point computed) the panel says so."""
     from matplotlib.lines import Line2D
 
     dups = result.duplicates.values
-    fig, axes = plt.subplots(2, dups.size, figsize=(4.2 * dups.size, 7.2), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, dups.size, figsize=(4.2 * dups.size + 2.0, 7.6), squeeze=False, sharex=True)
     x = result.overparametrization.values
+    n_train = result.n_train.values
     styles = ["-", "--", ":", "-."]
     positive = result.grad_var_max.values[np.isfinite(result.grad_var_max.values) & (result.grad_var_max.values > 0)]
     # GC with as many clusters as examples (or clusters of exact duplicates) is the full gradient:
     # variance 0 up to rounding; such points are drawn at a floor 10^-8 below the largest value
     floor = max(positive.min(), 1e-8 * positive.max()) * 0.3 if positive.size else 1e-12
+    n_dup = 5  # RandomFeatures' n_duplicated: the repeated points
     for c, dup in enumerate(dups):
         top, bottom = axes[0, c], axes[1, c]
         for j, lr in enumerate(result.lr.values):
@@ -155,17 +158,37 @@ def plot(result: xr.Dataset, path: str) -> None:
                 top.loglog(x, np.maximum(v, floor), styles[j % 4], color=color, marker="o", ms=3)
             bottom.semilogx(x, r.grad_nvar_max.sel(estimator="sg_b").values, styles[j % 4], color="C0", marker="o",
                             ms=3)
-        top.set_title("no duplicates" if dup == 0 else f"5 points repeated: {dup:.0%} of the data")
-        top.set_ylim(bottom=floor * 0.8)
+        top.axhline(floor, color="0.5", ls=(0, (1, 3)), lw=0.8)
+        top.set_title("no duplicates" if dup == 0 else f"5 points repeated: {dup:.0%} of the data", fontsize=10)
+        top.set_ylim(bottom=floor * 0.6)
         bottom.axhline(1.0, color="0.6", lw=0.8)
         bottom.set_xlabel("overparametrization h_s / N")
-    axes[0, 0].set_ylabel("max average variance (last 70%)")
-    axes[1, 0].set_ylabel("max normalized variance, SG-B")
+        # points not computed: the share makes fewer than 5 copies (round(share x N) < 5), the model's
+        # minimum, so 5 repeated points cannot be that share of so few examples
+        v = result.grad_var_max.sel(duplicates=dup)
+        missing = ~np.isfinite(v).any([d for d in v.dims if d != "n_train"]).transpose("n_train").values
+        if missing.any():
+            n_min = int(n_train[~missing].min())
+            edge = np.sqrt(x[missing].min() * x[~missing].max())  # halfway (in log) to the first missing point
+            for ax in (top, bottom):
+                ax.axvspan(edge, x.max() * 1.6, color="0.92", zorder=0)
+            last = x[~missing].max()  # the largest overparametrization computed
+            for ax, text in ((top, f"not computed: h_s / N > {last:g} (N < {n_min})"),
+                             (bottom, f"{dup:.0%} of N < {n_min} is fewer than {n_dup} copies\nof the {n_dup} repeated points")):
+                ax.text(np.sqrt(edge * x.max() * 1.6), 0.5, text, transform=ax.get_xaxis_transform(), rotation=90,
+                        ha="center", va="center", fontsize=8, color="0.25")
+    axes[0, 0].set_ylabel("variance of the gradient-mean estimate\n(tr Cov / P, max over the last 70% of training)")
+    axes[1, 0].set_ylabel("normalized variance of SG-B, V / E|ĝ|²\n(max over the last 70% of training)")
     est_handles = [Line2D([], [], color=color, label=label) for label, color in ESTIMATORS.values()]
     lr_handles = [Line2D([], [], color="0.3", ls=styles[j % 4], label=f"lr = {lr:g}") for j, lr in enumerate(result.lr.values)]
-    axes[0, 0].legend(handles=est_handles + lr_handles, fontsize=7, ncol=2)
+    extra = [Line2D([], [], color="0.5", ls=(0, (1, 3)), lw=0.8, label="variance 0 (GC: one\nexample per cluster)\ndrawn at this floor")]
+    axes[0, -1].legend(handles=est_handles + lr_handles + extra, fontsize=8.5, loc="upper left",
+                       bbox_to_anchor=(1.04, 1.0), borderaxespad=0)
+    bottom_handles = lr_handles + [Line2D([], [], color="0.6", lw=0.8, label="1: noise dominates")]
+    axes[1, -1].legend(handles=bottom_handles, fontsize=8.5, loc="upper left", bbox_to_anchor=(1.04, 1.0),
+                       borderaxespad=0, title="SG-B", title_fontsize=8.5)
     fig.suptitle(f"random features, h_s = {result.attrs['student_hidden']}, B = 10 (Faghri et al. Fig. 4, 5, 8): "
-                 "exact estimator variances along simulated SGD training")
+                 f"exact estimator variances along simulated SGD training, mean of {result.attrs['n_seeds']} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
