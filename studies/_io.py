@@ -82,24 +82,23 @@ def _scheduler(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"must be an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"must be an integer >= 1; got {value}")
-    return value
+def _number(convert, what, ok):
+    """A flag-value converter: ``convert(text)`` (``int`` or ``float``), accepted when ``ok(value)``;
+    otherwise "must be <what>; got ..."."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(f"must be {what}; got {text!r}") from None
+        if not ok(value):
+            raise ValueError(f"must be {what}; got {value}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number in (0, 1); got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"must be a number in (0, 1); got {text}")
-    return value
+_positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
+_fraction = _number(float, "a number in (0, 1)", lambda v: 0.0 < v < 1.0)
 
 
 out_folder = _flag_type(_out_folder, "folder")
