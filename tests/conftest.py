@@ -32,3 +32,21 @@ OPTIMIZERS = {
 @pytest.fixture(params=list(OPTIMIZERS))
 def optimizer(request):
     return OPTIMIZERS[request.param]
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory):
+    """``quick_study(NAME)``: the folder of ``python -m studies run NAME --quick``, run once per test
+    session (the gallery's command-line test and the study's own checks share the run)."""
+    from studies.__main__ import main
+
+    done = {}
+
+    def run(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"quick_{name}")
+            main(["run", name, "--quick", "--out", str(out), "--no-progress"])
+            done[name] = out
+        return done[name]
+
+    return run

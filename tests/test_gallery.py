@@ -16,10 +16,10 @@ SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practic
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES])
-def test_every_study_runs_quick_and_writes_valid_files(name, tmp_path):
-    main(["run", name, "--quick", "--out", str(tmp_path), "--no-progress"])
-    ncs = [p for p in tmp_path.glob("*.nc")]
-    pngs = [p for p in tmp_path.glob("*.png")]
+def test_every_study_runs_quick_and_writes_valid_files(name, tmp_path, quick_study):
+    out = quick_study(name)  # python -m studies run NAME --quick (shared with the study's own tests)
+    ncs = [p for p in out.glob("*.nc")]
+    pngs = [p for p in out.glob("*.png")]
     assert ncs and pngs
     for nc in ncs:
         study, result = load(str(nc))

@@ -90,6 +90,7 @@ def _runs_after(cache: Path, which: str, n: int = 3):
         assert out.stdout.split() == _expected(which), f"run {i + 1}: {out.stdout!r}"
 
 
+@pytest.mark.slow  # 45 s of compiling; .ci/run runs it (and the other slow cache tests) after the default suite
 def test_compile_killed_before_the_entry_point_is_cached(tmp_path):
     """SIGKILL at the end of the first crossing's compile, before numba caches it: every function it
     calls is cached, it is not (the state that used to segfault every process after the next)."""

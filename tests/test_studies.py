@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from studies._io import load
+
 from studies import batch_size_scaling
 from toymodels.schema import validate
 
@@ -26,12 +28,13 @@ def test_batch_size_scaling_quick(tmp_path):
     xr.testing.assert_equal(again.steps_to_target, res.steps_to_target)
 
 
-def test_interpolation_quick(tmp_path):
+def test_interpolation_quick(quick_study):
     """The interpolation study runs, writes three valid netCDF groups and a figure, and shows what it
     claims: an exponential fall without label noise, floors with it."""
     from studies import interpolation
 
-    res = interpolation.run(scale="quick", out=str(tmp_path), progress=False)
+    tmp_path = quick_study("interpolation")  # python -m studies run interpolation --quick, shared with test_gallery
+    res = load(str(tmp_path / "interpolation.nc"))[1]
     online, finite = res["online"], res["finite"]
     path = tmp_path / "interpolation.nc"
     assert (tmp_path / "interpolation.png").stat().st_size > 10_000
@@ -45,11 +48,12 @@ def test_interpolation_quick(tmp_path):
     assert np.all(k <= finite.sv_bound.sel(curve="kaczmarz_interpolating").values * (1 + 1e-10))
 
 
-def test_rf_variance_quick(tmp_path):
+def test_rf_variance_quick(quick_study):
     """The random-features variance study runs, resumes from its saved points and shows SG-2B = SG-B / 2."""
     from studies import rf_variance
 
-    res = rf_variance.run(scale="quick", out=str(tmp_path), progress=False)
+    tmp_path = quick_study("rf_variance")  # python -m studies run rf_variance --quick, shared with test_gallery
+    res = load(str(tmp_path / "rf_variance.nc"))[1]
     assert (tmp_path / "rf_variance.png").stat().st_size > 10_000
     saved = xr.load_dataset(tmp_path / "rf_variance.nc")
     validate(saved)
@@ -78,7 +82,7 @@ def test_nqm_vs_network_tiny(tmp_path, network):
     np.testing.assert_allclose(res["predicted"].steps_to_target.sel(optimizer="sgd").values[j], measured[j])
 
 
-def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
+def test_command_line_lists_runs_and_redraws(tmp_path, capsys, quick_study):
     """`python -m studies list | run NAME | plot FILE.nc`: the listing names every study, `run` passes
     the flags on, and `plot` redraws a figure from the saved file alone (groups or a single dataset)."""
     from studies import STUDIES
@@ -87,14 +91,12 @@ def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
     main(["list"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in STUDIES)
-    main(["run", "interpolation", "--quick", "--out", str(tmp_path), "--no-progress"])
-    assert "wrote" in capsys.readouterr().out
-    png = tmp_path / "interpolation.png"
-    png.unlink()
-    main(["plot", str(tmp_path / "interpolation.nc")])
-    assert png.stat().st_size > 10_000
-    batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
-    main(["plot", str(tmp_path / "batch_size_scaling.nc"), "--out", str(tmp_path / "again.png")])
+    # `run interpolation --quick --out DIR` (shared with test_gallery): its files are in DIR
+    out = quick_study("interpolation")
+    assert (out / "interpolation.nc").exists() and (out / "interpolation.png").exists()
+    main(["plot", str(out / "interpolation.nc"), "--out", str(tmp_path / "interpolation.png")])
+    assert (tmp_path / "interpolation.png").stat().st_size > 10_000
+    main(["plot", str(quick_study("batch_size_scaling") / "batch_size_scaling.nc"), "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").stat().st_size > 10_000
     with pytest.raises(SystemExit) as info:  # a user error: one line, status 2 (more in tests/test_cli.py)
         main(["run", "nope"])
@@ -105,12 +107,13 @@ def test_command_line_lists_runs_and_redraws(tmp_path, capsys):
     assert info.value.code == 2 and "no `study` attribute" in capsys.readouterr().err
 
 
-def test_rate_vs_floor_matches_the_closed_form_and_monte_carlo(tmp_path):
+def test_rate_vs_floor_matches_the_closed_form_and_monte_carlo(quick_study):
     """The per-direction curves equal E l(k) = (1-ah)^2k l0 + (1-(1-ah)^2k) a c / (2B(2-ah)), written out
     here independently, and the Monte Carlo means lie within 4.5 standard errors of them."""
     from studies import rate_vs_floor as rvf
 
-    res = rvf.run(scale="quick", out=str(tmp_path), progress=False)
+    tmp_path = quick_study("rate_vs_floor")  # python -m studies run rate_vs_floor --quick, shared with test_gallery
+    res = load(str(tmp_path / "rate_vs_floor.nc"))[1]
     exact, sims = res["exact"], res["simulation"]
     for name, h in rvf.CURVATURES.items():
         for lr in exact.lr.values:
@@ -156,12 +159,13 @@ def test_hessian_vs_covariance_directions():
     assert hvc.log_correlation([1.0, 10.0, 100.0, -1.0], [2.0, 20.0, 200.0, 5.0]) == pytest.approx(1.0)
 
 
-def test_network_variance_quick(tmp_path):
+def test_network_variance_quick(quick_study):
     """SG-2B has exactly half SG-B's variance, SVRG's is zero at its snapshot (step 0), and every
     normalized variance lies in [0, 1]."""
     from studies import network_variance as nv
 
-    res = nv.run(scale="quick", out=str(tmp_path), progress=False)
+    tmp_path = quick_study("network_variance")  # python -m studies run network_variance --quick, shared with test_gallery
+    res = load(str(tmp_path / "network_variance.nc"))[1]
     validate(xr.load_dataset(tmp_path / "network_variance.nc"))
     np.testing.assert_allclose(res.grad_var.sel(estimator="sg_2b"), res.grad_var.sel(estimator="sg_b") / 2, rtol=1e-10)
     assert np.all(res.grad_var.sel(estimator="svrg", step=0) < 1e-12 * res.grad_var.sel(estimator="sg_b", step=0))
