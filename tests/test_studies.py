@@ -65,7 +65,9 @@ def test_rf_variance_quick(quick_study):
     xr.testing.assert_equal(again.grad_var_max, res.grad_var_max)
 
 
-@pytest.mark.parametrize("network", ["cnn", pytest.param("mlp1d", marks=pytest.mark.slow)])
+# slow (17-22 s each): .ci/run runs them after the default suite
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["cnn", "mlp1d"])
 def test_nqm_vs_network_tiny(tmp_path, network):
     """The theory-vs-network study runs end to end at a tiny scale and writes valid groups."""
     from studies import nqm_vs_cnn
@@ -189,6 +191,7 @@ def test_schedule_sweep_resumes_only_on_the_same_grid(tmp_path):
     xr.testing.assert_identical(again, fresh)
 
 
+@pytest.mark.slow  # 19-22 s: .ci/run runs it after the default suite
 def test_theory_vs_practice_tiny(tmp_path, monkeypatch):
     """The prediction study runs end to end at a tiny scale, writes valid groups, and resumes: a rerun
     trains nothing and gives the same numbers."""
