@@ -50,3 +50,12 @@ def quick_study(tmp_path_factory):
         return done[name]
 
     return run
+
+
+def pytest_sessionstart(session):
+    """On a fresh clone (an empty numba cache) compile the exact engine's later kernels in a second
+    process while the first tests run (:func:`toymodels.warmup.start`, as a first sweep does;
+    nothing when the cache is warm or there is one core)."""
+    from toymodels import warmup
+
+    warmup.start()
