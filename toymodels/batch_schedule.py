@@ -121,14 +121,13 @@ def compare_with_constant(problem, optimizer, schedule, batch_sizes, target, *,
         coords={"batch_size": bss},
     )
     i_s, i_e = int(np.argmin(steps)), int(np.argmin(examples))  # ties: the first
-    with np.errstate(invalid="ignore"):
-        saved_s = float(np.float64(steps[i_s]) - mine["steps"])
-        saved_e = float(np.float64(examples[i_e]) - mine["examples"])
     attach_attrs(ds, model=problem.model_name, source="exact", target=float(target), schedule=repr(schedule),
                  schedule_steps=mine["steps"], schedule_examples=mine["examples"], schedule_reason=mine["reason"],
                  best_steps=float(steps[i_s]), best_steps_batch_size=float(bss[i_s]),
                  best_examples=float(examples[i_e]), best_examples_batch_size=float(bss[i_e]),
-                 steps_saved=saved_s, examples_saved=saved_e, **problem.params, **optimizer.hyperparameters)
+                 steps_saved=_saved(steps[i_s], mine["steps"]),
+                 examples_saved=_saved(examples[i_e], mine["examples"]), **problem.params,
+                 **optimizer.hyperparameters)
     return ds
 
 
@@ -231,6 +230,7 @@ def _family_optimizer(family, lr, momentum):
 
 
 def _saved(best, mine):
+    """best - mine as a float (NaN when both are inf, without a warning)."""
     with np.errstate(invalid="ignore"):
         return float(np.float64(best) - mine)
 
