@@ -33,6 +33,14 @@ def _data():
     return torch.randn(STEPS, WORLD * M, B, 6, generator=g), torch.randint(0, 3, (STEPS, WORLD * M, B), generator=g)
 
 
+def _sgd_step(model):
+    """Plain SGD by hand (torch.optim's first step imports torch._dynamo: seconds in every process)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.grad, alpha=-LR)
+    model.zero_grad()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +53,6 @@ def _worker(rank, out_dir):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp = DDP(_model())
-        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
         x, y = _data()
         rows = []
         with GradientNoiseScale(ddp) as gns:
@@ -55,8 +62,7 @@ def _worker(rank, out_dir):
                     with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
                         (F.cross_entropy(ddp(x[step, j]), y[step, j]) / M).backward()
                 rows.append(gns.update(micro_batch_size=B).as_dict())
-                opt.step()
-                opt.zero_grad()
+                _sgd_step(ddp.module)
             # different numbers of micro-batches: rank 0 one backward, rank 1 two (one all-reduce each)
             for m in range(rank + 1):
                 with ddp.no_sync() if m < rank else contextlib.nullcontext():
@@ -75,7 +81,6 @@ def _worker(rank, out_dir):
 
 def _single_process():
     model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = _data()
     n = WORLD * M
     rows = []
@@ -84,17 +89,18 @@ def _single_process():
             for j in range(n):
                 (F.cross_entropy(model(x[step, j]), y[step, j]) / n).backward()
             rows.append(gns.update(micro_batch_size=B).as_dict())
-            opt.step()
-            opt.zero_grad()
+            _sgd_step(model)
     return rows, list(model.parameters())
 
 
 def test_ddp_equals_single_process(tmp_path, monkeypatch):
-    ref_rows, ref_params = _single_process()  # first: forked children inherit what its first optimizer step imports
+    ref_rows, ref_params = _single_process()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     # fork where the platform has it: the children inherit the imported modules (a spawned child
-    # imports torch and deepmodels again, 10+ s on a loaded machine); spawn elsewhere
+    # imports torch and deepmodels again, 10+ s on a loaded machine); spawn elsewhere.  DDP's
+    # constructor imports torch._dynamo (seconds): once here rather than in each child.
+    import torch._dynamo  # noqa: F401
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method=method)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
