@@ -186,7 +186,7 @@ class NoiseScaleEMA:
         for k, x in zip(_EMA_KEYS, (s, g, s * s, g * g, s * g)):
             m[k] = d * m[k] + (1.0 - d) * x
         self.t += 1
-        return self.estimates()
+        return self._estimates()
 
     @validate()
     def estimates(self) -> dict:
@@ -195,6 +195,9 @@ class NoiseScaleEMA:
         ``noise_scale_ema_lo`` / ``_hi`` (Fieller interval at ``level``, clipped at 0; ``(0, inf)``
         where the |G|^2 EMA is not significantly positive) and ``ema_n_eff``.  Before the first
         update everything is ``inf`` (``ema_n_eff`` 0); after one, the standard error is ``inf``."""
+        return self._estimates()
+
+    def _estimates(self) -> dict:
         inf = math.inf
         if self.t == 0:
             return {"trace_cov_ema": inf, "grad_norm_sq_ema": inf, "noise_scale_ema": inf, "noise_scale_ema_sem": inf,
@@ -335,22 +338,26 @@ def _group_constraint():
     return Maybe(Instance(dist.ProcessGroup, what="a torch.distributed ProcessGroup"))
 
 
-def _sq_norm(tensors, dtype=torch.float32) -> torch.Tensor:
-    """sum |t|^2 over a list of tensors as a float64 scalar tensor: one fused ``_foreach_norm`` in
-    ``dtype`` (float32 for float32, bfloat16 or float16 tensors; float64 if any is), the norms combined
-    in float64."""
-    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
+_FLUSH_BYTES = 64 * 2**20  # gradients held at most before their norms are taken (bounds the extra memory)
+
+
+def _norms(tensors, dtype) -> list:
+    """The 2-norms of a list of tensors by one fused ``_foreach_norm`` in ``dtype`` (float32 for
+    float32, bfloat16 or float16 tensors; float64 if any is)."""
+    return torch._foreach_norm(tensors, 2, dtype=dtype)
 
 
 class GradientNoiseScale:
     """The gradient noise scale of every training step, from the step's own backward passes
     (McCandlish et al. 2018, App. A.1; the module docstring has the formulas and assumptions).
 
-    Registers one gradient hook (:func:`torch.autograd.graph.register_multi_grad_hook`) on the
-    model's trainable parameters; each backward pass then records the squared norm of its
-    micro-batch gradient (before accumulation into ``.grad``, before any all-reduce), with one fused
-    norm over all parameters.  :meth:`update`, after the last backward pass of a step and before
+    Registers a gradient hook (``Tensor.register_hook``) on each trainable parameter: it keeps the
+    gradient of this backward pass (before accumulation into ``.grad``, before any all-reduce) and,
+    at the end of the backward pass (an autograd engine callback), one fused ``_foreach_norm`` over
+    all of them gives the squared norm of the micro-batch gradient (gradients are held at most
+    64 MiB at a time: larger models take a few fused norms per backward pass).  Every backward pass
+    through the parameters between two updates counts as one micro-batch (also
+    ``torch.autograd.grad`` calls that reach them).  :meth:`update`, after the last backward pass of a step and before
     ``optimizer.step()``, reads |G_big|^2 from ``.grad``, joins the processes with one all-reduce of
     four numbers, and returns a :class:`GNSEstimate`.  Usable as a context manager (the hook is
     removed on exit)::
@@ -392,13 +399,34 @@ class GradientNoiseScale:
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         self.ema = NoiseScaleEMA(ema_decay, level=level)
         self.n_updates = 0
-        self._micro: list[torch.Tensor] = []
-        self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._record, mode="all")
+        self._micro: list[list] = []  # per backward pass: the norms of its parameter gradients
+        self._pending: list[torch.Tensor] = []  # this backward's gradients whose norms are not taken yet
+        self._pending_bytes, self._current, self._task = 0, [], None
+        self._handles = [p.register_hook(self._record) for p in self.params]
 
-    def _record(self, grads) -> None:
-        present = [g for g in grads if g is not None]
-        if present:
-            self._micro.append(_sq_norm(present, self._dtype))
+    def _record(self, grad: torch.Tensor) -> None:
+        """Tensor hook of every parameter: keep this backward's gradient (before accumulation) for one
+        fused norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held)."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:  # first gradient of this backward pass: take the norms when it ends
+            self._pending, self._pending_bytes, self._current = [], 0, []  # left by a backward that failed
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._task = task
+        self._pending.append(grad)
+        self._pending_bytes += grad.numel() * grad.element_size()
+        if self._pending_bytes > _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._current.extend(_norms(self._pending, self._dtype))
+            self._pending, self._pending_bytes = [], 0
+
+    def _end_backward(self) -> None:
+        self._flush()
+        if self._current:
+            self._micro.append(self._current)
+        self._current, self._task = [], None
 
     # -- the step -------------------------------------------------------------------------------
     @validate(micro_batch_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
@@ -414,7 +442,7 @@ class GradientNoiseScale:
                 processes (the two-batch estimate needs n >= 2), processes with different numbers
                 of micro-batches, no ``.grad``, or the hook was removed.
         """
-        if self._handle is None:
+        if self._handles is None:
             raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
         micro, self._micro = self._micro, []
         m_local = len(micro)
@@ -425,15 +453,22 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        a = torch.stack(micro)
+        # every norm of the step in one stack and one copy to Python floats (float64): the sums are tiny
+        big_norms = _norms(grads, self._dtype)
+        sizes = [len(norms) for norms in micro]
+        values = torch.stack([v for norms in micro for v in norms] + list(big_norms)).tolist()
         scale = float(m_local) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
-        big = _sq_norm(grads, self._dtype) / (1 if self.accumulation == "mean" else m_local**2)
-        sums = torch.stack([a.sum() * scale, a.square().sum() * scale * scale,
-                            a.new_tensor(float(m_local)), a.new_tensor(float(m_local) ** 2)])
+        a, start = [], 0
+        for k in sizes:
+            a.append(scale * math.fsum(v * v for v in values[start:start + k]))
+            start += k
+        big_sq = math.fsum(v * v for v in values[start:]) / (1.0 if self.accumulation == "mean" else m_local**2)
+        sums = [math.fsum(a), math.fsum(v * v for v in a), float(m_local), float(m_local) ** 2]
         if self.world_size > 1:
-            _dist().all_reduce(sums, group=self.process_group)
-        sum_sq, sum_sq2, n, m_sq = sums.tolist()
-        big_sq = float(big)
+            t = torch.tensor(sums, dtype=torch.float64, device=grads[0].device)
+            _dist().all_reduce(t, group=self.process_group)
+            sums = t.tolist()
+        sum_sq, sum_sq2, n, m_sq = sums
         n = int(round(n))
         if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
             raise ValueError(f"`model` must run the same number of backward passes on every process between updates; "
@@ -452,7 +487,7 @@ class GradientNoiseScale:
             per_step = dict.fromkeys(("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased",
                                       "grad_norm_sq_unbiased_sem", "trace_cov", "trace_cov_sem", "noise_scale_unbiased",
                                       "noise_scale_unbiased_sem"), math.inf)
-            smooth = self.ema.estimates()
+            smooth = self.ema._estimates()
         return GNSEstimate(step=step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step, **smooth,
                            model=self.model_name, diverged=reason)
 
@@ -487,9 +522,10 @@ class GradientNoiseScale:
     @validate()
     def remove(self) -> None:
         """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._handles is not None:
+            for h in self._handles:
+                h.remove()
+            self._handles = None
         self._micro = []
 
     def __enter__(self):

@@ -347,3 +347,32 @@ def test_nonfinite_gradients_reported_as_inf_with_reason():
     schema.validate(ds)
     assert not any(np.isnan(ds[v].values).any() for v in ds.data_vars)
     assert "step 1: non-finite gradient" in ds.attrs["diverged"]
+
+
+def test_failed_backward_and_autograd_grad():
+    """A backward pass that raises leaves nothing behind (the next steps are exact); each
+    ``torch.autograd.grad`` through the parameters counts as one micro-batch, like ``backward``."""
+    x, y = _batches(2, 4, seed=3)
+    model = _mlp()
+    ref = _reference(model, x, y)
+
+    def fails(grad):
+        raise RuntimeError("boom")
+
+    with G.GradientNoiseScale(model) as gns:
+        handle = model[0].weight.register_hook(fails)
+        with pytest.raises(RuntimeError, match="boom"):
+            F.cross_entropy(model(x[0]), y[0]).backward()
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        _accumulate(model, x, y)
+        est = gns.update(micro_batch_size=4)
+        params = list(model.parameters())
+        for m in range(2):
+            grads = torch.autograd.grad(F.cross_entropy(model(x[m]), y[m]) / 2, params)
+            for p, g in zip(params, grads):
+                p.grad = g if m == 0 else p.grad + g
+        est2 = gns.update(micro_batch_size=4)
+    for k, v in ref.items():
+        assert getattr(est, k) == pytest.approx(v, rel=2e-5), k
+        assert getattr(est2, k) == pytest.approx(v, rel=2e-5), k
