@@ -359,7 +359,8 @@ class GradientNoiseScale:
     through the parameters between two updates counts as one micro-batch (also
     ``torch.autograd.grad`` calls that reach them).  :meth:`update`, after the last backward pass of a step and before
     ``optimizer.step()``, reads |G_big|^2 from ``.grad``, joins the processes with one all-reduce of
-    four numbers, and returns a :class:`GNSEstimate`.  Usable as a context manager (the hook is
+    four numbers (given the DDP wrapper, started at the end of its synchronizing backward pass, behind
+    DDP's own all-reduce; given the bare module, in ``update``), and returns a :class:`GNSEstimate`.  Usable as a context manager (the hook is
     removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
@@ -386,7 +387,8 @@ class GradientNoiseScale:
               accumulation=Options("mean", "sum"), level=Real(0.0, 1.0, low_open=True, high_open=True))
     def __init__(self, model: nn.Module, *, ema_decay: float = 0.95, process_group=None, accumulation: str = "mean",
                  level: float = 0.95):
-        inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        self._ddp = model if type(model).__name__ == "DistributedDataParallel" else None
+        inner = model.module if self._ddp is not None else model
         self.model_name = type(inner).__name__
         self.names, self.params = zip(*[(k, p) for k, p in inner.named_parameters() if p.requires_grad])
         self.accumulation = accumulation
@@ -402,6 +404,7 @@ class GradientNoiseScale:
         self._micro: list[list] = []  # per backward pass: the norms of its parameter gradients
         self._pending: list[torch.Tensor] = []  # this backward's gradients whose norms are not taken yet
         self._pending_bytes, self._current, self._task = 0, [], None
+        self._work = None  # an all-reduce started at the end of DDP's synchronizing backward pass
         self._handles = [p.register_hook(self._record) for p in self.params]
 
     def _record(self, grad: torch.Tensor) -> None:
@@ -427,6 +430,25 @@ class GradientNoiseScale:
         if self._current:
             self._micro.append(self._current)
         self._current, self._task = [], None
+        if self._ddp is not None and self.world_size > 1 and self._micro and self._ddp.require_backward_grad_sync:
+            self._launch()
+
+    def _local_sums(self, micro) -> torch.Tensor:
+        """[sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M backward passes (float64 tensor)."""
+        m = len(micro)
+        scale = float(m) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
+        a = torch.stack([torch.stack(norms).double().square().sum() for norms in micro]) * scale
+        return torch.stack([a.sum(), a.square().sum(), a.new_tensor(float(m)), a.new_tensor(float(m * m))])
+
+    def _launch(self) -> None:
+        """Start the all-reduce of the local sums at the end of DDP's synchronizing backward pass: it
+        queues behind DDP's gradient all-reduce, and :meth:`update` only waits for it (no extra round
+        trip between the processes).  Under DDP every backward pass that synchronizes launches one
+        (with ``no_sync`` only the last one of a step); update() uses the latest."""
+        if self._work is not None:
+            self._work[0].wait()
+        sums = self._local_sums(self._micro)
+        self._work = (_dist().all_reduce(sums, group=self.process_group, async_op=True), sums, len(self._micro))
 
     # -- the step -------------------------------------------------------------------------------
     @validate(micro_batch_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
@@ -453,20 +475,18 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        # every norm of the step in one stack and one copy to Python floats (float64): the sums are tiny
-        big_norms = _norms(grads, self._dtype)
-        sizes = [len(norms) for norms in micro]
-        values = torch.stack([v for norms in micro for v in norms] + list(big_norms)).tolist()
-        scale = float(m_local) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
-        a, start = [], 0
-        for k in sizes:
-            a.append(scale * math.fsum(v * v for v in values[start:start + k]))
-            start += k
-        big_sq = math.fsum(v * v for v in values[start:]) / (1.0 if self.accumulation == "mean" else m_local**2)
-        sums = [math.fsum(a), math.fsum(v * v for v in a), float(m_local), float(m_local) ** 2]
-        if self.world_size > 1:
-            t = torch.tensor(sums, dtype=torch.float64, device=grads[0].device)
-            _dist().all_reduce(t, group=self.process_group)
+        big_sq = float(torch.stack(_norms(grads, self._dtype)).double().square().sum())
+        big_sq /= 1.0 if self.accumulation == "mean" else m_local**2
+        work, self._work = self._work, None
+        if work is not None and work[2] == m_local:  # started at the end of DDP's synchronizing backward pass
+            work[0].wait()
+            sums = work[1].tolist()
+        else:
+            if work is not None:
+                work[0].wait()
+            t = self._local_sums(micro)
+            if self.world_size > 1:
+                _dist().all_reduce(t, group=self.process_group)
             sums = t.tolist()
         sum_sq, sum_sq2, n, m_sq = sums
         n = int(round(n))
@@ -522,6 +542,9 @@ class GradientNoiseScale:
     @validate()
     def remove(self) -> None:
         """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
+        if self._work is not None:
+            self._work[0].wait()
+            self._work = None
         if self._handles is not None:
             for h in self._handles:
                 h.remove()

@@ -54,14 +54,17 @@ def _worker(rank, out_dir):
 
         ddp = DDP(_model())
         x, y = _data()
-        rows = []
-        with GradientNoiseScale(ddp) as gns:
+        rows, rows_bare = [], []
+        # the DDP wrapper (all-reduce started in DDP's synchronizing backward) and the bare module
+        # (the default process group, all-reduce in update) on the same run
+        with GradientNoiseScale(ddp) as gns, GradientNoiseScale(ddp.module) as gns_bare:
             for step in range(STEPS):
                 for m in range(M):
                     j = rank * M + m
                     with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
                         (F.cross_entropy(ddp(x[step, j]), y[step, j]) / M).backward()
                 rows.append(gns.update(micro_batch_size=B).as_dict())
+                rows_bare.append(gns_bare.update(micro_batch_size=B).as_dict())
                 _sgd_step(ddp.module)
             # different numbers of micro-batches: rank 0 one backward, rank 1 two (one all-reduce each)
             for m in range(rank + 1):
@@ -72,7 +75,8 @@ def _worker(rank, out_dir):
                 refused = ""
             except ValueError as err:
                 refused = str(err)
-        torch.save({"rows": rows, "refused": refused,
+            gns_bare._micro = []  # (its own refusal is the same check)
+        torch.save({"rows": rows, "rows_bare": rows_bare, "refused": refused,
                     "params": [p.detach().clone() for p in ddp.module.parameters()]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -105,6 +109,9 @@ def test_ddp_equals_single_process(tmp_path, monkeypatch):
     mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method=method)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert got[0]["rows"] == got[1]["rows"]  # every process reports the same numbers
+    for r in range(WORLD):
+        for row, bare in zip(got[r]["rows"], got[r]["rows_bare"]):
+            assert row == pytest.approx(bare, rel=1e-12)
     for step, (row, ref) in enumerate(zip(got[0]["rows"], ref_rows)):
         assert row["batch_size"] == WORLD * M * B and row["n_micro_batches"] == WORLD * M
         for k, v in ref.items():
