@@ -60,8 +60,11 @@ the true B_simple in 95% of them where R +- 1.96 SE covers it in about 92%.
 Assumptions: the loss of each micro-batch is divided by the number M of backward passes between
 two :meth:`GradientNoiseScale.update` calls (``accumulation="mean"``, the usual
 ``(loss / M).backward()``; ``"sum"`` for losses that are not divided), every process runs the same
-M and the same micro-batch size b, ``.grad`` is zeroed after each optimizer step, and ``.grad`` is
-all-reduced (averaged) over the processes after the last backward pass (DDP does this).  Norms are
+M and the same micro-batch size b and calls ``update`` (it all-reduces: a process that skips it
+stalls the others), ``.grad`` is zeroed after each optimizer step and not yet clipped or unscaled
+when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
+backward pass (DDP does this; a bare module in an initialized process group is assumed to be
+wrapped by DDP elsewhere, as Lightning and Hugging Face do).  Norms are
 computed in float32 and summed in float64, so bfloat16 autocast (or bfloat16 parameters) is fine;
 with a loss scaler (float16) call ``update`` only where the scale is 1 (unsupported otherwise).
 Non-finite gradients give ``inf`` estimates with the reason in ``diverged`` and leave the EMA
@@ -532,14 +535,18 @@ class GradientNoiseScale:
                              f"{state_dict['accumulation']!r}.")
         self.ema.load_state_dict(state_dict["ema"])
         self.n_updates = V.check_int("state_dict['n_updates']", state_dict["n_updates"])
+        self._drop_work()
         self._micro = []
+
+    def _drop_work(self) -> None:
+        if self._work is not None:  # a started all-reduce is waited for: every process started it
+            self._work[0].wait()
+            self._work = None
 
     @validate()
     def remove(self) -> None:
         """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
-        if self._work is not None:
-            self._work[0].wait()
-            self._work = None
+        self._drop_work()
         if self._handles is not None:
             for h in self._handles:
                 h.remove()
