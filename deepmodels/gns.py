@@ -34,7 +34,8 @@ The sample variance v of the n values |g_j|^2 estimates Var|g_j|^2 = 2 T2 + 4 Q 
 does not separate T2 from Q; each variance above (and the delta-method variance of the ratio
 B_simple) is linear in (T2, Q), so its largest value on the segment 2 T2 + 4 Q = v, T2, Q >= 0 is at
 an end (T2 = v / 2 or Q = v / 4).  The per-step standard errors are these largest values: an upper
-bound under the Gaussian model, itself noisy (v has n - 1 degrees of freedom).  Use them to see that one step says little; use the EMA's for an interval.
+bound under the Gaussian model, itself noisy (v has n - 1 degrees of freedom).  Use them to see
+that one step says little; use the EMA's for an interval.
 
 *EMA* (:class:`NoiseScaleEMA`): the bias-corrected EMA after t steps is the weighted mean
 sum_s w_s x_s with w_s = (1 - d) d^(t - s) / (1 - d^t), whose weights have
@@ -261,9 +262,10 @@ class GNSEstimate:
     Per step: ``grad_norm_sq_micro`` (mean |g_j|^2), ``grad_norm_sq_step`` (|G_big|^2),
     ``grad_norm_sq_unbiased``, ``trace_cov``, ``noise_scale_unbiased`` and their ``*_sem``.
     Smoothed: ``grad_norm_sq_ema``, ``trace_cov_ema``, ``noise_scale_ema`` (ratio of the EMAs),
-    ``noise_scale_ema_sem``, the interval ``noise_scale_ema_lo`` / ``_hi``, ``ema_n_eff``.  Units: squared gradient norms in (loss / parameter)^2;
-    noise scales in examples.  ``diverged``: why this step's estimates are ``inf`` (non-finite
-    gradients); the EMA fields then hold the previous, unchanged EMA.
+    ``noise_scale_ema_sem``, the interval ``noise_scale_ema_lo`` / ``_hi``, ``ema_n_eff``.  Units:
+    squared gradient norms in (loss / parameter)^2; noise scales in examples.  ``diverged``: why
+    this step's estimates are ``inf`` (non-finite gradients); the EMA fields then hold the previous,
+    unchanged EMA.
     """
 
     step: int
@@ -355,11 +357,13 @@ class GradientNoiseScale:
     all of them gives the squared norm of the micro-batch gradient (gradients are held at most
     64 MiB at a time: larger models take a few fused norms per backward pass).  Every backward pass
     through the parameters between two updates counts as one micro-batch (also
-    ``torch.autograd.grad`` calls that reach them).  :meth:`update`, after the last backward pass of a step and before
-    ``optimizer.step()``, reads |G_big|^2 from ``.grad``, joins the processes with one all-reduce of
-    four numbers (given the DDP wrapper, started at the end of its synchronizing backward pass, behind
-    DDP's own all-reduce; given the bare module, in ``update``), and returns a :class:`GNSEstimate`.  Usable as a context manager (the hook is
-    removed on exit)::
+    ``torch.autograd.grad`` calls that reach them).
+
+    :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
+    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of four numbers (given the DDP
+    wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce;
+    given the bare module: in ``update``), and returns a :class:`GNSEstimate`.  Usable as a context
+    manager (the hooks are removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
             for step in range(n):
@@ -385,7 +389,7 @@ class GradientNoiseScale:
               accumulation=Options("mean", "sum"), level=Real(0.0, 1.0, low_open=True, high_open=True))
     def __init__(self, model: nn.Module, *, ema_decay: float = 0.95, process_group=None, accumulation: str = "mean",
                  level: float = 0.95):
-        self._ddp = model if type(model).__name__ == "DistributedDataParallel" else None
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         inner = model.module if self._ddp is not None else model
         self.model_name = type(inner).__name__
         self.names, self.params = zip(*[(k, p) for k, p in inner.named_parameters() if p.requires_grad])
@@ -512,7 +516,8 @@ class GradientNoiseScale:
     def _nonfinite_reason(self, sum_sq, sum_sq2, big_sq) -> str | None:
         if math.isfinite(sum_sq) and math.isfinite(sum_sq2) and math.isfinite(big_sq):
             return None
-        bad = [k for k, p in zip(self.names, self.params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        bad = [k for k, p in zip(self.names, self.params)
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         where = f" (in .grad of {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else \
             " (in a micro-batch gradient)"
         return f"non-finite gradient{where}: estimates set to inf, EMA not updated"
