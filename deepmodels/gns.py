@@ -435,10 +435,20 @@ class GradientNoiseScale:
         if self._ddp is not None and self.world_size > 1 and self._micro and self._ddp.require_backward_grad_sync:
             self._launch()
 
-    def _local_sums(self, micro) -> torch.Tensor:
-        """[sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M backward passes (float64 tensor)."""
+    def _local_sums(self, micro, on_device: bool | None = None) -> torch.Tensor:
+        """[sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M backward passes (float64 tensor).
+        On the CPU through Python floats (one copy; fewer small kernels), else on the device (no
+        synchronisation inside the backward pass)."""
         m = len(micro)
         scale = float(m) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
+        if not (micro[0][0].device.type != "cpu" if on_device is None else on_device):
+            values = torch.stack([v for norms in micro for v in norms]).tolist()
+            a, start = [], 0
+            for norms in micro:
+                a.append(scale * math.fsum(v * v for v in values[start:start + len(norms)]))
+                start += len(norms)
+            return torch.tensor([math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)],
+                                dtype=torch.float64)
         a = torch.stack([torch.stack(norms).double().square().sum() for norms in micro]) * scale
         return torch.stack([a.sum(), a.square().sum(), a.new_tensor(float(m)), a.new_tensor(float(m * m))])
 

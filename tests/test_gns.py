@@ -377,3 +377,14 @@ def test_failed_backward_and_autograd_grad():
     for k, v in ref.items():
         assert getattr(est, k) == pytest.approx(v, rel=2e-5), k
         assert getattr(est2, k) == pytest.approx(v, rel=2e-5), k
+
+
+def test_local_sums_on_device_equal_python_path():
+    """The two ways to form a process's sums (Python floats on the CPU, tensors on a GPU) agree."""
+    x, y = _batches(3, 4, seed=8)
+    model = _Tied()
+    with G.GradientNoiseScale(model) as gns:
+        _accumulate(model, x, y)
+        py, dev = gns._local_sums(gns._micro, on_device=False), gns._local_sums(gns._micro, on_device=True)
+    torch.testing.assert_close(py, dev, rtol=1e-12, atol=0)
+    assert py.tolist()[2:] == [3.0, 9.0]
