@@ -10,6 +10,7 @@ from studies import batch_size_scaling
 from toymodels.schema import validate
 
 
+@pytest.mark.slow  # 5 s; the gallery test runs the study's --quick by default, CI runs this one too
 def test_batch_size_scaling_quick(tmp_path):
     res = batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
     nc = tmp_path / "batch_size_scaling.nc"
