@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 import sys
 import time
@@ -47,8 +46,10 @@ from torch.func import functional_call, grad, vmap
 sys.path.insert(0, ".")
 from deepmodels import data, models, pergrad, probes  # noqa: E402
 
-# BackPACK's hooks on a first layer whose input needs no gradient: expected, and said once per call
+# BackPACK's hooks on a first layer whose input needs no gradient, and its warning for every container
+# module (a residual block): expected; a layer it cannot handle is reported by _backpack instead
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message="Extension saving to .* does not have an extension for Module")
 
 ALL_MODELS = ("mlp", "cnn", "cnn28", "rn8", "transformer")
 
@@ -160,17 +161,17 @@ def _backpack(model, x, y, lr):
         _layer_stats(mean_sq, trace, sq)
         bp_opt.step()
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             step()
             missing = [k for k, p in bp_model.named_parameters() if not hasattr(p, "variance")]
             error = f"no batch_l2 / variance for {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""
         except Exception as err:  # noqa: BLE001  (BackPACK's own error)
             error = f"{type(err).__name__}: {str(err).splitlines()[0][:90]}"
-    if error:
-        modules = sorted({m.rsplit(".", 1)[-1] for w in caught
-                          for m in re.findall(r"extension for Module <class '([^']+)'>", str(w.message))})
+    if error:  # the layers whose parameters got no statistics (BackPACK only warns, for every module type)
+        modules = sorted({type(m).__name__ for m in bp_model.modules()
+                          for p in m.parameters(recurse=False) if not hasattr(p, "variance")})
         return None, f"BackPACK has no extension for {', '.join(modules) or 'a layer'} of this model ({error})"
     return step, None
 

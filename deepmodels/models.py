@@ -216,7 +216,8 @@ MAX_VOCAB = 2**24  # token ids up to this size are exact in float32 (the probes'
 
 def _under_vmap(x) -> bool:
     """True inside ``torch.func.vmap`` (a batched tensor), where checks of the values cannot branch."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(wrapped(x)) if wrapped is not None else False
 
 
 class CausalSelfAttention(nn.Module):
