@@ -1,0 +1,170 @@
+"""Benchmark: the top-k Hessian eigenvalues of a ~0.3M-parameter MLP, by four methods, in one process.
+
+    python benchmarks/hessian_speed.py [--k 5] [--batch 512] [--repeat 5] [--device cpu] [--no-pyhessian]
+
+The model is ``models.mlp(64, 10, (512, 512))`` (301,066 parameters, float32) after 200 SGD steps on
+scikit-learn's digits (``deepmodels.data.digits``, seed 0); the Hessian is that of the mean
+cross-entropy on the first ``--batch`` training examples.  Methods, timed alternately per repeat so
+that a change in machine load hits all of them:
+
+* ``lanczos``: :func:`deepmodels.hessian.top_eigenpairs` (thick-restart Lanczos in torch, tol 1e-6);
+* ``arpack``: the same with ``method="arpack"`` (scipy's ``eigsh``, tol 1e-6), the former default;
+* ``power``: power iteration with deflation, PyHessian's method (Yao et al. 2020, Section 3.1),
+  written here on the same Hessian-vector products: one eigenvalue after the other, each iteration
+  orthogonal to the ones found, stopped when the eigenvalue changes by less than ``1e-3`` relative
+  or after 100 iterations (PyHessian's defaults);
+* ``pyhessian``: PyHessian itself (``pyhessian.hessian(...).eigenvalues(top_n=k)``) when installed.
+
+Prints per method the median seconds, the ratio to ``lanczos``, the number of Hessian-vector
+products, the fraction of the time spent in them, and the largest relative error of the k
+eigenvalues against a float64 reference (the float64 copy of the model, Lanczos with tol 1e-10).
+
+Reference: Z. Yao, A. Gholami, K. Keutzer, M. Mahoney, "PyHessian: Neural Networks Through the
+Lens of the Hessian", IEEE BigData 2020.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from deepmodels import data, hessian, models  # noqa: E402
+
+
+class _Clock:
+    """Counts and times the Hessian-vector products of ``hessian._HVPOperator`` (and PyHessian's)."""
+
+    def __init__(self, device):
+        self.device, self.count, self.seconds = device, 0, 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            self._sync()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            self.seconds += time.perf_counter() - t
+            self.count += 1
+            return out
+
+        return timed
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def power_deflation(model, x, y, k, *, tol=1e-3, max_iter=100, seed=0):
+    """Top-k eigenvalues by power iteration with deflation (PyHessian's method, written here)."""
+    op = hessian._HVPOperator(model, F.cross_entropy, x, y)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    found, values = [], []
+    for _ in range(k):
+        v = torch.randn(op.n, generator=gen).to(device=op.g.device, dtype=op.g.dtype)
+        lam = None
+        for _ in range(max_iter):
+            for u in found:
+                v = v - (u @ v) * u
+            v = v / v.norm()
+            hv = op(v)
+            new = float(v @ hv)
+            v = hv
+            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
+                lam = new
+                break
+            lam = new
+        values.append(lam)
+        for u in found:
+            v = v - (u @ v) * u
+        found.append(v / v.norm())
+    return np.array(values)
+
+
+def pyhessian_top(model, x, y, k):
+    from pyhessian import hessian as pyh
+
+    return np.array(pyh(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda).eigenvalues(top_n=k)[0])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-pyhessian", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+
+    d = data.digits(seed=0).to(device)
+    model = models.mlp(64, 10, (512, 512), seed=0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for _ in range(200):
+        idx = torch.randint(0, d.x_train.shape[0], (128,), generator=gen).to(device)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(d.x_train[idx]), d.y_train[idx]).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    x, y = d.x_train[: args.batch], d.y_train[: args.batch]
+    P = sum(p.numel() for p in model.parameters())
+
+    ref = hessian.top_eigenvalues(copy.deepcopy(model).double(), F.cross_entropy, x.double(), y, args.k, tol=1e-10)
+
+    methods = {
+        "lanczos": lambda: hessian.top_eigenvalues(model, F.cross_entropy, x, y, args.k, method="lanczos"),
+        "arpack": lambda: hessian.top_eigenvalues(model, F.cross_entropy, x, y, args.k, method="arpack"),
+        "power": lambda: power_deflation(model, x, y, args.k),
+    }
+    pyh_utils = None
+    if not args.no_pyhessian:
+        try:
+            import importlib
+
+            pyh_utils = importlib.import_module("pyhessian.hessian")  # the module (the package exports a class of that name)
+
+            methods["pyhessian"] = lambda: pyhessian_top(model, x, y, args.k)
+        except ImportError:
+            print("pyhessian not installed: left out")
+
+    times = {m: [] for m in methods}
+    stats = {}
+    original = hessian._HVPOperator.__call__
+    for _ in range(args.repeat):
+        for name, fn in methods.items():
+            clock = _Clock(device)
+            hessian._HVPOperator.__call__ = clock.wrap(original)
+            if pyh_utils is not None:
+                original_pyh = pyh_utils.hessian_vector_product
+                pyh_utils.hessian_vector_product = clock.wrap(original_pyh)
+            clock._sync()
+            t = time.perf_counter()
+            vals = fn()
+            clock._sync()
+            times[name].append(time.perf_counter() - t)
+            hessian._HVPOperator.__call__ = original
+            if pyh_utils is not None:
+                pyh_utils.hessian_vector_product = original_pyh
+            stats[name] = (clock.count, clock.seconds / times[name][-1], np.max(np.abs(np.sort(vals)[::-1] - ref) / ref))
+
+    print(f"top-{args.k} Hessian eigenvalues, mlp 64-512-512-10 ({P} parameters, float32) on digits, batch {args.batch}, "
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeat}")
+    print(f"reference (float64, tol 1e-10): {np.array2string(ref, precision=5)}")
+    base = statistics.median(times["lanczos"])
+    print(f"{'method':<10} {'median s':>9} {'/ lanczos':>10} {'HVPs':>6} {'HVP share':>10} {'max rel err':>12}")
+    for name in methods:
+        med = statistics.median(times[name])
+        n, share, err = stats[name]
+        print(f"{name:<10} {med:9.3f} {med / base:10.2f} {n:6d} {share:10.2f} {err:12.1e}")
+
+
+if __name__ == "__main__":
+    main()
