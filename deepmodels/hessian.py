@@ -1,10 +1,18 @@
-"""Curvature of a network's loss: Hessian-vector products, top eigenvalues, trace, and the
-lecture's comparison of curvature H with gradient noise C along chosen directions.
+"""Curvature of a network's loss: Hessian-vector products, top eigenvalues, trace, per parameter
+block, their spread over batches, and the lecture's comparison of curvature H with gradient noise C
+along chosen directions.
 
 * :func:`hvp`: H v by double backpropagation (exact, one extra backward pass).
-* :func:`top_eigenvalues`: the k largest (algebraic) eigenvalues by Lanczos (ARPACK's implicitly
-  restarted Lanczos, ``scipy.sparse.linalg.eigsh``, on the HVP operator).
+* :func:`lanczos`: the top eigenpairs of any symmetric operator by thick-restart Lanczos with full
+  reorthogonalisation, in torch on the operator's device, so that its cost is its products.
+* :func:`top_eigenvalues`, :func:`top_eigenpairs`: the k largest (algebraic) eigenvalues of the
+  Hessian by :func:`lanczos` (or ``method="arpack"``: scipy's ``eigsh``, the former default).
 * :func:`hutchinson_trace`: tr H = E[v^T H v] with Rademacher v, with its standard error.
+* :func:`block_spectra`: top eigenvalues and traces of the diagonal blocks H_bb (per layer, or per
+  given group of parameters) and of H, as a Dataset over ``layer``.
+* :func:`batch_spread`, :func:`samples_needed`: a curvature or gradient statistic on K independent
+  batches, its mean, standard deviation and standard error, and the number of batches (or
+  Hutchinson vectors) whose mean reaches a requested relative standard error.
 * :func:`rayleigh_quotients`: v^T H v and v^T C v for directions v (C the per-example gradient
   covariance), the scatter that justifies H = C in the NQM (Grosse's CSC 2541 Lecture 7, the
   "Noisy Quadratic Model" slide on H = C).
@@ -385,11 +393,11 @@ class _Blocks(V.Constraint):
         out = {}
         for key, names in value.items():
             if not isinstance(key, str) or key == "total":
-                raise ValueError(f"`{name}` must have string block names other than 'total'; got {key!r}.")
+                raise ValueError(f"`{name}` must be a dict with string block names other than 'total'; got {key!r}.")
             if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \
                     or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"`{name}` must map each block to a non-empty list of parameter names; block "
-                                 f"{key!r} has {names!r}.")
+                raise ValueError(f"`{name}` must be a dict of non-empty lists of parameter names; block {key!r} "
+                                 f"has {names!r}.")
             out[key] = list(names)
         return out
 
@@ -412,10 +420,10 @@ def _resolve_blocks(model, blocks) -> dict:
     for block, params in blocks.items():
         for p in params:
             if p not in names:
-                raise ValueError(f"`blocks` must name trainable parameters of the model; block {block!r} has {p!r} "
-                                 f"(known: {names}).")
+                raise ValueError(f"`blocks` must be a dict of trainable parameter names of the model; block {block!r} "
+                                 f"has {p!r} (known: {names}).")
             if p in seen:
-                raise ValueError(f"`blocks` must not share parameters; {p!r} is in blocks {seen[p]!r} and {block!r}.")
+                raise ValueError(f"`blocks` must be a dict of disjoint blocks; {p!r} is in blocks {seen[p]!r} and {block!r}.")
             seen[p] = block
     return {block: [n for n in names if n in set(params)] for block, params in blocks.items()}
 
@@ -559,7 +567,8 @@ class _Examples(V.Constraint):
             raise TypeError(f"`{name}` must be {self.what}; got {type(value).__name__}.")
         x, y = X(name, value[0]), Y(name, value[1])
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"`{name}` must hold as many targets as examples; got {x.shape[0]} and {y.shape[0]}.")
+            raise ValueError(f"`{name}` must be a pair (x, y) with as many targets as examples; got {x.shape[0]} "
+                             f"examples and {y.shape[0]} targets.")
         return x, y
 
     def bad_values(self):
@@ -633,6 +642,7 @@ def batch_spread(model, loss_fn, data, statistic, *, n_batches: int = 10, batch_
         raise ValueError(f"`batch_size` must be at most the number of examples {N}; got {batch_size}.")
     pergrad.check_inputs(model, loss_fn, x_all[:batch_size], y_all[:batch_size],
                          min_batch=2 if statistic in _GRADIENT_STATS else 1)
+    _resolve_blocks(model, blocks)  # unknown or shared parameter names are refused before any work
     gen = torch.Generator(device="cpu").manual_seed(seed)
     draws, probe_var = [], []
     for b in range(n_batches):

@@ -70,7 +70,7 @@ def test_lanczos_restarts_and_repeated_eigenvalues():
 
 def test_block_spectra_against_the_dense_diagonal_blocks(small):
     model, x, y, H, off = small
-    ds = hessian.block_spectra(model, F.cross_entropy, x, y, k=5, n_samples=200, tol=1e-12, seed=2)
+    ds = hessian.block_spectra(model, F.cross_entropy, x, y, k=5, n_samples=100, tol=1e-12, seed=2)
     validate(ds)
     assert list(ds.layer.values) == ["fc1", "out", "total"]
     blocks = {"fc1": np.concatenate([off["fc1.weight"], off["fc1.bias"]]),
@@ -121,7 +121,7 @@ def test_batch_spread_of_a_statistic_with_known_distribution():
     """The statistic is the batch mean of a N(2, 3^2) feature: over 60 calls of 10 batches each, the
     mean lies within 4 standard errors and the 90% interval of the batches needed covers the truth
     (sd / sqrt(B) / (rel_se mu))^2 about 90% of the time."""
-    N, B, rel = 20000, 9, 0.05
+    N, B, rel = 5000, 9, 0.05
     g = torch.Generator().manual_seed(5)
     x = 2.0 + 3.0 * torch.randn(N, 1, generator=g)
     y = torch.zeros(N, dtype=torch.int64)
@@ -171,9 +171,9 @@ def test_batch_spread_curvature_and_gradient_statistics(small):
 def test_bad_input_is_named(small):
     model, x, y, _, _ = small
     CE = F.cross_entropy
-    with pytest.raises(ValueError, match="`blocks` must name trainable parameters"):
+    with pytest.raises(ValueError, match="`blocks` must be a dict of trainable parameter names"):
         hessian.block_spectra(model, CE, x, y, blocks={"a": ["fc9.weight"]})
-    with pytest.raises(ValueError, match="`blocks` must not share parameters"):
+    with pytest.raises(ValueError, match="`blocks` must be a dict of disjoint blocks"):
         hessian.block_spectra(model, CE, x, y, blocks={"a": ["out.bias"], "b": ["out.bias", "out.weight"]})
     with pytest.raises(ValueError, match="`n_samples` must be 0"):
         hessian.block_spectra(model, CE, x, y, n_samples=1)
