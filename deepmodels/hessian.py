@@ -139,8 +139,10 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     """The ``k`` largest (algebraic) eigenpairs of a symmetric operator by thick-restart Lanczos with
     full reorthogonalisation, all in torch on ``v0``'s device.
 
-    Each step costs one ``matvec`` and four (j, n) matrix-vector products against the basis (two
-    passes of classical Gram-Schmidt, "twice is enough"); the Rayleigh-Ritz matrix T = Q^T A Q
+    Each step costs one ``matvec``, the three-term recurrence (two vector updates) and one pass of
+    classical Gram-Schmidt against the basis (two (j, n) matrix-vector products), with a second
+    pass where the first one cancelled much of the vector (Daniel, Gragg, Kaufman and Stewart's
+    criterion, |w| < 0.7 |w before|: "twice is enough"); the Rayleigh-Ritz matrix T = Q^T A Q
     (at most ``ncv`` x ``ncv``) is kept and diagonalised in float64.  When the basis is full, the
     ``(ncv + k) // 2`` leading Ritz vectors and the residual direction are kept and the iteration
     continues from them (Wu & Simon's thick restart, which in exact arithmetic equals ARPACK's
@@ -169,6 +171,8 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
         differential and integral operators", J. Res. Nat. Bur. Standards 45, 1950.
         K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue problems",
         SIAM J. Matrix Anal. Appl. 22(2), 2000, Sections 2-3.
+        J. W. Daniel, W. B. Gragg, L. Kaufman, G. W. Stewart, "Reorthogonalization and stable
+        algorithms for updating the Gram-Schmidt QR factorization", Math. Comp. 30(136), 1976.
         L. Giraud, J. Langou, M. Rozloznik, "The loss of orthogonality in the Gram-Schmidt
         orthogonalization process", Comput. Math. Appl. 50, 2005 (classical Gram-Schmidt twice).
     """
@@ -194,18 +198,28 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     Q[0] = v0 / v0.norm()
     T = torch.zeros(m, m, dtype=torch.float64)
     keep = min(m - 1, (m + k) // 2)
-    start, n_matvec = 0, 0
+    start, n_matvec, beta = 0, 0, None
     for restart in range(max_restarts + 1):
         for j in range(start, m):
             w = matvec(Q[j])
             n_matvec += 1
             size = float(w.norm())
             basis = Q[: j + 1]
-            h = basis @ w
+            local = torch.zeros(j + 1, dtype=dtype, device=device)  # the three-term recurrence first
+            local[j] = Q[j] @ w
+            w = w - local[j] * Q[j]
+            if j > start:  # (after a restart the kept Ritz vectors couple to Q[start]: left to the full pass)
+                local[j - 1] = beta
+                w = w - beta * Q[j - 1]
+            before = w.norm()
+            h = basis @ w  # then one pass of classical Gram-Schmidt against the whole basis
             w = w - h @ basis
-            h2 = basis @ w  # second pass: orthogonal to working precision
-            w = w - h2 @ basis
-            col = (h + h2).double().cpu()
+            h = h + local
+            if float(w.norm()) < 0.7 * float(before):  # and a second one where cancellation was large
+                h2 = basis @ w
+                w = w - h2 @ basis
+                h = h + h2
+            col = h.double().cpu()
             T[: j + 1, j] = col
             T[j, : j + 1] = col
             beta = w.norm()
