@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -187,7 +188,11 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     eps = torch.finfo(dtype).eps
     tol = max(float(tol), eps)
     if n <= m:  # the basis would hold the whole space: the matrix itself
-        A = torch.stack([matvec(e) for e in torch.eye(n, dtype=dtype, device=device)]).double()
+        A = torch.empty(n, n, dtype=torch.float64, device=device)
+        for i in range(n):
+            e = torch.zeros(n, dtype=dtype, device=device)
+            e[i] = 1.0
+            A[i] = matvec(e)
         theta, S = torch.linalg.eigh(0.5 * (A + A.T).cpu())
         top = torch.arange(n - 1, n - 1 - k, -1)
         info = {"n_matvec": n, "n_restarts": 0, "residuals": np.zeros(k), "converged": True}
@@ -207,17 +212,17 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
             basis = Q[: j + 1]
             local = torch.zeros(j + 1, dtype=dtype, device=device)  # the three-term recurrence first
             local[j] = Q[j] @ w
-            w = w - local[j] * Q[j]
+            w = w - local[j] * Q[j]  # a new tensor (matvec may return its argument): updated in place below
             if j > start:  # (after a restart the kept Ritz vectors couple to Q[start]: left to the full pass)
                 local[j - 1] = beta
-                w = w - beta * Q[j - 1]
+                w.sub_(beta * Q[j - 1])
             before = w.norm()
             h = basis @ w  # then one pass of classical Gram-Schmidt against the whole basis
-            w = w - h @ basis
+            w.addmv_(basis.T, h, alpha=-1)
             h = h + local
             if float(w.norm()) < 0.7 * float(before):  # and a second one where cancellation was large
                 h2 = basis @ w
-                w = w - h2 @ basis
+                w.addmv_(basis.T, h2, alpha=-1)
                 h = h + h2
             col = h.double().cpu()
             T[: j + 1, j] = col
@@ -248,8 +253,6 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
         T[torch.arange(keep), torch.arange(keep)] = theta[:keep]
         start = keep
     if not converged:
-        import warnings
-
         warnings.warn(f"Lanczos did not converge in {max_restarts} restarts ({n_matvec} products): Ritz residuals "
                       f"{residuals[:k]} against tol {tol} x |theta|; returning the current Ritz pairs.",
                       RuntimeWarning, stacklevel=2)
