@@ -1,6 +1,7 @@
 """Benchmark: the top-k Hessian eigenvalues of a ~0.3M-parameter MLP, by four methods, in one process.
 
     python benchmarks/hessian_speed.py [--k 5] [--batch 512] [--repeat 5] [--device cpu] [--no-pyhessian]
+    python benchmarks/hessian_speed.py --spread 10 [--batch 128]    # spread over batches instead
 
 The model is ``models.mlp(64, 10, (512, 512))`` (301,066 parameters, float32) after 200 SGD steps on
 scikit-learn's digits (``deepmodels.data.digits``, seed 0); the Hessian is that of the mean
@@ -20,6 +21,11 @@ products (of the last repeat), the fraction of the time spent in them and in bui
 they differentiate (one forward pass and a backward pass with ``create_graph``; PyHessian's is not
 timed), and the largest relative error of the k eigenvalues against a float64 reference (the
 float64 copy of the model, Lanczos with tol 1e-10).
+
+With ``--spread K`` it times nothing and prints instead, for the same model, the top eigenvalue
+and the Hutchinson trace (20 vectors) per layer on K independent batches of ``--batch`` examples
+(:func:`deepmodels.hessian.batch_spread`, seed 0): mean, standard deviation, and the batches
+(and Hutchinson vectors) a 10% relative standard error needs, with their 90% intervals.
 
 Reference: Z. Yao, A. Gholami, K. Keutzer, M. Mahoney, "PyHessian: Neural Networks Through the
 Lens of the Hessian", IEEE BigData 2020.
@@ -106,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-pyhessian", action="store_true")
+    ap.add_argument("--spread", type=int, default=0, help="K batches: print the spread over batches instead")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
 
@@ -121,6 +128,8 @@ def main(argv=None):
     opt.zero_grad(set_to_none=True)
     x, y = d.x_train[: args.batch], d.y_train[: args.batch]
     P = sum(p.numel() for p in model.parameters())
+    if args.spread:
+        return spread(model, d, args.spread, args.batch)
 
     ref = hessian.top_eigenvalues(copy.deepcopy(model).double(), F.cross_entropy, x.double(), y, args.k, tol=1e-10)
 
@@ -173,6 +182,23 @@ def main(argv=None):
         n, share, graph, err = stats[name]
         graph_share = f"{graph:12.2f}" if name != "pyhessian" else f"{'-':>12}"
         print(f"{name:<10} {med:9.3f} {med / base:10.2f} {n:6d} {share:10.2f} {graph_share} {err:12.1e}")
+
+
+def spread(model, d, K, batch):
+    """Print the spread of the top eigenvalue and the trace over K batches (no timing)."""
+    print(f"mlp 64-512-512-10 after 200 SGD steps on digits ({d.x_train.shape[0]} training examples); "
+          f"{K} batches of {batch}, seed 0; samples for a 10% relative standard error (90% interval)")
+    for stat in ("top_eigenvalue", "hessian_trace"):
+        ds = hessian.batch_spread(model, F.cross_entropy, d, stat, n_batches=K, batch_size=batch, blocks="layers",
+                                  rel_se=0.1, n_samples=20)
+        for layer in ds.layer.values:
+            r = ds.sel(layer=layer)
+            line = (f"{stat:<15} {layer:<6} mean {float(r.spread_mean):9.4g}  sd {float(r.spread_sd):9.4g}  "
+                    f"min {float(r.spread_draws.min()):9.4g}  max {float(r.spread_draws.max()):9.4g}  batches "
+                    f"{float(r.samples_needed):4.0f} [{float(r.samples_needed_low):.0f}, {float(r.samples_needed_high):.0f}]")
+            if "probes_needed" in ds:
+                line += f"  probes {float(r.probes_needed):5.0f}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -147,11 +147,11 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     (at most ``ncv`` x ``ncv``) is kept and diagonalised in float64.  When the basis is full, the
     ``(ncv + k) // 2`` leading Ritz vectors and the residual direction are kept and the iteration
     continues from them (Wu & Simon's thick restart, which in exact arithmetic equals ARPACK's
-    implicit restart with exact shifts).  A Ritz pair (theta, u) has residual
-    |A u - theta u| = |beta_m s_m| (beta_m the last Lanczos coefficient, s_m the last entry of its
-    eigenvector of T); the iteration stops when each of the top ``k`` satisfies
-    |beta_m s_m| <= tol * max(|theta|, eps^(2/3) max|theta|) (ARPACK's test; ``tol`` is raised to
-    the basis dtype's epsilon).  An invariant subspace (beta = 0) is continued with a fresh random
+    implicit restart with exact shifts).  A Ritz pair (theta, u) of a basis of j vectors has
+    residual |A u - theta u| = |beta_j s_j| (beta_j the last Lanczos coefficient, s_j the last entry
+    of its eigenvector of T); after every step the iteration stops when each of the top ``k``
+    satisfies |beta_j s_j| <= tol * max(|theta|, eps^(2/3) max|theta|) (ARPACK's test; ``tol`` is
+    raised to the basis dtype's epsilon).  An invariant subspace (beta = 0) is continued with a fresh random
     direction orthogonal to the basis, so repeated eigenvalues are found.  When the basis holds the
     whole space (n <= ncv) the matrix is formed column by column (n products) and diagonalised.
 
@@ -203,7 +203,7 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     Q[0] = v0 / v0.norm()
     T = torch.zeros(m, m, dtype=torch.float64)
     keep = min(m - 1, (m + k) // 2)
-    start, n_matvec, beta = 0, 0, None
+    start, n_matvec, beta, converged = 0, 0, None, False
     for restart in range(max_restarts + 1):
         for j in range(start, m):
             w = matvec(Q[j])
@@ -237,12 +237,15 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
             else:
                 w = w / beta
             Q[j + 1] = w
-        theta, S = torch.linalg.eigh(T)  # ascending, float64 on the CPU
-        order = torch.argsort(theta, descending=True)
-        theta, S = theta[order], S[:, order]
-        residuals = (float(beta) * S[m - 1].abs()).numpy()
-        scale = np.maximum(np.abs(theta[:k].numpy()), eps ** (2 / 3) * float(theta.abs().max()))
-        converged = bool(np.all(residuals[:k] <= tol * scale))
+            size = j + 1
+            if size >= k:  # the Ritz pairs of the basis so far (a small float64 eigh per step)
+                theta, S = torch.linalg.eigh(T[:size, :size])
+                theta, S = theta.flip(0), S.flip(1)  # descending
+                residuals = (float(beta) * S[size - 1].abs()).numpy()
+                scale = np.maximum(np.abs(theta[:k].numpy()), eps ** (2 / 3) * float(theta.abs().max()))
+                converged = bool(np.all(residuals[:k] <= tol * scale))
+                if converged:
+                    break
         if converged or restart == max_restarts:
             break
         # thick restart: the leading Ritz vectors, then the residual direction
@@ -256,7 +259,7 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
         warnings.warn(f"Lanczos did not converge in {max_restarts} restarts ({n_matvec} products): Ritz residuals "
                       f"{residuals[:k]} against tol {tol} x |theta|; returning the current Ritz pairs.",
                       RuntimeWarning, stacklevel=2)
-    vectors = S[:, :k].to(dtype=dtype, device=device).T @ Q[:m]
+    vectors = S[:, :k].to(dtype=dtype, device=device).T @ Q[:size]
     vectors = vectors / vectors.norm(dim=1, keepdim=True)
     info = {"n_matvec": n_matvec, "n_restarts": restart, "residuals": residuals[:k], "converged": converged}
     return theta[:k].numpy(), vectors, info
