@@ -167,8 +167,9 @@ class Probe:
     @validate(micro_batch_size=Maybe(Integer(1, V.MAX_WIDTH)), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
     def step(self, micro_batch_size: int | None = None, *, step: int | None = None):
         """This step's :class:`deepmodels.gns.GNSEstimate` (recorded as a row when ``step`` is a
-        multiple of ``every``), or ``None`` when the step's micro-batches differ in size (skipped with
-        a warning; the EMA does not advance).
+        multiple of ``every``), or ``None`` when the step has a single micro-batch over all processes
+        or micro-batches of different sizes (e.g. a trainer's last, partial step of an epoch): such a
+        step is skipped with a ``RuntimeWarning`` and the EMA does not advance.
 
         Args:
             micro_batch_size: examples per micro-batch; default: read from the training forward passes
@@ -182,13 +183,13 @@ class Probe:
                 raise ValueError("`micro_batch_size` must be given: no forward pass of the model in training mode "
                                  "with a tensor argument was seen since the last step.")
             if len(set(sizes)) > 1:
-                self.estimator._micro = []  # this step's micro-batch records, dropped with the step
-                warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: its micro-batches have "
-                              f"different sizes {sizes} (the two-batch estimate needs one size).", RuntimeWarning,
-                              stacklevel=2)
-                self.n_steps = step + 1
+                self._skip(step, f"its micro-batches have different sizes {sizes} (the two-batch estimate needs one "
+                                 "size)")
                 return None
             micro_batch_size = sizes[0]
+        if len(self.estimator._micro) * self.estimator.world_size < 2:
+            self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)")
+            return None
         est = self.estimator.update(micro_batch_size, step=step)
         self.n_steps = step + 1
         if step % self.every == 0:
@@ -196,6 +197,11 @@ class Probe:
             if self.path is not None and time.monotonic() - self._last_write >= self.write_every_s:
                 self.flush()
         return est
+
+    def _skip(self, step: int, why: str) -> None:
+        self.estimator._micro = []  # the step's micro-batch records, dropped with it
+        self.n_steps = step + 1
+        warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 
     @validate()
     def dataset(self) -> xr.Dataset:
@@ -309,19 +315,18 @@ def _lightning_probe():
         def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0):
             self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s)
             self.probe = None
-            self._pending = None
 
         @property
         def state_key(self) -> str:
             return self._generate_state_key(path=self.settings["path"], every=self.settings["every"])
 
         def setup(self, trainer, pl_module, stage):
-            if stage == "fit" and self.probe is None:
+            if stage == "fit":  # a new fit continues this callback's earlier one, if any
+                state = self.probe.state_dict() if self.probe is not None else None
                 self.probe = Probe(pl_module, **self.settings, trainer="lightning")
                 self.probe._forward_hook.remove()  # the sizes come from the batches (training_step may not call forward)
-                if self._pending is not None:
-                    self.probe.load_state_dict(self._pending)
-                    self._pending = None
+                if state is not None:
+                    self.probe.load_state_dict(state)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             size = _leading_size(batch)
@@ -340,17 +345,13 @@ def _lightning_probe():
 
         def teardown(self, trainer, pl_module, stage):
             if stage == "fit" and self.probe is not None:
-                self.probe.close()
-                self.probe = None
+                self.probe.close()  # the hooks; the state stays for a checkpoint saved after fit
 
         def state_dict(self):
-            return self.probe.state_dict() if self.probe is not None else dict(self._pending or {})
+            return self.probe.state_dict() if self.probe is not None else {}
 
-        def load_state_dict(self, state_dict):
-            if self.probe is not None:
-                self.probe.load_state_dict(state_dict)
-            else:
-                self._pending = state_dict
+        def load_state_dict(self, state_dict):  # called after setup(fit) when fit resumes from a checkpoint
+            self.probe.load_state_dict(state_dict)
 
     LightningProbe.__module__, LightningProbe.__qualname__ = __name__, "LightningProbe"
     return LightningProbe
@@ -399,7 +400,8 @@ def _hf_probe():
             self.probe.close()
 
         def state(self) -> dict:
-            return {"args": dict(self.settings), "attributes": {"saved": self.probe.state_dict()}}
+            saved = self.probe.state_dict() if self.probe is not None else self.saved
+            return {"args": dict(self.settings), "attributes": {"saved": saved}}
 
     HFProbe.__module__, HFProbe.__qualname__ = __name__, "HFProbe"
     return HFProbe
