@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import deepmodels
 from deepmodels import _checks
 from deepmodels import _validate as V
-from deepmodels import bridge, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
+from deepmodels import bridge, callbacks, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
 
 import badinput
@@ -135,11 +135,28 @@ def _gns_estimate(step=0):
     return _gns_ready().update(4, step=step)
 
 
+def _probe_ready():
+    """A callbacks.Probe on a fresh tiny model after two backward passes of 4 examples (ready to step)."""
+    model, x, y = _new_tiny()
+    probe = callbacks.Probe(model)
+    for m in range(2):
+        (CE(model(x[4 * m:4 * m + 4]), y[4 * m:4 * m + 4]) / 2).backward()
+    return probe
+
+
 M = "deepmodels."
 EXAMPLES = {
     M + "bridge.fit_linreg": lambda: ((_fitted(),), {}),
     M + "bridge.fit_nqm": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2, "dim": 10}),
     M + "bridge.predict_steps": lambda: ((_fitted(), [1, 4], 0.5 * _fitted().nqm.initial_loss), {}),
+    M + "callbacks.Probe.__init__": lambda: ((_fresh(callbacks.Probe), _new_tiny()[0]), {"every": 2, "trainer": "loop"}),
+    M + "callbacks.Probe.close": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.dataset": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.flush": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.load_state_dict": lambda: ((_probe_ready(), _probe_ready().state_dict()), {}),
+    M + "callbacks.Probe.state_dict": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.step": lambda: ((_probe_ready(),), {"micro_batch_size": 4, "step": 3}),
+    M + "callbacks.probing": lambda: ((_new_tiny()[0],), {"every": 2, "ema_decay": 0.9}),
     M + "cluster.Rank1Clustering.__init__": lambda: ((_fresh(cluster.Rank1Clustering), _tiny()[0], 2), {}),
     M + "cluster.Rank1Clustering.fit": lambda: ((cluster.Rank1Clustering(_tiny()[0], 2), CE, *_tiny()[1:]), {"n_iter": 1}),
     M + "cluster.Rank1Clustering.variance": lambda: (
