@@ -20,7 +20,9 @@ Three ways in, one engine (:class:`Probe`, around :class:`deepmodels.gns.Gradien
   (extra ``[hf]``): the estimate at ``on_pre_optimizer_step``, appended to the trainer's
   ``state.log_history`` (keys ``gns/<name>`` and ``step``; saved in ``trainer_state.json``), its
   state saved with every checkpoint (``transformers.ExportableState``; a resumed trainer restores it
-  when ``TrainingArguments(restore_callback_states_from_checkpoint=True)``).  The Trainer clips
+  when ``TrainingArguments(restore_callback_states_from_checkpoint=True)``; the Trainer then replaces
+  the callback by a new instance built from its arguments and saved state, so read the rows from
+  the file or the log history, not from the object passed in).  The Trainer clips
   ``.grad`` *before* ``on_pre_optimizer_step``, the first point where a callback sees the
   accumulated gradient, so |G_big|^2 would be the clipped one: ``HFProbe`` refuses to start unless
   ``max_grad_norm=0`` (no clipping).  Lightning's ``gradient_clip_val`` is applied after its hook and
@@ -89,6 +91,7 @@ def _check_settings(**kwargs) -> dict:
     out = {k: _SETTINGS[k](k, v) for k, v in kwargs.items()}
     if out.get("path") is not None:
         _check_path(out["path"])
+        out["path"] = os.fspath(out["path"])  # a str: part of Lightning's state key and of HF's JSON state
     return out
 
 
@@ -322,6 +325,10 @@ def _lightning_probe():
 
         def setup(self, trainer, pl_module, stage):
             if stage == "fit":  # a new fit continues this callback's earlier one, if any
+                if trainer.accumulate_grad_batches * trainer.world_size < 2:
+                    raise ValueError("`accumulate_grad_batches` must be >= 2 with LightningProbe on one process (the "
+                                     "two-batch estimate needs two or more micro-batches per step); got "
+                                     f"{trainer.accumulate_grad_batches} on {trainer.world_size} process(es).")
                 state = self.probe.state_dict() if self.probe is not None else None
                 self.probe = Probe(pl_module, **self.settings, trainer="lightning")
                 self.probe._forward_hook.remove()  # the sizes come from the batches (training_step may not call forward)
@@ -372,7 +379,6 @@ def _hf_probe():
         """
 
         def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0):
-            path = None if path is None else os.fspath(path)
             self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s)
             self.probe = None
             self.saved = None  # the probe's state from a checkpoint (set by the Trainer on resume)
@@ -382,6 +388,10 @@ def _hf_probe():
                 raise ValueError(f"`max_grad_norm` must be 0 with HFProbe; got {args.max_grad_norm}: the Trainer "
                                  "clips .grad before on_pre_optimizer_step, so the accumulated gradient's norm would "
                                  "be the clipped one.")
+            if args.gradient_accumulation_steps * args.world_size < 2:
+                raise ValueError("`gradient_accumulation_steps` must be >= 2 with HFProbe on one process (the two-batch "
+                                 "estimate needs two or more micro-batches per step); got "
+                                 f"{args.gradient_accumulation_steps} on {args.world_size} process(es).")
             self.probe = Probe(model, **self.settings, trainer="transformers")
             if self.saved is not None:
                 self.probe.load_state_dict(self.saved)

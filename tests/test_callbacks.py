@@ -164,7 +164,7 @@ def test_probing_refuses_bad_settings(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Lightning
 # --------------------------------------------------------------------------------------------------
-def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run"):
+def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accumulate=M):
     L = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader, TensorDataset
@@ -186,7 +186,7 @@ def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run"):
     module = Tiny()
     start = copy.deepcopy(module.net)
     logger = CSVLogger(tmp_path, name=name)
-    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=M, accelerator="cpu", devices=1, logger=logger,
+    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=logger,
                         callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
     loader = DataLoader(TensorDataset(*_data()), batch_size=B, shuffle=False)  # 8 micro-batches: 4 steps an epoch
@@ -194,6 +194,7 @@ def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run"):
     return trainer, module, start, logger
 
 
+@pytest.mark.slow  # importing lightning alone takes 3-10 s
 def test_lightning_logs_on_schedule_and_equals_the_reference(tmp_path):
     pytest.importorskip("lightning.pytorch")
     import pandas as pd
@@ -210,8 +211,11 @@ def test_lightning_logs_on_schedule_and_equals_the_reference(tmp_path):
     assert list(logged.step) == [0, 2, 4]
     np.testing.assert_allclose(logged["gns/noise_scale_ema"], ds.noise_scale_ema.values, rtol=1e-6)
     np.testing.assert_allclose(logged["gns/trace_cov"], ds.trace_cov.values, rtol=1e-6)
+    with pytest.raises(ValueError, match="`accumulate_grad_batches` must be >= 2 with LightningProbe"):
+        _lightning_fit(tmp_path, LightningProbe(), max_steps=1, accumulate=1, name="one")
 
 
+@pytest.mark.slow  # importing lightning alone takes 3-10 s
 def test_lightning_resume_continues_the_ema(tmp_path):
     pytest.importorskip("lightning.pytorch")
     from deepmodels.callbacks import LightningProbe
@@ -297,15 +301,18 @@ def test_hf_logs_on_schedule_and_equals_the_reference(tmp_path):
     np.testing.assert_allclose([h["gns/noise_scale_ema"] for h in logged], ds.noise_scale_ema.values, rtol=1e-12)
 
 
-def test_hf_refuses_clipping(tmp_path):
+def test_hf_refuses_clipping_and_a_single_micro_batch(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from deepmodels.callbacks import HFProbe
 
     with pytest.raises(ValueError, match="`max_grad_norm` must be 0 with HFProbe"):
         _hf_train(tmp_path, HFProbe(), max_steps=1, save_strategy="no", max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` must be >= 2 with HFProbe"):
+        _hf_train(tmp_path, HFProbe(), max_steps=1, save_strategy="no", gradient_accumulation_steps=1)
 
 
+@pytest.mark.slow
 def test_hf_resume_continues_the_ema(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
