@@ -190,7 +190,7 @@ class Probe:
                                  "size)")
                 return None
             micro_batch_size = sizes[0]
-        if len(self.estimator._micro) * self.estimator.world_size < 2:
+        if len(self.estimator._micro) == 1 and self.estimator.world_size == 1:  # (none: update() says why)
             self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)")
             return None
         est = self.estimator.update(micro_batch_size, step=step)

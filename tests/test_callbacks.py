@@ -3,7 +3,8 @@ Hugging Face ``Trainer.train``: rows on their schedule, in the trainers' logs an
 file, equal to a hand-written loop with :class:`deepmodels.gns.GradientNoiseScale` on the same
 batches at the same parameters, and a resumed run continuing the EMA.
 
-The trainer tests skip when the extra is not installed (``pip install -e ".[test,lightning,hf]"``).
+The trainer tests are marked slow (importing Lightning or the Hugging Face Trainer takes seconds) and
+skip when the extra is not installed (``pip install -e ".[test,lightning,hf]"``).
 Each trainer test records, inside the model's training forward pass, the micro-batch and the
 parameters it was evaluated at; the reference replays those, so it needs neither the trainer's
 optimizer nor its sampler.
@@ -194,7 +195,7 @@ def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accum
     return trainer, module, start, logger
 
 
-@pytest.mark.slow  # importing lightning alone takes 3-10 s
+@pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_lightning_logs_on_schedule_and_equals_the_reference(tmp_path):
     pytest.importorskip("lightning.pytorch")
     import pandas as pd
@@ -215,7 +216,7 @@ def test_lightning_logs_on_schedule_and_equals_the_reference(tmp_path):
         _lightning_fit(tmp_path, LightningProbe(), max_steps=1, accumulate=1, name="one")
 
 
-@pytest.mark.slow  # importing lightning alone takes 3-10 s
+@pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_lightning_resume_continues_the_ema(tmp_path):
     pytest.importorskip("lightning.pytorch")
     from deepmodels.callbacks import LightningProbe
@@ -286,6 +287,7 @@ def _hf_train(tmp_path, probe, max_steps, resume=None, **kwargs):
     return trainer, model, start
 
 
+@pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_hf_logs_on_schedule_and_equals_the_reference(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -301,6 +303,7 @@ def test_hf_logs_on_schedule_and_equals_the_reference(tmp_path):
     np.testing.assert_allclose([h["gns/noise_scale_ema"] for h in logged], ds.noise_scale_ema.values, rtol=1e-12)
 
 
+@pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_hf_refuses_clipping_and_a_single_micro_batch(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -312,7 +315,7 @@ def test_hf_refuses_clipping_and_a_single_micro_batch(tmp_path):
         _hf_train(tmp_path, HFProbe(), max_steps=1, save_strategy="no", gradient_accumulation_steps=1)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_hf_resume_continues_the_ema(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
