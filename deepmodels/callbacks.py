@@ -375,7 +375,11 @@ def _hf_probe():
         ``path`` (netCDF); its state (EMA, rows) is saved with every checkpoint and restored with
         ``restore_callback_states_from_checkpoint=True``.  Arguments as
         :func:`deepmodels.callbacks.probing`'s; the module ``deepmodels.callbacks`` describes the
-        estimate and the file.  The micro-batch size is read from the model's forward passes.
+        estimate and the file.  The micro-batch size is read from the model's forward passes.  A
+        model whose ``forward`` takes ``**kwargs`` gets ``num_items_in_batch`` from the Trainer and
+        normalizes its loss by the items of the whole step instead of being divided by M: the
+        estimate is then exact when every micro-batch has the same number of loss items (no
+        padding or ignored labels).
         """
 
         def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0):
