@@ -104,6 +104,8 @@ VARIABLES = {
     "trace_cov_ema": "bias-corrected exponential moving average of the two-batch trace_cov over training steps",
     "noise_scale_ema": "trace_cov_ema / grad_norm_sq_ema: the smoothed B_simple (a ratio of averages, McCandlish et al.)",
     "noise_scale_ema_sem": "standard error of noise_scale_ema from the per-step scatter and the EMA's effective steps",
+    "noise_scale_ema_lo": "lower end of the Fieller interval of noise_scale_ema (from the per-step scatter)",
+    "noise_scale_ema_hi": "upper end of the Fieller interval of noise_scale_ema (inf: |G|^2 not significantly > 0)",
     "ema_n_eff": "effective number of steps of a bias-corrected EMA (1 / sum of its squared weights)",
 }
 
