@@ -187,11 +187,11 @@ class Probe:
                                  "with a tensor argument was seen since the last step.")
             if len(set(sizes)) > 1:
                 self._skip(step, f"its micro-batches have different sizes {sizes} (the two-batch estimate needs one "
-                                 "size)")
+                                 "size)", max(sizes))
                 return None
             micro_batch_size = sizes[0]
         if len(self.estimator._micro) == 1 and self.estimator.world_size == 1:  # (none: update() says why)
-            self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)")
+            self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)", 1)
             return None
         est = self.estimator.update(micro_batch_size, step=step)
         self.n_steps = step + 1
@@ -201,8 +201,13 @@ class Probe:
                 self.flush()
         return est
 
-    def _skip(self, step: int, why: str) -> None:
-        self.estimator._micro = []  # the step's micro-batch records, dropped with it
+    def _skip(self, step: int, why: str, micro_batch_size: int) -> None:
+        if self.estimator.world_size > 1:  # every process joins the step's all-reduce: update, then forget it
+            saved = self.estimator.state_dict()
+            self.estimator.update(micro_batch_size, step=step)
+            self.estimator.load_state_dict(saved)
+        else:
+            self.estimator._micro = []  # the step's micro-batch records, dropped with it
         self.n_steps = step + 1
         warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 

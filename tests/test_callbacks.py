@@ -28,7 +28,7 @@ from deepmodels.gns import GradientNoiseScale, stack
 
 D, B, M = 4, 4, 2  # input width, micro-batch size, micro-batches per step
 NUMBERS = ("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased", "trace_cov", "noise_scale_unbiased",
-           "grad_norm_sq_ema", "trace_cov_ema", "noise_scale_ema", "noise_scale_ema_sem", "ema_n_eff",
+           "grad_norm_sq_ema", "trace_cov_ema", "noise_scale_ema", "noise_scale_ema_sem", "noise_scale_ema_lo", "noise_scale_ema_hi", "ema_n_eff",
            "micro_batch_size", "n_micro_batches", "batch_size_now")
 
 
