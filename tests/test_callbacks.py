@@ -13,6 +13,7 @@ optimizer nor its sampler.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import warnings
 
@@ -331,3 +332,91 @@ def test_hf_resume_continues_the_ema(tmp_path):
     ds = xr.load_dataset(path)
     ref = _reference(start, [m for m in first.seen if m[0] < 3] + second.seen)
     _assert_rows_equal(ds, ref, [0, 2, 4])
+
+
+# --------------------------------------------------------------------------------------------------
+# a plain loop under DDP (2 CPU processes, gloo)
+# --------------------------------------------------------------------------------------------------
+_W, _STEPS = 2, 3
+
+
+def _ddp_micro_batches():
+    """Per step, W * M micro-batches (process r takes r*M .. r*M+M-1); at step 1 the last micro-batch
+    of every process has one example fewer, so that step is skipped everywhere."""
+    x, y = _data(n=_STEPS * _W * M * B, seed=3)
+    x, y = x.reshape(_STEPS, _W * M, B, D), y.reshape(_STEPS, _W * M, B, 1)
+    out = []
+    for k in range(_STEPS):
+        out.append([(x[k, j, :B - 1], y[k, j, :B - 1]) if k == 1 and j % M == M - 1 else (x[k, j], y[k, j])
+                    for j in range(_W * M)])
+    return out
+
+
+def _ddp_worker(rank, out_dir):
+    import contextlib
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", rank=rank, world_size=_W, timeout=datetime.timedelta(seconds=60))
+    try:
+        ddp = DDP(_net())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with probing(ddp, path=f"{out_dir}/ddp.nc", every=1) as probe:
+                for micro in _ddp_micro_batches():
+                    for m in range(M):
+                        x, y = micro[rank * M + m]
+                        with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
+                            (F.mse_loss(ddp(x), y) / M).backward()
+                    probe.step()
+                    with torch.no_grad():
+                        for p in ddp.module.parameters():
+                            p.add_(p.grad, alpha=-0.1)
+                    ddp.zero_grad()
+        torch.save({"rows": [r.as_dict() for r in probe.rows], "warned": [str(w.message) for w in caught]},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with probing(net, every=1) as probe:
+            for micro in _ddp_micro_batches():
+                for x, y in micro:
+                    (F.mse_loss(net(x), y) / len(micro)).backward()
+                probe.step()
+                with torch.no_grad():
+                    for p in net.parameters():
+                        p.add_(p.grad, alpha=-0.1)
+                net.zero_grad()
+    ref = [r.as_dict() for r in probe.rows]
+    assert [r["step"] for r in ref] == [0, 2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    importlib.import_module("torch._dynamo")  # imported by DDP's constructor: once here, not in each child
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=_W, join=True, start_method=method)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
+    assert got[0]["rows"] == got[1]["rows"]
+    for g in got:
+        assert any("step 1 skipped" in w for w in g["warned"])
+    ds = xr.load_dataset(tmp_path / "ddp.nc")
+    assert list(ds.step.values) == [0, 2]
+    for row, want in zip(got[0]["rows"], ref):
+        assert row["n_micro_batches"] == _W * M and row["batch_size"] == _W * M * B
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(want["grad_norm_sq_micro"])), k
+        assert float(ds.noise_scale_ema.sel(step=row["step"])) == row["noise_scale_ema"]
