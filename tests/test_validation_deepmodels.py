@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import deepmodels
 from deepmodels import _checks
 from deepmodels import _validate as V
-from deepmodels import bridge, cluster, data, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
+from deepmodels import bridge, callbacks, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
 
 import badinput
@@ -121,11 +121,42 @@ def _gram():
     return g @ g.T
 
 
+def _gns_ready(accumulation="mean"):
+    """A GradientNoiseScale on a fresh tiny model after two backward passes (ready to update)."""
+    model, x, y = _new_tiny()
+    est = gns.GradientNoiseScale(model, accumulation=accumulation)
+    for m in range(2):
+        (CE(model(x[4 * m:4 * m + 4]), y[4 * m:4 * m + 4]) / 2).backward()
+    return est
+
+
+@functools.lru_cache(maxsize=None)
+def _gns_estimate(step=0):
+    return _gns_ready().update(4, step=step)
+
+
+def _probe_ready():
+    """A callbacks.Probe on a fresh tiny model after two backward passes of 4 examples (ready to step)."""
+    model, x, y = _new_tiny()
+    probe = callbacks.Probe(model)
+    for m in range(2):
+        (CE(model(x[4 * m:4 * m + 4]), y[4 * m:4 * m + 4]) / 2).backward()
+    return probe
+
+
 M = "deepmodels."
 EXAMPLES = {
     M + "bridge.fit_linreg": lambda: ((_fitted(),), {}),
     M + "bridge.fit_nqm": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2, "dim": 10}),
     M + "bridge.predict_steps": lambda: ((_fitted(), [1, 4], 0.5 * _fitted().nqm.initial_loss), {}),
+    M + "callbacks.Probe.__init__": lambda: ((_fresh(callbacks.Probe), _new_tiny()[0]), {"every": 2, "trainer": "loop"}),
+    M + "callbacks.Probe.close": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.dataset": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.flush": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.load_state_dict": lambda: ((_probe_ready(), _probe_ready().state_dict()), {}),
+    M + "callbacks.Probe.state_dict": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.step": lambda: ((_probe_ready(),), {"micro_batch_size": 4, "step": 3}),
+    M + "callbacks.probing": lambda: ((_new_tiny()[0],), {"every": 2, "ema_decay": 0.9}),
     M + "cluster.Rank1Clustering.__init__": lambda: ((_fresh(cluster.Rank1Clustering), _tiny()[0], 2), {}),
     M + "cluster.Rank1Clustering.fit": lambda: ((cluster.Rank1Clustering(_tiny()[0], 2), CE, *_tiny()[1:]), {"n_iter": 1}),
     M + "cluster.Rank1Clustering.variance": lambda: (
@@ -140,6 +171,21 @@ EXAMPLES = {
     M + "data.text_corpus": lambda: ((), {"context_length": 16, "max_bytes": 20_000, "test_fraction": 0.2}),
     M + "hessian.batch_spread": lambda: ((_tiny()[0], CE, _tiny()[1:], "grad_norm_sq"), {"n_batches": 2, "batch_size": 4}),
     M + "hessian.block_spectra": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2, "n_samples": 2}),
+    M + "gns.GNSEstimate.as_dict": lambda: ((_gns_estimate(),), {}),
+    M + "gns.GNSEstimate.to_dataset": lambda: ((_gns_estimate(),), {}),
+    M + "gns.GradientNoiseScale.__init__": lambda: ((_fresh(gns.GradientNoiseScale), _new_tiny()[0]), dict(
+        ema_decay=0.9, process_group=None, accumulation="sum")),
+    M + "gns.GradientNoiseScale.load_state_dict": lambda: ((_gns_ready(), _gns_ready().state_dict()), {}),
+    M + "gns.GradientNoiseScale.remove": lambda: ((_gns_ready(),), {}),
+    M + "gns.GradientNoiseScale.state_dict": lambda: ((_gns_ready(),), {}),
+    M + "gns.GradientNoiseScale.update": lambda: ((_gns_ready(),), {"micro_batch_size": 4, "step": 3}),
+    M + "gns.NoiseScaleEMA.__init__": lambda: ((_fresh(gns.NoiseScaleEMA),), {"decay": 0.9}),
+    M + "gns.NoiseScaleEMA.estimates": lambda: ((gns.NoiseScaleEMA(),), {}),
+    M + "gns.NoiseScaleEMA.load_state_dict": lambda: ((gns.NoiseScaleEMA(), gns.NoiseScaleEMA().state_dict()), {}),
+    M + "gns.NoiseScaleEMA.state_dict": lambda: ((gns.NoiseScaleEMA(),), {}),
+    M + "gns.NoiseScaleEMA.update": lambda: ((gns.NoiseScaleEMA(), 2.0, -0.5), {}),
+    M + "gns.stack": lambda: (([_gns_estimate(0), _gns_estimate(1)],), {}),
+    M + "gns.step_estimates": lambda: ((10.0, 40.0, 4, 8, 1.5), {}),
     M + "hessian.flat_params": lambda: ((_tiny()[0],), {}),
     M + "hessian.hutchinson_trace": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"n_samples": 2}),
     M + "hessian.hvp": lambda: ((_tiny()[0], CE, *_tiny()[1:], torch.ones(P)), {}),
