@@ -262,7 +262,7 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
             out = model(x[i:i + chunk])
             losses.append(loss_fn(out, y[i:i + chunk]).item() * out.shape[0])
             correct += (out.argmax(1) == y[i:i + chunk]).sum().item()
-    return sum(losses) / x.shape[0], correct / x.shape[0]
+    return sum(losses) / x.shape[0], correct / max(y.numel(), 1)  # labels per position (n, T): a share of the n T
 
 
 def _initial_eval(model, data, loss_fn, name: str) -> float:

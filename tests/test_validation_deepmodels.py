@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import deepmodels
 from deepmodels import _checks
 from deepmodels import _validate as V
-from deepmodels import bridge, cluster, data, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
+from deepmodels import bridge, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
 
 import badinput
@@ -121,6 +121,20 @@ def _gram():
     return g @ g.T
 
 
+def _gns_ready(accumulation="mean"):
+    """A GradientNoiseScale on a fresh tiny model after two backward passes (ready to update)."""
+    model, x, y = _new_tiny()
+    est = gns.GradientNoiseScale(model, accumulation=accumulation)
+    for m in range(2):
+        (CE(model(x[4 * m:4 * m + 4]), y[4 * m:4 * m + 4]) / 2).backward()
+    return est
+
+
+@functools.lru_cache(maxsize=None)
+def _gns_estimate(step=0):
+    return _gns_ready().update(4, step=step)
+
+
 M = "deepmodels."
 EXAMPLES = {
     M + "bridge.fit_linreg": lambda: ((_fitted(),), {}),
@@ -137,6 +151,21 @@ EXAMPLES = {
     M + "data.mnist1d": lambda: ((), {"n_samples": 20}),
     M + "data.load_mnist_npz": lambda: ((_files()[0],), {"n_train": 2}),
     M + "data.load_cifar10": lambda: ((_files()[1],), {"n_train": 2}),
+    M + "gns.GNSEstimate.as_dict": lambda: ((_gns_estimate(),), {}),
+    M + "gns.GNSEstimate.to_dataset": lambda: ((_gns_estimate(),), {}),
+    M + "gns.GradientNoiseScale.__init__": lambda: ((_fresh(gns.GradientNoiseScale), _new_tiny()[0]), dict(
+        ema_decay=0.9, process_group=None, accumulation="sum")),
+    M + "gns.GradientNoiseScale.load_state_dict": lambda: ((_gns_ready(), _gns_ready().state_dict()), {}),
+    M + "gns.GradientNoiseScale.remove": lambda: ((_gns_ready(),), {}),
+    M + "gns.GradientNoiseScale.state_dict": lambda: ((_gns_ready(),), {}),
+    M + "gns.GradientNoiseScale.update": lambda: ((_gns_ready(),), {"micro_batch_size": 4, "step": 3}),
+    M + "gns.NoiseScaleEMA.__init__": lambda: ((_fresh(gns.NoiseScaleEMA),), {"decay": 0.9}),
+    M + "gns.NoiseScaleEMA.estimates": lambda: ((gns.NoiseScaleEMA(),), {}),
+    M + "gns.NoiseScaleEMA.load_state_dict": lambda: ((gns.NoiseScaleEMA(), gns.NoiseScaleEMA().state_dict()), {}),
+    M + "gns.NoiseScaleEMA.state_dict": lambda: ((gns.NoiseScaleEMA(),), {}),
+    M + "gns.NoiseScaleEMA.update": lambda: ((gns.NoiseScaleEMA(), 2.0, -0.5), {}),
+    M + "gns.stack": lambda: (([_gns_estimate(0), _gns_estimate(1)],), {}),
+    M + "gns.step_estimates": lambda: ((10.0, 40.0, 4, 8, 1.5), {}),
     M + "hessian.flat_params": lambda: ((_tiny()[0],), {}),
     M + "hessian.hutchinson_trace": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"n_samples": 2}),
     M + "hessian.hvp": lambda: ((_tiny()[0], CE, *_tiny()[1:], torch.ones(P)), {}),

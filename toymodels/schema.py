@@ -93,6 +93,18 @@ VARIABLES = {
     "batch_size_now": "batch size of the training update from this step on (a schedule's or an adaptive rule's)",
     "examples": "training examples drawn before this step (the sum of the batch sizes of the earlier updates)",
     "lr_now": "learning rate of the training update from this step on",
+    "micro_batch_size": "examples of one micro-batch: one backward pass of one process (the small batch of the two-batch "
+                        "noise-scale estimate under gradient accumulation)",
+    "n_micro_batches": "micro-batches of one training step over all processes (accumulation steps x processes)",
+    "grad_norm_sq_micro": "mean over a step's micro-batches of |g_micro|^2 (|G_small|^2 of the two-batch estimate)",
+    "grad_norm_sq_step": "|G_big|^2 of a step's accumulated, all-reduced gradient (the big batch of the two-batch estimate)",
+    "grad_norm_sq_unbiased_sem": "standard error of grad_norm_sq_unbiased",
+    "noise_scale_unbiased_sem": "standard error of noise_scale_unbiased",
+    "grad_norm_sq_ema": "bias-corrected exponential moving average of grad_norm_sq_unbiased over training steps",
+    "trace_cov_ema": "bias-corrected exponential moving average of the two-batch trace_cov over training steps",
+    "noise_scale_ema": "trace_cov_ema / grad_norm_sq_ema: the smoothed B_simple (a ratio of averages, McCandlish et al.)",
+    "noise_scale_ema_sem": "standard error of noise_scale_ema from the per-step scatter and the EMA's effective steps",
+    "ema_n_eff": "effective number of steps of a bias-corrected EMA (1 / sum of its squared weights)",
 }
 
 SOURCES = ("exact", "simulation", "measurement", "theory")  # theory: a prediction from measurements

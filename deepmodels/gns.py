@@ -1,0 +1,455 @@
+"""The gradient noise scale where training happens: under gradient accumulation and DDP.
+
+McCandlish, Kaplan, Amodei et al., 2018, "An Empirical Model of Large-Batch Training", Appendix A.1:
+the mean squared norm of a gradient averaged over B examples is E|G_B|^2 = |G|^2 + tr(Sigma) / B,
+where G is the true gradient and Sigma the per-example gradient covariance.  Two batch sizes give
+unbiased estimates of both,
+
+    |G|^2   = (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small),
+    tr Sigma = (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big),
+
+and the simple noise scale B_simple = tr Sigma / |G|^2.  A training step with gradient accumulation
+over M micro-batches of b examples on W processes has both for free: each backward pass gives a
+micro-batch gradient g_j (B_small = b; |G_small|^2 = the mean of |g_j|^2 over the n = M W
+micro-batches) and the accumulated, all-reduced ``.grad`` is their mean (B_big = b M W).
+:class:`GradientNoiseScale` records |g_j|^2 with a gradient hook in every backward pass and reads
+|G_big|^2 from ``.grad`` after the last one; one all-reduce of four numbers per step joins the
+processes.  The formulas are :func:`toymodels.stats.two_batch_estimates`.
+
+One step's estimates are noisy (n is small); the paper recommends the ratio of exponential moving
+averages of tr Sigma and |G|^2 (not the average of the per-step ratios), which
+:class:`NoiseScaleEMA` keeps, with Adam-style bias correction.
+
+Standard errors
+---------------
+*Per step* (:func:`step_estimates`): the micro-batch gradients are means of b examples, so by the
+central limit theorem g_j ~ N(G, Sigma_b) with Sigma_b = Sigma / b, independently.  Then (T2 =
+tr Sigma_b^2, Q = G' Sigma_b G; tr Sigma-hat = b n / (n - 1) (A - C) with A = mean |g_j|^2, C = |G_big|^2,
+and the sample variance is independent of the sample mean)
+
+    Var(tr Sigma-hat) = 2 b^2 T2 / (n - 1),   Var(|G|^2-hat) = 2 T2 / (n (n - 1)) + 4 Q / n,
+    Cov(tr Sigma-hat, |G|^2-hat) = -2 b T2 / (n (n - 1)).
+
+The sample variance v of the n values |g_j|^2 estimates Var|g_j|^2 = 2 T2 + 4 Q without bias, but
+does not separate T2 from Q; each variance above (and the delta-method variance of the ratio
+B_simple) is linear in (T2, Q), so its largest value on the segment 2 T2 + 4 Q = v, T2, Q >= 0 is at
+an end (T2 = v / 2 or Q = v / 4).  The per-step standard errors are these largest values: an upper
+bound under the Gaussian model, itself noisy (v has n - 1 degrees of freedom; inf for n < 3 where
+v has fewer than two).  Use them to see that one step says little; use the EMA's for an interval.
+
+*EMA* (:class:`NoiseScaleEMA`): the bias-corrected EMA after t steps is the weighted mean
+sum_s w_s x_s with w_s = (1 - d) d^(t - s) / (1 - d^t), whose weights have
+sum_s w_s^2 = (1 - d)(1 + d^t) / ((1 + d)(1 - d^t)) =: 1 / n_eff.  If the per-step estimates
+(S_s, G_s) scatter independently around a common value over the EMA's window, the ratio
+R = S_bar / G_bar has, by the delta method, Var R = sum w_s^2 Var(S_s - R G_s) / G_bar^2, and the
+variance of the residual r_s = S_s - R G_s is estimated from the same EMAs of S^2, G^2 and S G (its
+weighted mean is zero by construction) with the unbiased weighted-variance factor 1 / (1 - 1 / n_eff):
+
+    SE(R)^2 = var_w(r) / ((n_eff - 1) G_bar^2),   var_w(r) = mean_w S^2 - 2 R mean_w SG + R^2 mean_w G^2.
+
+This uses the observed scatter of the steps (no model of the gradients) but assumes the steps are
+independent and the truth changes little over about n_eff steps; drift of the truth inflates it.
+``tests/test_gns.py`` checks its coverage on simulated gradients.
+
+Assumptions: the loss of each micro-batch is divided by the number M of backward passes between
+two :meth:`GradientNoiseScale.update` calls (``accumulation="mean"``, the usual
+``(loss / M).backward()``; ``"sum"`` for losses that are not divided), every process runs the same
+M and the same micro-batch size b, ``.grad`` is zeroed after each optimizer step, and ``.grad`` is
+all-reduced (averaged) over the processes after the last backward pass (DDP does this).  Norms are
+computed in float32 and summed in float64, so bfloat16 autocast (or bfloat16 parameters) is fine;
+with a loss scaler (float16) call ``update`` only where the scale is 1 (unsupported otherwise).
+Non-finite gradients give ``inf`` estimates with the reason in ``diverged`` and leave the EMA
+unchanged (as a loss scaler skips the step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from toymodels.schema import attach_attrs
+from toymodels.stats import two_batch_estimates
+
+from . import _validate as V
+from ._validate import Instance, Integer, Maybe, Module, Options, Real, SequenceOf, validate
+
+__all__ = ["GradientNoiseScale", "GNSEstimate", "NoiseScaleEMA", "step_estimates", "stack"]
+
+_COUNT = Integer(1, V.MAX_EXACT_INT)
+_NONNEG = Real(0.0, math.inf)
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` where ``den > 0``, else ``inf`` (a noise scale with no signal)."""
+    return num / den if den > 0 else math.inf
+
+
+# --------------------------------------------------------------------------------------------------
+# one step
+# --------------------------------------------------------------------------------------------------
+@validate(sum_sq=_NONNEG, sum_sq2=_NONNEG, n_micro=Integer(2, V.MAX_EXACT_INT), micro_batch_size=_COUNT,
+          big_sq=_NONNEG)
+def step_estimates(sum_sq: float, sum_sq2: float, n_micro: int, micro_batch_size: int, big_sq: float) -> dict:
+    """Unbiased |G|^2 and tr Sigma of one step, B_simple and their standard errors (module docstring).
+
+    Args:
+        sum_sq: sum over the n micro-batches of |g_j|^2 (squared norm of micro-batch j's mean
+            gradient), >= 0.
+        sum_sq2: sum over the micro-batches of |g_j|^4 (for the standard errors), >= 0.
+        n_micro: n >= 2, the number of micro-batches (accumulation steps times processes).
+        micro_batch_size: b, examples per micro-batch (B_small).
+        big_sq: |G_big|^2, the squared norm of the mean of the n micro-batch gradients
+            (B_big = b n).
+
+    Returns:
+        dict of floats: ``grad_norm_sq_micro`` (mean |g_j|^2), ``grad_norm_sq_step`` (|G_big|^2),
+        ``grad_norm_sq_unbiased``, ``trace_cov``, ``noise_scale_unbiased`` (S / |G|^2; ``inf``
+        where the |G|^2 estimate is <= 0; negative where S is) and their ``*_sem`` (``trace_cov_sem``
+        ...; the Gaussian-model upper bound of the module docstring, ``inf`` for n < 3).
+    """
+    n, b = n_micro, micro_batch_size
+    big_b = b * n
+    a_mean = sum_sq / n
+    g2, tr = (float(v) for v in two_batch_estimates(a_mean, float(b), big_sq, float(big_b)))
+    ns = _ratio(tr, g2)
+    if n >= 3:
+        v = max(sum_sq2 - sum_sq * a_mean, 0.0) / (n - 1)  # sample variance of |g_j|^2 = est. of 2 T2 + 4 Q
+
+        def variances(t2, q):  # Var S, Var G2, Cov(S, G2) under the Gaussian model
+            return (2 * b * b * t2 / (n - 1), 2 * t2 / (n * (n - 1)) + 4 * q / n, -2 * b * t2 / (n * (n - 1)))
+
+        ends = [variances(v / 2, 0.0), variances(0.0, v / 4)]
+        var_s = max(e[0] for e in ends)
+        var_g = max(e[1] for e in ends)
+        if g2 > 0:
+            var_r = max((vs - 2 * ns * c + ns * ns * vg) / (g2 * g2) for vs, vg, c in ends)
+            se_ns = math.sqrt(max(var_r, 0.0))
+        else:
+            se_ns = math.inf
+        se_s, se_g = math.sqrt(var_s), math.sqrt(var_g)
+    else:
+        se_s = se_g = se_ns = math.inf
+    return {"grad_norm_sq_micro": a_mean, "grad_norm_sq_step": float(big_sq), "grad_norm_sq_unbiased": g2,
+            "grad_norm_sq_unbiased_sem": se_g, "trace_cov": tr, "trace_cov_sem": se_s, "noise_scale_unbiased": ns,
+            "noise_scale_unbiased_sem": se_ns}
+
+
+# --------------------------------------------------------------------------------------------------
+# exponential moving averages
+# --------------------------------------------------------------------------------------------------
+_EMA_KEYS = ("s", "g", "ss", "gg", "sg")
+
+
+class NoiseScaleEMA:
+    """Bias-corrected exponential moving averages of tr Sigma and |G|^2 and their ratio, with a
+    standard error from the per-step scatter (module docstring).
+
+    ``update(trace_cov, grad_norm_sq)`` after each step; the EMA of x after t updates is
+    m_t / (1 - d^t) with m_t = d m_(t-1) + (1 - d) x_t, m_0 = 0 (Adam-style correction).
+    """
+
+    @validate(decay=Real(0.0, 1.0, high_open=True))
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.t = 0
+        self._m = dict.fromkeys(_EMA_KEYS, 0.0)
+
+    @validate(trace_cov=Real(), grad_norm_sq=Real())
+    def update(self, trace_cov: float, grad_norm_sq: float) -> dict:
+        """Add one step's unbiased estimates (finite floats, may be negative); returns :meth:`estimates`."""
+        d, m = self.decay, self._m
+        for k, x in zip(_EMA_KEYS, (trace_cov, grad_norm_sq, trace_cov * trace_cov, grad_norm_sq * grad_norm_sq,
+                                    trace_cov * grad_norm_sq)):
+            m[k] = d * m[k] + (1.0 - d) * x
+        self.t += 1
+        return self.estimates()
+
+    @validate()
+    def estimates(self) -> dict:
+        """``trace_cov_ema``, ``grad_norm_sq_ema`` (bias-corrected), ``noise_scale_ema`` (their
+        ratio; ``inf`` where the |G|^2 EMA is <= 0 or before the first update),
+        ``noise_scale_ema_sem`` (``inf`` until two steps) and ``ema_n_eff`` (0 before any update)."""
+        if self.t == 0:
+            return {"trace_cov_ema": math.inf, "grad_norm_sq_ema": math.inf, "noise_scale_ema": math.inf,
+                    "noise_scale_ema_sem": math.inf, "ema_n_eff": 0.0}
+        d, t = self.decay, self.t
+        corr = 1.0 - d**t
+        mean = {k: v / corr for k, v in self._m.items()}
+        n_eff = (1.0 + d) * corr / ((1.0 - d) * (1.0 + d**t)) if d > 0 else 1.0
+        s, g = mean["s"], mean["g"]
+        r = _ratio(s, g)
+        if g > 0 and n_eff > 1.0 + 1e-12:
+            var_r = max(mean["ss"] - 2.0 * r * mean["sg"] + r * r * mean["gg"], 0.0)
+            se = math.sqrt(var_r / ((n_eff - 1.0) * g * g))
+        else:
+            se = math.inf
+        return {"trace_cov_ema": s, "grad_norm_sq_ema": g, "noise_scale_ema": r, "noise_scale_ema_sem": se,
+                "ema_n_eff": n_eff}
+
+    @validate()
+    def state_dict(self) -> dict:
+        """The state as a dict of Python numbers (``decay``, ``t`` and the raw EMAs)."""
+        return {"decay": self.decay, "t": self.t, **{f"m_{k}": v for k, v in self._m.items()}}
+
+    @validate(state_dict=Instance(dict, what="a dict from NoiseScaleEMA.state_dict()"))
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` (its ``decay`` must equal this EMA's)."""
+        need = {"decay", "t", *(f"m_{k}" for k in _EMA_KEYS)}
+        missing = sorted(need - set(state_dict))
+        if missing:
+            raise ValueError(f"`state_dict` must be a dict from NoiseScaleEMA.state_dict(); it lacks {missing}.")
+        if float(state_dict["decay"]) != self.decay:
+            raise ValueError(f"`state_dict` must come from an EMA of the same decay ({self.decay}); got "
+                             f"{state_dict['decay']}.")
+        self.t = V.check_int("state_dict['t']", state_dict["t"])
+        self._m = {k: V.check_real(f"state_dict['m_{k}']", state_dict[f"m_{k}"]) for k in _EMA_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------
+# the result of one step
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GNSEstimate:
+    """One training step's gradient noise scale (returned by :meth:`GradientNoiseScale.update`).
+
+    Sizes: ``micro_batch_size`` b, ``n_micro_batches`` n = M x world size, ``batch_size`` B = b n.
+    Per step: ``grad_norm_sq_micro`` (mean |g_j|^2), ``grad_norm_sq_step`` (|G_big|^2),
+    ``grad_norm_sq_unbiased``, ``trace_cov``, ``noise_scale_unbiased`` and their ``*_sem``.
+    Smoothed: ``grad_norm_sq_ema``, ``trace_cov_ema``, ``noise_scale_ema`` (ratio of the EMAs),
+    ``noise_scale_ema_sem``, ``ema_n_eff``.  Units: squared gradient norms in (loss / parameter)^2;
+    noise scales in examples.  ``diverged``: why this step's estimates are ``inf`` (non-finite
+    gradients); the EMA fields then hold the previous, unchanged EMA.
+    """
+
+    step: int
+    micro_batch_size: int
+    n_micro_batches: int
+    batch_size: int
+    grad_norm_sq_micro: float
+    grad_norm_sq_step: float
+    grad_norm_sq_unbiased: float
+    grad_norm_sq_unbiased_sem: float
+    trace_cov: float
+    trace_cov_sem: float
+    noise_scale_unbiased: float
+    noise_scale_unbiased_sem: float
+    grad_norm_sq_ema: float
+    trace_cov_ema: float
+    noise_scale_ema: float
+    noise_scale_ema_sem: float
+    ema_n_eff: float
+    model: str = "network"
+    diverged: str | None = None
+
+    @validate()
+    def as_dict(self) -> dict:
+        """The numbers as a flat dict of floats (for loggers); ``step`` and the sizes as ints,
+        without ``model`` and ``diverged``."""
+        return {k: v for k, v in asdict(self).items() if k not in ("model", "diverged")}
+
+    @validate()
+    def to_dataset(self) -> xr.Dataset:
+        """A Dataset over ``step`` (length one) with the schema's names (``batch_size`` as
+        ``batch_size_now``), ``source="measurement"``, ``model`` the network's class name, and
+        ``attrs["diverged"]`` when set; :func:`stack` joins several."""
+        names = {"batch_size": "batch_size_now"}
+        ds = xr.Dataset({names.get(k, k): ("step", [float(v)]) for k, v in self.as_dict().items() if k != "step"},
+                        coords={"step": [int(self.step)]})
+        attach_attrs(ds, model=self.model, source="measurement", estimator="two-batch (McCandlish et al. 2018)")
+        if self.diverged is not None:
+            ds.attrs["diverged"] = f"step {self.step}: {self.diverged}"
+        return ds
+
+
+@validate(estimates=SequenceOf(Instance(GNSEstimate), what="GNSEstimate objects", max_len=V.MAX_STEPS))
+def stack(estimates) -> xr.Dataset:
+    """One Dataset over ``step`` from a list of :class:`GNSEstimate` (increasing, distinct steps);
+    ``attrs["diverged"]`` joins the reasons of the steps that had one."""
+    ds = xr.concat([e.to_dataset() for e in estimates], dim="step", combine_attrs="drop")
+    attach_attrs(ds, model=estimates[0].model, source="measurement", estimator="two-batch (McCandlish et al. 2018)")
+    reasons = [f"step {e.step}: {e.diverged}" for e in estimates if e.diverged is not None]
+    if reasons:
+        ds.attrs["diverged"] = "; ".join(reasons)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# the estimator in a training loop
+# --------------------------------------------------------------------------------------------------
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
+
+
+def _group_constraint():
+    dist = _dist()
+    if dist is None:
+        return Maybe(Options(None))
+    return Maybe(Instance(dist.ProcessGroup, what="a torch.distributed ProcessGroup"))
+
+
+def _sq_norm(tensors) -> torch.Tensor:
+    """sum |t|^2 over a list of tensors as a float64 scalar tensor: one fused ``_foreach_norm`` in
+    float32 (any input dtype), the norms combined in float64."""
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
+
+
+class GradientNoiseScale:
+    """The gradient noise scale of every training step, from the step's own backward passes
+    (McCandlish et al. 2018, App. A.1; the module docstring has the formulas and assumptions).
+
+    Registers one gradient hook (:func:`torch.autograd.graph.register_multi_grad_hook`) on the
+    model's trainable parameters; each backward pass then records the squared norm of its
+    micro-batch gradient (before accumulation into ``.grad``, before any all-reduce), with one fused
+    norm over all parameters.  :meth:`update`, after the last backward pass of a step and before
+    ``optimizer.step()``, reads |G_big|^2 from ``.grad``, joins the processes with one all-reduce of
+    four numbers, and returns a :class:`GNSEstimate`.  Usable as a context manager (the hook is
+    removed on exit)::
+
+        with GradientNoiseScale(ddp_model) as gns:
+            for step in range(n):
+                for m in range(M):
+                    with ddp_model.no_sync() if m < M - 1 else contextlib.nullcontext():
+                        (loss_fn(ddp_model(x[m]), y[m]) / M).backward()
+                est = gns.update(micro_batch_size=b)
+                optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        model: the ``nn.Module`` or its ``DistributedDataParallel`` wrapper.
+        ema_decay: d in [0, 1) of the exponential moving averages (:class:`NoiseScaleEMA`).
+        process_group: the processes whose micro-batches form one step; default: the DDP
+            wrapper's group, else the default group when ``torch.distributed`` is initialized,
+            else this process alone.
+        accumulation: ``"mean"``: every micro-batch loss is divided by M (the number of backward
+            passes between two updates), so ``.grad`` is the mean gradient; ``"sum"``: the losses
+            are not divided and ``.grad`` is the sum of the micro-batch gradients.
+    """
+
+    @validate(model=Module(), ema_decay=Real(0.0, 1.0, high_open=True), process_group=_group_constraint(),
+              accumulation=Options("mean", "sum"))
+    def __init__(self, model: nn.Module, *, ema_decay: float = 0.95, process_group=None, accumulation: str = "mean"):
+        inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        self.model_name = type(inner).__name__
+        self.names, self.params = zip(*[(k, p) for k, p in inner.named_parameters() if p.requires_grad])
+        self.accumulation = accumulation
+        dist = _dist()
+        if process_group is None and dist is not None and dist.is_initialized():
+            own = getattr(model, "process_group", None)
+            process_group = own if own is not None else dist.group.WORLD
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
+        self.ema = NoiseScaleEMA(ema_decay)
+        self.n_updates = 0
+        self._micro: list[torch.Tensor] = []
+        self._handle = torch.autograd.graph.register_multi_grad_hook(self.params, self._record, mode="all")
+
+    def _record(self, grads) -> None:
+        present = [g for g in grads if g is not None]
+        if present:
+            self._micro.append(_sq_norm(present))
+
+    # -- the step -------------------------------------------------------------------------------
+    @validate(micro_batch_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
+    def update(self, micro_batch_size: int, *, step: int | None = None) -> GNSEstimate:
+        """This step's estimates, after its last backward pass and before ``optimizer.step()``.
+
+        Args:
+            micro_batch_size: b, the examples of each micro-batch (the same on every process).
+            step: the label of this step in the result (default: the number of earlier updates).
+
+        Raises:
+            ValueError: no backward pass since the last update, a single micro-batch over all
+                processes (the two-batch estimate needs n >= 2), processes with different numbers
+                of micro-batches, no ``.grad``, or the hook was removed.
+        """
+        if self._handle is None:
+            raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
+        micro, self._micro = self._micro, []
+        m_local = len(micro)
+        if m_local == 0:
+            raise ValueError("`micro_batch_size` cannot be used yet: update() needs at least one backward pass "
+                             "through the model since the last update (call it after the step's last backward).")
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
+                             "one (call update() before optimizer.zero_grad()).")
+        a = torch.stack(micro)
+        scale = float(m_local) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
+        big = _sq_norm(grads) if self.accumulation == "mean" else _sq_norm(grads) / m_local**2
+        sums = torch.stack([a.sum() * scale, a.square().sum() * scale * scale,
+                            a.new_tensor(float(m_local)), a.new_tensor(float(m_local) ** 2)])
+        if self.world_size > 1:
+            _dist().all_reduce(sums, group=self.process_group)
+        sum_sq, sum_sq2, n, m_sq = sums.tolist()
+        big_sq = float(big)
+        n = int(round(n))
+        if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
+            raise ValueError(f"`model` must run the same number of backward passes on every process between updates; "
+                             f"got {n} in all over {self.world_size} processes (this one: {m_local}).")
+        if n < 2:
+            raise ValueError("`micro_batch_size` gives no two-batch estimate: a step needs at least two micro-batches "
+                             "over all processes (accumulation steps x processes >= 2); got one.")
+        b = micro_batch_size
+        step = self.n_updates if step is None else step
+        self.n_updates += 1
+        reason = self._nonfinite_reason(sum_sq, sum_sq2, big_sq)
+        if reason is None:
+            per_step = step_estimates(sum_sq, sum_sq2, n, b, big_sq)
+            smooth = self.ema.update(per_step["trace_cov"], per_step["grad_norm_sq_unbiased"])
+        else:
+            per_step = dict.fromkeys(("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased",
+                                      "grad_norm_sq_unbiased_sem", "trace_cov", "trace_cov_sem", "noise_scale_unbiased",
+                                      "noise_scale_unbiased_sem"), math.inf)
+            smooth = self.ema.estimates()
+        return GNSEstimate(step=step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step, **smooth,
+                           model=self.model_name, diverged=reason)
+
+    def _nonfinite_reason(self, sum_sq, sum_sq2, big_sq) -> str | None:
+        if math.isfinite(sum_sq) and math.isfinite(sum_sq2) and math.isfinite(big_sq):
+            return None
+        bad = [k for k, p in zip(self.names, self.params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        where = f" (in .grad of {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else \
+            " (in a micro-batch gradient)"
+        return f"non-finite gradient{where}: estimates set to inf, EMA not updated"
+
+    # -- state ----------------------------------------------------------------------------------
+    @validate()
+    def state_dict(self) -> dict:
+        """The EMA state and the update counter (Python numbers; save with ``torch.save`` beside the
+        optimizer's state)."""
+        return {"ema": self.ema.state_dict(), "n_updates": self.n_updates, "accumulation": self.accumulation}
+
+    @validate(state_dict=Instance(dict, what="a dict from GradientNoiseScale.state_dict()"))
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`: the next updates give the estimates the saved run would have."""
+        missing = sorted({"ema", "n_updates", "accumulation"} - set(state_dict))
+        if missing:
+            raise ValueError(f"`state_dict` must be a dict from GradientNoiseScale.state_dict(); it lacks {missing}.")
+        if state_dict["accumulation"] != self.accumulation:
+            raise ValueError(f"`state_dict` must come from an estimator with accumulation={self.accumulation!r}; got "
+                             f"{state_dict['accumulation']!r}.")
+        self.ema.load_state_dict(state_dict["ema"])
+        self.n_updates = V.check_int("state_dict['n_updates']", state_dict["n_updates"])
+        self._micro = []
+
+    @validate()
+    def remove(self) -> None:
+        """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._micro = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
