@@ -239,12 +239,13 @@ def plot(result: dict, path: str) -> None:
     ax.set_title("simple noise scale, three estimators on the same examples", fontsize=10)
     ax.legend(fontsize=7.5, loc="best")
     for name, ds in (("single", s), ("ddp", ddp)):
-        label, color, ls = RUNS[name]
-        ax2.plot(k, ds.trace_cov_ema.values, color=color, ls=ls, label=f"tr Σ, {label}")
-        ax2.plot(k, ds.grad_norm_sq_ema.values, color=color, ls=ls, lw=2.5, alpha=0.5, label=f"|G|², {label}")
+        label, _, ls = RUNS[name]
+        lw, shade = (3.0, ("C2", "C1")) if name == "single" else (1.2, ("darkgreen", "saddlebrown"))
+        ax2.plot(k, ds.trace_cov_ema.values, color=shade[0], ls=ls, lw=lw, label=f"tr Σ (per sequence), {label}")
+        ax2.plot(k, ds.grad_norm_sq_ema.values, color=shade[1], ls=ls, lw=lw, label=f"|G|², {label}")
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("EMA (bias-corrected), (nats / parameter)²")
+    ax2.set_ylabel("bias-corrected EMA (squared gradient norm)")
     ax2.set_title("the two EMAs whose ratio is B_simple", fontsize=10)
     ax2.legend(fontsize=7.5)
     for name, ds in (("single", s), ("ddp", ddp)):
