@@ -135,7 +135,7 @@ def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1) ->
     leaves = batch_leaves(batch)
     B = leaves[0].shape[0]
     if B < min_batch:
-        raise ValueError(f"`batch` must hold at least {min_batch} examples to measure a variance; got {B}.")
+        raise ValueError(f"`batch` must have at least {min_batch} examples to measure a variance; got {B}.")
     device = _model_device_dtype(model)[0]
     if leaves[0].device != device:
         raise ValueError(f"`batch` must be on the model's device ({device}); got {leaves[0].device}. Move one of them "

@@ -371,7 +371,7 @@ class Batch(Constraint):
     def __call__(self, name, value):
         leaves = batch_leaves(value, name)
         if not leaves:
-            raise ValueError(f"`{name}` must hold at least one tensor; got an empty {type(value).__name__}.")
+            raise ValueError(f"`{name}` must be a non-empty batch (at least one tensor); got an empty {type(value).__name__}.")
         for t in leaves:
             if t.dtype.is_floating_point or t.dtype == torch.int64:
                 Tensor("label", min_ndim=1, nonempty=True, what="a tensor of shape (B, ...)")(name, t)
@@ -379,10 +379,10 @@ class Batch(Constraint):
                 _batch_tensor(name, t)
         sizes = {t.shape[0] for t in leaves}
         if len(sizes) != 1:
-            raise ValueError(f"`{name}` must hold tensors sharing their first (batch) dimension; got sizes {sorted(sizes)}.")
+            raise ValueError(f"`{name}` must be tensors sharing their first (batch) dimension; got sizes {sorted(sizes)}.")
         devices = {t.device for t in leaves}
         if len(devices) != 1:
-            raise ValueError(f"`{name}` must hold tensors on one device; got {sorted(map(str, devices))}.")
+            raise ValueError(f"`{name}` must be tensors on one device; got {sorted(map(str, devices))}.")
         return value
 
     def bad_values(self):
@@ -397,11 +397,11 @@ class Batch(Constraint):
 def _batch_tensor(name, t):
     """A tensor of a batch that is neither float nor int64 (bool masks, int32 ids): non-empty (B, ...)."""
     if t.dtype.is_complex:
-        raise TypeError(f"`{name}` must hold real or integer tensors; got {_dtype_name(t.dtype)}.")
+        raise TypeError(f"`{name}` must be real or integer tensors; got {_dtype_name(t.dtype)}.")
     if t.device.type == "meta":
-        raise TypeError(f"`{name}` must hold tensors with data; got a tensor on the 'meta' device.")
+        raise TypeError(f"`{name}` must be tensors with data; got a tensor on the 'meta' device.")
     if t.dim() == 0 or t.shape[0] == 0:
-        raise ValueError(f"`{name}` must hold tensors of shape (B, ...) with B >= 1; got shape {tuple(t.shape)}.")
+        raise ValueError(f"`{name}` must be tensors of shape (B, ...) with B >= 1; got shape {tuple(t.shape)}.")
     return t
 
 
@@ -422,8 +422,8 @@ class TokenIds(Constraint):
         mask = value.get("attention_mask") if isinstance(value, dict) else None
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"`{name}` must have an 'attention_mask' of the shape of 'input_ids' {tuple(ids.shape)}; "
-                             f"got {got}.")
+            raise ValueError(f"`{name}` must be token ids with an 'attention_mask' of the shape of 'input_ids' "
+                             f"{tuple(ids.shape)}; got {got}.")
         return value
 
     def bad_values(self):

@@ -668,7 +668,12 @@ class LayerCapture:
         blocks, by_module = {}, {}
         for k, uses in ready.items():
             p = params[k]
-            mean = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+            if p.grad is not None:
+                mean = p.grad.detach().reshape(-1)
+            elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
+                mean = sum(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).mean(0) for kind, m, data, attr in uses)
+            else:
+                mean = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             if not uses:  # no gradient reached it: every per-example gradient is zero
                 z = torch.zeros(B, dtype=mean.dtype, device=mean.device)
                 blocks[k] = _dense_block(torch.zeros(B, mean.numel(), dtype=mean.dtype, device=mean.device), mean,
@@ -697,7 +702,7 @@ class LayerCapture:
         for blk in blocks.values():
             blk.pop("_check", None)
         order = [k for k in params if k in blocks]
-        return {k: blocks[k] for k in order}, unusable
+        return {k: blocks[k] for k in order}, {k: unusable[k] for k in params if k in unusable}
 
     @validate(batch_size=Integer(1, V.MAX_WIDTH))
     def per_example_grads(self, batch_size: int) -> dict:
