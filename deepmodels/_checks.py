@@ -109,7 +109,8 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
                              f"{type(err).__name__}: {err}") from None
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}.")
+            raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}. A loss "
+                             "giving per-example losses takes the batch form loss_fn(model, batch) with `batch=`.")
     return out
 
 

@@ -229,13 +229,14 @@ class Device(Constraint):
 
 
 class LossFn(Constraint):
-    """A loss ``loss_fn(output, target) -> scalar tensor``: a function or a module instance (not a
-    class such as ``nn.CrossEntropyLoss``: an instance of it)."""
+    """A loss ``loss_fn(output, target) -> scalar tensor`` (or, for the probes' batch form,
+    ``loss_fn(model, batch) -> (B,)``): a function or a module instance (not a class such as
+    ``nn.CrossEntropyLoss``: an instance of it)."""
 
     def __call__(self, name, value):
         if isinstance(value, type):
             raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy or "
-                            f"nn.CrossEntropyLoss(); got the class {value.__name__} (instantiate it).")
+                            f"nn.CrossEntropyLoss(), or loss(model, batch); got the class {value.__name__} (instantiate it).")
         if not callable(value):
             raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy; got "
                             f"{type(value).__name__}.")

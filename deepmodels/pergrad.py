@@ -338,16 +338,16 @@ def _merge(kind, m, calls, B, scale):
             raise _Unsuitable("its Conv2d ran on an input that is not (B, C, H, W)")
         return [(a, g * scale) for a, g in got]
     if kind == "embedding":
-        tok = torch.cat([a.reshape(B, -1) for a, _ in got], 1)
-        d = torch.cat([g.reshape(B, -1, g.shape[-1]) for _, g in got], 1) * scale
+        tok = _cat([a.reshape(B, -1) for a, _ in got])
+        d = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
         if m.padding_idx is not None:  # the padding row gets no gradient
             d = d * (tok != m.padding_idx).unsqueeze(-1).to(d.dtype)
         return tok, d
     if kind == "linear":
         if any(a.dim() < 2 for a, _ in got):
             raise _Unsuitable("its Linear ran on an unbatched (features,) input")
-        a = torch.cat([a.reshape(B, -1, a.shape[-1]) for a, _ in got], 1)
-        return a, torch.cat([g.reshape(B, -1, g.shape[-1]) for _, g in got], 1) * scale
+        a = _cat([a.reshape(B, -1, a.shape[-1]) for a, _ in got])
+        return a, _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
     shape = tuple(m.normalized_shape)
     n = int(np.prod(shape))
     xs, ds = [], []
@@ -357,7 +357,12 @@ def _merge(kind, m, calls, B, scale):
         xh = (F.layer_norm(a, shape, None, None, m.eps) if kind == "layernorm" else F.rms_norm(a, shape, None, m.eps))
         xs.append(xh.reshape(B, -1, n))
         ds.append(g.reshape(B, -1, n))
-    return torch.cat(xs, 1), torch.cat(ds, 1) * scale
+    return _cat(xs), _cat(ds) * scale
+
+
+def _cat(parts):
+    """The calls of a module joined along the positions (no copy for one call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _dense(kind, m, data, attr, rows):
@@ -437,11 +442,10 @@ def _linear_blocks(m, data, attrs, means, need, B, verify):
             blk["_check"] = _projection(u, v, (d @ u) * (a @ v), gw, B)
         out["weight"] = blk
     if "bias" in attrs:
-        db = d.sum(1)
-        blk = _dense_block(db, means["bias"], need, verify)
-        if dd_sum is not None:
-            blk["sq"] = dd_sum
-        out["bias"] = blk
+        if dd_sum is not None and not need and not verify:  # the every-step probe: |d_i|^2 is already formed
+            out["bias"] = {"mean": means["bias"], "sq": dd_sum}
+        else:
+            out["bias"] = _dense_block(d.sum(1), means["bias"], need, verify)
     return out
 
 
