@@ -333,6 +333,8 @@ def _merge(kind, m, calls, B, scale):
         if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != B or g.shape[0] != B:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise _Unsuitable(f"its module ran on an input of shape {shape}, not a batch of {B} examples")
+    dtype = next(p.dtype for p in m.parameters(recurse=False))  # under autocast, inputs and gradients may differ
+    got = [(a if not a.is_floating_point() else a.to(dtype), g.to(dtype)) for a, g in got]
     if kind == "conv":
         if any(a.dim() != 4 for a, _ in got):
             raise _Unsuitable("its Conv2d ran on an input that is not (B, C, H, W)")
@@ -360,6 +362,15 @@ def _merge(kind, m, calls, B, scale):
     return _cat(xs), _cat(ds) * scale
 
 
+def _total(parts):
+    """The sum of tensors (no copy for one)."""
+    parts = iter(parts)
+    out = next(parts)
+    for t in parts:
+        out = out + t
+    return out
+
+
 def _cat(parts):
     """The calls of a module joined along the positions (no copy for one call)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
@@ -371,8 +382,8 @@ def _dense(kind, m, data, attr, rows):
     p = getattr(m, attr)
     if kind == "conv":
         if attr == "weight":
-            return sum(_conv_per_example(m, a[rows], d[rows]) for a, d in data).reshape(-1, *p.shape)
-        return sum(d[rows].reshape(d[rows].shape[0], d.shape[1], -1).sum(2) for _, d in data)
+            return _total(_conv_per_example(m, a[rows], d[rows]) for a, d in data).reshape(-1, *p.shape)
+        return _total(d[rows].reshape(d[rows].shape[0], d.shape[1], -1).sum(2) for _, d in data)
     a, d = data[0][rows], data[1][rows]
     if kind == "linear":
         return torch.bmm(d.transpose(1, 2), a) if attr == "weight" else d.sum(1)
@@ -517,7 +528,7 @@ def _shared_block(uses, mean, need, B, verify):
     sum_sq = total = abs_total = None
     for i in range(0, B, step):
         rows = slice(i, i + step)
-        G = sum(_dense(kind, m, data, attr, rows).reshape(-1, P) for kind, m, data, attr in uses)
+        G = _total(_dense(kind, m, data, attr, rows).reshape(-1, P) for kind, m, data, attr in uses)
         GG = G * G
         parts["sq"].append(GG.sum(1))
         if "dots" in need:
@@ -675,7 +686,8 @@ class LayerCapture:
             if p.grad is not None:
                 mean = p.grad.detach().reshape(-1)
             elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
-                mean = sum(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).mean(0) for kind, m, data, attr in uses)
+                mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).mean(0)
+                              for kind, m, data, attr in uses)
             else:
                 mean = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             if not uses:  # no gradient reached it: every per-example gradient is zero
@@ -722,8 +734,8 @@ class LayerCapture:
             if not uses:
                 out[k] = torch.zeros(batch_size, *p.shape, dtype=p.dtype, device=p.device)
                 continue
-            out[k] = sum(_dense(kind, m, data, attr, slice(None)).reshape(batch_size, *p.shape)
-                         for kind, m, data, attr in uses)
+            out[k] = _total(_dense(kind, m, data, attr, slice(None)).reshape(batch_size, *p.shape)
+                            for kind, m, data, attr in uses)
         return out
 
     def _unusable(self, unusable):
@@ -868,7 +880,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
         "dev"]}}`` in the model's order (see :func:`layer_summaries`), ``{"hooks": [...], "func":
         [...], "skipped": {name: reason}}``, and the batch's mean loss (None for ``"func"``).
     """
-    names = list(_trainable(prob.model))
+    names = [k for k, p in prob.model.named_parameters() if p.requires_grad]
     paths = {"hooks": [], "func": [], "skipped": {}}
     blocks, loss, todo = {}, None, names
     if method != "func":
