@@ -334,7 +334,8 @@ def _merge(kind, m, calls, B, scale):
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise _Unsuitable(f"its module ran on an input of shape {shape}, not a batch of {B} examples")
     dtype = next(p.dtype for p in m.parameters(recurse=False))  # under autocast, inputs and gradients may differ
-    got = [(a if not a.is_floating_point() else a.to(dtype), g.to(dtype)) for a, g in got]
+    if any(g.dtype != dtype or (a.is_floating_point() and a.dtype != dtype) for a, g in got):
+        got = [(a.to(dtype) if a.is_floating_point() else a, g.to(dtype)) for a, g in got]
     if kind == "conv":
         if any(a.dim() != 4 for a, _ in got):
             raise _Unsuitable("its Conv2d ran on an input that is not (B, C, H, W)")
@@ -468,8 +469,8 @@ def _conv_blocks(m, data, attrs, means, need, B, verify):
         n_pos = sum(d.shape[2] * d.shape[3] for _, d in data)
         if not need and n_pos * (n_out + n_in) < n_out * n_in:
             # squared norms only, few positions: two T x T Gram matrices per example
-            at = torch.cat([_patches(a, m).transpose(1, 2) for a, _ in data], 1)  # (B, T, n_in)
-            dt = torch.cat([d.reshape(B, n_out, -1).transpose(1, 2) for _, d in data], 1)  # (B, T, n_out)
+            at = _cat([_patches(a, m).transpose(1, 2) for a, _ in data])  # (B, T, n_in)
+            dt = _cat([d.reshape(B, n_out, -1).transpose(1, 2) for _, d in data])  # (B, T, n_out)
             sq = (torch.bmm(dt, dt.transpose(1, 2)) * torch.bmm(at, at.transpose(1, 2))).sum((1, 2))
             out["weight"] = {"mean": gw, "sq": sq}
         else:
@@ -783,14 +784,14 @@ def layer_summaries(blocks: dict, B: int, *, sums: bool = True) -> dict:
         layer["parts"].append(blk)
     for name, layer in out.items():
         parts = layer.pop("parts")
-        layer["mean_norm_sq"] = sum((b["mean"] @ b["mean"]) for b in parts)
-        layer["sq_norms"] = sum(b["sq"] for b in parts)
+        layer["mean_norm_sq"] = _total(b["mean"] @ b["mean"] for b in parts)
+        layer["sq_norms"] = _total(b["sq"] for b in parts)
         for key in ("dots", "gram"):
             if all(key in b for b in parts):
-                layer[key] = sum(b[key] for b in parts)
+                layer[key] = _total(b[key] for b in parts)
         if all("dev" in b or "dots" in b for b in parts):
-            layer["dev"] = sum(b["dev"] if "dev" in b else b["sq"] - 2.0 * b["dots"] + b["mean"] @ b["mean"]
-                               for b in parts)
+            layer["dev"] = _total(b["dev"] if "dev" in b else b["sq"] - 2.0 * b["dots"] + b["mean"] @ b["mean"]
+                                  for b in parts)
         if sums:
             layer["sum"] = torch.cat([b["mean"] * B for b in parts])
         if all("sum_sq" in b for b in parts):
