@@ -397,7 +397,7 @@ def _dense(kind, m, data, attr, rows):
     return g.reshape(-1, *p.shape)
 
 
-def _dense_block(G, mean, need, verify):
+def _dense_block(G, mean, need):
     """The statistics of one parameter from its per-example gradients ``G (B, P)`` and mean ``(P,)``."""
     GG = G * G
     blk = {"mean": mean, "sq": GG.sum(1)}
@@ -407,24 +407,35 @@ def _dense_block(G, mean, need, verify):
         blk["sum_sq"] = GG.sum(0)
     if "gram" in need:
         blk["gram"] = G @ G.T
-    if verify:
-        blk["_check"] = (G.sum(0), mean * G.shape[0], G.abs().sum(0))
     return blk
 
 
-def _projection(u, v, du_av, mean2d, B):
-    """The check that a matrix parameter's per-example gradients add up to B times its mean
-    gradient, on one random projection u^T (.) v: (sum, B u^T g_bar v, sum of absolute values)."""
-    return du_av.sum().reshape(1), (B * (u @ mean2d @ v)).reshape(1), du_av.abs().sum().reshape(1)
-
-
-def _probe_vectors(n, m, like, seed=0):
+def _probe_vectors(p, seed=0):
+    """Random u (first dimension of p) and v (the others, flattened; None for a vector)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    u, v = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(m, generator=gen, dtype=torch.float64)
-    return u.to(like.device, like.dtype), v.to(like.device, like.dtype)
+    n, m = p.shape[0], p[0].numel() if p.dim() > 1 else 0
+    u = torch.randn(n, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
+    v = torch.randn(m, generator=gen, dtype=torch.float64).to(p.device, p.dtype) if m else None
+    return u, v
 
 
-def _linear_blocks(m, data, attrs, means, need, B, verify):
+def _terms(kind, m, data, attr, u, v):
+    """The terms, one per example and position, whose sum is the projection sum_i u^T g_i v of a
+    parameter's per-example gradients through one module (u . g_i for a vector parameter)."""
+    if kind == "conv":
+        if attr == "bias":
+            return torch.cat([torch.einsum("bchw,c->bhw", d, u).reshape(-1) for _, d in data])
+        return torch.cat([(torch.einsum("bchw,c->bhw", d, u).reshape(d.shape[0], -1)
+                           * torch.einsum("bkt,k->bt", _patches(a, m), v)).reshape(-1) for a, d in data])
+    a, d = data
+    if kind == "linear":
+        return (d @ u) * (a @ v) if attr == "weight" else d @ u
+    if kind == "embedding":
+        return u[a] * (d @ v)
+    return (d * a) @ u if attr == "weight" else d @ u  # layer norms: a is x_hat
+
+
+def _linear_blocks(m, data, attrs, means, need, B):
     a, d = data
     out = {}
     dd_sum = None
@@ -448,20 +459,17 @@ def _linear_blocks(m, data, attrs, means, need, B, verify):
             blk = {"mean": gw.reshape(-1), "sq": sq}
         else:
             gi = torch.bmm(d.transpose(1, 2), a)
-            blk = _dense_block(gi.reshape(B, -1), gw.reshape(-1), need, False)
-        if verify:
-            u, v = _probe_vectors(n_out, n_in, a)
-            blk["_check"] = _projection(u, v, (d @ u) * (a @ v), gw, B)
+            blk = _dense_block(gi.reshape(B, -1), gw.reshape(-1), need)
         out["weight"] = blk
     if "bias" in attrs:
-        if dd_sum is not None and not need and not verify:  # the every-step probe: |d_i|^2 is already formed
+        if dd_sum is not None and not need:  # the every-step probe: |d_i|^2 is already formed
             out["bias"] = {"mean": means["bias"], "sq": dd_sum}
         else:
-            out["bias"] = _dense_block(d.sum(1), means["bias"], need, verify)
+            out["bias"] = _dense_block(d.sum(1), means["bias"], need)
     return out
 
 
-def _conv_blocks(m, data, attrs, means, need, B, verify):
+def _conv_blocks(m, data, attrs, means, need, B):
     out = {}
     if "weight" in attrs:
         gw = means["weight"]
@@ -475,13 +483,13 @@ def _conv_blocks(m, data, attrs, means, need, B, verify):
             out["weight"] = {"mean": gw, "sq": sq}
         else:
             gi = _dense("conv", m, data, "weight", slice(None))
-            out["weight"] = _dense_block(gi.reshape(B, -1), gw, need, verify)
+            out["weight"] = _dense_block(gi.reshape(B, -1), gw, need)
     if "bias" in attrs:
-        out["bias"] = _dense_block(_dense("conv", m, data, "bias", slice(None)), means["bias"], need, verify)
+        out["bias"] = _dense_block(_dense("conv", m, data, "bias", slice(None)), means["bias"], need)
     return out
 
 
-def _embedding_blocks(m, data, attrs, means, need, B, verify):
+def _embedding_blocks(m, data, attrs, means, need, B):
     """The statistics of an embedding's weight from its (example, token) pairs: h_u = sum of d over
     the positions of pair u is row tok_u of example ex_u's gradient, so |g_i|^2 = sum_{u in i} |h_u|^2,
     g_i . G = sum_t d_t . G[tok_t], and sum_i g_i^2 is the scatter of h_u^2 into row tok_u."""
@@ -504,15 +512,12 @@ def _embedding_blocks(m, data, attrs, means, need, B, verify):
         H[ex, tinv] = h
         H = H.reshape(B, -1)
         blk["gram"] = H @ H.T
-    if verify:
-        u, v = _probe_vectors(V_, D, d)
-        blk["_check"] = _projection(u, v, u[tok] * (d @ v), gw, B)
     return {"weight": blk}
 
 
-def _norm_blocks(m, data, attrs, means, need, B, verify):
+def _norm_blocks(m, data, attrs, means, need, B):
     kind = "layernorm" if isinstance(m, nn.LayerNorm) else "rmsnorm"
-    return {attr: _dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need, verify)
+    return {attr: _dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need)
             for attr in attrs}
 
 
@@ -520,13 +525,13 @@ _BLOCKS = {"linear": _linear_blocks, "conv": _conv_blocks, "embedding": _embeddi
            "layernorm": _norm_blocks, "rmsnorm": _norm_blocks}
 
 
-def _shared_block(uses, mean, need, B, verify):
+def _shared_block(uses, mean, need, B):
     """A parameter used by several modules (tied weights): the per-example gradients summed over its
     uses, materialised for this parameter only, in chunks of examples."""
     P = mean.numel()
     step = max(1, _CHUNK_ELEMENTS // max(P, 1))
     parts = {"sq": [], "dots": [], "gram": []}
-    sum_sq = total = abs_total = None
+    sum_sq = None
     for i in range(0, B, step):
         rows = slice(i, i + step)
         G = _total(_dense(kind, m, data, attr, rows).reshape(-1, P) for kind, m, data, attr in uses)
@@ -538,9 +543,6 @@ def _shared_block(uses, mean, need, B, verify):
             parts["gram"].append(G)
         if "sum_sq" in need:
             sum_sq = GG.sum(0) if sum_sq is None else sum_sq + GG.sum(0)
-        if verify:
-            total = G.sum(0) if total is None else total + G.sum(0)
-            abs_total = G.abs().sum(0) if abs_total is None else abs_total + G.abs().sum(0)
     blk = {"mean": mean, "sq": torch.cat(parts["sq"])}
     if "dots" in need:
         blk["dots"] = torch.cat(parts["dots"])
@@ -549,12 +551,23 @@ def _shared_block(uses, mean, need, B, verify):
     if "gram" in need:
         G = torch.cat(parts["gram"])
         blk["gram"] = G @ G.T
-    if verify:
-        blk["_check"] = (total, mean * B, abs_total)
     return blk
 
 
-_CHECK_RTOL = 1e-3  # relative to the sum of absolute values: far above rounding, far below a missing use
+_CHECK_RTOL = 1e-3  # relative to the sum of |terms| over examples and positions: far above rounding, far below a missing use
+
+
+def _adds_up(uses, p, mean, B):
+    """Whether a parameter's per-example gradients through its modules add up to B times its mean
+    gradient, on one random projection u^T (.) v, up to rounding (relative to the sum of the
+    absolute values of the terms, per example and position).  Three scalars, compared later."""
+    if uses[0][0] in ("layernorm", "rmsnorm") or uses[0][3] == "bias":  # a vector, whatever its shape
+        p = p.reshape(-1)
+    u, v = _probe_vectors(p)
+    terms = [_terms(kind, m, data, attr, u, v).reshape(-1) for kind, m, data, attr in uses]
+    mean = mean.reshape(p.shape[0], -1)
+    want = B * (u @ mean @ v if v is not None else u @ mean[:, 0])
+    return torch.stack([sum(t.sum() for t in terms), want, sum(t.abs().sum() for t in terms)])
 
 
 class LayerCapture:
@@ -681,7 +694,7 @@ class LayerCapture:
         """``({parameter: statistics}, {parameter: why not measured})`` of the captured pass."""
         self._check_captured(B)
         params, ready, unusable = self._prepare(B)
-        blocks, by_module = {}, {}
+        blocks, by_module, checks = {}, {}, {}
         for k, uses in ready.items():
             p = params[k]
             if p.grad is not None:
@@ -694,30 +707,28 @@ class LayerCapture:
             if not uses:  # no gradient reached it: every per-example gradient is zero
                 z = torch.zeros(B, dtype=mean.dtype, device=mean.device)
                 blocks[k] = _dense_block(torch.zeros(B, mean.numel(), dtype=mean.dtype, device=mean.device), mean,
-                                         need, False) | {"sq": z}
-            elif len(uses) == 1:
-                kind, m, data, attr = uses[0]
-                by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
+                                         need) | {"sq": z}
             else:
-                blocks[k] = _shared_block(uses, mean, need, B, verify)
+                if verify and p.grad is not None:
+                    checks[k] = _adds_up(uses, p, mean, B)
+                if len(uses) == 1:
+                    kind, m, data, attr = uses[0]
+                    by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
+                else:
+                    blocks[k] = _shared_block(uses, mean, need, B)
         for kind, m, data, attrs in by_module.values():
-            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B, verify)
+            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
-        if verify:
-            checked = [k for k in blocks if "_check" in blocks[k]]
-            if checked:
-                got, want, scale = (torch.cat([blocks[k]["_check"][j].reshape(-1) for k in checked]) for j in range(3))
-                bad = (got - want).abs() > _CHECK_RTOL * scale + torch.finfo(scale.dtype).tiny
-                sizes = [blocks[k]["_check"][0].numel() for k in checked]
-                for k, b in zip(checked, torch.split(bad, sizes)):
-                    if bool(b.any()):
-                        unusable[k] = ("its per-example gradients from its modules do not add up to its gradient (is it "
-                                       "used outside its modules' forward calls, or on inputs whose first dimension "
-                                       "is not the batch?)")
-                        del blocks[k]
-        for blk in blocks.values():
-            blk.pop("_check", None)
+        if checks:  # one transfer for all parameters
+            got, want, scale = torch.stack(list(checks.values())).double().T
+            bad = ((got - want).abs() > _CHECK_RTOL * scale + 1e-300).tolist()
+            for k, b in zip(checks, bad):
+                if b:
+                    unusable[k] = ("its per-example gradients from its modules do not add up to its gradient (is it "
+                                   "used outside its modules' forward calls, or on inputs whose first dimension "
+                                   "is not the batch?)")
+                    del blocks[k]
         order = [k for k in params if k in blocks]
         return {k: blocks[k] for k in order}, {k: unusable[k] for k in params if k in unusable}
 
@@ -918,7 +929,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
                 g = G[k].reshape(prob.B, -1)
                 g = g.double() if double_func else g
                 mean = g.mean(0)
-                blk = _dense_block(g, mean, need, False)
+                blk = _dense_block(g, mean, need)
                 blk["dev"] = ((g - mean) ** 2).sum(1)
                 blocks[k] = blk
     order = [k for k in names if k in blocks]
