@@ -299,3 +299,15 @@ def test_check_on_the_xy_form_in_float32():
     x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.arange(5) % 3
     ds = pergrad.check(model, F.cross_entropy, x, y)
     assert set(ds.path.values) == {"hooks"} and float(ds.max_rel_error.max()) < 1e-4
+
+
+def test_bfloat16_autocast_stays_on_the_fast_path():
+    """Under bfloat16 autocast the captured gradients are bfloat16: the completeness check allows
+    for their rounding (no parameter leaves the fast path), and the statistics stay within a few
+    bfloat16 roundings (2**-8 relative each) of float32."""
+    model, ids = TinyGPT().float(), _ids(8)
+    ref = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids)
+    assert bf.attrs["path_func"] == "pos" and bf.attrs["skipped"] == ""
+    np.testing.assert_allclose(bf.trace_cov.values, ref.trace_cov.values, rtol=0.05)
