@@ -90,7 +90,11 @@ class _Problem:
         self.model, self.loss_fn, self.x, self.y, self.batch = model, loss_fn, x, y, batch
         first = x if batch is None else V.batch_leaves(batch)[0]
         self.B, self.device = first.shape[0], first.device
-        self.dtype = next((p.dtype for p in model.parameters()), first.dtype)
+
+    @property
+    def dtype(self):
+        """The model's floating dtype."""
+        return next((p.dtype for p in self.model.parameters()), torch.get_default_dtype())
 
     def mean_loss(self):
         """The batch's mean loss (forward pass, with gradients)."""
@@ -895,11 +899,13 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
         "dev"]}}`` in the model's order (see :func:`layer_summaries`), ``{"hooks": [...], "func":
         [...], "skipped": {name: reason}}``, and the batch's mean loss (None for ``"func"``).
     """
-    names = [k for k, p in prob.model.named_parameters() if p.requires_grad]
     paths = {"hooks": [], "func": [], "skipped": {}}
-    blocks, loss, todo = {}, None, names
-    if method != "func":
+    blocks, loss = {}, None
+    if method == "func":
+        names = todo = [k for k, p in prob.model.named_parameters() if p.requires_grad]
+    else:
         cap, loss = _capture(prob, zero_grad, partial=method == "auto")
+        names = list(cap._params)
         once = verify == "once"
         do_verify = bool(verify) and not (once and _VERIFIED.get(prob.model, False))
         blocks, unusable = cap._param_blocks(prob.B, frozenset(need), verify=do_verify)
