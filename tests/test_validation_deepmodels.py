@@ -229,6 +229,9 @@ EXAMPLES = {
     M + "pergrad.check_batch": lambda: (_tiny()[1:], {}),
     M + "pergrad.flatten": lambda: ((pergrad.per_example_grads(_tiny()[0], CE, *_tiny()[1:]),), {}),
     M + "pergrad.hook_summaries": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {}),
+    M + "pergrad.next_token_loss": lambda: ((torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5)),
+                                             torch.arange(12).reshape(3, 4) % 5), {}),
+    M + "pergrad.check": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"method": "auto", "chunk_size": 4}),
     M + "pergrad.per_example_grads": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"chunk_size": 3}),
     M + "probes.Measurement.to_dataset": lambda: ((_measurement(),), {}),
     M + "probes.Measurement.variables": lambda: ((_measurement(),), {}),
@@ -352,10 +355,10 @@ def test_batch_mismatch_and_wrong_feature_shape():
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(TypeError, match=r"`loss_fn` must be a callable loss\(output, target\).*got the class CrossEntropyLoss"):
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss, x, y)
-    normed = torch.nn.Sequential(torch.nn.Linear(D, C), torch.nn.LayerNorm(C))
+    prelu = torch.nn.Sequential(torch.nn.Linear(D, C), torch.nn.PReLU())  # PReLU's weight is outside the fast path
     with pytest.raises(pergrad.FastPathUnsupported, match=r"`method` must be 'auto' or 'func' for this model: the hook "
-                                                          r"fast path handles nn.Linear and nn.Conv2d parameters only"):
-        probes.gradient_stats(normed, CE, x, y, method="hooks")
+                                                          r"fast path covers nn.Linear, nn.Conv2d .*not covered: \['1.weight'\]"):
+        probes.gradient_stats(prelu, CE, x, y, method="hooks")
 
 
 def test_device_mismatch():
