@@ -10,7 +10,7 @@ to a float32 model is refused, not converted; unavailable devices; memory estima
 reported as ``inf`` with a reason) is in :mod:`deepmodels._validate`.
 """
 
-from . import bridge, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
+from . import bridge, callbacks, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 
-__all__ = ["bridge", "cluster", "data", "gns", "hessian", "models", "optim", "pergrad", "predict", "probes", "spectra", "steps",
+__all__ = ["bridge", "callbacks", "cluster", "data", "gns", "hessian", "models", "optim", "pergrad", "predict", "probes", "spectra", "steps",
            "train"]

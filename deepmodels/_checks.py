@@ -93,8 +93,7 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     except Exception as err:  # the model's own error names no argument: say which input it could not take
         raise ValueError(f"`x` must be an input the model accepts; model(x[:1]) on x[:1] of shape "
                          f"{tuple(x[:1].shape)} raised {type(err).__name__}: {err}") from None
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"`model` must return a tensor; got {type(out).__name__}.")
+    out = model_output(out)
     if y is not None and not y.dtype.is_floating_point:
         n_out = out.shape[1] if out.dim() >= 2 else None
         if y.numel() and n_out is not None:
@@ -110,8 +109,62 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
                              f"{type(err).__name__}: {err}") from None
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}.")
+            raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}. A loss "
+                             "giving per-example losses takes the batch form loss_fn(model, batch) with `batch=`.")
     return out
+
+
+def model_output(out):
+    """The tensor of a model's output: the tensor itself, or the ``.logits`` of a Hugging Face style
+    output object; TypeError naming ``model`` otherwise."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    extra = (" (its `.loss` is a batch mean, which has no per-example gradients: give per-example losses from "
+             "`.logits` instead)" if getattr(out, "loss", None) is not None else "")
+    raise TypeError(f"`model` must return a tensor or an object with a `.logits` tensor; got {type(out).__name__}{extra}.")
+
+
+def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1) -> int:
+    """Check the batch form ``loss_fn(model, batch) -> (B,)`` per-example losses before any work:
+    at least ``min_batch`` examples, the batch on the model's device, and ``loss_fn`` on the first
+    (up to) two examples, in eval mode without gradients, returns a tensor of shape (n,).  Returns B."""
+    from ._validate import batch_leaves, map_batch
+
+    leaves = batch_leaves(batch)
+    B = leaves[0].shape[0]
+    if B < min_batch:
+        raise ValueError(f"`batch` must have at least {min_batch} examples to measure a variance; got {B}.")
+    device = _model_device_dtype(model)[0]
+    if leaves[0].device != device:
+        raise ValueError(f"`batch` must be on the model's device ({device}); got {leaves[0].device}. Move one of them "
+                         f"with .to(device).")
+    n = min(B, 2)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            losses = loss_fn(model, map_batch(lambda t: t[:n], batch))
+    except Exception as err:  # the loss's own error names no argument
+        raise ValueError(f"`loss_fn` must accept (model, batch) in the batch form; loss_fn(model, batch[:{n}]) raised "
+                         f"{type(err).__name__}: {err}") from None
+    finally:
+        for m, t in modes:
+            m.training = t
+    check_losses(losses, n)
+    return B
+
+
+def check_losses(losses, n: int) -> None:
+    """``losses`` must be per-example losses of shape (n,) (the batch form of a loss)."""
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        got = (("a scalar (a loss reduced over the batch)" if losses.dim() == 0 else f"shape {tuple(losses.shape)}")
+               if isinstance(losses, torch.Tensor) else type(losses).__name__)
+        raise ValueError(f"`loss_fn` must return per-example losses of shape (B,) = ({n},) in the batch form "
+                         f"loss_fn(model, batch) (use reduction='none' and average over all but the batch "
+                         f"dimension); got {got}.")
 
 
 def check_one_target(target, target_rel, *, what: str = "training loss", required: bool = True) -> None:

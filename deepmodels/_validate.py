@@ -52,7 +52,9 @@ from toymodels._validate import (  # noqa: F401  (re-exported)
 __all__ = [
     "Boolean", "Constraint", "Instance", "Integer", "Maybe", "Options", "Real", "REGISTRY", "validate", "MAX_EXACT_INT",
     "check_int", "check_real",
-    "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "DictOf", "AnyOf", "Seed",
+    "Tensor", "Module", "Device", "LossFn", "Function", "SequenceOf", "DictOf", "AnyOf", "Seed", "Batch", "TokenIds",
+    "batch_leaves", "batch_size_of", "map_batch", "check_batch_loss",
+    "check_losses", "model_output",
     "Diverged", "check_batch", "check_model_input", "check_bytes", "available_bytes", "nonfinite_params",
     "check_finite_params", "n_trainable", "OptimizerClass", "check_data_fits", "check_model_fn", "check_one_target",
     "MAX_SEED", "MAX_STEPS", "MAX_ITER", "MAX_DRAWS", "MAX_WIDTH",
@@ -227,13 +229,14 @@ class Device(Constraint):
 
 
 class LossFn(Constraint):
-    """A loss ``loss_fn(output, target) -> scalar tensor``: a function or a module instance (not a
-    class such as ``nn.CrossEntropyLoss``: an instance of it)."""
+    """A loss ``loss_fn(output, target) -> scalar tensor`` (or, for the probes' batch form,
+    ``loss_fn(model, batch) -> (B,)``): a function or a module instance (not a class such as
+    ``nn.CrossEntropyLoss``: an instance of it)."""
 
     def __call__(self, name, value):
         if isinstance(value, type):
             raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy or "
-                            f"nn.CrossEntropyLoss(); got the class {value.__name__} (instantiate it).")
+                            f"nn.CrossEntropyLoss(), or loss(model, batch); got the class {value.__name__} (instantiate it).")
         if not callable(value):
             raise TypeError(f"`{name}` must be a callable loss(output, target), e.g. F.cross_entropy; got "
                             f"{type(value).__name__}.")
@@ -334,6 +337,102 @@ class DictOf(Constraint):
         return [None, "1", {}] + self.bad
 
 
+def batch_leaves(value, name: str = "batch") -> list:
+    """The tensors of a batch: a tensor, or a tuple / list / dict of them (nested); TypeError on
+    anything else, naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in batch_leaves(v, name)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in batch_leaves(v, name)]
+    raise TypeError(f"`{name}` must be a tensor, or a tuple, list or dict of tensors (the batch of "
+                    f"loss_fn(model, batch)); got {type(value).__name__}.")
+
+
+def map_batch(fn, value):
+    """``fn`` applied to every tensor of a batch, the structure (tuple, list, dict) kept."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_batch(fn, v) for v in value)
+    return {k: map_batch(fn, v) for k, v in value.items()}
+
+
+def batch_size_of(value) -> int:
+    """B, the first dimension that every tensor of a (checked) batch shares."""
+    return batch_leaves(value)[0].shape[0]
+
+
+class Batch(Constraint):
+    """A batch for a loss ``loss_fn(model, batch) -> (B,)``: a tensor ``(B, ...)``, or a tuple, list
+    or dict of them (nested allowed), every tensor with the same first dimension B >= 1 and on one
+    device; float tensors finite."""
+
+    def __call__(self, name, value):
+        leaves = batch_leaves(value, name)
+        if not leaves:
+            raise ValueError(f"`{name}` must be a non-empty batch (at least one tensor); got an empty {type(value).__name__}.")
+        for t in leaves:
+            if t.dtype.is_floating_point or t.dtype == torch.int64:
+                Tensor("label", min_ndim=1, nonempty=True, what="a tensor of shape (B, ...)")(name, t)
+            else:
+                _batch_tensor(name, t)
+        sizes = {t.shape[0] for t in leaves}
+        if len(sizes) != 1:
+            raise ValueError(f"`{name}` must be tensors sharing their first (batch) dimension; got sizes {sorted(sizes)}.")
+        devices = {t.device for t in leaves}
+        if len(devices) != 1:
+            raise ValueError(f"`{name}` must be tensors on one device; got {sorted(map(str, devices))}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", 1.5, (), {"ids": "abc"}, torch.tensor(3), torch.zeros(0, 2), torch.full((2, 2), math.nan),
+                {"a": torch.zeros(2, 3), "b": torch.zeros(3)}, torch.zeros(2, device="meta"),
+                torch.zeros(2, dtype=torch.complex64)]
+
+    def __repr__(self):
+        return "Batch()"
+
+
+def _batch_tensor(name, t):
+    """A tensor of a batch that is neither float nor int64 (bool masks, int32 ids): non-empty (B, ...)."""
+    if t.dtype.is_complex:
+        raise TypeError(f"`{name}` must be real or integer tensors; got {_dtype_name(t.dtype)}.")
+    if t.device.type == "meta":
+        raise TypeError(f"`{name}` must be tensors with data; got a tensor on the 'meta' device.")
+    if t.dim() == 0 or t.shape[0] == 0:
+        raise ValueError(f"`{name}` must be tensors of shape (B, ...) with B >= 1; got shape {tuple(t.shape)}.")
+    return t
+
+
+class TokenIds(Constraint):
+    """Token ids for a next-token loss: an int64 tensor ``(B, T + 1)`` with T >= 1, or a dict with
+    such an ``"input_ids"`` entry (and optionally an ``"attention_mask"`` of the same shape)."""
+
+    def __call__(self, name, value):
+        ids = value.get("input_ids") if isinstance(value, dict) else value
+        if isinstance(value, dict) and ids is None:
+            raise ValueError(f"`{name}` must be token ids (B, T + 1) or a dict with 'input_ids'; got keys {list(value)}.")
+        what = "int64 token ids of shape (B, T + 1), T >= 1 (or a dict with 'input_ids')"
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            got = _dtype_name(ids.dtype) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"`{name}` must be {what}; got {got}.")
+        if ids.dim() != 2 or ids.shape[1] < 2 or ids.shape[0] < 1:
+            raise ValueError(f"`{name}` must be {what}; got shape {tuple(ids.shape)}.")
+        mask = value.get("attention_mask") if isinstance(value, dict) else None
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"`{name}` must be token ids with an 'attention_mask' of the shape of 'input_ids' "
+                             f"{tuple(ids.shape)}; got {got}.")
+        return value
+
+    def bad_values(self):
+        return [None, "1", torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
+                torch.zeros(2, 1, dtype=torch.int64), {"ids": torch.zeros(2, 3, dtype=torch.int64)},
+                {"input_ids": torch.zeros(2, 3, dtype=torch.int64), "attention_mask": torch.ones(2, 2)}]
+
+
 class OptimizerClass(Constraint):
     """A subclass of ``torch.optim.Optimizer`` (the class, built later with the model's parameters)."""
 
@@ -384,11 +483,14 @@ def check_finite_params(model: nn.Module, name: str = "model") -> None:
 from ._checks import (  # noqa: E402,F401  (re-exported; _checks uses the constraints above)
     available_bytes,
     check_batch,
+    check_batch_loss,
     check_bytes,
+    check_losses,
     check_data_fits,
     check_model_fn,
     check_model_input,
     check_one_target,
+    model_output,
 )
 
 

@@ -6,6 +6,8 @@
   ten 1-D templates (length-40 signals; nothing is downloaded).
 * :func:`load_mnist_npz` / :func:`load_cifar10`: files a user already has (Keras' ``mnist.npz``;
   the CIFAR-10 "python version" folder).  Nothing is downloaded.
+* :func:`text_corpus`: the bytes of the Python standard library's own source files, as windows of
+  next-token prediction for a language model (present wherever Python is).
 
 Every split and corruption is drawn from an explicit seed.  Arguments are checked before any
 work (see :mod:`deepmodels._validate`); ``device`` must be one this torch build can use.
@@ -30,7 +32,8 @@ import torch
 from . import _validate as V
 from ._validate import Boolean, Constraint, Device, Instance, Integer, Maybe, Real, validate
 
-__all__ = ["Dataset", "digits", "mnist1d", "load_mnist_npz", "load_cifar10", "corrupt_labels", "add_duplicates"]
+__all__ = ["Dataset", "digits", "mnist1d", "load_mnist_npz", "load_cifar10", "text_corpus", "corrupt_labels",
+           "add_duplicates"]
 
 MAX_SAMPLES = 10**6  # MNIST-1D examples generated in one call
 
@@ -40,13 +43,16 @@ _PATH = Instance(str, os.PathLike, what="a path (str or os.PathLike)")
 
 @dataclass(repr=False)
 class Dataset:
-    """Train and test tensors: ``x`` float32 ``(n, ...)``, ``y`` int64 ``(n,)``.
+    """Train and test tensors: ``x`` float32 ``(n, ...)``, ``y`` int64 ``(n,)`` class labels, or
+    ``(n, ...)`` labels per position (a sequence's next tokens: ``y[i, t]`` the class of output
+    position t, in ``[0, n_classes)``).
 
     The loaders also record where the data came from: ``source`` (a sentence), ``seed`` (of the
-    split and the corruptions), ``label_noise`` (share of training labels replaced) and
-    ``duplicates`` (share of the training set replaced by copies of a few examples).  The repr is a
-    short summary (name, source, sizes, example shape and dtype, classes, corruptions, seed), never
-    the tensors.
+    split and the corruptions), ``label_noise`` (share of training labels replaced),
+    ``duplicates`` (share of the training set replaced by copies of a few examples) and ``attrs``
+    (a dict of further facts, e.g. :func:`text_corpus`'s Python version and content hash).  The
+    repr is a short summary (name, source, sizes, example shape and dtype, classes, corruptions,
+    seed), never the tensors.
     """
 
     x_train: torch.Tensor
@@ -59,6 +65,7 @@ class Dataset:
     seed: int | None = None
     label_noise: float = 0.0
     duplicates: float = 0.0
+    attrs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.source, str):
@@ -70,8 +77,11 @@ class Dataset:
         xt = V.Tensor("float", min_ndim=1, nonempty=True)
         self.x_train = xt("x_train", self.x_train)
         self.x_test = V.Tensor("float", min_ndim=1)("x_test", self.x_test)
-        self.y_train = V.Tensor("int", ndim=1)("y_train", self.y_train)
-        self.y_test = V.Tensor("int", ndim=1)("y_test", self.y_test)
+        y = V.Tensor("int", min_ndim=1, what="an int64 tensor of labels (n,) or (n, ...)")
+        self.y_train = y("y_train", self.y_train)
+        self.y_test = y("y_test", self.y_test)
+        if not isinstance(self.attrs, dict):
+            raise TypeError(f"`attrs` must be a dict; got {type(self.attrs).__name__}.")
         self.n_classes = V.check_int("n_classes", self.n_classes, low=1, high=V.MAX_WIDTH)
         if not isinstance(self.name, str):
             raise TypeError(f"`name` must be a str; got {type(self.name).__name__}.")
@@ -84,6 +94,9 @@ class Dataset:
                 if lo < 0 or hi >= self.n_classes:
                     raise ValueError(f"`y_{part}` must hold class labels in [0, {self.n_classes}) (`n_classes`); got "
                                      f"{lo if lo < 0 else hi}.")
+        if self.y_test.shape[1:] != self.y_train.shape[1:]:
+            raise ValueError(f"`y_test` must have the label shape of `y_train` {tuple(self.y_train.shape[1:])}; got "
+                             f"{tuple(self.y_test.shape[1:])}.")
         if self.x_test.shape[1:] != self.x_train.shape[1:]:
             raise ValueError(f"`x_test` must have the example shape of `x_train` {tuple(self.x_train.shape[1:])}; got "
                              f"{tuple(self.x_test.shape[1:])}.")
@@ -106,6 +119,10 @@ class Dataset:
                 ("x", f"(n, {', '.join(str(d) for d in x.shape[1:])}) {str(x.dtype).replace('torch.', '')} "
                       f"on {x.device}"),
                 ("n_classes", f"{self.n_classes}")]
+        if self.y_train.dim() > 1:
+            rows.insert(-1, ("y", f"(n, {', '.join(str(d) for d in self.y_train.shape[1:])}) labels per position"))
+        if self.attrs.get("sha256"):
+            rows.append(("corpus", f"Python {self.attrs.get('python_version')}, sha256 {self.attrs['sha256'][:16]}"))
         if self.label_noise:
             rows.append(("label_noise", f"{self.label_noise:g} of the training labels replaced"))
         if self.duplicates:
@@ -291,6 +308,110 @@ def mnist1d(*, n_samples: int = 5000, test_fraction: float = 0.2, seed: int = 0,
                    seed=seed, label_noise=label_noise, duplicates=duplicates, device=device,
                    image_shape=(1, 40) if channels else None,
                    source=f"MNIST-1D generated locally ({n_samples} length-40 signals), standardised")
+
+
+def _stdlib_files(max_bytes: int):
+    """The stdlib folder and the ``(name, size)`` of the files :func:`text_corpus` reads."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(f for f in os.listdir(root) if f.endswith(".py") and os.path.isfile(os.path.join(root, f)))
+    chosen, total = [], 0
+    for f in names:
+        size = os.path.getsize(os.path.join(root, f))
+        if total + size <= max_bytes:
+            chosen.append((f, size))
+            total += size
+    return root, chosen
+
+
+def _windows(text: bytes, context_length: int):
+    """Non-overlapping next-token windows: ``x[i] = text[iT:(i+1)T]``, ``y[i] = text[iT+1:(i+1)T+1]``."""
+    arr = np.frombuffer(text, dtype=np.uint8)
+    n = max((arr.size - 1) // context_length, 0)
+    x = arr[:n * context_length].reshape(n, context_length)
+    y = arr[1:n * context_length + 1].reshape(n, context_length)
+    return x, y
+
+
+@validate(context_length=Integer(1, 2**16), max_bytes=Integer(1, 2**31 - 1), test_fraction=_FRACTION, seed=V.Seed(),
+          device=Device())
+def text_corpus(*, context_length: int = 64, max_bytes: int = 2**20, test_fraction: float = 0.1, seed: int = 0,
+                device="cpu") -> Dataset:
+    """A real text corpus that needs no download: the bytes of the Python standard library's own
+    source files, as next-token windows for a byte-level language model (vocabulary 256).
+
+    Files: the ``*.py`` files directly in the stdlib folder (``sysconfig.get_paths()["stdlib"]``; its
+    test suite lies in subfolders and is left out), sorted by name; in that order each file is taken
+    if it fits in what remains of ``max_bytes`` (the default 1 MiB takes about 50 of the 168 files
+    of Python 3.11).
+    The set does not depend on ``seed``.  The standard library differs between Python versions, so
+    ``attrs`` records ``python_version`` and ``sha256``, a hash of the files' names and bytes, which
+    the name also carries (``stdlib-py3.11-<8 hex digits>``).
+
+    Split by file: the files are shuffled with ``numpy.random.default_rng(seed)``; the first ones
+    whose bytes reach ``test_fraction`` of the total (at least one file, if ``test_fraction`` > 0)
+    are the test set, the others the training set (no file is in both; ``attrs["files_train"]``
+    and ``attrs["files_test"]`` list them).  Each split's files are joined in name order and cut
+    into non-overlapping windows of ``context_length`` + 1 bytes, the last ones shared by the next
+    window (a window may cross from one file into the next; the bytes after the last whole window
+    are dropped).
+
+    Returns:
+        Dataset with ``x`` float32 ``(n, context_length)``: token ids 0..255, exact in float32, the
+        dtype the probes take for ``x`` (:func:`deepmodels.models.transformer` takes them, and int64);
+        ``y`` int64 ``(n, context_length)``: the next byte of every position, ``y[i, t] = x[i, t + 1]``
+        within a window.  ``n_classes`` 256.  With the transformer's ``(B, 256, T)`` logits,
+        ``F.cross_entropy(model(x), y)`` is the mean next-byte loss in nats (``deepmodels.train.train``'s
+        default loss).
+
+    Raises:
+        ValueError: ``max_bytes`` admits fewer than two files, or a split too short for one window.
+    """
+    import hashlib
+    import platform
+
+    root, chosen = _stdlib_files(max_bytes)
+    if len(chosen) < 2:
+        need = sum(sorted(size for _, size in _stdlib_files(2**62)[1])[:2])
+        raise ValueError(f"`max_bytes` must admit at least two files of {root} (the two smallest take {need} "
+                         f"bytes); got {max_bytes}.")
+    texts = {}
+    digest = hashlib.sha256()
+    for name, _ in chosen:
+        with open(os.path.join(root, name), "rb") as f:
+            texts[name] = f.read()
+        digest.update(name.encode() + b"\0" + str(len(texts[name])).encode() + b"\0" + texts[name])
+    sha = digest.hexdigest()
+    names = [n for n, _ in chosen]
+    total = sum(len(t) for t in texts.values())
+    order = np.random.default_rng(seed).permutation(len(names))
+    test, n_test_bytes = set(), 0
+    for i in order:
+        if test_fraction == 0 or n_test_bytes >= test_fraction * total:
+            break
+        test.add(names[i])
+        n_test_bytes += len(texts[names[i]])
+    if len(test) == len(names):
+        raise ValueError(f"`test_fraction` must leave at least one of the {len(names)} files for training; got "
+                         f"{test_fraction:g}.")
+    parts = {}
+    for part, files in (("train", [n for n in names if n not in test]), ("test", [n for n in names if n in test])):
+        x, y = _windows(b"".join(texts[n] for n in files), context_length)
+        if part == "train" and x.shape[0] == 0:
+            raise ValueError(f"`context_length` must leave at least one window in the training files; got "
+                             f"{context_length}.")
+        parts[part] = (torch.as_tensor(x.astype(np.float32), device=device),
+                       torch.as_tensor(y.astype(np.int64), device=device), files)
+    version = platform.python_version()
+    attrs = dict(python_version=version, stdlib=root, sha256=sha, n_bytes=total, n_bytes_test=n_test_bytes,
+                 context_length=context_length, files_train=parts["train"][2], files_test=parts["test"][2])
+    ver = ".".join(version.split(".")[:2])
+    return Dataset(parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1], 256,
+                   f"stdlib-py{ver}-{sha[:8]}",
+                   source=f"bytes of {len(names)} *.py files of the Python {version} standard library "
+                          f"({total} bytes), {len(test)} of them held out, windows of {context_length} + 1 bytes",
+                   seed=seed, attrs=attrs)
 
 
 _LOAD = dict(n_train=Maybe(Integer(1, V.MAX_WIDTH)), seed=V.Seed(), label_noise=_FRACTION, device=Device())

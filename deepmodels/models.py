@@ -7,8 +7,9 @@ whose parameters would not fit in the memory available is refused before it is b
 Layers have names (``nn.Sequential`` built from an ``OrderedDict``): the MLP's ``fc1, relu1, ...,
 out``; the CNN's ``input, conv1, relu1, pool1, conv2, relu2, pool2, flatten, fc1, relu3, out``;
 ResNet-8's ``input, stem, bn, relu, block1, block2, block3, pool, flatten, out``; random features'
-``features, out``.  They are the probes' ``layer`` coordinate and the keys of ``state_dict()``
-(``conv1.weight``, ``out.bias`` ...).
+``features, out``; the transformer's ``tok, pos, block1 ... blockL, ln_f, head`` (each block's
+``ln1, attn.qkv, attn.out, ln2, mlp.fc, mlp.proj``).  They are the probes' ``layer`` coordinate and
+the keys of ``state_dict()`` (``conv1.weight``, ``out.bias``, ``block1.attn.qkv.weight`` ...).
 
 The image models (CNN, ResNet-8) begin with an ``input`` layer (no parameters) that says what input
 they take: images ``(N, C, H, W)``, or flat rows ``(N, C*H*W)`` (e.g. ``deepmodels.data.digits()``,
@@ -19,6 +20,7 @@ built with ``image_size``); any other shape is a ``ValueError`` naming the shape
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 
 import torch
@@ -37,8 +39,8 @@ def _check_size(n_params: int, sizes: dict):
     widths = ", ".join(f"{k}={v}" for k, v in sizes.items())
     V.check_bytes(name, 4.0 * n_params, f"the {n_params:.3g} parameters of this model ({widths})")
 
-BUILDERS = ("mlp", "cnn", "resnet8", "linear", "random_features")
-__all__ = [*BUILDERS, "Factory", "Restored"]
+BUILDERS = ("mlp", "cnn", "resnet8", "linear", "random_features", "transformer")
+__all__ = [*BUILDERS, "Factory", "Restored"]  # the transformer's module classes are documented by transformer()
 
 
 def _seeded(seed: int, build):
@@ -205,6 +207,168 @@ def random_features(in_features: int, hidden: int, out_features: int = 1, *, see
         w = torch.randn(in_features, hidden)
         return nn.Sequential(OrderedDict([("features", _Frozen(w / w.norm(dim=0, keepdim=True))),
                                           ("out", nn.Linear(hidden, out_features, bias=False))]))
+
+    return _seeded(seed, build)
+
+
+MAX_VOCAB = 2**24  # token ids up to this size are exact in float32 (the probes' input dtype)
+
+
+def _under_vmap(x) -> bool:
+    """True inside ``torch.func.vmap`` (a batched tensor), where checks of the values cannot branch."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(wrapped(x)) if wrapped is not None else False
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017, "Attention Is All You Need", Sec. 3.2)
+    from two ``nn.Linear`` layers: ``qkv`` (d -> 3d, the queries, keys and values of every head)
+    and ``out`` (d -> d); per head softmax(q k^T / sqrt(d_head) + M) v, M = -inf above the diagonal,
+    written out (``F.scaled_dot_product_attention`` has no ``torch.func.vmap`` batching rule on CPU in
+    torch 2.13: the per-example gradients would run example by example).  Input and output
+    ``(B, T, d_model)``; position t attends to positions <= t only."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads = int(n_heads)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, h):
+        B, T, D = h.shape
+        q, k, v = self.qkv(h).reshape(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+        a = scores.masked_fill(future, -math.inf).softmax(-1) @ v  # (B, heads, T, d_head)
+        return self.out(a.transpose(1, 2).reshape(B, T, D))
+
+    def extra_repr(self):
+        return f"n_heads={self.n_heads}"
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm transformer block (Radford et al. 2019, "Language Models are Unsupervised
+    Multitask Learners", Sec. 2.3): h + attn(ln1(h)), then h + mlp(ln2(h)), the MLP
+    ``fc`` (d -> d_mlp), GELU, ``proj`` (d_mlp -> d).  Input and output ``(B, T, d_model)``."""
+
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(OrderedDict([("fc", nn.Linear(d_model, d_mlp)), ("gelu", nn.GELU()),
+                                              ("proj", nn.Linear(d_mlp, d_model))]))
+
+    def forward(self, h):
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp(self.ln2(h))
+
+
+class Transformer(nn.Module):
+    """A small GPT-style decoder (built by :func:`transformer`, which documents it): token ids
+    ``(B, T)`` -> next-token logits ``(B, vocab_size, T)``.
+
+    Layers: ``tok`` (nn.Embedding of tokens), ``pos`` (nn.Embedding of positions 0..T-1, looked up
+    with a ``(B, T)`` index so that it is a per-example layer like ``tok``), ``block1 ...
+    blockL`` (:class:`TransformerBlock`), ``ln_f`` (nn.LayerNorm), ``head`` (nn.Linear without bias;
+    with tied weights ``head.weight`` *is* ``tok.weight``, one Parameter, listed once by
+    ``named_parameters()`` as ``tok.weight``).
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, n_layers: int, n_heads: int, d_mlp: int,
+                 tie_weights: bool):
+        super().__init__()
+        self.vocab_size, self.context_length, self.tie_weights = int(vocab_size), int(context_length), bool(tie_weights)
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context_length, d_model)
+        self.n_layers = int(n_layers)
+        for i in range(1, n_layers + 1):
+            self.add_module(f"block{i}", TransformerBlock(d_model, n_heads, d_mlp))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if self.tie_weights:
+            self.head.weight = self.tok.weight
+
+    def _check(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`x` must be a tensor of token ids (B, T), int64 or float holding whole numbers; got "
+                            f"{type(x).__name__}.")
+        if not (x.dtype == torch.int64 or x.dtype.is_floating_point):
+            raise TypeError(f"`x` must be a tensor of token ids (B, T), int64 or float holding whole numbers; got "
+                            f"{str(x.dtype).replace('torch.', '')}.")
+        if x.dim() != 2 or not 1 <= x.shape[1] <= self.context_length:
+            raise ValueError(f"`x` must have shape (B, T) with 1 <= T <= {self.context_length} (the context length); "
+                             f"got shape {tuple(x.shape)}.")
+        if _under_vmap(x) or x.numel() == 0:
+            return  # per-example calls of torch.func: the batch was checked by the caller's first forward pass
+        if x.dtype.is_floating_point and not bool(torch.all(x == torch.round(x))):  # NaN and inf fail too
+            raise ValueError("`x` must hold whole-number token ids; got values that are not whole numbers "
+                             "(or not finite).")
+        lo, hi = (int(v) for v in torch.aminmax(x.detach()))
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"`x` must hold token ids in [0, {self.vocab_size}) (the vocabulary size); got "
+                             f"{lo if lo < 0 else hi}.")
+
+    def forward(self, x):
+        """Logits ``(B, vocab_size, T)``: entry ``[b, v, t]`` scores token v at position t + 1 given
+        the tokens ``x[b, :t + 1]``; the class axis is second, as ``F.cross_entropy`` takes it."""
+        self._check(x)
+        ids = x if x.dtype == torch.int64 else x.long()
+        B, T = ids.shape
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        h = self.tok(ids) + self.pos(positions)
+        for i in range(1, self.n_layers + 1):
+            h = getattr(self, f"block{i}")(h)
+        return self.head(self.ln_f(h)).transpose(1, 2)
+
+    def extra_repr(self):
+        return (f"vocab_size={self.vocab_size}, context_length={self.context_length}, n_layers={self.n_layers}, "
+                f"tie_weights={self.tie_weights}")
+
+
+@validate(vocab_size=Integer(2, MAX_VOCAB), context_length=_WIDTH, d_model=_WIDTH, n_layers=Integer(0, 10**4),
+          n_heads=_WIDTH, d_mlp=Maybe(_WIDTH), tie_weights=Boolean(), seed=_SEED)
+def transformer(vocab_size: int = 256, context_length: int = 64, *, d_model: int = 64, n_layers: int = 2,
+                n_heads: int = 4, d_mlp: int | None = None, tie_weights: bool = True, seed: int = 0) -> nn.Module:
+    """A small GPT-style language model (Radford et al. 2019, "Language Models are Unsupervised
+    Multitask Learners", Sec. 2.3, without dropout): token and learned position embeddings, then
+    ``n_layers`` pre-LayerNorm blocks of causal self-attention (``n_heads`` heads) and an MLP
+    (width ``d_mlp``, default ``4 * d_model``, GELU), a final LayerNorm and the unembedding ``head``.
+
+    By default the unembedding is tied to the token embedding (Press and Wolf 2017, "Using the
+    Output Embedding to Improve Language Models"): one Parameter ``tok.weight`` (V x d) serves both;
+    ``tie_weights=False`` gives ``head.weight`` its own.  Every trainable parameter belongs to an
+    nn.Embedding, nn.LayerNorm or nn.Linear.  Initialisation as GPT-2: weights N(0, 0.02^2), the
+    residual projections (``attn.out``, ``mlp.proj``) N(0, 0.02^2 / (2 n_layers)), biases 0,
+    LayerNorms 1 and 0.
+
+    Input: token ids ``(B, T)``, ``1 <= T <= context_length``, ids in ``[0, vocab_size)``; int64, or
+    floating tensors holding whole numbers (the dtype the probes take for ``x``, as
+    :func:`deepmodels.data.text_corpus` gives them; exact in float32 up to 2**24, the largest
+    ``vocab_size``).  Another type, shape or value is a ``TypeError`` / ``ValueError`` naming ``x``.
+
+    Output: logits ``(B, vocab_size, T)`` (the class axis second, as ``torch.nn.functional.cross_entropy``
+    takes them with targets ``(B, T)``, so ``F.cross_entropy(model(x), y)`` is the mean next-token
+    loss and the probes and :func:`deepmodels.train.train` work unchanged); ``model(x).transpose(1, 2)``
+    is the usual ``(B, T, vocab_size)``.  Per example (one sequence) the loss is the mean over its
+    T positions.
+    """
+    if d_model % n_heads:
+        raise ValueError(f"`n_heads` must divide `d_model` ({d_model}); got {n_heads}.")
+    d_mlp = 4 * d_model if d_mlp is None else d_mlp
+    n_params = (vocab_size * d_model * (1 if tie_weights else 2) + context_length * d_model + 2 * d_model
+                + n_layers * (4 * d_model * d_model + 2 * d_model * d_mlp + 9 * d_model + d_mlp))
+    _check_size(n_params, {"vocab_size": vocab_size, "context_length": context_length, "d_model": d_model,
+                           "n_layers": n_layers, "d_mlp": d_mlp})
+
+    def build():
+        model = Transformer(vocab_size, context_length, d_model, n_layers, n_heads, d_mlp, tie_weights)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_"):
+                continue  # biases and LayerNorms keep their (0, 1) initialisation
+            residual = name.endswith(("attn.out.weight", "mlp.proj.weight"))
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
+        return model
 
     return _seeded(seed, build)
 

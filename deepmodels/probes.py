@@ -36,34 +36,15 @@ from .pergrad import X, Y
 __all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_stats", "bootstrap_ci"]
 
 
-def _layer_of(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else "model"  # parameters of the root module
+_layer_of = pergrad.layer_of
 
 
-def _summaries_func(model, loss_fn, x, y, chunk_size, gram=False):
-    """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,), Gram (B, B) or None) from torch.func."""
-    grads = pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)
-    layers = {}
-    for k, v in grads.items():
-        layers.setdefault(_layer_of(k), []).append(v.reshape(v.shape[0], -1))
+def _summaries(blocks, B, gram=False):
+    """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,) or None, Gram (B, B) or None)
+    from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params`."""
     out = {}
-    for name, parts in layers.items():
-        G = torch.cat(parts, dim=1).double()
-        mean = G.mean(0)
-        out[name] = (G.shape[1], float(mean @ mean), (G**2).sum(1), ((G - mean) ** 2).sum(1), G @ G.T if gram else None)
-    return out
-
-
-def _summaries_hooks(model, loss_fn, x, y, gram=False):
-    return _from_fast(pergrad._hook_summaries(model, loss_fn, x, y, gram), x.shape[0])
-
-
-def _from_fast(fast, B):
-    """(P, |g_bar|^2, |g_i|^2, |g_i - g_bar|^2 or None, Gram or None) per layer from the hook summaries."""
-    out = {}
-    for name, f in fast.items():
-        m2, sq = f["mean_norm_sq"], f["sq_norms"]
-        out[name] = (f["n_params"], m2, sq, sq - 2.0 * f["dots"] + m2 if "dots" in f else None, f.get("gram"))
+    for name, f in pergrad.layer_summaries(blocks, B, sums=False).items():
+        out[name] = (f["n_params"], f["mean_norm_sq"], f["sq_norms"], f.get("dev"), f.get("gram") if gram else None)
     return out
 
 
@@ -155,70 +136,80 @@ def _nonfinite_summaries(summ):
 _METHODS = ("auto", "func", "hooks")
 
 
-@validate(model=Module(), loss_fn=LossFn(), x=X, y=Y, batch_size=Maybe(Real(1, math.inf, high_open=True)),
+def _coverage(paths) -> dict:
+    """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")."""
+    used = [m for m in ("hooks", "func") if paths[m]]
+    return {**pergrad.coverage_attrs(paths), "method": "+".join(used) or "none"}
+
+
+@validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y), batch=Maybe(pergrad.BATCH),
+          batch_size=Maybe(Real(1, math.inf, high_open=True)),
           method=Options(*_METHODS), chunk_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_STEPS)),
           ci=Maybe(Real(0, 1, low_open=True, high_open=True)), n_boot=Integer(2, V.MAX_DRAWS), seed=V.Seed())
-def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None = None, method: str = "auto",
-                   chunk_size: int = 256, step: int | None = None, ci: float | None = None, n_boot: int = 200,
-                   seed: int = 0) -> xr.Dataset:
-    """Measure the gradient statistics on the batch ``(x, y)``.
+def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, batch_size: float | None = None,
+                   method: str = "auto", chunk_size: int = 256, step: int | None = None, ci: float | None = None,
+                   n_boot: int = 200, seed: int = 0) -> xr.Dataset:
+    """Measure the gradient statistics on the batch ``(x, y)`` (or ``batch``).
 
     Args:
         model: the network (its parameters are not changed; gradients are cleared).
-        loss_fn: batch loss reducing by the mean, e.g. ``torch.nn.functional.cross_entropy``.
+        loss_fn: batch loss reducing by the mean, e.g. ``torch.nn.functional.cross_entropy``, called
+            ``loss_fn(model(x), y)`` (a model returning an object with ``.logits`` gives those); or,
+            with ``batch``, the batch form ``loss_fn(model, batch) -> (B,)`` per-example losses, e.g.
+            :func:`deepmodels.pergrad.next_token_loss` (a loss reduced to a scalar is refused).
         x, y: the examples to measure on (B >= 2): ``x`` of the model's dtype and device (float64
             input to a float32 model is refused, not converted), ``y`` int64 labels in
             ``[0, n_outputs)`` or float targets.
+        batch: instead of ``x`` and ``y``: a tensor, or a tuple / list / dict of tensors (e.g.
+            ``{"input_ids": ...}``) sharing the first dimension B >= 2.
         batch_size: the optimizer's mini-batch size the statistics refer to (default B).
-        method: ``"func"`` (torch.func per-example gradients, any model), ``"hooks"`` (Linear and
-            Conv2d fast path, no (B, P) array) or ``"auto"`` (hooks when every trainable parameter
-            belongs to such a layer).
-        chunk_size: examples per vectorised call for ``"func"``.
+        method: ``"func"`` (torch.func per-example gradients, any model), ``"hooks"`` (the fast path
+            of :mod:`deepmodels.pergrad`, no (B, P) array: Linear, Conv2d, Embedding, LayerNorm,
+            RMSNorm and tied weights; FastPathUnsupported for other parameters) or ``"auto"``
+            (the fast path where covered, torch.func for the other parameters only; parameters
+            that neither can measure are skipped, with a warning and in ``attrs["skipped"]``).
+        chunk_size: examples per vectorised torch.func call.
         step: training step to record as a coordinate (optional).
         ci: if given (e.g. 0.95), percentile-bootstrap intervals over the examples of the five
             statistics (``<stat>_ci`` over ``layer`` and ``bound``; :func:`bootstrap_ci`), from
             ``n_boot`` resamples (at most 10**6) drawn with ``seed``.
 
     Returns:
-        Dataset over ``layer`` (each module with trainable parameters, then ``"total"``):
+        Dataset over ``layer`` (each module with measured parameters, then ``"total"``):
         ``grad_norm_sq``, ``grad_var``, ``grad_nvar``, ``snr``, ``noise_scale``, ``trace_cov``,
         ``trace_cov_sem``, ``grad_norm_sq_unbiased``, ``noise_scale_unbiased``, ``n_params`` (and the
-        ``*_ci`` intervals); ``source="measurement"``.  On a diverged model (non-finite parameters,
-        loss or per-example gradients) every statistic is ``inf`` and ``attrs["diverged"]`` says why.
+        ``*_ci`` intervals); ``source="measurement"``; the coverage in attrs: ``method``
+        ("hooks", "func" or "hooks+func"), ``path_hooks``, ``path_func``, ``skipped`` (the
+        parameter names measured by each path, comma-separated, "" for none) and
+        ``skipped_reasons``.  On a diverged model (non-finite parameters, loss or per-example
+        gradients) every statistic is ``inf`` and ``attrs["diverged"]`` says why.
 
     Raises:
         TypeError, ValueError: bad input, named (see :mod:`deepmodels._validate`); an array that
             would not fit in memory.
     """
-    B = x.shape[0]
-    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
+    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
+    B, arg = prob.B, "x" if batch is None else "batch"
     bs = float(B if batch_size is None else batch_size)
+    itemsize = torch.empty((), dtype=prob.dtype).element_size()
     if method == "func":
-        pergrad.check_grad_memory(model, x, copies=2.0 + 8.0 / x.element_size())
+        pergrad._check_memory(prob, V.n_trainable(model), copies=2.0 + 8.0 / itemsize)
     if ci is not None:
-        V.check_bytes("x", 8.0 * B * B * len(_layers(model)[0]), f"the per-layer Gram matrices of {B} examples",
-                      device=x.device)
-        V.check_bytes("n_boot", 24.0 * n_boot * B, f"{n_boot} bootstrap resamples of {B} examples", device=x.device)
+        V.check_bytes(arg, 8.0 * B * B * len(_layers(model)[0]), f"the per-layer Gram matrices of {B} examples",
+                      device=prob.device)
+        V.check_bytes("n_boot", 24.0 * n_boot * B, f"{n_boot} bootstrap resamples of {B} examples", device=prob.device)
     reason = V.nonfinite_params(model)
-    summ = None
+    summ, paths = None, {"hooks": [], "func": [], "skipped": {}}
     if reason is None:
+        need = frozenset({"dots", "gram"} if ci is not None else {"dots"})
         try:
-            if method == "auto":
-                try:
-                    summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
-                    method = "hooks"
-                except pergrad.FastPathUnsupported:
-                    pergrad.check_grad_memory(model, x, copies=2.0 + 8.0 / x.element_size())
-                    summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
-                    method = "func"
-            elif method == "hooks":
-                try:
-                    summ = _summaries_hooks(model, loss_fn, x, y, ci is not None)
-                except pergrad.FastPathUnsupported as err:
-                    raise pergrad.FastPathUnsupported(f"`method` must be 'auto' or 'func' for this model: {err}") from None
-            else:
-                summ = _summaries_func(model, loss_fn, x, y, chunk_size, ci is not None)
-            reason = _nonfinite_summaries(summ)
+            blocks, paths, _ = pergrad._measure_params(prob, method, need, chunk_size=chunk_size)
+            summ = _summaries(blocks, B, ci is not None)
+            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured (see attrs['skipped'])"
+        except pergrad.FastPathUnsupported as err:
+            if method != "hooks":
+                raise
+            raise pergrad.FastPathUnsupported(f"`method` must be 'auto' or 'func' for this model: {err}") from None
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     model.zero_grad(set_to_none=True)
@@ -237,7 +228,7 @@ def gradient_stats(model: nn.Module, loss_fn, x, y, *, batch_size: float | None 
             ds[f"{stat}_ci"] = (dims, arr if step is None else arr[None])
         ds = ds.assign_coords(bound=["low", "high"])
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
-                 method=method, device=str(x.device))
+                 device=str(prob.device), **_coverage(paths))
     return ds
 
 
@@ -247,7 +238,9 @@ class Measurement:
 
     ``trace_cov_sem`` is NaN where the per-example deviations were not formed.  ``diverged``: why
     no statistic could be formed (non-finite parameters, loss or gradients); then every statistic
-    is ``inf`` (and ``to_dataset`` puts the reason in ``attrs["diverged"]``).
+    is ``inf`` (and ``to_dataset`` puts the reason in ``attrs["diverged"]``).  ``coverage``: the
+    attributes saying which parameters each path measured (``method``, ``path_hooks``,
+    ``path_func``, ``skipped``, ``skipped_reasons``), put in the Dataset's attrs.
     """
 
     layer: list
@@ -260,6 +253,7 @@ class Measurement:
     batch_size: float
     step: int | None = None
     diverged: str | None = None
+    coverage: dict | None = None
 
     @validate()
     def variables(self) -> dict:
@@ -285,6 +279,7 @@ class Measurement:
         ds = xr.Dataset({k: ("layer", v) for k, v in self.variables().items()}, coords={"layer": self.layer})
         if self.diverged is not None:
             ds.attrs["diverged"] = self.diverged
+        ds.attrs.update(self.coverage or {})
         return ds if self.step is None else ds.expand_dims(step=[int(self.step)])
 
 
@@ -301,6 +296,11 @@ def stack(measurements, **attrs) -> xr.Dataset:
     ds = xr.Dataset({k: (("step", "layer"), np.stack([r[k] for r in rows])) for k in rows[0]},
                     coords={"step": np.asarray(steps, dtype=np.int64), "layer": measurements[0].layer})
     attach_attrs(ds, source="measurement", **{"model": "network", **attrs})
+    covered = [m.coverage for m in measurements if m.coverage]
+    for key in covered[0] if covered else ():  # the union over the steps, in order of appearance
+        sep = "; " if key == "skipped_reasons" else "+" if key == "method" else ", "
+        seen = dict.fromkeys(part for c in covered for part in c[key].split(sep) if part)
+        ds.attrs[key] = sep.join(seen)
     div = [f"step {m.step}: {m.diverged}" for m in measurements if m.diverged is not None]
     if div:
         ds.attrs["diverged"] = "; ".join(div)
@@ -330,38 +330,51 @@ def _measure(summ, B, bs, step):
                        np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step)
 
 
-@validate(model=Module(), loss_fn=LossFn(), x=X, y=Y,
-          optimizer=Instance(torch.optim.Optimizer, optim._Wrapper,
-                             what="a torch.optim.Optimizer (or a deepmodels.optim wrapper)"),
-          step=Maybe(Integer(0, V.MAX_STEPS)), sem=Boolean())
-def probed_step(model: nn.Module, loss_fn, x, y, optimizer, *, step: int | None = None, sem: bool = False):
-    """One training step whose own backward pass also yields the gradient statistics (models whose
-    trainable layers are Linear and Conv2d): forward, backward with :class:`deepmodels.pergrad.LayerCapture`, ``optimizer.step()``.
+@validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
+          optimizer=Maybe(Instance(torch.optim.Optimizer, optim._Wrapper,
+                                   what="a torch.optim.Optimizer (or a deepmodels.optim wrapper)")),
+          batch=Maybe(pergrad.BATCH), step=Maybe(Integer(0, V.MAX_STEPS)), sem=Boolean())
+def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, batch=None, step: int | None = None,
+                sem: bool = False):
+    """One training step whose own backward pass also yields the gradient statistics: forward,
+    backward with :class:`deepmodels.pergrad.LayerCapture`, ``optimizer.step()``.
+
+    Parameters the fast path covers (Linear, Conv2d, Embedding, LayerNorm, RMSNorm, tied weights)
+    are measured on the step's own backward pass; the others by torch.func for those parameters
+    only, before the update (a second, vectorised pass: slower), or skipped with a warning (see
+    :func:`gradient_stats`).  On the first call per model, the fast path's per-example gradients
+    are checked to add up to the step's gradient (:class:`deepmodels.pergrad.LayerCapture`).
 
     Args:
+        loss_fn, x, y, batch: the loss in one of its two forms (:func:`gradient_stats`).
+        optimizer: the optimizer to step (required).
         sem: also form each example's deviation |g_i - g_bar|^2 for the standard error of
             ``trace_cov`` (one more matmul per layer).
 
     Returns:
         ``(loss, Measurement)``: the batch loss and the statistics of this batch (``batch_size`` = B)
-        at the parameters before the update; :func:`stack` turns a list of them into a Dataset.
-        Diverged (non-finite parameters, loss or per-example gradients): ``(inf, Measurement)``
-        with ``diverged`` set and every statistic ``inf``; the optimizer does not step.
+        at the parameters before the update, with its coverage; :func:`stack` turns a list of them
+        into a Dataset.  Diverged (non-finite parameters, loss or per-example gradients):
+        ``(inf, Measurement)`` with ``diverged`` set and every statistic ``inf``; the optimizer does not step.
     """
-    B = x.shape[0]
-    pergrad.check_inputs(model, loss_fn, x, y, min_batch=2)
+    if optimizer is None:
+        raise TypeError("`optimizer` must be a torch.optim.Optimizer (or a deepmodels.optim wrapper); got None.")
+    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
+    B = prob.B
     reason = V.nonfinite_params(model)
     if reason is None:
         try:
-            cap, loss = pergrad._capture_backward(model, loss_fn, x, y, zero_grad=optimizer.zero_grad)
-            summ = _from_fast(cap.summaries(B, coordinate_sums=False, dots=sem, sums=False), B)
-            reason = _nonfinite_summaries(summ)
+            blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),
+                                                          zero_grad=optimizer.zero_grad, verify="once")
+            summ = _summaries(blocks, B)
+            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured"
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     if reason is not None:
         optimizer.zero_grad(set_to_none=True)
         return math.inf, _diverged_measurement(model, B, float(B), step, reason)
     m = _measure(summ, B, float(B), step)
+    m.coverage = _coverage(paths)
     optimizer.step()
     return float(loss.detach()), m
 

@@ -262,7 +262,8 @@ def _evaluate(model, x, y, loss_fn, chunk=2048):
             out = model(x[i:i + chunk])
             losses.append(loss_fn(out, y[i:i + chunk]).item() * out.shape[0])
             correct += (out.argmax(1) == y[i:i + chunk]).sum().item()
-    return sum(losses) / x.shape[0], correct / x.shape[0]
+    n_labels = x.shape[0] if y.dtype.is_floating_point else y.numel()  # labels per position (n, T): a share of n T
+    return sum(losses) / x.shape[0], correct / n_labels
 
 
 def _initial_eval(model, data, loss_fn, name: str) -> float:

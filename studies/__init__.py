@@ -26,6 +26,8 @@ STUDIES = {
                           "NQMs along training) vs measured with a bootstrap interval; B_crit along training; "
                           "batch-size warmup",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
+    "transformer_noise": "a transformer's gradient noise scale along training: per example, gradient accumulation "
+                         "and DDP on the same examples",
 }
 """Every study: its module name under :mod:`studies` -> one line on what it shows (``python -m studies
 list`` prints them, in this order)."""

@@ -144,6 +144,7 @@ def test_two_sweeps_into_one_file_at_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ study
+@pytest.mark.slow  # 13 s (three quick studies and a killed process); CI runs it
 def test_study_killed_during_a_point_write_resumes_to_the_same_result(tmp_path):
     from studies import rf_variance
 
@@ -190,6 +191,7 @@ def _train(path=None, **kw):
     return ds, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.slow  # 9 s; the default suite kills training in test_training_writes_results_at_most_...; CI runs it
 def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     import torch
 

@@ -220,7 +220,7 @@ def test_measure_steps_with_an_interval_end_to_end(tiny, tmp_path, monkeypatch):
     xr.testing.assert_identical(again, ds)
 
 
-def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
+def test_resume_gives_the_same_dataset(tiny, tmp_path, monkeypatch):
     kw = dict(batch_sizes=[4, 16], lrs=[0.1, 0.3], momenta=[0.0], seeds=[0, 1], target=0.6, max_steps=200,
               eval_every=10, progress=False)
     fn = Factory("mlp", 64, 10, (8,))
@@ -242,9 +242,15 @@ def test_resume_and_dask_give_the_same_dataset(tiny, tmp_path, monkeypatch):
     assert calls["n"] == len(files)
     fresh = steps.measure_steps(fn, tiny, **dict(kw, target=0.9))
     xr.testing.assert_identical(other.steps_to_target, fresh.steps_to_target)
-    monkeypatch.undo()
+
+
+@pytest.mark.slow  # 6 s to start a cluster; the default suite's dask test is test_sweep's; CI runs this one
+def test_dask_gives_the_same_dataset(tiny):
+    kw = dict(batch_sizes=[4, 16], lrs=[0.1, 0.3], momenta=[0.0], seeds=[0, 1], target=0.6, max_steps=200,
+              eval_every=10, progress=False)
+    fn = Factory("mlp", 64, 10, (8,))
     on_dask = steps.measure_steps(fn, tiny, executor="dask", n_workers=2, **kw)
-    xr.testing.assert_identical(on_dask, full)
+    xr.testing.assert_identical(on_dask, steps.measure_steps(fn, tiny, **kw))
 
 
 def test_fit_critical_batch():

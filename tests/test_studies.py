@@ -10,6 +10,7 @@ from studies import batch_size_scaling
 from toymodels.schema import validate
 
 
+@pytest.mark.slow  # 5 s; the gallery test runs the study's --quick by default, CI runs this one too
 def test_batch_size_scaling_quick(tmp_path):
     res = batch_size_scaling.run(scale="quick", out=str(tmp_path), dim=40, progress=False)
     nc = tmp_path / "batch_size_scaling.nc"
@@ -225,3 +226,25 @@ def test_theory_vs_practice_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.SGD, "step", no_training)  # every run of the study uses SGD (momentum or not)
     again = theory_vs_practice.run(scale="tiny", out=str(tmp_path), progress=False)
     xr.testing.assert_allclose(again["summary"], summ)
+
+
+@pytest.mark.slow  # two DDP processes start (about 20 s on 2 cores); CI runs it
+def test_transformer_noise_tiny(tmp_path):
+    """The study's three estimators on the same examples: DDP (2 gloo processes x 2 accumulation steps)
+    equals one process accumulating the same 4 micro-batches, step by step; the per-example estimate
+    carries its bootstrap interval; a rerun reuses the saved runs."""
+    from studies import transformer_noise as tn
+
+    res = tn.run(scale="tiny", out=str(tmp_path), progress=False)
+    assert (tmp_path / "transformer_noise.png").stat().st_size > 10_000
+    for ds in res.values():
+        validate(ds)
+    s, ddp, pe = res["single"], res["ddp"], res["per_example"]
+    assert s.attrs["batch_size"] == 16 and int(s.n_micro_batches[0]) == 4 and int(ddp.n_micro_batches[0]) == 4
+    np.testing.assert_allclose(ddp.noise_scale_unbiased.values, s.noise_scale_unbiased.values, rtol=1e-4)
+    np.testing.assert_allclose(ddp.loss.values, s.loss.values, rtol=1e-5)
+    assert s.attrs["max_rel_diff_ddp"] < 1e-4
+    lo, hi = pe.noise_scale_unbiased_ci.sel(bound="low"), pe.noise_scale_unbiased_ci.sel(bound="high")
+    assert list(pe.step.values) == [0, 6] and bool((lo <= hi).all())
+    again = tn.run(scale="tiny", out=str(tmp_path), progress=False)  # reuses the three saved runs
+    xr.testing.assert_identical(again["ddp"], ddp)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import deepmodels
 from deepmodels import _checks
 from deepmodels import _validate as V
-from deepmodels import bridge, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
+from deepmodels import bridge, callbacks, cluster, data, gns, hessian, models, optim, pergrad, predict, probes, spectra, steps, train
 from deepmodels._validate import REGISTRY
 
 import badinput
@@ -135,11 +135,28 @@ def _gns_estimate(step=0):
     return _gns_ready().update(4, step=step)
 
 
+def _probe_ready():
+    """A callbacks.Probe on a fresh tiny model after two backward passes of 4 examples (ready to step)."""
+    model, x, y = _new_tiny()
+    probe = callbacks.Probe(model)
+    for m in range(2):
+        (CE(model(x[4 * m:4 * m + 4]), y[4 * m:4 * m + 4]) / 2).backward()
+    return probe
+
+
 M = "deepmodels."
 EXAMPLES = {
     M + "bridge.fit_linreg": lambda: ((_fitted(),), {}),
     M + "bridge.fit_nqm": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2, "dim": 10}),
     M + "bridge.predict_steps": lambda: ((_fitted(), [1, 4], 0.5 * _fitted().nqm.initial_loss), {}),
+    M + "callbacks.Probe.__init__": lambda: ((_fresh(callbacks.Probe), _new_tiny()[0]), {"every": 2, "trainer": "loop"}),
+    M + "callbacks.Probe.close": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.dataset": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.flush": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.load_state_dict": lambda: ((_probe_ready(), _probe_ready().state_dict()), {}),
+    M + "callbacks.Probe.state_dict": lambda: ((_probe_ready(),), {}),
+    M + "callbacks.Probe.step": lambda: ((_probe_ready(),), {"micro_batch_size": 4, "step": 3}),
+    M + "callbacks.probing": lambda: ((_new_tiny()[0],), {"every": 2, "ema_decay": 0.9}),
     M + "cluster.Rank1Clustering.__init__": lambda: ((_fresh(cluster.Rank1Clustering), _tiny()[0], 2), {}),
     M + "cluster.Rank1Clustering.fit": lambda: ((cluster.Rank1Clustering(_tiny()[0], 2), CE, *_tiny()[1:]), {"n_iter": 1}),
     M + "cluster.Rank1Clustering.variance": lambda: (
@@ -151,6 +168,9 @@ EXAMPLES = {
     M + "data.mnist1d": lambda: ((), {"n_samples": 20}),
     M + "data.load_mnist_npz": lambda: ((_files()[0],), {"n_train": 2}),
     M + "data.load_cifar10": lambda: ((_files()[1],), {"n_train": 2}),
+    M + "data.text_corpus": lambda: ((), {"context_length": 16, "max_bytes": 20_000, "test_fraction": 0.2}),
+    M + "hessian.batch_spread": lambda: ((_tiny()[0], CE, _tiny()[1:], "grad_norm_sq"), {"n_batches": 2, "batch_size": 4}),
+    M + "hessian.block_spectra": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2, "n_samples": 2}),
     M + "gns.GNSEstimate.as_dict": lambda: ((_gns_estimate(),), {}),
     M + "gns.GNSEstimate.to_dataset": lambda: ((_gns_estimate(),), {}),
     M + "gns.GradientNoiseScale.__init__": lambda: ((_fresh(gns.GradientNoiseScale), _new_tiny()[0]), dict(
@@ -169,7 +189,9 @@ EXAMPLES = {
     M + "hessian.flat_params": lambda: ((_tiny()[0],), {}),
     M + "hessian.hutchinson_trace": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"n_samples": 2}),
     M + "hessian.hvp": lambda: ((_tiny()[0], CE, *_tiny()[1:], torch.ones(P)), {}),
+    M + "hessian.lanczos": lambda: ((lambda v: 2.0 * v, 30, 2, torch.ones(30)), {}),
     M + "hessian.rayleigh_quotients": lambda: ((_tiny()[0], CE, *_tiny()[1:], torch.ones(2, P)), {}),
+    M + "hessian.samples_needed": lambda: ((np.array([1.0, 2.0, 1.5]),), {}),
     M + "hessian.top_eigenpairs": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2}),
     M + "hessian.top_eigenvalues": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"k": 2}),
     M + "models.Factory.__call__": lambda: ((models.Factory("mlp", D, C, (4,)), 1), {}),
@@ -189,6 +211,8 @@ EXAMPLES = {
     M + "models.mlp": lambda: ((D, C, (4,)), {}),
     M + "models.random_features": lambda: ((D, 4, 2), {}),
     M + "models.resnet8": lambda: ((1, C), {"width": 2, "batch_norm": False, "image_size": 8}),
+    M + "models.transformer": lambda: ((16, 8), {"d_model": 4, "n_layers": 1, "n_heads": 2, "d_mlp": 8,
+                                                 "tie_weights": False}),
     M + "optim.M3.step": lambda: ((optim.M3(_sgd()),), {"grads": [[torch.ones(2)], [torch.zeros(2)], [torch.ones(2)]]}),
     M + "optim.Winsorized.__init__": lambda: ((_fresh(optim.Winsorized), _sgd(), 1), {}),
     M + "optim.Winsorized.step": lambda: ((optim.Winsorized(_sgd(), 1),), {"per_example": [torch.randn(5, 2)]}),
@@ -205,6 +229,9 @@ EXAMPLES = {
     M + "pergrad.check_batch": lambda: (_tiny()[1:], {}),
     M + "pergrad.flatten": lambda: ((pergrad.per_example_grads(_tiny()[0], CE, *_tiny()[1:]),), {}),
     M + "pergrad.hook_summaries": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {}),
+    M + "pergrad.next_token_loss": lambda: ((torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5)),
+                                             torch.arange(12).reshape(3, 4) % 5), {}),
+    M + "pergrad.check": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"method": "auto", "chunk_size": 4}),
     M + "pergrad.per_example_grads": lambda: ((_tiny()[0], CE, *_tiny()[1:]), {"chunk_size": 3}),
     M + "probes.Measurement.to_dataset": lambda: ((_measurement(),), {}),
     M + "probes.Measurement.variables": lambda: ((_measurement(),), {}),
@@ -328,10 +355,10 @@ def test_batch_mismatch_and_wrong_feature_shape():
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
     with pytest.raises(TypeError, match=r"`loss_fn` must be a callable loss\(output, target\).*got the class CrossEntropyLoss"):
         probes.gradient_stats(model, torch.nn.CrossEntropyLoss, x, y)
-    normed = torch.nn.Sequential(torch.nn.Linear(D, C), torch.nn.LayerNorm(C))
+    prelu = torch.nn.Sequential(torch.nn.Linear(D, C), torch.nn.PReLU())  # PReLU's weight is outside the fast path
     with pytest.raises(pergrad.FastPathUnsupported, match=r"`method` must be 'auto' or 'func' for this model: the hook "
-                                                          r"fast path handles nn.Linear and nn.Conv2d parameters only"):
-        probes.gradient_stats(normed, CE, x, y, method="hooks")
+                                                          r"fast path covers nn.Linear, nn.Conv2d .*not covered: \['1.weight'\]"):
+        probes.gradient_stats(prelu, CE, x, y, method="hooks")
 
 
 def test_device_mismatch():

@@ -17,7 +17,7 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
         "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate", "schedule",
-        "aggregation")
+        "aggregation", "draw")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -93,6 +93,17 @@ VARIABLES = {
     "batch_size_now": "batch size of the training update from this step on (a schedule's or an adaptive rule's)",
     "examples": "training examples drawn before this step (the sum of the batch sizes of the earlier updates)",
     "lr_now": "learning rate of the training update from this step on",
+    "hessian_trace": "tr H of the loss's Hessian (per layer: of the layer's diagonal block), Hutchinson's estimate",
+    "hessian_trace_sem": "standard error of hessian_trace (over the Hutchinson vectors)",
+    "spread_draws": "a statistic's value on each of K independent batches (draw)",
+    "spread_mean": "mean of a statistic over K independent batches",
+    "spread_sd": "standard deviation (ddof 1) of a statistic over K independent batches",
+    "spread_sem": "standard error of spread_mean (spread_sd / sqrt(K))",
+    "samples_needed": "samples (batches) whose mean has the requested relative standard error, estimated from K",
+    "samples_needed_low": "lower end of the interval of samples_needed (noncentral t, exact for normal values)",
+    "samples_needed_high": "upper end of the interval of samples_needed (inf: the sign of the mean is unresolved)",
+    "probe_sd": "standard deviation of one Hutchinson probe's v^T H v, pooled over batches",
+    "probes_needed": "Hutchinson vectors per batch for the requested relative standard error of the trace",
     "micro_batch_size": "examples of one micro-batch: one backward pass of one process (the small batch of the two-batch "
                         "noise-scale estimate under gradient accumulation)",
     "n_micro_batches": "micro-batches of one training step over all processes (accumulation steps x processes)",
