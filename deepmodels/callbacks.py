@@ -190,7 +190,7 @@ class Probe:
                                  "size)", max(sizes))
                 return None
             micro_batch_size = sizes[0]
-        if len(self.estimator._micro) == 1 and self.estimator.world_size == 1:  # (none: update() says why)
+        if self.estimator.n_recorded == 1 and self.estimator.world_size == 1:  # (none: update() says why)
             self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)", 1)
             return None
         est = self.estimator.update(micro_batch_size, step=step)
@@ -207,7 +207,7 @@ class Probe:
             self.estimator.update(micro_batch_size, step=step)
             self.estimator.load_state_dict(saved)
         else:
-            self.estimator._micro = []  # the step's micro-batch records, dropped with it
+            self.estimator.discard()  # the step's micro-batch records, dropped with it
         self.n_steps = step + 1
         warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 

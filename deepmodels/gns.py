@@ -532,6 +532,21 @@ class GradientNoiseScale:
             " (in a micro-batch gradient)"
         return f"non-finite gradient{where}: estimates set to inf, EMA not updated"
 
+    @property
+    def n_recorded(self) -> int:
+        """The backward passes this process recorded since the last :meth:`update` (its M so far)."""
+        return len(self._micro)
+
+    @validate()
+    def discard(self) -> None:
+        """Forget the backward passes recorded since the last :meth:`update`, e.g. one a probe or an
+        evaluation ran through the model between two steps (:func:`deepmodels.probes.gradient_stats`
+        on the hook fast path backpropagates through the parameters): they are not micro-batches of
+        the step.  Single process, or a backward pass the other processes did not share; a DDP
+        all-reduce already started for the step is waited for and dropped."""
+        self._drop_work()
+        self._micro = []
+
     # -- state ----------------------------------------------------------------------------------
     @validate()
     def state_dict(self) -> dict:

@@ -388,3 +388,24 @@ def test_local_sums_on_device_equal_python_path():
         py, dev = gns._local_sums(gns._micro, on_device=False), gns._local_sums(gns._micro, on_device=True)
     torch.testing.assert_close(py, dev, rtol=1e-12, atol=0)
     assert py.tolist()[2:] == [3.0, 9.0]
+
+
+def test_a_probe_backward_between_steps_is_discarded():
+    """A per-example probe on the hook fast path backpropagates through the parameters: its pass is
+    recorded as one more micro-batch unless discarded, and discarded it leaves the step exact."""
+    from deepmodels import probes
+
+    x, y = _batches(3, 5, seed=6)
+    model = _mlp()
+    ref = _reference(model, x, y)
+    with G.GradientNoiseScale(model) as gns:
+        probes.gradient_stats(model, F.cross_entropy, x[0], y[0], method="hooks")
+        assert gns.n_recorded == 1  # the probe's backward pass
+        gns.discard()
+        assert gns.n_recorded == 0
+        _accumulate(model, x, y)
+        assert gns.n_recorded == 3
+        est = gns.update(micro_batch_size=5)
+    assert est.n_micro_batches == 3
+    for k in ("grad_norm_sq_micro", "grad_norm_sq_step", "trace_cov", "noise_scale_unbiased"):
+        assert getattr(est, k) == pytest.approx(ref[k], rel=1e-5), k

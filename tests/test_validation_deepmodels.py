@@ -177,6 +177,7 @@ EXAMPLES = {
         ema_decay=0.9, process_group=None, accumulation="sum")),
     M + "gns.GradientNoiseScale.load_state_dict": lambda: ((_gns_ready(), _gns_ready().state_dict()), {}),
     M + "gns.GradientNoiseScale.remove": lambda: ((_gns_ready(),), {}),
+    M + "gns.GradientNoiseScale.discard": lambda: ((_gns_ready(),), {}),
     M + "gns.GradientNoiseScale.state_dict": lambda: ((_gns_ready(),), {}),
     M + "gns.GradientNoiseScale.update": lambda: ((_gns_ready(),), {"micro_batch_size": 4, "step": 3}),
     M + "gns.NoiseScaleEMA.__init__": lambda: ((_fresh(gns.NoiseScaleEMA),), {"decay": 0.9}),
