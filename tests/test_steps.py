@@ -274,7 +274,7 @@ def test_bad_input(tiny):
     with pytest.raises(ValueError, match="`lrs` must be a float in \\(0, inf\\)"):
         steps.measure_steps(fn, tiny, batch_sizes=[4], lrs=[-0.1], target=0.5, progress=False)
     with pytest.raises(ValueError, match="`name` must be one of"):
-        Factory("transformer")
+        Factory("nosuch")
 
 
 # --- the interpolated crossing (toymodels.stats.crossing_step) ------------------------------------
