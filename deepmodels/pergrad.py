@@ -326,8 +326,9 @@ def _why_not(n: str, m: nn.Module) -> str:
     return what
 
 
-def _merge(kind, m, calls, B, scale):
-    """A module's captured calls as one set of positions, output gradients scaled to per example:
+def _merge(kind, m, calls, B):
+    """A module's captured calls as one set of positions, with the output gradients of the mean loss
+    as captured (1 / B of the per-example ones: :func:`_rescale` scales the statistics, not these arrays):
     linear ``(a (B, T, I), d (B, T, O))``, embedding ``(tokens (B, T), d (B, T, D))``, layernorm /
     rmsnorm ``(x_hat (B, T, P), d (B, T, P))``, conv a list of ``(a, d)``; None if no gradient came."""
     got = [(a, g) for a, g in calls if g is not None]
@@ -343,10 +344,10 @@ def _merge(kind, m, calls, B, scale):
     if kind == "conv":
         if any(a.dim() != 4 for a, _ in got):
             raise _Unsuitable("its Conv2d ran on an input that is not (B, C, H, W)")
-        return [(a, g * scale) for a, g in got]
+        return got
     if kind == "embedding":
         tok = _cat([a.reshape(B, -1) for a, _ in got])
-        d = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
+        d = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got])
         if m.padding_idx is not None:  # the padding row gets no gradient
             d = d * (tok != m.padding_idx).unsqueeze(-1).to(d.dtype)
         return tok, d
@@ -354,7 +355,7 @@ def _merge(kind, m, calls, B, scale):
         if any(a.dim() < 2 for a, _ in got):
             raise _Unsuitable("its Linear ran on an unbatched (features,) input")
         a = _cat([a.reshape(B, -1, a.shape[-1]) for a, _ in got])
-        return a, _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
+        return a, _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got])
     shape = tuple(m.normalized_shape)
     n = int(np.prod(shape))
     xs, ds = [], []
@@ -364,7 +365,7 @@ def _merge(kind, m, calls, B, scale):
         xh = (F.layer_norm(a, shape, None, None, m.eps) if kind == "layernorm" else F.rms_norm(a, shape, None, m.eps))
         xs.append(xh.reshape(B, -1, n))
         ds.append(g.reshape(B, -1, n))
-    return _cat(xs), _cat(ds) * scale
+    return _cat(xs), _cat(ds)
 
 
 def _total(parts):
@@ -401,14 +402,18 @@ def _dense(kind, m, data, attr, rows):
     return g.reshape(-1, *p.shape)
 
 
+def _sq_norms(G):
+    """The squared norms ``(B,)`` of the rows of ``G (B, P)``, without a ``(B, P)`` temporary."""
+    return torch.linalg.vector_norm(G, dim=1).square()
+
+
 def _dense_block(G, mean, need):
     """The statistics of one parameter from its per-example gradients ``G (B, P)`` and mean ``(P,)``."""
-    GG = G * G
-    blk = {"mean": mean, "sq": GG.sum(1)}
+    blk = {"mean": mean, "sq": _sq_norms(G)}
     if "dots" in need:
         blk["dots"] = G @ mean
     if "sum_sq" in need:
-        blk["sum_sq"] = GG.sum(0)
+        blk["sum_sq"] = (G * G).sum(0)
     if "gram" in need:
         blk["gram"] = G @ G.T
     return blk
@@ -558,6 +563,16 @@ def _shared_block(uses, mean, need, B):
     return blk
 
 
+def _rescale(blk, s):
+    """The statistics of ``s g_i`` in place of those of g_i (the mean loss's per-example terms, as
+    captured, times ``s = B``): squared norms, Gram entries and coordinate sums of squares times s^2,
+    dot products with the mean gradient (read from ``.grad``, not rescaled) times s."""
+    for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
+        if key in blk:
+            blk[key] = blk[key] * s**power
+    return blk
+
+
 _CHECK_RTOL = 1e-3  # relative to the sum of |terms| over examples and positions: far above rounding, far below a missing use
 
 
@@ -570,7 +585,7 @@ def _adds_up(uses, p, mean, B):
     u, v = _probe_vectors(p)
     terms = [_terms(kind, m, data, attr, u, v).reshape(-1) for kind, m, data, attr in uses]
     mean = mean.reshape(p.shape[0], -1)
-    want = B * (u @ mean @ v if v is not None else u @ mean[:, 0])
+    want = u @ mean @ v if v is not None else u @ mean[:, 0]  # the terms are of the mean loss: they add up to the mean
     return torch.stack([sum(t.sum() for t in terms), want, sum(t.abs().sum() for t in terms)])
 
 
@@ -680,7 +695,7 @@ class LayerCapture:
         merged, bad = {}, {}
         for n, (m, kind) in self.modules.items():
             try:
-                merged[n] = _merge(kind, m, self.calls.get(n, []), B, float(B))
+                merged[n] = _merge(kind, m, self.calls.get(n, []), B)
             except _Unsuitable as err:
                 bad[n] = str(err)
         ready, unusable = {}, {}
@@ -705,7 +720,7 @@ class LayerCapture:
             if p.grad is not None:
                 mean = p.grad.detach().reshape(-1)
             elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
-                mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).mean(0)
+                mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).sum(0)
                               for kind, m, data, attr in uses)
             else:
                 mean = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
@@ -725,6 +740,8 @@ class LayerCapture:
             got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
+        for blk in blocks.values():  # the captured output gradients are those of the mean loss: B g_i is per example
+            _rescale(blk, float(B))
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
@@ -754,7 +771,7 @@ class LayerCapture:
                 out[k] = torch.zeros(batch_size, *p.shape, dtype=p.dtype, device=p.device)
                 continue
             out[k] = _total(_dense(kind, m, data, attr, slice(None)).reshape(batch_size, *p.shape)
-                            for kind, m, data, attr in uses)
+                            for kind, m, data, attr in uses) * batch_size
         return out
 
     def _unusable(self, unusable):
