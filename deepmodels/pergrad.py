@@ -534,6 +534,61 @@ _BLOCKS = {"linear": _linear_blocks, "conv": _conv_blocks, "embedding": _embeddi
            "layernorm": _norm_blocks, "rmsnorm": _norm_blocks}
 
 
+def _cross(u, w):
+    """sum over the examples' entries of <G_i, G'_i> ``(B,)``, the inner products of one parameter's
+    per-example gradients through two of its uses ``u`` and ``w``, without materialising them (the
+    mean loss's terms, as captured); None where no formula is cheaper than materialising.
+
+    Embedding (tokens tok_t, output gradients d_t) with Linear (inputs a_s, output gradients d'_s):
+    G_i has row tok_t += d_t, G'_i = sum_s d'_s a_s^T, so <G_i, G'_i> = sum_t d_t . G'_i[tok_t] =
+    sum_{t,s} d'_s[tok_t] (a_s . d_t), a ``T x S`` product per example (tied token embedding and
+    unembedding: Press and Wolf, 2017, "Using the Output Embedding to Improve Language Models").
+    Two Linears: sum_{t,s} (d_t . d'_s)(a_t . a'_s); two Embeddings: sum_{t,s} [tok_t = tok'_s] d_t . d'_s.
+    """
+    (ku, _, du, au), (kw, _, dw, aw) = u, w
+    if au != "weight" or aw != "weight":
+        return None
+    if ku == "linear" and kw == "embedding":
+        u, w, ku, kw, du, dw = w, u, kw, ku, dw, du
+    if ku == "embedding" and kw == "linear":
+        (tok, d), (a, dl) = du, dw
+        at_d = torch.bmm(a, d.transpose(1, 2))  # (B, S, T): a_s . d_t
+        picked = torch.gather(dl, 2, tok.unsqueeze(1).expand(-1, dl.shape[1], -1))  # (B, S, T): d'_s[tok_t]
+        return (at_d * picked).sum((1, 2))
+    if ku == "embedding" and kw == "embedding":
+        (tok, d), (tok2, d2) = du, dw
+        same = (tok.unsqueeze(2) == tok2.unsqueeze(1)).to(d.dtype)
+        return (torch.bmm(d, d2.transpose(1, 2)) * same).sum((1, 2))
+    if ku == "linear" and kw == "linear":
+        (a, d), (a2, d2) = du, dw
+        T, S, n_out, n_in = a.shape[1], a2.shape[1], d.shape[2], a.shape[2]
+        if T * S * (n_out + n_in) > n_out * n_in * (T + S):
+            return None
+        return (torch.bmm(d, d2.transpose(1, 2)) * torch.bmm(a, a2.transpose(1, 2))).sum((1, 2))
+    return None
+
+
+def _shared_norms(uses, mean, need, B):
+    """A parameter used by several modules (tied weights), squared norms (and dot products with the
+    mean) only: |sum_u G_u|^2 = sum_u |G_u|^2 + 2 sum_{u < w} <G_u, G_w>, each use's own statistics
+    by its handler and the cross terms by :func:`_cross`, nothing of size ``(B, P)``; None where a
+    cross term has no formula (then :func:`_shared_block` materialises)."""
+    if not need <= {"dots"}:
+        return None
+    crosses = []
+    for j, u in enumerate(uses):
+        for w in uses[j + 1:]:
+            c = _cross(u, w)
+            if c is None:
+                return None
+            crosses.append(c)
+    own = [_BLOCKS[kind](m, data, [attr], {attr: mean}, need, B)[attr] for kind, m, data, attr in uses]
+    blk = {"mean": mean, "sq": _total(b["sq"] for b in own) + 2.0 * _total(crosses)}
+    if "dots" in need:
+        blk["dots"] = _total(b["dots"] for b in own)
+    return blk
+
+
 def _shared_block(uses, mean, need, B):
     """A parameter used by several modules (tied weights): the per-example gradients summed over its
     uses, materialised for this parameter only, in chunks of examples."""
@@ -735,7 +790,8 @@ class LayerCapture:
                     kind, m, data, attr = uses[0]
                     by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
                 else:
-                    blocks[k] = _shared_block(uses, mean, need, B)
+                    fast = _shared_norms(uses, mean, need, B)
+                    blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
         for kind, m, data, attrs in by_module.values():
             got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
             for attr, blk in got.items():
