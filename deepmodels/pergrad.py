@@ -16,8 +16,12 @@ input and the gradient at its output (d, per example: the mean loss's output gra
   (small ``(B, D)`` arrays).
 
 A module called several times in one forward pass adds its calls as more positions; a parameter
-shared by several modules (tied token embedding and unembedding) has its per-example gradient formed
-as the sum of the contributions of every use, in chunks of examples, for that parameter only.
+shared by several modules (tied token embedding and unembedding) has per-example gradients
+g_i = sum_u G_iu over its uses u: for squared norms and dot products with the mean (the every-step
+probe) |g_i|^2 = sum_u |G_iu|^2 + 2 sum_{u<w} <G_iu, G_iw>, each use by its own handler and the cross
+terms by a ``T x S`` product per example (Embedding with Linear, two Linears, two Embeddings); for
+coordinate sums and Gram entries (or other pairs) the sum is materialised in chunks of examples,
+for that parameter only.
 Parameters outside these modules (a bare ``nn.Parameter`` such as a learned position embedding, an
 unknown module) are measured by ``torch.func`` for those parameters only.
 References: Goodfellow, 2015, "Efficient per-example gradient computations" (the Linear identity);
