@@ -7,6 +7,9 @@ input and the gradient at its output (d, per example: the mean loss's output gra
 
 * ``nn.Linear`` on ``(B, F)`` or ``(B, ..., F)`` inputs: g_i = sum_t d_it a_it^T, so with one
   position |g_i|^2 = |d_i|^2 |a_i|^2, and with several a ``T x T`` Gram identity or a batched matmul;
+  for squared norms alone (the every-step probe) a Linear on sequences whose weight is its own forms
+  g_i in the backward pass itself and returns their sum as the weight gradient, so the batched
+  matmul replaces the batch weight gradient's product instead of adding to it;
 * ``nn.Conv2d`` (groups 1, zero padding): per-example weight gradients by input patches or one
   grouped convolution, one layer at a time;
 * ``nn.Embedding``: g_i is the scatter of d_it into the rows of the example's tokens (no row for
@@ -648,6 +651,49 @@ def _adds_up(uses, p, mean, B):
     return torch.stack([sum(t.sum() for t in terms), want, sum(t.abs().sum() for t in terms)])
 
 
+def _fusable_call(m: nn.Linear, x, out) -> bool:
+    """Whether a Linear call on ``x`` may form its weight gradient from the per-example ones
+    (:class:`_FusedLinear`): a float sequence batch ``(B, T, ..., F)`` of the weight's dtype, no
+    autocast, and ``(B, O, I)`` not much larger than the captured data (T (O + I) >= O I) or small
+    (at most ``_CHUNK_ELEMENTS``): it replaces the batch weight gradient's product, so it beats the
+    ``T x T`` Gram route wherever it fits."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dtype == m.weight.dtype == out.dtype
+            and m.weight.requires_grad and torch.is_grad_enabled() and type(out) is torch.Tensor):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    T = x[0].numel() // x.shape[-1]
+    n_out, n_in = m.weight.shape
+    return T * (n_out + n_in) >= n_out * n_in or x.shape[0] * n_out * n_in <= _CHUNK_ELEMENTS
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``out = x W^T + b`` (already computed by the module's own forward call, passed in ``held``)
+    whose backward pass forms the per-example weight gradients g_i = sum_t d_it x_it^T ``(B, O, I)``
+    once, keeps their squared norms (``fused``; of the mean loss's terms, like the captured
+    gradients) and returns their sum as the weight gradient: the batch weight gradient, which the
+    plain backward pass forms with as many multiply-adds, costs no second product.  The output
+    gradient d is recorded in ``rec[1]``, as the capture's hooks do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, held, rec, fused):
+        ctx.save_for_backward(x, weight)
+        ctx.rec, ctx.fused, ctx.has_bias = rec, fused, bias is not None
+        return held.pop()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        ctx.rec[1] = g.detach()
+        B, n_out, n_in = x.shape[0], weight.shape[0], weight.shape[1]
+        d, a = g.reshape(B, -1, n_out), x.reshape(B, -1, n_in)
+        gi = torch.bmm(d.transpose(1, 2), a)
+        ctx.fused.append(_sq_norms(gi.reshape(B, -1)))
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gb = d.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gi.sum(0), gb, None, None, None
+
+
 class LayerCapture:
     """Context manager that records, during one forward and backward pass, the input and the output
     gradient of every module the fast path covers (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
@@ -703,9 +749,13 @@ class LayerCapture:
                 "method='auto' (torch.func for these parameters only) or method='func'.")
         self.linears = {n: m for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
         self.calls, self._handles = {}, []
+        # Linears whose weight is theirs alone: on sequences, the squared norms may come from the backward pass
+        tied = {n for uses in self.uses.values() if len(uses) > 1 for n, _ in uses}
+        self._fusable = {n for n, (m, kind) in self.modules.items() if kind == "linear" and n not in tied}
+        self._fuse, self.fused = False, {}
 
     def __enter__(self):
-        self.calls = {}
+        self.calls, self.fused = {}, {}
         for name, (m, _) in self.modules.items():
 
             def capture(mod, inp, out, name=name):
@@ -713,6 +763,9 @@ class LayerCapture:
                 rec = [inp[0].detach() if inp and isinstance(inp[0], torch.Tensor) else None, None]
                 self.calls.setdefault(name, []).append(rec)
                 if isinstance(out, torch.Tensor) and out.requires_grad:
+                    if self._fuse and name in self._fusable and _fusable_call(mod, inp[0], out):
+                        return _FusedLinear.apply(inp[0], mod.weight, mod.bias, [out.detach()], rec,
+                                                  self.fused.setdefault(name, []))
                     out.register_hook(lambda g, rec=rec: rec.__setitem__(1, g.detach()))
 
             self._handles.append(m.register_forward_hook(capture))
@@ -796,7 +849,14 @@ class LayerCapture:
                 else:
                     fast = _shared_norms(uses, mean, need, B)
                     blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
+        fused = {id(self.modules[n][0]): sq[0] for n, sq in self.fused.items()
+                 if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for kind, m, data, attrs in by_module.values():
+            if id(m) in fused and "weight" in attrs:  # squared norms formed in the backward pass (_FusedLinear)
+                k, mean = attrs.pop("weight")
+                blocks[k] = {"mean": mean, "sq": fused[id(m)]}
+                if not attrs:
+                    continue
             got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
@@ -911,9 +971,13 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
     return _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
 
 
-def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False):
-    """:func:`capture_backward` without the checks (for callers that made them)."""
-    with LayerCapture(prob.model, partial=partial) as cap:
+def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False, fuse: bool = False):
+    """:func:`capture_backward` without the checks (for callers that made them); ``fuse``: Linear
+    layers on sequences form their per-example squared norms in the backward pass and their weight
+    gradient from them (:class:`_FusedLinear`; for squared norms only)."""
+    cap = LayerCapture(prob.model, partial=partial)
+    cap._fuse = fuse
+    with cap:
         (zero_grad or prob.model.zero_grad)(set_to_none=True)
         loss = prob.mean_loss()
         if not torch.isfinite(loss):
@@ -981,7 +1045,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
     if method == "func":
         names = todo = [k for k, p in prob.model.named_parameters() if p.requires_grad]
     else:
-        cap, loss = _capture(prob, zero_grad, partial=method == "auto")
+        cap, loss = _capture(prob, zero_grad, partial=method == "auto", fuse=not need)
         names = list(cap._params)
         once = verify == "once"
         do_verify = bool(verify) and not (once and _VERIFIED.get(prob.model, False))

@@ -158,6 +158,31 @@ def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots):
                                    float(((G_tok - G_tok.mean(0)) ** 2).sum(1).std(unbiased=False)), rtol=1e-9)
 
 
+def test_fused_linear_norms_and_gradient_equal_torch_func():
+    """The every-step probe (squared norms only): a Linear on sequences forms its per-example weight
+    gradients once in the backward pass and its weight gradient as their sum; the norms equal
+    torch.func, the gradients the plain backward pass, and probed_step's statistics method="func"."""
+    model, ids = TinyGPT(tie=False), _ids(6)
+    assert T * (DIM + DIM) >= DIM * DIM  # fc takes the fused route
+    G = _func(model, ids)
+    prob = pergrad._problem(model, pergrad.next_token_loss, None, None, ids)
+    cap, _ = pergrad._capture(prob, partial=True, fuse=True)
+    assert set(cap.fused) == {"fc", "head"}  # the Linears whose weight is their own
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    blocks, _ = cap._param_blocks(B)
+    model.zero_grad(set_to_none=True)
+    pergrad.next_token_loss(model, ids).mean().backward()  # the plain backward pass
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=RTOL, atol=ATOL)
+        if k in blocks:
+            torch.testing.assert_close(blocks[k]["sq"], (G[k] ** 2).sum(1), rtol=RTOL, atol=ATOL)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _, m = probes.probed_step(model, pergrad.next_token_loss, optimizer=opt, batch=ids)
+    func = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids, method="func")
+    np.testing.assert_allclose(m.trace_cov, func.trace_cov.values, rtol=1e-9)
+    np.testing.assert_allclose(m.grad_norm_sq, func.grad_norm_sq.values, rtol=1e-9)
+
+
 class SharedTwice(nn.Module):
     """One Linear weight used by two Linear modules and one embedding table used by two Embeddings
     (on the tokens and on the tokens shifted), on sequences: the cross terms of two Linears and of
