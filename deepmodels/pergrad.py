@@ -575,11 +575,12 @@ def _cross(u, w):
     return None
 
 
-def _shared_norms(uses, mean, need, B):
+def _shared_norms(uses, mean, need, B, fused=None):
     """A parameter used by several modules (tied weights), squared norms (and dot products with the
     mean) only: |sum_u G_u|^2 = sum_u |G_u|^2 + 2 sum_{u < w} <G_u, G_w>, each use's own statistics
     by its handler and the cross terms by :func:`_cross`, nothing of size ``(B, P)``; None where a
-    cross term has no formula (then :func:`_shared_block` materialises)."""
+    cross term has no formula (then :func:`_shared_block` materialises).  ``fused``: ``{id(module):
+    (B,) squared norms}`` of the uses whose norms the backward pass formed (:class:`_FusedLinear`)."""
     if not need <= {"dots"}:
         return None
     crosses = []
@@ -589,7 +590,9 @@ def _shared_norms(uses, mean, need, B):
             if c is None:
                 return None
             crosses.append(c)
-    own = [_BLOCKS[kind](m, data, [attr], {attr: mean}, need, B)[attr] for kind, m, data, attr in uses]
+    fused = fused or {}
+    own = [{"sq": fused[id(m)]} if id(m) in fused and attr == "weight" and not need
+           else _BLOCKS[kind](m, data, [attr], {attr: mean}, need, B)[attr] for kind, m, data, attr in uses]
     blk = {"mean": mean, "sq": _total(b["sq"] for b in own) + 2.0 * _total(crosses)}
     if "dots" in need:
         blk["dots"] = _total(b["dots"] for b in own)
@@ -749,9 +752,8 @@ class LayerCapture:
                 "method='auto' (torch.func for these parameters only) or method='func'.")
         self.linears = {n: m for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
         self.calls, self._handles = {}, []
-        # Linears whose weight is theirs alone: on sequences, the squared norms may come from the backward pass
-        tied = {n for uses in self.uses.values() if len(uses) > 1 for n, _ in uses}
-        self._fusable = {n for n, (m, kind) in self.modules.items() if kind == "linear" and n not in tied}
+        # Linears on sequences: with squared norms alone asked for, those come from the backward pass
+        self._fusable = {n for n, (m, kind) in self.modules.items() if kind == "linear"}
         self._fuse, self.fused = False, {}
 
     def __enter__(self):
@@ -827,6 +829,8 @@ class LayerCapture:
         self._check_captured(B)
         params, ready, unusable = self._prepare(B)
         blocks, by_module, checks = {}, {}, {}
+        fused = {id(self.modules[n][0]): sq[0] for n, sq in self.fused.items()
+                 if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for k, uses in ready.items():
             p = params[k]
             if p.grad is not None:
@@ -847,10 +851,8 @@ class LayerCapture:
                     kind, m, data, attr = uses[0]
                     by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
                 else:
-                    fast = _shared_norms(uses, mean, need, B)
+                    fast = _shared_norms(uses, mean, need, B, fused)
                     blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
-        fused = {id(self.modules[n][0]): sq[0] for n, sq in self.fused.items()
-                 if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for kind, m, data, attrs in by_module.values():
             if id(m) in fused and "weight" in attrs:  # squared norms formed in the backward pass (_FusedLinear)
                 k, mean = attrs.pop("weight")

@@ -158,16 +158,18 @@ def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots):
                                    float(((G_tok - G_tok.mean(0)) ** 2).sum(1).std(unbiased=False)), rtol=1e-9)
 
 
-def test_fused_linear_norms_and_gradient_equal_torch_func():
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fused_linear_norms_and_gradient_equal_torch_func(tie):
     """The every-step probe (squared norms only): a Linear on sequences forms its per-example weight
-    gradients once in the backward pass and its weight gradient as their sum; the norms equal
-    torch.func, the gradients the plain backward pass, and probed_step's statistics method="func"."""
-    model, ids = TinyGPT(tie=False), _ids(6)
+    gradients once in the backward pass and its weight gradient as their sum (tied: the unembedding's
+    share, autograd adds the embedding's); the norms equal torch.func, the gradients the plain
+    backward pass, and probed_step's statistics method="func"."""
+    model, ids = TinyGPT(tie=tie), _ids(6)
     assert T * (DIM + DIM) >= DIM * DIM  # fc takes the fused route
     G = _func(model, ids)
     prob = pergrad._problem(model, pergrad.next_token_loss, None, None, ids)
     cap, _ = pergrad._capture(prob, partial=True, fuse=True)
-    assert set(cap.fused) == {"fc", "head"}  # the Linears whose weight is their own
+    assert set(cap.fused) == {"fc", "head"}  # the Linears on sequences
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     blocks, _ = cap._param_blocks(B)
     model.zero_grad(set_to_none=True)
