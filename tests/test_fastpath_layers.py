@@ -185,6 +185,34 @@ def test_fused_linear_norms_and_gradient_equal_torch_func(tie):
     np.testing.assert_allclose(m.grad_norm_sq, func.grad_norm_sq.values, rtol=1e-9)
 
 
+def test_fused_linear_output_modified_in_place():
+    """A fused Linear's output changed in place downstream (x *= 2, ReLU(inplace=True)): gradients
+    and squared norms still equal the plain backward pass and torch.func."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3, bias=False)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.mul_(2.0)
+            return self.b(torch.relu_(h)).mean(1)
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    F.cross_entropy(model(x), y).backward()
+    ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+    cap, _ = pergrad._capture(pergrad._Problem(model, F.cross_entropy, x, y, None), fuse=True)
+    assert set(cap.fused) == {"a", "b"}
+    blocks, unusable = cap._param_blocks(4)
+    G = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    assert not unusable
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(blocks[k]["sq"], (G[k].reshape(4, -1) ** 2).sum(1), rtol=RTOL, atol=ATOL)
+
+
 class SharedTwice(nn.Module):
     """One Linear weight used by two Linear modules and one embedding table used by two Embeddings
     (on the tokens and on the tokens shifted), on sequences: the cross terms of two Linears and of
