@@ -7,6 +7,9 @@ input and the gradient at its output (d, per example: the mean loss's output gra
 
 * ``nn.Linear`` on ``(B, F)`` or ``(B, ..., F)`` inputs: g_i = sum_t d_it a_it^T, so with one
   position |g_i|^2 = |d_i|^2 |a_i|^2, and with several a ``T x T`` Gram identity or a batched matmul;
+  for squared norms alone (the every-step probe) a Linear on sequences whose weight is its own forms
+  g_i in the backward pass itself and returns their sum as the weight gradient, so the batched
+  matmul replaces the batch weight gradient's product instead of adding to it;
 * ``nn.Conv2d`` (groups 1, zero padding): per-example weight gradients by input patches or one
   grouped convolution, one layer at a time;
 * ``nn.Embedding``: g_i is the scatter of d_it into the rows of the example's tokens (no row for
@@ -16,8 +19,12 @@ input and the gradient at its output (d, per example: the mean loss's output gra
   (small ``(B, D)`` arrays).
 
 A module called several times in one forward pass adds its calls as more positions; a parameter
-shared by several modules (tied token embedding and unembedding) has its per-example gradient formed
-as the sum of the contributions of every use, in chunks of examples, for that parameter only.
+shared by several modules (tied token embedding and unembedding) has per-example gradients
+g_i = sum_u G_iu over its uses u: for squared norms and dot products with the mean (the every-step
+probe) |g_i|^2 = sum_u |G_iu|^2 + 2 sum_{u<w} <G_iu, G_iw>, each use by its own handler and the cross
+terms by a ``T x S`` product per example (Embedding with Linear, two Linears, two Embeddings); for
+coordinate sums and Gram entries (or other pairs) the sum is materialised in chunks of examples,
+for that parameter only.
 Parameters outside these modules (a bare ``nn.Parameter`` such as a learned position embedding, an
 unknown module) are measured by ``torch.func`` for those parameters only.
 References: Goodfellow, 2015, "Efficient per-example gradient computations" (the Linear identity);
@@ -326,8 +333,9 @@ def _why_not(n: str, m: nn.Module) -> str:
     return what
 
 
-def _merge(kind, m, calls, B, scale):
-    """A module's captured calls as one set of positions, output gradients scaled to per example:
+def _merge(kind, m, calls, B):
+    """A module's captured calls as one set of positions, with the output gradients of the mean loss
+    as captured (1 / B of the per-example ones: :func:`_rescale` scales the statistics, not these arrays):
     linear ``(a (B, T, I), d (B, T, O))``, embedding ``(tokens (B, T), d (B, T, D))``, layernorm /
     rmsnorm ``(x_hat (B, T, P), d (B, T, P))``, conv a list of ``(a, d)``; None if no gradient came."""
     got = [(a, g) for a, g in calls if g is not None]
@@ -343,10 +351,10 @@ def _merge(kind, m, calls, B, scale):
     if kind == "conv":
         if any(a.dim() != 4 for a, _ in got):
             raise _Unsuitable("its Conv2d ran on an input that is not (B, C, H, W)")
-        return [(a, g * scale) for a, g in got]
+        return got
     if kind == "embedding":
         tok = _cat([a.reshape(B, -1) for a, _ in got])
-        d = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
+        d = _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got])
         if m.padding_idx is not None:  # the padding row gets no gradient
             d = d * (tok != m.padding_idx).unsqueeze(-1).to(d.dtype)
         return tok, d
@@ -354,7 +362,7 @@ def _merge(kind, m, calls, B, scale):
         if any(a.dim() < 2 for a, _ in got):
             raise _Unsuitable("its Linear ran on an unbatched (features,) input")
         a = _cat([a.reshape(B, -1, a.shape[-1]) for a, _ in got])
-        return a, _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got]) * scale
+        return a, _cat([g.reshape(B, -1, g.shape[-1]) for _, g in got])
     shape = tuple(m.normalized_shape)
     n = int(np.prod(shape))
     xs, ds = [], []
@@ -364,7 +372,7 @@ def _merge(kind, m, calls, B, scale):
         xh = (F.layer_norm(a, shape, None, None, m.eps) if kind == "layernorm" else F.rms_norm(a, shape, None, m.eps))
         xs.append(xh.reshape(B, -1, n))
         ds.append(g.reshape(B, -1, n))
-    return _cat(xs), _cat(ds) * scale
+    return _cat(xs), _cat(ds)
 
 
 def _total(parts):
@@ -401,14 +409,18 @@ def _dense(kind, m, data, attr, rows):
     return g.reshape(-1, *p.shape)
 
 
+def _sq_norms(G):
+    """The squared norms ``(B,)`` of the rows of ``G (B, P)``, without a ``(B, P)`` temporary."""
+    return torch.linalg.vector_norm(G, dim=1).square()
+
+
 def _dense_block(G, mean, need):
     """The statistics of one parameter from its per-example gradients ``G (B, P)`` and mean ``(P,)``."""
-    GG = G * G
-    blk = {"mean": mean, "sq": GG.sum(1)}
+    blk = {"mean": mean, "sq": _sq_norms(G)}
     if "dots" in need:
         blk["dots"] = G @ mean
     if "sum_sq" in need:
-        blk["sum_sq"] = GG.sum(0)
+        blk["sum_sq"] = (G * G).sum(0)
     if "gram" in need:
         blk["gram"] = G @ G.T
     return blk
@@ -529,6 +541,64 @@ _BLOCKS = {"linear": _linear_blocks, "conv": _conv_blocks, "embedding": _embeddi
            "layernorm": _norm_blocks, "rmsnorm": _norm_blocks}
 
 
+def _cross(u, w):
+    """sum over the examples' entries of <G_i, G'_i> ``(B,)``, the inner products of one parameter's
+    per-example gradients through two of its uses ``u`` and ``w``, without materialising them (the
+    mean loss's terms, as captured); None where no formula is cheaper than materialising.
+
+    Embedding (tokens tok_t, output gradients d_t) with Linear (inputs a_s, output gradients d'_s):
+    G_i has row tok_t += d_t, G'_i = sum_s d'_s a_s^T, so <G_i, G'_i> = sum_t d_t . G'_i[tok_t] =
+    sum_{t,s} d'_s[tok_t] (a_s . d_t), a ``T x S`` product per example (tied token embedding and
+    unembedding: Press and Wolf, 2017, "Using the Output Embedding to Improve Language Models").
+    Two Linears: sum_{t,s} (d_t . d'_s)(a_t . a'_s); two Embeddings: sum_{t,s} [tok_t = tok'_s] d_t . d'_s.
+    """
+    (ku, _, du, au), (kw, _, dw, aw) = u, w
+    if au != "weight" or aw != "weight":
+        return None
+    if ku == "linear" and kw == "embedding":
+        u, w, ku, kw, du, dw = w, u, kw, ku, dw, du
+    if ku == "embedding" and kw == "linear":
+        (tok, d), (a, dl) = du, dw
+        at_d = torch.bmm(a, d.transpose(1, 2))  # (B, S, T): a_s . d_t
+        picked = torch.gather(dl, 2, tok.unsqueeze(1).expand(-1, dl.shape[1], -1))  # (B, S, T): d'_s[tok_t]
+        return (at_d * picked).sum((1, 2))
+    if ku == "embedding" and kw == "embedding":
+        (tok, d), (tok2, d2) = du, dw
+        same = (tok.unsqueeze(2) == tok2.unsqueeze(1)).to(d.dtype)
+        return (torch.bmm(d, d2.transpose(1, 2)) * same).sum((1, 2))
+    if ku == "linear" and kw == "linear":
+        (a, d), (a2, d2) = du, dw
+        T, S, n_out, n_in = a.shape[1], a2.shape[1], d.shape[2], a.shape[2]
+        if T * S * (n_out + n_in) > n_out * n_in * (T + S):
+            return None
+        return (torch.bmm(d, d2.transpose(1, 2)) * torch.bmm(a, a2.transpose(1, 2))).sum((1, 2))
+    return None
+
+
+def _shared_norms(uses, mean, need, B, fused=None):
+    """A parameter used by several modules (tied weights), squared norms (and dot products with the
+    mean) only: |sum_u G_u|^2 = sum_u |G_u|^2 + 2 sum_{u < w} <G_u, G_w>, each use's own statistics
+    by its handler and the cross terms by :func:`_cross`, nothing of size ``(B, P)``; None where a
+    cross term has no formula (then :func:`_shared_block` materialises).  ``fused``: ``{id(module):
+    (B,) squared norms}`` of the uses whose norms the backward pass formed (:class:`_FusedLinear`)."""
+    if not need <= {"dots"}:
+        return None
+    crosses = []
+    for j, u in enumerate(uses):
+        for w in uses[j + 1:]:
+            c = _cross(u, w)
+            if c is None:
+                return None
+            crosses.append(c)
+    fused = fused or {}
+    own = [{"sq": fused[id(m)]} if id(m) in fused and attr == "weight" and not need
+           else _BLOCKS[kind](m, data, [attr], {attr: mean}, need, B)[attr] for kind, m, data, attr in uses]
+    blk = {"mean": mean, "sq": _total(b["sq"] for b in own) + 2.0 * _total(crosses)}
+    if "dots" in need:
+        blk["dots"] = _total(b["dots"] for b in own)
+    return blk
+
+
 def _shared_block(uses, mean, need, B):
     """A parameter used by several modules (tied weights): the per-example gradients summed over its
     uses, materialised for this parameter only, in chunks of examples."""
@@ -558,6 +628,16 @@ def _shared_block(uses, mean, need, B):
     return blk
 
 
+def _rescale(blk, s):
+    """The statistics of ``s g_i`` in place of those of g_i (the mean loss's per-example terms, as
+    captured, times ``s = B``): squared norms, Gram entries and coordinate sums of squares times s^2,
+    dot products with the mean gradient (read from ``.grad``, not rescaled) times s."""
+    for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
+        if key in blk:
+            blk[key] = blk[key] * s**power
+    return blk
+
+
 _CHECK_RTOL = 1e-3  # relative to the sum of |terms| over examples and positions: far above rounding, far below a missing use
 
 
@@ -570,8 +650,51 @@ def _adds_up(uses, p, mean, B):
     u, v = _probe_vectors(p)
     terms = [_terms(kind, m, data, attr, u, v).reshape(-1) for kind, m, data, attr in uses]
     mean = mean.reshape(p.shape[0], -1)
-    want = B * (u @ mean @ v if v is not None else u @ mean[:, 0])
+    want = u @ mean @ v if v is not None else u @ mean[:, 0]  # the terms are of the mean loss: they add up to the mean
     return torch.stack([sum(t.sum() for t in terms), want, sum(t.abs().sum() for t in terms)])
+
+
+def _fusable_call(m: nn.Linear, x, out) -> bool:
+    """Whether a Linear call on ``x`` may form its weight gradient from the per-example ones
+    (:class:`_FusedLinear`): a float sequence batch ``(B, T, ..., F)`` of the weight's dtype, no
+    autocast, and ``(B, O, I)`` not much larger than the captured data (T (O + I) >= O I) or small
+    (at most ``_CHUNK_ELEMENTS``): it replaces the batch weight gradient's product, so it beats the
+    ``T x T`` Gram route wherever it fits."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dtype == m.weight.dtype == out.dtype
+            and m.weight.requires_grad and torch.is_grad_enabled() and type(out) is torch.Tensor):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    T = x[0].numel() // x.shape[-1]
+    n_out, n_in = m.weight.shape
+    return T * (n_out + n_in) >= n_out * n_in or x.shape[0] * n_out * n_in <= _CHUNK_ELEMENTS
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``out = x W^T + b`` (already computed by the module's own forward call, passed in ``held``)
+    whose backward pass forms the per-example weight gradients g_i = sum_t d_it x_it^T ``(B, O, I)``
+    once, keeps their squared norms (``fused``; of the mean loss's terms, like the captured
+    gradients) and returns their sum as the weight gradient: the batch weight gradient, which the
+    plain backward pass forms with as many multiply-adds, costs no second product.  The output
+    gradient d is recorded in ``rec[1]``, as the capture's hooks do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, held, rec, fused):
+        ctx.save_for_backward(x, weight)
+        ctx.rec, ctx.fused, ctx.has_bias = rec, fused, bias is not None
+        return held.pop()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        ctx.rec[1] = g.detach()
+        B, n_out, n_in = x.shape[0], weight.shape[0], weight.shape[1]
+        d, a = g.reshape(B, -1, n_out), x.reshape(B, -1, n_in)
+        gi = torch.bmm(d.transpose(1, 2), a)
+        ctx.fused.append(_sq_norms(gi.reshape(B, -1)))
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gb = d.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gi.sum(0), gb, None, None, None
 
 
 class LayerCapture:
@@ -629,9 +752,12 @@ class LayerCapture:
                 "method='auto' (torch.func for these parameters only) or method='func'.")
         self.linears = {n: m for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
         self.calls, self._handles = {}, []
+        # Linears on sequences: with squared norms alone asked for, those come from the backward pass
+        self._fusable = {n for n, (m, kind) in self.modules.items() if kind == "linear"}
+        self._fuse, self.fused = False, {}
 
     def __enter__(self):
-        self.calls = {}
+        self.calls, self.fused = {}, {}
         for name, (m, _) in self.modules.items():
 
             def capture(mod, inp, out, name=name):
@@ -639,6 +765,9 @@ class LayerCapture:
                 rec = [inp[0].detach() if inp and isinstance(inp[0], torch.Tensor) else None, None]
                 self.calls.setdefault(name, []).append(rec)
                 if isinstance(out, torch.Tensor) and out.requires_grad:
+                    if self._fuse and name in self._fusable and _fusable_call(mod, inp[0], out):
+                        return _FusedLinear.apply(inp[0], mod.weight, mod.bias, [out.detach()], rec,
+                                                  self.fused.setdefault(name, []))
                     out.register_hook(lambda g, rec=rec: rec.__setitem__(1, g.detach()))
 
             self._handles.append(m.register_forward_hook(capture))
@@ -680,7 +809,7 @@ class LayerCapture:
         merged, bad = {}, {}
         for n, (m, kind) in self.modules.items():
             try:
-                merged[n] = _merge(kind, m, self.calls.get(n, []), B, float(B))
+                merged[n] = _merge(kind, m, self.calls.get(n, []), B)
             except _Unsuitable as err:
                 bad[n] = str(err)
         ready, unusable = {}, {}
@@ -700,12 +829,14 @@ class LayerCapture:
         self._check_captured(B)
         params, ready, unusable = self._prepare(B)
         blocks, by_module, checks = {}, {}, {}
+        fused = {id(self.modules[n][0]): sq[0] for n, sq in self.fused.items()
+                 if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for k, uses in ready.items():
             p = params[k]
             if p.grad is not None:
                 mean = p.grad.detach().reshape(-1)
             elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
-                mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).mean(0)
+                mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).sum(0)
                               for kind, m, data, attr in uses)
             else:
                 mean = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
@@ -720,11 +851,19 @@ class LayerCapture:
                     kind, m, data, attr = uses[0]
                     by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
                 else:
-                    blocks[k] = _shared_block(uses, mean, need, B)
+                    fast = _shared_norms(uses, mean, need, B, fused)
+                    blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
         for kind, m, data, attrs in by_module.values():
+            if id(m) in fused and "weight" in attrs:  # squared norms formed in the backward pass (_FusedLinear)
+                k, mean = attrs.pop("weight")
+                blocks[k] = {"mean": mean, "sq": fused[id(m)]}
+                if not attrs:
+                    continue
             got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
+        for blk in blocks.values():  # the captured output gradients are those of the mean loss: B g_i is per example
+            _rescale(blk, float(B))
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
@@ -754,7 +893,7 @@ class LayerCapture:
                 out[k] = torch.zeros(batch_size, *p.shape, dtype=p.dtype, device=p.device)
                 continue
             out[k] = _total(_dense(kind, m, data, attr, slice(None)).reshape(batch_size, *p.shape)
-                            for kind, m, data, attr in uses)
+                            for kind, m, data, attr in uses) * batch_size
         return out
 
     def _unusable(self, unusable):
@@ -834,9 +973,13 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
     return _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
 
 
-def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False):
-    """:func:`capture_backward` without the checks (for callers that made them)."""
-    with LayerCapture(prob.model, partial=partial) as cap:
+def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False, fuse: bool = False):
+    """:func:`capture_backward` without the checks (for callers that made them); ``fuse``: Linear
+    layers on sequences form their per-example squared norms in the backward pass and their weight
+    gradient from them (:class:`_FusedLinear`; for squared norms only)."""
+    cap = LayerCapture(prob.model, partial=partial)
+    cap._fuse = fuse
+    with cap:
         (zero_grad or prob.model.zero_grad)(set_to_none=True)
         loss = prob.mean_loss()
         if not torch.isfinite(loss):
@@ -904,7 +1047,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
     if method == "func":
         names = todo = [k for k, p in prob.model.named_parameters() if p.requires_grad]
     else:
-        cap, loss = _capture(prob, zero_grad, partial=method == "auto")
+        cap, loss = _capture(prob, zero_grad, partial=method == "auto", fuse=not need)
         names = list(cap._params)
         once = verify == "once"
         do_verify = bool(verify) and not (once and _VERIFIED.get(prob.model, False))

@@ -2,6 +2,7 @@
 sequences, tied weights), its per-parameter torch.func fallback and coverage report, the batch form
 of the loss, and pergrad.check, against torch.func per-example gradients in float64."""
 
+import math
 import types
 import warnings
 
@@ -127,6 +128,123 @@ def test_tied_weights_equal_the_cut_model_with_gradients_summed():
     assert "head" not in fast  # the unembedding has no parameter of its own
     _assert_stats(fast["tok"], G_tok)
     torch.testing.assert_close(cap.per_example_grads(B)["tok.weight"].reshape(B, -1), G_tok, rtol=RTOL, atol=ATOL)
+
+
+def _no_materialising(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a shared parameter was materialised (B, P)")
+    monkeypatch.setattr(pergrad, "_shared_block", refuse)
+
+
+@pytest.mark.parametrize("dots", [False, True], ids=["norms", "norms+dots"])
+def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots):
+    """The every-step probe on tied weights: |E_i + U_i|^2 = |E_i|^2 + |U_i|^2 + 2 <E_i, U_i> with the
+    cross term from a T x T product per example, and the dots with the mean, equal torch.func on the
+    model with the tie cut and the gradients summed, without a (B, V, D) array; so does probed_step."""
+    tied, cut, ids = TinyGPT(tie=True), TinyGPT(tie=False), _ids(4)
+    Gc = _func(cut, ids)
+    G_tok = Gc["tok.weight"] + Gc["head.weight"]
+    _no_materialising(monkeypatch)
+    _, fast = _summaries(tied, ids, coordinate_sums=False, dots=dots, sums=False)
+    torch.testing.assert_close(fast["tok"]["sq_norms"], (G_tok**2).sum(1), rtol=RTOL, atol=ATOL)
+    if dots:
+        torch.testing.assert_close(fast["tok"]["dots"], G_tok @ G_tok.mean(0), rtol=RTOL, atol=ATOL)
+    opt = torch.optim.SGD(tied.parameters(), lr=0.0)
+    _, m = probes.probed_step(tied, pergrad.next_token_loss, optimizer=opt, batch=ids, sem=dots)
+    want = ((G_tok - G_tok.mean(0)) ** 2).sum(1).mean()
+    np.testing.assert_allclose(m.trace_cov[m.layer.index("tok")], float(want), rtol=1e-9)
+    if dots:  # the deviations' spread comes from the dots
+        np.testing.assert_allclose(m.trace_cov_sem[m.layer.index("tok")] * math.sqrt(B),
+                                   float(((G_tok - G_tok.mean(0)) ** 2).sum(1).std(unbiased=False)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fused_linear_norms_and_gradient_equal_torch_func(tie):
+    """The every-step probe (squared norms only): a Linear on sequences forms its per-example weight
+    gradients once in the backward pass and its weight gradient as their sum (tied: the unembedding's
+    share, autograd adds the embedding's); the norms equal torch.func, the gradients the plain
+    backward pass, and probed_step's statistics method="func"."""
+    model, ids = TinyGPT(tie=tie), _ids(6)
+    assert T * (DIM + DIM) >= DIM * DIM  # fc takes the fused route
+    G = _func(model, ids)
+    prob = pergrad._problem(model, pergrad.next_token_loss, None, None, ids)
+    cap, _ = pergrad._capture(prob, partial=True, fuse=True)
+    assert set(cap.fused) == {"fc", "head"}  # the Linears on sequences
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    blocks, _ = cap._param_blocks(B)
+    model.zero_grad(set_to_none=True)
+    pergrad.next_token_loss(model, ids).mean().backward()  # the plain backward pass
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, rtol=RTOL, atol=ATOL)
+        if k in blocks:
+            torch.testing.assert_close(blocks[k]["sq"], (G[k] ** 2).sum(1), rtol=RTOL, atol=ATOL)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _, m = probes.probed_step(model, pergrad.next_token_loss, optimizer=opt, batch=ids)
+    func = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids, method="func")
+    np.testing.assert_allclose(m.trace_cov, func.trace_cov.values, rtol=1e-9)
+    np.testing.assert_allclose(m.grad_norm_sq, func.grad_norm_sq.values, rtol=1e-9)
+
+
+def test_fused_linear_output_modified_in_place():
+    """A fused Linear's output changed in place downstream (x *= 2, ReLU(inplace=True)): gradients
+    and squared norms still equal the plain backward pass and torch.func."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3, bias=False)
+
+        def forward(self, x):
+            h = self.a(x)
+            h.mul_(2.0)
+            return self.b(torch.relu_(h)).mean(1)
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    F.cross_entropy(model(x), y).backward()
+    ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+    cap, _ = pergrad._capture(pergrad._Problem(model, F.cross_entropy, x, y, None), fuse=True)
+    assert set(cap.fused) == {"a", "b"}
+    blocks, unusable = cap._param_blocks(4)
+    G = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    assert not unusable
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(blocks[k]["sq"], (G[k].reshape(4, -1) ** 2).sum(1), rtol=RTOL, atol=ATOL)
+
+
+class SharedTwice(nn.Module):
+    """One Linear weight used by two Linear modules and one embedding table used by two Embeddings
+    (on the tokens and on the tokens shifted), on sequences: the cross terms of two Linears and of
+    two Embeddings."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.emb1, self.emb2 = nn.Embedding(VOCAB, DIM), nn.Embedding(VOCAB, DIM)
+        self.lin1, self.lin2 = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        self.emb2.weight, self.lin2.weight = self.emb1.weight, self.lin1.weight
+        self.double()
+
+    def forward(self, ids):
+        h = self.emb1(ids) + self.emb2((ids + 3) % VOCAB)
+        h = torch.tanh(self.lin1(h))
+        return self.head(torch.tanh(self.lin2(h)))
+
+
+def test_cross_terms_of_two_linears_and_two_embeddings(monkeypatch):
+    model, ids = SharedTwice(), _ids(5)
+    G = _func(model, ids)
+    _no_materialising(monkeypatch)
+    _, fast = _summaries(model, ids, coordinate_sums=False, dots=True, sums=False)
+    for layer, names in (("emb1", ["emb1.weight"]), ("lin1", ["lin1.weight", "lin1.bias"])):
+        Gl = torch.cat([G[k] for k in names], 1)
+        torch.testing.assert_close(fast[layer]["sq_norms"], (Gl**2).sum(1), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(fast[layer]["dots"], Gl @ Gl.mean(0), rtol=RTOL, atol=ATOL)
 
 
 def test_gradient_stats_coverage_and_fallback_equal_func():
