@@ -13,8 +13,6 @@ optimizer nor its sampler.
 from __future__ import annotations
 
 import copy
-import importlib
-import math
 import warnings
 
 import numpy as np
@@ -385,7 +383,6 @@ def _ddp_worker(rank, out_dir):
 def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
     import socket
 
-    import torch.multiprocessing as mp
 
     net = _net()
     with warnings.catch_warnings():
@@ -406,9 +403,9 @@ def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
-    importlib.import_module("torch._dynamo")  # imported by DDP's constructor: once here, not in each child
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=_W, join=True, start_method=method)
+    from processes import run_processes
+
+    run_processes(_ddp_worker, (str(tmp_path),), _W)  # spawned, with a deadline
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
     assert got[0]["rows"] == got[1]["rows"]
     for g in got:

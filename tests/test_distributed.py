@@ -14,11 +14,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from deepmodels.gns import GradientNoiseScale
+from processes import run_processes
 
 WORLD, M, B, STEPS, LR = 2, 2, 4, 3, 0.2
 
@@ -104,12 +104,7 @@ def test_ddp_equals_single_process(tmp_path, monkeypatch):
     ref_rows, ref_params = _single_process()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    # fork where the platform has it: the children inherit the imported modules (a spawned child
-    # imports torch and deepmodels again, 10+ s on a loaded machine); spawn elsewhere.  DDP's
-    # constructor imports torch._dynamo (seconds): once here rather than in each child.
-    import torch._dynamo  # noqa: F401
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True, start_method=method)
+    run_processes(_worker, (str(tmp_path),), WORLD)  # spawned, with a deadline (tests/processes.py)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for view in (False, True):
         runs = [g[view] for g in got]
