@@ -463,8 +463,8 @@ def nonfinite_params(model: nn.Module) -> str | None:
     params = [(k, p) for k, p in model.named_parameters() if p.requires_grad and p.device.type != "meta"]
     if not params:
         return None
-    with torch.no_grad():
-        ok = torch.stack([torch.isfinite(p).all() for _, p in params])
+    with torch.no_grad():  # one fused max-norm per parameter: NaN or inf iff a value is (no bool arrays)
+        ok = torch.isfinite(torch.stack(torch._foreach_norm([p for _, p in params], math.inf)))
     if bool(ok.all()):
         return None
     bad = [(k, int((~torch.isfinite(p.detach())).sum())) for (k, p), fine in zip(params, ok.tolist()) if not fine]
