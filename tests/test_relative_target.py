@@ -81,6 +81,7 @@ def test_at_most_one_target(digits):
         _train(digits, target_rel=1.0)
 
 
+@pytest.mark.slow  # 6-14 s (a grid of runs); train and predict take target_rel in the default suite; CI runs it
 def test_measure_steps_relative_target_is_each_runs_own(digits, tmp_path):
     fn = models.Factory("mlp", 64, 10, (16,))
     kw = dict(batch_sizes=[4, 16], lrs=[0.1, 0.3], momenta=[0.0, 0.5], seeds=[0, 1], max_steps=300, eval_every=10,

@@ -133,6 +133,7 @@ def test_sweep_recomputes_a_damaged_or_foreign_file(tmp_path, damage):
     _assert_same(again, straight)
 
 
+@pytest.mark.slow  # 4-8 s (two processes at once); CI runs it
 def test_two_sweeps_into_one_file_at_once(tmp_path):
     path = tmp_path / "sgd.nc"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -253,6 +254,7 @@ training._save_torch = _save
     _assert_same(resumed, ds)
 
 
+@pytest.mark.slow  # 5-13 s (15 trainings); CI runs it
 def test_training_with_other_settings_starts_afresh(tmp_path):
     path = tmp_path / "run.nc"
     _train(path)
