@@ -565,8 +565,7 @@ class GradientNoiseScale:
                              f"{state_dict['accumulation']!r}.")
         self.ema.load_state_dict(state_dict["ema"])
         self.n_updates = V.check_int("state_dict['n_updates']", state_dict["n_updates"])
-        self._drop_work()
-        self._micro = []
+        self.discard()
 
     def _drop_work(self) -> None:
         if self._work is not None:  # a started all-reduce is waited for: every process started it
@@ -576,12 +575,11 @@ class GradientNoiseScale:
     @validate()
     def remove(self) -> None:
         """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
-        self._drop_work()
+        self.discard()
         if self._handles is not None:
             for h in self._handles:
                 h.remove()
             self._handles = None
-        self._micro = []
 
     def __enter__(self):
         return self

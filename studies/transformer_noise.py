@@ -45,7 +45,6 @@ import contextlib
 import math
 import os
 import socket
-import tempfile
 
 import matplotlib
 
@@ -133,13 +132,13 @@ def _train(cfg, seed, rank=0, world=1, progress=False):
     return ests, probed, losses
 
 
-def _run_ds(ests, losses, cfg):
+def _run_ds(ests, losses):
     ds = stack(ests)
     ds["loss"] = ("step", np.asarray(losses, dtype=np.float64))  # this process's share; DDP: rank 0's
     return ds
 
 
-def _ddp_worker(rank, world, port, cfg, seed, path):
+def _ddp_worker(rank, world, port, cfg, seed, path, stamp):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -151,7 +150,9 @@ def _ddp_worker(rank, world, port, cfg, seed, path):
         t = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(t)
         if rank == 0:
-            resume.write(_run_ds(ests, (t / world).tolist(), cfg), path)
+            ds = _run_ds(ests, (t / world).tolist())
+            ds.attrs.update(stamp)
+            resume.write(ds, path)
     finally:
         dist.destroy_process_group()
 
@@ -162,14 +163,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_run(cfg, seed, path):
+def _ddp_run(cfg, seed, path, stamp):
+    """The DDP run in ``cfg["world"]`` spawned processes; process 0 writes it to ``path``."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        part = os.path.join(tmp, "ddp.nc")
-        mp.spawn(_ddp_worker, args=(cfg["world"], _free_port(), cfg, seed, part), nprocs=cfg["world"], join=True)
-        ds = xr.load_dataset(part)
-    return ds
+    mp.spawn(_ddp_worker, args=(cfg["world"], _free_port(), cfg, seed, path, stamp), nprocs=cfg["world"], join=True)
+    return xr.load_dataset(path)
 
 
 def run(*, scale: str = "default", out: str = "results", progress: bool = True, seed: int = 0) -> dict:
@@ -186,15 +185,13 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True, 
     got = {name: resume.read(path, settings=stamp) for name, path in files.items()}
     if got["single"] is None or got["per_example"] is None:
         ests, probed, losses = _train(cfg, seed, progress=progress)
-        got["single"] = _run_ds(ests, losses, cfg)
+        got["single"] = _run_ds(ests, losses)
         got["per_example"] = xr.concat([p.sel(layer="total") for p in probed], dim="step", combine_attrs="drop_conflicts")
         for name in ("single", "per_example"):
             got[name].attrs.update(stamp)
             resume.write(got[name], files[name])
     if got["ddp"] is None:
-        got["ddp"] = _ddp_run(cfg, seed, files["ddp"])
-        got["ddp"].attrs.update(stamp)
-        resume.write(got["ddp"], files["ddp"])
+        got["ddp"] = _ddp_run(cfg, seed, files["ddp"], stamp)
     result = {name: got[name].drop_attrs() for name in ("single", "ddp", "per_example")}
     s, p = result["single"], result["ddp"]
     with np.errstate(divide="ignore", invalid="ignore"):

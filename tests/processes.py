@@ -4,10 +4,18 @@ count), and never waited for forever."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_processes(fn, args, nprocs: int, *, timeout_s: float = 300.0) -> None:

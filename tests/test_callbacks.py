@@ -381,8 +381,7 @@ def _ddp_worker(rank, out_dir):
 
 @pytest.mark.slow  # two processes
 def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
-    import socket
-
+    from processes import free_port, run_processes
 
     net = _net()
     with warnings.catch_warnings():
@@ -398,13 +397,8 @@ def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
                 net.zero_grad()
     ref = [r.as_dict() for r in probe.rows]
     assert [r["step"] for r in ref] == [0, 2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    from processes import run_processes
-
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     run_processes(_ddp_worker, (str(tmp_path),), _W)  # spawned, with a deadline
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
     assert got[0]["rows"] == got[1]["rows"]

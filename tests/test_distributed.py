@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepmodels.gns import GradientNoiseScale
-from processes import run_processes
+from processes import free_port, run_processes
 
 WORLD, M, B, STEPS, LR = 2, 2, 4, 3, 0.2
 
@@ -40,12 +39,6 @@ def _sgd_step(model):
         for p in model.parameters():
             p.add_(p.grad, alpha=-LR)
     model.zero_grad()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, out_dir):
@@ -103,7 +96,7 @@ def _single_process():
 def test_ddp_equals_single_process(tmp_path, monkeypatch):
     ref_rows, ref_params = _single_process()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     run_processes(_worker, (str(tmp_path),), WORLD)  # spawned, with a deadline (tests/processes.py)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for view in (False, True):
