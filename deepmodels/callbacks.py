@@ -326,9 +326,12 @@ def _lightning_probe():
 
         @property
         def state_key(self) -> str:
+            """Lightning's key for this callback's state in a checkpoint (from ``path`` and ``every``)."""
             return self._generate_state_key(path=self.settings["path"], every=self.settings["every"])
 
         def setup(self, trainer, pl_module, stage):
+            """At the start of a fit: check for two or more micro-batches per step and attach the probe
+            (continuing the state of an earlier fit of this callback)."""
             if stage == "fit":  # a new fit continues this callback's earlier one, if any
                 if trainer.accumulate_grad_batches * trainer.world_size < 2:
                     raise ValueError("`accumulate_grad_batches` must be >= 2 with LightningProbe on one process (the "
@@ -341,11 +344,13 @@ def _lightning_probe():
                     self.probe.load_state_dict(state)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            """Record the micro-batch size (the leading dimension of the batch)."""
             size = _leading_size(batch)
             if size is not None:
                 self.probe._sizes.append(size)
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            """After the step's last backward pass: the step's estimate, logged every ``every`` steps."""
             step = trainer.global_step
             est = self.probe.step(step=step)
             if est is not None and step % self.probe.every == 0 and trainer.is_global_zero:
@@ -353,16 +358,20 @@ def _lightning_probe():
                     logger.log_metrics(_metrics(est), step=step)
 
         def on_train_end(self, trainer, pl_module):
+            """Write the rows not yet in the file."""
             self.probe.flush()
 
         def teardown(self, trainer, pl_module, stage):
+            """After a fit: remove the probe's hooks (its state stays, for a checkpoint saved later)."""
             if stage == "fit" and self.probe is not None:
                 self.probe.close()  # the hooks; the state stays for a checkpoint saved after fit
 
         def state_dict(self):
+            """The probe's state (:meth:`Probe.state_dict`) for Lightning's checkpoints; ``{}`` before a fit."""
             return self.probe.state_dict() if self.probe is not None else {}
 
-        def load_state_dict(self, state_dict):  # called after setup(fit) when fit resumes from a checkpoint
+        def load_state_dict(self, state_dict):
+            """Continue from a checkpoint's state (Lightning calls it after ``setup`` when a fit resumes)."""
             self.probe.load_state_dict(state_dict)
 
     LightningProbe.__module__, LightningProbe.__qualname__ = __name__, "LightningProbe"
@@ -393,6 +402,8 @@ def _hf_probe():
             self.saved = None  # the probe's state from a checkpoint (set by the Trainer on resume)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            """Check ``max_grad_norm`` and the micro-batches per step, attach the probe, and restore its
+            state when the Trainer handed one over."""
             if args.max_grad_norm and args.max_grad_norm > 0:
                 raise ValueError(f"`max_grad_norm` must be 0 with HFProbe; got {args.max_grad_norm}: the Trainer "
                                  "clips .grad before on_pre_optimizer_step, so the accumulated gradient's norm would "
@@ -410,15 +421,19 @@ def _hf_probe():
                               stacklevel=2)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            """After the step's last backward pass: the step's estimate, appended to ``state.log_history``
+            every ``every`` steps."""
             step = state.global_step
             est = self.probe.step(step=step)
             if est is not None and step % self.probe.every == 0 and state.is_world_process_zero:
                 state.log_history.append({**_metrics(est), "step": step})
 
         def on_train_end(self, args, state, control, **kwargs):
+            """Write the remaining rows and remove the probe's hooks."""
             self.probe.close()
 
         def state(self) -> dict:
+            """The callback's arguments and the probe's state, as Hugging Face's ``ExportableState`` saves them."""
             saved = self.probe.state_dict() if self.probe is not None else self.saved
             return {"args": dict(self.settings), "attributes": {"saved": saved}}
 
