@@ -51,8 +51,15 @@ def check_batch_size(batch_size) -> float:
 
 def _check_optimizer(optimizer):
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"`optimizer` must be an SGD, Momentum or EMA spec; got {type(optimizer).__name__}.")
+        raise TypeError(f"`optimizer` must be an optimizer spec (toymodels.optimizers); got {type(optimizer).__name__}.")
     return optimizer
+
+
+def _no_closed_form(optimizer):
+    """Refuse a closed form for an optimizer that changes at every update."""
+    if optimizer.time_varying:
+        raise NotImplementedError(f"{type(optimizer).__name__} has no closed form for a constant learning rate (its "
+                                  f"averaging weight changes at every update); its curves are computed step by step.")
 
 
 def checked_trajectory(model, optimizer, batch_size, steps, progress=None):
@@ -181,6 +188,7 @@ class NQM:
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """The closed form of the expected loss for a constant learning rate (default: the spec's)."""
         _check_optimizer(optimizer)
+        _no_closed_form(optimizer)
         bs = check_batch_size(batch_size)
         if lr is None:
             sched = optimizer.lr
@@ -224,6 +232,12 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        if optimizer.time_varying:  # k updates one at a time
+            S = self._S0(optimizer).copy()
+            loss, _ = dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, self.c / batch_size,
+                                                 self.h, optimizer.readout, Constant(lr), np.array([k]), S,
+                                                 progress=False, name="k")
+            return float(loss[0]) if np.isfinite(loss[0]) else math.inf
         A, b = optimizer.transition(self.h, lr)
         if optimizer.n_state <= 2:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
@@ -238,7 +252,7 @@ class NQM:
         family has more than 2 states or is not affine in e (checked at e = 0, 0.25, 0.5).
         """
         opts = [make(e) for e in (0.0, 0.25, 0.5)]
-        if opts[0].n_state > 2:
+        if opts[0].n_state > 2 or opts[0].time_varying:
             return None
         aff = [o.affine(self.h) for o in opts]
         lim = [self.lr_limit(o) for o in opts]
@@ -266,8 +280,11 @@ class NQM:
         step by step (:func:`toymodels.dynamics.propagate_schedule`)."""
         sched = batch_size if isinstance(batch_size, Schedule) else None
         q = self.c if sched is not None else self.c / batch_size
-        a0, a1, b1 = optimizer.affine(self.h)
         S = self._S0(optimizer).copy()
+        if optimizer.time_varying:
+            return dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, q, self.h,
+                                              optimizer.readout, optimizer.lr, ks, S, batch=sched, progress=progress)
+        a0, a1, b1 = optimizer.affine(self.h)
         return dynamics.propagate_schedule(a0, a1, b1, q, self.h, optimizer.readout, optimizer.lr, ks, S,
                                            progress=progress, batch=sched)
 
@@ -382,6 +399,8 @@ class NQM:
         sched = optimizer.lr
         bsched = batch if isinstance(batch, Schedule) else Constant(batch)
         S = self._S0(optimizer).copy()
+        if optimizer.time_varying:
+            return self._scan_varying(optimizer, S, bsched, min(max_steps, _SCAN_LIMIT), target, max_steps)
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
         ends = (sched.constant_after, constant_from(bsched))
@@ -473,6 +492,30 @@ class NQM:
             k0 += part.size
         return -1, f"not reached within max_steps={k_stop}"
 
+    def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
+        """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
+        changes at every update (stepped in chunks of 4096 from step 0; S at step 0)."""
+        parts = optimizer.parts(self.h)
+        constant_b = isinstance(batch, Constant)
+        q = self.c / batch.lr if constant_b else self.c
+        k0, chunk = 0, 4096
+        while k0 < k_stop:
+            k1 = min(k_stop, k0 + chunk)
+            rec = np.arange(k0, k1 + 1, dtype=np.int64)
+            loss, _ = dynamics.propagate_varying(parts, optimizer.coefficients, q, self.h, optimizer.readout,
+                                                 optimizer.lr, rec, S, k_start=k0,
+                                                 batch=None if constant_b else batch, progress=False)
+            if not np.all(np.isfinite(loss)):
+                return -1, "diverges: the loss overflowed", math.inf
+            hit = np.nonzero(loss <= target)[0]
+            if hit.size:
+                return k0 + int(hit[0]), "", math.nan
+            k0 = k1
+        if k_stop < max_steps:
+            return -1, (f"not reached within {k_stop} step-by-step updates (the averaging weight changes at every "
+                        f"update)"), math.nan
+        return -1, f"not reached within max_steps={max_steps}", math.nan
+
     # ------------------------------------------------------------------------------------------
     @validate(n_samples=Array((0, 1), low=0.0, min_size=0))
     def lower_bound_loss(self, n_samples) -> np.ndarray:
@@ -536,6 +579,9 @@ class NQM:
         """
         check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
                     what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
+        if optimizer.time_varying:
+            raise NotImplementedError(f"NQM.simulate does not run {type(optimizer).__name__} (its averaging weight "
+                                      f"changes at every update) yet.")
         batch, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
         a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
