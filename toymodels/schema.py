@@ -54,6 +54,7 @@ VARIABLES = {
     "steps_best": "measured steps_to_target of the best hyper-parameters (median over seeds)",
     "momentum_opt": "tuned heavy-ball momentum",
     "decay_opt": "tuned iterate-averaging decay",
+    "kappa_opt": "tuned long-step parameter kappa of accelerated SGD (Kidambi et al. 2018)",
     "lr_schedule_opt": "tuned piecewise-constant learning rates",
     "piece_fraction_opt": "fraction of the steps spent in each schedule piece",
     "reason": "why steps_to_target is inf (empty when finite)",
