@@ -81,9 +81,10 @@ def test_nesterov_matrices_by_hand():
     beta = 0.8
     x = LR * (H[0] + WD)  # the update sees h + wd
     A, b = Nesterov(LR, beta, weight_decay=WD).transition(H, LR)
-    # phi' = phi - (1 + beta) x phi + beta^2 v - (1 + beta) lr eps,  v' = beta v - x phi - lr eps
-    np.testing.assert_allclose(A[0], [[1 - (1 + beta) * x, beta**2], [-x, beta]], rtol=1e-15)
-    np.testing.assert_allclose(b[0], [-(1 + beta) * LR, -LR], rtol=1e-15)
+    # phi = theta + beta v, m = beta v:
+    # phi' = phi - (1 + beta) x phi + beta m - (1 + beta) lr eps,  m' = beta m - beta x phi - beta lr eps
+    np.testing.assert_allclose(A[0], [[1 - (1 + beta) * x, beta], [-beta * x, beta]], rtol=1e-15)
+    np.testing.assert_allclose(b[0], [-(1 + beta) * LR, -beta * LR], rtol=1e-15)
     # stability limit: the closed form, the Schur-Cohn one, and the eigenvalues either side
     h = np.array([2.0, 0.5])
     opt = Nesterov(1.0, beta)
@@ -179,9 +180,9 @@ def test_schedule_free_without_averaging_is_sgd():
         pol = NQM3.loss_curve(PolyakAverage(SGD(0.9, weight_decay=wd)), 2.0, ks).values
         sf0 = NQM3.loss_curve(ScheduleFree(0.9, 0.0, weight_decay=wd), 2.0, ks).values
         np.testing.assert_allclose(sf0, pol, rtol=1e-13)
-    target = 0.12
-    assert (NQM3.steps_to_target(ScheduleFree(0.9, 0.5, averaging="none"), 2.0, target)
-            == NQM3.steps_to_target(SGD(0.9), 2.0, target))
+    target = 0.2  # above SGD's noise floor (0.1398): reached
+    k = NQM3.steps_to_target(SGD(0.9), 2.0, target)
+    assert math.isfinite(k) and NQM3.steps_to_target(ScheduleFree(0.9, 0.5, averaging="none"), 2.0, target) == k
 
 
 def test_weight_decay_is_extra_curvature_in_the_update_only():
@@ -304,23 +305,46 @@ def test_time_varying_first_crossing_and_refusals():
     assert NQM3.family_loss(lambda e: PolyakAverage(SGD(1.0)), 2.0) is None
 
 
+def _check_tuned(nqm, fam, bs, target):
+    """tune() of ``fam`` is finite, achieved exactly by the returned setting, and no worse than its
+    learning rate scaled by 0.5, 0.8, 1.25."""
+    assert fam in FAMILIES
+    res = tune(nqm, fam, bs, target)
+    assert math.isfinite(res["steps"])
+    opt = make_optimizer(fam, res["lr"], None if math.isnan(res["extra"]) else res["extra"])
+    assert nqm.steps_to_target(opt, bs, target) == res["steps"]
+    for f in (0.5, 0.8, 1.25):
+        other = opt.with_lr(min(f * res["lr"], 0.999 * nqm.lr_limit(opt)))
+        assert nqm.steps_to_target(other, bs, target) >= res["steps"]
+    return res
+
+
+NQM30 = NQM.power_law(30)
+TARGET30 = 0.1 * NQM30.initial_loss
+
+
+def test_nesterov_and_polyak_tune():
+    """Nesterov tunes (lr, beta) on the compiled path (its limit (l0 + e l1) / (1 + e l2) in beta);
+    the Polyak average tunes lr by stepping."""
+    fast = NQM30.family_loss(lambda e: Nesterov(1.0, e), 8.0)
+    for e in (0.0, 0.3, 0.97):
+        assert fast.limit(e) == pytest.approx(NQM30.lr_limit(Nesterov(1.0, e)), rel=1e-12)
+        assert fast.loss(e, 0.1, 40) == pytest.approx(NQM30.loss_at_step(Nesterov(0.1, e), 8.0, 40), rel=1e-12)
+    res = _check_tuned(NQM30, "nesterov", 8.0, TARGET30)
+    assert 0.0 <= res["extra"] < 1.0
+    _check_tuned(NQM30, "polyak", 8.0, TARGET30)
+
+
+@pytest.mark.slow
 def test_new_families_tune_and_sweep():
-    """Each new family tunes its extra hyper-parameter; the tuned step count is achieved exactly and
-    beats (or ties) a small grid of settings around it."""
-    nqm = NQM.power_law(30)
-    target = 0.1 * nqm.initial_loss
-    for fam in ("nesterov", "asgd", "polyak", "schedule_free"):
-        assert fam in FAMILIES
-        res = tune(nqm, fam, 8.0, target)
-        assert math.isfinite(res["steps"])
-        opt = make_optimizer(fam, res["lr"], None if math.isnan(res["extra"]) else res["extra"])
-        assert nqm.steps_to_target(opt, 8.0, target) == res["steps"]
-        for f in (0.5, 0.8, 1.25):
-            other = opt.with_lr(min(f * res["lr"], 0.999 * nqm.lr_limit(opt)))
-            assert nqm.steps_to_target(other, 8.0, target) >= res["steps"]
-    ds = batch_size_sweep(nqm, "nesterov", [1.0, 4.0, 16.0], target, progress=False)
+    """Every new family tunes its extra hyper-parameter (kappa for ASGD, beta for schedule-free) and
+    runs in batch_size_sweep and family_sweeps (about 25 s)."""
+    for fam in ("asgd", "schedule_free"):
+        _check_tuned(NQM30, fam, 8.0, TARGET30)
+    ds = batch_size_sweep(NQM30, "nesterov", [1.0, 4.0, 16.0], TARGET30, progress=False)
     assert np.all(np.isfinite(ds.steps_to_target)) and np.all(np.diff(ds.steps_to_target) <= 0)
-    assert "momentum_opt" in ds and ds.attrs["optimizer"] == "nesterov"
-    out = family_sweeps(nqm, ["asgd", "schedule_free"], [2.0, 8.0], target, progress=False, n_jobs=1)
-    assert "kappa_opt" in out["asgd"] and "momentum_opt" in out["schedule_free"]
-    assert np.all(np.isfinite(out["schedule_free"].steps_to_target))
+    assert "momentum_opt" in ds and "lr_eff_opt" in ds and ds.attrs["optimizer"] == "nesterov"
+    out = family_sweeps(NQM30, ["asgd", "schedule_free", "polyak"], [2.0, 8.0], TARGET30, progress=False, n_jobs=1)
+    assert np.all(out["asgd"].kappa_opt >= 1.0) and "momentum_opt" in out["schedule_free"]
+    for ds in out.values():
+        assert np.all(np.isfinite(ds.steps_to_target))

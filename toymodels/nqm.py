@@ -118,20 +118,20 @@ def _check_target(target):
 class _FamilyLoss:
     """L_k(lr, e) of an optimizer family affine in e, evaluated without building optimizer objects."""
 
-    def __init__(self, parts, lim0, lim1, q, h, readout, S0):
-        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de)
-        self.parts, self.lim0, self.lim1 = parts, lim0, lim1
+    def __init__(self, parts, lim0, lim1, q, h, readout, S0, lim2=0.0):
+        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de); limit (lim0 + e lim1) / (1 + e lim2)
+        self.parts, self.lim0, self.lim1, self.lim2 = parts, lim0, lim1, lim2
         self.q, self.h, self.readout, self.S0 = q, h, readout, S0
 
     def limit(self, e):
-        return self.lim0 + e * self.lim1
+        return (self.lim0 + e * self.lim1) / (1.0 + e * self.lim2)
 
     def loss(self, e, lr, k):
         return dynamics.loss_at_parts(self.parts, e, lr, self.q, self.h, self.readout, self.S0, k)
 
     def kernel_args(self, k):
         """The arguments of :func:`toymodels._localmin.family_log_loss` after (x, y), up to k."""
-        return self.parts, float(self.lim0), float(self.lim1), self.q, self.h, int(self.readout), self.S0, int(k)
+        return self.parts, float(self.lim0), float(self.lim1), float(self.lim2), self.q, self.h, int(self.readout), self.S0, int(k)
 
 
 class NQM:
@@ -249,7 +249,9 @@ class NQM:
         """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e.
 
         Returns an object with ``limit(e)`` (stable lr limit) and ``loss(e, lr, k)``, or None when the
-        family has more than 2 states or is not affine in e (checked at e = 0, 0.25, 0.5).
+        family has more than 2 states, changes at every update, or is not affine in e (checked at e = 0,
+        0.25, 0.5), or its stability limit is neither affine in e nor (l0 + e l1) / (1 + e l2)
+        (Nesterov's, fitted at 0, 0.5, 0.9 and checked at 0.25).
         """
         opts = [make(e) for e in (0.0, 0.25, 0.5)]
         if opts[0].n_state > 2 or opts[0].time_varying:
@@ -263,10 +265,18 @@ class NQM:
             if not np.allclose(z0 + 0.25 * slope, zq, rtol=1e-12, atol=1e-15):
                 return None
             parts += [np.ascontiguousarray(z0), np.ascontiguousarray(slope)]
-        if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) > 1e-12 * abs(lim[1]):
+        if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) <= 1e-12 * abs(lim[1]):
+            return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
+                               opts[0].readout, self._S0(opts[0]))
+        # a limit (l0 + e l1) / (1 + e l2): l0 = lim(0); from e = 0.5 and 0.9, l1 - lim(e) l2 = (lim(e) - l0) / e
+        l0, l5, l9 = lim[0], lim[2], self.lr_limit(make(0.9))
+        m = np.array([[1.0, -l5], [1.0, -l9]])
+        rhs = np.array([(l5 - l0) / 0.5, (l9 - l0) / 0.9])
+        l1, l2 = np.linalg.solve(m, rhs)
+        if abs((l0 + 0.25 * l1) / (1.0 + 0.25 * l2) - lim[1]) > 1e-12 * abs(lim[1]) or l2 <= -1.0:
             return None
-        return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
-                           opts[0].readout, self._S0(opts[0]))
+        return _FamilyLoss(tuple(parts), l0, float(l1), self.c / batch_size, self.h, opts[0].readout,
+                           self._S0(opts[0]), lim2=float(l2))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def noise_floor(self, optimizer, batch_size) -> float:

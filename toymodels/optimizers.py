@@ -17,7 +17,7 @@ the loss is measured at.
   avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is read at avg.  State (base..., avg).
 
 * :class:`Nesterov` -- Nesterov's accelerated gradient in Sutskever et al.'s momentum form, state
-  (phi, v) with phi the look-ahead iterate (the one PyTorch stores), gradients taken at phi.
+  (phi, beta v) with phi the look-ahead iterate (the one PyTorch stores), gradients taken at phi.
 * :class:`AcceleratedSGD` -- the accelerated SGD (ASGD) of Kidambi et al. 2018, state (w, w_bar).
 * :class:`PolyakAverage` -- uniform average of the iterates of a base optimizer.
 * :class:`ScheduleFree` -- schedule-free SGD (Defazio et al. 2024), state (y, z, x).
@@ -350,10 +350,12 @@ class Nesterov(Optimizer):
         v' = beta v - a g(theta + beta v),   theta' = theta + v',
 
     with a = lr P^-1 and g the mini-batch gradient (plus weight decay).  The engine's state is
-    (phi, v) with phi = theta + beta v the look-ahead point, where the gradient is taken and the
-    loss is read (PyTorch's ``nesterov=True`` stores phi):
+    (phi, m) with phi = theta + beta v the look-ahead point, where the gradient is taken and the
+    loss is read (PyTorch's ``nesterov=True`` stores phi), and m = beta v:
 
-        phi' = phi - (1 + beta) a g(phi) + beta^2 v,   v' = beta v - a g(phi).
+        phi' = phi - (1 + beta) a g(phi) + beta m,   m' = beta m - beta a g(phi),
+
+    a system affine in beta (so the tuner's compiled path sweeps it).
 
     Per mode with x = a (h + wd) the characteristic polynomial is
     lambda^2 - (1 + beta)(1 - x) lambda + beta (1 - x), stable iff 0 < x < 2 (1 + beta) / (1 + 2 beta)
@@ -375,7 +377,7 @@ class Nesterov(Optimizer):
 
     @property
     def init(self):
-        """``[1.0, 0.0]``: phi_0 = theta_0 and zero velocity."""
+        """``[1.0, 0.0]``: phi_0 = theta_0 and zero velocity (m_0 = 0)."""
         return np.array([1.0, 0.0])
 
     def _affine(self, h):
@@ -383,13 +385,13 @@ class Nesterov(Optimizer):
         heff = _update_curvature(self, h)
         a0 = np.zeros((d, 2, 2))
         a0[:, 0, 0] = 1.0
-        a0[:, 0, 1] = beta * beta
+        a0[:, 0, 1] = beta
         a0[:, 1, 1] = beta
         a1 = np.zeros((d, 2, 2))
         a1[:, 0, 0] = -(1.0 + beta) * heff
-        a1[:, 1, 0] = -heff
+        a1[:, 1, 0] = -beta * heff
         noise = -(h ** (-self.precond))
-        b1 = np.stack([(1.0 + beta) * noise, noise], axis=1)
+        b1 = np.stack([(1.0 + beta) * noise, beta * noise], axis=1)
         return a0, a1, b1
 
     def _lr_limit(self, h):
