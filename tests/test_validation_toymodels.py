@@ -136,12 +136,22 @@ EXAMPLES = {
         (NQM8, SGD(0.5), 2.0, 0.5), dict(max_steps=10**6, full_output=False)),
     # optimizers
     "toymodels.optimizers.EMA.__init__": lambda: ((_new(EMA), SGD(0.1)), dict(decay=0.9)),
-    "toymodels.optimizers.Momentum.__init__": lambda: ((_new(Momentum), 0.1), dict(beta=0.9, precond=0.0)),
+    "toymodels.optimizers.Momentum.__init__": lambda: ((_new(Momentum), 0.1), dict(beta=0.9, precond=0.0,
+                                                                                  weight_decay=0.0)),
+    "toymodels.optimizers.Nesterov.__init__": lambda: ((_new(optimizers.Nesterov), 0.1),
+                                                       dict(beta=0.9, precond=0.0, weight_decay=0.1)),
+    "toymodels.optimizers.AcceleratedSGD.__init__": lambda: ((_new(optimizers.AcceleratedSGD), 0.1),
+                                                             dict(kappa=100.0, xi=5.0, small_const=0.7, weight_decay=0.0)),
+    "toymodels.optimizers.PolyakAverage.__init__": lambda: ((_new(optimizers.PolyakAverage), SGD(0.1)), {}),
+    "toymodels.optimizers.ScheduleFree.__init__": lambda: ((_new(optimizers.ScheduleFree), 0.1),
+                                                           dict(beta=0.9, weight_decay=0.0, averaging="uniform")),
+    "toymodels.optimizers.Optimizer.parts": lambda: ((optimizers.ScheduleFree(0.1), np.ones(3)), {}),
+    "toymodels.optimizers.Optimizer.coefficients": lambda: ((optimizers.PolyakAverage(SGD(0.1)), np.arange(3)), {}),
     "toymodels.optimizers.Optimizer.affine": lambda: ((SGD(0.1), np.ones(3)), {}),
     "toymodels.optimizers.Optimizer.lr_limit": lambda: ((SGD(0.1), np.ones(3)), {}),
     "toymodels.optimizers.Optimizer.transition": lambda: ((SGD(0.1), np.ones(3), 0.1), {}),
     "toymodels.optimizers.Optimizer.with_lr": lambda: ((SGD(0.1), 0.2), {}),
-    "toymodels.optimizers.SGD.__init__": lambda: ((_new(SGD), 0.1), dict(precond=0.0)),
+    "toymodels.optimizers.SGD.__init__": lambda: ((_new(SGD), 0.1), dict(precond=0.0, weight_decay=0.0)),
     # parallel
     "toymodels.parallel.run_tasks": lambda: ((abs, [1, -2]), dict(scheduler=None, on_result=None, n_workers=1)),
     # schedules
@@ -158,6 +168,13 @@ EXAMPLES = {
         (_new(StepDecay), 0.1), dict(factor=0.5, every=3, n_decays=2)),
     "toymodels.schedules.Warmup.__init__": lambda: ((_new(Warmup), Constant(0.1), 3), {}),
     "toymodels.schedules.Tabulated.__init__": lambda: ((_new(Tabulated), [0.3, 0.1]), {}),
+    "toymodels.schedules.WarmupStableDecay.__init__": lambda: (
+        (_new(schedules.WarmupStableDecay), 0.1, 100), dict(warmup_steps=10, decay_fraction=0.2, final_lr=0.0,
+                                                           shape="linear")),
+    "toymodels.schedules.LinearDecay.__init__": lambda: ((_new(schedules.LinearDecay), 0.1, 100),
+                                                         dict(final_lr=0.0, warmup_steps=5)),
+    "toymodels.schedules.InverseSqrt.__init__": lambda: ((_new(schedules.InverseSqrt), 0.1), dict(warmup_steps=5,
+                                                                                                  min_lr=0.0)),
     "toymodels.schedules.as_schedule": lambda: ((0.1,), {}),
     # schema, secular, spectra, stats
     "toymodels.schema.attach_attrs": lambda: ((xr.Dataset(),), dict(model="nqm", source="exact")),
