@@ -348,3 +348,22 @@ def test_new_families_tune_and_sweep():
     assert np.all(out["asgd"].kappa_opt >= 1.0) and "momentum_opt" in out["schedule_free"]
     for ds in out.values():
         assert np.all(np.isfinite(ds.steps_to_target))
+
+
+def test_linear_regression_with_weight_decay_and_nesterov_against_sampled_data():
+    """Online linear regression (state-dependent noise): SGD with weight decay through its closed form,
+    Nesterov and ASGD through the stepped fourth-moment recursion, against Monte Carlo runs that draw
+    the examples, within 4 standard errors."""
+    from toymodels import GaussianLinearRegression
+
+    glr = GaussianLinearRegression.power_law(6, noise_std=0.3)
+    record = [0, 2, 8, 30]
+    for opt in (SGD(0.3, weight_decay=0.2), Nesterov(0.15, 0.7, weight_decay=0.1), AcceleratedSGD(0.2, 20.0, 2.0)):
+        exact = glr.loss_curve(opt, 2, record).values
+        mc = glr.simulate(opt, 2, record, n_runs=4000, seed=3)
+        z = np.abs(mc.loss.values - exact) / mc.loss_sem.values
+        assert np.all(z[1:] < 4.0), (opt, z)
+    # the closed form of SGD (secular equation) with weight decay == stepping the same system
+    opt = SGD(0.3, weight_decay=0.2)
+    mf = glr.modal_form(opt, 2)
+    np.testing.assert_allclose(mf.loss(np.array([5, 40])), glr.loss_curve(opt, 2, [5, 40]).values, rtol=1e-10)

@@ -136,10 +136,11 @@ class GaussianLinearRegression:
 
     def _sgd_system(self, optimizer, batch_size, lr):
         """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
-        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient)
+        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient + wd e)
         lam = self.h
         rate = lr * p
-        a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
+        # weight decay adds to the deterministic contraction only (the sampling noise is the data's)
+        a = (1.0 - rate * (lam + optimizer.weight_decay)) ** 2 + rate**2 * lam**2 / batch_size
         u = rate**2 * lam / batch_size
         return a, u, lam, self.noise_std**2 * u
 
