@@ -284,6 +284,8 @@ def test_monte_carlo_of_the_paper_update_within_4_standard_errors(name):
     z = np.abs(mc[:, 0] - exact) / mc[:, 1]
     assert np.all(z[1:] < 4.0), (name, z)
     assert mc[0, 0] == pytest.approx(exact[0], rel=0.1)  # step 0: theta_0 itself (sampling error only)
+    sim = NQM3.simulate(opt, 2.0, record, n_runs=4000, seed=5)  # the library's Monte Carlo of the same system
+    assert np.all(np.abs(sim.loss.values - exact) / sim.loss_sem.values < 4.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,3 +369,15 @@ def test_linear_regression_with_weight_decay_and_nesterov_against_sampled_data()
     opt = SGD(0.3, weight_decay=0.2)
     mf = glr.modal_form(opt, 2)
     np.testing.assert_allclose(mf.loss(np.array([5, 40])), glr.loss_curve(opt, 2, [5, 40]).values, rtol=1e-10)
+
+
+def test_ema_of_the_new_bases_matches_plain_numpy_stepping():
+    """EMA over Nesterov and ASGD (3-state block lower-triangular systems): the closed form and the
+    first crossing against the slow numpy recursion of conftest."""
+    from conftest import reference_curve
+
+    for opt in (EMA(Nesterov(0.3, 0.7), 0.9), EMA(AcceleratedSGD(0.3, 30.0, 3.0), 0.8)):
+        ref = reference_curve(NQM3.h, NQM3.c, NQM3.init_sq, opt, 2.0, 120)
+        np.testing.assert_allclose(NQM3.loss_curve(opt, 2.0, 120).values, ref, rtol=1e-10)
+        target = ref[100] * 1.0001
+        assert NQM3.steps_to_target(opt, 2.0, target) == np.argmax(ref <= target)

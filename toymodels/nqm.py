@@ -30,7 +30,7 @@ from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZ
                     STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
-from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system
+from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system, simulate_varying_system
 from .optimizers import Optimizer
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
 from .schedules import check_batch_size as check_batch_sizes
@@ -589,18 +589,20 @@ class NQM:
         """
         check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
                     what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
-        if optimizer.time_varying:
-            raise NotImplementedError(f"NQM.simulate does not run {type(optimizer).__name__} (its averaging weight "
-                                      f"changes at every update) yet.")
         batch, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
-        a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
         scheduled = isinstance(batch, Schedule)
-        loss, gsq = simulate_linear_system(
-            a0, a1, b1, self.c if scheduled else self.c / batch, self.h, optimizer.readout, optimizer.init,
-            self.init_sq, optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
-            batch=batch_sizes_at(batch, np.arange(n)) if scheduled else None,
-        )
+        q = self.c if scheduled else self.c / batch
+        common = dict(progress=None if bar is None else bar.update,
+                      batch=batch_sizes_at(batch, np.arange(n)) if scheduled else None)
+        if optimizer.time_varying:
+            loss, gsq = simulate_varying_system(optimizer.parts(self.h), optimizer.coefficients(np.arange(n)), q, self.h,
+                                                optimizer.readout, optimizer.init, self.init_sq, optimizer.lr.values(n),
+                                                ks, n_runs, rng, **common)
+        else:
+            a0, a1, b1 = optimizer.affine(self.h)
+            loss, gsq = simulate_linear_system(a0, a1, b1, q, self.h, optimizer.readout, optimizer.init, self.init_sq,
+                                               optimizer.lr.values(n), ks, n_runs, rng, **common)
         if bar is not None:
             bar.close()
         first, reason = mc_divergence(ks, loss, gsq)
