@@ -335,6 +335,11 @@ def test_nesterov_and_polyak_tune():
     res = _check_tuned(NQM30, "nesterov", 8.0, TARGET30)
     assert 0.0 <= res["extra"] < 1.0
     _check_tuned(NQM30, "polyak", 8.0, TARGET30)
+    # the Polyak average's loss at one step through its running sum (binary powering) == stepping
+    opt = PolyakAverage(Nesterov(0.2, 0.6))
+    curve = NQM30.loss_curve(opt, 8.0, [0, 1, 7, 300]).values
+    got = [NQM30.loss_at_step(opt, 8.0, k) for k in (0, 1, 7, 300)]
+    np.testing.assert_allclose(got, curve, rtol=1e-11)
 
 
 @pytest.mark.slow

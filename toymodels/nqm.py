@@ -232,6 +232,13 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        if hasattr(optimizer, "sum_affine"):  # Polyak: the running sum is a constant system, O(log k)
+            a0, a1, b1 = optimizer.sum_affine(self.h)
+            with np.errstate(over="ignore", invalid="ignore"):
+                S = dynamics.jump(a0 + lr * a1, lr * b1, self.c / batch_size, self._S0(optimizer), k)
+                r = optimizer.readout
+                v = 0.5 * float(np.sum(self.h * S[:, r, r])) / float(k + 1) ** 2
+            return v if math.isfinite(v) else math.inf
         if optimizer.time_varying:  # k updates one at a time
             S = self._S0(optimizer).copy()
             loss, _ = dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, self.c / batch_size,

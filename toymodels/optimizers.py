@@ -558,6 +558,24 @@ class PolyakAverage(Optimizer):
         R1[:, s] = b1b[:, r]
         return P0, P1, Q0, Q1, R0, R1
 
+    def sum_affine(self, h):
+        """``(A0, A1, b1)`` of the constant system with the running *sum* sigma_k = theta_0 + ... + theta_k
+        in place of the average (sigma' = sigma + theta', sigma_0 = theta_0; same ``init``): then
+        E[avg_k^2] = E[sigma_k^2] / (k + 1)^2, so the loss at one step k comes from k constant steps
+        (binary powering, O(log k)) although the average itself changes at every update."""
+        a0b, a1b, b1b = self.base._affine(h)
+        d, s = h.size, self.base.n_state
+        r = self.base.readout
+        a0 = np.zeros((d, s + 1, s + 1))
+        a1 = np.zeros((d, s + 1, s + 1))
+        a0[:, :s, :s] = a0b
+        a1[:, :s, :s] = a1b
+        a0[:, s, :s] = a0b[:, r, :]
+        a1[:, s, :s] = a1b[:, r, :]
+        a0[:, s, s] = 1.0
+        b1 = np.concatenate([b1b, b1b[:, r : r + 1]], axis=1)
+        return a0, a1, b1
+
     def _lr_limit(self, h):
         return self.base._lr_limit(h)
 
