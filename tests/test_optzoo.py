@@ -386,3 +386,13 @@ def test_ema_of_the_new_bases_matches_plain_numpy_stepping():
         np.testing.assert_allclose(NQM3.loss_curve(opt, 2.0, 120).values, ref, rtol=1e-10)
         target = ref[100] * 1.0001
         assert NQM3.steps_to_target(opt, 2.0, target) == np.argmax(ref <= target)
+
+
+def test_models_without_the_new_optimizers_refuse_them_by_name():
+    from toymodels import FiniteLinearRegression, GaussianLinearRegression
+
+    flr = FiniteLinearRegression.gaussian(12, 4, noise_std=0.3, seed=0)
+    with pytest.raises(ValueError, match="weight_decay 0"):
+        flr.loss_at_step(SGD(0.1, weight_decay=0.1), 2.0, 5)
+    with pytest.raises(NotImplementedError, match="changes at every update"):
+        GaussianLinearRegression.power_law(6, noise_std=0.1).loss_curve(ScheduleFree(0.1), 2, 5)
