@@ -396,3 +396,21 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
         flr.loss_at_step(SGD(0.1, weight_decay=0.1), 2.0, 5)
     with pytest.raises(NotImplementedError, match="changes at every update"):
         GaussianLinearRegression.power_law(6, noise_std=0.1).loss_curve(ScheduleFree(0.1), 2, 5)
+
+
+@pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
+def test_tuner_evaluation_matches_optimizer_objects(family):
+    """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta;
+    Python for the others) equals building each optimizer and stepping its curve."""
+    from toymodels.sweep import _EXTRA, _Evaluator
+
+    ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
+    assert (ev._fast is not None) == (family == "nesterov")
+    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0)]:
+        y = y if _EXTRA[family] else None
+        extra = None if y is None else 1 - math.exp(y)
+        opt = make_optimizer(family, 1.0, extra)
+        opt = opt.with_lr(math.exp(x) * NQM30.lr_limit(opt))
+        value = NQM30.loss_curve(opt, 8.0, [60]).values[0]
+        expected = math.log(value) if math.isfinite(value) else math.inf
+        assert ev.log_loss(60, x, y) == pytest.approx(expected, abs=1e-10)
