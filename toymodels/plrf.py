@@ -131,7 +131,8 @@ class PowerLawRF:
             raise ValueError("`features` must not be zero: K = W^T D W has no nonzero eigenvalue.")
         pc = P.T @ self._c
         resid = self._c - P @ pc
-        self.irreducible_risk = 0.5 * float(resid @ resid)
+        # rank v: the features span R^v and the residual is zero but for rounding
+        self.irreducible_risk = 0.0 if s.size == self.v else 0.5 * float(resid @ resid)
         self.regression = GaussianLinearRegression(s**2, pc / s, math.sqrt(2.0 * self.irreducible_risk))
 
     # ------------------------------------------------------------------------------------------
