@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from toymodels import EMA, SGD, GaussianLinearRegression, Momentum, sweep
-from toymodels.plrf import PowerLawRF
+from toymodels.plrf import PowerLawRF, deterministic_equivalent
 
 KS = np.array([0, 1, 4, 12, 40])
 
@@ -131,3 +131,22 @@ def test_every_step_curve_equals_the_pointwise_closed_form():
     grid = np.array([0, 1, 7, 1023, 1024, 1025, 2047, 2048, 3000, 4999, 5000])
     np.testing.assert_allclose(model.loss_curve(opt, 1, 5000).values[grid], model.loss_curve(opt, 1, grid).values,
                                rtol=1e-11)
+
+
+def test_deterministic_equivalent_conserves_count_and_target_mass():
+    """r = min(v, d) modes, decreasing; the target's weights and the irreducible risk add up to
+    |D^(1/2) b|^2; the irreducible risk is that of the random features (seed mean) to within the
+    seed-to-seed spread."""
+    v, d = 120, 60
+    lam, rho, sigma2 = deterministic_equivalent(1.0, 0.5, v, d)
+    j = np.arange(1, v + 1.0)
+    assert lam.shape == rho.shape == (d,) and np.all(np.diff(lam) < 0) and np.all(rho >= 0)
+    assert rho.sum() + sigma2 == pytest.approx(np.sum(j ** (-2.0 - 1.0)), rel=1e-12)
+    irr = [PowerLawRF(1.0, 0.5, v, d, seed=s).irreducible_risk for s in range(8)]
+    assert abs(sigma2 / 2 - np.mean(irr)) < 3 * np.std(irr)
+    model = PowerLawRF(1.0, 0.5, v, d, spectrum="deterministic")
+    assert model.irreducible_risk == sigma2 / 2 and model.params["spectrum"] == "deterministic"
+    assert model.features.shape == (v, d)  # drawn on demand, for the Monte Carlo
+    assert PowerLawRF(1.0, 0.5, 30, 20).method == "exact"
+    # the top eigenvalue of K sits near D_1 = 1
+    assert lam[0] == pytest.approx(PowerLawRF(1.0, 0.5, v, d, seed=0).spectrum[0], rel=0.1)

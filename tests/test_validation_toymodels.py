@@ -100,7 +100,9 @@ EXAMPLES = {
     "toymodels.finite_regression.FiniteLinearRegression.steps_to_target": lambda: (
         (FLR4, SGD(0.1), 2.0, 0.5), dict(max_steps=100, full_output=False)),
     # power-law random features
-    "toymodels.plrf.PowerLawRF.__init__": lambda: ((_new(plrf.PowerLawRF), 1.0, 0.5, 8, 4), dict(seed=0)),
+    "toymodels.plrf.PowerLawRF.__init__": lambda: ((_new(plrf.PowerLawRF), 1.0, 0.5, 8, 4),
+                                                   dict(seed=0, spectrum="exact")),
+    "toymodels.plrf.deterministic_equivalent": lambda: ((1.0, 0.5, 8, 4), dict(ratio=1.01, eps=1e-3)),
     "toymodels.plrf.PowerLawRF.from_features": lambda: ((plrf.PowerLawRF, 1.0, 0.5, np.eye(3)), {}),
     "toymodels.plrf.PowerLawRF.risk": lambda: ((PLRF, np.zeros(4)), {}),
     "toymodels.plrf.PowerLawRF.lr_limit": lambda: ((PLRF, SGD(0.1)), {}),
