@@ -150,3 +150,20 @@ def test_deterministic_equivalent_conserves_count_and_target_mass():
     assert PowerLawRF(1.0, 0.5, 30, 20).method == "exact"
     # the top eigenvalue of K sits near D_1 = 1
     assert lam[0] == pytest.approx(PowerLawRF(1.0, 0.5, v, d, seed=0).spectrum[0], rel=0.1)
+
+
+@pytest.mark.slow
+def test_deterministic_equivalent_matches_the_seed_mean_of_the_exact_risk():
+    """The deterministic equivalent is the large-(v, d) limit of the seed average: at v = 600, d = 300
+    its SGD risk curve (10^5 steps, 40 log-spaced points) lies within 4 standard errors of the mean of
+    16 exact curves (different features) at every point (measured: 2.4 SE, 7% at most, where one seed
+    differs from another by up to 21%)."""
+    v, d, n_seeds = 600, 300, 16
+    de = PowerLawRF(1.0, 0.7, v, d, spectrum="deterministic")
+    opt = SGD(0.5 * de.stable_lr(SGD(1.0), 1))
+    ks = np.unique(np.round(np.logspace(0, 5, 40)).astype(np.int64))
+    curves = np.array([PowerLawRF(1.0, 0.7, v, d, seed=s, spectrum="exact").loss_curve(opt, 1, ks).values
+                       for s in range(n_seeds)])
+    mean, se = curves.mean(axis=0), curves.std(axis=0, ddof=1) / math.sqrt(n_seeds)
+    z = (de.loss_curve(opt, 1, ks).values - mean) / se
+    assert np.all(np.abs(z) < 4.0), z
