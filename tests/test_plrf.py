@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from toymodels import EMA, SGD, GaussianLinearRegression, Momentum, sweep
-from toymodels.plrf import PowerLawRF, deterministic_equivalent
+from toymodels import schema
+from toymodels.plrf import PowerLawRF, compute_optimal_frontier, deterministic_equivalent, plrf_frontier
 
 KS = np.array([0, 1, 4, 12, 40])
 
@@ -142,14 +143,15 @@ def test_deterministic_equivalent_conserves_count_and_target_mass():
     j = np.arange(1, v + 1.0)
     assert lam.shape == rho.shape == (d,) and np.all(np.diff(lam) < 0) and np.all(rho >= 0)
     assert rho.sum() + sigma2 == pytest.approx(np.sum(j ** (-2.0 - 1.0)), rel=1e-12)
-    irr = [PowerLawRF(1.0, 0.5, v, d, seed=s).irreducible_risk for s in range(8)]
+    seeds = [PowerLawRF(1.0, 0.5, v, d, seed=s) for s in range(8)]
+    irr = [m.irreducible_risk for m in seeds]
     assert abs(sigma2 / 2 - np.mean(irr)) < 3 * np.std(irr)
+    top = [m.spectrum[0] for m in seeds]  # the top eigenvalue of K, near D_1 = 1
+    assert abs(lam[0] - np.mean(top)) < 3 * np.std(top)
     model = PowerLawRF(1.0, 0.5, v, d, spectrum="deterministic")
     assert model.irreducible_risk == sigma2 / 2 and model.params["spectrum"] == "deterministic"
     assert model.features.shape == (v, d)  # drawn on demand, for the Monte Carlo
     assert PowerLawRF(1.0, 0.5, 30, 20).method == "exact"
-    # the top eigenvalue of K sits near D_1 = 1
-    assert lam[0] == pytest.approx(PowerLawRF(1.0, 0.5, v, d, seed=0).spectrum[0], rel=0.1)
 
 
 @pytest.mark.slow
@@ -167,3 +169,28 @@ def test_deterministic_equivalent_matches_the_seed_mean_of_the_exact_risk():
     mean, se = curves.mean(axis=0), curves.std(axis=0, ddof=1) / math.sqrt(n_seeds)
     z = (de.loss_curve(opt, 1, ks).values - mean) / se
     assert np.all(np.abs(z) < 4.0), z
+
+
+def test_frontier_recovers_the_closed_form_exponents():
+    """L(d; F) = (F / d)^-a + d^-b has d* = (b / a)^(1 / (a + b)) F^(a / (a + b)) exactly:
+    xi = a / (a + b) and eta = a b / (a + b) are recovered from a 25-size grid."""
+    ds = np.unique(np.round(np.logspace(1, 4, 25)))
+    fs = np.logspace(5, 9, 12)
+    a, b = 0.8, 1.5
+    L = (fs[None, :] / ds[:, None]) ** -a + ds[:, None] ** -b
+    out = compute_optimal_frontier(L, ds, fs)
+    assert out.attrs["n_fit"] == 12 and not out.at_grid_end.any()
+    assert out.attrs["xi"] == pytest.approx(a / (a + b), rel=1e-3)
+    assert out.attrs["eta"] == pytest.approx(a * b / (a + b), rel=1e-3)
+    np.testing.assert_allclose(out.d_opt, (b / a) ** (1 / (a + b)) * fs ** (a / (a + b)), rtol=0.02)
+
+
+def test_plrf_frontier_is_the_minimum_of_exact_risks():
+    ds, fs = np.array([10, 20, 40]), np.array([2e3, 2e4])
+    out = plrf_frontier(1.0, 0.3, ds, fs, v=80)
+    schema.validate(out)
+    model = PowerLawRF(1.0, 0.3, 80, 20)
+    opt = SGD(0.5 * model.stable_lr(SGD(1.0), 1))
+    assert out.loss.sel(n_features=20, flops=2e4) == pytest.approx(model.loss_at_step(opt, 1, 1000), rel=1e-10)
+    assert np.all(out.loss_opt <= out.loss.min("n_features") * (1 + 1e-12))
+    assert out.attrs["xi_theory"] == pytest.approx(1 / 3)  # 2 beta < 1: 1 / (2 alpha + 1)

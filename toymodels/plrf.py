@@ -66,7 +66,7 @@ from .nqm import _check_optimizer, _check_target
 from .optimizers import EMA, SGD, Momentum
 from .schema import attach_attrs
 
-__all__ = ["PowerLawRF", "deterministic_equivalent", "EXACT_MAX"]
+__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "EXACT_MAX"]
 
 EXACT_MAX = 4096  # spectrum="auto": the exact SVD up to min(v, d) = 4096, the deterministic equivalent beyond
 SPECTRA = ("auto", "exact", "deterministic")
@@ -493,3 +493,110 @@ def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio
     edges = np.interp(np.arange(r + 1.0), n_k, x_k)
     rho = np.diff(np.interp(-edges, -xg, w_cum))
     return mids, np.maximum(rho, 0.0), sigma2
+
+
+# ----------------------------------------------------------------------------------------------
+# the compute-optimal frontier
+# ----------------------------------------------------------------------------------------------
+def _isoflop_minimum(log_d, losses):
+    """argmin over log d of one iso-FLOP slice (finite values): the grid minimum refined by the
+    parabola through it and its two neighbours (in log d, log loss); the grid end if it is there."""
+    i = int(np.argmin(losses))
+    if i == 0 or i == losses.size - 1 or not np.all(np.isfinite(losses[i - 1 : i + 2])):
+        return log_d[i], float(losses[i]), i in (0, losses.size - 1)
+    x, y = log_d[i - 1 : i + 2], np.log(losses[i - 1 : i + 2])
+    a, b, c = np.polyfit(x, y, 2)
+    xm = float(np.clip(-b / (2 * a), x[0], x[2])) if a > 0 else float(x[1])
+    return xm, float(math.exp(np.polyval([a, b, c], xm))), False
+
+
+@validate(losses=Array(2), model_sizes=Array(1, low=0.0, low_open=True), flops=Array(1, low=0.0, low_open=True))
+def compute_optimal_frontier(losses, model_sizes, flops) -> xr.Dataset:
+    """The compute-optimal frontier of a table of losses, and its power-law exponents.
+
+    For each budget F (a column of ``losses``) the iso-FLOP slice L(d; F) is minimised over the
+    model sizes (grid minimum refined by a parabola in (log d, log L)); d*(F) and L*(F) = L(d*; F)
+    are then fitted as d* ~ F^xi and L* ~ F^-eta by least squares in log-log over the budgets whose
+    minimum is inside the grid (not at an end).
+
+    Args:
+        losses: ``(n_sizes, n_flops)`` loss of model size d_i at budget F_j (``inf`` allowed).
+        model_sizes: ``(n_sizes,)`` increasing.
+        flops: ``(n_flops,)`` increasing.
+
+    Returns:
+        Dataset over ``flops``: ``d_opt``, ``loss_opt`` and ``at_grid_end`` (bool); attrs ``xi`` and
+        ``eta`` (NaN if fewer than two interior minima) and ``n_fit``.
+    """
+    L = np.asarray(losses, dtype=np.float64)
+    ds, fs = np.asarray(model_sizes, dtype=np.float64), np.asarray(flops, dtype=np.float64)
+    if L.shape != (ds.size, fs.size):
+        raise ValueError(f"`losses` must have shape (len(model_sizes), len(flops)) = ({ds.size}, {fs.size}); "
+                         f"got {L.shape}.")
+    if np.any(np.isnan(L)) or np.any(L <= 0):
+        raise ValueError("`losses` must be > 0 (inf allowed), without NaN.")
+    log_d = np.log(ds)
+    d_opt, loss_opt, edge = np.empty(fs.size), np.empty(fs.size), np.zeros(fs.size, dtype=bool)
+    for j in range(fs.size):
+        xm, lm, edge[j] = _isoflop_minimum(log_d, L[:, j])
+        d_opt[j], loss_opt[j] = math.exp(xm), lm
+    ok = ~edge & np.isfinite(loss_opt)
+    xi = eta = math.nan
+    if ok.sum() >= 2:
+        xi = float(np.polyfit(np.log(fs[ok]), np.log(d_opt[ok]), 1)[0])
+        eta = -float(np.polyfit(np.log(fs[ok]), np.log(loss_opt[ok]), 1)[0])
+    ds_out = xr.Dataset({"d_opt": ("flops", d_opt), "loss_opt": ("flops", loss_opt), "at_grid_end": ("flops", edge)},
+                        coords={"flops": fs})
+    ds_out.attrs.update(xi=xi, eta=eta, n_fit=int(ok.sum()))
+    return ds_out
+
+
+@validate(alpha=_ALPHA, beta=_BETA, model_sizes=Array(1, low=1.0), flops=Array(1, low=0.0, low_open=True),
+          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED)
+def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | None = None, batch_size: float = 1.0,
+                  lr_fraction: float = 0.5, seed: int = 0) -> xr.Dataset:
+    """The PLRF's compute-optimal frontier under SGD, exactly: F = d x B x steps.
+
+    For each model size d a :class:`PowerLawRF` (``v`` data dimensions, default 2 max(d)) is
+    trained by SGD at batch size B with ``lr_fraction`` of its largest stable constant learning
+    rate; its exact risk at k = F / (d B) steps (rounded down) gives the table L(d; F), and
+    :func:`compute_optimal_frontier` the frontier and the exponents.
+
+    Theory to compare with (no SGD noise, large d; the part of the loss the frontier trades
+    off): the risk splits into the features' approximation error, the irreducible risk
+    F_ac(d) ~ d^(-2 alpha + max(0, 1 - 2 beta)) (from sigma^2 = sum_j c_j^2 u / (D_j + u) with
+    u ~ d^(-2 alpha)), and the gradient-descent term F_pp(k) ~ k^(-(2 alpha + 2 beta - 1) / (2 alpha))
+    (modes j with lr k j^(-2 alpha) < 1 not yet learned).  Balancing F_pp(F / d) = F_ac(d) gives
+    d* ~ F^xi with xi = a / (a + b), a = (2 alpha + 2 beta - 1) / (2 alpha), b = 2 alpha - max(0,
+    1 - 2 beta): xi = 1 / (2 alpha + 1) for 2 beta < 1 (Paquette et al. 2024's Phase I, Sec. 3),
+    and eta = a b / (a + b).  Where SGD noise or the embedding dominate (their Phases II-IV) the
+    exponents differ; :attr:`Dataset.attrs` holds ``xi_theory`` and ``eta_theory`` of this
+    noiseless balance only.
+
+    Returns:
+        The frontier (:func:`compute_optimal_frontier`) with the table ``loss`` over
+        (``n_features``, ``flops``) and attrs ``xi_theory``, ``eta_theory``.
+    """
+    ds = np.asarray(model_sizes, dtype=np.float64)
+    if np.any(ds != np.round(ds)) or np.any(np.diff(ds) <= 0):
+        raise ValueError("`model_sizes` must be increasing whole numbers.")
+    fs = np.asarray(flops, dtype=np.float64)
+    vv = int(2 * ds[-1]) if v is None else check_int("v", v, low=1)
+    table = np.full((ds.size, fs.size), np.inf)
+    for i, d in enumerate(ds.astype(np.int64)):
+        model = PowerLawRF(alpha, beta, vv, int(d), seed=seed)
+        opt = SGD(lr_fraction * model.stable_lr(SGD(1.0), batch_size))
+        k = np.floor(fs / (d * batch_size)).astype(np.int64)
+        valid = k >= 0
+        uniq, inv = np.unique(k[valid], return_inverse=True)
+        table[i, valid] = model.loss_curve(opt, batch_size, uniq).values[inv]
+    out = compute_optimal_frontier(table, ds, fs)
+    out["loss"] = (("n_features", "flops"), table)
+    out = out.assign_coords(n_features=ds)
+    a = (2 * alpha + 2 * beta - 1) / (2 * alpha)
+    b = 2 * alpha - max(0.0, 1 - 2 * beta)
+    theory = (a / (a + b), a * b / (a + b)) if a > 0 and b > 0 else (math.nan, math.nan)
+    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta, v=vv,
+                 batch_size=float(batch_size), lr_fraction=lr_fraction, seed=seed, xi=out.attrs["xi"],
+                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], xi_theory=theory[0], eta_theory=theory[1])
+    return out
