@@ -143,6 +143,11 @@ def test_deterministic_equivalent_conserves_count_and_target_mass():
     j = np.arange(1, v + 1.0)
     assert lam.shape == rho.shape == (d,) and np.all(np.diff(lam) < 0) and np.all(rho >= 0)
     assert rho.sum() + sigma2 == pytest.approx(np.sum(j ** (-2.0 - 1.0)), rel=1e-12)
+    # first moments: E tr K = sum_j D_j and E c^T M M^T c = sum_j c_j^2 D_j (M = D^(1/2) W)
+    assert lam.sum() == pytest.approx(np.sum(j**-2.0), rel=1e-2)
+    assert (rho * lam).sum() == pytest.approx(np.sum(j ** (-4.0 - 1.0)), rel=1e-2)
+    lam_sq, rho_sq, sigma2_sq = deterministic_equivalent(1.0, 0.5, 50, 50)  # v = d: the spectrum reaches 0
+    assert sigma2_sq == 0.0 and lam_sq.size == 50 and lam_sq.sum() == pytest.approx(np.sum(j[:50] ** -2.0), rel=1e-2)
     seeds = [PowerLawRF(1.0, 0.5, v, d, seed=s) for s in range(8)]
     irr = [m.irreducible_risk for m in seeds]
     assert abs(sigma2 / 2 - np.mean(irr)) < 3 * np.std(irr)
