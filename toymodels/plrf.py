@@ -439,9 +439,13 @@ def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio
     between its neighbours' half-way counts, so the mode count is exact and the masses add up to
     |c|^2 - sigma^2.
 
-    Accuracy: the deterministic equivalent is the large-(v, d) limit of the seed average; at
-    d = 500, v = 1000 it is checked against the exact eigendecomposition over seeds
-    (tests/test_plrf.py, marked slow).
+    Accuracy: the deterministic equivalent is the large-(v, d) limit of the seed average, checked
+    against the mean of exact eigendecompositions over seeds, SGD at B = 1 and half the stable
+    learning rate, 10^5 steps: v = 600, d = 300 (16 seeds): within 2.4% (0.6 standard errors of the
+    seed mean) at alpha = 1, beta = 0.7 and 1.0% at alpha = 0.7, beta = 0.3, where single seeds
+    differ by up to 21%; v = 2000, d = 1000 (4 seeds): within 8% (3 standard errors), and 0.3-1%
+    high over the first three steps, where the seeds agree to 0.1% (the top eigenvalues, isolated
+    spikes, are each one mode at their median).
 
     Returns:
         ``(lam, rho, sigma2)``: eigenvalues ``(r,)`` decreasing, the target's weight
