@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
-from deepmodels.callbacks import probing
+from deepmodels import probes
+from deepmodels.callbacks import STATS, criterion_loss, probing
 from deepmodels.gns import GradientNoiseScale, stack
 
 D, B, M = 4, 4, 2  # input width, micro-batch size, micro-batches per step
@@ -66,6 +67,31 @@ def _reference(net, seen):
     return out
 
 
+MSE = criterion_loss(F.mse_loss)  # the per-example loss of the tests' regression
+
+
+def _stats_reference(net, seen, steps):
+    """The per-example statistics of each step in ``steps`` by probes.gradient_stats on its last
+    micro-batch of ``seen`` = [(step, x, y, parameters)] at its parameters, batch_size B * M."""
+    net = copy.deepcopy(net)
+    last = {k: (x, y, params) for k, x, y, params in seen}
+    out = []
+    for k in steps:
+        x, y, params = last[k]
+        with torch.no_grad():
+            for p, v in zip(net.parameters(), params):
+                p.copy_(v)
+        n = sum(1 for m in seen if m[0] == k)
+        out.append(probes.gradient_stats(net, MSE, batch=(x, y), batch_size=float(B * n), step=k))
+    return xr.concat(out, dim="step")
+
+
+def _assert_stats_equal(ds, ref, rtol=1e-6):
+    assert list(ds.step.values) == list(ref.step.values) and list(ds.layer.values) == list(ref.layer.values)
+    for name in STATS:
+        np.testing.assert_allclose(ds[name].values, ref[name].values, rtol=rtol, atol=0, err_msg=name)
+
+
 def _assert_rows_equal(ds, estimates, steps, rtol=1e-6):
     ref = stack([e for e in estimates if e.step in steps])
     assert list(ds.step.values) == list(steps)
@@ -73,7 +99,7 @@ def _assert_rows_equal(ds, estimates, steps, rtol=1e-6):
         np.testing.assert_allclose(ds[name].values, ref[name].values, rtol=rtol, atol=0, err_msg=name)
 
 
-def _loop(net, x, y, steps, probe=None, start=0, lr=0.1):
+def _loop(net, x, y, steps, probe=None, start=0, lr=0.1, stats=False):
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     seen, out = [], []
     for k in range(start, start + steps):
@@ -81,7 +107,10 @@ def _loop(net, x, y, steps, probe=None, start=0, lr=0.1):
             i = slice((k * M + j) * B % len(x), (k * M + j) * B % len(x) + B)
             seen.append((k, x[i], y[i], [p.detach().clone() for p in net.parameters()]))
             (F.mse_loss(net(x[i]), y[i]) / M).backward()
-        out.append(probe.step())
+        if probe is None:
+            out.append(None)
+        else:
+            out.append(probe.step(batch=(x[i], y[i])) if stats else probe.step())
         opt.step()
         opt.zero_grad()
     return seen, out
@@ -125,6 +154,53 @@ def test_probing_resume_continues_the_ema(tmp_path):
         probe.load_state_dict(state)
         _loop(net, x, y, 3, probe, start=3)
     xr.testing.assert_identical(xr.load_dataset(part), xr.load_dataset(whole))
+
+
+def test_probing_per_example_stats_on_schedule_and_resumed(tmp_path):
+    """stats_every=3: the per-example statistics of each third step's last micro-batch, equal to
+    probes.gradient_stats there; the probe's own backward pass is no micro-batch of the estimator, and
+    .grad and the random state are left as they were (the same training and rows, bit for bit, as
+    without it); the file's group holds them; a resumed run rewrites the same file."""
+    x, y = _data()
+    plain = _net()
+    with probing(plain, every=2) as probe:
+        _loop(plain, x, y, 6, probe)
+    plain_rows = probe.dataset()
+    whole = tmp_path / "whole.nc"
+    net = _net()
+    start = copy.deepcopy(net)
+    torch.manual_seed(7)
+    with probing(net, path=whole, every=2, stats_every=3, stats_loss_fn=MSE) as probe:
+        with pytest.raises(ValueError, match="`batch` must be given at step 0"):
+            probe.step()
+        seen, _ = _loop(net, x, y, 6, probe, stats=True)
+    after = torch.rand(())
+    torch.manual_seed(7)
+    assert after == torch.rand(())  # the probe drew nothing from the global generator
+    for p, q in zip(net.parameters(), plain.parameters()):
+        assert torch.equal(p, q)  # .grad restored: the same training
+    xr.testing.assert_identical(xr.load_dataset(whole), plain_rows.assign_attrs(probe.dataset().attrs))
+    stats = xr.load_dataset(whole, group="per_example")
+    xr.testing.assert_identical(stats, probe.stats_dataset())
+    _assert_stats_equal(stats, _stats_reference(start, seen, [0, 3]))
+    assert list(stats.batch_size_now.values) == [B * M] * 2 and list(stats.micro_batch_size.values) == [B] * 2
+    assert stats.attrs["stats_every"] == "3" and stats.attrs["method"] == "hooks"
+
+    part = tmp_path / "part.nc"
+    net = _net()
+    with probing(net, path=part, every=2, stats_every=3, stats_loss_fn=MSE) as probe:
+        _loop(net, x, y, 4, probe, stats=True)
+        state = copy.deepcopy(probe.state_dict())
+        params = copy.deepcopy(net.state_dict())
+    net = _net(seed=5)
+    net.load_state_dict(params)
+    with probing(net, path=part, every=2, stats_every=3, stats_loss_fn=MSE) as probe:
+        with pytest.raises(ValueError, match="must come from a probe with stats_every=2; got stats_every=3"):
+            probing(_net(), every=2, stats_every=2).load_state_dict(state)
+        probe.load_state_dict(state)
+        _loop(net, x, y, 2, probe, start=4, stats=True)
+    xr.testing.assert_identical(xr.load_dataset(part), xr.load_dataset(whole))
+    xr.testing.assert_identical(xr.load_dataset(part, group="per_example"), stats)
 
 
 def test_probing_skips_a_step_of_unequal_micro_batches_and_needs_a_forward():
