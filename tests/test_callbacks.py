@@ -70,10 +70,20 @@ def _reference(net, seen):
 MSE = criterion_loss(F.mse_loss)  # the per-example loss of the tests' regression
 
 
-def _stats_reference(net, seen, steps):
+class _Holder(nn.Module):
+    """The network as the attribute ``net`` (layer names ``net.0``, ... as in the trainers' modules)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+
+def _stats_reference(net, seen, steps, held=False):
     """The per-example statistics of each step in ``steps`` by probes.gradient_stats on its last
-    micro-batch of ``seen`` = [(step, x, y, parameters)] at its parameters, batch_size B * M."""
+    micro-batch of ``seen`` = [(step, x, y, parameters)] at its parameters, batch_size B * M (``held``:
+    the network inside a module, as the trainers hold it)."""
     net = copy.deepcopy(net)
+    model, loss = (_Holder(net), lambda m, b: _mse_net(m, b)) if held else (net, MSE)
     last = {k: (x, y, params) for k, x, y, params in seen}
     out = []
     for k in steps:
@@ -82,7 +92,7 @@ def _stats_reference(net, seen, steps):
             for p, v in zip(net.parameters(), params):
                 p.copy_(v)
         n = sum(1 for m in seen if m[0] == k)
-        out.append(probes.gradient_stats(net, MSE, batch=(x, y), batch_size=float(B * n), step=k))
+        out.append(probes.gradient_stats(model, loss, batch=(x, y), batch_size=float(B * n), step=k))
     return xr.concat(out, dim="step")
 
 
@@ -287,8 +297,35 @@ def test_lightning_logs_on_schedule_and_equals_the_reference(tmp_path):
     assert list(logged.step) == [0, 2, 4]
     np.testing.assert_allclose(logged["gns/noise_scale_ema"], ds.noise_scale_ema.values, rtol=1e-6)
     np.testing.assert_allclose(logged["gns/trace_cov"], ds.trace_cov.values, rtol=1e-6)
+    assert "stats/noise_scale" not in csv  # off by default
     with pytest.raises(ValueError, match="`accumulate_grad_batches` must be >= 2 with LightningProbe"):
         _lightning_fit(tmp_path, LightningProbe(), max_steps=1, accumulate=1, name="one")
+
+
+def _mse_net(model, batch):
+    """The tests' per-example loss through the network inside a Lightning or Hugging Face module."""
+    x, y = (batch["x"], batch["labels"]) if isinstance(batch, dict) else batch
+    return F.mse_loss(model.net(x), y, reduction="none").mean(1)
+
+
+@pytest.mark.slow  # importing the trainer takes 3-10 s
+def test_lightning_per_example_stats_on_schedule(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    import pandas as pd
+
+    from deepmodels.callbacks import LightningProbe
+
+    path = tmp_path / "gns.nc"
+    probe = LightningProbe(path=path, every=2, stats_every=3, stats_loss_fn=_mse_net)
+    trainer, module, start, logger = _lightning_fit(tmp_path, probe, max_steps=6)
+    _assert_rows_equal(xr.load_dataset(path), _reference(start, module.seen), [0, 2, 4])  # the probe's pass not counted
+    stats = xr.load_dataset(path, group="per_example")
+    _assert_stats_equal(stats, _stats_reference(start, module.seen, [0, 3], held=True))
+    csv = pd.read_csv(f"{logger.log_dir}/metrics.csv")
+    logged = csv.dropna(subset=["stats/noise_scale"])
+    assert list(logged.step) == [0, 3]
+    for name in ("grad_norm_sq", "trace_cov", "grad_var", "grad_nvar", "noise_scale"):
+        np.testing.assert_allclose(logged[f"stats/{name}"], stats[name].sel(layer="total").values, rtol=1e-6)
 
 
 @pytest.mark.slow  # importing the trainer takes 3-10 s
@@ -376,6 +413,32 @@ def test_hf_logs_on_schedule_and_equals_the_reference(tmp_path):
     logged = [h for h in trainer.state.log_history if "gns/noise_scale_ema" in h]
     assert [h["step"] for h in logged] == [0, 2, 4]
     np.testing.assert_allclose([h["gns/noise_scale_ema"] for h in logged], ds.noise_scale_ema.values, rtol=1e-12)
+
+
+@pytest.mark.slow  # importing the trainer takes 3-10 s
+def test_hf_per_example_stats_on_schedule_and_resumed(tmp_path):
+    """Stats every 2 steps on the micro-batch the model's last training forward pass took, logged and
+    in the file's group; a resumed trainer rebuilds the callback (with the loss of this process's
+    HFProbe) and rewrites the same rows."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from deepmodels.callbacks import HFProbe
+
+    path = tmp_path / "gns.nc"
+    settings = dict(path=path, every=2, stats_every=2)
+    trainer, first, start = _hf_train(tmp_path, HFProbe(**settings, stats_loss_fn=_mse_net), max_steps=6,
+                                      save_strategy="steps", save_steps=3)
+    whole = xr.load_dataset(path, group="per_example")
+    _assert_stats_equal(whole, _stats_reference(start, first.seen, [0, 2, 4], held=True))
+    _assert_rows_equal(xr.load_dataset(path), _reference(start, first.seen), [0, 2, 4])
+    logged = [h for h in trainer.state.log_history if "stats/grad_nvar" in h]
+    assert [h["step"] for h in logged] == [0, 2, 4]
+    np.testing.assert_allclose([h["stats/grad_nvar"] for h in logged], whole.grad_nvar.sel(layer="total").values,
+                               rtol=1e-12)
+    path.unlink()
+    _, second, _ = _hf_train(tmp_path, HFProbe(**settings, stats_loss_fn=_mse_net), max_steps=6,
+                             resume=str(tmp_path / "out" / "checkpoint-3"), save_strategy="no")
+    _assert_stats_equal(xr.load_dataset(path, group="per_example"), whole)
 
 
 @pytest.mark.slow  # importing the trainer takes 3-10 s
