@@ -78,7 +78,7 @@ class _Holder(nn.Module):
         self.net = net
 
 
-def _stats_reference(net, seen, steps, held=False):
+def _stats_reference(net, seen, steps, held=False, n_micro=None):
     """The per-example statistics of each step in ``steps`` by probes.gradient_stats on its last
     micro-batch of ``seen`` = [(step, x, y, parameters)] at its parameters, batch_size B * M (``held``:
     the network inside a module, as the trainers hold it)."""
@@ -91,7 +91,7 @@ def _stats_reference(net, seen, steps, held=False):
         with torch.no_grad():
             for p, v in zip(net.parameters(), params):
                 p.copy_(v)
-        n = sum(1 for m in seen if m[0] == k)
+        n = sum(1 for m in seen if m[0] == k) if n_micro is None else n_micro
         out.append(probes.gradient_stats(model, loss, batch=(x, y), batch_size=float(B * n), step=k))
     return xr.concat(out, dim="step")
 
@@ -250,7 +250,7 @@ def test_probing_refuses_bad_settings(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Lightning
 # --------------------------------------------------------------------------------------------------
-def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accumulate=M):
+def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accumulate=M, **trainer_kwargs):
     L = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader, TensorDataset
@@ -272,9 +272,10 @@ def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accum
     module = Tiny()
     start = copy.deepcopy(module.net)
     logger = CSVLogger(tmp_path, name=name)
-    trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=logger,
-                        callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
+    settings = dict(max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=logger,
+                    callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
+    trainer = L.Trainer(**{**settings, **trainer_kwargs})
     loader = DataLoader(TensorDataset(*_data()), batch_size=B, shuffle=False)  # 8 micro-batches: 4 steps an epoch
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer, module, start, logger
@@ -550,3 +551,76 @@ def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
         for k, v in want.items():
             assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(want["grad_norm_sq_micro"])), k
         assert float(ds.noise_scale_ema.sel(step=row["step"])) == row["noise_scale_ema"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainers under DDP (2 CPU processes, gloo), launched as torchrun would: one spawned process per
+# rank with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set
+# --------------------------------------------------------------------------------------------------
+def _trainer_ddp_worker(rank, out_dir, port, which):
+    import os
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(_W), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(_W))
+    from deepmodels import callbacks
+
+    writes, write = [], callbacks.resume.write
+
+    def counted(data, path):  # which process writes the file
+        writes.append(path)
+        return write(data, path)
+
+    callbacks.resume.write = counted
+    settings = dict(path=f"{out_dir}/gns.nc", every=1, stats_every=2, stats_loss_fn=_mse_net)
+    if which == "lightning":
+        probe = callbacks.LightningProbe(**settings)
+        trainer, model, start, _ = _lightning_fit(Path(out_dir), probe, max_steps=3, devices=_W, strategy="ddp")
+        probe = probe.probe
+    else:
+        probe = callbacks.HFProbe(**settings)
+        trainer, model, start = _hf_train(Path(out_dir), probe, max_steps=3, save_strategy="no")
+        probe = [c for c in trainer.callback_handler.callbacks if isinstance(c, callbacks.HFProbe)][0].probe
+        trainer.accelerator.wait_for_everyone()
+    torch.save({"seen": model.seen, "start": start, "writes": len(writes), "rows": [r.as_dict() for r in probe.rows],
+                "n_stats": len(probe.stats_rows)}, f"{out_dir}/rank{rank}.pt")
+
+
+def _check_trainer_ddp(tmp_path, which):
+    """The rows of the 2-process run against the single-process reference on the union of the two
+    processes' micro-batches: the same examples, so the same estimates up to float32 rounding of the
+    gradients (DDP's all-reduce sums them in another order; |G|^2 = (B |G_B|^2 - b |g_b|^2) / (B - b)
+    cancels, hence rel 1e-4 and an absolute 1e-6 of the micro-batch norm, as in the loop's DDP test);
+    only process 0 writes the file, and its per-example statistics are those of its own last
+    micro-batch, batch_size the whole step's B W M."""
+    from processes import free_port, run_processes
+
+    run_processes(_trainer_ddp_worker, (str(tmp_path), free_port(), which), _W)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(_W)]
+    assert got[0]["writes"] > 0 and got[1]["writes"] == 0
+    assert got[0]["n_stats"] == 2 and got[1]["n_stats"] == 0
+    assert got[0]["rows"] == got[1]["rows"]
+    ref = _reference(got[0]["start"], got[0]["seen"] + got[1]["seen"])
+    ds = xr.load_dataset(tmp_path / "gns.nc")
+    assert list(ds.step.values) == [0, 1, 2] == [e.step for e in ref]
+    for row, want in zip(got[0]["rows"], ref):
+        want = want.as_dict()
+        assert row["n_micro_batches"] == _W * M and row["batch_size"] == _W * M * B
+        for k, v in want.items():
+            assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(want["grad_norm_sq_micro"])), k
+        assert float(ds.noise_scale_unbiased.sel(step=row["step"])) == row["noise_scale_unbiased"]
+    stats = xr.load_dataset(tmp_path / "gns.nc", group="per_example")
+    _assert_stats_equal(stats, _stats_reference(got[0]["start"], got[0]["seen"], [0, 2], held=True, n_micro=_W * M))
+
+
+@pytest.mark.slow  # two processes, each importing Lightning
+def test_lightning_under_ddp_equals_one_process(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    _check_trainer_ddp(tmp_path, "lightning")
+
+
+@pytest.mark.slow  # two processes, each importing the Hugging Face Trainer
+def test_hf_under_ddp_equals_one_process(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    _check_trainer_ddp(tmp_path, "hf")
