@@ -51,10 +51,29 @@ Output.  The rows are a Dataset over ``step`` with the variables of
 ``ema_decay``, ``trainer``.  With a ``path``, the rows are written there as they come: the whole
 file replaced atomically (:func:`toymodels.resume.write`: an interrupt leaves the old file or the new
 one), at most every ``write_every_s`` seconds, whenever the state is saved (so the file holds every
-row a checkpoint knows), and at the end; only process 0 writes under ``torch.distributed``.
+row a checkpoint knows), and at the end; only process 0 writes under ``torch.distributed``.  With
+``stats_every``, the per-example statistics are the file's group ``"per_example"`` (a Dataset over
+``step`` and ``layer``, :meth:`Probe.stats_dataset`; read it with
+``xarray.load_dataset(path, group="per_example")``); the noise-scale rows stay the root group.
 
-Resume.  ``state_dict()`` holds the estimator's EMA and the rows so far (a list of dicts of
-numbers); ``load_state_dict`` restores both, so a trainer resumed from a checkpoint continues the EMA
+Per-example statistics (optional, ``stats_every=N``; off by default).  Every N-th step (steps 0, N,
+2N, ...), after the step's estimate and before the optimizer step, process 0 runs
+:func:`deepmodels.probes.gradient_stats` on the step's last micro-batch (a plain loop passes it as
+``probe.step(batch=...)``; Lightning: the batch of ``on_train_batch_start``; Hugging Face: the tensors
+of the keyword arguments of the model's last training forward pass) with the per-example loss
+``stats_loss_fn(model, batch) -> (B,)`` (default :func:`criterion_loss` ``()``, cross-entropy on
+``(x, y)`` batches; for ``HFProbe`` :func:`deepmodels.pergrad.next_token_loss`), at the step's
+parameters: |g_bar|^2 (``grad_norm_sq``), the population tr Sigma of the b examples (``trace_cov``),
+``grad_var``, ``grad_nvar`` and ``noise_scale`` for the step's batch size B (the definitions of
+:func:`toymodels.stats.gradient_statistics`), per layer and in total.  The trainers log the total as
+``stats/<name>``.  The probe's own backward pass is discarded from the estimator (it is no micro-batch
+of the step, :meth:`deepmodels.gns.GradientNoiseScale.discard`), ``.grad`` is put back for the
+optimizer and the global random state is restored, so training and the noise-scale rows are the same
+as without it.  Under ``torch.distributed`` the statistics are those of process 0's micro-batch (b
+examples); the other processes measure nothing.
+
+Resume.  ``state_dict()`` holds the estimator's EMA and the rows so far, per-example ones included
+(lists of dicts of numbers); ``load_state_dict`` restores both, so a trainer resumed from a checkpoint continues the EMA
 and rewrites the file with the checkpoint's rows followed by the new ones: the same estimates and
 the same file as an uninterrupted run.  A fresh start overwrites an existing file.
 """

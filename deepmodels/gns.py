@@ -362,8 +362,9 @@ class GradientNoiseScale:
     :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
     |G_big|^2 from ``.grad``, joins the processes with one all-reduce of four numbers (given the DDP
     wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce;
-    given the bare module: in ``update``), and returns a :class:`GNSEstimate`.  Usable as a context
-    manager (the hooks are removed on exit)::
+    given the bare module: in ``update``), and returns a :class:`GNSEstimate`; :meth:`skip` in its
+    place leaves a step out (no EMA update), :meth:`discard` forgets backward passes that were no
+    micro-batches (e.g. a probe's).  Usable as a context manager (the hooks are removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
             for step in range(n):

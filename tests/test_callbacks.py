@@ -1,7 +1,9 @@
 """The gradient-noise-scale probe in a plain loop, in a real ``lightning.Trainer.fit`` and in a real
 Hugging Face ``Trainer.train``: rows on their schedule, in the trainers' logs and in a valid netCDF
 file, equal to a hand-written loop with :class:`deepmodels.gns.GradientNoiseScale` on the same
-batches at the same parameters, and a resumed run continuing the EMA.
+batches at the same parameters, and a resumed run continuing the EMA; the optional per-example
+statistics against probes.gradient_stats on the same micro-batch; the trainers under DDP (2 spawned
+CPU processes, gloo) against one process on the same examples.
 
 The trainer tests are marked slow (importing Lightning or the Hugging Face Trainer takes seconds) and
 skip when the extra is not installed (``pip install -e ".[test,lightning,hf]"``).
