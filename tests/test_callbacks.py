@@ -504,19 +504,19 @@ def _ddp_worker(rank, out_dir):
         ddp = DDP(_net())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with probing(ddp, path=f"{out_dir}/ddp.nc", every=1) as probe:
+            with probing(ddp, path=f"{out_dir}/ddp.nc", every=1, stats_every=2, stats_loss_fn=MSE) as probe:
                 for micro in _ddp_micro_batches():
                     for m in range(M):
                         x, y = micro[rank * M + m]
                         with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
                             (F.mse_loss(ddp(x), y) / M).backward()
-                    probe.step()
+                    probe.step(batch=(x, y))  # process 0's per-example probe starts no all-reduce
                     with torch.no_grad():
                         for p in ddp.module.parameters():
                             p.add_(p.grad, alpha=-0.1)
                     ddp.zero_grad()
-        torch.save({"rows": [r.as_dict() for r in probe.rows], "warned": [str(w.message) for w in caught]},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save({"rows": [r.as_dict() for r in probe.rows], "warned": [str(w.message) for w in caught],
+                    "stats_steps": [r["step"] for r in probe.stats_rows]}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -544,6 +544,7 @@ def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
     run_processes(_ddp_worker, (str(tmp_path),), _W)  # spawned, with a deadline
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
     assert got[0]["rows"] == got[1]["rows"]
+    assert got[0]["stats_steps"] == [0, 2] and got[1]["stats_steps"] == []
     for g in got:
         assert any("step 1 skipped" in w for w in g["warned"])
     ds = xr.load_dataset(tmp_path / "ddp.nc")
@@ -626,3 +627,16 @@ def test_hf_under_ddp_equals_one_process(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     _check_trainer_ddp(tmp_path, "hf")
+
+
+def test_criterion_loss_is_the_per_example_criterion():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, D, generator=g)
+    labels = torch.randint(0, 3, (5,), generator=g)
+    torch.manual_seed(0)
+    classifier = nn.Linear(D, 3)
+    loss = criterion_loss()  # cross-entropy
+    torch.testing.assert_close(loss(classifier, (x, labels)), F.cross_entropy(classifier(x), labels, reduction="none"))
+    net, (xr_, yr) = _net(), _data(n=5)
+    torch.testing.assert_close(MSE(net, (xr_, yr)), ((net(xr_) - yr) ** 2)[:, 0])
+    assert repr(MSE) == "criterion_loss('mse_loss')"
