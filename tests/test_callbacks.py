@@ -444,6 +444,77 @@ def test_hf_per_example_stats_on_schedule_and_resumed(tmp_path):
     _assert_stats_equal(xr.load_dataset(path, group="per_example"), whole)
 
 
+class _HFLM(nn.Module):
+    """deepmodels' transformer in the Hugging Face causal-LM convention: ``forward(input_ids, labels)``
+    returns a ``CausalLMOutput`` with logits (B, T, V) and the mean next-token loss (labels shifted
+    inside, as Hugging Face models do); records its training micro-batches and parameters."""
+
+    def __init__(self):
+        super().__init__()
+        from deepmodels.models import transformer
+
+        self.lm = transformer(vocab_size=11, context_length=8, d_model=8, n_layers=1, n_heads=2, seed=3)
+        self.seen, self.step = [], None
+
+    def forward(self, input_ids, labels=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        if self.training and torch.is_grad_enabled():
+            self.seen.append((self.step, input_ids.clone(), None, [p.detach().clone() for p in self.parameters()]))
+        logits = self.lm(input_ids).transpose(1, 2)
+        loss = None if labels is None else F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = torch.randint(0, 11, (32, 8), generator=torch.Generator().manual_seed(4))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.slow  # importing the trainer takes 3-10 s
+def test_hf_per_example_stats_of_a_language_model_by_default(tmp_path):
+    """HFProbe's default per-example loss is pergrad.next_token_loss on the batch the model took
+    (``{"input_ids", "labels"}``): the statistics of a transformer equal gradient_stats there."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from deepmodels.callbacks import HFProbe
+    from deepmodels.pergrad import next_token_loss
+
+    class TagSteps(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            model.step = state.global_step
+
+    path = tmp_path / "gns.nc"
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=B,
+                                          gradient_accumulation_steps=M, max_steps=3, learning_rate=0.05,
+                                          max_grad_norm=0.0, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                                          save_strategy="no")
+    model = _HFLM()
+    start = copy.deepcopy(model)
+    transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                         callbacks=[TagSteps(), HFProbe(path=path, stats_every=2)]).train()
+    stats = xr.load_dataset(path, group="per_example")
+    rows = xr.load_dataset(path)
+    assert list(rows.step.values) == [0, 1, 2] and list(rows.n_micro_batches.values) == [M] * 3
+    ref = []
+    for k in (0, 2):
+        # the step's last micro-batch (the probe's own forward passes, on ids[:, :-1], are recorded too)
+        ids, params = [(x, p) for step, x, _, p in model.seen if step == k and x.shape[1] == 8][-1]
+        with torch.no_grad():
+            for p, v in zip(start.parameters(), params):
+                p.copy_(v)
+        ref.append(probes.gradient_stats(start, next_token_loss, batch={"input_ids": ids}, batch_size=float(B * M),
+                                         step=k))
+    _assert_stats_equal(stats, xr.concat(ref, dim="step"))
+    assert np.all(np.isfinite(stats.noise_scale.values)) and stats.attrs["skipped"] == ""
+
+
 @pytest.mark.slow  # importing the trainer takes 3-10 s
 def test_hf_refuses_clipping_and_a_single_micro_batch(tmp_path):
     pytest.importorskip("transformers")
