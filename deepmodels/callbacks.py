@@ -359,7 +359,9 @@ class Probe:
         :meth:`dataset` as the file's root group and, with ``stats_every``, the
         :meth:`stats_dataset` as its group ``"per_example"``."""
         if self.path is not None and _rank_zero():
-            out = self.dataset() if self.stats_every is None else {"": self.dataset(), STATS_GROUP: self.stats_dataset()}
+            out = self.dataset()
+            if self.stats_every is not None:
+                out = {"": out, STATS_GROUP: self.stats_dataset()}
             resume.write(out, self.path)
         self._last_write = time.monotonic()
 

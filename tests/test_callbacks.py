@@ -274,8 +274,8 @@ def _lightning_fit(tmp_path, probe, max_steps, ckpt_path=None, name="run", accum
     module = Tiny()
     start = copy.deepcopy(module.net)
     logger = CSVLogger(tmp_path, name=name)
-    settings = dict(max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=logger,
-                    callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
+    settings = dict(max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1,
+                    logger=logger, callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0)
     trainer = L.Trainer(**{**settings, **trainer_kwargs})
     loader = DataLoader(TensorDataset(*_data()), batch_size=B, shuffle=False)  # 8 micro-batches: 4 steps an epoch

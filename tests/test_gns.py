@@ -432,6 +432,7 @@ def test_skip_forgets_the_step_and_leaves_the_ema():
         second, second_clean = gns.update(5), clean.update(5)
     assert first == first_clean and second == second_clean and second.step == 1
     d = 0.7  # two updates, not three: 1 / n_eff = (1 - d)(1 + d^2) / ((1 + d)(1 - d^2))
-    assert second.n_micro_batches == 3 and second.ema_n_eff == pytest.approx((1 + d) * (1 - d**2) / ((1 - d) * (1 + d**2)))
+    assert second.n_micro_batches == 3
+    assert second.ema_n_eff == pytest.approx((1 + d) * (1 - d**2) / ((1 - d) * (1 + d**2)))
     with pytest.raises(ValueError, match="remove\\(\\) was called"):
         gns.skip()
