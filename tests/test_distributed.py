@@ -1,8 +1,9 @@
 """deepmodels.gns under torch.distributed: DDP on 2 CPU processes (gloo) with gradient accumulation
 over M = 2 micro-batches gives the same estimates, step after step, as one process that runs the
 same 4 micro-batches in a row (with DDP's gradients as bucket views too, and given the bare module
-instead of the wrapper); and processes that ran different numbers of micro-batches are
-refused on every process (no hang)."""
+instead of the wrapper); processes that ran different numbers of micro-batches are
+refused on every process (no hang); and a step that one process skips (GradientNoiseScale.skip) while
+the other updates completes on both."""
 
 from __future__ import annotations
 
@@ -74,6 +75,24 @@ def _worker(rank, out_dir):
                 out["refused"] = ""
             except ValueError as err:
                 out["refused"] = str(err)
+        # skip() on process 0 while process 1 updates (the wrapper's all-reduce started in the backward
+        # pass, the bare module's in update/skip): it joins, so nobody waits; then both update
+        ddp.zero_grad()
+        with GradientNoiseScale(ddp) as gns, GradientNoiseScale(ddp.module) as gns_bare:
+            one_sided = []
+            for step in range(2):
+                for m in range(M):
+                    j = rank * M + m
+                    with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
+                        (F.cross_entropy(ddp(x[step, j]), y[step, j]) / M).backward()
+                for est in (gns, gns_bare):
+                    if step == 0 and rank == 0:
+                        est.skip()
+                    else:
+                        one_sided.append(est.update(micro_batch_size=B).as_dict())
+                ddp.zero_grad()
+            out["one_sided"] = one_sided
+            out["ema_steps"] = (gns.ema.t, gns_bare.ema.t)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -114,3 +133,11 @@ def test_ddp_equals_single_process(tmp_path, monkeypatch):
             torch.testing.assert_close(p, q.detach())
     for r in range(WORLD):
         assert "same number of backward passes on every process" in got[r]["refused"]
+    # one-sided skip: process 0 left step 0 out (its EMA has one step), process 1 did not; step 1's
+    # own estimates agree on both processes and between the wrapper and the bare module
+    assert got[0]["ema_steps"] == (1, 1) and got[1]["ema_steps"] == (2, 2)
+    last = [got[0]["one_sided"][-2:], got[1]["one_sided"][-2:]]
+    for k in ("grad_norm_sq_micro", "grad_norm_sq_step", "trace_cov", "noise_scale_unbiased"):
+        values = [row[k] for rows in last for row in rows]
+        assert values == pytest.approx([values[0]] * 4, rel=1e-6), k
+    assert all(row["n_micro_batches"] == WORLD * M for rows in last for row in rows)

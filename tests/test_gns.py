@@ -409,3 +409,30 @@ def test_a_probe_backward_between_steps_is_discarded():
     assert est.n_micro_batches == 3
     for k in ("grad_norm_sq_micro", "grad_norm_sq_step", "trace_cov", "noise_scale_unbiased"):
         assert getattr(est, k) == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_skip_forgets_the_step_and_leaves_the_ema():
+    """skip() drops the step's recorded passes without an update: the estimator then gives, step for
+    step, what one that never saw the skipped step gives (the EMA, its counter and the next step's
+    micro-batches all untouched); after remove() it is refused."""
+    x, y = _batches(3, 5, seed=8)
+    x2, y2 = _batches(3, 5, seed=9)
+    model = _mlp()
+    with G.GradientNoiseScale(model, ema_decay=0.7) as gns, G.GradientNoiseScale(model, ema_decay=0.7) as clean:
+        _accumulate(model, x, y)
+        first, first_clean = gns.update(5), clean.update(5)
+        model.zero_grad()
+        _accumulate(model, x2[:2], y2[:2])  # a step to leave out: only `gns` sees it
+        state = gns.state_dict()
+        gns.skip()
+        clean.discard()
+        assert gns.n_recorded == 0 and gns.state_dict() == state  # EMA and n_updates unchanged
+        model.zero_grad()
+        _accumulate(model, x2, y2)
+        second, second_clean = gns.update(5), clean.update(5)
+    assert first == first_clean and second == second_clean and second.step == 1
+    d = 0.7  # two updates, not three: 1 / n_eff = (1 - d)(1 + d^2) / ((1 + d)(1 - d^2))
+    assert second.n_micro_batches == 3
+    assert second.ema_n_eff == pytest.approx((1 + d) * (1 - d**2) / ((1 - d) * (1 + d**2)))
+    with pytest.raises(ValueError, match="remove\\(\\) was called"):
+        gns.skip()
