@@ -39,9 +39,17 @@ __all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_s
 _layer_of = pergrad.layer_of
 
 
-def _summaries(blocks, B, gram=False):
+def _own_name(model, k):
+    """A parameter's name in the model the user trains: without a DDP wrapper's ``module.`` prefix."""
+    return k.removeprefix("module.") if pergrad._ddp_group(model) is not None else k
+
+
+def _summaries(blocks, B, gram=False, model=None):
     """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,) or None, Gram (B, B) or None)
-    from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params`."""
+    from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params` (layers named
+    as in the wrapped module of a DDP ``model``)."""
+    if model is not None:
+        blocks = {_own_name(model, k): b for k, b in blocks.items()}
     out = {}
     for name, f in pergrad.layer_summaries(blocks, B, sums=False).items():
         out[name] = (f["n_params"], f["mean_norm_sq"], f["sq_norms"], f.get("dev"), f.get("gram") if gram else None)
@@ -115,7 +123,8 @@ def _layers(model):
     counts = {}
     for k, p in model.named_parameters():
         if p.requires_grad:
-            counts[_layer_of(k)] = counts.get(_layer_of(k), 0) + p.numel()
+            layer = _layer_of(_own_name(model, k))
+            counts[layer] = counts.get(layer, 0) + p.numel()
     return list(counts), np.array(list(counts.values()), dtype=np.float64)
 
 
@@ -136,8 +145,12 @@ def _nonfinite_summaries(summ):
 _METHODS = ("auto", "func", "hooks")
 
 
-def _coverage(paths) -> dict:
+def _coverage(paths, model=None) -> dict:
     """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")."""
+    if model is not None:
+        paths = {"hooks": [_own_name(model, k) for k in paths["hooks"]],
+                 "func": [_own_name(model, k) for k in paths["func"]],
+                 "skipped": {_own_name(model, k): why for k, why in paths["skipped"].items()}}
     used = [m for m in ("hooks", "func") if paths[m]]
     return {**pergrad.coverage_attrs(paths), "method": "+".join(used) or "none"}
 
@@ -184,13 +197,27 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         ``skipped_reasons``.  On a diverged model (non-finite parameters, loss or per-example
         gradients) every statistic is ``inf`` and ``attrs["diverged"]`` says why.
 
+    A ``DistributedDataParallel`` ``model``: every process of its group calls this on its own B
+    examples and all get the statistics of the global batch of W B examples, as
+    :func:`probed_step` (``method`` "auto" or "hooks", ``ci`` None; refused inside ``no_sync()``).
+
     Raises:
         TypeError, ValueError: bad input, named (see :mod:`deepmodels._validate`); an array that
             would not fit in memory.
     """
     prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
     B, arg = prob.B, "x" if batch is None else "batch"
-    bs = float(B if batch_size is None else batch_size)
+    ddp = pergrad._ddp_group(model) is not None
+    if ddp:
+        pergrad._check_syncs(model)
+        if method == "func":
+            raise ValueError("`method` must be 'auto' or 'hooks' for a DistributedDataParallel `model` (their backward "
+                             "pass gives the mean gradient over all processes); got 'func'. Pass `model.module` to "
+                             "measure this process's examples alone.")
+        if ci is not None:
+            raise ValueError("`ci` must be None for a DistributedDataParallel `model`: the bootstrap needs the Gram "
+                             "matrix of all processes' examples; pass `model.module` for this process's examples alone.")
+    bs = None if batch_size is None else float(batch_size)
     itemsize = torch.empty((), dtype=prob.dtype).element_size()
     if method == "func":
         pergrad._check_memory(prob, V.n_trainable(model), copies=2.0 + 8.0 / itemsize)
@@ -204,7 +231,7 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         need = frozenset({"dots", "gram"} if ci is not None else {"dots"})
         try:
             blocks, paths, _ = pergrad._measure_params(prob, method, need, chunk_size=chunk_size)
-            summ = _summaries(blocks, B, ci is not None)
+            summ = _summaries(blocks, B, ci is not None, model)
             reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured (see attrs['skipped'])"
         except pergrad.FastPathUnsupported as err:
             if method != "hooks":
@@ -213,10 +240,15 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     model.zero_grad(set_to_none=True)
-    if reason is not None:
-        ds = _diverged_measurement(model, B, bs, step, reason).to_dataset()
+    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
+        m = _measure(summ if reason is None else None, B, bs, step, model, reason)
+        reason, B, bs = m.diverged, m.n_examples, m.batch_size
+        ds = m.to_dataset()
+    elif reason is not None:
+        ds = _diverged_measurement(model, B, float(B if bs is None else bs), step, reason).to_dataset()
     else:
-        ds = _measure(summ, B, bs, step).to_dataset()
+        ds = _measure(summ, B, bs, step, model).to_dataset()
+    bs = float(B if bs is None else bs)
     if ci is not None:
         if reason is None:
             bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs,
@@ -227,8 +259,8 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         for stat, arr in bounds.items():
             ds[f"{stat}_ci"] = (dims, arr if step is None else arr[None])
         ds = ds.assign_coords(bound=["low", "high"])
-    attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
-                 device=str(prob.device), **_coverage(paths))
+    attach_attrs(ds, model=type(model.module if ddp else model).__name__.lower(), source="measurement", batch_size=bs,
+                 n_examples=B, device=str(prob.device), **_coverage(paths, model))
     return ds
 
 
@@ -307,27 +339,67 @@ def stack(measurements, **attrs) -> xr.Dataset:
     return ds
 
 
-def _measure(summ, B, bs, step):
-    """Per layer and total, with one transfer from the device for all layers."""
-    names = list(summ)
-    first = summ[names[0]][2]
-    g2 = torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device) for n in names])
-    sq = torch.stack([summ[n][2] for n in names])  # (L, B)
-    msq = sq.mean(1)
-    with_dev = all(summ[n][3] is not None for n in names)
-    if with_dev:
-        dev = torch.stack([summ[n][3] for n in names])
-        rows = torch.stack([g2, dev.mean(1), dev.std(1, unbiased=False), msq])
-        sd_total = dev.sum(0).std(unbiased=False)
+def _measure(summ, B, bs, step, model=None, reason=None):
+    """Per layer and total, from sums over the examples (float64) with one transfer from the device.
+
+    Given a DDP wrapper (``model``), the sums of every process are added by ONE all-reduce of
+    3 L + 5 numbers (per layer sum_i |g_i|^2, sum_i dev_i, sum_i dev_i^2; the same two of the total
+    deviation; B, B^2 and a divergence flag), so that the statistics are those of the global batch
+    of all processes' examples: |g_bar|^2 is already the global mean gradient's (DDP's all-reduced
+    ``.grad``) and so are the deviations dev_i = |g_i - g_bar|^2 each process forms.  Every process
+    joins the all-reduce, also one whose own measurement diverged (``reason``, ``summ`` None): then
+    every process reports the divergence.  ``bs`` None: the number of examples (over all processes).
+    """
+    group = pergrad._ddp_group(model) if model is not None else None
+    names = _layers(model)[0] if model is not None else list(summ)
+    first = next(iter(summ.values()))[2] if summ else None
+    device = first.device if first is not None else next((p.device for p in model.parameters()), "cpu")
+    per_layer = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with_dev = bool(summ) and all(summ[n][3] is not None for n in summ)
+    if summ:
+        rows = [names.index(n) for n in summ]
+        per_layer[rows, 0] = torch.stack([summ[n][2].double().sum() for n in summ])
+        if with_dev:
+            dev = torch.stack([summ[n][3] for n in summ]).double()  # (L, B)
+            per_layer[rows, 1], per_layer[rows, 2] = dev.sum(1), (dev * dev).sum(1)
+            tot = dev.sum(0)
+            total = torch.stack([tot.sum(), (tot * tot).sum()])
+    head = torch.tensor([B, B * B, float(reason is not None or not summ)], dtype=torch.float64, device=device)
+    vec = torch.cat([per_layer.reshape(-1), total, head])
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(vec, group=group)
+        world = dist.get_world_size(group)
     else:
-        rows = torch.stack([g2, msq - g2, torch.full_like(g2, float("nan")), msq])
-        sd_total = torch.tensor(float("nan"))
-    vals = rows.double().cpu().numpy()
-    sd_total = float(sd_total)
-    P = np.array([summ[n][0] for n in names], dtype=np.float64)
-    g2, tr, sd, msq = vals
-    return Measurement(names + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
-                       np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step)
+        world = 1
+    g2 = [torch.as_tensor(summ[n][1]).to(device=device, dtype=torch.float64).reshape(()) for n in summ] if summ else []
+    vals = torch.cat([vec, torch.stack(g2)]) if g2 else vec
+    vals = vals.cpu().numpy()
+    n_tot, n_sq, flag = vals[3 * len(names) + 2: 3 * len(names) + 5]
+    B_tot = int(round(n_tot))
+    bs = float(B_tot if bs is None else bs)
+    if flag > 0:
+        why = reason or "a statistic is not finite on another process of the DDP group"
+        return _diverged_measurement(model, B_tot, bs, step, why)
+    if world > 1 and round(n_sq) * world != B_tot * B_tot:  # sum B_r^2 = B^2 / W iff every B_r = B / W
+        raise ValueError(f"every process of the DDP group must measure the same number of examples (DDP averages "
+                         f"the processes' mean gradients); got {B_tot} in all over {world} processes (this one: {B}).")
+    rows = [names.index(n) for n in summ]
+    sums = vals[:3 * len(names)].reshape(len(names), 3)[rows]
+    g2 = vals[3 * len(names) + 5:]
+    msq = sums[:, 0] / B_tot
+    if with_dev:
+        tr = sums[:, 1] / B_tot
+        sd = np.sqrt(np.maximum(sums[:, 2] / B_tot - tr**2, 0.0))
+        t1, t2 = vals[3 * len(names): 3 * len(names) + 2] / B_tot
+        sd_total = math.sqrt(max(t2 - t1**2, 0.0))
+    else:
+        tr, sd, sd_total = msq - g2, np.full(len(rows), np.nan), math.nan
+    P = np.array([summ[n][0] for n in summ], dtype=np.float64)
+    return Measurement(list(summ) + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
+                       np.append(sd, sd_total) / math.sqrt(B_tot), np.append(msq, msq.sum()), B_tot, bs, step)
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
@@ -355,30 +427,47 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
         sem: also form each example's deviation |g_i - g_bar|^2 for the standard error of
             ``trace_cov`` (one more matmul per layer).
 
+    Several processes: given a ``torch.nn.parallel.DistributedDataParallel`` wrapper, every process
+    of its group calls ``probed_step`` on its own B examples (the same B on each); each measures its
+    own examples against DDP's all-reduced mean gradient, and one all-reduce of 3 L + 5 numbers
+    (L layers) adds up their sums, so that the statistics are those of one process on the global
+    batch of W B examples (``n_examples`` = ``batch_size`` = W B), on every process; layers are named
+    as in the wrapped module.  The fast path's check (first call) adds up every process's sums
+    too (one more all-reduce, on that call only).  Refused inside ``model.no_sync()`` (a step
+    whose gradients are not all-reduced would leave the processes' parameters apart; for gradient
+    accumulation use :class:`deepmodels.gns.GradientNoiseScale`).
+
     Returns:
-        ``(loss, Measurement)``: the batch loss and the statistics of this batch (``batch_size`` = B)
-        at the parameters before the update, with its coverage; :func:`stack` turns a list of them
-        into a Dataset.  Diverged (non-finite parameters, loss or per-example gradients):
+        ``(loss, Measurement)``: the batch loss (under DDP: this process's) and the statistics of
+        this batch (``batch_size`` = B) at the parameters before the update, with its coverage;
+        :func:`stack` turns a list of them into a Dataset.  Diverged (non-finite parameters, loss or per-example gradients):
         ``(inf, Measurement)`` with ``diverged`` set and every statistic ``inf``; the optimizer does not step.
     """
     if optimizer is None:
         raise TypeError("`optimizer` must be a torch.optim.Optimizer (or a deepmodels.optim wrapper); got None.")
     prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
     B = prob.B
-    reason = V.nonfinite_params(model)
+    ddp = pergrad._ddp_group(model) is not None
+    if ddp:
+        pergrad._check_syncs(model)
+    reason, summ = V.nonfinite_params(model), None
     if reason is None:
         try:
             blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),
                                                           zero_grad=optimizer.zero_grad, verify="once")
-            summ = _summaries(blocks, B)
+            summ = _summaries(blocks, B, model=model)
             reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured"
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
+    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
+        m = _measure(summ if reason is None else None, B, None, step, model, reason)
+        reason = m.diverged
     if reason is not None:
         optimizer.zero_grad(set_to_none=True)
-        return math.inf, _diverged_measurement(model, B, float(B), step, reason)
-    m = _measure(summ, B, float(B), step)
-    m.coverage = _coverage(paths)
+        return math.inf, m if ddp else _diverged_measurement(model, B, float(B), step, reason)
+    if not ddp:
+        m = _measure(summ, B, None, step, model)
+    m.coverage = _coverage(paths, model)
     optimizer.step()
     return float(loss.detach()), m
 

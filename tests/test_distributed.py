@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,3 +116,117 @@ def test_ddp_equals_single_process(tmp_path, monkeypatch):
             torch.testing.assert_close(p, q.detach())
     for r in range(WORLD):
         assert "same number of backward passes on every process" in got[r]["refused"]
+
+
+# --------------------------------------------------------------------------------------------------
+# deepmodels.probes under DDP: each process measures its own examples, one all-reduce of the sums
+# --------------------------------------------------------------------------------------------------
+PB = 4  # examples per process in the probe test (the global batch: WORLD * PB)
+
+
+def _probe_data():
+    """Token ids (WORLD * PB, T + 1) for the float64 TinyGPT, and float32 (x, y) for an MLP."""
+    from test_fastpath_layers import _ids
+
+    g = torch.Generator().manual_seed(5)
+    return _ids(seed=3, batch=WORLD * PB), torch.randn(WORLD * PB, 6, generator=g), torch.randint(0, 3, (WORLD * PB,),
+                                                                                                  generator=g)
+
+
+def _probe_run(model, rows, *, ids=None, x=None, y=None):
+    """Two probed steps (with, then without the standard error's deviations; SGD) and one
+    gradient_stats on the examples ``rows``: the statistics as plain dicts, the coverage and B."""
+    from deepmodels import pergrad, probes
+
+    kw = {"batch": ids[rows]} if ids is not None else {"x": x[rows], "y": y[rows]}
+    loss_fn = pergrad.next_token_loss if ids is not None else F.cross_entropy
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    out = []
+    for step, sem in enumerate((True, False)):
+        _, m = probes.probed_step(model, loss_fn, optimizer=opt, step=step, sem=sem, **kw)
+        assert m.diverged is None, m.diverged
+        out.append(({k: v.tolist() for k, v in m.variables().items()}, m.layer, int(m.n_examples), m.coverage))
+    ds = probes.gradient_stats(model, loss_fn, **kw)
+    out.append(({k: ds[k].values.tolist() for k in ds.data_vars}, [str(v) for v in ds.layer.values], int(ds.attrs["n_examples"]),
+                {k: str(ds.attrs[k]) for k in ("method", "path_hooks", "path_func", "skipped")}))
+    return out
+
+
+def _probe_worker(rank, out_dir):
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from test_fastpath_layers import TinyGPT
+
+        from deepmodels import models, probes
+
+        ids, x, y = _probe_data()
+        mine = slice(rank * PB, (rank + 1) * PB)
+        out = {"gpt": _probe_run(DDP(TinyGPT()), mine, ids=ids),
+               "mlp": _probe_run(DDP(models.mlp(6, 3, (10,), seed=0)), mine, x=x, y=y)}
+        # refused: inside no_sync (gradients not all-reduced), the torch.func method, bootstrap intervals
+        ddp = DDP(models.mlp(6, 3, (10,), seed=0))
+        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+        errors = []
+        with ddp.no_sync():
+            for call in (lambda: probes.probed_step(ddp, F.cross_entropy, x[mine], y[mine], opt),
+                         lambda: probes.gradient_stats(ddp, F.cross_entropy, x[mine], y[mine])):
+                with pytest.raises(ValueError, match="no_sync") as err:
+                    call()
+                errors.append(str(err.value))
+        for kw in ({"method": "func"}, {"ci": 0.9}):
+            with pytest.raises(ValueError, match="DistributedDataParallel") as err:
+                probes.gradient_stats(ddp, F.cross_entropy, x[mine], y[mine], **kw)
+            errors.append(str(err.value))
+        # different numbers of examples per process: refused on every process (no hang)
+        n = PB - rank
+        with pytest.raises(ValueError, match="same number of examples") as err:
+            probes.probed_step(ddp, F.cross_entropy, x[:n], y[:n], opt)
+        errors.append(str(err.value))
+        # a non-finite loss on one process only: every process reports the divergence, none steps
+        before = [p.detach().clone() for p in ddp.parameters()]
+        xb = x[mine].clone()
+        if rank == 1:  # finite input whose logits overflow
+            xb[0] = 3e38
+        loss, m = probes.probed_step(ddp, F.cross_entropy, xb, y[mine], opt)
+        out["diverged"] = (float(loss), str(m.diverged), all(torch.equal(p, q) for p, q in zip(ddp.parameters(), before)))
+        out["errors"] = errors
+        torch.save(out, os.path.join(out_dir, f"probe{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_probes_equal_single_process(tmp_path, monkeypatch):
+    """probed_step and gradient_stats on a DDP model, each of 2 processes on its 4 examples, give
+    on every process the statistics of one process on the 8 examples: the float64 TinyGPT (fast
+    path on Embedding, LayerNorm, RMSNorm, Linear on sequences, tied weights; torch.func for its
+    position Parameter) to 1e-9 relative, a float32 MLP to 1e-4 relative (see below)."""
+    from test_fastpath_layers import TinyGPT
+
+    from deepmodels import models
+
+    ids, x, y = _probe_data()
+    everything = slice(0, WORLD * PB)
+    ref = {"gpt": _probe_run(TinyGPT(), everything, ids=ids),
+           "mlp": _probe_run(models.mlp(6, 3, (10,), seed=0), everything, x=x, y=y)}
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    run_processes(_probe_worker, (str(tmp_path),), WORLD)
+    got = [torch.load(tmp_path / f"probe{r}.pt") for r in range(WORLD)]
+    # float64: only rounding (sums in another order) separates the two; float32: the per-example and
+    # mean gradients of 4 and of 8 examples are formed by differently shaped matmuls, each entry
+    # rounded to ~1e-7 relative, and trace_cov = E|g_i|^2 - |g_bar|^2 or snr divide differences of
+    # such terms, which amplifies this by E|g_i|^2 / trace_cov (below ~10 here): 1e-4 leaves a margin
+    tol = {"gpt": 1e-9, "mlp": 1e-4}
+    assert "module.pos" not in got[0]["gpt"][0][3]["path_func"] and "pos" in got[0]["gpt"][0][3]["path_func"]
+    for name, rtol in tol.items():
+        for i, (want, layers, n, cov) in enumerate(ref[name]):
+            for r in range(WORLD):
+                stats, g_layers, g_n, g_cov = got[r][name][i]
+                assert (g_layers, g_n, g_cov) == (layers, n, cov), (name, i, r)
+                for k, v in want.items():
+                    np.testing.assert_allclose(stats[k], v, rtol=rtol, atol=0, err_msg=f"{name} call {i} {k}")
+    for r in range(WORLD):
+        assert len(got[r]["errors"]) == 5
+        loss, why, unchanged = got[r]["diverged"]
+        assert loss == math.inf and why and unchanged, got[r]["diverged"]
