@@ -982,7 +982,10 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
     train on the same pass).  Returns ``(capture, loss)``; raises
     :class:`deepmodels._validate.Diverged` (a ValueError) for non-finite parameters or a non-finite loss.
     """
-    return _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
+    cap, loss = _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
+    if not torch.isfinite(loss):  # a DDP wrapper's backward pass ran (a collective) before this
+        raise V.Diverged("the loss is not finite (NaN or inf).")
+    return cap, loss
 
 
 def _ddp_group(model: nn.Module):
