@@ -328,15 +328,26 @@ def stack(measurements, **attrs) -> xr.Dataset:
     ds = xr.Dataset({k: (("step", "layer"), np.stack([r[k] for r in rows])) for k in rows[0]},
                     coords={"step": np.asarray(steps, dtype=np.int64), "layer": measurements[0].layer})
     attach_attrs(ds, source="measurement", **{"model": "network", **attrs})
-    covered = [m.coverage for m in measurements if m.coverage]
-    for key in covered[0] if covered else ():  # the union over the steps, in order of appearance
-        sep = "; " if key == "skipped_reasons" else "+" if key == "method" else ", "
-        seen = dict.fromkeys(part for c in covered for part in c[key].split(sep) if part)
-        ds.attrs[key] = sep.join(seen)
+    ds.attrs.update(_union_coverage([m.coverage for m in measurements if m.coverage]))
     div = [f"step {m.step}: {m.diverged}" for m in measurements if m.diverged is not None]
     if div:
         ds.attrs["diverged"] = "; ".join(div)
     return ds
+
+
+_COVERAGE = ("method", "path_hooks", "path_func", "skipped", "skipped_reasons")  # the coverage attrs of a measurement
+
+
+def _union_coverage(covered) -> dict:
+    """The coverage attrs (``_COVERAGE``) of several measurements (dicts; a key missing in some is
+    left out of those): per key the union of the parts, in order of appearance (netCDF-safe strings)."""
+    out = {}
+    for key in _COVERAGE:
+        have = [c[key] for c in covered if key in c]
+        if have:
+            sep = "; " if key == "skipped_reasons" else "+" if key == "method" else ", "
+            out[key] = sep.join(dict.fromkeys(part for v in have for part in str(v).split(sep) if part))
+    return out
 
 
 def _measure(summ, B, bs, step, model=None, reason=None):

@@ -437,3 +437,37 @@ def test_layer_run_twice_sums_its_contributions_on_the_fast_path():
     func = probes.gradient_stats(model, F.cross_entropy, x, y, method="func")
     assert auto.attrs["method"] == "hooks"
     np.testing.assert_allclose(auto.trace_cov.values, func.trace_cov.values, rtol=1e-4)
+
+
+class _ScaledLinear(torch.nn.Module):
+    """A Linear (the fast path) times a bare Parameter (torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 10)
+        self.scale = torch.nn.Parameter(torch.ones(10))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_train_writes_the_probes_coverage(digits, tmp_path):
+    """The written results carry the probes' coverage attrs (which parameter each path measured)."""
+    import xarray as xr
+
+    from deepmodels.train import train
+
+    path = tmp_path / "run.nc"
+    ds = train(_ScaledLinear(), digits, lr=0.1, batch_size=8, n_steps=4, probe_at=[0, 4], probe_size=16, path=path,
+               progress=False)
+    want = {"method": "hooks+func", "path_hooks": "fc.weight, fc.bias", "path_func": "scale", "skipped": "",
+            "skipped_reasons": ""}
+    with xr.open_dataset(path) as on_disk:
+        for d in (ds, on_disk):
+            assert {k: d.attrs[k] for k in want} == want
+    # the union over the probes, in order of appearance (a later probe measured by another path)
+    rows = [{"method": "hooks", "path_hooks": "a.weight", "skipped": ""},
+            {"method": "func", "path_hooks": "", "path_func": "a.weight", "skipped": "b"}]
+    assert probes._union_coverage(rows) == {"method": "hooks+func", "path_hooks": "a.weight", "path_func": "a.weight",
+                                            "skipped": "b"}
