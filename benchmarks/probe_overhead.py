@@ -73,7 +73,7 @@ def _time_all(fns: dict, repeat: int, device) -> dict:
 def _layer_stats(mean_sq: torch.Tensor, trace_cov: torch.Tensor, sq_norms: torch.Tensor):
     """The numbers every variant brings to the host: per layer |g|^2, tr(Sigma), the mean per-example
     squared norm, and the total noise scale tr(Sigma) / |g|^2."""
-    rows = torch.stack([mean_sq, trace_cov, sq_norms.mean(1)]).double().cpu()
+    rows = torch.stack([mean_sq, trace_cov, sq_norms.mean(1)]).cpu().double()
     return rows, float(rows[1].sum() / rows[0].sum())
 
 

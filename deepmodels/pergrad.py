@@ -434,8 +434,8 @@ def _probe_vectors(p, seed=0):
     """Random u (first dimension of p) and v (the others, flattened; None for a vector)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, m = p.shape[0], p[0].numel() if p.dim() > 1 else 0
-    u = torch.randn(n, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
-    v = torch.randn(m, generator=gen, dtype=torch.float64).to(p.device, p.dtype) if m else None
+    u = torch.randn(n, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)  # (converted on the CPU)
+    v = torch.randn(m, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device) if m else None
     return u, v
 
 
@@ -871,7 +871,7 @@ class LayerCapture:
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
-            sums = torch.stack(list(checks.values())).double()
+            sums = V.to_float64(torch.stack(list(checks.values())))
             group = _ddp_group(self.model)
             if group is not None:
                 # DDP averaged .grad over the W processes: the sums of every process's terms (of its
@@ -1123,7 +1123,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
             paths["func"] = todo
             for k in todo:
                 g = G[k].reshape(prob.B, -1)
-                g = g.double() if double_func else g
+                g = g.double() if double_func and g.device.type != "mps" else g  # (MPS has no float64)
                 mean = g.mean(0)
                 grad_k = prob.model.get_parameter(k).grad
                 if _ddp_group(prob.model) is not None and grad_k is not None:
@@ -1202,12 +1202,12 @@ def check(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, method: str 
             rel_err.append(np.nan)
             path.append("skipped")
             continue
-        G = ref[k].reshape(prob.B, -1).double()
+        G = V.to_float64(ref[k].reshape(prob.B, -1))
         mean = G.mean(0)
         want = {"mean": mean, "sq": (G * G).sum(1), "dots": G @ mean, "sum_sq": (G * G).sum(0), "gram": G @ G.T}
         a, r = 0.0, 0.0
         for s, w in want.items():
-            diff = float((blocks[k][s].double() - w).abs().max())
+            diff = float((V.to_float64(blocks[k][s]) - w).abs().max())
             a, r = max(a, diff), max(r, diff / max(float(w.abs().max()), 1e-300))
         abs_err.append(a)
         rel_err.append(r)

@@ -99,11 +99,11 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.multinomial(torch.full((B,), 1.0 / B), B * n_boot, replacement=True, generator=gen).reshape(n_boot, B)
     W = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64))
-    W = W.to(K0.device)
-    total = sum(grams[n].double() for n in names)
+    W = W.to(V.float64_device(K0.device))
+    total = sum(V.to_float64(grams[n]) for n in names)
     out = {s: np.empty((len(names) + 1, 2)) for s in STAT_CI}
     qs = [(1 - level) / 2, 1 - (1 - level) / 2]
-    for j, (name, K) in enumerate([(n, grams[n].double()) for n in names] + [("total", total)]):
+    for j, (name, K) in enumerate([(n, V.to_float64(grams[n])) for n in names] + [("total", total)]):
         g2 = torch.einsum("nb,bc,nc->n", W, K, W) / B**2
         tr = (W @ torch.diagonal(K)) / B - g2
         P = sum(n_params.values()) if name == "total" else n_params[name]
@@ -364,15 +364,15 @@ def _measure(summ, B, bs, step, model=None, reason=None):
     group = pergrad._ddp_group(model) if model is not None else None
     names = _layers(model)[0] if model is not None else list(summ)
     first = next(iter(summ.values()))[2] if summ else None
-    device = first.device if first is not None else next((p.device for p in model.parameters()), "cpu")
+    device = V.float64_device(first.device if first is not None else next((p.device for p in model.parameters()), "cpu"))
     per_layer = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with_dev = bool(summ) and all(summ[n][3] is not None for n in summ)
     if summ:
         rows = [names.index(n) for n in summ]
-        per_layer[rows, 0] = torch.stack([summ[n][2].double().sum() for n in summ])
+        per_layer[rows, 0] = torch.stack([V.to_float64(summ[n][2]).sum() for n in summ])
         if with_dev:
-            dev = torch.stack([summ[n][3] for n in summ]).double()  # (L, B)
+            dev = V.to_float64(torch.stack([summ[n][3] for n in summ]))  # (L, B)
             per_layer[rows, 1], per_layer[rows, 2] = dev.sum(1), (dev * dev).sum(1)
             tot = dev.sum(0)
             total = torch.stack([tot.sum(), (tot * tot).sum()])
@@ -516,10 +516,10 @@ def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_c
             raise ValueError("`snapshot` must be a copy of `model` (the same trainable parameters); got other ones.")
         pergrad.check_inputs(snapshot, loss_fn, x, y)
     pergrad.check_grad_memory(model, x, copies=(2.0 if snapshot is not None else 1.0) * (2.0 + 8.0 / x.element_size()))
-    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).cpu().double().numpy()
     S = None
     if snapshot is not None:
-        S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+        S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).cpu().double().numpy()
     assign = estimators.gradient_clustering(G, K, n_iter=n_iter, seed=seed)[0] if K else None
     ds = estimators.estimator_stats(G, batch_size, assign=assign, G_snapshot=S, n_samples=n_samples, seed=seed)
     ds.attrs["model"] = type(model).__name__.lower()
