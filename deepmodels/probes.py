@@ -351,66 +351,86 @@ def _union_coverage(covered) -> dict:
 
 
 def _measure(summ, B, bs, step, model=None, reason=None):
-    """Per layer and total, from sums over the examples (float64) with one transfer from the device.
+    """Per layer and total, from sums over the examples (in float64), with one transfer from the device.
 
-    Given a DDP wrapper (``model``), the sums of every process are added by ONE all-reduce of
-    3 L + 5 numbers (per layer sum_i |g_i|^2, sum_i dev_i, sum_i dev_i^2; the same two of the total
-    deviation; B, B^2 and a divergence flag), so that the statistics are those of the global batch
-    of all processes' examples: |g_bar|^2 is already the global mean gradient's (DDP's all-reduced
-    ``.grad``) and so are the deviations dev_i = |g_i - g_bar|^2 each process forms.  Every process
-    joins the all-reduce, also one whose own measurement diverged (``reason``, ``summ`` None): then
-    every process reports the divergence.  ``bs`` None: the number of examples (over all processes).
+    The statistics are functions of per-layer sums over the examples: sum_i |g_i|^2 and, with the
+    deviations dev_i = |g_i - g_bar|^2, sum_i dev_i and sum_i dev_i^2 (and the same two of the
+    total deviation), with |g_bar|^2 from ``.grad``.  Given a DDP wrapper (``model``), each process
+    formed them on its own examples against the global mean gradient (DDP's all-reduced ``.grad``),
+    and ONE all-reduce of 3 L + 5 numbers (the sums in the layout of every trainable layer; B, B^2
+    and a divergence flag) adds them up, so that the statistics are those of the global batch.
+    Every process joins it, also one whose own measurement diverged (``reason``; ``summ`` None):
+    then every process reports the divergence.  ``bs`` None: the number of examples (over all processes).
     """
     group = pergrad._ddp_group(model) if model is not None else None
-    names = _layers(model)[0] if model is not None else list(summ)
-    first = next(iter(summ.values()))[2] if summ else None
-    device = V.float64_device(first.device if first is not None else next((p.device for p in model.parameters()), "cpu"))
-    per_layer = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with_dev = bool(summ) and all(summ[n][3] is not None for n in summ)
-    if summ:
-        rows = [names.index(n) for n in summ]
-        per_layer[rows, 0] = torch.stack([V.to_float64(summ[n][2]).sum() for n in summ])
+    present = list(summ) if summ else []
+    with_dev = bool(present) and all(summ[n][3] is not None for n in present)
+    L, local = len(present), None
+    if present and reason is None:
+        first = summ[present[0]][2]
+        sq = V.to_float64(torch.stack([summ[n][2] for n in present]))  # (L, B)
+        g2 = V.to_float64(torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device)
+                                       for n in present]))
+        parts = [sq.sum(1)]
         if with_dev:
-            dev = V.to_float64(torch.stack([summ[n][3] for n in summ]))  # (L, B)
-            per_layer[rows, 1], per_layer[rows, 2] = dev.sum(1), (dev * dev).sum(1)
+            dev = V.to_float64(torch.stack([summ[n][3] for n in present]))  # (L, B)
             tot = dev.sum(0)
-            total = torch.stack([tot.sum(), (tot * tot).sum()])
-    head = torch.tensor([B, B * B, float(reason is not None or not summ)], dtype=torch.float64, device=device)
-    vec = torch.cat([per_layer.reshape(-1), total, head])
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(vec, group=group)
-        world = dist.get_world_size(group)
+            parts += [dev.sum(1), (dev * dev).sum(1), torch.stack([tot.sum(), (tot * tot).sum()])]
+        local = torch.cat(parts + [g2])  # on the device: [sum |g_i|^2 (L)[, sum dev (L), sum dev^2 (L), total (2)], |g_bar|^2 (L)]
+    if group is None:
+        vals, B_tot = local.cpu().numpy(), B
     else:
-        world = 1
-    g2 = [torch.as_tensor(summ[n][1]).to(device=device, dtype=torch.float64).reshape(()) for n in summ] if summ else []
-    vals = torch.cat([vec, torch.stack(g2)]) if g2 else vec
-    vals = vals.cpu().numpy()
-    n_tot, n_sq, flag = vals[3 * len(names) + 2: 3 * len(names) + 5]
-    B_tot = int(round(n_tot))
+        vals, B_tot = _all_reduce_sums(model, group, present, with_dev, local, B, reason)
+        if vals is None:
+            bs = float(B_tot if bs is None else bs)
+            return _diverged_measurement(model, B_tot, bs, step, reason or "a statistic is not finite on another "
+                                         "process of the DDP group")
     bs = float(B_tot if bs is None else bs)
-    if flag > 0:
-        why = reason or "a statistic is not finite on another process of the DDP group"
-        return _diverged_measurement(model, B_tot, bs, step, why)
-    if world > 1 and round(n_sq) * world != B_tot * B_tot:  # sum B_r^2 = B^2 / W iff every B_r = B / W
-        raise ValueError(f"every process of the DDP group must measure the same number of examples (DDP averages "
-                         f"the processes' mean gradients); got {B_tot} in all over {world} processes (this one: {B}).")
-    rows = [names.index(n) for n in summ]
-    sums = vals[:3 * len(names)].reshape(len(names), 3)[rows]
-    g2 = vals[3 * len(names) + 5:]
-    msq = sums[:, 0] / B_tot
+    msq, g2 = vals[:L] / B_tot, vals[-L:]
     if with_dev:
-        tr = sums[:, 1] / B_tot
-        sd = np.sqrt(np.maximum(sums[:, 2] / B_tot - tr**2, 0.0))
-        t1, t2 = vals[3 * len(names): 3 * len(names) + 2] / B_tot
+        tr = vals[L:2 * L] / B_tot
+        sd = np.sqrt(np.maximum(vals[2 * L:3 * L] / B_tot - tr**2, 0.0))
+        t1, t2 = vals[3 * L:3 * L + 2] / B_tot
         sd_total = math.sqrt(max(t2 - t1**2, 0.0))
     else:
-        tr, sd, sd_total = msq - g2, np.full(len(rows), np.nan), math.nan
-    P = np.array([summ[n][0] for n in summ], dtype=np.float64)
-    return Measurement(list(summ) + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
+        tr, sd, sd_total = msq - g2, np.full(L, np.nan), math.nan
+    P = np.array([summ[n][0] for n in present], dtype=np.float64)
+    return Measurement(present + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
                        np.append(sd, sd_total) / math.sqrt(B_tot), np.append(msq, msq.sum()), B_tot, bs, step)
+
+
+def _all_reduce_sums(model, group, present, with_dev, local, B, reason):
+    """:func:`_measure`'s one all-reduce: ``(vals, B_total)`` with ``vals`` laid out as ``local`` (the
+    sums of every process, |g_bar|^2 this process's), or ``(None, B_total)`` if a process diverged."""
+    import torch.distributed as dist
+
+    names = _layers(model)[0]  # the same on every process, also on one that diverged
+    n = len(names)
+    device = local.device if local is not None else V.float64_device(next(p.device for p in model.parameters()))
+    vec = torch.zeros(3 * n + 5, dtype=torch.float64, device=device)
+    vec[3 * n:] = torch.tensor([0.0, 0.0, B, B * B, float(local is None)], dtype=torch.float64).to(device)
+    L = len(present)
+    if local is not None:
+        at = torch.tensor([names.index(k) for k in present], device=device)
+        table = vec[:3 * n].view(n, 3)
+        table[at, 0] = local[:L]
+        if with_dev:
+            table[at, 1], table[at, 2] = local[L:2 * L], local[2 * L:3 * L]
+            vec[3 * n:3 * n + 2] = local[3 * L:3 * L + 2]
+    dist.all_reduce(vec, group=group)
+    world = dist.get_world_size(group)
+    out = vec.cpu().numpy()
+    n_tot, n_sq, flag = out[3 * n + 2:]
+    B_tot = int(round(n_tot))
+    if flag > 0:
+        return None, B_tot
+    if round(n_sq) * world != B_tot * B_tot:  # sum B_r^2 = B^2 / W iff every B_r = B / W
+        raise ValueError(f"every process of the DDP group must measure the same number of examples (DDP averages "
+                         f"the processes' mean gradients); got {B_tot} in all over {world} processes (this one: {B}).")
+    rows = [names.index(k) for k in present]
+    table = out[:3 * n].reshape(n, 3)[rows]
+    sums = [table[:, 0]] + ([table[:, 1], table[:, 2], out[3 * n:3 * n + 2]] if with_dev else [])
+    return np.concatenate(sums + [local[-L:].cpu().numpy()]), B_tot
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
