@@ -474,3 +474,12 @@ def test_train_writes_the_probes_coverage(digits, tmp_path, device):
             {"method": "func", "path_hooks": "", "path_func": "a.weight", "skipped": "b"}]
     assert probes._union_coverage(rows) == {"method": "hooks+func", "path_hooks": "a.weight", "path_func": "a.weight",
                                             "skipped": "b"}
+
+
+def test_float64_runs_where_the_device_has_it():
+    """Sums in float64 stay on the device, except on MPS (no float64), where they run on the CPU."""
+    from deepmodels import _validate as V
+
+    assert V.float64_device("mps") == torch.device("cpu") and V.float64_device("cuda:1") == torch.device("cuda:1")
+    t = torch.arange(3, dtype=torch.float32)
+    assert V.to_float64(t).dtype == torch.float64 and V.to_float64(t).device == t.device
