@@ -450,7 +450,7 @@ class GradientNoiseScale:
                 start += len(norms)
             return torch.tensor([math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)],
                                 dtype=torch.float64)
-        a = torch.stack([torch.stack(norms).double().square().sum() for norms in micro]) * scale
+        a = torch.stack([V.to_float64(torch.stack(norms)).square().sum() for norms in micro]) * scale
         return torch.stack([a.sum(), a.square().sum(), a.new_tensor(float(m)), a.new_tensor(float(m * m))])
 
     def _launch(self) -> None:
@@ -488,7 +488,7 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        big_sq = float(torch.stack(_norms(grads, self._dtype)).double().square().sum())
+        big_sq = float(V.to_float64(torch.stack(_norms(grads, self._dtype))).square().sum())
         big_sq /= 1.0 if self.accumulation == "mean" else m_local**2
         sum_sq, sum_sq2, n, m_sq = self._join(micro)
         n = int(round(n))
