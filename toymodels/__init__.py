@@ -5,6 +5,7 @@ from .features import RandomFeatures
 from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
 from .optimizers import EMA, SGD, AcceleratedSGD, Momentum, Nesterov, PolyakAverage, ScheduleFree
+from .plrf import PowerLawRF
 from .schedules import (BatchSizeWarmup, Constant, Cosine, Exponential, InverseSqrt, LinearDecay, PiecewiseConstant,
                         StepDecay, Tabulated, Warmup, WarmupStableDecay)
 from .spectra import power_law
@@ -14,6 +15,7 @@ __all__ = [
     "GaussianLinearRegression",
     "FiniteLinearRegression",
     "RandomFeatures",
+    "PowerLawRF",
     "secular",
     "SGD",
     "Momentum",

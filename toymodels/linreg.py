@@ -57,6 +57,27 @@ __all__ = ["GaussianLinearRegression"]
 _SCAN_DEFAULT = 10**6  # step-by-step search limit for optimizers without a closed form
 
 
+def _power_sums(mu, gamma, ks, block: int = 1024):
+    """sum_m gamma_m mu_m^k at the sorted steps ``ks``, in blocks of ``block`` steps (memory
+    block x modes); a block of consecutive steps takes mu^k0 once and the powers mu^i, i < block, from
+    one cumulative product (relative error <= block x eps) instead of a power per entry."""
+    out = np.empty(ks.size)
+    kf = ks.astype(np.float64)
+    table = None
+    with np.errstate(under="ignore"):
+        for i in range(0, ks.size, block):
+            k = kf[i : i + block]
+            if k.size > 16 and k[-1] - k[0] == k.size - 1:
+                if table is None:
+                    table = np.empty((block, mu.size))
+                    table[0] = 1.0
+                    np.cumprod(np.broadcast_to(mu, (block - 1, mu.size)), axis=0, out=table[1:])
+                out[i : i + block] = table[: k.size] @ (gamma * mu ** k[0])
+            else:
+                out[i : i + block] = (mu[None, :] ** k[:, None]) @ gamma
+    return out
+
+
 class GaussianLinearRegression:
     """Online linear regression, x ~ N(0, diag(spectrum)), t = w*.x + N(0, noise_std^2).
 
@@ -276,12 +297,10 @@ class GaussianLinearRegression:
         if s_inf is None:  # unstable: the second moments grow without bound
             return self._unstable_trajectory(optimizer, bs, lr, ks, s0)
         delta = s0 - s_inf
-        kf = ks.astype(np.float64)
         out = []
         for f in (v, v * self.h):  # the loss v.s / 2, then half of sum lambda^2 s
             mu, gamma = secular.loss_modes(a, u, v, delta, f)
-            with np.errstate(under="ignore"):
-                out.append(0.5 * float(np.sum(f * s_inf)) + (mu[None, :] ** kf[:, None]) @ gamma)
+            out.append(0.5 * float(np.sum(f * s_inf)) + _power_sums(mu, gamma, ks))
         loss, half_gsq = out
         return loss, 2.0 * half_gsq
 
