@@ -132,6 +132,17 @@ class GaussianLinearRegression:
         """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
+    def _affine(self, optimizer):
+        """The spec's per-mode ``(A0, A1, b1)``; weight decay refused: the moments here are those of
+        e = theta - w_star, and decay of theta towards 0 (the usual weight decay) drives e by the
+        constant -lr wd w_star, whose first moments this engine does not carry."""
+        wd = optimizer.hyperparameters.get("weight_decay", 0.0)
+        if wd:
+            raise ValueError(f"`optimizer` must have weight_decay 0 for linear regression; got {wd:g}. Weight decay "
+                             "pulls theta towards 0 and moves the optimum to the ridge solution, which needs the "
+                             "first moments of theta - w_star (not modelled); the NQM takes weight decay.")
+        return optimizer.affine(self.h)
+
     def _S0(self, optimizer):
         u = optimizer.init
         return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
@@ -157,11 +168,10 @@ class GaussianLinearRegression:
 
     def _sgd_system(self, optimizer, batch_size, lr):
         """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
-        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient + wd e)
+        p = -self._affine(optimizer)[2][:, 0]  # the update is e' = e - lr p (gradient)
         lam = self.h
         rate = lr * p
-        # weight decay adds to the deterministic contraction only (the sampling noise is the data's)
-        a = (1.0 - rate * (lam + optimizer.weight_decay)) ** 2 + rate**2 * lam**2 / batch_size
+        a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
         u = rate**2 * lam / batch_size
         return a, u, lam, self.noise_std**2 * u
 
@@ -241,7 +251,7 @@ class GaussianLinearRegression:
     def _propagate(self, optimizer, batch_size, lrs, record, S, bss=None):
         """Step S through the updates ``lrs``; ``bss`` (optional) the batch size of each update, else
         ``batch_size`` throughout."""
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         if bss is not None and np.all(bss == bss[0]):
             batch_size, bss = bss[0], None  # the noise / B once, as for a constant batch size
         q, q_self, q_loss = self._noise(1.0 if bss is not None else batch_size)
@@ -252,7 +262,7 @@ class GaussianLinearRegression:
     def _propagate_schedule(self, optimizer, batch_size, schedule, record, S, progress=None, readout=None):
         """Step by step through ``schedule`` and the batch size (a float or a schedule) in chunks
         (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         batch = batch_size if isinstance(batch_size, Schedule) else None
         q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
         r = optimizer.readout if readout is None else readout
@@ -331,6 +341,7 @@ class GaussianLinearRegression:
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
+        self._affine(optimizer)  # refuses weight decay
         A, b = optimizer.transition(self.h, lr)
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
@@ -565,7 +576,7 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,

@@ -24,9 +24,11 @@ the loss is measured at.
 
 Every optimizer takes ``weight_decay`` (wd >= 0): the gradient in the *update* is (h + wd) theta + eps,
 PyTorch's coupled L2 decay, so wd adds lr * wd to the curvature the update sees while the loss stays
-1/2 sum h theta^2.  The models measure theta from the optimum, so weight decay here pulls towards the
+1/2 sum h theta^2.  The NQM measures theta from its optimum, so weight decay there pulls towards the
 optimum (an optimum at the origin of parameter space); it changes the stability limit and the
-contraction, not the noise.
+contraction, not the noise.  Linear regression and the power-law random features refuse weight decay:
+there theta starts at 0 away from w_star, decay towards 0 moves the optimum to the ridge solution, and
+the error then has a nonzero mean the moment engine does not carry.
 
 :class:`PolyakAverage` and :class:`ScheduleFree` average with a weight that changes at every update
 (c_k = 1 / (k + 2) at update k): they are *time-varying* (``time_varying = True``) and write

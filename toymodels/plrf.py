@@ -317,6 +317,7 @@ class PowerLawRF:
         base = optimizer.base if isinstance(optimizer, EMA) else optimizer
         if not isinstance(base, (SGD, Momentum)) or base.precond != 0.0:
             raise NotImplementedError("simulate runs SGD, Momentum and their EMA, without preconditioning.")
+        self.regression._affine(optimizer)  # weight decay refused, as in the exact risk
         bs = check_int("batch_size", batch_size, low=1)
         ks = check_steps(steps, high=10**8)
         n_runs = check_int("n_runs", n_runs, low=2)
