@@ -69,32 +69,60 @@ CONFIG = {
                     batch_sizes=[4, 8, 16, 32, 64, 128, 256], seeds=[0, 1, 2], max_steps=1500, eval_every=20,
                     n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256,
                     n_probes=60, n_boot=1000, cap_factor=2.0, prune_factor=2.0),
-    "full": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
+    "full": dict(networks=("cnn", "mlp1d", "resnet", "transformer"), optimizers=("sgd", "momentum"),
                  batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256, 512], seeds=[0, 1, 2, 3, 4], max_steps=4000,
                  eval_every=10, n_segments=6, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=5, k=40,
                  probe_size=512, n_probes=100, n_boot=2000, cap_factor=2.0, prune_factor=2.0),
 }
 
-# name: (data, model factory, label, training-loss target per scale)
+# the transformer's size per scale: context length (bytes), width, layers, heads and corpus bytes;
+# tiny for the tests, a 1-layer model of 15k parameters on 2204 training windows of 16 bytes for the
+# study (every evaluation of the training loss is a pass over the whole training set)
+TRANSFORMER = {"tiny": dict(context=8, d_model=8, n_layers=1, n_heads=2, max_bytes=2**13),
+               "quick": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16),
+               "default": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16),
+               "full": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16)}
+
+
+def _text(scale):
+    t = TRANSFORMER[scale]
+    return data.text_corpus(context_length=t["context"], max_bytes=t["max_bytes"], seed=0)
+
+
+def _gpt(scale):
+    t = TRANSFORMER[scale]
+    return Factory("transformer", 256, t["context"], d_model=t["d_model"], n_layers=t["n_layers"], n_heads=t["n_heads"])
+
+
+# name: (data per scale, model factory per scale, label, training-loss target per scale); the
+# transformer's loss is the mean next-byte loss in nats (ln 256 = 5.55 at initialisation; a unigram
+# model of the corpus reaches 3.2, a bigram one 2.4)
 NETWORKS = {
-    "cnn": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("cnn", 1, 10, 8, width=8), "CNN, digits",
-            {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
-    "mlp1d": (lambda: data.mnist1d(n_samples=4000, seed=0), lambda: Factory("mlp", 40, 10, (64, 64)),
+    "cnn": (lambda scale: data.digits(seed=0, flatten=False), lambda scale: Factory("cnn", 1, 10, 8, width=8),
+            "CNN, digits", {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
+    "mlp1d": (lambda scale: data.mnist1d(n_samples=4000, seed=0), lambda scale: Factory("mlp", 40, 10, (64, 64)),
               "MLP, MNIST-1D", {"tiny": 2.0, "quick": 1.6, "default": 1.5, "full": 1.3}),
-    "resnet": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("resnet8", 1, 10, width=4, batch_norm=False),
+    "resnet": (lambda scale: data.digits(seed=0, flatten=False),
+               lambda scale: Factory("resnet8", 1, 10, width=4, batch_norm=False),
                "ResNet-8 (no BN), digits", {"tiny": 1.0, "quick": 0.4, "default": 0.4, "full": 0.2}),
+    "transformer": (_text, _gpt, "transformer, stdlib text", {"tiny": 3.7, "quick": 2.9, "default": 2.8, "full": 2.7}),
 }
 # the ResNet's steps cost 3x the CNN's (many small layers): a coarser batch-size grid at the default
-# scale keeps the study under 20 minutes
-OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256])}
+# scale keeps the study under 20 minutes; the transformer takes larger learning rates (its lr grid,
+# as the others' the effective lr / (1 - momentum)) and more steps
+OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
+             ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
+             ("transformer", "quick"): dict(lrs=[0.25, 0.5, 1.0, 2.0], max_steps=3000, eval_every=20),
+             ("transformer", "default"): dict(lrs=np.geomspace(0.2, 2.0, 5).tolist(), max_steps=4000, eval_every=20),
+             ("transformer", "full"): dict(lrs=np.geomspace(0.15, 2.0, 7).tolist(), max_steps=6000, eval_every=20)}
 
 
 def _case(net, opt, cfg, scale, out, scheduler, progress):
     """Measure, run the reference, predict, branch and warm up for one network and optimizer."""
     make_data, make_factory, label, targets = NETWORKS[net]
     cfg = dict(cfg, **OVERRIDES.get((net, scale), {}))
-    d, factory, target, mom = make_data(), make_factory(), targets[scale], OPTIMIZERS[opt]
-    lrs = [float(v) * (1 - mom) for v in _LRS[scale]]
+    d, factory, target, mom = make_data(scale), make_factory(scale), targets[scale], OPTIMIZERS[opt]
+    lrs = [float(v) * (1 - mom) for v in cfg.get("lrs", _LRS[scale])]
     tag = settings_tag(scale, dict(cfg, target=target))
     folder = os.path.join(out, f"theory_vs_practice_{net}_{opt}_{tag}")
     os.makedirs(folder, exist_ok=True)
@@ -116,7 +144,7 @@ def _case(net, opt, cfg, scale, out, scheduler, progress):
     # predictions at every batch size of the scale (a network may be measured on a coarser grid)
     pred_bs = sorted(set(CONFIG[scale]["batch_sizes"]) | set(cfg["batch_sizes"]))
     pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=pred_bs, target=target,
-                           momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"])
+                           momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"], fit_size=cfg.get("fit_size", 512))
     along = _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress)
     warm = _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress)
     return measured, ref, pred, along, warm
@@ -230,14 +258,33 @@ def _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress):
                 batch_size_now=[final_b, float(bs[i_steps]), float(bs[i_examples])])
 
 
+def _names(arg, value, known):
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or any(n not in known for n in names):
+        raise ValueError(f"`{arg}` must be a non-empty sequence of {tuple(known)}; got {value!r}.")
+    return tuple(dict.fromkeys(names))
+
+
 WARMUP_ROWS = ["noise_scale_warmup", "constant_fewest_steps", "constant_fewest_examples"]
 
 
-def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True):
-    """Every network and optimizer of the scale; writes ``theory_vs_practice.nc`` and ``.png``."""
+def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True, networks=None,
+        optimizers=None):
+    """Every network and optimizer of the scale; writes ``theory_vs_practice.nc`` and ``.png``.
+
+    ``networks`` / ``optimizers``: names of :data:`NETWORKS` / :data:`OPTIMIZERS` to run instead of
+    the scale's own (``CONFIG[scale]["networks"]``, ``["optimizers"]``), e.g. ``networks=
+    ("transformer",)`` at the ``"tiny"`` scale; each case at the scale's settings (and its
+    :data:`OVERRIDES`), so it reuses (and leaves for reuse) the saved runs of the same case run with
+    the scale's own lists."""
     if scale not in CONFIG:
         raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
     cfg = CONFIG[scale]
+    nets, opts = cfg["networks"], cfg["optimizers"]  # not written into cfg: the resume tags stay those of the scale
+    if networks is not None:
+        nets = _names("networks", networks, NETWORKS)
+    if optimizers is not None:
+        opts = _names("optimizers", optimizers, OPTIMIZERS)
     os.makedirs(out, exist_ok=True)
     cases, seconds = {}, {}
     client = cluster = None
@@ -248,8 +295,8 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
         client = scheduler = Client(cluster)
         client.run(torch.set_num_threads, 1)  # one thread per worker process: no oversubscribed cores
     try:
-        for net in cfg["networks"]:
-            for opt in cfg["optimizers"]:
+        for net in nets:
+            for opt in opts:
                 t0 = time.perf_counter()
                 cases[(net, opt)] = _case(net, opt, cfg, scale, out, scheduler, progress)
                 seconds[f"seconds_{net}_{opt}"] = round(time.perf_counter() - t0, 1)
@@ -289,7 +336,11 @@ def _assemble(cases, cfg, scale):
     attach_attrs(summary, model="network", source="measurement",
                  note="b_crit*: measured (fit to the tuned steps, bootstrap over seeds); b_crit_pred: theory, from one "
                       "reference run at the smallest batch size", **common)
-    attach_attrs(measured, model="network", source="measurement", **common)
+    attach_attrs(measured, model="network", source="measurement",
+                 note="steps_best, steps_per_seed: inf where the target was not reached: no learning rate of the grid "
+                      "reached it within max_steps (capped_max_steps above the first batch size that did, as "
+                      "_measure says) in at least half the seeds, or the loss diverged; NaN: a batch size this "
+                      "network was not run at", **common)
     attach_attrs(predicted, model="network", source="theory", **common)
     along = xr.concat([xr.concat([cases[(n, o)][3].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
                                  dim="optimizer", join="outer", fill_value=np.inf, coords="different", compat="equals")
@@ -490,6 +541,16 @@ def _mark_inf(ax, b, text):
                     textcoords="offset points", ha="center", fontsize=6, color="C3")
 
 
+def _network_names(text: str) -> tuple:
+    """The ``--networks`` flag: comma-separated names of :data:`NETWORKS`."""
+    import argparse
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in NETWORKS for n in names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names of {', '.join(NETWORKS)}; got {text!r}")
+    return names
+
+
 def main(argv=None):
     """The command line ``python -m studies run theory_vs_practice`` (``-h`` lists the flags): runs
     every network and optimizer of the scale and prints the measured critical batch sizes with their
@@ -499,9 +560,13 @@ def main(argv=None):
         argv: the flags (default: ``sys.argv[1:]``).
     """
     p = parser(__doc__, scheduler=True)
+    p.add_argument("--networks", default=None, type=_network_names,
+                   help=f"comma-separated networks to run instead of the scale's own, of {', '.join(NETWORKS)} "
+                        "(the scales run: --quick cnn,mlp1d; default cnn,mlp1d,resnet; --full all four, the "
+                        "transformer included), e.g. --quick --networks transformer")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress)
+    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress, networks=a.networks)
     s = res["summary"]
     print(s[["b_crit", "b_crit_lo", "b_crit_hi"]].to_dataframe().to_string())
     print((s.b_crit_pred / s.b_crit).to_dataframe(name="predicted / measured B_crit").unstack("predictor").to_string())
