@@ -1,7 +1,13 @@
 """Theory that predicts practice: a network's critical batch size from ONE small-batch run.
+Networks: a CNN and a ResNet-8 on the digits, an MLP on MNIST-1D and a GPT-style transformer on the
+standard library's source; --quick runs the CNN and the MLP, the default scale adds the ResNet, --full
+adds the transformer; --networks picks any of them at any scale.
 
 For each network (a CNN on scikit-learn's digits, an MLP on MNIST-1D, a ResNet-8 without batch norm
-on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
+on the digits, and at the ``full`` scale a byte-level GPT-style transformer,
+:func:`deepmodels.models.transformer`, 1 layer of width 32 and context 16, learning the next byte of
+the Python standard library's source, :func:`deepmodels.data.text_corpus`) and optimizer (SGD;
+heavy-ball momentum 0.9):
 
 1. **Measured** (Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
    Training", at small scale; :func:`deepmodels.steps.measure_steps`): for every batch size the best
@@ -23,8 +29,19 @@ on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
    best constant batch size's.
 
     python -m studies run theory_vs_practice --quick                    # CNN and MLP, 3 batch sizes, 2 seeds
-    python -m studies run theory_vs_practice --scheduler local          # the three networks, 7 batch sizes, 3 seeds
-    python -m studies run theory_vs_practice --full --scheduler local   # 9 batch sizes, 9 lrs, 5 seeds (hours)
+    python -m studies run theory_vs_practice --scheduler local          # CNN, MLP, ResNet, 7 batch sizes, 3 seeds
+    python -m studies run theory_vs_practice --full --scheduler local   # the four networks, 9 batch sizes,
+                                                                        # 9 lrs, 5 seeds (hours)
+    python -m studies run theory_vs_practice --quick --networks transformer   # the transformer alone, 3 batch sizes
+
+The transformer (row "transformer, stdlib text") is trained and probed as the other networks: its
+examples are windows of 16 bytes, so a batch size counts sequences, and B_simple, the NQMs' noise and
+every B_crit are per sequence (16 next-byte predictions); its loss is the mean next-byte
+cross-entropy in nats over all positions (ln 256 = 5.55 at initialisation, a unigram model of the
+corpus 3.2), with targets below the unigram plateau (2.9 at ``--quick``, 2.7 at ``--full``) and its
+own learning-rate grid (SGD diverges above lr 2 at every batch size); ``OVERRIDES`` lists its
+settings per scale.  A batch size whose tuned runs do not reach the target is ``inf`` in
+``measured`` (its note says why) and marked "inf (not reached)" in the figure.
 
 Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted``, ``along``,
 ``warmup``, ``aggregations`` (:func:`aggregations`) and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.

@@ -79,3 +79,16 @@ def test_theory_vs_practice_transformer_tiny(tmp_path):
     assert warm.steps_to_target.shape == (1, 1, 3) and not np.isnan(warm.steps_to_target.values).any()
     assert not np.isnan(res["aggregations"].b_crit_pred.values).any()
     assert "not reached" in meas.attrs["note"]
+
+
+def test_networks_flag(capsys):
+    """``--networks`` names the networks to run; a name that is none is a one-line error, status 2."""
+    from studies import theory_vs_practice as tvp
+    from studies.__main__ import main
+
+    assert tvp._network_names("transformer, cnn") == ("transformer", "cnn")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "theory_vs_practice", "--quick", "--networks", "cnn,gpt"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "`--networks` must be comma-separated names of cnn, mlp1d, resnet, transformer" in err
