@@ -40,8 +40,9 @@ every B_crit are per sequence (16 next-byte predictions); its loss is the mean n
 cross-entropy in nats over all positions (ln 256 = 5.55 at initialisation, a unigram model of the
 corpus 3.2), with targets below the unigram plateau (2.9 at ``--quick``, 2.7 at ``--full``) and its
 own learning-rate grid (plain SGD's best lr is 0.125-0.25 from B = 4 to 256 sequences, lr 0.5 is
-already slower and lr 2 diverges, at every batch size); ``OVERRIDES`` lists its settings per scale.  A batch size whose tuned runs do not reach the target is ``inf`` in
-``measured`` (its note says why) and marked "inf (not reached)" in the figure.
+already slower and lr 2 diverges, at every batch size); ``OVERRIDES`` lists its settings per scale.
+A batch size whose tuned runs do not reach the target is ``inf`` in ``measured`` (its note says why)
+and marked "inf (not reached)" in the figure.
 
 Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted``, ``along``,
 ``warmup``, ``aggregations`` (:func:`aggregations`) and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.
@@ -93,7 +94,7 @@ CONFIG = {
 }
 
 # the transformer's size per scale: context length (bytes), width, layers, heads and corpus bytes;
-# tiny for the tests, a 1-layer model of 15k parameters on 2204 training windows of 16 bytes for the
+# tiny for the tests, a 1-layer model of 21k parameters on 2204 training windows of 16 bytes for the
 # study (every evaluation of the training loss is a pass over the whole training set)
 TRANSFORMER = {"tiny": dict(context=8, d_model=8, n_layers=1, n_heads=2, max_bytes=2**13),
                "quick": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16),
@@ -125,8 +126,8 @@ NETWORKS = {
     "transformer": (_text, _gpt, "transformer, stdlib text", {"tiny": 3.7, "quick": 2.9, "default": 2.8, "full": 2.7}),
 }
 # the ResNet's steps cost 3x the CNN's (many small layers): a coarser batch-size grid at the default
-# scale keeps the study under 20 minutes; the transformer takes larger learning rates (its lr grid,
-# as the others' the effective lr / (1 - momentum)) and more steps
+# scale keeps the study under 20 minutes; the transformer has its own grid of effective learning rates
+# lr / (1 - momentum) (around SGD's optimum, 0.125-0.25 at --quick), more steps and fewer evaluations
 OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
              ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
              ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5], max_steps=3000, eval_every=20),
