@@ -92,3 +92,25 @@ def test_networks_flag(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "`--networks` must be comma-separated names of cnn, mlp1d, resnet, transformer" in err
+
+
+def test_unreachable_target_is_inf_with_a_reason(tmp_path, monkeypatch):
+    """A loss target below what the grid reaches: every run is inf (never a finite-looking number),
+    and the case stops with an error that names the network, the target and the step budget."""
+    from studies import theory_vs_practice as tvp
+
+    make_data, make_factory, label, targets = tvp.NETWORKS["transformer"]
+    monkeypatch.setitem(tvp.NETWORKS, "transformer", (make_data, make_factory, label, dict(targets, tiny=0.5)))
+    monkeypatch.setitem(tvp.OVERRIDES, ("transformer", "tiny"),
+                        dict(tvp.OVERRIDES[("transformer", "tiny")], max_steps=20, seeds=[0]))
+    with pytest.raises(RuntimeError, match=r"transformer, stdlib text, sgd: no batch size and learning rate of the "
+                                           r"grid reaches the target 0.5 within 20 steps"):
+        tvp._case("transformer", "sgd", tvp.CONFIG["tiny"], "tiny", str(tmp_path), None, False)
+    # the grid the case measured, read back from its run files (no training)
+    (folder,) = tmp_path.glob("theory_vs_practice_transformer_sgd_tiny-*")
+    cfg = dict(tvp.CONFIG["tiny"], **tvp.OVERRIDES[("transformer", "tiny")])
+    run_kw = dict(target=0.5, max_steps=20, eval_every=10, progress=False, executor="serial")
+    measured = tvp._measure(make_factory("tiny"), make_data("tiny"), cfg["lrs"], 0.0, cfg, str(folder), run_kw)
+    assert measured.steps_best.shape == (len(cfg["batch_sizes"]),)
+    assert np.isinf(measured.steps_best.values).all() and np.isinf(measured.steps_per_seed.values).all()
+    assert np.isnan(measured.b_crit.values) and "no fit" in measured.attrs["ci_note"]
