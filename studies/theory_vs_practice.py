@@ -447,6 +447,7 @@ def aggregation_table(agg: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
+_RATIO_ZERO = 1e-9  # predicted / measured B_crit at or below this: a B_crit of 0 up to rounding
 _PRED_STYLE = {"noise_scale": ("C1", "-"), "noise_scale_biased": ("C1", ":"), "piecewise_nqm": ("C2", "-"),
                "nqm_at_init": ("C7", "--")}
 
@@ -518,12 +519,15 @@ def plot(result, path):
             ratio = (summ.b_crit_pred.sel(network=n, predictor=p) / summ.b_crit.sel(network=n)).values
             x = np.arange(len(opts)) + (i - (len(preds) - 1) / 2) * width
             col = _PRED_STYLE.get(str(p), ("C3", "-"))[0]
-            shown = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan)
+            # a flat predicted S(B) (an NQM whose gradient dwarfs its noise) fits B_crit = 0 up to
+            # rounding (1e-16): written "0", not drawn as a bar of -50 that squeezes the others
+            shown = np.where(np.isfinite(ratio) & (ratio > _RATIO_ZERO), ratio, np.nan)
             ax.bar(x, np.log2(shown), width, color=col, alpha=0.5 if "biased" in str(p) or p == "nqm_at_init" else 0.9,
                    label=str(p))
             for xi, rv in zip(x, ratio):
-                if not (np.isfinite(rv) and rv > 0):
-                    ax.text(xi, 0, "inf" if rv == np.inf else "0" if rv == 0 else "n/a", ha="center", fontsize=7)
+                if not (np.isfinite(rv) and rv > _RATIO_ZERO):
+                    ax.text(xi, 0, "inf" if rv == np.inf else "0" if 0 <= rv <= _RATIO_ZERO else "n/a", ha="center",
+                            fontsize=7)
         lo = np.log2((summ.b_crit_lo / summ.b_crit).sel(network=n).values)
         hi = np.log2((summ.b_crit_hi / summ.b_crit).sel(network=n).values)
         for j in range(len(opts)):
