@@ -30,8 +30,7 @@ heavy-ball momentum 0.9):
 
     python -m studies run theory_vs_practice --quick                    # CNN and MLP, 3 batch sizes, 2 seeds
     python -m studies run theory_vs_practice --scheduler local          # CNN, MLP, ResNet, 7 batch sizes, 3 seeds
-    python -m studies run theory_vs_practice --full --scheduler local   # the four networks, 9 batch sizes,
-                                                                        # 9 lrs, 5 seeds (hours)
+    python -m studies run theory_vs_practice --full --scheduler local   # 4 networks, 9 batch sizes, 5 seeds (hours)
     python -m studies run theory_vs_practice --quick --networks transformer   # the transformer alone, 3 batch sizes
 
 The transformer (row "transformer, stdlib text") is trained and probed as the other networks: its
