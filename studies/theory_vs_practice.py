@@ -38,8 +38,9 @@ examples are windows of 16 bytes, so a batch size counts sequences, and B_simple
 every B_crit are per sequence (16 next-byte predictions); its loss is the mean next-byte
 cross-entropy in nats over all positions (ln 256 = 5.55 at initialisation, a unigram model of the
 corpus 3.2), with targets below the unigram plateau (2.9 at ``--quick``, 2.7 at ``--full``) and its
-own learning-rate grid (plain SGD's best lr is 0.125-0.25 from B = 4 to 256 sequences, lr 0.5 is
-already slower and lr 2 diverges, at every batch size); ``OVERRIDES`` lists its settings per scale.
+own grid of effective learning rates (plain SGD's best lr is 0.125-0.25 from B = 4 to 256
+sequences, lr 0.5 is already slower and lr 2 diverges, at every batch size; heavy ball's best
+effective lr is higher, 0.5 or more); ``OVERRIDES`` lists its settings per scale.
 A batch size whose tuned runs do not reach the target is ``inf`` in ``measured`` (its note says why)
 and marked "inf (not reached)" in the figure.
 
@@ -126,12 +127,13 @@ NETWORKS = {
 }
 # the ResNet's steps cost 3x the CNN's (many small layers): a coarser batch-size grid at the default
 # scale keeps the study under 20 minutes; the transformer has its own grid of effective learning rates
-# lr / (1 - momentum) (around SGD's optimum, 0.125-0.25 at --quick), more steps and fewer evaluations
+# lr / (1 - momentum) (SGD's optimum 0.125-0.25 at --quick, heavy ball's >= 0.5), more steps and fewer
+# evaluations
 OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
              ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
-             ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5], max_steps=3000, eval_every=20),
-             ("transformer", "default"): dict(lrs=np.geomspace(0.05, 0.8, 5).tolist(), max_steps=4000, eval_every=20),
-             ("transformer", "full"): dict(lrs=np.geomspace(0.04, 1.0, 8).tolist(), max_steps=6000, eval_every=20)}
+             ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0], max_steps=3000, eval_every=20),
+             ("transformer", "default"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0], max_steps=4000, eval_every=20),
+             ("transformer", "full"): dict(lrs=np.geomspace(0.04, 1.4, 8).tolist(), max_steps=6000, eval_every=20)}
 
 
 def _case(net, opt, cfg, scale, out, scheduler, progress):
