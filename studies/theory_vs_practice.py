@@ -131,9 +131,9 @@ NETWORKS = {
 # evaluations
 OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
              ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
-             ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0], max_steps=3000, eval_every=20),
-             ("transformer", "default"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0], max_steps=4000, eval_every=20),
-             ("transformer", "full"): dict(lrs=np.geomspace(0.04, 1.4, 8).tolist(), max_steps=6000, eval_every=20)}
+             ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], max_steps=3000, eval_every=20),
+             ("transformer", "default"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], max_steps=4000, eval_every=20),
+             ("transformer", "full"): dict(lrs=np.geomspace(0.04, 2.0, 8).tolist(), max_steps=6000, eval_every=20)}
 
 
 def _case(net, opt, cfg, scale, out, scheduler, progress):
