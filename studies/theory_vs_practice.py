@@ -40,7 +40,7 @@ cross-entropy in nats over all positions (ln 256 = 5.55 at initialisation, a uni
 corpus 3.2), with targets below the unigram plateau (2.9 at ``--quick``, 2.7 at ``--full``) and its
 own grid of effective learning rates (plain SGD's best lr is 0.125-0.25 from B = 4 to 256
 sequences, lr 0.5 is already slower and lr 2 diverges, at every batch size; heavy ball's best
-effective lr is higher, 0.5 or more); ``OVERRIDES`` lists its settings per scale.
+effective lr is 0.5-1, effective lr 2 is slower); ``OVERRIDES`` lists its settings per scale.
 A batch size whose tuned runs do not reach the target is ``inf`` in ``measured`` (its note says why)
 and marked "inf (not reached)" in the figure.
 
@@ -127,7 +127,7 @@ NETWORKS = {
 }
 # the ResNet's steps cost 3x the CNN's (many small layers): a coarser batch-size grid at the default
 # scale keeps the study under 20 minutes; the transformer has its own grid of effective learning rates
-# lr / (1 - momentum) (SGD's optimum 0.125-0.25 at --quick, heavy ball's >= 0.5), more steps and fewer
+# lr / (1 - momentum) (SGD's optimum 0.125-0.25 at --quick, heavy ball's 0.5-1), more steps and fewer
 # evaluations
 OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
              ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
