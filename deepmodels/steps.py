@@ -79,11 +79,25 @@ _RUN = dict(model_fn=Function("a callable model_fn(seed) -> nn.Module"),
             metric=Options(*METRICS), max_steps=Integer(1, V.MAX_STEPS), eval_every=Integer(1, V.MAX_STEPS))
 
 
+_EVAL_LABELS = 2**16  # labels per forward pass of an evaluation (a chunk of examples)
+
+
 def _metric(model, data, metric):
+    """The training loss (mean over every label) or the validation error (share of wrong labels),
+    in chunks of examples holding at most ``_EVAL_LABELS`` labels: one pass for one label per
+    example (as the study networks' whole sets), many for a sequence model's ``(n, T)`` labels,
+    whose ``(chunk, V, T)`` logits would not fit at once."""
+    x, y = (data.x_train, data.y_train) if metric == "train_loss" else (data.x_test, data.y_test)
+    chunk = max(1, _EVAL_LABELS // max(1, y[:1].numel()))
+    parts = []  # (metric of the chunk, its examples)
     with torch.no_grad():
-        if metric == "train_loss":
-            return float(F.cross_entropy(model(data.x_train), data.y_train))
-        return float((model(data.x_test).argmax(1) != data.y_test).float().mean())
+        for i in range(0, x.shape[0], chunk):
+            out, yi = model(x[i:i + chunk]), y[i:i + chunk]
+            value = F.cross_entropy(out, yi) if metric == "train_loss" else (out.argmax(1) != yi).float().mean()
+            parts.append((float(value), yi.shape[0]))  # every example has as many labels: weights by examples
+    if len(parts) == 1:
+        return parts[0][0]
+    return sum(v * n for v, n in parts) / x.shape[0]
 
 
 @validate(batch_size=Integer(1, V.MAX_WIDTH), lr=_LR, momentum=_MOMENTUM, seed=V.Seed(), **_RUN)

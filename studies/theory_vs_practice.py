@@ -1,7 +1,13 @@
 """Theory that predicts practice: a network's critical batch size from ONE small-batch run.
+Networks: a CNN and a ResNet-8 on the digits, an MLP on MNIST-1D and a GPT-style transformer on the
+standard library's source; --quick runs the CNN and the MLP, the default scale adds the ResNet, --full
+adds the transformer; --networks picks any of them at any scale.
 
 For each network (a CNN on scikit-learn's digits, an MLP on MNIST-1D, a ResNet-8 without batch norm
-on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
+on the digits, and at the ``full`` scale a byte-level GPT-style transformer,
+:func:`deepmodels.models.transformer`, 1 layer of width 32 and context 16, learning the next byte of
+the Python standard library's source, :func:`deepmodels.data.text_corpus`) and optimizer (SGD;
+heavy-ball momentum 0.9):
 
 1. **Measured** (Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
    Training", at small scale; :func:`deepmodels.steps.measure_steps`): for every batch size the best
@@ -23,8 +29,20 @@ on the digits) and optimizer (SGD; heavy-ball momentum 0.9):
    best constant batch size's.
 
     python -m studies run theory_vs_practice --quick                    # CNN and MLP, 3 batch sizes, 2 seeds
-    python -m studies run theory_vs_practice --scheduler local          # the three networks, 7 batch sizes, 3 seeds
-    python -m studies run theory_vs_practice --full --scheduler local   # 9 batch sizes, 9 lrs, 5 seeds (hours)
+    python -m studies run theory_vs_practice --scheduler local          # CNN, MLP, ResNet, 7 batch sizes, 3 seeds
+    python -m studies run theory_vs_practice --full --scheduler local   # 4 networks, 9 batch sizes, 5 seeds (hours)
+    python -m studies run theory_vs_practice --quick --networks transformer   # the transformer alone, 3 batch sizes
+
+The transformer (row "transformer, stdlib text") is trained and probed as the other networks: its
+examples are windows of 16 bytes, so a batch size counts sequences, and B_simple, the NQMs' noise and
+every B_crit are per sequence (16 next-byte predictions); its loss is the mean next-byte
+cross-entropy in nats over all positions (ln 256 = 5.55 at initialisation, a unigram model of the
+corpus 3.2), with targets below the unigram plateau (2.9 at ``--quick``, 2.7 at ``--full``) and its
+own grid of effective learning rates (plain SGD's best lr is 0.125-0.25 from B = 4 to 256
+sequences, lr 0.5 is already slower and lr 2 diverges, at every batch size; heavy ball's best
+effective lr is 0.5-1, effective lr 2 is slower); ``OVERRIDES`` lists its settings per scale.
+A batch size whose tuned runs do not reach the target is ``inf`` in ``measured`` (its note says why)
+and marked "inf (not reached)" in the figure.
 
 Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted``, ``along``,
 ``warmup``, ``aggregations`` (:func:`aggregations`) and one ``reference_<network>_<optimizer>`` per case) and ``theory_vs_practice.png``.
@@ -69,32 +87,61 @@ CONFIG = {
                     batch_sizes=[4, 8, 16, 32, 64, 128, 256], seeds=[0, 1, 2], max_steps=1500, eval_every=20,
                     n_segments=4, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=3, k=20, probe_size=256,
                     n_probes=60, n_boot=1000, cap_factor=2.0, prune_factor=2.0),
-    "full": dict(networks=("cnn", "mlp1d", "resnet"), optimizers=("sgd", "momentum"),
+    "full": dict(networks=("cnn", "mlp1d", "resnet", "transformer"), optimizers=("sgd", "momentum"),
                  batch_sizes=[2, 4, 8, 16, 32, 64, 128, 256, 512], seeds=[0, 1, 2, 3, 4], max_steps=4000,
                  eval_every=10, n_segments=6, branch_batch_sizes=[4, 16, 64, 256], branch_lrs=5, k=40,
                  probe_size=512, n_probes=100, n_boot=2000, cap_factor=2.0, prune_factor=2.0),
 }
 
-# name: (data, model factory, label, training-loss target per scale)
+# the transformer's size per scale: context length (bytes), width, layers, heads and corpus bytes;
+# tiny for the tests, a 1-layer model of 21k parameters on 2204 training windows of 16 bytes for the
+# study (every evaluation of the training loss is a pass over the whole training set)
+TRANSFORMER = {"tiny": dict(context=8, d_model=8, n_layers=1, n_heads=2, max_bytes=2**13),
+               "quick": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16),
+               "default": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16),
+               "full": dict(context=16, d_model=32, n_layers=1, n_heads=2, max_bytes=2**16)}
+
+
+def _text(scale):
+    t = TRANSFORMER[scale]
+    return data.text_corpus(context_length=t["context"], max_bytes=t["max_bytes"], seed=0)
+
+
+def _gpt(scale):
+    t = TRANSFORMER[scale]
+    return Factory("transformer", 256, t["context"], d_model=t["d_model"], n_layers=t["n_layers"], n_heads=t["n_heads"])
+
+
+# name: (data per scale, model factory per scale, label, training-loss target per scale); the
+# transformer's loss is the mean next-byte loss in nats (ln 256 = 5.55 at initialisation; a unigram
+# model of the corpus reaches 3.2, a bigram one 2.4)
 NETWORKS = {
-    "cnn": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("cnn", 1, 10, 8, width=8), "CNN, digits",
-            {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
-    "mlp1d": (lambda: data.mnist1d(n_samples=4000, seed=0), lambda: Factory("mlp", 40, 10, (64, 64)),
+    "cnn": (lambda scale: data.digits(seed=0, flatten=False), lambda scale: Factory("cnn", 1, 10, 8, width=8),
+            "CNN, digits", {"tiny": 1.0, "quick": 0.4, "default": 0.3, "full": 0.2}),
+    "mlp1d": (lambda scale: data.mnist1d(n_samples=4000, seed=0), lambda scale: Factory("mlp", 40, 10, (64, 64)),
               "MLP, MNIST-1D", {"tiny": 2.0, "quick": 1.6, "default": 1.5, "full": 1.3}),
-    "resnet": (lambda: data.digits(seed=0, flatten=False), lambda: Factory("resnet8", 1, 10, width=4, batch_norm=False),
+    "resnet": (lambda scale: data.digits(seed=0, flatten=False),
+               lambda scale: Factory("resnet8", 1, 10, width=4, batch_norm=False),
                "ResNet-8 (no BN), digits", {"tiny": 1.0, "quick": 0.4, "default": 0.4, "full": 0.2}),
+    "transformer": (_text, _gpt, "transformer, stdlib text", {"tiny": 3.7, "quick": 2.9, "default": 2.8, "full": 2.7}),
 }
 # the ResNet's steps cost 3x the CNN's (many small layers): a coarser batch-size grid at the default
-# scale keeps the study under 20 minutes
-OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256])}
+# scale keeps the study under 20 minutes; the transformer has its own grid of effective learning rates
+# lr / (1 - momentum) (SGD's optimum 0.125-0.25 at --quick, heavy ball's 0.5-1), more steps and fewer
+# evaluations
+OVERRIDES = {("resnet", "default"): dict(batch_sizes=[4, 16, 64, 256], branch_batch_sizes=[4, 32, 256]),
+             ("transformer", "tiny"): dict(lrs=[0.5, 1.0], max_steps=200, fit_size=128),
+             ("transformer", "quick"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], max_steps=3000, eval_every=20),
+             ("transformer", "default"): dict(lrs=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], max_steps=4000, eval_every=20),
+             ("transformer", "full"): dict(lrs=np.geomspace(0.04, 2.0, 8).tolist(), max_steps=6000, eval_every=20)}
 
 
 def _case(net, opt, cfg, scale, out, scheduler, progress):
     """Measure, run the reference, predict, branch and warm up for one network and optimizer."""
     make_data, make_factory, label, targets = NETWORKS[net]
     cfg = dict(cfg, **OVERRIDES.get((net, scale), {}))
-    d, factory, target, mom = make_data(), make_factory(), targets[scale], OPTIMIZERS[opt]
-    lrs = [float(v) * (1 - mom) for v in _LRS[scale]]
+    d, factory, target, mom = make_data(scale), make_factory(scale), targets[scale], OPTIMIZERS[opt]
+    lrs = [float(v) * (1 - mom) for v in cfg.get("lrs", _LRS[scale])]
     tag = settings_tag(scale, dict(cfg, target=target))
     folder = os.path.join(out, f"theory_vs_practice_{net}_{opt}_{tag}")
     os.makedirs(folder, exist_ok=True)
@@ -116,7 +163,7 @@ def _case(net, opt, cfg, scale, out, scheduler, progress):
     # predictions at every batch size of the scale (a network may be measured on a coarser grid)
     pred_bs = sorted(set(CONFIG[scale]["batch_sizes"]) | set(cfg["batch_sizes"]))
     pred = predict.predict(ref, snaps, factory(0), F.cross_entropy, d, batch_sizes=pred_bs, target=target,
-                           momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"])
+                           momentum=mom, n_segments=cfg["n_segments"], k=cfg["k"], fit_size=cfg.get("fit_size", 512))
     along = _along(ref, snaps, pred, factory, d, mom, lrs, cfg, folder, scheduler, progress)
     warm = _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress)
     return measured, ref, pred, along, warm
@@ -230,14 +277,33 @@ def _warmup(factory, d, measured, b_ref, mom, target, cfg, folder, progress):
                 batch_size_now=[final_b, float(bs[i_steps]), float(bs[i_examples])])
 
 
+def _names(arg, value, known):
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or any(n not in known for n in names):
+        raise ValueError(f"`{arg}` must be a non-empty sequence of {tuple(known)}; got {value!r}.")
+    return tuple(dict.fromkeys(names))
+
+
 WARMUP_ROWS = ["noise_scale_warmup", "constant_fewest_steps", "constant_fewest_examples"]
 
 
-def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True):
-    """Every network and optimizer of the scale; writes ``theory_vs_practice.nc`` and ``.png``."""
+def run(*, scale: str = "default", out: str = "results", scheduler=None, progress: bool = True, networks=None,
+        optimizers=None):
+    """Every network and optimizer of the scale; writes ``theory_vs_practice.nc`` and ``.png``.
+
+    ``networks`` / ``optimizers``: names of :data:`NETWORKS` / :data:`OPTIMIZERS` to run instead of
+    the scale's own (``CONFIG[scale]["networks"]``, ``["optimizers"]``), e.g. ``networks=
+    ("transformer",)`` at the ``"tiny"`` scale; each case at the scale's settings (and its
+    :data:`OVERRIDES`), so it reuses (and leaves for reuse) the saved runs of the same case run with
+    the scale's own lists."""
     if scale not in CONFIG:
         raise ValueError(f"`scale` must be one of {tuple(CONFIG)}; got {scale!r}.")
     cfg = CONFIG[scale]
+    nets, opts = cfg["networks"], cfg["optimizers"]  # not written into cfg: the resume tags stay those of the scale
+    if networks is not None:
+        nets = _names("networks", networks, NETWORKS)
+    if optimizers is not None:
+        opts = _names("optimizers", optimizers, OPTIMIZERS)
     os.makedirs(out, exist_ok=True)
     cases, seconds = {}, {}
     client = cluster = None
@@ -248,8 +314,8 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
         client = scheduler = Client(cluster)
         client.run(torch.set_num_threads, 1)  # one thread per worker process: no oversubscribed cores
     try:
-        for net in cfg["networks"]:
-            for opt in cfg["optimizers"]:
+        for net in nets:
+            for opt in opts:
                 t0 = time.perf_counter()
                 cases[(net, opt)] = _case(net, opt, cfg, scale, out, scheduler, progress)
                 seconds[f"seconds_{net}_{opt}"] = round(time.perf_counter() - t0, 1)
@@ -289,7 +355,11 @@ def _assemble(cases, cfg, scale):
     attach_attrs(summary, model="network", source="measurement",
                  note="b_crit*: measured (fit to the tuned steps, bootstrap over seeds); b_crit_pred: theory, from one "
                       "reference run at the smallest batch size", **common)
-    attach_attrs(measured, model="network", source="measurement", **common)
+    attach_attrs(measured, model="network", source="measurement",
+                 note="steps_best, steps_per_seed: inf where the target was not reached: no learning rate of the grid "
+                      "reached it within max_steps (capped_max_steps above the first batch size that did, as "
+                      "_measure says) in at least half the seeds, or the loss diverged; NaN: a batch size this "
+                      "network was not run at", **common)
     attach_attrs(predicted, model="network", source="theory", **common)
     along = xr.concat([xr.concat([cases[(n, o)][3].drop_attrs().expand_dims(optimizer=[o]) for o in opts],
                                  dim="optimizer", join="outer", fill_value=np.inf, coords="different", compat="equals")
@@ -378,6 +448,7 @@ def aggregation_table(agg: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
+_RATIO_ZERO = 1e-9  # predicted / measured B_crit at or below this: a B_crit of 0 up to rounding
 _PRED_STYLE = {"noise_scale": ("C1", "-"), "noise_scale_biased": ("C1", ":"), "piecewise_nqm": ("C2", "-"),
                "nqm_at_init": ("C7", "--")}
 
@@ -449,12 +520,15 @@ def plot(result, path):
             ratio = (summ.b_crit_pred.sel(network=n, predictor=p) / summ.b_crit.sel(network=n)).values
             x = np.arange(len(opts)) + (i - (len(preds) - 1) / 2) * width
             col = _PRED_STYLE.get(str(p), ("C3", "-"))[0]
-            shown = np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan)
+            # a flat predicted S(B) (an NQM whose gradient dwarfs its noise) fits B_crit = 0 up to
+            # rounding (1e-16): written "0", not drawn as a bar of -50 that squeezes the others
+            shown = np.where(np.isfinite(ratio) & (ratio > _RATIO_ZERO), ratio, np.nan)
             ax.bar(x, np.log2(shown), width, color=col, alpha=0.5 if "biased" in str(p) or p == "nqm_at_init" else 0.9,
                    label=str(p))
             for xi, rv in zip(x, ratio):
-                if not (np.isfinite(rv) and rv > 0):
-                    ax.text(xi, 0, "inf" if rv == np.inf else "0" if rv == 0 else "n/a", ha="center", fontsize=7)
+                if not (np.isfinite(rv) and rv > _RATIO_ZERO):
+                    ax.text(xi, 0, "inf" if rv == np.inf else "0" if 0 <= rv <= _RATIO_ZERO else "n/a", ha="center",
+                            fontsize=7)
         lo = np.log2((summ.b_crit_lo / summ.b_crit).sel(network=n).values)
         hi = np.log2((summ.b_crit_hi / summ.b_crit).sel(network=n).values)
         for j in range(len(opts)):
@@ -490,6 +564,16 @@ def _mark_inf(ax, b, text):
                     textcoords="offset points", ha="center", fontsize=6, color="C3")
 
 
+def _network_names(text: str) -> tuple:
+    """The ``--networks`` flag: comma-separated names of :data:`NETWORKS`."""
+    import argparse
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in NETWORKS for n in names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated names of {', '.join(NETWORKS)}; got {text!r}")
+    return names
+
+
 def main(argv=None):
     """The command line ``python -m studies run theory_vs_practice`` (``-h`` lists the flags): runs
     every network and optimizer of the scale and prints the measured critical batch sizes with their
@@ -499,9 +583,13 @@ def main(argv=None):
         argv: the flags (default: ``sys.argv[1:]``).
     """
     p = parser(__doc__, scheduler=True)
+    p.add_argument("--networks", default=None, type=_network_names,
+                   help=f"comma-separated networks to run instead of the scale's own, of {', '.join(NETWORKS)} "
+                        "(the scales run: --quick cnn,mlp1d; default cnn,mlp1d,resnet; --full all four, the "
+                        "transformer included), e.g. --quick --networks transformer")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress)
+    res = run(scale=scale_of(a), out=a.out, scheduler=a.scheduler, progress=not a.no_progress, networks=a.networks)
     s = res["summary"]
     print(s[["b_crit", "b_crit_lo", "b_crit_hi"]].to_dataframe().to_string())
     print((s.b_crit_pred / s.b_crit).to_dataframe(name="predicted / measured B_crit").unstack("predictor").to_string())
