@@ -363,7 +363,7 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
     """
     if optimizer is None:
         raise TypeError("`optimizer` must be a torch.optim.Optimizer (or a deepmodels.optim wrapper); got None.")
-    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
+    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2, once=True)
     B = prob.B
     reason = V.nonfinite_params(model)
     if reason is None:
