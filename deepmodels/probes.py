@@ -125,14 +125,6 @@ def _diverged_measurement(model, B, bs, step, reason):
     return Measurement(names + ["total"], np.append(P, P.sum()), nan, nan, nan, nan, B, bs, step, diverged=reason)
 
 
-def _nonfinite_summaries(summ):
-    for name, s in summ.items():
-        vals = [torch.as_tensor(v) for v in (s[1], s[2], s[3]) if v is not None]
-        if not all(bool(torch.isfinite(v).all()) for v in vals):
-            return f"non-finite per-example gradients in layer `{name}` at finite parameters (the loss overflows?)"
-    return None
-
-
 _METHODS = ("auto", "func", "hooks")
 
 
@@ -205,7 +197,8 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         try:
             blocks, paths, _ = pergrad._measure_params(prob, method, need, chunk_size=chunk_size)
             summ = _summaries(blocks, B, ci is not None)
-            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured (see attrs['skipped'])"
+            m, reason = _measure(summ, B, bs, step) if summ else (None, "no parameter could be measured (see "
+                                                                        "attrs['skipped'])")
         except pergrad.FastPathUnsupported as err:
             if method != "hooks":
                 raise
@@ -216,7 +209,7 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
     if reason is not None:
         ds = _diverged_measurement(model, B, bs, step, reason).to_dataset()
     else:
-        ds = _measure(summ, B, bs, step).to_dataset()
+        ds = m.to_dataset()
     if ci is not None:
         if reason is None:
             bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs,
@@ -308,26 +301,37 @@ def stack(measurements, **attrs) -> xr.Dataset:
 
 
 def _measure(summ, B, bs, step):
-    """Per layer and total, with one transfer from the device for all layers."""
+    """Per layer and total, with one transfer from the device for all layers: ``(Measurement,
+    None)``, or ``(None, reason)`` naming the first layer whose |g_bar|^2, per-example squared norms
+    or deviations are not finite (the flags travel in the same transfer as the statistics)."""
     names = list(summ)
     first = summ[names[0]][2]
     g2 = torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device) for n in names])
     sq = torch.stack([summ[n][2] for n in names])  # (L, B)
     msq = sq.mean(1)
-    with_dev = all(summ[n][3] is not None for n in names)
-    if with_dev:
-        dev = torch.stack([summ[n][3] for n in names])
+    finite = torch.isfinite(sq).all(1) & torch.isfinite(g2)
+    has_dev = [summ[n][3] is not None for n in names]
+    if any(has_dev):  # the layers measured with deviations (torch.func, or ``sem``)
+        dev = torch.stack([summ[n][3] for n, h in zip(names, has_dev) if h])
+        dev_ok = torch.isfinite(dev).all(1)
+        finite = finite & (dev_ok if all(has_dev) else
+                           torch.ones_like(finite).index_put_((torch.tensor(has_dev, device=finite.device),), dev_ok))
+    if all(has_dev):
         rows = torch.stack([g2, dev.mean(1), dev.std(1, unbiased=False), msq])
         sd_total = dev.sum(0).std(unbiased=False)
     else:
         rows = torch.stack([g2, msq - g2, torch.full_like(g2, float("nan")), msq])
-        sd_total = torch.tensor(float("nan"))
-    vals = rows.double().cpu().numpy()
-    sd_total = float(sd_total)
+        sd_total = torch.full_like(g2[0], float("nan"))
+    vals = torch.cat([rows.double().reshape(-1), sd_total.double().reshape(1), finite.double()]).cpu().numpy()
+    L = len(names)
+    g2, tr, sd, msq = vals[:4 * L].reshape(4, L)
+    sd_total, ok = vals[4 * L], vals[4 * L + 1:]
+    if not ok.all():
+        bad = names[int(np.argmin(ok))]
+        return None, f"non-finite per-example gradients in layer `{bad}` at finite parameters (the loss overflows?)"
     P = np.array([summ[n][0] for n in names], dtype=np.float64)
-    g2, tr, sd, msq = vals
     return Measurement(names + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
-                       np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step)
+                       np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step), None
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
@@ -371,13 +375,12 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
             blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),
                                                           zero_grad=optimizer.zero_grad, verify="once")
             summ = _summaries(blocks, B)
-            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured"
+            m, reason = _measure(summ, B, float(B), step) if summ else (None, "no parameter could be measured")
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     if reason is not None:
         optimizer.zero_grad(set_to_none=True)
         return math.inf, _diverged_measurement(model, B, float(B), step, reason)
-    m = _measure(summ, B, float(B), step)
     m.coverage = _coverage(paths)
     optimizer.step()
     return float(loss.detach()), m
