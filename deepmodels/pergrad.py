@@ -11,7 +11,9 @@ input and the gradient at its output (d, per example: the mean loss's output gra
   g_i in the backward pass itself and returns their sum as the weight gradient, so the batched
   matmul replaces the batch weight gradient's product instead of adding to it;
 * ``nn.Conv2d`` (groups 1, zero padding): per-example weight gradients by input patches or one
-  grouped convolution, one layer at a time;
+  grouped convolution, one layer at a time; for squared norms alone a convolution with many output
+  positions (T (O + I) >= O I) forms them in the backward pass itself and returns their sum as the
+  weight gradient, as the Linear on sequences does;
 * ``nn.Embedding``: g_i is the scatter of d_it into the rows of the example's tokens (no row for
   ``padding_idx``); norms, dot products and coordinate sums come from the (example, token) pairs,
   never from a ``(B, V, D)`` array;
