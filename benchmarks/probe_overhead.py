@@ -73,7 +73,7 @@ def _time_all(fns: dict, repeat: int, device) -> dict:
 def _layer_stats(mean_sq: torch.Tensor, trace_cov: torch.Tensor, sq_norms: torch.Tensor):
     """The numbers every variant brings to the host: per layer |g|^2, tr(Sigma), the mean per-example
     squared norm, and the total noise scale tr(Sigma) / |g|^2."""
-    rows = torch.stack([mean_sq, trace_cov, sq_norms.mean(1)]).double().cpu()
+    rows = torch.stack([mean_sq, trace_cov, sq_norms.mean(1)]).cpu().double()
     return rows, float(rows[1].sum() / rows[0].sum())
 
 
@@ -231,7 +231,9 @@ def main(argv=None):
         have_backpack = "installed"
     except ImportError:
         have_backpack = "not installed (pip install backpack-for-pytorch)"
-    print(f"device {device}, batch {a.batch_size} (transformer {a.lm_batch_size}), torch {torch.__version__}, "
+    gpu = f" ({torch.cuda.get_device_name(device)}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, " \
+        f"cuDNN {torch.backends.cudnn.allow_tf32})" if device.type == "cuda" else ""
+    print(f"device {device}{gpu}, batch {a.batch_size} (transformer {a.lm_batch_size}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, BackPACK {have_backpack}")
     idx = torch.arange(a.batch_size, device=device)
     g = torch.Generator(device="cpu").manual_seed(0)

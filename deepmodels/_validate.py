@@ -202,6 +202,19 @@ def _device_available(dev: torch.device) -> bool:
     return bool(backend is not None and hasattr(backend, "is_available") and backend.is_available())
 
 
+def float64_device(device) -> torch.device:
+    """Where float64 arithmetic on tensors of ``device`` runs: ``device`` itself, or the CPU for
+    Apple's ``"mps"``, which has no float64."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def to_float64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float64, on its own device (the CPU for ``"mps"``: :func:`float64_device`); moved
+    first, then converted, so no float64 tensor is ever made on a device without float64."""
+    return t.to(float64_device(t.device)).double()
+
+
 class Device(Constraint):
     """A torch device this build can use: ``"cpu"``, ``"cuda"`` / ``"cuda:1"`` when CUDA is
     available (and has that many GPUs), ``"mps"`` ...; a ``torch.device`` or a string.  Returns a

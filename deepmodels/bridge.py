@@ -108,12 +108,12 @@ def fit_nqm(model, loss_fn, x, y, *, k: int = 20, dim: int | None = None, seed: 
     G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y)).to(V.dtype)
     g = G.mean(0)
     proj = (G - g) @ V.T
-    c = (proj**2).mean(0).double().cpu().numpy()
-    init_sq = ((V @ g).double().cpu().numpy() / h) ** 2
+    c = (proj**2).mean(0).cpu().double().numpy()
+    init_sq = ((V @ g).cpu().double().numpy() / h) ** 2
     # what the top directions leave of the gradient and of the noise
-    g_sq = float((g @ g).double())
-    g_rest = max(g_sq - float(((V @ g).double() ** 2).sum()), 0.0)
-    tr_cov = float(((G - g) ** 2).sum(1).mean().double())
+    g_sq = float(checks.to_float64(g @ g))
+    g_rest = max(g_sq - float((checks.to_float64(V @ g) ** 2).sum()), 0.0)
+    tr_cov = float(checks.to_float64(((G - g) ** 2).sum(1).mean()))
     c_rest = max(tr_cov - float(c.sum()), 0.0)
     kk = h.size
     if dim > kk:

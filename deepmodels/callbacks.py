@@ -51,16 +51,36 @@ Output.  The rows are a Dataset over ``step`` with the variables of
 ``ema_decay``, ``trainer``.  With a ``path``, the rows are written there as they come: the whole
 file replaced atomically (:func:`toymodels.resume.write`: an interrupt leaves the old file or the new
 one), at most every ``write_every_s`` seconds, whenever the state is saved (so the file holds every
-row a checkpoint knows), and at the end; only process 0 writes under ``torch.distributed``.
+row a checkpoint knows), and at the end; only process 0 writes under ``torch.distributed``.  With
+``stats_every``, the per-example statistics are the file's group ``"per_example"`` (a Dataset over
+``step`` and ``layer``, :meth:`Probe.stats_dataset`; read it with
+``xarray.load_dataset(path, group="per_example")``); the noise-scale rows stay the root group.
 
-Resume.  ``state_dict()`` holds the estimator's EMA and the rows so far (a list of dicts of
-numbers); ``load_state_dict`` restores both, so a trainer resumed from a checkpoint continues the EMA
+Per-example statistics (optional, ``stats_every=N``; off by default).  Every N-th step (steps 0, N,
+2N, ...), after the step's estimate and before the optimizer step, process 0 runs
+:func:`deepmodels.probes.gradient_stats` on the step's last micro-batch (a plain loop passes it as
+``probe.step(batch=...)``; Lightning: the batch of ``on_train_batch_start``; Hugging Face: the tensors
+of the keyword arguments of the model's last training forward pass) with the per-example loss
+``stats_loss_fn(model, batch) -> (B,)`` (default :func:`criterion_loss` ``()``, cross-entropy on
+``(x, y)`` batches; for ``HFProbe`` :func:`deepmodels.pergrad.next_token_loss`), at the step's
+parameters: |g_bar|^2 (``grad_norm_sq``), the population tr Sigma of the b examples (``trace_cov``),
+``grad_var``, ``grad_nvar`` and ``noise_scale`` for the step's batch size B (the definitions of
+:func:`toymodels.stats.gradient_statistics`), per layer and in total.  The trainers log the total as
+``stats/<name>``.  The probe's own backward pass is discarded from the estimator (it is no micro-batch
+of the step, :meth:`deepmodels.gns.GradientNoiseScale.discard`), ``.grad`` is put back for the
+optimizer and the global random state is restored, so training and the noise-scale rows are the same
+as without it.  Under ``torch.distributed`` the statistics are those of process 0's micro-batch (b
+examples); the other processes measure nothing.
+
+Resume.  ``state_dict()`` holds the estimator's EMA and the rows so far, per-example ones included
+(lists of dicts of numbers); ``load_state_dict`` restores both, so a trainer resumed from a checkpoint continues the EMA
 and rewrites the file with the checkpoint's rows followed by the new ones: the same estimates and
 the same file as an uninterrupted run.  A fresh start overwrites an existing file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -69,6 +89,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 
@@ -77,13 +98,20 @@ from toymodels.schema import attach_attrs
 
 from . import _validate as V
 from . import gns as _gns
-from ._validate import Instance, Integer, Maybe, Module, Options, Real, validate
+from . import pergrad, probes
+from ._validate import Instance, Integer, LossFn, Maybe, Module, Options, Real, validate
 
-__all__ = ["probing", "Probe"]
+__all__ = ["probing", "Probe", "criterion_loss"]
 
 _PATH = Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)"))
 _SETTINGS = dict(path=_PATH, every=Integer(1, V.MAX_STEPS), ema_decay=Real(0.0, 1.0, high_open=True),
-                 write_every_s=Real(0.0, math.inf, high_open=True))
+                 write_every_s=Real(0.0, math.inf, high_open=True), stats_every=Maybe(Integer(1, V.MAX_STEPS)),
+                 stats_loss_fn=Maybe(LossFn()))
+STATS = ("grad_norm_sq", "trace_cov", "trace_cov_sem", "grad_var", "grad_nvar", "snr", "noise_scale",
+         "grad_norm_sq_unbiased", "noise_scale_unbiased", "n_params")  # per layer, from probes.gradient_stats
+LOGGED_STATS = ("grad_norm_sq", "trace_cov", "grad_var", "grad_nvar", "noise_scale")  # of the total, logged
+STATS_GROUP = "per_example"  # the netCDF group of the per-example statistics
+_COVERAGE = ("method", "path_hooks", "path_func", "skipped", "skipped_reasons")
 
 
 def _check_settings(**kwargs) -> dict:
@@ -121,6 +149,33 @@ def _rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+class _CriterionLoss:
+    """``criterion`` on ``(x, y)`` batches in the batch form (see :func:`criterion_loss`); a class, so
+    that it pickles (spawned processes) and shows its criterion."""
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+
+    def __call__(self, model, batch):
+        x, y = batch[0], batch[1]
+        losses = self.criterion(V.model_output(model(x)), y, reduction="none")
+        return losses.reshape(losses.shape[0], -1).mean(1)
+
+    def __repr__(self):
+        return f"criterion_loss({getattr(self.criterion, '__name__', self.criterion)!r})"
+
+
+@validate(criterion=LossFn())
+def criterion_loss(criterion=F.cross_entropy):
+    """A criterion ``criterion(output, target, reduction="none")`` (``F.cross_entropy``,
+    ``F.mse_loss``, ...) in the batch form ``loss_fn(model, batch) -> (B,)`` of
+    :func:`deepmodels.probes.gradient_stats`, for batches ``(x, y, ...)``: example i's loss is
+    ``criterion(model(x), y, reduction="none")[i]`` averaged over all but the first dimension (a model
+    returning an object with ``.logits`` gives those).  The default per-example loss of
+    :func:`probing` and ``LightningProbe`` (``criterion_loss()``: cross-entropy)."""
+    return _CriterionLoss(criterion)
+
+
 class Probe:
     """The gradient noise scale of every optimizer step of a training loop, its rows every
     ``every`` steps logged, written to netCDF and resumable (see the module docstring).
@@ -139,25 +194,35 @@ class Probe:
             initialized).
         write_every_s: least seconds between two writes of the file before the end.
         trainer: the name recorded in the file's ``trainer`` attribute.
+        stats_every: also the per-example statistics every ``stats_every`` steps (steps divisible by
+            it; ``None``, the default: never), see the module docstring.
+        stats_loss_fn: the per-example loss of those statistics, in the batch form
+            ``loss_fn(model, batch) -> (B,)`` (default :func:`criterion_loss` ``()``: cross-entropy on
+            batches ``(x, y)``).
     """
 
     @validate(model=Module(), path=_PATH, every=_SETTINGS["every"], ema_decay=_SETTINGS["ema_decay"],
               accumulation=Options("mean", "sum"), write_every_s=_SETTINGS["write_every_s"],
-              trainer=Instance(str))
+              trainer=Instance(str), stats_every=_SETTINGS["stats_every"], stats_loss_fn=_SETTINGS["stats_loss_fn"])
     def __init__(self, model: nn.Module, *, path=None, every: int = 1, ema_decay: float = 0.95,
                  accumulation: str = "mean", process_group=None, write_every_s: float = 10.0,
-                 trainer: str = "loop"):
+                 trainer: str = "loop", stats_every: int | None = None, stats_loss_fn=None):
         if path is not None:
             _check_path(path)
         self.path = None if path is None else os.fspath(path)
         self.every, self.ema_decay, self.write_every_s, self.trainer = every, ema_decay, write_every_s, trainer
+        self.stats_every = stats_every
+        self.stats_loss_fn = criterion_loss() if stats_loss_fn is None else stats_loss_fn
         self.estimator = _gns.GradientNoiseScale(model, ema_decay=ema_decay, process_group=process_group,
                                                  accumulation=accumulation)
         self.rows: list = []  # GNSEstimate of the recorded steps
+        self.stats_rows: list = []  # per-example statistics of the stats steps (dicts of numbers, process 0)
+        self.last_stats = None  # the latest of them, for the callbacks' loggers
         self.n_steps = 0  # step() calls (the default step label)
         self._sizes: list = []  # micro-batch sizes seen since the last step
         self._last_write = -math.inf
         inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        self._inner = inner
         self._forward_hook = inner.register_forward_pre_hook(self._record_size, with_kwargs=True)
         self._open = True
 
@@ -167,20 +232,32 @@ class Probe:
             if size is not None:
                 self._sizes.append(size)
 
-    @validate(micro_batch_size=Maybe(Integer(1, V.MAX_WIDTH)), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
-    def step(self, micro_batch_size: int | None = None, *, step: int | None = None):
+    @validate(micro_batch_size=Maybe(Integer(1, V.MAX_WIDTH)), step=Maybe(Integer(0, V.MAX_EXACT_INT)),
+              batch=Maybe(pergrad.BATCH))
+    def step(self, micro_batch_size: int | None = None, *, step: int | None = None, batch=None):
         """This step's :class:`deepmodels.gns.GNSEstimate` (recorded as a row when ``step`` is a
         multiple of ``every``), or ``None`` when the step has a single micro-batch over all processes
         or micro-batches of different sizes (e.g. a trainer's last, partial step of an epoch): such a
         step is skipped with a ``RuntimeWarning`` and the EMA does not advance.
 
+        On a stats step (``stats_every`` set and ``step`` a multiple of it) process 0 then measures the
+        per-example statistics on ``batch`` (:meth:`stats_dataset`; :attr:`last_stats`), at the
+        parameters and before the optimizer step, leaving ``.grad``, the estimator and the global
+        random state as they were; a skipped step has none.
+
         Args:
             micro_batch_size: examples per micro-batch; default: read from the training forward passes
                 since the last step (the leading dimension of the first tensor argument).
             step: the step's label (default: the number of earlier calls, counting restored ones).
+            batch: the examples of the per-example statistics, in the form of ``stats_loss_fn``
+                (e.g. the step's last micro-batch ``(x, y)``); required on a stats step, else unused.
         """
-        sizes, self._sizes = self._sizes, []
         step = self.n_steps if step is None else step
+        due = self.stats_every is not None and step % self.stats_every == 0
+        if due and batch is None:
+            raise ValueError(f"`batch` must be given at step {step}: with stats_every={self.stats_every} the "
+                             "per-example statistics are measured on it (e.g. the step's last micro-batch).")
+        sizes, self._sizes = self._sizes, []
         if micro_batch_size is None:
             if not sizes:
                 raise ValueError("`micro_batch_size` must be given: no forward pass of the model in training mode "
@@ -195,19 +272,72 @@ class Probe:
             return None
         est = self.estimator.update(micro_batch_size, step=step)
         self.n_steps = step + 1
-        if step % self.every == 0:
+        new = step % self.every == 0
+        if new:
             self.rows.append(est)
-            if self.path is not None and time.monotonic() - self._last_write >= self.write_every_s:
-                self.flush()
+        if due and _rank_zero():
+            self.last_stats = self._measure(step, batch, est.batch_size)
+            self.stats_rows.append(self.last_stats)
+            new = True
+        if new and self.path is not None and time.monotonic() - self._last_write >= self.write_every_s:
+            self.flush()
         return est
 
+    def _measure(self, step: int, batch, batch_size: int) -> dict:
+        """The per-example statistics of ``batch`` (:func:`deepmodels.probes.gradient_stats`) as a row
+        of Python numbers; ``.grad`` is restored, the probe's own backward pass discarded from the
+        estimator (it is no micro-batch of the next step) and the random state kept."""
+        params = self.estimator.params
+        grads = [p.grad for p in params]
+        cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        ddp = self.estimator._ddp  # no_sync: the probe's backward pass starts no all-reduce of the estimator
+        try:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad(), torch.random.fork_rng(devices=cuda), \
+                    (ddp.no_sync() if ddp is not None else contextlib.nullcontext()):
+                ds = probes.gradient_stats(self._inner, self.stats_loss_fn, batch=batch, batch_size=float(batch_size),
+                                           step=step)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.estimator.discard()
+            self._sizes = []  # the probe's forward passes are no micro-batches either
+        row = {"step": int(step), "micro_batch_size": int(ds.attrs["n_examples"]), "batch_size": int(batch_size),
+               "layer": [str(v) for v in ds.layer.values],
+               **{k: [float(v) for v in ds[k].values[0]] for k in STATS},
+               "attrs": {k: str(ds.attrs[k]) for k in _COVERAGE if k in ds.attrs},
+               "diverged": ds.attrs.get("diverged")}
+        return row
+
+    @validate()
+    def stats_dataset(self) -> xr.Dataset:
+        """The per-example statistics so far (process 0): a Dataset over ``step`` and ``layer`` (each
+        module with measured parameters, then ``"total"``) with the variables of
+        :func:`deepmodels.probes.gradient_stats` (``grad_norm_sq``, ``trace_cov``, ``trace_cov_sem``,
+        ``grad_var``, ``grad_nvar``, ``snr``, ``noise_scale``, ``grad_norm_sq_unbiased``,
+        ``noise_scale_unbiased``, ``n_params``), over ``step`` ``micro_batch_size`` (the examples
+        measured) and ``batch_size_now`` (the step's batch, the B of ``grad_var`` and ``grad_nvar``);
+        ``source="measurement"``, attrs ``stats_every``, the coverage of the latest measurement
+        (``method``, ``path_hooks``, ...) and ``diverged`` (the steps whose measurement diverged, with
+        the reasons).  Empty (no ``step``) before the first."""
+        rows = self.stats_rows
+        layers = rows[0]["layer"] if rows else []
+        steps = np.array([r["step"] for r in rows], dtype=np.int64)
+        data = {k: (("step", "layer"), np.array([r[k] for r in rows], dtype=np.float64).reshape(len(rows), len(layers)))
+                for k in STATS}
+        data["micro_batch_size"] = ("step", np.array([r["micro_batch_size"] for r in rows], dtype=np.float64))
+        data["batch_size_now"] = ("step", np.array([r["batch_size"] for r in rows], dtype=np.float64))
+        ds = xr.Dataset(data, coords={"step": steps, "layer": layers})
+        attach_attrs(ds, model=self.estimator.model_name, source="measurement", stats_every=str(self.stats_every),
+                     **(rows[-1]["attrs"] if rows else {}))
+        div = [f"step {r['step']}: {r['diverged']}" for r in rows if r["diverged"] is not None]
+        if div:
+            ds.attrs["diverged"] = "; ".join(div)
+        return ds
+
     def _skip(self, step: int, why: str, micro_batch_size: int) -> None:
-        if self.estimator.world_size > 1:  # every process joins the step's all-reduce: update, then forget it
-            saved = self.estimator.state_dict()
-            self.estimator.update(micro_batch_size, step=step)
-            self.estimator.load_state_dict(saved)
-        else:
-            self.estimator.discard()  # the step's micro-batch records, dropped with it
+        self.estimator.skip()  # under torch.distributed it joins the step's all-reduce, as update() would
         self.n_steps = step + 1
         warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 
@@ -225,9 +355,14 @@ class Probe:
 
     @validate()
     def flush(self) -> None:
-        """Write the rows to ``path`` now (atomically; only on process 0; nothing without a path)."""
+        """Write the rows to ``path`` now (atomically; only on process 0; nothing without a path): the
+        :meth:`dataset` as the file's root group and, with ``stats_every``, the
+        :meth:`stats_dataset` as its group ``"per_example"``."""
         if self.path is not None and _rank_zero():
-            resume.write(self.dataset(), self.path)
+            out = self.dataset()
+            if self.stats_every is not None:
+                out = {"": out, STATS_GROUP: self.stats_dataset()}
+            resume.write(out, self.path)
         self._last_write = time.monotonic()
 
     @validate()
@@ -236,21 +371,26 @@ class Probe:
         fit for ``torch.save`` and JSON); writes the file first, so it holds every row of the state."""
         self.flush()
         return {"estimator": self.estimator.state_dict(), "n_steps": self.n_steps, "every": self.every,
-                "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "rows": [dataclasses.asdict(r) for r in self.rows], "stats_every": self.stats_every,
+                "stats_rows": [dict(r) for r in self.stats_rows]}
 
     @validate(state_dict=Instance(dict, what="a dict from Probe.state_dict()"))
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict` of a probe with the same ``every`` and ``ema_decay``: the EMA
-        continues and the rows restart from the saved ones."""
+        """Restore a :meth:`state_dict` of a probe with the same ``every``, ``stats_every`` and
+        ``ema_decay``: the EMA continues and the rows (and per-example rows) restart from the saved
+        ones."""
         missing = sorted({"estimator", "n_steps", "every", "rows"} - set(state_dict))
         if missing:
             raise ValueError(f"`state_dict` must be a dict from Probe.state_dict(); it lacks {missing}.")
-        if state_dict["every"] != self.every:
-            raise ValueError(f"`state_dict` must come from a probe with every={self.every}; got "
-                             f"every={state_dict['every']}.")
+        for key in ("every", "stats_every"):
+            if state_dict.get(key) != getattr(self, key) and (key == "every" or key in state_dict):
+                raise ValueError(f"`state_dict` must come from a probe with {key}={getattr(self, key)}; got "
+                                 f"{key}={state_dict.get(key)}.")
         self.estimator.load_state_dict(state_dict["estimator"])
         self.n_steps = V.check_int("state_dict['n_steps']", state_dict["n_steps"], low=0)
         self.rows = [_gns.GNSEstimate(**r) for r in state_dict["rows"]]
+        self.stats_rows = [dict(r) for r in state_dict.get("stats_rows", [])]
+        self.last_stats = None
         self._sizes = []
 
     @validate()
@@ -271,9 +411,11 @@ class Probe:
 
 
 @validate(model=Module(), path=_PATH, every=_SETTINGS["every"], ema_decay=_SETTINGS["ema_decay"],
-          accumulation=Options("mean", "sum"), write_every_s=_SETTINGS["write_every_s"])
+          accumulation=Options("mean", "sum"), write_every_s=_SETTINGS["write_every_s"],
+          stats_every=_SETTINGS["stats_every"], stats_loss_fn=_SETTINGS["stats_loss_fn"])
 def probing(model: nn.Module, *, path=None, every: int = 1, ema_decay: float = 0.95, accumulation: str = "mean",
-            process_group=None, write_every_s: float = 10.0) -> Probe:
+            process_group=None, write_every_s: float = 10.0, stats_every: int | None = None,
+            stats_loss_fn=None) -> Probe:
     """A :class:`Probe` on ``model`` for a plain PyTorch loop; use it in a ``with`` block, which
     writes the file and removes the hooks at its end.
 
@@ -283,10 +425,22 @@ def probing(model: nn.Module, *, path=None, every: int = 1, ema_decay: float = 0
     the step's micro-batches (at least two per step over all processes), its standard error and EMA.
     Rows every ``every`` steps go to ``path`` (netCDF, written as they come) and to
     ``probe.dataset()``; ``probe.state_dict()`` / ``load_state_dict`` save and resume them with the
-    EMA.  Arguments as :class:`Probe`'s (the module docstring has the details).
+    EMA.  With ``stats_every``, every ``stats_every`` steps also the per-example statistics of the
+    batch passed as ``probe.step(batch=...)`` (``probe.stats_dataset()``; the file's group
+    ``"per_example"``).  Arguments as :class:`Probe`'s (the module docstring has the details).
     """
     return Probe(model, path=path, every=every, ema_decay=ema_decay, accumulation=accumulation,
-                 process_group=process_group, write_every_s=write_every_s, trainer="loop")
+                 process_group=process_group, write_every_s=write_every_s, trainer="loop", stats_every=stats_every,
+                 stats_loss_fn=stats_loss_fn)
+
+
+def _stats_metrics(probe, step) -> dict:
+    """The total's per-example statistics of ``step`` as logger metrics ``stats/<name>`` (``{}``
+    where ``step`` measured none on this process)."""
+    row = probe.last_stats
+    if row is None or row["step"] != step:
+        return {}
+    return {f"stats/{k}": float(row[k][-1]) for k in LOGGED_STATS}
 
 
 def _metrics(est) -> dict:
@@ -318,11 +472,22 @@ def _lightning_probe():
         checkpoints.  Arguments as :func:`deepmodels.callbacks.probing`'s; the module
         ``deepmodels.callbacks`` describes the estimate and the file.  Single optimizer, automatic
         optimization (Lightning divides each micro-batch loss by ``accumulate_grad_batches``).
+
+        With ``stats_every``, every ``stats_every`` steps also the per-example statistics of the
+        step's last micro-batch on process 0 (:func:`deepmodels.probes.gradient_stats`, after the
+        estimate and before the optimizer step), logged as ``stats/<name>`` (``grad_norm_sq``,
+        ``trace_cov``, ``grad_var``, ``grad_nvar``, ``noise_scale`` of all parameters) and written to
+        the file's group ``"per_example"``; ``stats_loss_fn(pl_module, batch) -> (B,)`` gives the
+        per-example losses (default :func:`deepmodels.callbacks.criterion_loss` ``()``: cross-entropy
+        of ``pl_module(x)`` on batches ``(x, y)``).
         """
 
-        def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0):
-            self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s)
+        def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0,
+                     stats_every: int | None = None, stats_loss_fn=None):
+            self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s,
+                                            stats_every=stats_every, stats_loss_fn=stats_loss_fn)
             self.probe = None
+            self._batch = None  # the latest training micro-batch
 
         @property
         def state_key(self) -> str:
@@ -344,18 +509,23 @@ def _lightning_probe():
                     self.probe.load_state_dict(state)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            """Record the micro-batch size (the leading dimension of the batch)."""
+            """Record the micro-batch size (the leading dimension of the batch) and the batch."""
             size = _leading_size(batch)
             if size is not None:
                 self.probe._sizes.append(size)
+            self._batch = batch if self.probe.stats_every is not None else None
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            """After the step's last backward pass: the step's estimate, logged every ``every`` steps."""
+            """After the step's last backward pass: the step's estimate, logged every ``every`` steps, and
+            the per-example statistics every ``stats_every`` steps."""
             step = trainer.global_step
-            est = self.probe.step(step=step)
-            if est is not None and step % self.probe.every == 0 and trainer.is_global_zero:
+            batch, self._batch = self._batch, None
+            est = self.probe.step(step=step, batch=batch)
+            metrics = _metrics(est) if est is not None and step % self.probe.every == 0 else {}
+            metrics.update(_stats_metrics(self.probe, step))
+            if metrics and trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics(_metrics(est), step=step)
+                    logger.log_metrics(metrics, step=step)
 
         def on_train_end(self, trainer, pl_module):
             """Write the rows not yet in the file."""
@@ -394,12 +564,31 @@ def _hf_probe():
         normalizes its loss by the items of the whole step instead of being divided by M: the
         estimate is then exact when every micro-batch has the same number of loss items (no
         padding or ignored labels).
+
+        With ``stats_every``, every ``stats_every`` steps also the per-example statistics of the
+        step's last micro-batch on process 0 (the tensors of the keyword arguments of the model's
+        last training forward pass, e.g. ``{"input_ids", "attention_mask", "labels"}``;
+        :func:`deepmodels.probes.gradient_stats` after the estimate, before the optimizer step),
+        appended to ``state.log_history`` as ``stats/<name>`` (``grad_norm_sq``, ``trace_cov``,
+        ``grad_var``, ``grad_nvar``, ``noise_scale`` of all parameters) and written to the file's
+        group ``"per_example"``; ``stats_loss_fn(model, batch) -> (B,)`` gives the per-example losses
+        (default :func:`deepmodels.pergrad.next_token_loss`, for causal language models).  The
+        Trainer rebuilds a restored callback from its JSON arguments, which cannot hold a function:
+        the rebuilt callback takes the ``stats_loss_fn`` of the latest ``HFProbe`` made in this
+        process with the same ``path``, ``every`` and ``stats_every``.
         """
 
-        def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0):
-            self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s)
+        def __init__(self, path=None, every: int = 1, ema_decay: float = 0.95, write_every_s: float = 10.0,
+                     stats_every: int | None = None, stats_loss_fn=None):
+            self.settings = _check_settings(path=path, every=every, ema_decay=ema_decay, write_every_s=write_every_s,
+                                            stats_every=stats_every, stats_loss_fn=stats_loss_fn)
+            key = (self.settings["path"], every, stats_every)
+            if stats_loss_fn is not None:
+                _HF_LOSSES[key] = stats_loss_fn
+            self.settings["stats_loss_fn"] = _HF_LOSSES.get(key, pergrad.next_token_loss)
             self.probe = None
             self.saved = None  # the probe's state from a checkpoint (set by the Trainer on resume)
+            self._batch, self._batch_hook = None, None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             """Check ``max_grad_norm`` and the micro-batches per step, attach the probe, and restore its
@@ -413,6 +602,8 @@ def _hf_probe():
                                  "estimate needs two or more micro-batches per step); got "
                                  f"{args.gradient_accumulation_steps} on {args.world_size} process(es).")
             self.probe = Probe(model, **self.settings, trainer="transformers")
+            if self.probe.stats_every is not None:
+                self._batch_hook = model.register_forward_pre_hook(self._record_batch, with_kwargs=True)
             if self.saved is not None:
                 self.probe.load_state_dict(self.saved)
             elif state.global_step > 0:
@@ -420,28 +611,44 @@ def _hf_probe():
                               "restore_callback_states_from_checkpoint=True to continue the EMA).", RuntimeWarning,
                               stacklevel=2)
 
+        def _record_batch(self, module, args, kwargs):
+            if module.training and torch.is_grad_enabled():
+                size = _leading_size((args, kwargs))
+                batch = {k: v for k, v in kwargs.items()
+                         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == size}
+                self._batch = batch if batch else args[0] if len(args) == 1 else args if args else None
+
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             """After the step's last backward pass: the step's estimate, appended to ``state.log_history``
-            every ``every`` steps."""
+            every ``every`` steps, and the per-example statistics every ``stats_every`` steps."""
             step = state.global_step
-            est = self.probe.step(step=step)
-            if est is not None and step % self.probe.every == 0 and state.is_world_process_zero:
-                state.log_history.append({**_metrics(est), "step": step})
+            batch, self._batch = self._batch, None
+            est = self.probe.step(step=step, batch=batch)
+            metrics = _metrics(est) if est is not None and step % self.probe.every == 0 else {}
+            metrics.update(_stats_metrics(self.probe, step))
+            if metrics and state.is_world_process_zero:
+                state.log_history.append({**metrics, "step": step})
 
         def on_train_end(self, args, state, control, **kwargs):
             """Write the remaining rows and remove the probe's hooks."""
             self.probe.close()
+            if self._batch_hook is not None:
+                self._batch_hook.remove()
+                self._batch_hook, self._batch = None, None
 
         def state(self) -> dict:
-            """The callback's arguments and the probe's state, as Hugging Face's ``ExportableState`` saves them."""
+            """The callback's arguments (JSON: ``stats_loss_fn`` left out) and the probe's state, as
+            Hugging Face's ``ExportableState`` saves them."""
             saved = self.probe.state_dict() if self.probe is not None else self.saved
-            return {"args": dict(self.settings), "attributes": {"saved": saved}}
+            return {"args": {k: v for k, v in self.settings.items() if k != "stats_loss_fn"},
+                    "attributes": {"saved": saved}}
 
     HFProbe.__module__, HFProbe.__qualname__ = __name__, "HFProbe"
     return HFProbe
 
 
 _LAZY = {"LightningProbe": _lightning_probe, "HFProbe": _hf_probe}
+_HF_LOSSES: dict = {}  # (path, every, stats_every) -> the stats_loss_fn of the latest HFProbe given one
 
 
 def __getattr__(name):

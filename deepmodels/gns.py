@@ -362,8 +362,9 @@ class GradientNoiseScale:
     :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
     |G_big|^2 from ``.grad``, joins the processes with one all-reduce of four numbers (given the DDP
     wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce;
-    given the bare module: in ``update``), and returns a :class:`GNSEstimate`.  Usable as a context
-    manager (the hooks are removed on exit)::
+    given the bare module: in ``update``), and returns a :class:`GNSEstimate`; :meth:`skip` in its
+    place leaves a step out (no EMA update), :meth:`discard` forgets backward passes that were no
+    micro-batches (e.g. a probe's).  Usable as a context manager (the hooks are removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
             for step in range(n):
@@ -456,7 +457,7 @@ class GradientNoiseScale:
                 start += len(norms)
             return torch.tensor([math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)],
                                 dtype=torch.float64)
-        a = torch.stack([torch.stack(norms).double().square().sum() for norms in micro]) * scale
+        a = torch.stack([V.to_float64(torch.stack(norms)).square().sum() for norms in micro]) * scale
         return torch.stack([a.sum(), a.square().sum(), a.new_tensor(float(m)), a.new_tensor(float(m * m))])
 
     def _launch(self) -> None:
@@ -494,20 +495,9 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        big_sq = float(torch.stack(_norms(grads, self._dtype)).double().square().sum())
+        big_sq = float(V.to_float64(torch.stack(_norms(grads, self._dtype))).square().sum())
         big_sq /= 1.0 if self.accumulation == "mean" else m_local**2
-        work, self._work = self._work, None
-        if work is not None and work[2] == m_local:  # started at the end of DDP's synchronizing backward pass
-            work[0].wait()
-            sums = work[1].tolist()
-        else:
-            if work is not None:
-                work[0].wait()
-            t = self._local_sums(micro)
-            if self.world_size > 1:
-                _dist().all_reduce(t, group=self.process_group)
-            sums = t.tolist()
-        sum_sq, sum_sq2, n, m_sq = sums
+        sum_sq, sum_sq2, n, m_sq = self._join(micro)
         n = int(round(n))
         if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
             raise ValueError(f"`model` must run the same number of backward passes on every process between updates; "
@@ -529,6 +519,37 @@ class GradientNoiseScale:
             smooth = self.ema._estimates()
         return GNSEstimate(step=step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step, **smooth,
                            model=self.model_name, diverged=reason)
+
+    def _join(self, micro) -> list:
+        """The step's [sum |g_j|^2, sum |g_j|^4, n, sum M_r^2] over the processes: the all-reduce
+        started at the end of DDP's synchronizing backward pass if it covers this process's ``micro``,
+        else one all-reduce of the local sums now (none on a single process)."""
+        work, self._work = self._work, None
+        if work is not None and work[2] == len(micro):  # started at the end of DDP's synchronizing backward pass
+            work[0].wait()
+            return work[1].tolist()
+        if work is not None:
+            work[0].wait()
+        t = self._local_sums(micro) if micro else torch.zeros(4, dtype=torch.float64)
+        if self.world_size > 1:
+            _dist().all_reduce(t, group=self.process_group)
+        return t.tolist()
+
+    @validate()
+    def skip(self) -> None:
+        """Leave this step out: forget the backward passes recorded since the last :meth:`update`
+        without updating the EMA or the update counter, e.g. a step whose micro-batches differ in size
+        or a step a loss scaler skipped.  Call it where :meth:`update` would be called; under
+        ``torch.distributed`` every process of the group must call one of the two (it joins the
+        step's all-reduce exactly as :meth:`update` does, so a process that updates while another
+        skips still gets its estimate and no process waits forever)."""
+        if self._handles is None:
+            raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
+        micro, self._micro = self._micro, []
+        if self.world_size > 1:
+            self._join(micro)
+        else:
+            self._drop_work()
 
     def _nonfinite_reason(self, sum_sq, sum_sq2, big_sq) -> str | None:
         if math.isfinite(sum_sq) and math.isfinite(sum_sq2) and math.isfinite(big_sq):

@@ -188,7 +188,7 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
     eps = torch.finfo(dtype).eps
     tol = max(float(tol), eps)
     if n <= m:  # the basis would hold the whole space: the matrix itself
-        A = torch.empty(n, n, dtype=torch.float64, device=device)
+        A = torch.empty(n, n, dtype=torch.float64, device=V.float64_device(device))
         for i in range(n):
             e = torch.zeros(n, dtype=dtype, device=device)
             e[i] = 1.0
@@ -224,13 +224,13 @@ def lanczos(matvec, n: int, k: int, v0: torch.Tensor, *, tol: float = 1e-6, ncv:
                 h2 = basis @ w
                 w.addmv_(basis.T, h2, alpha=-1)
                 h = h + h2
-            col = h.double().cpu()
+            col = h.cpu().double()
             T[: j + 1, j] = col
             T[j, : j + 1] = col
             beta = w.norm()
             if float(beta) <= 10 * eps * size:  # an invariant subspace (or A q = 0)
                 beta = torch.zeros((), dtype=dtype, device=device)
-                w = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+                w = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device)
                 for _ in range(2):
                     w = w - (basis @ w) @ basis
                 w = w / w.norm()
@@ -299,7 +299,7 @@ def top_eigenpairs(model, loss_fn, x, y, k: int = 5, *, tol: float = 1e-6, seed:
         return vals, vecs
 
     def mv(v):
-        return op(torch.as_tensor(np.ravel(v), dtype=dtype, device=device)).double().cpu().numpy()
+        return op(torch.as_tensor(np.ravel(v), dtype=dtype, device=device)).cpu().double().numpy()
 
     v0 = np.random.default_rng(seed).standard_normal(op.n)
     vals, vecs = eigsh(LinearOperator((op.n, op.n), matvec=mv, dtype=np.float64), k=k, which="LA", tol=tol, v0=v0)
@@ -325,7 +325,7 @@ def _hutchinson(matvec, n, n_samples, gen, dtype, device) -> np.ndarray:
     out = torch.empty(n_samples, dtype=torch.float64)
     for i in range(n_samples):
         v = _rademacher(n, gen, dtype, device)
-        out[i] = float(v.double() @ matvec(v).double())
+        out[i] = float(V.to_float64(v) @ V.to_float64(matvec(v)))
     return out.numpy()
 
 
@@ -387,7 +387,7 @@ def rayleigh_quotients(model, loss_fn, x, y, directions: torch.Tensor) -> xr.Dat
     curv = np.array([float(v @ op(v)) for v in D])
     G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y)).to(D.dtype)
     proj = (G - G.mean(0)) @ D.T  # (B, m)
-    noise = (proj**2).mean(0).double().cpu().numpy()
+    noise = (proj**2).mean(0).cpu().double().numpy()
     ds = xr.Dataset({"curvature": ("mode", curv), "noise_variance": ("mode", noise)},
                     coords={"mode": np.arange(D.shape[0])})
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", n_examples=int(x.shape[0]))

@@ -199,7 +199,11 @@ def _check_no_batchnorm(model):
 def _func_grads(prob: _Problem, names, chunk_size: int) -> dict:
     """``{name: (B, *shape)}`` per-example gradients of the parameters ``names`` only (the others
     held fixed), by ``vmap(grad)`` in chunks of examples."""
-    model = prob.model
+    model, names = prob.model, list(names)
+    if _ddp_group(model) is not None:  # the wrapped module (DDP's forward is not for vmap), under its own names
+        inner = _func_grads(_Problem(model.module, prob.loss_fn, prob.x, prob.y, prob.batch),
+                            [k.removeprefix("module.") for k in names], chunk_size)
+        return {k: inner[k.removeprefix("module.")] for k in names}
     _check_no_batchnorm(model)
     named = dict(model.named_parameters())
     params = {k: named[k].detach() for k in names}
@@ -434,8 +438,8 @@ def _probe_vectors(p, seed=0):
     """Random u (first dimension of p) and v (the others, flattened; None for a vector)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, m = p.shape[0], p[0].numel() if p.dim() > 1 else 0
-    u = torch.randn(n, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
-    v = torch.randn(m, generator=gen, dtype=torch.float64).to(p.device, p.dtype) if m else None
+    u = torch.randn(n, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)  # (converted on the CPU)
+    v = torch.randn(m, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device) if m else None
     return u, v
 
 
@@ -910,7 +914,15 @@ class LayerCapture:
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
-            got, want, scale = torch.stack(list(checks.values())).double().T
+            sums = V.to_float64(torch.stack(list(checks.values())))
+            group = _ddp_group(self.model)
+            if group is not None:
+                # DDP averaged .grad over the W processes: the sums of every process's terms (of its
+                # mean loss) add up to W times the projection of .grad, which each process adds once
+                import torch.distributed as dist
+
+                dist.all_reduce(sums, group=group)
+            got, want, scale = sums.T
             bad = ((got - want).abs() > max(_CHECK_RTOL, 8.0 * eps) * scale + 1e-300).tolist()
             for k, b in zip(checks, bad):
                 if b:
@@ -1013,19 +1025,43 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
     train on the same pass).  Returns ``(capture, loss)``; raises
     :class:`deepmodels._validate.Diverged` (a ValueError) for non-finite parameters or a non-finite loss.
     """
-    return _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
+    cap, loss = _capture(_problem(model, loss_fn, x, y, batch), zero_grad, partial=partial)
+    if not torch.isfinite(loss):  # a DDP wrapper's backward pass ran (a collective) before this
+        raise V.Diverged("the loss is not finite (NaN or inf).")
+    return cap, loss
+
+
+def _ddp_group(model: nn.Module):
+    """The process group over which ``model``'s gradients are all-reduced: a
+    ``DistributedDataParallel`` wrapper's group, None for any other module (this process alone)."""
+    return model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+
+def _check_syncs(model):
+    """Refuse a DDP wrapper inside ``no_sync()``: its backward pass would leave each process's own
+    (accumulated) gradient in ``.grad``, not the mean over the processes the statistics need."""
+    if _ddp_group(model) is not None and not model.require_backward_grad_sync:
+        raise ValueError("`model` is a DistributedDataParallel wrapper inside `no_sync()`: its gradients would not be "
+                         "all-reduced. Measure outside `no_sync()` (on the synchronizing backward pass), pass "
+                         "`model.module` to measure this process's examples alone, or use "
+                         "deepmodels.gns.GradientNoiseScale for gradient accumulation.")
 
 
 def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False, fuse: bool = False):
     """:func:`capture_backward` without the checks (for callers that made them); ``fuse``: Linear
     layers on sequences form their per-example squared norms in the backward pass and their weight
-    gradient from them (:class:`_FusedLinear`; for squared norms only)."""
+    gradient from them (:class:`_FusedLinear`; for squared norms only).
+
+    A DDP wrapper's backward pass is a collective: on a non-finite loss it still runs (so that the
+    other processes' all-reduce completes, and every process gets non-finite gradients), and the
+    caller sees the loss (:func:`_measure_params` reports the divergence after its own collectives)."""
+    _check_syncs(prob.model)
     cap = LayerCapture(prob.model, partial=partial)
     cap._fuse = fuse
     with cap:
         (zero_grad or prob.model.zero_grad)(set_to_none=True)
         loss = prob.mean_loss()
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) and _ddp_group(prob.model) is None:
             raise V.Diverged("the loss is not finite (NaN or inf).")
         loss.backward()
     return cap, loss
@@ -1080,6 +1116,12 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
     (``"once"``: on the first call per model).  One backward pass of the mean loss runs (its
     ``.grad`` is left in place for an optimizer step), except for ``"func"``.
 
+    Given a ``DistributedDataParallel`` wrapper (:func:`_ddp_group`), the blocks are this process's
+    examples' against the mean gradient over every process's examples (DDP's all-reduced ``.grad``,
+    for the torch.func parameters too), and the fast path's check adds up the sums of all processes
+    (one all-reduce of three numbers per parameter, when it runs); :mod:`deepmodels.probes` combines
+    the blocks' sums over the processes.
+
     Returns:
         ``(blocks, paths, loss)``: ``{parameter: {"mean", "sq"[, "dots", "sum_sq", "gram",
         "dev"]}}`` in the model's order (see :func:`layer_summaries`), ``{"hooks": [...], "func":
@@ -1097,6 +1139,8 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
         blocks, unusable = cap._param_blocks(prob.B, frozenset(need), verify=do_verify)
         if once and not unusable:
             _VERIFIED[prob.model] = True
+        if not torch.isfinite(loss):  # a DDP wrapper's (_capture): reported after the collectives above
+            raise V.Diverged("the loss is not finite (NaN or inf).")
         if method == "hooks":
             cap._unusable(unusable)
         paths["hooks"] = list(blocks)
@@ -1122,8 +1166,11 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
             paths["func"] = todo
             for k in todo:
                 g = G[k].reshape(prob.B, -1)
-                g = g.double() if double_func else g
+                g = g.double() if double_func and g.device.type != "mps" else g  # (MPS has no float64)
                 mean = g.mean(0)
+                grad_k = prob.model.get_parameter(k).grad
+                if _ddp_group(prob.model) is not None and grad_k is not None:
+                    mean = grad_k.detach().reshape(-1).to(g.dtype)  # DDP's all-reduced mean over every process's examples
                 blk = _dense_block(g, mean, need)
                 blk["dev"] = ((g - mean) ** 2).sum(1)
                 blocks[k] = blk
@@ -1198,12 +1245,12 @@ def check(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, method: str 
             rel_err.append(np.nan)
             path.append("skipped")
             continue
-        G = ref[k].reshape(prob.B, -1).double()
+        G = V.to_float64(ref[k].reshape(prob.B, -1))
         mean = G.mean(0)
         want = {"mean": mean, "sq": (G * G).sum(1), "dots": G @ mean, "sum_sq": (G * G).sum(0), "gram": G @ G.T}
         a, r = 0.0, 0.0
         for s, w in want.items():
-            diff = float((blocks[k][s].double() - w).abs().max())
+            diff = float((V.to_float64(blocks[k][s]) - w).abs().max())
             a, r = max(a, diff), max(r, diff / max(float(w.abs().max()), 1e-300))
         abs_err.append(a)
         rel_err.append(r)

@@ -39,9 +39,17 @@ __all__ = ["gradient_stats", "probed_step", "Measurement", "stack", "estimator_s
 _layer_of = pergrad.layer_of
 
 
-def _summaries(blocks, B, gram=False):
+def _own_name(model, k):
+    """A parameter's name in the model the user trains: without a DDP wrapper's ``module.`` prefix."""
+    return k.removeprefix("module.") if pergrad._ddp_group(model) is not None else k
+
+
+def _summaries(blocks, B, gram=False, model=None):
     """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,) or None, Gram (B, B) or None)
-    from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params`."""
+    from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params` (layers named
+    as in the wrapped module of a DDP ``model``)."""
+    if model is not None:
+        blocks = {_own_name(model, k): b for k, b in blocks.items()}
     out = {}
     for name, f in pergrad.layer_summaries(blocks, B, sums=False).items():
         out[name] = (f["n_params"], f["mean_norm_sq"], f["sq_norms"], f.get("dev"), f.get("gram") if gram else None)
@@ -91,11 +99,11 @@ def bootstrap_ci(grams: dict, n_params: dict, batch_size: float, *, level: float
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.multinomial(torch.full((B,), 1.0 / B), B * n_boot, replacement=True, generator=gen).reshape(n_boot, B)
     W = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64))
-    W = W.to(K0.device)
-    total = sum(grams[n].double() for n in names)
+    W = W.to(V.float64_device(K0.device))
+    total = sum(V.to_float64(grams[n]) for n in names)
     out = {s: np.empty((len(names) + 1, 2)) for s in STAT_CI}
     qs = [(1 - level) / 2, 1 - (1 - level) / 2]
-    for j, (name, K) in enumerate([(n, grams[n].double()) for n in names] + [("total", total)]):
+    for j, (name, K) in enumerate([(n, V.to_float64(grams[n])) for n in names] + [("total", total)]):
         g2 = torch.einsum("nb,bc,nc->n", W, K, W) / B**2
         tr = (W @ torch.diagonal(K)) / B - g2
         P = sum(n_params.values()) if name == "total" else n_params[name]
@@ -115,7 +123,8 @@ def _layers(model):
     counts = {}
     for k, p in model.named_parameters():
         if p.requires_grad:
-            counts[_layer_of(k)] = counts.get(_layer_of(k), 0) + p.numel()
+            layer = _layer_of(_own_name(model, k))
+            counts[layer] = counts.get(layer, 0) + p.numel()
     return list(counts), np.array(list(counts.values()), dtype=np.float64)
 
 
@@ -125,11 +134,23 @@ def _diverged_measurement(model, B, bs, step, reason):
     return Measurement(names + ["total"], np.append(P, P.sum()), nan, nan, nan, nan, B, bs, step, diverged=reason)
 
 
+def _nonfinite_summaries(summ):
+    for name, s in summ.items():
+        vals = [torch.as_tensor(v) for v in (s[1], s[2], s[3]) if v is not None]
+        if not all(bool(torch.isfinite(v).all()) for v in vals):
+            return f"non-finite per-example gradients in layer `{name}` at finite parameters (the loss overflows?)"
+    return None
+
+
 _METHODS = ("auto", "func", "hooks")
 
 
-def _coverage(paths) -> dict:
+def _coverage(paths, model=None) -> dict:
     """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")."""
+    if model is not None:
+        paths = {"hooks": [_own_name(model, k) for k in paths["hooks"]],
+                 "func": [_own_name(model, k) for k in paths["func"]],
+                 "skipped": {_own_name(model, k): why for k, why in paths["skipped"].items()}}
     used = [m for m in ("hooks", "func") if paths[m]]
     return {**pergrad.coverage_attrs(paths), "method": "+".join(used) or "none"}
 
@@ -176,13 +197,27 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         ``skipped_reasons``.  On a diverged model (non-finite parameters, loss or per-example
         gradients) every statistic is ``inf`` and ``attrs["diverged"]`` says why.
 
+    A ``DistributedDataParallel`` ``model``: every process of its group calls this on its own B
+    examples and all get the statistics of the global batch of W B examples, as
+    :func:`probed_step` (``method`` "auto" or "hooks", ``ci`` None; refused inside ``no_sync()``).
+
     Raises:
         TypeError, ValueError: bad input, named (see :mod:`deepmodels._validate`); an array that
             would not fit in memory.
     """
     prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
     B, arg = prob.B, "x" if batch is None else "batch"
-    bs = float(B if batch_size is None else batch_size)
+    ddp = pergrad._ddp_group(model) is not None
+    if ddp:
+        pergrad._check_syncs(model)
+        if method == "func":
+            raise ValueError("`method` must be 'auto' or 'hooks' for a DistributedDataParallel `model` (their backward "
+                             "pass gives the mean gradient over all processes); got 'func'. Pass `model.module` to "
+                             "measure this process's examples alone.")
+        if ci is not None:
+            raise ValueError("`ci` must be None for a DistributedDataParallel `model`: the bootstrap needs the Gram "
+                             "matrix of all processes' examples; pass `model.module` for this process's examples alone.")
+    bs = None if batch_size is None else float(batch_size)
     itemsize = torch.empty((), dtype=prob.dtype).element_size()
     if method == "func":
         pergrad._check_memory(prob, V.n_trainable(model), copies=2.0 + 8.0 / itemsize)
@@ -196,9 +231,8 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         need = frozenset({"dots", "gram"} if ci is not None else {"dots"})
         try:
             blocks, paths, _ = pergrad._measure_params(prob, method, need, chunk_size=chunk_size)
-            summ = _summaries(blocks, B, ci is not None)
-            m, reason = _measure(summ, B, bs, step) if summ else (None, "no parameter could be measured (see "
-                                                                        "attrs['skipped'])")
+            summ = _summaries(blocks, B, ci is not None, model)
+            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured (see attrs['skipped'])"
         except pergrad.FastPathUnsupported as err:
             if method != "hooks":
                 raise
@@ -206,10 +240,15 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     model.zero_grad(set_to_none=True)
-    if reason is not None:
-        ds = _diverged_measurement(model, B, bs, step, reason).to_dataset()
-    else:
+    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
+        m = _measure(summ if reason is None else None, B, bs, step, model, reason)
+        reason, B, bs = m.diverged, m.n_examples, m.batch_size
         ds = m.to_dataset()
+    elif reason is not None:
+        ds = _diverged_measurement(model, B, float(B if bs is None else bs), step, reason).to_dataset()
+    else:
+        ds = _measure(summ, B, bs, step, model).to_dataset()
+    bs = float(B if bs is None else bs)
     if ci is not None:
         if reason is None:
             bounds = bootstrap_ci({n: s[4] for n, s in summ.items()}, {n: s[0] for n, s in summ.items()}, bs,
@@ -220,8 +259,8 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         for stat, arr in bounds.items():
             ds[f"{stat}_ci"] = (dims, arr if step is None else arr[None])
         ds = ds.assign_coords(bound=["low", "high"])
-    attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", batch_size=bs, n_examples=B,
-                 device=str(prob.device), **_coverage(paths))
+    attach_attrs(ds, model=type(model.module if ddp else model).__name__.lower(), source="measurement", batch_size=bs,
+                 n_examples=B, device=str(prob.device), **_coverage(paths, model))
     return ds
 
 
@@ -289,49 +328,109 @@ def stack(measurements, **attrs) -> xr.Dataset:
     ds = xr.Dataset({k: (("step", "layer"), np.stack([r[k] for r in rows])) for k in rows[0]},
                     coords={"step": np.asarray(steps, dtype=np.int64), "layer": measurements[0].layer})
     attach_attrs(ds, source="measurement", **{"model": "network", **attrs})
-    covered = [m.coverage for m in measurements if m.coverage]
-    for key in covered[0] if covered else ():  # the union over the steps, in order of appearance
-        sep = "; " if key == "skipped_reasons" else "+" if key == "method" else ", "
-        seen = dict.fromkeys(part for c in covered for part in c[key].split(sep) if part)
-        ds.attrs[key] = sep.join(seen)
+    ds.attrs.update(_union_coverage([m.coverage for m in measurements if m.coverage]))
     div = [f"step {m.step}: {m.diverged}" for m in measurements if m.diverged is not None]
     if div:
         ds.attrs["diverged"] = "; ".join(div)
     return ds
 
 
-def _measure(summ, B, bs, step):
-    """Per layer and total, with one transfer from the device for all layers: ``(Measurement,
-    None)``, or ``(None, reason)`` naming the first layer whose |g_bar|^2, per-example squared norms
-    or deviations are not finite (the flags travel in the same transfer as the statistics)."""
-    names = list(summ)
-    first = summ[names[0]][2]
-    g2 = torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device) for n in names])
-    sq = torch.stack([summ[n][2] for n in names])  # (L, B)
-    msq = sq.mean(1)
-    finite = torch.isfinite(sq).all(1) & torch.isfinite(g2)
-    has_dev = [summ[n][3] is not None for n in names]
-    if any(has_dev):  # the layers measured with deviations (torch.func, or ``sem``)
-        dev = torch.stack([summ[n][3] for n, h in zip(names, has_dev) if h])
-        dev_ok = torch.isfinite(dev).all(1)
-        finite = finite & (dev_ok if all(has_dev) else
-                           torch.ones_like(finite).index_put_((torch.tensor(has_dev, device=finite.device),), dev_ok))
-    if all(has_dev):
-        rows = torch.stack([g2, dev.mean(1), dev.std(1, unbiased=False), msq])
-        sd_total = dev.sum(0).std(unbiased=False)
+_COVERAGE = ("method", "path_hooks", "path_func", "skipped", "skipped_reasons")  # the coverage attrs of a measurement
+
+
+def _union_coverage(covered) -> dict:
+    """The coverage attrs (``_COVERAGE``) of several measurements (dicts; a key missing in some is
+    left out of those): per key the union of the parts, in order of appearance (netCDF-safe strings)."""
+    out = {}
+    for key in _COVERAGE:
+        have = [c[key] for c in covered if key in c]
+        if have:
+            sep = "; " if key == "skipped_reasons" else "+" if key == "method" else ", "
+            out[key] = sep.join(dict.fromkeys(part for v in have for part in str(v).split(sep) if part))
+    return out
+
+
+def _measure(summ, B, bs, step, model=None, reason=None):
+    """Per layer and total, from sums over the examples (in float64), with one transfer from the device.
+
+    The statistics are functions of per-layer sums over the examples: sum_i |g_i|^2 and, with the
+    deviations dev_i = |g_i - g_bar|^2, sum_i dev_i and sum_i dev_i^2 (and the same two of the
+    total deviation), with |g_bar|^2 from ``.grad``.  Given a DDP wrapper (``model``), each process
+    formed them on its own examples against the global mean gradient (DDP's all-reduced ``.grad``),
+    and ONE all-reduce of 3 L + 5 numbers (the sums in the layout of every trainable layer; B, B^2
+    and a divergence flag) adds them up, so that the statistics are those of the global batch.
+    Every process joins it, also one whose own measurement diverged (``reason``; ``summ`` None):
+    then every process reports the divergence.  ``bs`` None: the number of examples (over all processes).
+    """
+    group = pergrad._ddp_group(model) if model is not None else None
+    present = list(summ) if summ else []
+    with_dev = bool(present) and all(summ[n][3] is not None for n in present)
+    L, local = len(present), None
+    if present and reason is None:
+        first = summ[present[0]][2]
+        sq = V.to_float64(torch.stack([summ[n][2] for n in present]))  # (L, B)
+        g2 = V.to_float64(torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device)
+                                       for n in present]))
+        parts = [sq.sum(1)]
+        if with_dev:
+            dev = V.to_float64(torch.stack([summ[n][3] for n in present]))  # (L, B)
+            tot = dev.sum(0)
+            parts += [dev.sum(1), (dev * dev).sum(1), torch.stack([tot.sum(), (tot * tot).sum()])]
+        local = torch.cat(parts + [g2])  # on the device: [sum |g_i|^2 (L)[, sum dev (L), sum dev^2 (L), total (2)], |g_bar|^2 (L)]
+    if group is None:
+        vals, B_tot = local.cpu().numpy(), B
     else:
-        rows = torch.stack([g2, msq - g2, torch.full_like(g2, float("nan")), msq])
-        sd_total = torch.full_like(g2[0], float("nan"))
-    vals = torch.cat([rows.double().reshape(-1), sd_total.double().reshape(1), finite.double()]).cpu().numpy()
-    L = len(names)
-    g2, tr, sd, msq = vals[:4 * L].reshape(4, L)
-    sd_total, ok = vals[4 * L], vals[4 * L + 1:]
-    if not ok.all():
-        bad = names[int(np.argmin(ok))]
-        return None, f"non-finite per-example gradients in layer `{bad}` at finite parameters (the loss overflows?)"
-    P = np.array([summ[n][0] for n in names], dtype=np.float64)
-    return Measurement(names + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
-                       np.append(sd, sd_total) / math.sqrt(B), np.append(msq, msq.sum()), B, bs, step), None
+        vals, B_tot = _all_reduce_sums(model, group, present, with_dev, local, B, reason)
+        if vals is None:
+            bs = float(B_tot if bs is None else bs)
+            return _diverged_measurement(model, B_tot, bs, step, reason or "a statistic is not finite on another "
+                                         "process of the DDP group")
+    bs = float(B_tot if bs is None else bs)
+    msq, g2 = vals[:L] / B_tot, vals[-L:]
+    if with_dev:
+        tr = vals[L:2 * L] / B_tot
+        sd = np.sqrt(np.maximum(vals[2 * L:3 * L] / B_tot - tr**2, 0.0))
+        t1, t2 = vals[3 * L:3 * L + 2] / B_tot
+        sd_total = math.sqrt(max(t2 - t1**2, 0.0))
+    else:
+        tr, sd, sd_total = msq - g2, np.full(L, np.nan), math.nan
+    P = np.array([summ[n][0] for n in present], dtype=np.float64)
+    return Measurement(present + ["total"], np.append(P, P.sum()), np.append(g2, g2.sum()), np.append(tr, tr.sum()),
+                       np.append(sd, sd_total) / math.sqrt(B_tot), np.append(msq, msq.sum()), B_tot, bs, step)
+
+
+def _all_reduce_sums(model, group, present, with_dev, local, B, reason):
+    """:func:`_measure`'s one all-reduce: ``(vals, B_total)`` with ``vals`` laid out as ``local`` (the
+    sums of every process, |g_bar|^2 this process's), or ``(None, B_total)`` if a process diverged."""
+    import torch.distributed as dist
+
+    names = _layers(model)[0]  # the same on every process, also on one that diverged
+    n = len(names)
+    device = local.device if local is not None else V.float64_device(next(p.device for p in model.parameters()))
+    vec = torch.zeros(3 * n + 5, dtype=torch.float64, device=device)
+    vec[3 * n:] = torch.tensor([0.0, 0.0, B, B * B, float(local is None)], dtype=torch.float64).to(device)
+    L = len(present)
+    if local is not None:
+        at = torch.tensor([names.index(k) for k in present], device=device)
+        table = vec[:3 * n].view(n, 3)
+        table[at, 0] = local[:L]
+        if with_dev:
+            table[at, 1], table[at, 2] = local[L:2 * L], local[2 * L:3 * L]
+            vec[3 * n:3 * n + 2] = local[3 * L:3 * L + 2]
+    dist.all_reduce(vec, group=group)
+    world = dist.get_world_size(group)
+    out = vec.cpu().numpy()
+    n_tot, n_sq, flag = out[3 * n + 2:]
+    B_tot = int(round(n_tot))
+    if flag > 0:
+        return None, B_tot
+    if round(n_sq) * world != B_tot * B_tot:  # sum B_r^2 = B^2 / W iff every B_r = B / W
+        raise ValueError(f"every process of the DDP group must measure the same number of examples (DDP averages "
+                         f"the processes' mean gradients); got {B_tot} in all over {world} processes (this one: {B}).")
+    rows = [names.index(k) for k in present]
+    table = out[:3 * n].reshape(n, 3)[rows]
+    sums = [table[:, 0]] + ([table[:, 1], table[:, 2], out[3 * n:3 * n + 2]] if with_dev else [])
+    return np.concatenate(sums + [local[-L:].cpu().numpy()]), B_tot
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
@@ -363,29 +462,47 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
         sem: also form each example's deviation |g_i - g_bar|^2 for the standard error of
             ``trace_cov`` (one more matmul per layer).
 
+    Several processes: given a ``torch.nn.parallel.DistributedDataParallel`` wrapper, every process
+    of its group calls ``probed_step`` on its own B examples (the same B on each); each measures its
+    own examples against DDP's all-reduced mean gradient, and one all-reduce of 3 L + 5 numbers
+    (L layers) adds up their sums, so that the statistics are those of one process on the global
+    batch of W B examples (``n_examples`` = ``batch_size`` = W B), on every process; layers are named
+    as in the wrapped module.  The fast path's check (first call) adds up every process's sums
+    too (one more all-reduce, on that call only).  Refused inside ``model.no_sync()`` (a step
+    whose gradients are not all-reduced would leave the processes' parameters apart; for gradient
+    accumulation use :class:`deepmodels.gns.GradientNoiseScale`).
+
     Returns:
-        ``(loss, Measurement)``: the batch loss and the statistics of this batch (``batch_size`` = B)
-        at the parameters before the update, with its coverage; :func:`stack` turns a list of them
-        into a Dataset.  Diverged (non-finite parameters, loss or per-example gradients):
+        ``(loss, Measurement)``: the batch loss (under DDP: this process's) and the statistics of
+        this batch (``batch_size`` = B) at the parameters before the update, with its coverage;
+        :func:`stack` turns a list of them into a Dataset.  Diverged (non-finite parameters, loss or per-example gradients):
         ``(inf, Measurement)`` with ``diverged`` set and every statistic ``inf``; the optimizer does not step.
     """
     if optimizer is None:
         raise TypeError("`optimizer` must be a torch.optim.Optimizer (or a deepmodels.optim wrapper); got None.")
     prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2, once=True)
     B = prob.B
-    reason = V.nonfinite_params(model)
+    ddp = pergrad._ddp_group(model) is not None
+    if ddp:
+        pergrad._check_syncs(model)
+    reason, summ = V.nonfinite_params(model), None
     if reason is None:
         try:
             blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),
                                                           zero_grad=optimizer.zero_grad, verify="once")
-            summ = _summaries(blocks, B)
-            m, reason = _measure(summ, B, float(B), step) if summ else (None, "no parameter could be measured")
+            summ = _summaries(blocks, B, model=model)
+            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured"
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
+    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
+        m = _measure(summ if reason is None else None, B, None, step, model, reason)
+        reason = m.diverged
     if reason is not None:
         optimizer.zero_grad(set_to_none=True)
-        return math.inf, _diverged_measurement(model, B, float(B), step, reason)
-    m.coverage = _coverage(paths)
+        return math.inf, m if ddp else _diverged_measurement(model, B, float(B), step, reason)
+    if not ddp:
+        m = _measure(summ, B, None, step, model)
+    m.coverage = _coverage(paths, model)
     optimizer.step()
     return float(loss.detach()), m
 
@@ -423,10 +540,10 @@ def estimator_stats(model, loss_fn, x, y, batch_size: int, *, snapshot=None, n_c
             raise ValueError("`snapshot` must be a copy of `model` (the same trainable parameters); got other ones.")
         pergrad.check_inputs(snapshot, loss_fn, x, y)
     pergrad.check_grad_memory(model, x, copies=(2.0 if snapshot is not None else 1.0) * (2.0 + 8.0 / x.element_size()))
-    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+    G = pergrad.flatten(pergrad.per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size)).cpu().double().numpy()
     S = None
     if snapshot is not None:
-        S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).double().cpu().numpy()
+        S = pergrad.flatten(pergrad.per_example_grads(snapshot, loss_fn, x, y, chunk_size=chunk_size)).cpu().double().numpy()
     assign = estimators.gradient_clustering(G, K, n_iter=n_iter, seed=seed)[0] if K else None
     ds = estimators.estimator_stats(G, batch_size, assign=assign, G_snapshot=S, n_samples=n_samples, seed=seed)
     ds.attrs["model"] = type(model).__name__.lower()

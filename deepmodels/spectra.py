@@ -63,7 +63,7 @@ def gram_spectra(M: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     the rows of M, from the T x T Gram matrices (float64)."""
     if M.shape[0] < 2:
         raise ValueError(f"`M` must be a (T >= 2, P) matrix; got shape {tuple(M.shape)}.")
-    M = M.double()
+    M = V.to_float64(M)
     T = M.shape[0]
     second = torch.linalg.eigvalsh(M @ M.T / T).cpu().numpy()[::-1]
     Mc = M - M.mean(0)

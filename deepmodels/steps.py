@@ -130,7 +130,7 @@ def _run(model_fn, data, *, batch_size, lr, momentum, seed, target, target_rel, 
                 return crossing_step(list(at), list(values), target), target
         if k == max_steps:
             break
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        idx = torch.randint(0, n, (batch_size,), generator=gen).to(data.x_train.device)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         if not torch.isfinite(loss):

@@ -360,7 +360,10 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
         ``eval_every``; with a target, attrs ``target`` (the absolute training loss, also with
         ``target_rel``, which is then recorded too), ``steps_to_target`` (a float step) and
         ``examples_to_target`` (a float), and ``reason`` when they are ``inf``; after a divergence,
-        a last row of ``inf`` at the step it happened and attrs ``diverged_at`` and ``divergence``.
+        a last row of ``inf`` at the step it happened and attrs ``diverged_at`` and ``divergence``;
+        the probes' coverage (:func:`deepmodels.probes.gradient_stats`) in attrs ``method``,
+        ``path_hooks``, ``path_func``, ``skipped`` and ``skipped_reasons`` (strings, the union over
+        the probes).
     """
     from toymodels.schedules import as_schedule
 
@@ -515,7 +518,9 @@ def train(model, data: Dataset, *, lr=None, batch_size, n_steps: int, momentum: 
             st["batch_size_now"] = ("step", [float(batches.at(k))])
             st["lr_now"] = ("step", [lr_of(k)])
             st["examples"] = ("step", [float(examples)])
-            rows.append(st.drop_attrs())
+            row = st.drop_attrs()  # the coverage stays (the written Dataset has its union over the probes)
+            row.attrs.update({key: st.attrs[key] for key in probes._COVERAGE if key in st.attrs})
+            rows.append(row)
             if on_probe is not None:
                 on_probe(k, model)
         if eval_every is not None and (k % eval_every == 0 or k == n_steps) and not (evals and evals[-1][0] == k):
@@ -660,7 +665,10 @@ def _load_checkpoint(ckpt, settings, steps, n_steps, device):
 
 def _write(rows, path, model, attrs):
     ds = xr.concat(rows, dim="step") if rows else xr.Dataset(coords={"step": np.zeros(0, dtype=np.int64)})
+    for key in probes._COVERAGE:  # (xr.concat kept the first row's)
+        ds.attrs.pop(key, None)
     attach_attrs(ds, model=type(model).__name__.lower(), source="measurement", **attrs)
+    ds.attrs.update(probes._union_coverage([r.attrs for r in rows]))
     if rows and "diverged_at" in rows[-1].attrs:
         ds.attrs.update(diverged_at=rows[-1].attrs["diverged_at"], divergence=rows[-1].attrs["divergence"])
     if path is not None:

@@ -83,7 +83,7 @@ def _train(cfg, d, y_train, name, seed, *, subsets=None, stop_at=None):
         if k in evals or stop_at is not None:
             with torch.no_grad():
                 out, out_te = model(d.x_train), model(d.x_test)
-            correct = (out.argmax(1) == y).numpy()
+            correct = (out.argmax(1) == y).cpu().numpy()
             steps.append(k)
             losses.append(F.cross_entropy(out, y).item())
             test_losses.append(F.cross_entropy(out_te, d.y_test).item())
@@ -128,7 +128,7 @@ def _difficulty(cfg, d, cache, scale, progress_bar):
         path = os.path.join(cache, f"{settings_tag(scale, cfg)}_reference_seed{r}.npy")
         learned = resume.read_array(path, shape=hard.shape, dtype=bool)
         if learned is None:
-            learned = np.asarray(_train(cfg, d, d.y_train.numpy(), "sgd", r, stop_at=cfg["easy_at"])[-1], dtype=bool)
+            learned = np.asarray(_train(cfg, d, d.y_train.cpu().numpy(), "sgd", r, stop_at=cfg["easy_at"])[-1], dtype=bool)
             resume.write_array(learned, path)
         hard += ~learned
         if progress_bar is not None:
@@ -145,7 +145,7 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     cache = os.path.join(out, "coherent_gradients_runs")
     os.makedirs(cache, exist_ok=True)
     d = data.digits(seed=0)
-    y_clean = d.y_train.numpy()
+    y_clean = d.y_train.cpu().numpy()
     bar = None
     if progress:
         from tqdm.auto import tqdm

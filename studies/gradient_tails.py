@@ -172,7 +172,7 @@ def _deep_history(case: Case, scale: str):
     net, d, acc = _network(dataclasses.replace(case, batch_size=0), scale)
     G = spectra.gradient_history(net, F.cross_entropy, d.x_train, d.y_train, batch_size=case.batch_size,
                                  n_batches=SCALES[scale]["n_iter"], seed=1)
-    return G.double().numpy(), acc
+    return G.cpu().double().numpy(), acc
 
 
 # ------------------------------------------------------------------------------------- statistics

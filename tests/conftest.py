@@ -34,6 +34,38 @@ def optimizer(request):
     return OPTIMIZERS[request.param]
 
 
+def probe_devices() -> list:
+    """The devices the probe tests run on: "cpu" always, and "cuda" where ``torch.cuda.is_available()``
+    (CI has no GPU; a GPU machine runs every ``device`` test on both)."""
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes a ``device`` argument runs once per device of :func:`probe_devices`."""
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", probe_devices(), indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    """The device of this run of the test (a string, for ``.to(device)``); on a GPU, float32
+    arithmetic as exact as the CPU's (TF32 off in matmuls and convolutions: the tests compare
+    paths to float32 rounding), restored afterwards."""
+    import torch
+
+    if request.param != "cuda":
+        yield request.param
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield request.param
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.fixture(scope="session")
 def quick_study(tmp_path_factory):
     """``quick_study(NAME)``: the folder of ``python -m studies run NAME --quick``, run once per test

@@ -1,5 +1,6 @@
 """deepmodels: per-example gradients, the Linear fast path, probes, and the linear model vs toymodels.linreg."""
 
+import copy
 import math
 
 import numpy as np
@@ -49,18 +50,18 @@ def _assert_summaries_match(f, G):
     torch.testing.assert_close(f["sum_sq"], (G**2).sum(0), rtol=1e-4, atol=1e-7)
 
 
-def test_hook_summaries_equals_torch_func(digits):
-    model = models.mlp(64, 10, (32, 16), seed=1)
-    x, y = digits.x_train[:50], digits.y_train[:50]
+def test_hook_summaries_equals_torch_func(digits, device):
+    model = models.mlp(64, 10, (32, 16), seed=1).to(device)
+    x, y = digits.x_train[:50].to(device), digits.y_train[:50].to(device)
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
     for layer, f in fast.items():
         _assert_summaries_match(f, torch.cat([grads[f"{layer}.weight"].reshape(50, -1), grads[f"{layer}.bias"]], dim=1))
 
 
-def test_conv_fast_path_equals_torch_func():
-    d = data.digits(seed=0, flatten=False)
-    model = models.cnn(1, 10, 8, width=4, seed=3)
+def test_conv_fast_path_equals_torch_func(device):
+    d = data.digits(seed=0, flatten=False).to(device)
+    model = models.cnn(1, 10, 8, width=4, seed=3).to(device)
     x, y = d.x_train[:24], d.y_train[:24]
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y)
@@ -68,7 +69,7 @@ def test_conv_fast_path_equals_torch_func():
     for layer, f in fast.items():
         _assert_summaries_match(f, torch.cat([grads[f"{layer}.weight"].reshape(24, -1), grads[f"{layer}.bias"]], dim=1))
     strided = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=1), torch.nn.Flatten(),
-                                  torch.nn.Linear(48, 10))
+                                  torch.nn.Linear(48, 10)).to(device)
     grads = pergrad.per_example_grads(strided, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(strided, F.cross_entropy, x, y)
     G = torch.cat([grads["0.weight"].reshape(24, -1), grads["0.bias"]], dim=1)
@@ -78,16 +79,16 @@ def test_conv_fast_path_equals_torch_func():
 @pytest.mark.parametrize("work", [0, 10**9], ids=["grouped-conv", "patches-bmm"])
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
                                   dict(kernel_size=3, stride=2, dilation=2, padding=2)])
-def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv):
+def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv, device):
     """Both ways of forming a Conv2d's per-example weight gradients (patches + batched matmul, grouped
     convolution) equal torch.func on strided, dilated and rectangular kernels; the patches equal F.unfold."""
     monkeypatch.setattr(pergrad, "_SMALL_WORK", work)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(6, 2, 9, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    x, y = torch.randn(6, 2, 9, 8, generator=gen).to(device), torch.randint(0, 3, (6,), generator=gen).to(device)
     torch.manual_seed(0)
-    layer = torch.nn.Conv2d(2, 3, **conv)
+    layer = torch.nn.Conv2d(2, 3, **conv).to(device)
     n_out = layer(x).flatten(1).shape[1]
-    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(n_out, 3))
+    model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(n_out, 3)).to(device)
     torch.testing.assert_close(pergrad._patches(x, layer), F.unfold(x, layer.kernel_size, dilation=layer.dilation,
                                                                      padding=layer.padding, stride=layer.stride))
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
@@ -100,14 +101,15 @@ def test_conv_per_example_branches_equal_torch_func(monkeypatch, work, conv):
 @pytest.mark.parametrize("layer, shape", [(torch.nn.Conv2d(4, 8, 3, stride=2), (4, 5, 5)),  # 4 output positions
                                           (torch.nn.Conv2d(8, 8, 2, padding=1, dilation=2), (8, 2, 2)),
                                           (torch.nn.Linear(20, 16), (3, 20))])  # 3 positions of a sequence
-def test_norms_only_summaries_equal_torch_func(layer, shape):
+def test_norms_only_summaries_equal_torch_func(layer, shape, device):
     """Squared norms alone (as the every-step probe asks) through the T x T Gram matrices of layers
     with few output positions, and the mean gradient, equal torch.func."""
     gen = torch.Generator().manual_seed(2)
-    x, y = torch.randn(9, *shape, generator=gen), torch.randint(0, 3, (9,), generator=gen)
+    x, y = torch.randn(9, *shape, generator=gen).to(device), torch.randint(0, 3, (9,), generator=gen).to(device)
     torch.manual_seed(2)
+    layer = copy.deepcopy(layer).to(device)  # (the parametrization's layer is shared by the devices)
     n_out = layer(x).flatten(1).shape[1]
-    model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(n_out, 3))
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(n_out, 3)).to(device)
     n_pos = n_out // (layer.out_channels if isinstance(layer, torch.nn.Conv2d) else layer.out_features)
     w = layer.weight
     assert n_pos * (w.shape[0] + w[0].numel()) < w.shape[0] * w[0].numel()  # the Gram route is taken
@@ -119,12 +121,13 @@ def test_norms_only_summaries_equal_torch_func(layer, shape):
     torch.testing.assert_close(fast["0"]["mean_norm_sq"], (G.mean(0) ** 2).sum(), rtol=1e-4, atol=1e-8)
 
 
-def test_linear_on_sequences_fast_path_equals_torch_func():
+def test_linear_on_sequences_fast_path_equals_torch_func(device):
     """A Linear layer on (B, L, features) inputs: its per-example gradient sums over the L positions."""
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(7, 5, 4, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    x, y = torch.randn(7, 5, 4, generator=gen).to(device), torch.randint(0, 3, (7,), generator=gen).to(device)
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(30, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(30, 3)).to(device)
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y, gram=True)
     G = torch.cat([grads["0.weight"].reshape(7, -1), grads["0.bias"]], dim=1)
@@ -134,9 +137,9 @@ def test_linear_on_sequences_fast_path_equals_torch_func():
     torch.testing.assert_close(fast["0"]["gram"], G @ G.T, rtol=1e-4, atol=1e-6)
 
 
-def test_capture_per_example_grads_equal_torch_func(digits):
-    d = data.digits(seed=0, flatten=False)
-    model = models.cnn(1, 10, 8, width=4, seed=3)
+def test_capture_per_example_grads_equal_torch_func(device):
+    d = data.digits(seed=0, flatten=False).to(device)
+    model = models.cnn(1, 10, 8, width=4, seed=3).to(device)
     x, y = d.x_train[:12], d.y_train[:12]
     cap, _ = pergrad.capture_backward(model, F.cross_entropy, x, y)
     got = cap.per_example_grads(12)
@@ -146,9 +149,9 @@ def test_capture_per_example_grads_equal_torch_func(digits):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
-def test_probe_hooks_equal_func_and_schema(digits):
-    model = models.mlp(64, 10, (32,), seed=2)
-    x, y = digits.x_train[:64], digits.y_train[:64]
+def test_probe_hooks_equal_func_and_schema(digits, device):
+    model = models.mlp(64, 10, (32,), seed=2).to(device)
+    x, y = digits.x_train[:64].to(device), digits.y_train[:64].to(device)
     a = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="hooks")
     b = probes.gradient_stats(model, F.cross_entropy, x, y, batch_size=16, method="func")
     validate(a)
@@ -158,8 +161,8 @@ def test_probe_hooks_equal_func_and_schema(digits):
     # totals add up; grad_var is tr Sigma / (B P)
     np.testing.assert_allclose(a.trace_cov.sel(layer="total"), a.trace_cov.sel(layer=["fc1", "out"]).sum(), rtol=1e-12)
     np.testing.assert_allclose(a.grad_var, a.trace_cov / 16 / a.n_params, rtol=1e-12)
-    cnn = models.cnn(1, 10, 8, width=4)
-    d = data.digits(seed=0, flatten=False)
+    cnn = models.cnn(1, 10, 8, width=4).to(device)
+    d = data.digits(seed=0, flatten=False).to(device)
     c = probes.gradient_stats(cnn, F.cross_entropy, d.x_train[:32], d.y_train[:32])
     cf = probes.gradient_stats(cnn, F.cross_entropy, d.x_train[:32], d.y_train[:32], method="func")
     assert c.attrs["method"] == "hooks" and cf.attrs["method"] == "func"
@@ -292,10 +295,10 @@ def test_training_resumes_after_an_interruption(digits, tmp_path):
     np.testing.assert_allclose(resumed.loss.values, straight.loss.values, rtol=1e-6)
 
 
-def test_probed_step_measures_the_training_batch(digits):
+def test_probed_step_measures_the_training_batch(digits, device):
     """The probe inside the training step equals the separate probe, and the update is plain SGD's."""
-    x, y = digits.x_train[:64], digits.y_train[:64]
-    a, b = models.mlp(64, 10, (32,), seed=6), models.mlp(64, 10, (32,), seed=6)
+    x, y = digits.x_train[:64].to(device), digits.y_train[:64].to(device)
+    a, b = models.mlp(64, 10, (32,), seed=6).to(device), models.mlp(64, 10, (32,), seed=6).to(device)
     sep = probes.gradient_stats(a, F.cross_entropy, x, y, method="func")
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
     opt_a.zero_grad()
@@ -308,7 +311,7 @@ def test_probed_step_measures_the_training_batch(digits):
     for v in ("grad_norm_sq", "trace_cov", "trace_cov_sem", "grad_nvar", "noise_scale"):
         np.testing.assert_allclose(ds[v].isel(step=0).values, sep[v].values, rtol=2e-4)
     # without the per-example deviations: the same trace, no standard error
-    c = models.mlp(64, 10, (32,), seed=6)
+    c = models.mlp(64, 10, (32,), seed=6).to(device)
     _, m2 = probes.probed_step(c, F.cross_entropy, x, y, torch.optim.SGD(c.parameters(), lr=0.1), step=0)
     np.testing.assert_allclose(m2.trace_cov, m.trace_cov, rtol=1e-3)
     assert np.all(np.isnan(m2.trace_cov_sem))
@@ -346,17 +349,17 @@ def test_resnet8_probes(batch_norm):
     torch.testing.assert_close(G, _loop_grads(net, F.cross_entropy, x[:4], y[:4]), rtol=1e-4, atol=1e-6)
 
 
-def test_bootstrap_intervals_from_the_gram_matrix(digits):
+def test_bootstrap_intervals_from_the_gram_matrix(digits, device):
     """The Gram-matrix bootstrap equals resampling materialised per-example gradients, and the hook
     and torch.func paths give the same intervals."""
-    model = models.mlp(64, 10, (16,), seed=7)
-    x, y = digits.x_train[:40], digits.y_train[:40]
+    model = models.mlp(64, 10, (16,), seed=7).to(device)
+    x, y = digits.x_train[:40].to(device), digits.y_train[:40].to(device)
     a = probes.gradient_stats(model, F.cross_entropy, x, y, ci=0.9, n_boot=50, seed=3, method="hooks")
     b = probes.gradient_stats(model, F.cross_entropy, x, y, ci=0.9, n_boot=50, seed=3, method="func")
     validate(a)
     np.testing.assert_allclose(a.grad_nvar_ci.values, b.grad_nvar_ci.values, rtol=1e-4)
     # by hand: the same resamples on the flattened gradients
-    G = pergrad.flatten(pergrad.per_example_grads(model, F.cross_entropy, x, y)).double()
+    G = pergrad.flatten(pergrad.per_example_grads(model, F.cross_entropy, x, y)).cpu().double()
     gen = torch.Generator(device="cpu").manual_seed(3)
     idx = torch.multinomial(torch.full((40,), 1 / 40), 40 * 50, replacement=True, generator=gen).reshape(50, 40)
     nv = []
@@ -412,7 +415,7 @@ def test_train_with_adam_and_a_schedule(digits):
         train(models.mlp(64, 10, (16,)), digits, lr=0.1, batch_size=4, n_steps=2, optimizer="lbfgs", progress=False)
 
 
-def test_layer_run_twice_sums_its_contributions_on_the_fast_path():
+def test_layer_run_twice_sums_its_contributions_on_the_fast_path(device):
     """A Linear layer called twice in one forward pass: its per-example gradient sums the two calls
     (they are more positions of one layer), and the hooks equal torch.func."""
 
@@ -425,9 +428,9 @@ def test_layer_run_twice_sums_its_contributions_on_the_fast_path():
         def forward(self, x):
             return self.layer(torch.tanh(self.layer(x)))
 
-    model = Twice()
+    model = Twice().to(device)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(6, 4, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+    x, y = torch.randn(6, 4, generator=gen).to(device), torch.randint(0, 4, (6,), generator=gen).to(device)
     grads = pergrad.per_example_grads(model, F.cross_entropy, x, y)
     fast = pergrad.hook_summaries(model, F.cross_entropy, x, y, gram=True)["layer"]
     G = torch.cat([grads["layer.weight"].reshape(6, -1), grads["layer.bias"]], dim=1)
@@ -481,3 +484,46 @@ def test_nonfinite_params_is_exact_for_huge_finite_values():
         model.weight[0, 0] = -math.inf
     reason = V.nonfinite_params(model)
     assert "1 in `weight`" in reason and "1 in `bias`" in reason
+
+
+class _ScaledLinear(torch.nn.Module):
+    """A Linear (the fast path) times a bare Parameter (torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 10)
+        self.scale = torch.nn.Parameter(torch.ones(10))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_train_writes_the_probes_coverage(digits, tmp_path, device):
+    """The written results carry the probes' coverage attrs (which parameter each path measured)."""
+    import xarray as xr
+
+    from deepmodels.train import train
+
+    path = tmp_path / "run.nc"
+    ds = train(_ScaledLinear(), digits, lr=0.1, batch_size=8, n_steps=4, probe_at=[0, 4], probe_size=16, path=path,
+               progress=False, device=device)
+    want = {"method": "hooks+func", "path_hooks": "fc.weight, fc.bias", "path_func": "scale", "skipped": "",
+            "skipped_reasons": ""}
+    with xr.open_dataset(path) as on_disk:
+        for d in (ds, on_disk):
+            assert {k: d.attrs[k] for k in want} == want
+    # the union over the probes, in order of appearance (a later probe measured by another path)
+    rows = [{"method": "hooks", "path_hooks": "a.weight", "skipped": ""},
+            {"method": "func", "path_hooks": "", "path_func": "a.weight", "skipped": "b"}]
+    assert probes._union_coverage(rows) == {"method": "hooks+func", "path_hooks": "a.weight", "path_func": "a.weight",
+                                            "skipped": "b"}
+
+
+def test_float64_runs_where_the_device_has_it():
+    """Sums in float64 stay on the device, except on MPS (no float64), where they run on the CPU."""
+    from deepmodels import _validate as V
+
+    assert V.float64_device("mps") == torch.device("cpu") and V.float64_device("cuda:1") == torch.device("cuda:1")
+    t = torch.arange(3, dtype=torch.float32)
+    assert V.to_float64(t).dtype == torch.float64 and V.to_float64(t).device == t.device

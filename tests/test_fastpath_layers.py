@@ -45,7 +45,7 @@ class TinyGPT(nn.Module):
 
     def forward(self, ids):
         h = self.tok(ids) + self.pos[: ids.shape[1]]
-        n = torch.arange(1, ids.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        n = torch.arange(1, ids.shape[1] + 1, dtype=h.dtype, device=h.device).reshape(1, -1, 1)
         h = h + torch.cumsum(self.ln(h), 1) / n  # causal mixing: the mean of the positions so far
         h = h + torch.tanh(self.fc(self.plain(h)))
         return self.head(self.rms(h))
@@ -85,10 +85,10 @@ def _summaries(model, ids, **kw):
     return cap, out
 
 
-def test_every_new_handler_equals_torch_func():
+def test_every_new_handler_equals_torch_func(device):
     """Embedding (repeated and padding tokens), LayerNorm, Linear on (B, T, F), RMSNorm and the
     unembedding: every statistic of every handler equals torch.func's per-example gradients."""
-    model, ids = TinyGPT(tie=False), _ids()
+    model, ids = TinyGPT(tie=False).to(device), _ids().to(device)
     G = _func(model, ids)
     assert G["tok.weight"].reshape(B, VOCAB, DIM)[:, 0].abs().max() == 0  # torch gives the padding row no gradient
     cap, fast = _summaries(model, ids, gram=True)
@@ -103,10 +103,10 @@ def test_every_new_handler_equals_torch_func():
 
 
 @pytest.mark.parametrize("dim", [8, 24], ids=["materialised", "gram-route"])
-def test_norms_only_equal_torch_func(dim):
+def test_norms_only_equal_torch_func(dim, device):
     """Squared norms alone (the every-step probe): for dim 24 the Linear on (B, T, F) takes the
     T x T Gram route (T (O + I) < O I)."""
-    model, ids = TinyGPT(tie=False, dim=dim, seed=1), _ids(1)
+    model, ids = TinyGPT(tie=False, dim=dim, seed=1).to(device), _ids(1).to(device)
     assert (T * 2 * dim < dim * dim) == (dim == 24)
     G = _func(model, ids)
     _, fast = _summaries(model, ids, coordinate_sums=False, dots=False, sums=False)
@@ -116,10 +116,10 @@ def test_norms_only_equal_torch_func(dim):
         assert set(f) == {"n_params", "mean_norm_sq", "sq_norms"}
 
 
-def test_tied_weights_equal_the_cut_model_with_gradients_summed():
+def test_tied_weights_equal_the_cut_model_with_gradients_summed(device):
     """The token embedding tied to the unembedding: its per-example gradient is the sum of both uses,
     as the same model with the tie cut (two parameters, equal values) and their gradients summed."""
-    tied, cut, ids = TinyGPT(tie=True), TinyGPT(tie=False), _ids(2)
+    tied, cut, ids = TinyGPT(tie=True).to(device), TinyGPT(tie=False).to(device), _ids(2).to(device)
     assert "head.weight" not in dict(tied.named_parameters())
     Gc = _func(cut, ids)
     G_tok = Gc["tok.weight"] + Gc["head.weight"]
@@ -137,11 +137,11 @@ def _no_materialising(monkeypatch):
 
 
 @pytest.mark.parametrize("dots", [False, True], ids=["norms", "norms+dots"])
-def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots):
+def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots, device):
     """The every-step probe on tied weights: |E_i + U_i|^2 = |E_i|^2 + |U_i|^2 + 2 <E_i, U_i> with the
     cross term from a T x T product per example, and the dots with the mean, equal torch.func on the
     model with the tie cut and the gradients summed, without a (B, V, D) array; so does probed_step."""
-    tied, cut, ids = TinyGPT(tie=True), TinyGPT(tie=False), _ids(4)
+    tied, cut, ids = TinyGPT(tie=True).to(device), TinyGPT(tie=False).to(device), _ids(4).to(device)
     Gc = _func(cut, ids)
     G_tok = Gc["tok.weight"] + Gc["head.weight"]
     _no_materialising(monkeypatch)
@@ -159,12 +159,12 @@ def test_tied_norms_need_no_materialised_gradients(monkeypatch, dots):
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_fused_linear_norms_and_gradient_equal_torch_func(tie):
+def test_fused_linear_norms_and_gradient_equal_torch_func(tie, device):
     """The every-step probe (squared norms only): a Linear on sequences forms its per-example weight
     gradients once in the backward pass and its weight gradient as their sum (tied: the unembedding's
     share, autograd adds the embedding's); the norms equal torch.func, the gradients the plain
     backward pass, and probed_step's statistics method="func"."""
-    model, ids = TinyGPT(tie=tie), _ids(6)
+    model, ids = TinyGPT(tie=tie).to(device), _ids(6).to(device)
     assert T * (DIM + DIM) >= DIM * DIM  # fc takes the fused route
     G = _func(model, ids)
     prob = pergrad._problem(model, pergrad.next_token_loss, None, None, ids)
@@ -185,7 +185,7 @@ def test_fused_linear_norms_and_gradient_equal_torch_func(tie):
     np.testing.assert_allclose(m.grad_norm_sq, func.grad_norm_sq.values, rtol=1e-9)
 
 
-def test_fused_linear_output_modified_in_place():
+def test_fused_linear_output_modified_in_place(device):
     """A fused Linear's output changed in place downstream (x *= 2, ReLU(inplace=True)): gradients
     and squared norms still equal the plain backward pass and torch.func."""
     class InPlace(nn.Module):
@@ -199,8 +199,8 @@ def test_fused_linear_output_modified_in_place():
             return self.b(torch.relu_(h)).mean(1)
 
     torch.manual_seed(0)
-    model = InPlace().double()
-    x, y = torch.randn(4, 7, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+    model = InPlace().double().to(device)
+    x, y = torch.randn(4, 7, 5, dtype=torch.float64).to(device), torch.tensor([0, 2, 1, 2], device=device)
     F.cross_entropy(model(x), y).backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters()}
     cap, _ = pergrad._capture(pergrad._Problem(model, F.cross_entropy, x, y, None), fuse=True)
@@ -236,8 +236,8 @@ class SharedTwice(nn.Module):
         return self.head(torch.tanh(self.lin2(h)))
 
 
-def test_cross_terms_of_two_linears_and_two_embeddings(monkeypatch):
-    model, ids = SharedTwice(), _ids(5)
+def test_cross_terms_of_two_linears_and_two_embeddings(monkeypatch, device):
+    model, ids = SharedTwice().to(device), _ids(5).to(device)
     G = _func(model, ids)
     _no_materialising(monkeypatch)
     _, fast = _summaries(model, ids, coordinate_sums=False, dots=True, sums=False)
@@ -247,10 +247,10 @@ def test_cross_terms_of_two_linears_and_two_embeddings(monkeypatch):
         torch.testing.assert_close(fast[layer]["dots"], Gl @ Gl.mean(0), rtol=RTOL, atol=ATOL)
 
 
-def test_gradient_stats_coverage_and_fallback_equal_func():
+def test_gradient_stats_coverage_and_fallback_equal_func(device):
     """method="auto": hooks where covered, torch.func for the position Parameter only; the
     statistics equal method="func", and the attrs list exactly which parameter took which path."""
-    model, ids = TinyGPT(), _ids(3)
+    model, ids = TinyGPT().to(device), _ids(3).to(device)
     auto = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids, ci=0.9, n_boot=20)
     func = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids, method="func", ci=0.9, n_boot=20)
     assert auto.attrs["method"] == "hooks+func" and func.attrs["method"] == "func"
@@ -281,9 +281,9 @@ class _Odd(nn.Module):
         return h * self.scale + 0.0 * h[h > 1e9].sum()
 
 
-def test_parameters_neither_path_measures_are_skipped_loudly():
-    model, ids = TinyGPT(), _ids(4)
-    model.rms = nn.Sequential(model.rms, _Odd())
+def test_parameters_neither_path_measures_are_skipped_loudly(device):
+    model, ids = TinyGPT().to(device), _ids(4).to(device)
+    model.rms = nn.Sequential(model.rms, _Odd().to(device))
     with pytest.warns(RuntimeWarning, match=r"skip the parameters \['pos', 'rms.1.scale'\]"):
         ds = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids)
     assert ds.attrs["skipped"] == "pos, rms.1.scale" and ds.attrs["path_func"] == ""
@@ -306,11 +306,12 @@ class _Outside(nn.Module):
         return self.out(h)
 
 
-def test_uses_outside_the_module_move_to_torch_func():
+def test_uses_outside_the_module_move_to_torch_func(device):
     """The fast path notices a weight used outside its module (its per-example gradients do not add
     up to its gradient) and a module never called: those parameters go to torch.func."""
     gen = torch.Generator().manual_seed(0)
-    model, x, y = _Outside().double(), torch.randn(9, 4, generator=gen, dtype=torch.float64), torch.arange(9) % 3
+    model = _Outside().double().to(device)
+    x, y = torch.randn(9, 4, generator=gen, dtype=torch.float64).to(device), torch.arange(9, device=device) % 3
     auto = probes.gradient_stats(model, F.cross_entropy, x, y)
     func = probes.gradient_stats(model, F.cross_entropy, x, y, method="func")
     assert auto.attrs["path_func"] == "fc.weight, proj.weight, proj.bias"
@@ -325,12 +326,12 @@ def _ce_per_example(model, batch):
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def test_batch_form_equals_the_xy_form():
+def test_batch_form_equals_the_xy_form(device):
     """loss_fn(model, batch) -> (B,) gives the statistics of loss_fn(output, target) by the mean,
     on both paths; a dict batch and a model returning a Hugging Face style object work too."""
-    model = models.mlp(5, 3, (6,), seed=3).double()
+    model = models.mlp(5, 3, (6,), seed=3).double().to(device)
     gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(10, 5, generator=gen, dtype=torch.float64), torch.arange(10) % 3
+    x, y = torch.randn(10, 5, generator=gen, dtype=torch.float64).to(device), torch.arange(10, device=device) % 3
     for method in ("hooks", "func"):
         a = probes.gradient_stats(model, F.cross_entropy, x, y, method=method, ci=0.9, n_boot=20)
         b = probes.gradient_stats(model, _ce_per_example, batch=(x, y), method=method, ci=0.9, n_boot=20)
@@ -390,8 +391,8 @@ def test_batch_form_refuses_a_reduced_loss_and_mixed_forms():
         probes.gradient_stats(model, _ce_per_example, batch=(torch.zeros(3, 2), torch.zeros(4)))
 
 
-def test_check_reports_small_errors_and_finds_a_broken_handler(monkeypatch):
-    model, ids = TinyGPT(), _ids(7)
+def test_check_reports_small_errors_and_finds_a_broken_handler(monkeypatch, device):
+    model, ids = TinyGPT().to(device), _ids(7).to(device)
     ok = pergrad.check(model, pergrad.next_token_loss, batch=ids)
     assert list(ok.parameter.values) == [k for k, _ in model.named_parameters()]
     assert dict(zip(ok.parameter.values, ok.path.values)) == {
@@ -411,10 +412,10 @@ def test_check_reports_small_errors_and_finds_a_broken_handler(monkeypatch):
     assert errors["ln.weight"] > 0.05 and max(v for k, v in errors.items() if k != "ln.weight") < 1e-10
 
 
-def test_check_on_the_xy_form_in_float32():
-    model = models.cnn(1, 3, 8, width=2, seed=0)
+def test_check_on_the_xy_form_in_float32(device):
+    model = models.cnn(1, 3, 8, width=2, seed=0).to(device)
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(5, 1, 8, 8, generator=gen), torch.arange(5) % 3
+    x, y = torch.randn(5, 1, 8, 8, generator=gen).to(device), torch.arange(5, device=device) % 3
     ds = pergrad.check(model, F.cross_entropy, x, y)
     assert set(ds.path.values) == {"hooks"} and float(ds.max_rel_error.max()) < 1e-4
 

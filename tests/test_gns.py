@@ -19,14 +19,15 @@ from toymodels import schema
 from toymodels.stats import two_batch_estimates
 
 
-def _mlp(seed=0, dtype=torch.float32):
+def _mlp(seed=0, dtype=torch.float32, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).to(dtype).to(device)
 
 
-def _batches(M, b, seed=0, dtype=torch.float32):
+def _batches(M, b, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(M, b, 6, generator=g, dtype=dtype), torch.randint(0, 3, (M, b), generator=g)
+    return (torch.randn(M, b, 6, generator=g, dtype=dtype).to(device),
+            torch.randint(0, 3, (M, b), generator=g).to(device))
 
 
 def _accumulate(model, x, y, *, accumulation="mean"):
@@ -44,7 +45,7 @@ def _reference(model, x, y):
         F.cross_entropy(model(x[m]), y[m]).backward()
         gs.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double())
     model.zero_grad()
-    gs = torch.stack(gs).numpy()
+    gs = torch.stack(gs).cpu().numpy()
     n, b = x.shape[0], x.shape[1]
     a = (gs**2).sum(1)
     big = (gs.mean(0) ** 2).sum()
@@ -55,9 +56,9 @@ def _reference(model, x, y):
 
 
 @pytest.mark.parametrize("accumulation", ["mean", "sum"])
-def test_step_matches_slow_reference(accumulation):
-    x, y = _batches(4, 8)
-    model = _mlp()
+def test_step_matches_slow_reference(accumulation, device):
+    x, y = _batches(4, 8, device=device)
+    model = _mlp(device=device)
     ref = _reference(model, x, y)
     with G.GradientNoiseScale(model, accumulation=accumulation) as gns:
         _accumulate(model, x, y, accumulation=accumulation)
@@ -81,10 +82,10 @@ class _Tied(nn.Module):
         return self.out(torch.tanh(self.shared(torch.tanh(self.shared(self.inp(x))))))
 
 
-def test_tied_weights_and_unused_parameters_match_slow_reference():
-    x, y = _batches(3, 5, seed=2)
-    model = _Tied()
-    model.unused = nn.Linear(2, 2)  # trainable but never in the graph: no gradient, no contribution
+def test_tied_weights_and_unused_parameters_match_slow_reference(device):
+    x, y = _batches(3, 5, seed=2, device=device)
+    model = _Tied().to(device)
+    model.unused = nn.Linear(2, 2).to(device)  # trainable but never in the graph: no gradient, no contribution
     ref = _reference(model, x, y)
     with G.GradientNoiseScale(model) as gns:
         _accumulate(model, x, y)
@@ -248,15 +249,15 @@ def _train(model, gns, x, y, steps):
     return rows
 
 
-def test_resume_gives_identical_estimates():
+def test_resume_gives_identical_estimates(device):
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8, 3, 6), generator=g)
-    model = _mlp()
+    x, y = torch.randn(8, 3, 6, 6, generator=g).to(device), torch.randint(0, 3, (8, 3, 6), generator=g).to(device)
+    model = _mlp(device=device)
     with G.GradientNoiseScale(model, ema_decay=0.8) as gns:
         first = _train(model, gns, x, y, range(4))
         saved = ({k: v.clone() for k, v in model.state_dict().items()}, gns.state_dict())
         rest = _train(model, gns, x, y, range(4, 8))
-    model2 = _mlp(seed=9)
+    model2 = _mlp(seed=9, device=device)
     model2.load_state_dict(saved[0])
     with G.GradientNoiseScale(model2, ema_decay=0.8) as gns2:
         gns2.load_state_dict(saved[1])
@@ -379,24 +380,24 @@ def test_failed_backward_and_autograd_grad():
         assert getattr(est2, k) == pytest.approx(v, rel=2e-5), k
 
 
-def test_local_sums_on_device_equal_python_path():
+def test_local_sums_on_device_equal_python_path(device):
     """The two ways to form a process's sums (Python floats on the CPU, tensors on a GPU) agree."""
-    x, y = _batches(3, 4, seed=8)
-    model = _Tied()
+    x, y = _batches(3, 4, seed=8, device=device)
+    model = _Tied().to(device)
     with G.GradientNoiseScale(model) as gns:
         _accumulate(model, x, y)
         py, dev = gns._local_sums(gns._micro, on_device=False), gns._local_sums(gns._micro, on_device=True)
-    torch.testing.assert_close(py, dev, rtol=1e-12, atol=0)
+    torch.testing.assert_close(py.cpu(), dev.cpu(), rtol=1e-12, atol=0)
     assert py.tolist()[2:] == [3.0, 9.0]
 
 
-def test_a_probe_backward_between_steps_is_discarded():
+def test_a_probe_backward_between_steps_is_discarded(device):
     """A per-example probe on the hook fast path backpropagates through the parameters: its pass is
     recorded as one more micro-batch unless discarded, and discarded it leaves the step exact."""
     from deepmodels import probes
 
-    x, y = _batches(3, 5, seed=6)
-    model = _mlp()
+    x, y = _batches(3, 5, seed=6, device=device)
+    model = _mlp(device=device)
     ref = _reference(model, x, y)
     with G.GradientNoiseScale(model) as gns:
         probes.gradient_stats(model, F.cross_entropy, x[0], y[0], method="hooks")
@@ -409,3 +410,30 @@ def test_a_probe_backward_between_steps_is_discarded():
     assert est.n_micro_batches == 3
     for k in ("grad_norm_sq_micro", "grad_norm_sq_step", "trace_cov", "noise_scale_unbiased"):
         assert getattr(est, k) == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_skip_forgets_the_step_and_leaves_the_ema():
+    """skip() drops the step's recorded passes without an update: the estimator then gives, step for
+    step, what one that never saw the skipped step gives (the EMA, its counter and the next step's
+    micro-batches all untouched); after remove() it is refused."""
+    x, y = _batches(3, 5, seed=8)
+    x2, y2 = _batches(3, 5, seed=9)
+    model = _mlp()
+    with G.GradientNoiseScale(model, ema_decay=0.7) as gns, G.GradientNoiseScale(model, ema_decay=0.7) as clean:
+        _accumulate(model, x, y)
+        first, first_clean = gns.update(5), clean.update(5)
+        model.zero_grad()
+        _accumulate(model, x2[:2], y2[:2])  # a step to leave out: only `gns` sees it
+        state = gns.state_dict()
+        gns.skip()
+        clean.discard()
+        assert gns.n_recorded == 0 and gns.state_dict() == state  # EMA and n_updates unchanged
+        model.zero_grad()
+        _accumulate(model, x2, y2)
+        second, second_clean = gns.update(5), clean.update(5)
+    assert first == first_clean and second == second_clean and second.step == 1
+    d = 0.7  # two updates, not three: 1 / n_eff = (1 - d)(1 + d^2) / ((1 + d)(1 - d^2))
+    assert second.n_micro_batches == 3
+    assert second.ema_n_eff == pytest.approx((1 + d) * (1 - d**2) / ((1 - d) * (1 + d**2)))
+    with pytest.raises(ValueError, match="remove\\(\\) was called"):
+        gns.skip()

@@ -19,7 +19,7 @@ import toymodels
 from toymodels import (EMA, NQM, SGD, BatchSizeWarmup, Constant, Cosine, Exponential, FiniteLinearRegression,
                        GaussianLinearRegression, Momentum, PiecewiseConstant, RandomFeatures, StepDecay, Tabulated, Warmup,
                        batch_schedule, critical, dynamics, estimators, features, finite_regression, history, linreg,
-                       nqm, optimizers, parallel, schedules, schema, secular, spectra, stats, sweep, tails)
+                       nqm, optimizers, parallel, plrf, schedules, schema, secular, spectra, stats, sweep, tails)
 from toymodels._validate import REGISTRY
 
 from badinput import bad_calls, check_example_runs, check_refused
@@ -36,6 +36,7 @@ NQM8 = NQM.power_law(8)
 GLR6 = GaussianLinearRegression.power_law(6, noise_std=0.1)
 FLR4 = FiniteLinearRegression.gaussian(12, 4, noise_std=0.3, seed=0)
 RF = RandomFeatures(20, input_dim=5, teacher_hidden=3, student_hidden=8)
+PLRF = plrf.PowerLawRF(1.0, 0.5, 8, 4, seed=0)
 G = np.random.default_rng(0).standard_normal((10, 4))
 ASSIGN = np.arange(10) % 2
 HISTORY = np.random.default_rng(1).standard_normal((25, 25))
@@ -98,6 +99,25 @@ EXAMPLES = {
         (FLR4, 0.1, 2, 5), dict(replacement=True, n_runs=3, seed=0)),
     "toymodels.finite_regression.FiniteLinearRegression.steps_to_target": lambda: (
         (FLR4, SGD(0.1), 2.0, 0.5), dict(max_steps=100, full_output=False)),
+    # power-law random features
+    "toymodels.plrf.PowerLawRF.__init__": lambda: ((_new(plrf.PowerLawRF), 1.0, 0.5, 8, 4),
+                                                   dict(seed=0, spectrum="exact")),
+    "toymodels.plrf.compute_optimal_frontier": lambda: (
+        (np.array([[2.0, 1.0], [1.0, 2.0], [3.0, 3.0]]), np.array([1.0, 2.0, 4.0]), np.array([1.0, 10.0])), {}),
+    "toymodels.plrf.plrf_frontier": lambda: (
+        (1.0, 0.3, np.array([4.0, 8.0]), np.array([100.0])), dict(v=16, batch_size=1.0, lr_fraction=0.5, seed=0)),
+    "toymodels.plrf.deterministic_equivalent": lambda: ((1.0, 0.5, 8, 4), dict(ratio=1.01, eps=1e-3)),
+    "toymodels.plrf.PowerLawRF.from_features": lambda: ((plrf.PowerLawRF, 1.0, 0.5, np.eye(3)), {}),
+    "toymodels.plrf.PowerLawRF.risk": lambda: ((PLRF, np.zeros(4)), {}),
+    "toymodels.plrf.PowerLawRF.lr_limit": lambda: ((PLRF, SGD(0.1)), {}),
+    "toymodels.plrf.PowerLawRF.stable_lr": lambda: ((PLRF, SGD(0.1), 2), {}),
+    "toymodels.plrf.PowerLawRF.stationary_loss": lambda: ((PLRF, SGD(0.1), 2), {}),
+    "toymodels.plrf.PowerLawRF.loss_curve": lambda: ((PLRF, SGD(0.1), 2, 5), dict(progress=False)),
+    "toymodels.plrf.PowerLawRF.loss_at_step": lambda: ((PLRF, SGD(0.1), 2, 5), dict(lr=0.1)),
+    "toymodels.plrf.PowerLawRF.modal_form": lambda: ((PLRF, SGD(0.1), 2), dict(lr=0.1)),
+    "toymodels.plrf.PowerLawRF.steps_to_target": lambda: (
+        (PLRF, SGD(0.1), 2, 0.5), dict(max_steps=100, full_output=False)),
+    "toymodels.plrf.PowerLawRF.simulate": lambda: ((PLRF, SGD(0.1), 2, 3), dict(n_runs=2, seed=0)),
     # gradient histories
     "toymodels.history.gradient_history": lambda: ((NQM8, np.ones(8)), dict(batch_size=2, n_iter=3, lr=0.0, seed=0)),
     "toymodels.history.gradient_moments": lambda: ((NQM8, np.ones(8), 2), {}),
@@ -136,12 +156,22 @@ EXAMPLES = {
         (NQM8, SGD(0.5), 2.0, 0.5), dict(max_steps=10**6, full_output=False)),
     # optimizers
     "toymodels.optimizers.EMA.__init__": lambda: ((_new(EMA), SGD(0.1)), dict(decay=0.9)),
-    "toymodels.optimizers.Momentum.__init__": lambda: ((_new(Momentum), 0.1), dict(beta=0.9, precond=0.0)),
+    "toymodels.optimizers.Momentum.__init__": lambda: ((_new(Momentum), 0.1), dict(beta=0.9, precond=0.0,
+                                                                                  weight_decay=0.0)),
+    "toymodels.optimizers.Nesterov.__init__": lambda: ((_new(optimizers.Nesterov), 0.1),
+                                                       dict(beta=0.9, precond=0.0, weight_decay=0.1)),
+    "toymodels.optimizers.AcceleratedSGD.__init__": lambda: ((_new(optimizers.AcceleratedSGD), 0.1),
+                                                             dict(kappa=100.0, xi=5.0, small_const=0.7, weight_decay=0.0)),
+    "toymodels.optimizers.PolyakAverage.__init__": lambda: ((_new(optimizers.PolyakAverage), SGD(0.1)), {}),
+    "toymodels.optimizers.ScheduleFree.__init__": lambda: ((_new(optimizers.ScheduleFree), 0.1),
+                                                           dict(beta=0.9, weight_decay=0.0, averaging="uniform")),
+    "toymodels.optimizers.Optimizer.parts": lambda: ((optimizers.ScheduleFree(0.1), np.ones(3)), {}),
+    "toymodels.optimizers.Optimizer.coefficients": lambda: ((optimizers.PolyakAverage(SGD(0.1)), np.arange(3)), {}),
     "toymodels.optimizers.Optimizer.affine": lambda: ((SGD(0.1), np.ones(3)), {}),
     "toymodels.optimizers.Optimizer.lr_limit": lambda: ((SGD(0.1), np.ones(3)), {}),
     "toymodels.optimizers.Optimizer.transition": lambda: ((SGD(0.1), np.ones(3), 0.1), {}),
     "toymodels.optimizers.Optimizer.with_lr": lambda: ((SGD(0.1), 0.2), {}),
-    "toymodels.optimizers.SGD.__init__": lambda: ((_new(SGD), 0.1), dict(precond=0.0)),
+    "toymodels.optimizers.SGD.__init__": lambda: ((_new(SGD), 0.1), dict(precond=0.0, weight_decay=0.0)),
     # parallel
     "toymodels.parallel.run_tasks": lambda: ((abs, [1, -2]), dict(scheduler=None, on_result=None, n_workers=1)),
     # schedules
@@ -158,6 +188,13 @@ EXAMPLES = {
         (_new(StepDecay), 0.1), dict(factor=0.5, every=3, n_decays=2)),
     "toymodels.schedules.Warmup.__init__": lambda: ((_new(Warmup), Constant(0.1), 3), {}),
     "toymodels.schedules.Tabulated.__init__": lambda: ((_new(Tabulated), [0.3, 0.1]), {}),
+    "toymodels.schedules.WarmupStableDecay.__init__": lambda: (
+        (_new(schedules.WarmupStableDecay), 0.1, 100), dict(warmup_steps=10, decay_fraction=0.2, final_lr=0.0,
+                                                           shape="linear")),
+    "toymodels.schedules.LinearDecay.__init__": lambda: ((_new(schedules.LinearDecay), 0.1, 100),
+                                                         dict(final_lr=0.0, warmup_steps=5)),
+    "toymodels.schedules.InverseSqrt.__init__": lambda: ((_new(schedules.InverseSqrt), 0.1), dict(warmup_steps=5,
+                                                                                                  min_lr=0.0)),
     "toymodels.schedules.as_schedule": lambda: ((0.1,), {}),
     # schema, secular, spectra, stats
     "toymodels.schema.attach_attrs": lambda: ((xr.Dataset(),), dict(model="nqm", source="exact")),

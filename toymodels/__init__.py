@@ -4,9 +4,10 @@ from . import secular
 from .features import RandomFeatures
 from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
-from .optimizers import EMA, SGD, Momentum
-from .schedules import (BatchSizeWarmup, Constant, Cosine, Exponential, PiecewiseConstant, StepDecay, Tabulated,
-                        Warmup)
+from .optimizers import EMA, SGD, AcceleratedSGD, Momentum, Nesterov, PolyakAverage, ScheduleFree
+from .plrf import PowerLawRF
+from .schedules import (BatchSizeWarmup, Constant, Cosine, Exponential, InverseSqrt, LinearDecay, PiecewiseConstant,
+                        StepDecay, Tabulated, Warmup, WarmupStableDecay)
 from .spectra import power_law
 
 __all__ = [
@@ -14,10 +15,15 @@ __all__ = [
     "GaussianLinearRegression",
     "FiniteLinearRegression",
     "RandomFeatures",
+    "PowerLawRF",
     "secular",
     "SGD",
     "Momentum",
     "EMA",
+    "Nesterov",
+    "AcceleratedSGD",
+    "PolyakAverage",
+    "ScheduleFree",
     "Constant",
     "PiecewiseConstant",
     "StepDecay",
@@ -25,6 +31,9 @@ __all__ = [
     "Cosine",
     "Warmup",
     "Tabulated",
+    "WarmupStableDecay",
+    "LinearDecay",
+    "InverseSqrt",
     "BatchSizeWarmup",
     "power_law",
 ]

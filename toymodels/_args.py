@@ -17,7 +17,7 @@ MAX_MC_STEPS = 10**8  # Monte Carlo steps (each one costs n_runs x d random draw
 
 BATCH_SIZE = Real(1.0, float(MAX_EXACT_INT))  # a count: large powers of two are given as floats
 # ... or a batch-size schedule (the methods that propagate or simulate over steps take one)
-OPTIMIZER = Instance(Optimizer, what="an SGD, Momentum or EMA spec")
+OPTIMIZER = Instance(Optimizer, what="an optimizer spec (SGD, Momentum, EMA, Nesterov, ...)")
 TARGET = Real(0.0, math.inf, low_open=True, high_open=True)
 SEED = Integer(0, 2**63 - 1)
 N_RUNS = Integer(2, MAX_RUNS)

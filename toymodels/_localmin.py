@@ -20,14 +20,15 @@ from .dynamics import _loss_parts_serial
 
 
 @njit(cache=True, nogil=True)
-def family_log_loss(x, y, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
-    """log L_k at lr = exp(x) (lim0 + e lim1), e = 1 - exp(y); ``inf`` outside the search box
+def family_log_loss(x, y, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min):
+    """log L_k at lr = exp(x) (lim0 + e lim1) / (1 + e lim2), e = 1 - exp(y) (the family's stability limit
+    times exp(x): affine in e for most families, lim2 = 0); ``inf`` outside the search box
     (x in [x_min - 1, 0], y in [y_min - 1, 0]) or where the system is unstable."""
     if x > 0.0 or x < x_min - 1.0 or y > 0.0 or y < y_min - 1.0:
         return np.inf
     x = min(x, -1e-9)
     e = 1.0 - math.exp(y)
-    lr = math.exp(x) * (lim0 + e * lim1)
+    lr = math.exp(x) * (lim0 + e * lim1) / (1.0 + e * lim2)
     P0, P1, Q0, Q1, R0, R1 = parts
     # serial only: a cached function must not call a parallel one (see toymodels.dynamics), and
     # the tuner works on coarsened models of a few hundred modes (sweep.tune's ``coarse``)
@@ -38,7 +39,7 @@ def family_log_loss(x, y, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
 
 
 @njit(cache=True, nogil=True)
-def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min):
+def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min):
     """Nelder-Mead on :func:`family_log_loss` from the simplex (x0, y0) + {0, step e_x, step e_y}.
 
     Standard coefficients (reflect 1, expand 2, contract 1/2, shrink 1/2) and scipy's stopping rule:
@@ -51,7 +52,7 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, 
     sim[1, 0], sim[1, 1] = x0 + step, y0
     sim[2, 0], sim[2, 1] = x0, y0 + step
     for j in range(3):
-        f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+        f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
     nfev = 3
     while nfev < maxfev:
         # order the vertices: 0 best, 2 worst
@@ -69,11 +70,11 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, 
         cx = 0.5 * (sim[0, 0] + sim[1, 0])
         cy = 0.5 * (sim[0, 1] + sim[1, 1])
         rx, ry = 2.0 * cx - sim[2, 0], 2.0 * cy - sim[2, 1]
-        fr = family_log_loss(rx, ry, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+        fr = family_log_loss(rx, ry, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
         nfev += 1
         if fr < f[0]:
             ex, ey = 3.0 * cx - 2.0 * sim[2, 0], 3.0 * cy - 2.0 * sim[2, 1]
-            fe = family_log_loss(ex, ey, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            fe = family_log_loss(ex, ey, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fe < fr:
                 sim[2, 0], sim[2, 1], f[2] = ex, ey, fe
@@ -85,14 +86,14 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, 
             continue
         if fr < f[2]:  # outside contraction
             zx, zy = 1.5 * cx - 0.5 * sim[2, 0], 1.5 * cy - 0.5 * sim[2, 1]
-            fz = family_log_loss(zx, zy, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            fz = family_log_loss(zx, zy, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fz <= fr:
                 sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
                 continue
         else:  # inside contraction
             zx, zy = 0.5 * cx + 0.5 * sim[2, 0], 0.5 * cy + 0.5 * sim[2, 1]
-            fz = family_log_loss(zx, zy, parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            fz = family_log_loss(zx, zy, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fz < f[2]:
                 sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
@@ -100,7 +101,7 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, 
         for j in range(1, 3):  # shrink towards the best vertex
             sim[j, 0] = sim[0, 0] + 0.5 * (sim[j, 0] - sim[0, 0])
             sim[j, 1] = sim[0, 1] + 0.5 * (sim[j, 1] - sim[0, 1])
-            f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, q, h, r, S0, k, x_min, y_min)
+            f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
         nfev += 2
     j = 0
     for i in range(1, 3):
@@ -110,12 +111,12 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, q, h, r, 
 
 
 @njit(cache=True, nogil=True)
-def brent(a, b, xatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min):
+def brent(a, b, xatol, maxfev, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min):
     """Brent's bounded minimisation of x -> log L_k(x, y = 0) on [a, b] (golden section with
     parabolic steps, tolerance ``xatol``).  Returns ``(x, value, n_evals)``."""
     golden = 0.3819660112501051
     v = w = xm = a + golden * (b - a)
-    fv = fw = fx = family_log_loss(xm, 0.0, parts, lim0, lim1, q, h, r, S0, k, x_min, 0.0)
+    fv = fw = fx = family_log_loss(xm, 0.0, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, 0.0)
     nfev = 1
     d = e = 0.0
     while nfev < maxfev:
@@ -144,7 +145,7 @@ def brent(a, b, xatol, maxfev, parts, lim0, lim1, q, h, r, S0, k, x_min):
             e = (a - xm) if xm >= mid else (b - xm)
             d = golden * e
         u = xm + (d if abs(d) >= tol1 else (tol1 if d > 0 else -tol1))
-        fu = family_log_loss(u, 0.0, parts, lim0, lim1, q, h, r, S0, k, x_min, 0.0)
+        fu = family_log_loss(u, 0.0, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, 0.0)
         nfev += 1
         if fu <= fx:
             if u >= xm:

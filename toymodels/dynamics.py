@@ -9,6 +9,9 @@ S = E[x x^T] (an ``s x s`` matrix, s <= 3) obeys
 and the loss is ``L = sum_i h_i / 2 * S_i[r, r]`` with r the readout entry.  This module provides
 
 * :func:`propagate` -- step by step, for any learning-rate sequence (schedules);
+* :func:`propagate_varying` -- step by step for systems that change at every update through a weight
+  c_k besides the learning rate (uniform iterate averaging, schedule-free SGD):
+  A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1);
 * :func:`jump` -- k steps at once by binary powering of the pair (A^m, Q_m), exact and stable for
   any small A;
 * :class:`ModalForm` -- the closed form for a constant learning rate.  With A = V diag(lam) V^-1,
@@ -33,7 +36,7 @@ from numba import njit, prange
 
 from .schedules import batch_sizes_at, check_batch_values, schedule_segments
 
-__all__ = ["propagate", "propagate_schedule", "merged_segments", "schedule_segments", "jump", "ModalForm", "lyapunov",
+__all__ = ["propagate", "propagate_schedule", "propagate_varying", "merged_segments", "schedule_segments", "jump", "ModalForm", "lyapunov",
            "loss_at", "loss_at_parts"]
 
 _COND_LIMIT = 1e4  # eigenvector condition number above which a 1- or 2-state mode is flagged
@@ -352,6 +355,112 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
                     if bar is not None:
                         bar.update(k1 - k_cur)
                     k_cur = k1
+    finally:
+        if bar is not None:
+            bar.close()
+    return loss, gsq
+
+
+@njit(cache=True, nogil=True)
+def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, h, r, lrs, cs, bss, record, S, out_loss, out_gsq):
+    """Step S through len(lrs) updates of A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1)
+    with noise variance q (divided by bss[k] where ``bss`` is not empty); record the loss (read at r)
+    and sum h^2 E[x_0^2] at the steps in ``record`` (relative to the first update)."""
+    d, s = R0.shape
+    n = lrs.size
+    A = np.empty((s, s))
+    T = np.empty((s, s))
+    bk = np.empty(s)
+    j = 0
+    n_rec = record.size
+    for k in range(n + 1):
+        if j < n_rec and record[j] == k:
+            loss = 0.0
+            gsq = 0.0
+            for i in range(d):
+                loss += 0.5 * h[i] * S[i, r, r]
+                gsq += h[i] * h[i] * S[i, 0, 0]
+            out_loss[j] = loss
+            out_gsq[j] = gsq
+            j += 1
+        if k == n:
+            break
+        lr = lrs[k]
+        c = cs[k]
+        for i in range(d):
+            for u in range(s):
+                bk[u] = lr * (R0[i, u] + c * R1[i, u])
+                for v in range(s):
+                    A[u, v] = P0[i, u, v] + c * P1[i, u, v] + lr * (Q0[i, u, v] + c * Q1[i, u, v])
+            qi = q[i] if bss.size == 0 else q[i] / bss[k]
+            _sandwich(A, S[i], T)
+            for u in range(s):
+                for v in range(s):
+                    S[i, u, v] = T[u, v] + qi * bk[u] * bk[v]
+
+
+def propagate_varying(parts, coefficients, q, h, readout, schedule, record, S, *, k_start: int = 0, batch=None,
+                      progress=None, name: str = "steps"):
+    """Second moments of a system that changes at every update, stepped one update at a time.
+
+    Args:
+        parts: ``(P0, P1, Q0, Q1, R0, R1)`` (shapes ``(d, s, s)`` x 4, ``(d, s)`` x 2) of
+            :meth:`toymodels.optimizers.Optimizer.parts`: update k uses A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1)
+            and b_k = lr_k (R0 + c_k R1).
+        coefficients: callable, update indices (int64 array) -> c_k (same shape).
+        q: ``(d,)`` noise variance per step (per example when ``batch`` is given).
+        h: ``(d,)`` curvature; readout: the state entry the loss is read at.
+        schedule: the learning-rate :class:`toymodels.schedules.Schedule` (``at(k)``).
+        record: sorted int64 steps >= ``k_start`` at which to record.
+        S: ``(d, s, s)`` second moments at step ``k_start``; left at step ``record[-1]``.
+        k_start: the step S is at.
+        batch: optional batch-size schedule (update k divides q by B_k).
+        progress: a tqdm bar (None: above 10^6 updates).
+        name: the argument named when the work exceeds :data:`MAX_SCAN_UPDATES` / :data:`MAX_SCAN_WORK`.
+
+    Returns:
+        ``(loss, grad_sq)`` at ``record``, each ``(len(record),)``.
+    """
+    record = np.asarray(record, dtype=np.int64)
+    end = int(record[-1])
+    n_scan = end - k_start
+    d = q.shape[0]
+    if n_scan > MAX_SCAN_UPDATES or n_scan * d > MAX_SCAN_WORK:
+        raise ValueError(
+            f"`{name}` must be reached within {MAX_SCAN_UPDATES:.0e} step-by-step updates (and {MAX_SCAN_WORK:.0e} "
+            f"updates x modes) for an optimizer whose averaging weight changes at every update; got {n_scan} "
+            f"updates x {d} modes."
+        )
+    parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
+    q = np.ascontiguousarray(q, dtype=np.float64)
+    bar = None
+    if progress or (progress is None and n_scan > _PROGRESS_MIN):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_scan, desc="loss curve", unit="step")
+    loss = np.empty(record.size)
+    gsq = np.empty(record.size)
+    j = 0
+    k_cur = k_start
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            while True:
+                k1 = min(end, k_cur + _SCAN_CHUNK)
+                idx = np.arange(k_cur, k1)
+                lrs = np.ascontiguousarray(schedule.at(idx), dtype=np.float64)
+                cs = np.ascontiguousarray(coefficients(idx), dtype=np.float64)
+                bss = np.empty(0) if batch is None else batch_sizes_at(batch, idx)
+                hi = int(np.searchsorted(record, k1, side="right"))
+                rec = record[j:hi] - k_cur
+                out_l, out_g = np.empty(rec.size), np.empty(rec.size)
+                _propagate_varying_kernel(*parts, q, h, int(readout), lrs, cs, bss, rec, S, out_l, out_g)
+                loss[j:hi], gsq[j:hi] = out_l, out_g
+                j = hi
+                if bar is not None:
+                    bar.update(k1 - k_cur)
+                k_cur = k1
+                if k_cur >= end:
+                    break
     finally:
         if bar is not None:
             bar.close()

@@ -184,9 +184,11 @@ class FiniteLinearRegression:
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def _check_sgd(optimizer, constant=True):
-        if not isinstance(optimizer, SGD) or optimizer.precond != 0.0:
-            raise ValueError(f"`optimizer` must be plain SGD (precond 0) for FiniteLinearRegression; got "
-                             f"{optimizer.hyperparameters['optimizer']}.")
+        if not isinstance(optimizer, SGD) or optimizer.precond != 0.0 or optimizer.weight_decay != 0.0:
+            hp = optimizer.hyperparameters
+            raise ValueError(f"`optimizer` must be plain SGD (precond 0, weight_decay 0) for FiniteLinearRegression; "
+                             f"got {hp['optimizer']}" + (f" with weight_decay {hp['weight_decay']}"
+                                                          if hp.get("weight_decay") else "") + ".")
         if constant and not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
 

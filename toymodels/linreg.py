@@ -57,6 +57,27 @@ __all__ = ["GaussianLinearRegression"]
 _SCAN_DEFAULT = 10**6  # step-by-step search limit for optimizers without a closed form
 
 
+def _power_sums(mu, gamma, ks, block: int = 1024):
+    """sum_m gamma_m mu_m^k at the sorted steps ``ks``, in blocks of ``block`` steps (memory
+    block x modes); a block of consecutive steps takes mu^k0 once and the powers mu^i, i < block, from
+    one cumulative product (relative error <= block x eps) instead of a power per entry."""
+    out = np.empty(ks.size)
+    kf = ks.astype(np.float64)
+    table = None
+    with np.errstate(under="ignore"):
+        for i in range(0, ks.size, block):
+            k = kf[i : i + block]
+            if k.size > 16 and k[-1] - k[0] == k.size - 1:
+                if table is None:
+                    table = np.empty((block, mu.size))
+                    table[0] = 1.0
+                    np.cumprod(np.broadcast_to(mu, (block - 1, mu.size)), axis=0, out=table[1:])
+                out[i : i + block] = table[: k.size] @ (gamma * mu ** k[0])
+            else:
+                out[i : i + block] = (mu[None, :] ** k[:, None]) @ gamma
+    return out
+
+
 class GaussianLinearRegression:
     """Online linear regression, x ~ N(0, diag(spectrum)), t = w*.x + N(0, noise_std^2).
 
@@ -111,6 +132,17 @@ class GaussianLinearRegression:
         """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
+    def _affine(self, optimizer):
+        """The spec's per-mode ``(A0, A1, b1)``; weight decay refused: the moments here are those of
+        e = theta - w_star, and decay of theta towards 0 (the usual weight decay) drives e by the
+        constant -lr wd w_star, whose first moments this engine does not carry."""
+        wd = optimizer.hyperparameters.get("weight_decay", 0.0)
+        if wd:
+            raise ValueError(f"`optimizer` must have weight_decay 0 for linear regression; got {wd:g}. Weight decay "
+                             "pulls theta towards 0 and moves the optimum to the ridge solution, which needs the "
+                             "first moments of theta - w_star (not modelled); the NQM takes weight decay.")
+        return optimizer.affine(self.h)
+
     def _S0(self, optimizer):
         u = optimizer.init
         return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
@@ -136,7 +168,7 @@ class GaussianLinearRegression:
 
     def _sgd_system(self, optimizer, batch_size, lr):
         """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
-        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient)
+        p = -self._affine(optimizer)[2][:, 0]  # the update is e' = e - lr p (gradient)
         lam = self.h
         rate = lr * p
         a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
@@ -219,7 +251,7 @@ class GaussianLinearRegression:
     def _propagate(self, optimizer, batch_size, lrs, record, S, bss=None):
         """Step S through the updates ``lrs``; ``bss`` (optional) the batch size of each update, else
         ``batch_size`` throughout."""
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         if bss is not None and np.all(bss == bss[0]):
             batch_size, bss = bss[0], None  # the noise / B once, as for a constant batch size
         q, q_self, q_loss = self._noise(1.0 if bss is not None else batch_size)
@@ -230,7 +262,7 @@ class GaussianLinearRegression:
     def _propagate_schedule(self, optimizer, batch_size, schedule, record, S, progress=None, readout=None):
         """Step by step through ``schedule`` and the batch size (a float or a schedule) in chunks
         (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         batch = batch_size if isinstance(batch_size, Schedule) else None
         q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
         r = optimizer.readout if readout is None else readout
@@ -275,12 +307,10 @@ class GaussianLinearRegression:
         if s_inf is None:  # unstable: the second moments grow without bound
             return self._unstable_trajectory(optimizer, bs, lr, ks, s0)
         delta = s0 - s_inf
-        kf = ks.astype(np.float64)
         out = []
         for f in (v, v * self.h):  # the loss v.s / 2, then half of sum lambda^2 s
             mu, gamma = secular.loss_modes(a, u, v, delta, f)
-            with np.errstate(under="ignore"):
-                out.append(0.5 * float(np.sum(f * s_inf)) + (mu[None, :] ** kf[:, None]) @ gamma)
+            out.append(0.5 * float(np.sum(f * s_inf)) + _power_sums(mu, gamma, ks))
         loss, half_gsq = out
         return loss, 2.0 * half_gsq
 
@@ -311,6 +341,7 @@ class GaussianLinearRegression:
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
+        self._affine(optimizer)  # refuses weight decay
         A, b = optimizer.transition(self.h, lr)
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
@@ -545,7 +576,7 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._affine(optimizer)
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,

@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 from numba import njit
 
-__all__ = ["simulate_linear_system", "simulate_regression", "simulate_finite", "mc_divergence", "mc_stats_dataset"]
+__all__ = ["simulate_linear_system", "simulate_varying_system", "simulate_regression", "simulate_finite", "mc_divergence", "mc_stats_dataset"]
 
 
 @njit(cache=True)
@@ -96,6 +96,78 @@ def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record
     if mask[n]:
         _simulate_chunk(A0, A1, b1, np.zeros(1), np.zeros((1, n_runs, d)), h, readout,
                         np.ones(1, dtype=np.bool_), X, out_loss, out_gsq, j)
+    return out_loss, out_gsq
+
+
+@njit(cache=True)
+def _simulate_varying_chunk(P0, P1, Q0, Q1, R0, R1, lrs, cs, z, h, r, record_mask, X, out_loss, out_gsq, rec_start):
+    """:func:`_simulate_chunk` for A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1)."""
+    n_runs, d, s = X.shape
+    y = np.empty(s)
+    A = np.empty((s, s))
+    bk = np.empty(s)
+    j = rec_start
+    for k in range(lrs.size):
+        if record_mask[k]:
+            for run in range(n_runs):
+                loss = 0.0
+                gsq = 0.0
+                for i in range(d):
+                    loss += 0.5 * h[i] * X[run, i, r] ** 2
+                    g = h[i] * X[run, i, 0]
+                    gsq += g * g
+                out_loss[j, run] = loss
+                out_gsq[j, run] = gsq
+            j += 1
+        lr = lrs[k]
+        c = cs[k]
+        for i in range(d):
+            for u in range(s):
+                bk[u] = lr * (R0[i, u] + c * R1[i, u])
+                for v in range(s):
+                    A[u, v] = P0[i, u, v] + c * P1[i, u, v] + lr * (Q0[i, u, v] + c * Q1[i, u, v])
+            for run in range(n_runs):
+                e = z[k, run, i]
+                for u in range(s):
+                    acc = 0.0
+                    for v in range(s):
+                        acc += A[u, v] * X[run, i, v]
+                    y[u] = acc + bk[u] * e
+                for u in range(s):
+                    X[run, i, u] = y[u]
+    return j
+
+
+def simulate_varying_system(parts, cs, q, h, readout, init, init_sq, lrs, record, n_runs, rng, *, progress=None,
+                            batch=None):
+    """:func:`simulate_linear_system` for a system that changes at every update:
+    ``parts = (P0, P1, Q0, Q1, R0, R1)`` and ``cs`` ``(n,)`` the weights c_k, so that update k applies
+    A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1) and b_k = lr_k (R0 + c_k R1) (see
+    :meth:`toymodels.optimizers.Optimizer.parts`).  Same draws, arguments and returns otherwise."""
+    parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
+    d = q.shape[0]
+    n = lrs.size
+    theta0 = rng.standard_normal((n_runs, d)) * np.sqrt(init_sq)
+    X = np.ascontiguousarray(theta0[:, :, None] * init[None, None, :])
+    out_loss = np.empty((record.size, n_runs))
+    out_gsq = np.empty((record.size, n_runs))
+    mask = np.zeros(n + 1, dtype=np.bool_)
+    mask[record] = True
+    sq = np.sqrt(q)
+    chunk = max(1, int(4_000_000 // max(1, n_runs * d)))
+    j = 0
+    cs = np.ascontiguousarray(cs, dtype=np.float64)
+    for k0 in range(0, n, chunk):
+        k1 = min(n, k0 + chunk)
+        z = rng.standard_normal((k1 - k0, n_runs, d))
+        z *= sq if batch is None else np.sqrt(q[None, :] / batch[k0:k1, None])[:, None, :]
+        j = _simulate_varying_chunk(*parts, lrs[k0:k1], cs[k0:k1], z, h, readout, mask[k0:k1], X, out_loss, out_gsq,
+                                    j)
+        if progress is not None:
+            progress(k1 - k0)
+    if mask[n]:
+        _simulate_varying_chunk(*parts, np.zeros(1), np.zeros(1), np.zeros((1, n_runs, d)), h, readout,
+                                np.ones(1, dtype=np.bool_), X, out_loss, out_gsq, j)
     return out_loss, out_gsq
 
 

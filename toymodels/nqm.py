@@ -30,7 +30,7 @@ from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZ
                     STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
-from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system
+from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system, simulate_varying_system
 from .optimizers import Optimizer
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
 from .schedules import check_batch_size as check_batch_sizes
@@ -51,8 +51,15 @@ def check_batch_size(batch_size) -> float:
 
 def _check_optimizer(optimizer):
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"`optimizer` must be an SGD, Momentum or EMA spec; got {type(optimizer).__name__}.")
+        raise TypeError(f"`optimizer` must be an optimizer spec (toymodels.optimizers); got {type(optimizer).__name__}.")
     return optimizer
+
+
+def _no_closed_form(optimizer):
+    """Refuse a closed form for an optimizer that changes at every update."""
+    if optimizer.time_varying:
+        raise NotImplementedError(f"{type(optimizer).__name__} has no closed form for a constant learning rate (its "
+                                  f"averaging weight changes at every update); its curves are computed step by step.")
 
 
 def checked_trajectory(model, optimizer, batch_size, steps, progress=None):
@@ -111,20 +118,20 @@ def _check_target(target):
 class _FamilyLoss:
     """L_k(lr, e) of an optimizer family affine in e, evaluated without building optimizer objects."""
 
-    def __init__(self, parts, lim0, lim1, q, h, readout, S0):
-        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de)
-        self.parts, self.lim0, self.lim1 = parts, lim0, lim1
+    def __init__(self, parts, lim0, lim1, q, h, readout, S0, lim2=0.0):
+        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de); limit (lim0 + e lim1) / (1 + e lim2)
+        self.parts, self.lim0, self.lim1, self.lim2 = parts, lim0, lim1, lim2
         self.q, self.h, self.readout, self.S0 = q, h, readout, S0
 
     def limit(self, e):
-        return self.lim0 + e * self.lim1
+        return (self.lim0 + e * self.lim1) / (1.0 + e * self.lim2)
 
     def loss(self, e, lr, k):
         return dynamics.loss_at_parts(self.parts, e, lr, self.q, self.h, self.readout, self.S0, k)
 
     def kernel_args(self, k):
         """The arguments of :func:`toymodels._localmin.family_log_loss` after (x, y), up to k."""
-        return self.parts, float(self.lim0), float(self.lim1), self.q, self.h, int(self.readout), self.S0, int(k)
+        return self.parts, float(self.lim0), float(self.lim1), float(self.lim2), self.q, self.h, int(self.readout), self.S0, int(k)
 
 
 class NQM:
@@ -181,6 +188,7 @@ class NQM:
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """The closed form of the expected loss for a constant learning rate (default: the spec's)."""
         _check_optimizer(optimizer)
+        _no_closed_form(optimizer)
         bs = check_batch_size(batch_size)
         if lr is None:
             sched = optimizer.lr
@@ -224,6 +232,19 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        if hasattr(optimizer, "sum_affine"):  # Polyak: the running sum is a constant system, O(log k)
+            a0, a1, b1 = optimizer.sum_affine(self.h)
+            with np.errstate(over="ignore", invalid="ignore"):
+                S = dynamics.jump(a0 + lr * a1, lr * b1, self.c / batch_size, self._S0(optimizer), k)
+                r = optimizer.readout
+                v = 0.5 * float(np.sum(self.h * S[:, r, r])) / float(k + 1) ** 2
+            return v if math.isfinite(v) else math.inf
+        if optimizer.time_varying:  # k updates one at a time
+            S = self._S0(optimizer).copy()
+            loss, _ = dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, self.c / batch_size,
+                                                 self.h, optimizer.readout, Constant(lr), np.array([k]), S,
+                                                 progress=False, name="k")
+            return float(loss[0]) if np.isfinite(loss[0]) else math.inf
         A, b = optimizer.transition(self.h, lr)
         if optimizer.n_state <= 2:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
@@ -235,10 +256,12 @@ class NQM:
         """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e.
 
         Returns an object with ``limit(e)`` (stable lr limit) and ``loss(e, lr, k)``, or None when the
-        family has more than 2 states or is not affine in e (checked at e = 0, 0.25, 0.5).
+        family has more than 2 states, changes at every update, or is not affine in e (checked at e = 0,
+        0.25, 0.5), or its stability limit is neither affine in e nor (l0 + e l1) / (1 + e l2)
+        (Nesterov's, fitted at 0, 0.5, 0.9 and checked at 0.25).
         """
         opts = [make(e) for e in (0.0, 0.25, 0.5)]
-        if opts[0].n_state > 2:
+        if opts[0].n_state > 2 or opts[0].time_varying:
             return None
         aff = [o.affine(self.h) for o in opts]
         lim = [self.lr_limit(o) for o in opts]
@@ -249,10 +272,18 @@ class NQM:
             if not np.allclose(z0 + 0.25 * slope, zq, rtol=1e-12, atol=1e-15):
                 return None
             parts += [np.ascontiguousarray(z0), np.ascontiguousarray(slope)]
-        if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) > 1e-12 * abs(lim[1]):
+        if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) <= 1e-12 * abs(lim[1]):
+            return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
+                               opts[0].readout, self._S0(opts[0]))
+        # a limit (l0 + e l1) / (1 + e l2): l0 = lim(0); from e = 0.5 and 0.9, l1 - lim(e) l2 = (lim(e) - l0) / e
+        l0, l5, l9 = lim[0], lim[2], self.lr_limit(make(0.9))
+        m = np.array([[1.0, -l5], [1.0, -l9]])
+        rhs = np.array([(l5 - l0) / 0.5, (l9 - l0) / 0.9])
+        l1, l2 = np.linalg.solve(m, rhs)
+        if abs((l0 + 0.25 * l1) / (1.0 + 0.25 * l2) - lim[1]) > 1e-12 * abs(lim[1]) or l2 <= -1.0:
             return None
-        return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
-                           opts[0].readout, self._S0(opts[0]))
+        return _FamilyLoss(tuple(parts), l0, float(l1), self.c / batch_size, self.h, opts[0].readout,
+                           self._S0(opts[0]), lim2=float(l2))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def noise_floor(self, optimizer, batch_size) -> float:
@@ -266,8 +297,11 @@ class NQM:
         step by step (:func:`toymodels.dynamics.propagate_schedule`)."""
         sched = batch_size if isinstance(batch_size, Schedule) else None
         q = self.c if sched is not None else self.c / batch_size
-        a0, a1, b1 = optimizer.affine(self.h)
         S = self._S0(optimizer).copy()
+        if optimizer.time_varying:
+            return dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, q, self.h,
+                                              optimizer.readout, optimizer.lr, ks, S, batch=sched, progress=progress)
+        a0, a1, b1 = optimizer.affine(self.h)
         return dynamics.propagate_schedule(a0, a1, b1, q, self.h, optimizer.readout, optimizer.lr, ks, S,
                                            progress=progress, batch=sched)
 
@@ -382,6 +416,8 @@ class NQM:
         sched = optimizer.lr
         bsched = batch if isinstance(batch, Schedule) else Constant(batch)
         S = self._S0(optimizer).copy()
+        if optimizer.time_varying:
+            return self._scan_varying(optimizer, S, bsched, min(max_steps, _SCAN_LIMIT), target, max_steps)
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
         ends = (sched.constant_after, constant_from(bsched))
@@ -473,6 +509,30 @@ class NQM:
             k0 += part.size
         return -1, f"not reached within max_steps={k_stop}"
 
+    def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
+        """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
+        changes at every update (stepped in chunks of 4096 from step 0; S at step 0)."""
+        parts = optimizer.parts(self.h)
+        constant_b = isinstance(batch, Constant)
+        q = self.c / batch.lr if constant_b else self.c
+        k0, chunk = 0, 4096
+        while k0 < k_stop:
+            k1 = min(k_stop, k0 + chunk)
+            rec = np.arange(k0, k1 + 1, dtype=np.int64)
+            loss, _ = dynamics.propagate_varying(parts, optimizer.coefficients, q, self.h, optimizer.readout,
+                                                 optimizer.lr, rec, S, k_start=k0,
+                                                 batch=None if constant_b else batch, progress=False)
+            if not np.all(np.isfinite(loss)):
+                return -1, "diverges: the loss overflowed", math.inf
+            hit = np.nonzero(loss <= target)[0]
+            if hit.size:
+                return k0 + int(hit[0]), "", math.nan
+            k0 = k1
+        if k_stop < max_steps:
+            return -1, (f"not reached within {k_stop} step-by-step updates (the averaging weight changes at every "
+                        f"update)"), math.nan
+        return -1, f"not reached within max_steps={max_steps}", math.nan
+
     # ------------------------------------------------------------------------------------------
     @validate(n_samples=Array((0, 1), low=0.0, min_size=0))
     def lower_bound_loss(self, n_samples) -> np.ndarray:
@@ -537,14 +597,19 @@ class NQM:
         check_bytes("n_runs", 8.0 * n_runs * self.dim * (optimizer.n_state + 1),
                     what=f"the state and one step's noise of {n_runs} runs x {self.dim} modes")
         batch, ks, n_runs, seed, rng, bar = mc_setup(optimizer, batch_size, steps, n_runs, seed, progress)
-        a0, a1, b1 = optimizer.affine(self.h)
         n = int(ks[-1])
         scheduled = isinstance(batch, Schedule)
-        loss, gsq = simulate_linear_system(
-            a0, a1, b1, self.c if scheduled else self.c / batch, self.h, optimizer.readout, optimizer.init,
-            self.init_sq, optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
-            batch=batch_sizes_at(batch, np.arange(n)) if scheduled else None,
-        )
+        q = self.c if scheduled else self.c / batch
+        common = dict(progress=None if bar is None else bar.update,
+                      batch=batch_sizes_at(batch, np.arange(n)) if scheduled else None)
+        if optimizer.time_varying:
+            loss, gsq = simulate_varying_system(optimizer.parts(self.h), optimizer.coefficients(np.arange(n)), q, self.h,
+                                                optimizer.readout, optimizer.init, self.init_sq, optimizer.lr.values(n),
+                                                ks, n_runs, rng, **common)
+        else:
+            a0, a1, b1 = optimizer.affine(self.h)
+            loss, gsq = simulate_linear_system(a0, a1, b1, q, self.h, optimizer.readout, optimizer.init, self.init_sq,
+                                               optimizer.lr.values(n), ks, n_runs, rng, **common)
         if bar is not None:
             bar.close()
         first, reason = mc_divergence(ks, loss, gsq)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import (MAX_EXACT_INT, MAX_STEPS, AnyOf, Array, Boolean, Constraint, Instance, Integer, Real,
+from ._validate import (MAX_EXACT_INT, MAX_STEPS, AnyOf, Array, Boolean, Constraint, Instance, Integer, Options, Real,
                         Steps, check_bytes, check_int, check_real, validate, validate_init)
 
 __all__ = [
@@ -31,6 +31,9 @@ __all__ = [
     "Cosine",
     "Warmup",
     "Tabulated",
+    "WarmupStableDecay",
+    "LinearDecay",
+    "InverseSqrt",
     "BatchSizeWarmup",
     "as_schedule",
     "cumulative",
@@ -268,6 +271,201 @@ class Warmup(Schedule):
         return self.base.max_lr
 
 
+_DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
+
+
+def _decay_factor(shape: str, u):
+    """The fraction of the way from the peak to the final rate left at decay progress ``u`` in [0, 1]."""
+    if shape == "linear":
+        return 1.0 - u
+    if shape == "1-sqrt":
+        return 1.0 - np.sqrt(u)
+    return 0.5 * (1.0 + np.cos(np.pi * u))
+
+
+@validate_init(lr=_LR, total_steps=Integer(2, MAX_STEPS), warmup_steps=Integer(0, MAX_STEPS),
+               decay_fraction=Real(0.0, 1.0, low_open=True), final_lr=Real(0.0, math.inf, high_open=True),
+               shape=Options(*_DECAY_SHAPES))
+@dataclass(frozen=True)
+class WarmupStableDecay(Schedule):
+    """Warmup-stable-decay ("trapezoidal") schedule: linear warm-up, a long constant phase, a short decay.
+
+    With W = ``warmup_steps``, T = ``total_steps`` and D = max(1, round(``decay_fraction`` * T)) decay
+    updates starting at update T - D, update k uses
+
+        lr * (k + 1) / W                                  for k < W                (warm-up),
+        lr                                                for W <= k < T - D       (stable),
+        final_lr + (lr - final_lr) * f((k - T + D) / D)   for T - D <= k < T       (decay),
+        final_lr                                          for k >= T,
+
+    with f(u) = 1 - u (``shape="linear"``), 1 - sqrt(u) (``"1-sqrt"``, the cooldown Hägele et al. found
+    best) or (1 + cos(pi u)) / 2 (``"cosine"``).  The exact engine jumps the stable phase and the final
+    constant in closed form and steps through warm-up and decay one update at a time.
+
+    Args:
+        lr: the peak (stable) learning rate, > 0.
+        total_steps: T, the training length in updates, >= 2.
+        warmup_steps: W >= 0 (0: no warm-up), with W <= T - D.
+        decay_fraction: D / T in (0, 1]; 0.2 is the paper's usual cooldown length.
+        final_lr: the rate reached at the end of the decay, in [0, lr].
+        shape: ``"linear"``, ``"1-sqrt"`` or ``"cosine"``.
+
+    References:
+        A. Hägele, E. Bakouch, A. Kosson, L. Ben Allal, L. von Werra, M. Jaggi, "Scaling Laws and
+        Compute-Optimal Training Beyond Fixed Training Durations", NeurIPS 2024, Section 3 (the
+        constant learning rate with cooldown, and the cooldown's shape).
+
+    Example:
+        >>> WarmupStableDecay(1.0, 10, warmup_steps=2, decay_fraction=0.2).values(11)
+        array([0.5, 1. , 1. , 1. , 1. , 1. , 1. , 1. , 1. , 0.5, 0. ])
+    """
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2
+    final_lr: float = 0.0
+    shape: str = "linear"
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "total_steps", check_int("total_steps", self.total_steps, low=2))
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=0))
+        object.__setattr__(self, "decay_fraction", check_real("decay_fraction", self.decay_fraction, low=0.0,
+                                                              high=1.0, low_open=True))
+        object.__setattr__(self, "final_lr", check_real("final_lr", self.final_lr, low=0.0, high=self.lr))
+        if self.shape not in _DECAY_SHAPES:
+            raise ValueError(f"`shape` must be one of {_DECAY_SHAPES}; got {self.shape!r}.")
+        if self.warmup_steps > self.decay_start:
+            raise ValueError(f"`warmup_steps` must be at most total_steps - decay steps = {self.decay_start}; "
+                             f"got {self.warmup_steps}.")
+
+    @property
+    def decay_steps(self) -> int:
+        """D = max(1, round(decay_fraction * total_steps)), the number of decay updates."""
+        return max(1, int(round(self.decay_fraction * self.total_steps)))
+
+    @property
+    def decay_start(self) -> int:
+        """T - D, the first update of the decay."""
+        return self.total_steps - self.decay_steps
+
+    def _at(self, k):
+        k = np.asarray(k, dtype=np.float64)
+        warm = np.minimum(1.0, (k + 1.0) / self.warmup_steps) if self.warmup_steps else np.ones_like(k)
+        u = np.clip((k - self.decay_start) / self.decay_steps, 0.0, 1.0)
+        dec = self.final_lr + (self.lr - self.final_lr) * _decay_factor(self.shape, u)
+        return np.where(k >= self.total_steps, self.final_lr, np.where(k >= self.decay_start, dec, self.lr * warm))
+
+    @property
+    def constant_after(self):
+        return self.total_steps
+
+    def _segments(self, end):
+        """(start, stop, value) over [0, end): warm-up and decay stepped (None), the rest constant."""
+        w, s, t = self.warmup_steps, self.decay_start, self.total_steps
+        segs = [(0, w, None), (w, s, self.lr), (s, t, None), (t, max(end, t), self.final_lr)]
+        return [(a, min(b, end), v) for a, b, v in segs if a < end and b > a]
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@validate_init(lr=_LR, total_steps=_STEP_COUNT, final_lr=Real(0.0, math.inf, high_open=True),
+               warmup_steps=Integer(0, MAX_STEPS))
+@dataclass(frozen=True)
+class LinearDecay(Schedule):
+    """Linear decay from ``lr`` to ``final_lr`` at update ``total_steps``, after an optional linear warm-up.
+
+    With W = ``warmup_steps`` and T = ``total_steps`` (W < T), update k uses
+
+        lr * (k + 1) / W                                  for k < W,
+        lr + (final_lr - lr) * (k - W) / (T - W)          for W <= k < T,
+        final_lr                                          for k >= T,
+
+    the "linear schedule with warm-up" of BERT's pre-training (Devlin et al. 2019, "BERT: Pre-training
+    of Deep Bidirectional Transformers for Language Understanding", Appendix A.2).  The exact engine
+    steps through updates 0..T-1 and jumps the constant tail.
+
+    Example:
+        >>> LinearDecay(1.0, 4).values(5)
+        array([1.  , 0.75, 0.5 , 0.25, 0.  ])
+    """
+
+    lr: float
+    total_steps: int
+    final_lr: float = 0.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "total_steps", check_int("total_steps", self.total_steps, low=1))
+        object.__setattr__(self, "final_lr", check_real("final_lr", self.final_lr, low=0.0, high=self.lr))
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=0,
+                                                           high=self.total_steps - 1))
+
+    def _at(self, k):
+        k = np.asarray(k, dtype=np.float64)
+        w, t = self.warmup_steps, self.total_steps
+        warm = self.lr * (k + 1.0) / w if w else np.full_like(k, self.lr)
+        dec = self.lr + (self.final_lr - self.lr) * np.clip((k - w) / (t - w), 0.0, 1.0)
+        return np.where(k < w, warm, dec)
+
+    @property
+    def constant_after(self):
+        return self.total_steps
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
+@validate_init(lr=_LR, warmup_steps=_STEP_COUNT, min_lr=Real(0.0, math.inf, high_open=True))
+@dataclass(frozen=True)
+class InverseSqrt(Schedule):
+    """Inverse-square-root decay after a linear warm-up to ``lr`` over ``warmup_steps`` updates.
+
+    With W = ``warmup_steps``, update k uses
+
+        lr * min((k + 1) / W, sqrt(W / (k + 1))),   floored at ``min_lr``,
+
+    the schedule of the Transformer (Vaswani et al. 2017, "Attention Is All You Need", Section 5.3:
+    d_model^-0.5 min(n^-0.5, n W^-1.5) at step n = k + 1, peaking at W with lr = (d_model W)^-0.5).
+    It never becomes constant unless ``min_lr > 0`` (then from the update where it reaches the floor),
+    so the exact engine steps through it one update at a time.
+
+    Example:
+        >>> InverseSqrt(1.0, 4).values(8).round(3)
+        array([0.25 , 0.5  , 0.75 , 1.   , 0.894, 0.816, 0.756, 0.707])
+    """
+
+    lr: float
+    warmup_steps: int = 1
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", check_real("lr", self.lr, **_POSITIVE))
+        object.__setattr__(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, low=1))
+        object.__setattr__(self, "min_lr", check_real("min_lr", self.min_lr, low=0.0, high=self.lr))
+
+    def _at(self, k):
+        n = np.asarray(k, dtype=np.float64) + 1.0
+        w = float(self.warmup_steps)
+        return np.maximum(self.lr * np.minimum(n / w, np.sqrt(w / n)), self.min_lr)
+
+    @property
+    def constant_after(self):
+        if self.min_lr <= 0:
+            return None
+        # sqrt(W / n) <= min_lr / lr  <=>  n >= W (lr / min_lr)^2; update k = n - 1
+        return max(self.warmup_steps, math.ceil(self.warmup_steps * (self.lr / self.min_lr) ** 2) - 1)
+
+    @property
+    def max_lr(self):
+        return self.lr
+
+
 @validate_init(lrs=Array(1, **_POSITIVE))
 @dataclass(frozen=True, repr=False)
 class Tabulated(Schedule):
@@ -408,6 +606,9 @@ def schedule_segments(schedule, end: int):
     """Split updates 0..end-1 of ``schedule`` into ``(start, stop, value)`` segments: ``value`` a float
     on constant pieces, ``None`` where it changes at every update (duck-typed: ``piecewise_constant``,
     ``pieces()``, ``constant_after``, ``at(k)``)."""
+    custom = getattr(schedule, "_segments", None)
+    if custom is not None:  # schedules with constant phases between changing ones (warmup-stable-decay)
+        return [sg for sg in custom(end) if sg[1] > sg[0]]
     if schedule.piecewise_constant:
         starts, lrs = schedule.pieces()
         stops = list(starts[1:]) + [end]

@@ -17,7 +17,7 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
         "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate", "schedule",
-        "aggregation", "draw")
+        "aggregation", "draw", "flops", "n_features")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -54,6 +54,7 @@ VARIABLES = {
     "steps_best": "measured steps_to_target of the best hyper-parameters (median over seeds)",
     "momentum_opt": "tuned heavy-ball momentum",
     "decay_opt": "tuned iterate-averaging decay",
+    "kappa_opt": "tuned long-step parameter kappa of accelerated SGD (Kidambi et al. 2018)",
     "lr_schedule_opt": "tuned piecewise-constant learning rates",
     "piece_fraction_opt": "fraction of the steps spent in each schedule piece",
     "reason": "why steps_to_target is inf (empty when finite)",
@@ -117,6 +118,9 @@ VARIABLES = {
     "noise_scale_ema_sem": "standard error of noise_scale_ema from the per-step scatter and the EMA's effective steps",
     "noise_scale_ema_lo": "lower end of the Fieller interval of noise_scale_ema (from the per-step scatter)",
     "noise_scale_ema_hi": "upper end of the Fieller interval of noise_scale_ema (inf: |G|^2 not significantly > 0)",
+    "d_opt": "compute-optimal model size d*(F): the parameter count that minimises the loss at a FLOP budget F",
+    "loss_opt": "the loss at the compute-optimal model size, L(d*(F); F)",
+    "at_grid_end": "the iso-FLOP minimum lies at an end of the model-size grid (left out of the exponent fit)",
     "ema_n_eff": "effective number of steps of a bias-corrected EMA (1 / sum of its squared weights)",
 }
 

@@ -37,7 +37,7 @@ from ._args import BATCH_SIZE, TARGET
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, Instance, Integer, Maybe, Options, Real,
                         check_int, check_real, validate)
 from .nqm import NQM, check_batch_size
-from .optimizers import EMA, SGD, Momentum
+from .optimizers import EMA, SGD, AcceleratedSGD, Momentum, Nesterov, PolyakAverage, ScheduleFree
 from .parallel import _Scheduler, check_scheduler, run_tasks
 from .schedules import PiecewiseConstant
 from .schema import attach_attrs
@@ -45,8 +45,26 @@ from .schema import attach_attrs
 __all__ = ["FAMILIES", "make_optimizer", "tune", "grid_search", "batch_size_sweep", "family_sweeps", "tune_schedule",
            "default_grid"]
 
-FAMILIES = ("sgd", "precond", "momentum", "ema", "momentum_ema")
-_EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", "momentum_ema": "momentum"}
+FAMILIES = ("sgd", "precond", "momentum", "ema", "momentum_ema", "nesterov", "asgd", "polyak", "schedule_free")
+_EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", "momentum_ema": "momentum",
+          "nesterov": "momentum", "asgd": "kappa", "polyak": None, "schedule_free": "momentum"}
+_EXTRA_NAME = {"momentum": "momentum_opt", "decay": "decay_opt", "kappa": "kappa_opt"}
+_ASGD_XI = 10.0  # the statistical advantage xi of the "asgd" family: Kidambi et al.'s default, capped at sqrt(kappa)
+
+
+def _asgd_kappa(extra: float) -> float:
+    """The "asgd" family's kappa = 1 / (1 - extra): the tuner's extra in [0, 1) spans kappa in [1, inf)."""
+    return 1.0 / (1.0 - extra)
+
+
+def _extra_value(family, extra):
+    """The hyper-parameter reported for a tuned ``extra`` (kappa for "asgd", else extra itself)."""
+    return _asgd_kappa(extra) if family == "asgd" and math.isfinite(extra) else extra
+
+
+def _extra_from_value(family, value):
+    """Inverse of :func:`_extra_value` (reading a resumed sweep)."""
+    return 1.0 - 1.0 / value if family == "asgd" and math.isfinite(value) else value
 _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
@@ -92,12 +110,25 @@ def _check_problem_family(problem, family):
 @validate(family=_FAMILY, lr=Real(0.0, math.inf, low_open=True, high_open=True), extra=Maybe(_DECAY),
           precond=_PRECOND, decay=_DECAY)
 def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99):
-    """The optimizer of a family: ``extra`` is beta for momentum families, mu for "ema".
+    """The optimizer of a family: ``extra`` is beta for the momentum families (``"momentum"``,
+    ``"momentum_ema"``, ``"nesterov"``, and the interpolation beta of ``"schedule_free"``), mu for
+    ``"ema"``, and for ``"asgd"`` it sets kappa = 1 / (1 - extra) (xi = min(10, sqrt(kappa)),
+    small_const 0.7: Kidambi et al.'s defaults, xi capped at its bound).
 
-    ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``.
+    ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``;
+    ``"polyak"`` is SGD with uniform iterate averaging.
     """
-    if family in ("momentum", "ema", "momentum_ema") and extra is None:
+    if _EXTRA[family] is not None and extra is None:
         raise ValueError(f"`extra` must be a float in [0, 1) for {family!r}; got None.")
+    if family == "nesterov":
+        return Nesterov(lr, extra)
+    if family == "asgd":
+        kappa = _asgd_kappa(extra)
+        return AcceleratedSGD(lr, kappa, min(_ASGD_XI, math.sqrt(kappa)))
+    if family == "polyak":
+        return PolyakAverage(SGD(lr))
+    if family == "schedule_free":
+        return ScheduleFree(lr, extra)
     if family == "sgd":
         return SGD(lr)
     if family == "precond":
@@ -328,7 +359,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
-        (beta or mu, NaN for SGD), ``theta`` (warm start for the next batch size), ``n_evals``.
+        (beta or mu, 1 - 1 / kappa for ``"asgd"``, NaN for SGD and ``"polyak"``), ``theta`` (warm start for the next batch size), ``n_evals``.
     """
     _check_problem_family(problem, family)
     fixed = _check_fixed_extra(family, extra)
@@ -485,14 +516,15 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
 
 
 def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, extra=None):
-    extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
+    extra_name = _EXTRA_NAME.get(_EXTRA[family])
     data = {
         "steps_to_target": ("batch_size", np.array([r["steps"] for r in rows], dtype=np.float64)),
         "lr_opt": ("batch_size", np.array([r["lr"] for r in rows], dtype=np.float64)),
     }
     if extra_name:
-        data[extra_name] = ("batch_size", np.array([r["extra"] for r in rows], dtype=np.float64))
-    if extra_name == "momentum_opt":  # heavy ball's effective learning rate, smooth where (lr, beta) jump
+        data[extra_name] = ("batch_size", np.array([_extra_value(family, r["extra"]) for r in rows],
+                                                   dtype=np.float64))
+    if family in ("momentum", "momentum_ema", "nesterov"):  # the effective learning rate, smooth where (lr, beta) jump
         data["lr_eff_opt"] = ("batch_size", data["lr_opt"][1] / (1.0 - data["momentum_opt"][1]))
     data["reason"] = ("batch_size", np.array([r.get("reason", "") for r in rows], dtype=object).astype(str))
     ds = xr.Dataset(data, coords={"batch_size": np.asarray(batch_sizes, dtype=np.float64)})
@@ -516,8 +548,12 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             GaussianLinearRegression take every family, a FiniteLinearRegression (at most 32
             features) ``"sgd"`` only (its ``families``).
         family: ``"sgd"``, ``"precond"`` (P = H^precond), ``"momentum"`` (tunes lr and beta), ``"ema"``
-            (SGD with iterate averaging; tunes lr and the decay) or ``"momentum_ema"`` (tunes lr and
-            beta; averaging decay fixed at ``decay``).
+            (SGD with iterate averaging; tunes lr and the decay), ``"momentum_ema"`` (tunes lr and
+            beta; averaging decay fixed at ``decay``), ``"nesterov"`` (lr and beta), ``"asgd"``
+            (Kidambi et al.'s accelerated SGD: lr and kappa, reported as ``kappa_opt``), ``"polyak"``
+            (SGD with uniform iterate averaging: lr) or ``"schedule_free"`` (lr and beta).  The last
+            two change at every update and have no closed form: their steps are searched one update
+            at a time (at most 10^6 per setting), so they are much slower to tune.
         batch_sizes: increasing batch sizes in [1, 2^53].
         target: loss target > 0.
         progress: tqdm bar over batch sizes.
@@ -546,7 +582,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         raise ValueError("`batch_sizes` must be strictly increasing.")
     warmup.start()  # a fresh numba cache: compile the later kernels in a second process meanwhile
     rows = []
-    extra_name = {"momentum": "momentum_opt", "decay": "decay_opt"}.get(_EXTRA[family])
+    extra_name = _EXTRA_NAME.get(_EXTRA[family])
     old = None
     if path is not None:
         settings = dict(optimizer=family, target=target, model=problem.model_name, **problem.params)
@@ -567,7 +603,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         for j in range(min(old.batch_size.size, len(bss))):
             rows.append({
                 "steps": float(old.steps_to_target[j]), "lr": float(old.lr_opt[j]),
-                "extra": float(old[extra_name][j]) if extra_name else math.nan,
+                "extra": _extra_from_value(family, float(old[extra_name][j])) if extra_name else math.nan,
                 "reason": str(old.reason.values[j]), "theta": None,
             })
     start, k_floor = None, 0

@@ -1,0 +1,620 @@
+"""Power-law random features (PLRF): exact expected risk of SGD and the other optimizers.
+
+The model of Paquette, Paquette, Xiao and Pennington 2024 (Sec. 1, "Problem setup"): data
+x in R^v with independent coordinates x_j ~ N(0, j^(-2 alpha)), i.e. x ~ N(0, D) with
+D = diag(j^(-2 alpha)); a target b in R^v with b_j = j^(-beta); random features W in R^(v x d) with
+independent N(0, 1/d) entries; parameters theta in R^d started at 0; the risk
+
+    P(theta) = 1/2 E[(x^T W theta - x^T b)^2] = 1/2 |D^(1/2) (W theta - b)|^2,
+
+and one-pass mini-batch SGD on the per-example loss (x^T W theta - x^T b)^2 / 2 with fresh x.
+
+**Reduction to online linear regression.**  Write z = W^T x (the model's input, in R^d) and
+y = x^T b (the label).  (z, y) is jointly Gaussian with
+
+    Cov z = K = W^T D W,        E[z y] = W^T D b,        Var y = b^T D b.
+
+Let theta* = K^+ W^T D b (the best parameters; K^+ the pseudo-inverse) and r = y - z^T theta*.
+Then E[z r] = W^T D b - K K^+ W^T D b = 0 (W^T D b lies in the range of K), and r is Gaussian
+jointly with z, so r is independent of z: y = z^T theta* + r with label noise r ~ N(0, sigma^2),
+
+    sigma^2 = b^T D b - (W^T D b)^T K^+ (W^T D b) = |c - P P^T c|^2,     c = D^(1/2) b,
+
+where D^(1/2) W = P S Q^T is the thin SVD (P ``(v, r)``, S = diag(s), Q ``(d, r)``, r the rank):
+sigma^2 is the part of the target outside the span the features can reach.  So the pair (z, y) has
+exactly the law of online linear regression with input covariance K, teacher theta* and label
+noise sigma (:class:`toymodels.GaussianLinearRegression`), and SGD on theta only ever sees (z, y):
+its iterates have the same law.  In K's eigenbasis K = Q S^2 Q^T the regression has spectrum
+lambda_i = s_i^2 and teacher Q^T theta* = S^-1 P^T c, so lambda_i (Q^T theta*)_i^2 = (P^T c)_i^2.
+Directions in K's null space (d > v) are never moved by a gradient z (z^T theta - y) and hold no
+part of theta*: they are left out.  The risk is the regression's excess risk plus the irreducible
+risk sigma^2 / 2,
+
+    P(theta) = 1/2 (theta - theta*)^T K (theta - theta*) + sigma^2 / 2,
+
+and this model reports P (the paper's risk, which includes the approximation error that the
+compute-optimal trade-off is about).  Beyond a few thousand features the SVD is replaced by the
+deterministic equivalent of the spectrum (:func:`deterministic_equivalent`).  Every exact method delegates to the regression's moment
+recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; the SVD of the
+``(v, d)`` matrix D^(1/2) W costs O(v d min(v, d)) once (3 s at v = 2000, d = 1000 on one core,
+about a minute at v = 8192, d = 4096), and is
+used rather than an eigendecomposition of K because it resolves eigenvalues down to
+eps * s_max * s_i instead of eps * s_max^2.
+
+References:
+    E. Paquette, C. Paquette, L. Xiao and J. Pennington, "4+3 Phases of Compute-Optimal Neural
+    Scaling Laws", NeurIPS 2024 (arXiv:2405.15074), Sec. 1 (the problem setup) and Sec. 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import xarray as xr
+from numba import njit
+
+from . import dynamics
+from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, PROGRESS, SEED, STEP, STEPS,
+                    TARGET)
+from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Options, Real, check_bytes, check_int,
+                        check_real, check_steps, validate)
+from .linreg import GaussianLinearRegression
+from .montecarlo import mc_stats_dataset
+from .nqm import _check_optimizer, _check_target
+from .optimizers import EMA, SGD, Momentum
+from .schema import attach_attrs
+
+__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "EXACT_MAX"]
+
+EXACT_MAX = 4096  # spectrum="auto": the exact SVD up to min(v, d) = 4096, the deterministic equivalent beyond
+SPECTRA = ("auto", "exact", "deterministic")
+
+_ALPHA = Real(0.0, 50.0, low_open=True)
+_BETA = Real(0.0, 50.0)
+_SIZE = Integer(1, 2**40)
+
+
+class PowerLawRF:
+    """Power-law random features (Paquette, Paquette, Xiao and Pennington 2024, Sec. 1).
+
+    x ~ N(0, diag(j^(-2 alpha))) in R^v, target b_j = j^(-beta), features W ``(v, d)`` with N(0, 1/d)
+    entries drawn from ``seed``; theta ``(d,)`` starts at 0; risk P(theta) = 1/2 E[(x^T W theta -
+    x^T b)^2].  The exact expected risk of any optimizer spec comes from the equivalent online linear
+    regression in K = W^T D W's eigenbasis (module docstring), held as :attr:`regression`; losses
+    reported here are the full risk P, i.e. the regression's excess risk plus
+    :attr:`irreducible_risk`.
+
+    Args:
+        alpha: data exponent alpha > 0 (x_j has variance j^(-2 alpha)).
+        beta: target exponent beta >= 0 (b_j = j^(-beta)).
+        v: data dimension (the paper's v).
+        d: number of features, i.e. parameters (the paper's d).
+        seed: seed of the features W.
+        spectrum: ``"exact"``: K's eigendecomposition (SVD of D^(1/2) W, this seed's features);
+            ``"deterministic"``: the deterministic equivalent (:func:`deterministic_equivalent`, the
+            large-(v, d) limit, no features drawn, a few seconds to a minute, any size);
+            ``"auto"`` (default): exact up to min(v, d) = :data:`EXACT_MAX` (4096), deterministic
+            beyond.
+    """
+
+    model_name = "plrf"
+
+    @validate(alpha=_ALPHA, beta=_BETA, v=_SIZE, d=_SIZE, seed=SEED, spectrum=Options(*SPECTRA))
+    def __init__(self, alpha: float, beta: float, v: int, d: int, *, seed: int = 0, spectrum: str = "auto"):
+        self.alpha = check_real("alpha", alpha, low=0.0, high=50.0, low_open=True)
+        self.beta = check_real("beta", beta, low=0.0, high=50.0)
+        self.v = check_int("v", v, low=1)
+        self.d = check_int("d", d, low=1)
+        self.seed = check_int("seed", seed, low=0)
+        if spectrum not in SPECTRA:
+            raise ValueError(f"`spectrum` must be one of {SPECTRA}; got {spectrum!r}.")
+        if spectrum == "auto":
+            spectrum = "exact" if min(self.v, self.d) <= EXACT_MAX else "deterministic"
+        self.method = spectrum
+        self._W = None
+        j = np.arange(1, self.v + 1, dtype=np.float64)
+        self._sqrt_cov = j**-self.alpha  # D^(1/2)
+        self.target = j**-self.beta
+        self._c = self._sqrt_cov * self.target  # c = D^(1/2) b
+        if spectrum == "exact":
+            check_bytes("d", 8.0 * 3 * self.v * self.d, what=f"the {self.v} x {self.d} features and their SVD")
+            self._W = self._draw()
+            self._setup()
+        else:
+            lam, rho, sigma2 = deterministic_equivalent(self.alpha, self.beta, self.v, self.d)
+            self.irreducible_risk = 0.5 * sigma2
+            self.regression = GaussianLinearRegression(lam, np.sqrt(rho / lam), math.sqrt(sigma2))
+
+    @classmethod
+    @validate(alpha=_ALPHA, beta=_BETA, features=Array(2))
+    def from_features(cls, alpha: float, beta: float, features) -> "PowerLawRF":
+        """The same model with given features W ``(v, d)`` instead of random ones (e.g. an orthogonal
+        W, with which it is linear regression on x itself); ``seed`` is reported as -1."""
+        W = np.asarray(features, dtype=np.float64)
+        if W.ndim != 2 or W.size == 0 or not np.all(np.isfinite(W)):
+            raise ValueError(f"`features` must be a finite, non-empty 2-D array; got shape {W.shape}.")
+        self = object.__new__(cls)
+        self.alpha = check_real("alpha", alpha, low=0.0, high=50.0, low_open=True)
+        self.beta = check_real("beta", beta, low=0.0, high=50.0)
+        self.v, self.d = W.shape
+        self.seed, self.method = -1, "exact"
+        j = np.arange(1, self.v + 1, dtype=np.float64)
+        self._sqrt_cov = j**-self.alpha
+        self.target = j**-self.beta
+        self._c = self._sqrt_cov * self.target
+        self._W = W.copy()
+        self._setup()
+        return self
+
+    def _draw(self):
+        return np.random.default_rng(self.seed).standard_normal((self.v, self.d)) / math.sqrt(self.d)
+
+    @property
+    def features(self) -> np.ndarray:
+        """W ``(v, d)``, N(0, 1/d) entries from ``seed`` (drawn on first use when the spectrum is the
+        deterministic equivalent)."""
+        if self._W is None:
+            check_bytes("d", 8.0 * self.v * self.d, what=f"the {self.v} x {self.d} features")
+            self._W = self._draw()
+        return self._W
+
+    @property
+    def _M(self):
+        """D^(1/2) W, so that P(theta) = |M theta - c|^2 / 2."""
+        return self._sqrt_cov[:, None] * self.features
+
+    def _setup(self):
+        P, s, _ = scipy.linalg.svd(self._M, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+        keep = s > (s[0] if s.size else 0.0) * max(self.v, self.d) * np.finfo(np.float64).eps
+        P, s = P[:, keep], s[keep]
+        if s.size == 0:
+            raise ValueError("`features` must not be zero: K = W^T D W has no nonzero eigenvalue.")
+        pc = P.T @ self._c
+        resid = self._c - P @ pc
+        # rank v: the features span R^v and the residual is zero but for rounding
+        self.irreducible_risk = 0.0 if s.size == self.v else 0.5 * float(resid @ resid)
+        self.regression = GaussianLinearRegression(s**2, pc / s, math.sqrt(2.0 * self.irreducible_risk))
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def spectrum(self) -> np.ndarray:
+        """``(r,)``: the nonzero eigenvalues of K = W^T D W, decreasing (r = min(v, d) almost surely)."""
+        return self.regression.h
+
+    @property
+    def dim(self) -> int:
+        """Number of parameters d."""
+        return self.d
+
+    @property
+    def initial_loss(self) -> float:
+        """P(0) = |D^(1/2) b|^2 / 2 = sum_j j^(-2 alpha - 2 beta) / 2 (j <= v)."""
+        return self.regression.initial_loss + self.irreducible_risk
+
+    @property
+    def params(self) -> dict:
+        """The attrs of the model's results: ``alpha``, ``beta``, ``v``, ``d``, ``seed``, ``spectrum``
+        (``"exact"`` or ``"deterministic"``), ``initial_loss`` and ``irreducible_risk``."""
+        return {"alpha": self.alpha, "beta": self.beta, "v": self.v, "d": self.d, "seed": self.seed,
+                "spectrum": self.method, "initial_loss": self.initial_loss, "irreducible_risk": self.irreducible_risk}
+
+    @validate(theta=Array(1))
+    def risk(self, theta) -> float:
+        """P(theta) = |D^(1/2) (W theta - b)|^2 / 2 for parameters ``theta`` ``(d,)``."""
+        t = np.asarray(theta, dtype=np.float64)
+        if t.shape != (self.d,) or not np.all(np.isfinite(t)):
+            raise ValueError(f"`theta` must be a finite array of shape ({self.d},); got shape {t.shape}.")
+        r = self._sqrt_cov * (self.features @ t) - self._c
+        return 0.5 * float(r @ r)
+
+    def _attrs(self, obj):
+        attach_attrs(obj, model=self.model_name, source=obj.attrs.get("source", "exact"), **self.params)
+        return obj
+
+    # ------------------------------------------------------------------------------------------
+    # exact: the regression's moment recursion, plus the irreducible risk
+    # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER)
+    def lr_limit(self, optimizer) -> float:
+        """The full-batch stability limit (an upper bound of the stable learning rates), as
+        :meth:`toymodels.GaussianLinearRegression.lr_limit` on K's spectrum."""
+        return self.regression.lr_limit(optimizer)
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
+    def stable_lr(self, optimizer, batch_size) -> float:
+        """The largest stable constant learning rate of SGD at batch size B
+        (:meth:`toymodels.GaussianLinearRegression.stable_lr`)."""
+        return self.regression.stable_lr(optimizer, batch_size)
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
+    def stationary_loss(self, optimizer, batch_size) -> float:
+        """The stationary risk of the spec's constant learning rate (``inf`` if unstable): the
+        regression's stationary excess risk plus the irreducible risk."""
+        return self.regression.stationary_loss(optimizer, batch_size) + self.irreducible_risk
+
+    noise_floor = stationary_loss
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
+    def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
+        """Exact expected risk P(theta_k) over steps (``DataArray`` named ``loss`` over ``step``).
+
+        Arguments, limits and closed forms as :meth:`toymodels.GaussianLinearRegression.loss_curve`
+        (``batch_size`` a number or a batch-size schedule; ``steps`` a count or sorted indices).
+        Divergent runs are ``inf`` (``attrs["diverged"]``).
+        """
+        da = self.regression.loss_curve(optimizer, batch_size, steps, progress=progress)
+        out = da.copy(data=da.values + self.irreducible_risk)  # inf stays inf
+        for key in ("dim", "noise_std"):  # the regression's, not this model's
+            out.attrs.pop(key, None)
+        return self._attrs(out)
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
+    def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
+        """Exact expected risk at step k for a constant learning rate (the spec's or ``lr``), as
+        :meth:`toymodels.GaussianLinearRegression.loss_at_step` plus the irreducible risk."""
+        return self.regression.loss_at_step(optimizer, batch_size, k, lr=lr) + self.irreducible_risk
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, lr=MAYBE_LR)
+    def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
+        """SGD's closed-form risk curve as a :class:`toymodels.dynamics.ModalForm` (what the sweeps of
+        :mod:`toymodels.sweep` tune on): the regression's modes and one constant mode holding the
+        irreducible risk.  Raises NotImplementedError for optimizers other than SGD."""
+        mf = self.regression.modal_form(optimizer, batch_size, lr=lr)
+        if not mf.stable:
+            return mf
+        irr = self.irreducible_risk
+        # a constant mode: A = 0, h = 2, b = 1, q = irr, S0 = irr gives L(k) = irr at every k
+        return dynamics.ModalForm(np.concatenate([mf.A, np.zeros((1, 1, 1))]), np.concatenate([mf.b, np.ones((1, 1))]),
+                                  np.append(mf.q, irr), np.append(mf.h, 2.0), mf.readout,
+                                  np.concatenate([mf.S0, np.full((1, 1, 1), irr)]))
+
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, target=TARGET, max_steps=Maybe(Integer(1, MAX_STEPS)),
+              full_output=Boolean())
+    def steps_to_target(self, optimizer, batch_size, target, *, max_steps: int | None = None,
+                        full_output: bool = False):
+        """The first step k with expected risk P(theta_k) <= target (``inf`` if never).
+
+        A target at or below the irreducible risk is unreachable with d features (``reason`` says
+        so); otherwise :meth:`toymodels.GaussianLinearRegression.steps_to_target` at the excess
+        target, exact, with its defaults and limits.  ``full_output``: also a dict with ``reason``
+        and ``noise_floor`` (the stationary risk, NaN where not computed).
+        """
+        _check_optimizer(optimizer)
+        target = _check_target(target)
+        irr = self.irreducible_risk
+        if target <= irr and self.initial_loss > target:
+            steps, info = math.inf, {"reason": f"unreachable: target {target:.6g} <= irreducible risk {irr:.6g} "
+                                               f"(the part of the target the {self.d} features cannot represent)",
+                                     "noise_floor": math.nan}
+        elif self.initial_loss <= target:
+            steps, info = 0.0, {"reason": "", "noise_floor": math.nan}
+        else:
+            steps, info = self.regression.steps_to_target(optimizer, batch_size, target - irr, max_steps=max_steps,
+                                                          full_output=True)
+            info = {"reason": info["reason"], "noise_floor": info["noise_floor"] + irr}
+        return (steps, info) if full_output else steps
+
+    # ------------------------------------------------------------------------------------------
+    # Monte Carlo on the explicit features
+    # ------------------------------------------------------------------------------------------
+    @validate(optimizer=OPTIMIZER, batch_size=Integer(1, 2**20), steps=MC_STEPS, n_runs=N_RUNS, seed=SEED)
+    def simulate(self, optimizer, batch_size: int, steps, *, n_runs: int = 100, seed: int = 0) -> xr.Dataset:
+        """Monte Carlo of the optimizer on the explicit features: each update draws B fresh
+        x ~ N(0, D), forms z = W^T x and y = x^T b, and steps theta with the mini-batch gradient
+        (1/B) sum z (z^T theta - y); the risk of each run is P(theta) computed exactly.
+
+        Supports SGD and heavy-ball Momentum (without preconditioning) and EMA of either; the
+        learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
+
+        Returns:
+            Dataset over ``step``: ``loss`` (mean of P over runs) and ``loss_sem``;
+            ``source="simulation"``; runs that overflow make the values ``inf`` from there on.
+        """
+        _check_optimizer(optimizer)
+        base = optimizer.base if isinstance(optimizer, EMA) else optimizer
+        if not isinstance(base, (SGD, Momentum)) or base.precond != 0.0:
+            raise NotImplementedError("simulate runs SGD, Momentum and their EMA, without preconditioning.")
+        self.regression._affine(optimizer)  # weight decay refused, as in the exact risk
+        bs = check_int("batch_size", batch_size, low=1)
+        ks = check_steps(steps, high=10**8)
+        n_runs = check_int("n_runs", n_runs, low=2)
+        rng = np.random.default_rng(check_int("seed", seed, low=0))
+        check_bytes("n_runs", 8.0 * n_runs * bs * (self.v + self.d), what=f"one update's {n_runs} x {bs} examples")
+        n = int(ks[-1])
+        lrs = optimizer.lr.values(n)
+        beta = base.beta if isinstance(base, Momentum) else 0.0
+        decay = optimizer.decay if isinstance(optimizer, EMA) else None
+        theta = np.zeros((n_runs, self.d))
+        vel = np.zeros_like(theta)
+        avg = np.zeros_like(theta)
+        M, c = np.ascontiguousarray(self._M), self._c
+        loss = np.empty((ks.size, n_runs))
+        rec = 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            for k in range(n + 1):
+                if k == ks[rec]:
+                    at = avg if decay is not None else theta
+                    r = at @ M.T - c
+                    loss[rec] = 0.5 * np.einsum("ij,ij->i", r, r)
+                    rec += 1
+                    if rec == ks.size:
+                        break
+                g = rng.standard_normal((n_runs, bs, self.v))  # x = D^(1/2) g
+                z = g @ M  # (runs, B, d): z = W^T x
+                err = np.einsum("rbd,rd->rb", z, theta) - g @ c
+                grad = np.einsum("rb,rbd->rd", err, z) / bs
+                vel = beta * vel - lrs[k] * grad
+                theta = theta + vel
+                if decay is not None:
+                    avg = decay * avg + (1.0 - decay) * theta
+        bad = ~np.isfinite(loss).all(axis=1)
+        first = int(np.argmax(bad)) if bad.any() else None
+        ds = mc_stats_dataset(ks, loss, {}, n_runs, first)
+        attach_attrs(ds, model=self.model_name, source="simulation", batch_size=float(bs), n_runs=n_runs,
+                     mc_seed=int(seed), diverged=first is not None, **self.params, **optimizer.hyperparameters)
+        return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# the deterministic equivalent of the spectrum (large d)
+# ----------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _solve_t(D, d, z, t):
+    """Newton for t = 1 + delta(z) of the deterministic equivalent (see
+    :func:`deterministic_equivalent`) from the guess ``t``; ``(t, ok)``, ok False if Newton fails
+    or leaves the branch Im t >= 0."""
+    for _ in range(60):
+        g = t - 1.0
+        dg = 1.0 + 0.0j
+        for j in range(D.size):
+            den = D[j] - z * t
+            g -= D[j] * t / den / d
+            dg -= D[j] * D[j] / (den * den) / d
+        step = g / dg
+        t = t - step
+        if not (np.isfinite(t.real) and np.isfinite(t.imag)):
+            return t, False
+        if abs(step) <= 1e-12 * abs(t):
+            return t, t.imag >= -1e-12 * abs(t)
+    return t, False
+
+
+@njit(cache=True, nogil=True)
+def _densities(D, c2, t, z):
+    """(Im sum_j 1 / (D_j / t - z), Im sum_j c2_j / (D_j / t - z))."""
+    n, w = 0.0, 0.0
+    for j in range(D.size):
+        im = (1.0 / (D[j] / t - z)).imag
+        n += im
+        w += c2[j] * im
+    return n, w
+
+
+def _advance(D, d, x_from, t_from, x_to, eps):
+    """t at log lambda = ``x_to`` by continuation from (``x_from``, ``t_from``): Newton steps in
+    log lambda, halved where Newton fails, doubled after a success."""
+    h = x_from - x_to
+    x, t = x_from, t_from
+    while x > x_to:
+        h = min(h, x - x_to)
+        t_try, ok = _solve_t(D, d, math.exp(x - h) * (1.0 + 1j * eps), t)
+        if not ok:
+            h *= 0.5
+            if h < 1e-12:
+                raise RuntimeError(f"deterministic_equivalent: Newton failed at lambda = {math.exp(x):.3g}.")
+            continue
+        x, t, h = x - h, t_try, 2.0 * h
+    return t
+
+
+@validate(alpha=_ALPHA, beta=_BETA, v=_SIZE, d=_SIZE, ratio=Real(1.0, 1.1, low_open=True),
+          eps=Real(0.0, 0.1, low_open=True))
+def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio: float = 1.002, eps: float = 1e-8):
+    """The PLRF's spectrum from the deterministic equivalent of the features' resolvent, for d (or v)
+    too large for an SVD.
+
+    The exact dynamics (module docstring) depend on the features through two measures only: the
+    eigenvalues of K = W^T D W (equivalently the nonzero eigenvalues of M M^T, M = D^(1/2) W) and the
+    target's weights on them, mu_c = sum_i (P^T c)_i^2 delta(lambda_i) (c = D^(1/2) b), plus the
+    irreducible risk sigma^2 / 2.  Both are spectral measures of M M^T = (1/d) sum_k D^(1/2) g_k
+    g_k^T D^(1/2), a sample covariance of d Gaussian vectors with population covariance D, whose
+    resolvent Q(z) = (M M^T - z)^-1 has the deterministic equivalent (Marchenko-Pastur / Silverstein;
+    Couillet and Liao 2022, "Random Matrix Methods for Machine Learning", Thm. 2.6; the form Paquette
+    et al. 2024 use in their Sec. 2 and App. C)
+
+        Q(z) ~ (D / t(z) - z)^-1,        t - 1 = (1/d) sum_j D_j t / (D_j - z t).
+
+    So the eigenvalue count has density (1/pi) Im sum_j 1 / (D_j / t - z) and mu_c the density
+    (1/pi) Im sum_j c_j^2 / (D_j / t - z), read at z = lambda (1 + i eps) on a log grid of ratio
+    ``ratio`` (Newton with continuation from large lambda down, halving a step whenever Newton
+    leaves the branch Im t >= 0; the Cauchy tails of the zero eigenvalues, v - d of them, are
+    subtracted; those of the rest of the spectrum below lambda add about eps / pi per unit of
+    log lambda and per eigenvalue, which is why eps is small: at eps = 1e-4 they moved ~0.1 of a
+    mode into the gaps between the top eigenvalues and cost 3% of sum_k rho_k lambda_k at d = 1000,
+    at 1e-8 the first moments E tr K = sum_j D_j and E c^T M M^T c = sum_j c_j^2 D_j are met to
+    5e-4).  sigma^2 is the limit z -> 0-: sigma^2 = sum_j c_j^2 u / (D_j + u) with u > 0 the
+    root of sum_j D_j / (D_j + u) = d (v > d; 0 for v <= d).  The r = min(v, d) modes are the
+    classical locations (the count from the top reaching k - 1/2) and each takes the mass of mu_c
+    between its neighbours' half-way counts, so the mode count is exact and the masses add up to
+    |c|^2 - sigma^2.
+
+    Accuracy: the deterministic equivalent is the large-(v, d) limit of the seed average, checked
+    against the mean of exact eigendecompositions over seeds, SGD at B = 1 and half the stable
+    learning rate, 10^5 steps: v = 600, d = 300 (16 seeds): within 2.4% (0.6 standard errors of the
+    seed mean) at alpha = 1, beta = 0.7 and 1.0% at alpha = 0.7, beta = 0.3, where single seeds
+    differ by up to 21%; v = 2000, d = 1000 (4 seeds): within 8% (3 standard errors), and 0.3-1%
+    high over the first three steps, where the seeds agree to 0.1% (the top eigenvalues, isolated
+    spikes, are each one mode at their median).
+
+    Returns:
+        ``(lam, rho, sigma2)``: eigenvalues ``(r,)`` decreasing, the target's weight
+        rho_k = lambda_k theta*_k^2 on each ``(r,)``, and sigma^2.
+    """
+    alpha = check_real("alpha", alpha, low=0.0, high=50.0, low_open=True)
+    beta = check_real("beta", beta, low=0.0, high=50.0)
+    v, d = check_int("v", v, low=1), check_int("d", d, low=1)
+    check_bytes("v", 8.0 * 8 * v, what=f"{v} data coordinates")
+    j = np.arange(1, v + 1, dtype=np.float64)
+    D = j ** (-2.0 * alpha)
+    c2 = D * j ** (-2.0 * beta)
+    r = min(v, d)
+    sigma2 = 0.0
+    if v > d:
+        u = math.exp(scipy.optimize.brentq(lambda y: np.sum(D / (D + math.exp(y))) - d, -690.0, 690.0, xtol=1e-14))
+        sigma2 = float(np.sum(c2 * u / (D + u)))
+    n_zero = v - r
+    step = math.log(ratio)
+    lam_hi = 4.0 * (D[0] + np.sum(D) / d)
+    log_lam, count, weight = [], [], []
+    x = math.log(lam_hi)
+    t, ok = _solve_t(D, d, lam_hi * (1.0 + 1j * eps), 1.0 + 0.0j)
+    if not ok:  # pragma: no cover - outside the support Newton starts at the answer
+        raise RuntimeError("deterministic_equivalent: Newton failed above the spectrum.")
+    total = 0.0
+    x_floor = math.log(D[-1]) - 25.0
+    while True:
+        z = math.exp(x) * (1.0 + 1j * eps)
+        im_n, im_w = _densities(D, c2, t, z)
+        tail = eps * math.exp(x) / (math.pi * abs(z) ** 2)  # the Cauchy tail of an atom at 0, per unit mass
+        log_lam.append(x)
+        count.append(max(0.0, im_n / math.pi - n_zero * tail))
+        weight.append(max(0.0, im_w / math.pi - sigma2 * tail))
+        if len(log_lam) > 1:
+            lam2 = np.exp(log_lam[-2:])
+            total += 0.5 * step * float(count[-2] * lam2[0] + count[-1] * lam2[1])
+            if total >= 0.9 * r and count[-1] * lam2[1] < 1e-6 * r:
+                break
+            if x < x_floor:  # v = d: the hard edge at 0 (density ~ lambda^-1/2); what is left is < 1e-5 r
+                break
+            if len(log_lam) > 10**6:
+                raise RuntimeError("deterministic_equivalent: the spectrum did not close within 10^6 grid points.")
+        try:
+            t = _advance(D, d, x, t, x - step, eps)
+        except RuntimeError:
+            if x > x_floor + 15.0:
+                raise
+            break  # far below the smallest D_j (v = d, where the spectrum reaches 0): Newton runs out of digits
+        x -= step
+    xg = np.array(log_lam)
+    lam = np.exp(xg)
+    n_cum = np.concatenate([[0.0], np.cumsum(0.5 * step * (np.array(count)[1:] * lam[1:] + np.array(count)[:-1] * lam[:-1]))])
+    w_cum = np.concatenate([[0.0], np.cumsum(0.5 * step * (np.array(weight)[1:] * lam[1:]
+                                                           + np.array(weight)[:-1] * lam[:-1]))])
+    n_cum *= r / n_cum[-1]
+    w_cum *= (float(np.sum(c2)) - sigma2) / w_cum[-1]
+    keep = np.concatenate([[True], np.diff(n_cum) > 0])  # strictly increasing for the interpolation
+    n_k, x_k, w_k = n_cum[keep], xg[keep], w_cum[keep]
+    mids = np.exp(np.interp(np.arange(r) + 0.5, n_k, x_k))
+    edges = np.interp(np.arange(r + 1.0), n_k, x_k)
+    rho = np.diff(np.interp(-edges, -xg, w_cum))
+    return mids, np.maximum(rho, 0.0), sigma2
+
+
+# ----------------------------------------------------------------------------------------------
+# the compute-optimal frontier
+# ----------------------------------------------------------------------------------------------
+def _isoflop_minimum(log_d, losses):
+    """argmin over log d of one iso-FLOP slice (finite values): the grid minimum refined by the
+    parabola through it and its two neighbours (in log d, log loss); the grid end if it is there."""
+    i = int(np.argmin(losses))
+    if i == 0 or i == losses.size - 1 or not np.all(np.isfinite(losses[i - 1 : i + 2])):
+        return log_d[i], float(losses[i]), i in (0, losses.size - 1)
+    x, y = log_d[i - 1 : i + 2], np.log(losses[i - 1 : i + 2])
+    a, b, c = np.polyfit(x, y, 2)
+    xm = float(np.clip(-b / (2 * a), x[0], x[2])) if a > 0 else float(x[1])
+    return xm, float(math.exp(np.polyval([a, b, c], xm))), False
+
+
+@validate(losses=Array(2), model_sizes=Array(1, low=0.0, low_open=True), flops=Array(1, low=0.0, low_open=True))
+def compute_optimal_frontier(losses, model_sizes, flops) -> xr.Dataset:
+    """The compute-optimal frontier of a table of losses, and its power-law exponents.
+
+    For each budget F (a column of ``losses``) the iso-FLOP slice L(d; F) is minimised over the
+    model sizes (grid minimum refined by a parabola in (log d, log L)); d*(F) and L*(F) = L(d*; F)
+    are then fitted as d* ~ F^xi and L* ~ F^-eta by least squares in log-log over the budgets whose
+    minimum is inside the grid (not at an end).
+
+    Args:
+        losses: ``(n_sizes, n_flops)`` loss of model size d_i at budget F_j (``inf`` allowed).
+        model_sizes: ``(n_sizes,)`` increasing.
+        flops: ``(n_flops,)`` increasing.
+
+    Returns:
+        Dataset over ``flops``: ``d_opt``, ``loss_opt`` and ``at_grid_end`` (bool); attrs ``xi`` and
+        ``eta`` (NaN if fewer than two interior minima) and ``n_fit``.
+    """
+    L = np.asarray(losses, dtype=np.float64)
+    ds, fs = np.asarray(model_sizes, dtype=np.float64), np.asarray(flops, dtype=np.float64)
+    if L.shape != (ds.size, fs.size):
+        raise ValueError(f"`losses` must have shape (len(model_sizes), len(flops)) = ({ds.size}, {fs.size}); "
+                         f"got {L.shape}.")
+    if np.any(np.isnan(L)) or np.any(L <= 0):
+        raise ValueError("`losses` must be > 0 (inf allowed), without NaN.")
+    log_d = np.log(ds)
+    d_opt, loss_opt, edge = np.empty(fs.size), np.empty(fs.size), np.zeros(fs.size, dtype=bool)
+    for j in range(fs.size):
+        xm, lm, edge[j] = _isoflop_minimum(log_d, L[:, j])
+        d_opt[j], loss_opt[j] = math.exp(xm), lm
+    ok = ~edge & np.isfinite(loss_opt)
+    xi = eta = math.nan
+    if ok.sum() >= 2:
+        xi = float(np.polyfit(np.log(fs[ok]), np.log(d_opt[ok]), 1)[0])
+        eta = -float(np.polyfit(np.log(fs[ok]), np.log(loss_opt[ok]), 1)[0])
+    ds_out = xr.Dataset({"d_opt": ("flops", d_opt), "loss_opt": ("flops", loss_opt), "at_grid_end": ("flops", edge)},
+                        coords={"flops": fs})
+    ds_out.attrs.update(xi=xi, eta=eta, n_fit=int(ok.sum()))
+    return ds_out
+
+
+@validate(alpha=_ALPHA, beta=_BETA, model_sizes=Array(1, low=1.0), flops=Array(1, low=0.0, low_open=True),
+          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED)
+def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | None = None, batch_size: float = 1.0,
+                  lr_fraction: float = 0.5, seed: int = 0) -> xr.Dataset:
+    """The PLRF's compute-optimal frontier under SGD, exactly: F = d x B x steps.
+
+    For each model size d a :class:`PowerLawRF` (``v`` data dimensions, default 2 max(d)) is
+    trained by SGD at batch size B with ``lr_fraction`` of its largest stable constant learning
+    rate; its exact risk at k = F / (d B) steps (rounded down) gives the table L(d; F), and
+    :func:`compute_optimal_frontier` the frontier and the exponents.
+
+    Theory to compare with (no SGD noise, large d; the part of the loss the frontier trades
+    off): the risk splits into the features' approximation error, the irreducible risk
+    F_ac(d) ~ d^(-2 alpha + max(0, 1 - 2 beta)) (from sigma^2 = sum_j c_j^2 u / (D_j + u) with
+    u ~ d^(-2 alpha)), and the gradient-descent term F_pp(k) ~ k^(-(2 alpha + 2 beta - 1) / (2 alpha))
+    (modes j with lr k j^(-2 alpha) < 1 not yet learned).  Balancing F_pp(F / d) = F_ac(d) gives
+    d* ~ F^xi with xi = a / (a + b), a = (2 alpha + 2 beta - 1) / (2 alpha), b = 2 alpha - max(0,
+    1 - 2 beta): xi = 1 / (2 alpha + 1) for 2 beta < 1 (Paquette et al. 2024's Phase I, Sec. 3),
+    and eta = a b / (a + b).  Where SGD noise or the embedding dominate (their Phases II-IV) the
+    exponents differ; :attr:`Dataset.attrs` holds ``xi_theory`` and ``eta_theory`` of this
+    noiseless balance only.
+
+    Returns:
+        The frontier (:func:`compute_optimal_frontier`) with the table ``loss`` over
+        (``n_features``, ``flops``) and attrs ``xi_theory``, ``eta_theory``.
+    """
+    ds = np.asarray(model_sizes, dtype=np.float64)
+    if np.any(ds != np.round(ds)) or np.any(np.diff(ds) <= 0):
+        raise ValueError("`model_sizes` must be increasing whole numbers.")
+    fs = np.asarray(flops, dtype=np.float64)
+    vv = int(2 * ds[-1]) if v is None else check_int("v", v, low=1)
+    table = np.full((ds.size, fs.size), np.inf)
+    for i, d in enumerate(ds.astype(np.int64)):
+        model = PowerLawRF(alpha, beta, vv, int(d), seed=seed)
+        opt = SGD(lr_fraction * model.stable_lr(SGD(1.0), batch_size))
+        k = np.floor(fs / (d * batch_size)).astype(np.int64)
+        valid = k >= 0
+        uniq, inv = np.unique(k[valid], return_inverse=True)
+        table[i, valid] = model.loss_curve(opt, batch_size, uniq).values[inv]
+    out = compute_optimal_frontier(table, ds, fs)
+    out["loss"] = (("n_features", "flops"), table)
+    out = out.assign_coords(n_features=ds)
+    a = (2 * alpha + 2 * beta - 1) / (2 * alpha)
+    b = 2 * alpha - max(0.0, 1 - 2 * beta)
+    theory = (a / (a + b), a * b / (a + b)) if a > 0 and b > 0 else (math.nan, math.nan)
+    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta, v=vv,
+                 batch_size=float(batch_size), lr_fraction=lr_fraction, seed=seed, xi=out.attrs["xi"],
+                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], xi_theory=theory[0], eta_theory=theory[1])
+    return out
