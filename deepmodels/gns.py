@@ -411,20 +411,13 @@ class GradientNoiseScale:
         self._handles = [p.register_hook(self._record) for p in self.params]
 
     def _record(self, grad: torch.Tensor) -> None:
-        """Tensor hook of every parameter: on the CPU, this backward's gradient (before accumulation)
-        has its norm taken now; elsewhere it is kept for one fused norm at the end of the backward
-        pass (or once ``_FLUSH_BYTES`` are held).  On the CPU a kept gradient outlives its use: the
-        first accumulation into ``.grad`` must copy it instead of taking it over, and its memory is
-        not reused by the rest of the backward pass, which costs more than the fusion saves
-        (``benchmarks/gns_overhead.py``: 1.17x a plain step against 1.08x on an MLP)."""
+        """Tensor hook of every parameter: keep this backward's gradient (before accumulation) for one
+        fused norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held)."""
         task = torch._C._current_graph_task_id()
         if task != self._task:  # first gradient of this backward pass: take the norms when it ends
             self._pending, self._pending_bytes, self._current = [], 0, []  # left by a backward that failed
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._task = task
-        if grad.device.type == "cpu":
-            self._current.append(torch.linalg.vector_norm(grad, dtype=self._dtype))
-            return
         self._pending.append(grad)
         self._pending_bytes += grad.numel() * grad.element_size()
         if self._pending_bytes > _FLUSH_BYTES:
