@@ -4,6 +4,7 @@ memory, for :mod:`deepmodels._validate` (which re-exports them): see its policy.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -68,12 +69,72 @@ def _forward_one(model, x1):
             m.training = t
 
 
+# --------------------------------------------------------------------------------------------------
+# forward passes checked once per model structure and input signature (the every-step probe)
+# --------------------------------------------------------------------------------------------------
+_ACCEPTED = weakref.WeakKeyDictionary()  # model -> {signature: what the checked forward pass gave}
+_MAX_SIGNATURES = 16  # per model (inputs whose shapes vary from batch to batch would otherwise pile up)
+_MISSING = object()
+
+
+def _model_signature(model: nn.Module) -> tuple:
+    """The model's structure as a one-example forward pass sees it: its modules (identity) and its
+    parameters (identity, shape, dtype, device, trainable).  Replacing a module or a parameter,
+    freezing one, or moving the model to another dtype or device changes it."""
+    return (tuple(map(id, model.modules())),
+            tuple((id(p), p.shape, p.dtype, p.device, p.requires_grad) for p in model.parameters()))
+
+
+def _batch_signature(value):
+    """The structure, per-example shapes, dtypes and devices of a batch (a tensor, or a tuple / list /
+    dict of them), with the number of examples a check runs on (at most 2)."""
+    if isinstance(value, torch.Tensor):
+        return (value.shape[1:], min(value.shape[0], 2) if value.dim() else 0, value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value),) + tuple(_batch_signature(v) for v in value)
+    return (dict,) + tuple((k, _batch_signature(v)) for k, v in value.items())
+
+
+def _signature(model, loss_fn, *parts):
+    """A hashable key of the model's structure, the loss function (by identity) and the rest of a
+    check's inputs."""
+    return (_model_signature(model), id(loss_fn)) + parts
+
+
+def _recall(model, key, loss_fn):
+    """What the check with this key gave, or ``_MISSING``; the loss function is held weakly (a loss
+    that refers to the model must not keep it alive) and must be the same object."""
+    if key is None:
+        return _MISSING
+    ref, value = _ACCEPTED.get(model, {}).get(key, (None, _MISSING))
+    return value if ref is not None and ref() is loss_fn else _MISSING
+
+
+def _remember(model, key, loss_fn, value):
+    if key is None:
+        return
+    try:
+        ref = weakref.ref(loss_fn)
+        seen = _ACCEPTED.setdefault(model, {})
+    except TypeError:  # an object that cannot be weakly referenced: checked on every call
+        return
+    if len(seen) >= _MAX_SIGNATURES:
+        seen.clear()
+    seen[key] = (ref, value)
+
+
 def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss_fn=None, *,
-                      min_batch: int = 1) -> torch.Tensor:
+                      min_batch: int = 1, once: bool = False) -> torch.Tensor | None:
     """Check a batch against the model before any work: same device and floating dtype as the
     parameters, ``y`` the same length, the model runs on ``x[:1]``, integer labels in
     ``[0, n_outputs)``, float targets of the model's dtype, and ``loss_fn`` gives a finite-or-not
-    scalar on the first example.  Returns the model's output on ``x[:1]``."""
+    scalar on the first example.  Returns the model's output on ``x[:1]``.
+
+    ``once`` (the every-step probe): the forward pass on ``x[:1]`` and the loss on it run once per
+    model structure (:func:`_model_signature`), per-example shape, dtype and device of ``x`` and
+    ``y``, and loss function; later calls with the same signature make the other checks (the labels
+    against the number of outputs found then) and return None.
+    """
     if y is not None:
         check_batch(x, y)
     if x.shape[0] < min_batch:
@@ -88,19 +149,25 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     if y is not None and y.dtype.is_floating_point and y.dtype != dtype:
         raise TypeError(f"`y` must be int64 class labels or {_dtype_name(dtype)} targets (the model's dtype); got "
                         f"{_dtype_name(y.dtype)}.")
-    try:
-        out = _forward_one(model, x[:1])
-    except Exception as err:  # the model's own error names no argument: say which input it could not take
-        raise ValueError(f"`x` must be an input the model accepts; model(x[:1]) on x[:1] of shape "
-                         f"{tuple(x[:1].shape)} raised {type(err).__name__}: {err}") from None
-    out = model_output(out)
-    if y is not None and not y.dtype.is_floating_point:
+    key = _signature(model, loss_fn, x.shape[1:], None if y is None else (y.shape[1:], y.dtype)) if once else None
+    n_out = _recall(model, key, loss_fn)
+    out = None
+    if n_out is _MISSING:
+        try:
+            out = _forward_one(model, x[:1])
+        except Exception as err:  # the model's own error names no argument: say which input it could not take
+            raise ValueError(f"`x` must be an input the model accepts; model(x[:1]) on x[:1] of shape "
+                             f"{tuple(x[:1].shape)} raised {type(err).__name__}: {err}") from None
+        out = model_output(out)
         n_out = out.shape[1] if out.dim() >= 2 else None
+    if y is not None and not y.dtype.is_floating_point:
         if y.numel() and n_out is not None:
             lo, hi = (int(v) for v in torch.aminmax(y))
             if lo < 0 or hi >= n_out:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"`y` must hold class labels in [0, {n_out}) (the model has {n_out} outputs); got {bad}.")
+    if out is None:  # checked before, with this signature
+        return None
     if loss_fn is not None and y is not None:
         try:
             loss = loss_fn(out, y[:1])
@@ -111,6 +178,7 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"`loss_fn` must return a scalar tensor (a loss reduced by the mean); got {got}. A loss "
                              "giving per-example losses takes the batch form loss_fn(model, batch) with `batch=`.")
+    _remember(model, key, loss_fn, n_out)
     return out
 
 
@@ -127,10 +195,13 @@ def model_output(out):
     raise TypeError(f"`model` must return a tensor or an object with a `.logits` tensor; got {type(out).__name__}{extra}.")
 
 
-def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1) -> int:
+def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1, once: bool = False) -> int:
     """Check the batch form ``loss_fn(model, batch) -> (B,)`` per-example losses before any work:
     at least ``min_batch`` examples, the batch on the model's device, and ``loss_fn`` on the first
-    (up to) two examples, in eval mode without gradients, returns a tensor of shape (n,).  Returns B."""
+    (up to) two examples, in eval mode without gradients, returns a tensor of shape (n,).  Returns B.
+
+    ``once``: the loss on the first examples runs once per model structure, batch signature (its
+    structure, per-example shapes, dtypes, devices) and loss function (as in :func:`check_model_input`)."""
     from ._validate import batch_leaves, map_batch
 
     leaves = batch_leaves(batch)
@@ -142,6 +213,9 @@ def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1) ->
         raise ValueError(f"`batch` must be on the model's device ({device}); got {leaves[0].device}. Move one of them "
                          f"with .to(device).")
     n = min(B, 2)
+    key = _signature(model, loss_fn, _batch_signature(batch)) if once else None
+    if _recall(model, key, loss_fn) is not _MISSING:
+        return B
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -154,6 +228,7 @@ def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1) ->
         for m, t in modes:
             m.training = t
     check_losses(losses, n)
+    _remember(model, key, loss_fn, True)
     return B
 
 

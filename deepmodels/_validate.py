@@ -476,8 +476,14 @@ def nonfinite_params(model: nn.Module) -> str | None:
     params = [(k, p) for k, p in model.named_parameters() if p.requires_grad and p.device.type != "meta"]
     if not params:
         return None
-    with torch.no_grad():  # one fused max-norm per parameter: NaN or inf iff a value is (no bool arrays)
-        ok = torch.isfinite(torch.stack(torch._foreach_norm([p for _, p in params], math.inf)))
+    tensors = [p for _, p in params]
+    with torch.no_grad():
+        # one fused 2-norm pass: it is NaN or inf if a value is, and finite values give a finite norm
+        # unless their squares overflow (rare; then the exact max-norm below decides).  The 2-norm,
+        # not the max-norm: a vectorised reduction, 5-10x faster on CPU (every probed step pays it)
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).all()):
+            return None
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf)))
     if bool(ok.all()):
         return None
     bad = [(k, int((~torch.isfinite(p.detach())).sum())) for (k, p), fine in zip(params, ok.tolist()) if not fine]

@@ -11,7 +11,9 @@ input and the gradient at its output (d, per example: the mean loss's output gra
   g_i in the backward pass itself and returns their sum as the weight gradient, so the batched
   matmul replaces the batch weight gradient's product instead of adding to it;
 * ``nn.Conv2d`` (groups 1, zero padding): per-example weight gradients by input patches or one
-  grouped convolution, one layer at a time;
+  grouped convolution, one layer at a time; for squared norms alone a convolution with many output
+  positions (T (O + I) >= O I) forms them in the backward pass itself and returns their sum as the
+  weight gradient, as the Linear on sequences does;
 * ``nn.Embedding``: g_i is the scatter of d_it into the rows of the example's tokens (no row for
   ``padding_idx``); norms, dot products and coordinate sums come from the (example, token) pairs,
   never from a ``(B, V, D)`` array;
@@ -126,18 +128,20 @@ class _Problem:
         return self.loss_fn(self.model, self.rows(i, i + 1)[0])[0]
 
 
-def _problem(model, loss_fn, x, y, batch, *, min_batch: int = 1) -> _Problem:
-    """One of the two forms, checked against the model before any work."""
+def _problem(model, loss_fn, x, y, batch, *, min_batch: int = 1, once: bool = False) -> _Problem:
+    """One of the two forms, checked against the model before any work (``once``: the forward pass
+    on the first examples once per model structure and input signature, for the every-step probe;
+    see :func:`deepmodels._validate.check_model_input`)."""
     if batch is None:
         if x is None or y is None:
             raise TypeError("`x` and `y` must be given (the form loss_fn(model(x), y)), or `batch` alone (the form "
                             "loss_fn(model, batch) -> (B,) per-example losses); got "
                             f"{'neither' if x is None and y is None else 'only one of x and y'}.")
-        V.check_model_input(model, x, y, loss_fn, min_batch=min_batch)
+        V.check_model_input(model, x, y, loss_fn, min_batch=min_batch, once=once)
     else:
         if x is not None or y is not None:
             raise ValueError("`batch` must be given alone (the form loss_fn(model, batch)); got also `x` or `y`.")
-        V.check_batch_loss(model, loss_fn, batch, min_batch=min_batch)
+        V.check_batch_loss(model, loss_fn, batch, min_batch=min_batch, once=once)
     return _Problem(model, loss_fn, x, y, batch)
 
 
@@ -658,19 +662,27 @@ def _adds_up(uses, p, mean, B):
     return torch.stack([sum(t.sum() for t in terms), want, sum(t.abs().sum() for t in terms)])
 
 
-def _fusable_call(m: nn.Linear, x, out) -> bool:
-    """Whether a Linear call on ``x`` may form its weight gradient from the per-example ones
-    (:class:`_FusedLinear`): a float sequence batch ``(B, T, ..., F)`` of the weight's dtype, no
-    autocast, and ``(B, O, I)`` not much larger than the captured data (T (O + I) >= O I) or small
-    (at most ``_CHUNK_ELEMENTS``): it replaces the batch weight gradient's product, so it beats the
-    ``T x T`` Gram route wherever it fits."""
-    if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dtype == m.weight.dtype == out.dtype
-            and m.weight.requires_grad and torch.is_grad_enabled() and type(out) is torch.Tensor):
+def _fusable_call(m: nn.Module, x, out) -> bool:
+    """Whether a Linear or Conv2d call on ``x`` may form its weight gradient from the per-example
+    ones (:class:`_FusedLinear`, :class:`_FusedConv2d`): a float batch of the weight's dtype, no
+    autocast; a Linear on sequences ``(B, T, ..., F)`` with ``(B, O, I)`` not much larger than the
+    captured data (T (O + I) >= O I) or small (at most ``_CHUNK_ELEMENTS``): it replaces the batch
+    weight gradient's product (as many multiply-adds), so it beats the ``T x T`` Gram route wherever
+    it fits; a Conv2d on ``(B, C, H, W)`` with ``(B, O, I = C k_h k_w)`` small and not larger than
+    the captured data (T (O + I) >= O I for T output positions; else its input patches cost more
+    than the Gram route, ``benchmarks/probe_overhead.py``)."""
+    conv = isinstance(m, nn.Conv2d)
+    if not (isinstance(x, torch.Tensor) and (x.dim() == 4 if conv else x.dim() >= 3)
+            and x.dtype == m.weight.dtype == out.dtype and m.weight.requires_grad and torch.is_grad_enabled()
+            and type(out) is torch.Tensor):
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
+    n_out, n_in = m.weight.shape[0], m.weight[0].numel()
+    if conv:
+        T = out[0, 0].numel()
+        return T * (n_out + n_in) >= n_out * n_in and x.shape[0] * n_out * n_in <= _CHUNK_ELEMENTS
     T = x[0].numel() // x.shape[-1]
-    n_out, n_in = m.weight.shape
     return T * (n_out + n_in) >= n_out * n_in or x.shape[0] * n_out * n_in <= _CHUNK_ELEMENTS
 
 
@@ -699,6 +711,35 @@ class _FusedLinear(torch.autograd.Function):
         gx = g @ weight if ctx.needs_input_grad[0] else None
         gb = d.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gi.sum(0), gb, None, None, None
+
+
+class _FusedConv2d(torch.autograd.Function):
+    """A Conv2d call (groups 1, zero padding; output already computed by the module's own forward
+    call, passed in ``held``) whose backward pass forms the per-example weight gradients ``(B, O,
+    C k_h k_w)`` once (:func:`_conv_per_example`), keeps their squared norms (``fused``) and returns
+    their sum as the weight gradient, as :class:`_FusedLinear` does; the input gradient is the
+    convolution's own (``aten.convolution_backward`` without its weight gradient), the bias
+    gradient the output gradient summed over examples and positions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, held, rec, fused, module):
+        ctx.save_for_backward(x, weight)
+        ctx.rec, ctx.fused, ctx.has_bias, ctx.module = rec, fused, bias is not None, module
+        return held.pop()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        m = ctx.module
+        ctx.rec[1] = g.detach()
+        gi = _conv_per_example(m, x, g)
+        ctx.fused.append(_sq_norms(gi.reshape(x.shape[0], -1)))
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, weight, None, m.stride, m.padding, m.dilation, False,
+                                                     [0, 0], 1, [True, False, False])[0]
+        gb = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gi.sum(0).reshape(weight.shape), gb, None, None, None, None
 
 
 class LayerCapture:
@@ -756,8 +797,8 @@ class LayerCapture:
                 "method='auto' (torch.func for these parameters only) or method='func'.")
         self.linears = {n: m for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
         self.calls, self._handles = {}, []
-        # Linears on sequences: with squared norms alone asked for, those come from the backward pass
-        self._fusable = {n for n, (m, kind) in self.modules.items() if kind == "linear"}
+        # Linears on sequences and Conv2d: with squared norms alone asked for, those come from the backward pass
+        self._fusable = {n for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
         self._fuse, self.fused = False, {}
 
     def __enter__(self):
@@ -770,8 +811,10 @@ class LayerCapture:
                 self.calls.setdefault(name, []).append(rec)
                 if isinstance(out, torch.Tensor) and out.requires_grad:
                     if self._fuse and name in self._fusable and _fusable_call(mod, inp[0], out):
-                        return _FusedLinear.apply(inp[0], mod.weight, mod.bias, [out.detach()], rec,
-                                                  self.fused.setdefault(name, []))
+                        fused = self.fused.setdefault(name, [])
+                        if isinstance(mod, nn.Conv2d):
+                            return _FusedConv2d.apply(inp[0], mod.weight, mod.bias, [out.detach()], rec, fused, mod)
+                        return _FusedLinear.apply(inp[0], mod.weight, mod.bias, [out.detach()], rec, fused)
                     out.register_hook(lambda g, rec=rec: rec.__setitem__(1, g.detach()))
 
             self._handles.append(m.register_forward_hook(capture))

@@ -446,11 +446,15 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
     are measured on the step's own backward pass; the others by torch.func for those parameters
     only, before the update (a second, vectorised pass: slower), or skipped with a warning (see
     :func:`gradient_stats`).  On the first call per model, the fast path's per-example gradients
-    are checked to add up to the step's gradient (:class:`deepmodels.pergrad.LayerCapture`).  Without
-    ``sem``, a Linear layer on sequences forms its per-example weight gradients in the backward pass
-    and its weight gradient (the one the optimizer uses) as their sum, equal to the plain backward
-    pass's up to rounding; tied weights get their squared norms from each use plus cross terms,
-    without a ``(B, P)`` array (:mod:`deepmodels.pergrad`).
+    are checked to add up to the step's gradient (:class:`deepmodels.pergrad.LayerCapture`); the
+    model's forward pass on the first example (does it take ``x``, how many outputs, does the loss
+    give a scalar) is checked once per model structure, input shape and loss function, while the
+    inputs, the labels' range and the parameters' finiteness are checked at every call.  Without
+    ``sem``, a Linear layer on sequences and a Conv2d with many output positions form their
+    per-example weight gradients in the backward pass and their weight gradient (the one the
+    optimizer uses) as their sum, equal to the plain backward pass's up to rounding; tied weights
+    get their squared norms from each use plus cross terms, without a ``(B, P)`` array
+    (:mod:`deepmodels.pergrad`).
 
     Args:
         loss_fn, x, y, batch: the loss in one of its two forms (:func:`gradient_stats`).
@@ -476,7 +480,7 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
     """
     if optimizer is None:
         raise TypeError("`optimizer` must be a torch.optim.Optimizer (or a deepmodels.optim wrapper); got None.")
-    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2)
+    prob = pergrad._problem(model, loss_fn, x, y, batch, min_batch=2, once=True)
     B = prob.B
     ddp = pergrad._ddp_group(model) is not None
     if ddp:

@@ -442,6 +442,50 @@ def test_layer_run_twice_sums_its_contributions_on_the_fast_path(device):
     np.testing.assert_allclose(auto.trace_cov.values, func.trace_cov.values, rtol=1e-4)
 
 
+def test_probed_step_checks_the_model_input_once_per_signature(digits, monkeypatch):
+    """The every-step probe runs the one-example forward check once per model structure, input
+    signature and loss: later steps skip it, but still refuse labels out of range, and a new input
+    shape, a replaced layer or another loss function is checked again (and refused when bad)."""
+    from deepmodels import _checks
+
+    model = models.mlp(64, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = digits.x_train[:8], digits.y_train[:8]
+    calls = []
+    forward_one = _checks._forward_one
+    monkeypatch.setattr(_checks, "_forward_one", lambda m, x1: calls.append(1) or forward_one(m, x1))
+    for _ in range(3):
+        probes.probed_step(model, F.cross_entropy, x, y, opt)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"`y` must hold class labels in \[0, 10\)"):
+        probes.probed_step(model, F.cross_entropy, x, torch.full_like(y, 10), opt)
+    with pytest.raises(ValueError, match="`x` must be an input the model accepts"):
+        probes.probed_step(model, F.cross_entropy, torch.zeros(8, 63), y, opt)
+    probes.probed_step(model, lambda out, t: F.cross_entropy(out, t), x, y, opt)  # another loss
+    assert len(calls) == 3
+    model[-1] = torch.nn.Linear(16, 4)  # a replaced layer: 4 outputs now
+    with pytest.raises(ValueError, match=r"`y` must hold class labels in \[0, 4\)"):
+        probes.probed_step(model, F.cross_entropy, x, torch.full_like(y, 5), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert len(calls) == 4
+
+
+def test_nonfinite_params_is_exact_for_huge_finite_values():
+    """The fused 2-norm of the finiteness check overflows on huge finite values: the exact check
+    then says the model is finite; NaN and inf are reported by name."""
+    from deepmodels import _validate as V
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+    assert not math.isfinite(float(torch.linalg.vector_norm(model.weight.detach())))
+    assert V.nonfinite_params(model) is None
+    with torch.no_grad():
+        model.bias[1] = math.nan
+        model.weight[0, 0] = -math.inf
+    reason = V.nonfinite_params(model)
+    assert "1 in `weight`" in reason and "1 in `bias`" in reason
+
+
 class _ScaledLinear(torch.nn.Module):
     """A Linear (the fast path) times a bare Parameter (torch.func)."""
 

@@ -430,3 +430,47 @@ def test_bfloat16_autocast_stays_on_the_fast_path():
         bf = probes.gradient_stats(model, pergrad.next_token_loss, batch=ids)
     assert bf.attrs["path_func"] == "pos" and bf.attrs["skipped"] == ""
     np.testing.assert_allclose(bf.trace_cov.values, ref.trace_cov.values, rtol=0.05)
+
+
+def test_fused_conv2d_norms_and_gradient_equal_torch_func():
+    """The every-step probe on a CNN whose convolutions have many positions (T (O + I) >= O I): each
+    Conv2d forms its per-example weight gradients once in the backward pass and its weight gradient
+    as their sum; the gradients equal the plain backward pass (strided, dilated and padded
+    convolutions, first layer without an input gradient), the squared norms torch.func, and
+    probed_step's statistics those of method="func"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1)), nn.Tanh(),
+                          nn.Conv2d(4, 2, 1, bias=False), nn.Flatten(), nn.LazyLinear(3)).double()
+    x, y = torch.randn(5, 2, 9, 8, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 0])
+    model(x)  # the LazyLinear's shape
+    F.cross_entropy(model(x), y).backward()
+    ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    cap, _ = pergrad._capture(pergrad._Problem(model, F.cross_entropy, x, y, None), fuse=True)
+    assert set(cap.fused) == {"0", "2", "4"}
+    blocks, unusable = cap._param_blocks(5)
+    G = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    assert not unusable
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(blocks[k]["sq"], (G[k].reshape(5, -1) ** 2).sum(1), rtol=RTOL, atol=ATOL)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    _, m = probes.probed_step(model, F.cross_entropy, x, y, opt)
+    func = probes.gradient_stats(model, F.cross_entropy, x, y, method="func")
+    np.testing.assert_allclose(m.trace_cov, func.trace_cov.values, rtol=1e-9)
+    np.testing.assert_allclose(m.grad_norm_sq, func.grad_norm_sq.values, rtol=1e-9)
+
+
+def test_conv2d_with_few_positions_keeps_the_gram_route():
+    """A Conv2d whose per-example weight gradients are larger than its captured data (few output
+    positions, many channels) is not fused: its input patches would cost more than the Gram route."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32 * 16, 3)).double()
+    x, y = torch.randn(4, 16, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    cap, _ = pergrad._capture(pergrad._Problem(model, F.cross_entropy, x, y, None), fuse=True)
+    assert "0" not in cap.fused
+    blocks, _ = cap._param_blocks(4)
+    G = pergrad.per_example_grads(model, F.cross_entropy, x, y)
+    torch.testing.assert_close(blocks["0.weight"]["sq"], (G["0.weight"].reshape(4, -1) ** 2).sum(1),
+                               rtol=RTOL, atol=ATOL)
