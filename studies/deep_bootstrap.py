@@ -217,6 +217,8 @@ def plot(result: dict, path: str) -> None:
     ax1.axhline(floor, color="0.6", lw=0.8, ls="--")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
+    if floor > 0:  # an interpolated set's training loss falls to 0: show it leave, not its whole fall
+        ax1.set_ylim(bottom=floor / 30)
     ax1.set_xlabel(f"step k (B = {lin.attrs['batch_size']:g})")
     ax1.set_ylabel("expected loss (test risk includes the label noise σ²/2, dashed)")
     sets = int(lin.attrs["n_sets"])
