@@ -248,3 +248,32 @@ def test_transformer_noise_tiny(tmp_path):
     assert list(pe.step.values) == [0, 6] and bool((lo <= hi).all())
     again = tn.run(scale="tiny", out=str(tmp_path), progress=False)  # reuses the three saved runs
     xr.testing.assert_identical(again["ddp"], ddp)
+
+
+def test_deep_bootstrap_tiny(tmp_path):
+    """The deep-bootstrap study runs at its test scale, writes valid groups and a figure, shows the exact
+    linear-regression claims (equal at step 0, later bootstrap error smaller for more data), measures the
+    MLP's errors, resumes from its saved runs with the same numbers, and redraws from the file."""
+    from studies import deep_bootstrap as db
+    from studies.__main__ import main
+
+    res = db.run(scale="tiny", out=str(tmp_path), progress=False)
+    path = tmp_path / "deep_bootstrap.nc"
+    assert (tmp_path / "deep_bootstrap.png").stat().st_size > 10_000
+    for group in ("linear", "mlp"):
+        validate(xr.load_dataset(path, group=group))
+    lin, net = res["linear"], res["mlp"]
+    assert np.all(np.abs(lin.bootstrap_error.isel(step=0).values) <= 1e-12)
+    final = lin.bootstrap_error.isel(step=-1).values
+    assert np.all(np.diff(final) < 0)  # n = 10, 40, 160: more data, smaller bootstrap error
+    small = lin.sel(n_train=lin.n_train.values[0]).isel(step=-1)
+    assert small.offline_train_loss < small.offline_risk + lin.attrs["noise_floor"]  # the small set is fit
+    for v in ("online_test_error", "offline_test_error", "offline_train_error"):
+        assert np.all((net[v].values >= 0) & (net[v].values <= 1))
+    first = net.sel(n_train=net.n_train.values[0]).isel(step=-1)
+    assert first.offline_train_error < first.offline_test_error
+    assert len(list((tmp_path / "deep_bootstrap_points").glob("*.nc"))) == 3  # online + two offline runs
+    again = db.run(scale="tiny", out=str(tmp_path), progress=False)
+    xr.testing.assert_equal(again["mlp"], net)
+    main(["plot", str(path), "--out", str(tmp_path / "redrawn.png")])
+    assert (tmp_path / "redrawn.png").stat().st_size > 10_000

@@ -59,6 +59,9 @@ EXAMPLES = {
     "toymodels.batch_schedule.compare_tuned": lambda: (
         (NQM8, "momentum", BatchSizeWarmup(1, 4, 6, every=3), [1.0, 4.0], 0.5),
         dict(lrs=[0.1], momentum=0.5, max_steps=1000, progress=False, tuned=None)),
+    # the deep bootstrap
+    "toymodels.bootstrap.deep_bootstrap": lambda: ((GLR6, 5, SGD(0.1), 2, 4), dict(n_sets=2, seed=0)),
+    "toymodels.bootstrap.training_set": lambda: ((GLR6, 5), dict(seed=0)),
     "toymodels.batch_schedule.lr_follows_batch": lambda: ((BatchSizeWarmup(1, 4, 6), [1.0, 4.0], [0.2, 0.5]), {}),
     "toymodels.batch_schedule.compare_with_constant": lambda: (
         (NQM8, SGD(0.5), BatchSizeWarmup(1, 4, 6), [1.0, 4.0], 0.5), dict(max_steps=1000)),

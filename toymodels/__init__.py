@@ -1,6 +1,6 @@
 """Toy models of stochastic optimization: exact moment dynamics with Monte Carlo beside them."""
 
-from . import secular
+from . import bootstrap, secular
 from .features import RandomFeatures
 from .linreg import FiniteLinearRegression, GaussianLinearRegression
 from .nqm import NQM
@@ -17,6 +17,7 @@ __all__ = [
     "RandomFeatures",
     "PowerLawRF",
     "secular",
+    "bootstrap",
     "SGD",
     "Momentum",
     "EMA",

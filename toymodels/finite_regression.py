@@ -303,7 +303,7 @@ class FiniteLinearRegression:
     # ------------------------------------------------------------------------------------------
     def _sgd_step(self, m, S, lr, bs):
         X, rho, sig = self.X, self.residual, self.sigma
-        c = np.einsum("rd,de,re->r", X, S, X) - 2.0 * rho * (X @ m) + rho**2
+        c = np.sum((X @ S) * X, axis=1) - 2.0 * rho * (X @ m) + rho**2  # x_r^T S x_r by BLAS (einsum: 10x slower)
         G = (X * c[:, None]).T @ X / self.n
         J = np.eye(self.dim) - lr * sig
         S_new = J @ S @ J + lr * lr / bs * (G - sig @ S @ sig)

@@ -122,13 +122,25 @@ VARIABLES = {
     "loss_opt": "the loss at the compute-optimal model size, L(d*(F); F)",
     "at_grid_end": "the iso-FLOP minimum lies at an end of the model-size grid (left out of the exponent fit)",
     "ema_n_eff": "effective number of steps of a bias-corrected EMA (1 / sum of its squared weights)",
+    "online_risk": "expected population (test) excess risk of SGD with fresh examples at every step (the deep "
+                   "bootstrap's ideal world, Nakkiran et al. 2021)",
+    "offline_risk": "expected population (test) excess risk of SGD reusing a fixed training set (the deep bootstrap's "
+                    "real world)",
+    "offline_risk_sem": "standard error of offline_risk over training sets",
+    "offline_train_loss": "expected training loss on the fixed training set of the offline run",
+    "offline_train_loss_sem": "standard error of offline_train_loss over training sets",
+    "bootstrap_error": "offline_risk - online_risk (or offline - online test error): Nakkiran et al.'s bootstrap error",
+    "bootstrap_error_sem": "standard error of bootstrap_error over training sets",
+    "online_test_error": "test classification error of a network trained on fresh examples at every step",
+    "offline_test_error": "test classification error of a network trained on a fixed training set",
+    "offline_train_error": "classification error on its own fixed training set of the offline network",
 }
 
 SOURCES = ("exact", "simulation", "measurement", "theory")  # theory: a prediction from measurements
 
 # results that must never be NaN (hyper-parameters may be NaN where they do not apply, e.g. momentum_opt of SGD)
 NO_NAN = ("loss", "test_loss", "steps_to_target", "steps_lower_bound", "grad_norm_sq", "grad_var", "grad_nvar",
-          "noise_scale", "snr")
+          "noise_scale", "snr", "online_risk", "offline_risk", "offline_train_loss", "bootstrap_error")
 
 
 @_validate(obj=Instance(xr.Dataset, xr.DataArray, what="an xarray Dataset or DataArray"), model=Instance(str),
