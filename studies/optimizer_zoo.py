@@ -41,7 +41,7 @@ import xarray as xr
 
 from toymodels import NQM
 from toymodels.schema import attach_attrs
-from toymodels.sweep import family_sweeps
+from toymodels.sweep import _Y_MIN, family_sweeps
 
 from . import style
 from ._io import fraction, parser, publish, scale_of
@@ -140,7 +140,8 @@ def _steps(ax, ds, *, top):
 
 def plot(result: dict, path: str) -> None:
     """Four panels: (a) tuned steps vs batch size on the main NQM with the lower bound; (b) the tuned
-    learning rates; (c) the tuned extra hyper-parameters 1 - β, 1 - μ and 1 / κ (log scale); (d) the
+    learning rates; (c) the tuned extra hyper-parameters 1 - β, 1 - μ and 1 / κ (log scale, with the
+    smallest value the tuner searches: points there are limited by the search, not tuned); (d) the
     averaging group (Polyak, schedule-free and references on the smaller NQM) with its lower bound."""
     import matplotlib.pyplot as plt
 
@@ -150,7 +151,8 @@ def plot(result: dict, path: str) -> None:
     for ax, ds in ((ax1, main), (ax4, avg)):
         finite = ds.steps_to_target.values[np.isfinite(ds.steps_to_target.values)]
         _steps(ax, ds, top=2.0 * (finite.max() if finite.size else 1.0))
-    ax1.set_title(f"(a) {ax1.get_title()}, families with a closed form", fontsize=9)
+    ax1.set_title(f"(a) {ax1.get_title()}, families with a closed form\n(Polyak and schedule-free: panel d)",
+                  fontsize=9)
     ax4.set_title(f"(d) averaging group: smaller NQM d={avg.attrs['dim']}, B = 2^"
                   f"{{{', '.join(str(int(round(np.log2(b)))) for b in avg.batch_size.values)}}}\n"
                   "(Polyak and schedule-free are stepped update by update: slow to tune today)", fontsize=9)
@@ -168,6 +170,8 @@ def plot(result: dict, path: str) -> None:
                     shown = 1.0 / v if name == "kappa_opt" else 1.0 - v
                     style.draw(ax3, bs, shown, source="exact", color=COLORS.get(fam), ls=ls,
                                marker="." if bs.size < 8 else None, label=f"{LABELS.get(fam, fam)}{where}: {what}")
+    # the tuner searches 1 - beta (1 - mu, 1 / kappa) down to e^-1 * 1e-4: a point there sits on the box's edge
+    ax3.axhline(np.exp(_Y_MIN - 1.0), color="0.5", lw=0.8, ls="-.", label="edge of the tuner's search box")
     ax2.set_title("(b) tuned learning rate", fontsize=9)
     ax2.set_ylabel("lr")
     ax3.set_title("(c) tuned extra hyper-parameter: momentum β, EMA decay μ, ASGD κ", fontsize=9)
