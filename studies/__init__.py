@@ -12,6 +12,9 @@ study is writing those three functions and one line in :data:`STUDIES`.
 STUDIES = {
     "batch_size_scaling": "NQM steps to target vs batch size for SGD, preconditioning, momentum, EMA and "
                           "schedules, with the lower bound and the tuned learning rate",
+    "optimizer_zoo": "Zhang et al. 2019's question for every optimizer family: tuned NQM steps vs batch size "
+                     "(SGD, preconditioning, momentum, Nesterov, EMA, accelerated SGD, Polyak, schedule-free) with "
+                     "the lower bound and the tuned hyper-parameters",
     "rate_vs_floor": "SGD along a high- and a low-curvature NQM direction: faster convergence, higher noise floor",
     "interpolation": "online NQM vs linear regression (label noise or not) and finite data: SGD vs Kaczmarz",
     "rf_variance": "random features: variance of SG-B, SG-2B, SVRG and GC vs overparametrization and duplicates",
