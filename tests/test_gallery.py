@@ -13,17 +13,11 @@ from toymodels.schema import validate
 # suite runs them at their tiny test scale (test_coherent_study.py, test_studies.py), and
 # gradient_tails at --quick in test_gradient_tails_study.py; transformer_noise starts DDP processes (its
 # tiny run is test_studies.py's, also slow; test_distributed.py covers DDP by default); their command-line
-<<<<<<< HEAD
 # runs are -m slow; deep_bootstrap's --quick generates 7400 MNIST-1D examples (about a minute on a loaded CPU;
-# its tiny run is test_studies.py's, by default)
+# its tiny run is test_studies.py's, by default); optimizer_zoo's --quick tunes schedule-free SGD update by
+# update (~1.5 min; its default checks are test_optimizer_zoo_study.py's)
 SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practice", "transformer_noise",
-        "deep_bootstrap"}
-=======
-# runs are -m slow; optimizer_zoo's --quick tunes schedule-free SGD update by update (~1.5 min; its default
-# checks are test_optimizer_zoo_study.py's)
-SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practice", "transformer_noise",
-        "optimizer_zoo"}
->>>>>>> zoo
+        "deep_bootstrap", "optimizer_zoo"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES])
