@@ -25,13 +25,13 @@ import math
 import numpy as np
 import xarray as xr
 
-from . import dynamics
+from . import _polyak, dynamics
 from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED,
                     STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
 from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system, simulate_varying_system
-from .optimizers import Optimizer
+from .optimizers import SGD, Optimizer, PolyakAverage
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
 from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
@@ -232,6 +232,9 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        fast = self._polyak_sgd(optimizer, lr, batch_size)
+        if fast is not None:  # Polyak average of SGD: closed form, O(d)
+            return float(_polyak.polyak_loss(*fast, int(k)))
         if hasattr(optimizer, "sum_affine"):  # Polyak: the running sum is a constant system, O(log k)
             a0, a1, b1 = optimizer.sum_affine(self.h)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -417,6 +420,10 @@ class NQM:
         bsched = batch if isinstance(batch, Schedule) else Constant(batch)
         S = self._S0(optimizer).copy()
         if optimizer.time_varying:
+            if isinstance(sched, Constant) and isinstance(bsched, Constant):
+                fast = self._polyak_sgd(optimizer, sched.lr, bsched.lr)
+                if fast is not None:
+                    return self._polyak_first_crossing(fast, target, max_steps)
             return self._scan_varying(optimizer, S, bsched, min(max_steps, _SCAN_LIMIT), target, max_steps)
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
@@ -472,6 +479,33 @@ class NQM:
         if stepped_last:
             return -1, f"not reached within {max_steps} step-by-step updates (the schedule keeps changing)", math.nan
         return -1, f"not reached within max_steps={max_steps}", floor
+
+    def _polyak_sgd(self, optimizer, lr, batch_size):
+        """``(x, q b^2, s0, h)`` of :mod:`toymodels._polyak` for the uniform average of SGD at a stable
+        constant ``lr`` (x = lr h^-gamma (h + wd) < 2 in every mode) and a constant batch size, else None."""
+        if not (isinstance(optimizer, PolyakAverage) and isinstance(optimizer.base, SGD)):
+            return None
+        a0, a1, b1 = optimizer.base.affine(self.h)
+        x = -lr * a1[:, 0, 0]
+        if not np.all(x < 2.0):  # unstable: stepped (the loss may cross before it overflows)
+            return None
+        bb = (self.c / batch_size) * (lr * b1[:, 0]) ** 2
+        return x, bb, self.init_sq, self.h
+
+    @staticmethod
+    def _polyak_first_crossing(fast, target, max_steps):
+        """``(k, reason, nan)`` of the Polyak average of SGD (:func:`toymodels._polyak.polyak_first_crossing`):
+        a horizon K by doubling (the first 2^j with L <= target, or max_steps), then the exact first
+        crossing in [1, K]: intervals are discarded only where a rigorous lower bound of the loss exceeds
+        the target and every step of the others is checked, so L_k <= target and no earlier step crosses
+        (the loss of an average need not decrease monotonically: this is the first crossing, not any)."""
+        k = 1
+        while k < max_steps and _polyak.polyak_loss(*fast, k) > target:
+            k *= 2
+        k = _polyak.polyak_first_crossing(*fast, target, 1, min(k, max_steps), 32)
+        if k >= 0:
+            return int(k), "", math.nan
+        return -1, f"not reached within max_steps={max_steps}", math.nan
 
     @staticmethod
     def _horizon(mf, target, length):
