@@ -472,3 +472,31 @@ def test_polyak_sgd_first_crossing_is_exact_on_a_non_monotone_curve():
     unstable = PolyakAverage(SGD(2.05))
     assert nqm._polyak_sgd(unstable, 2.05, 1.0) is None
     assert nqm.steps_to_target(unstable, 1.0, 1e-3) == math.inf
+
+
+@pytest.mark.parametrize("lr, beta, wd, averaging", [(0.5, 0.9, 0.0, "uniform"), (1.5, 0.5, 0.1, "uniform"),
+                                                     (0.8, 0.0, 0.0, "uniform"), (0.9, 0.7, 0.0, "none")])
+def test_schedule_free_two_state_scan_equals_stepping(lr, beta, wd, averaging):
+    """The compiled two-state scan of schedule-free SGD (loss_at_step, steps_to_target) equals the
+    engine stepping the general three-state time-varying system (loss_curve)."""
+    nqm = NQM.power_law(30)
+    opt = ScheduleFree(lr, beta, weight_decay=wd, averaging=averaging)
+    curve = nqm.loss_curve(opt, 4.0, 2000).values
+    for k in (0, 1, 2, 7, 50, 2000):
+        assert nqm.loss_at_step(opt, 4.0, k) == pytest.approx(curve[k], rel=1e-11)
+    for j in (1, 3, 10, 150, 1999):
+        target = curve[j] * (1 + 1e-9)
+        assert nqm.steps_to_target(opt, 4.0, target) == np.argmax(curve <= target)
+
+
+def test_schedule_free_scan_divergence_and_limits():
+    """Above the stability limit the scan reports divergence (inf, with a reason) as stepping does,
+    and loss_at_step refuses a step beyond the step-by-step budget by name."""
+    nqm = NQM.power_law(30)
+    opt = ScheduleFree(3.0 * nqm.lr_limit(ScheduleFree(1.0)), 0.5)
+    s, info = nqm.steps_to_target(opt, 4.0, 1e-6, full_output=True)
+    assert s == math.inf and info["reason"].startswith("diverges")
+    assert nqm.loss_at_step(opt, 4.0, 5000) == math.inf
+    assert not np.isfinite(nqm.loss_curve(opt, 4.0, [5000]).values[0])
+    with pytest.raises(ValueError, match="`k` must be reached"):
+        nqm.loss_at_step(ScheduleFree(0.1), 4.0, 10**12)

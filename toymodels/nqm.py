@@ -25,13 +25,13 @@ import math
 import numpy as np
 import xarray as xr
 
-from . import _polyak, dynamics
+from . import _polyak, _schedfree, dynamics
 from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED,
                     STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
 from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system, simulate_varying_system
-from .optimizers import SGD, Optimizer, PolyakAverage
+from .optimizers import SGD, Optimizer, PolyakAverage, ScheduleFree
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
 from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
@@ -242,6 +242,13 @@ class NQM:
                 r = optimizer.readout
                 v = 0.5 * float(np.sum(self.h * S[:, r, r])) / float(k + 1) ** 2
             return v if math.isfinite(v) else math.inf
+        if isinstance(optimizer, ScheduleFree):  # k updates one at a time, two states per mode
+            if k > dynamics.MAX_SCAN_UPDATES or k * self.dim > dynamics.MAX_SCAN_WORK:
+                raise ValueError(f"`k` must be reached within {dynamics.MAX_SCAN_UPDATES:.0e} step-by-step updates "
+                                 f"(and {dynamics.MAX_SCAN_WORK:.0e} updates x modes) for an optimizer whose "
+                                 f"averaging weight changes at every update; got {k} updates x {self.dim} modes.")
+            k_hit, v = self._schedule_free(optimizer, lr, batch_size, 0, int(k), -math.inf)
+            return v if k_hit != -2 else math.inf
         if optimizer.time_varying:  # k updates one at a time
             S = self._S0(optimizer).copy()
             loss, _ = dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, self.c / batch_size,
@@ -543,9 +550,34 @@ class NQM:
             k0 += part.size
         return -1, f"not reached within max_steps={k_stop}"
 
+    def _schedule_free(self, optimizer, lr, batch_size, k0, k1, target):
+        """:func:`toymodels._schedfree.schedule_free_scan` of ``optimizer`` (a ScheduleFree) at a constant
+        ``lr`` and batch size from step 0 over [k0, k1]: ``(first k with L_k <= target or -1 or -2, loss)``."""
+        hu = self.h + optimizer.weight_decay
+        p = 1.0 - lr * hu * (1.0 - optimizer.beta)
+        r = -lr * hu * optimizer.beta
+        g = (self.c / batch_size) * lr * lr
+        zz, zx, xx = (self.init_sq.astype(np.float64) for _ in range(3))
+        uniform = optimizer.averaging == "uniform"
+        if k0 > 0:
+            _schedfree.schedule_free_scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _schedfree.schedule_free_scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
+
     def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
         """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
-        changes at every update (stepped in chunks of 4096 from step 0; S at step 0)."""
+        changes at every update (stepped in chunks of 4096 from step 0; S at step 0; schedule-free SGD
+        at a constant learning rate and batch size in one compiled scan of two states per mode)."""
+        if isinstance(optimizer, ScheduleFree) and isinstance(optimizer.lr, Constant) and isinstance(batch, Constant):
+            k, _ = self._schedule_free(optimizer, optimizer.lr.lr, batch.lr, 0, k_stop, target)
+            if k == -2:
+                return -1, "diverges: the loss overflowed", math.inf
+            if k >= 0:
+                return k, "", math.nan
+            if k_stop < max_steps:
+                return -1, (f"not reached within {k_stop} step-by-step updates (the averaging weight changes at "
+                            f"every update)"), math.nan
+            return -1, f"not reached within max_steps={max_steps}", math.nan
         parts = optimizer.parts(self.h)
         constant_b = isinstance(batch, Constant)
         q = self.c / batch.lr if constant_b else self.c
