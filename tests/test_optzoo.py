@@ -327,7 +327,7 @@ TARGET30 = 0.1 * NQM30.initial_loss
 
 def test_nesterov_and_polyak_tune():
     """Nesterov tunes (lr, beta) on the compiled path (its limit (l0 + e l1) / (1 + e l2) in beta);
-    the Polyak average tunes lr by stepping."""
+    the Polyak average tunes lr through its closed form (SGD base) and exact first crossing."""
     fast = NQM30.family_loss(lambda e: Nesterov(1.0, e), 8.0)
     for e in (0.0, 0.3, 0.97):
         assert fast.limit(e) == pytest.approx(NQM30.lr_limit(Nesterov(1.0, e)), rel=1e-12)

@@ -87,7 +87,7 @@ def _mode_terms(x, k):
 
 
 @njit(cache=True, nogil=True)
-def polyak_loss(x, bb, s0, h, k):
+def _loss(x, bb, s0, h, k):
     """Expected loss of the uniform average after k updates: x, bb = q b^2, s0, h of shape (d,)."""
     total = 0.0
     for i in range(x.shape[0]):
@@ -128,7 +128,7 @@ def _leaf(x, bb, s0, h, target, k1, k2, m, w):
 
 
 @njit(cache=True, nogil=True)
-def polyak_first_crossing(x, bb, s0, h, target, k_lo, k_hi, leaf):
+def _first_crossing(x, bb, s0, h, target, k_lo, k_hi, leaf):
     """The first step k in [k_lo, k_hi] with expected loss <= target, or -1: depth first from the
     left, discarding an interval only where its rigorous lower bound exceeds the target (by a margin
     of 1e-10 relative, above rounding) and checking every step of the intervals of <= ``leaf``

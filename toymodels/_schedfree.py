@@ -29,7 +29,7 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def schedule_free_scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
+def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
     """Step the moments ``zz, zx, xx`` ((d,) each, at step k0, updated in place) to step k1 and return
     ``(k, loss)``: k the first step in [k0, k1] with loss <= target (the moments are then at k), -1
     if none (the loss at k1), or -2 if the loss overflowed."""

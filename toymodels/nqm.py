@@ -234,7 +234,7 @@ class NQM:
             lr = optimizer.lr.lr
         fast = self._polyak_sgd(optimizer, lr, batch_size)
         if fast is not None:  # Polyak average of SGD: closed form, O(d)
-            return float(_polyak.polyak_loss(*fast, int(k)))
+            return float(_polyak._loss(*fast, int(k)))
         if hasattr(optimizer, "sum_affine"):  # Polyak: the running sum is a constant system, O(log k)
             a0, a1, b1 = optimizer.sum_affine(self.h)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -392,7 +392,11 @@ class NQM:
         rigorous lower bound exceeds the target and checks every step of the rest, so
         L_{k-1} > target >= L_k and no earlier step crosses.  Where the learning rate or the batch
         size changes at every update the search steps one update at a time (up to ``max_steps``;
-        at most 10^7 updates where a schedule never becomes constant).
+        at most 10^7 updates where a schedule never becomes constant).  Time-varying averaging at a
+        constant learning rate and batch size: the Polyak average of SGD in closed form (a doubling
+        horizon, then intervals discarded only by a rigorous lower bound of the loss and every step of
+        the rest checked: the first crossing, although its loss can rise and fall), schedule-free SGD
+        by a compiled scan that stops at the target (at most 10^7 updates).
 
         Args:
             optimizer: an optimizer spec.
@@ -501,15 +505,15 @@ class NQM:
 
     @staticmethod
     def _polyak_first_crossing(fast, target, max_steps):
-        """``(k, reason, nan)`` of the Polyak average of SGD (:func:`toymodels._polyak.polyak_first_crossing`):
+        """``(k, reason, nan)`` of the Polyak average of SGD (:func:`toymodels._polyak._first_crossing`):
         a horizon K by doubling (the first 2^j with L <= target, or max_steps), then the exact first
         crossing in [1, K]: intervals are discarded only where a rigorous lower bound of the loss exceeds
         the target and every step of the others is checked, so L_k <= target and no earlier step crosses
         (the loss of an average need not decrease monotonically: this is the first crossing, not any)."""
         k = 1
-        while k < max_steps and _polyak.polyak_loss(*fast, k) > target:
+        while k < max_steps and _polyak._loss(*fast, k) > target:
             k *= 2
-        k = _polyak.polyak_first_crossing(*fast, target, 1, min(k, max_steps), 32)
+        k = _polyak._first_crossing(*fast, target, 1, min(k, max_steps), 32)
         if k >= 0:
             return int(k), "", math.nan
         return -1, f"not reached within max_steps={max_steps}", math.nan
@@ -551,7 +555,7 @@ class NQM:
         return -1, f"not reached within max_steps={k_stop}"
 
     def _schedule_free(self, optimizer, lr, batch_size, k0, k1, target):
-        """:func:`toymodels._schedfree.schedule_free_scan` of ``optimizer`` (a ScheduleFree) at a constant
+        """:func:`toymodels._schedfree._scan` of ``optimizer`` (a ScheduleFree) at a constant
         ``lr`` and batch size from step 0 over [k0, k1]: ``(first k with L_k <= target or -1 or -2, loss)``."""
         hu = self.h + optimizer.weight_decay
         p = 1.0 - lr * hu * (1.0 - optimizer.beta)
@@ -560,9 +564,9 @@ class NQM:
         zz, zx, xx = (self.init_sq.astype(np.float64) for _ in range(3))
         uniform = optimizer.averaging == "uniform"
         if k0 > 0:
-            _schedfree.schedule_free_scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
+            _schedfree._scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
         with np.errstate(over="ignore", invalid="ignore"):
-            return _schedfree.schedule_free_scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
+            return _schedfree._scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
 
     def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
         """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
