@@ -407,11 +407,12 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
 @pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
 def test_tuner_evaluation_matches_optimizer_objects(family):
     """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta;
-    Python for the others) equals building each optimizer and stepping its curve."""
+    NQM.family_evaluator for the others) equals building each optimizer and stepping its curve."""
     from toymodels.sweep import _EXTRA, _Evaluator
 
     ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
     assert (ev._fast is not None) == (family == "nesterov")
+    assert (ev._family is not None) == (family != "nesterov")  # NQM.family_evaluator: no per-call checks
     for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0)]:
         y = y if _EXTRA[family] else None
         extra = None if y is None else 1 - math.exp(y)

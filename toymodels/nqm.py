@@ -134,6 +134,31 @@ class _FamilyLoss:
         return self.parts, float(self.lim0), float(self.lim1), float(self.lim2), self.q, self.h, int(self.readout), self.S0, int(k)
 
 
+class _FamilyEvaluator:
+    """L_k(lr, e) of any optimizer family ``make(e)`` through :meth:`NQM._loss_at` (see
+    :meth:`NQM.family_evaluator`)."""
+
+    def __init__(self, model, make, batch_size):
+        self.model, self.make, self.batch_size = model, make, batch_size
+        self._cache = {}
+
+    def _at(self, e):
+        got = self._cache.get(e)
+        if got is None:
+            opt = self.make(e)
+            got = (opt, float(opt._lr_limit(self.model.h)))
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            self._cache[e] = got
+        return got
+
+    def limit(self, e):
+        return self._at(e)[1]
+
+    def loss(self, e, lr, k):
+        return self.model._loss_at(self._at(e)[0], self.batch_size, int(k), lr)
+
+
 class NQM:
     """Noisy quadratic model with curvature ``h``, per-example noise variance ``c`` and E[theta_0^2].
 
@@ -232,6 +257,10 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        return self._loss_at(optimizer, batch_size, int(k), lr)
+
+    def _loss_at(self, optimizer, batch_size, k, lr):
+        """:meth:`loss_at_step` without the checks (the tuner's inner loop)."""
         fast = self._polyak_sgd(optimizer, lr, batch_size)
         if fast is not None:  # Polyak average of SGD: closed form, O(d)
             return float(_polyak._loss(*fast, int(k)))
@@ -255,7 +284,8 @@ class NQM:
                                                  self.h, optimizer.readout, Constant(lr), np.array([k]), S,
                                                  progress=False, name="k")
             return float(loss[0]) if np.isfinite(loss[0]) else math.inf
-        A, b = optimizer.transition(self.h, lr)
+        a0, a1, b1 = optimizer._affine(self.h)
+        A, b = a0 + lr * a1, lr * b1
         if optimizer.n_state <= 2:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
         mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
@@ -294,6 +324,15 @@ class NQM:
             return None
         return _FamilyLoss(tuple(parts), l0, float(l1), self.c / batch_size, self.h, opts[0].readout,
                            self._S0(opts[0]), lim2=float(l2))
+
+    @validate(make=Callable(), batch_size=BATCH_SIZE)
+    def family_evaluator(self, make, batch_size):
+        """L_k(lr, e) of any family of optimizers ``make(e)`` (lr = 1), for tuners: an object with
+        ``limit(e)`` (the stable lr limit) and ``loss(e, lr, k)`` (:meth:`loss_at_step` of ``make(e)`` at
+        ``lr``, the same value), which builds each e's optimizer and limit once (the last 64 kept) and
+        skips the argument checks of the public calls.  Unlike :meth:`family_loss` it is not compiled:
+        it serves the families that one does not (ASGD, the Polyak average, schedule-free SGD)."""
+        return _FamilyEvaluator(self, make, check_batch_size(batch_size))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def noise_floor(self, optimizer, batch_size) -> float:
