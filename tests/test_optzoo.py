@@ -434,7 +434,7 @@ def test_polyak_sgd_closed_form_equals_stepping(lr, precond, wd):
     nqm = NQM.power_law(30)
     opt = PolyakAverage(SGD(lr, precond=precond, weight_decay=wd))
     assert nqm._polyak_sgd(opt, lr, 4.0) is not None  # the closed form is what is tested
-    ks = np.array([0, 1, 2, 3, 7, 50, 49_999, 50_000, 120_000])
+    ks = np.array([0, 1, 2, 3, 7, 50, 4_999, 5_000, 20_000])
     ref = nqm.loss_curve(opt, 4.0, ks).values
     got = [nqm.loss_at_step(opt, 4.0, int(k)) for k in ks]
     np.testing.assert_allclose(got, ref, rtol=1e-11)
