@@ -8,8 +8,8 @@ Each family's tuned sweep (``batch_size_sweep``, warm: numba compiled) is timed 
 as today's momentum sweep on the same NQM, batch sizes and target (0.01 L0), and reported as a ratio
 to it, with the machine's load average (the ratios hold on a loaded machine; the seconds do not).
 ``--budget`` stops a family's sweep after that many seconds (its time is then a lower bound, marked
-">=", over the batch sizes it finished): the time-varying families (``polyak``, ``schedule_free``)
-have no closed form and are searched one update at a time.
+">=", over the batch sizes it finished): ``polyak`` (SGD with uniform averaging) has a closed form
+per mode, ``schedule_free`` none (it is searched one update at a time, in a compiled scan).
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ TARGET30 = 0.1 * NQM30.initial_loss
 
 def test_nesterov_and_polyak_tune():
     """Nesterov tunes (lr, beta) on the compiled path (its limit (l0 + e l1) / (1 + e l2) in beta);
-    the Polyak average tunes lr by stepping."""
+    the Polyak average tunes lr through its closed form (SGD base) and exact first crossing."""
     fast = NQM30.family_loss(lambda e: Nesterov(1.0, e), 8.0)
     for e in (0.0, 0.3, 0.97):
         assert fast.limit(e) == pytest.approx(NQM30.lr_limit(Nesterov(1.0, e)), rel=1e-12)
@@ -407,11 +407,12 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
 @pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
 def test_tuner_evaluation_matches_optimizer_objects(family):
     """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta;
-    Python for the others) equals building each optimizer and stepping its curve."""
+    NQM.family_evaluator for the others) equals building each optimizer and stepping its curve."""
     from toymodels.sweep import _EXTRA, _Evaluator
 
     ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
     assert (ev._fast is not None) == (family == "nesterov")
+    assert (ev._family is not None) == (family != "nesterov")  # NQM.family_evaluator: no per-call checks
     for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0)]:
         y = y if _EXTRA[family] else None
         extra = None if y is None else 1 - math.exp(y)
@@ -420,3 +421,83 @@ def test_tuner_evaluation_matches_optimizer_objects(family):
         value = NQM30.loss_curve(opt, 8.0, [60]).values[0]
         expected = math.log(value) if math.isfinite(value) else math.inf
         assert ev.log_loss(60, x, y) == pytest.approx(expected, abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Polyak average of SGD: closed form and exact first crossing against stepping
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lr, precond, wd", [(0.5, 0.0, 0.0), (1.7, 0.0, 0.1), (0.3, 0.5, 0.2), (1e-6, 0.0, 0.0)])
+def test_polyak_sgd_closed_form_equals_stepping(lr, precond, wd):
+    """loss_at_step of the uniform average of SGD (closed form per mode; binary powering where k x is
+    small) equals the engine stepping the time-varying average one update at a time (x = lr h in
+    (0, 1) and (1, 2), preconditioned, with weight decay, and x ~ 1e-6 where the closed form cancels)."""
+    nqm = NQM.power_law(30)
+    opt = PolyakAverage(SGD(lr, precond=precond, weight_decay=wd))
+    assert nqm._polyak_sgd(opt, lr, 4.0) is not None  # the closed form is what is tested
+    ks = np.array([0, 1, 2, 3, 7, 50, 4_999, 5_000, 20_000])
+    ref = nqm.loss_curve(opt, 4.0, ks).values
+    got = [nqm.loss_at_step(opt, 4.0, int(k)) for k in ks]
+    np.testing.assert_allclose(got, ref, rtol=1e-11)
+
+
+def test_polyak_sgd_terms_against_direct_sums():
+    """f(k + 1) and W_k = sum_{N<=k} f(N)^2 of toymodels._polyak (closed form or binary powering) against
+    the sums written out, on both sides of the switch k x = 0.05 and for a = 1 - x < 0."""
+    from toymodels._polyak import _mode_terms
+
+    for x in (1e-4, 0.01, 0.3, 1.0, 1.6):
+        a = 1.0 - x
+        f = np.cumsum(a ** np.arange(3000.0))  # f[n - 1] = 1 + a + ... + a^(n-1)
+        for k in (0, 1, 4, 5, 6, 499, 500, 501, 2000):
+            m, mlb, w = _mode_terms(x, k)
+            assert m == pytest.approx(f[k], rel=1e-12)
+            assert w == pytest.approx(np.sum(f[:k] ** 2), rel=1e-11, abs=0.0)
+            assert mlb <= m * (1 + 1e-15) and np.all(f[k:] >= mlb * (1 - 1e-12))  # a bound over later steps
+
+
+def test_polyak_sgd_first_crossing_is_exact_on_a_non_monotone_curve():
+    """steps_to_target of the average of SGD (bounds, then every step near the crossing) equals the
+    first crossing of the stepped curve, also where the curve goes up and down (lr h near 2: the
+    iterates alternate in sign, their average oscillates); max_steps and an unstable lr (stepped)
+    as before."""
+    nqm = NQM(np.array([1.0, 0.2]), np.array([0.05, 0.01]), np.array([1.0, 1.0]))
+    opt = PolyakAverage(SGD(1.95))
+    curve = nqm.loss_curve(opt, 1.0, 400).values
+    assert np.any(np.diff(curve[:60]) > 0)  # not monotone
+    rng = np.random.default_rng(0)
+    for j in np.concatenate([np.arange(1, 12), rng.integers(12, 400, 20)]):
+        target = curve[j] * (1 + 1e-9)
+        assert nqm.steps_to_target(opt, 1.0, target) == np.argmax(curve <= target)
+    s, info = nqm.steps_to_target(opt, 1.0, curve[399] * 0.999, max_steps=399, full_output=True)
+    assert s == math.inf and "max_steps=399" in info["reason"]
+    unstable = PolyakAverage(SGD(2.05))
+    assert nqm._polyak_sgd(unstable, 2.05, 1.0) is None
+    assert nqm.steps_to_target(unstable, 1.0, 1e-3) == math.inf
+
+
+@pytest.mark.parametrize("lr, beta, wd, averaging", [(0.5, 0.9, 0.0, "uniform"), (1.5, 0.5, 0.1, "uniform"),
+                                                     (0.8, 0.0, 0.0, "uniform"), (0.9, 0.7, 0.0, "none")])
+def test_schedule_free_two_state_scan_equals_stepping(lr, beta, wd, averaging):
+    """The compiled two-state scan of schedule-free SGD (loss_at_step, steps_to_target) equals the
+    engine stepping the general three-state time-varying system (loss_curve)."""
+    nqm = NQM.power_law(30)
+    opt = ScheduleFree(lr, beta, weight_decay=wd, averaging=averaging)
+    curve = nqm.loss_curve(opt, 4.0, 2000).values
+    for k in (0, 1, 2, 7, 50, 2000):
+        assert nqm.loss_at_step(opt, 4.0, k) == pytest.approx(curve[k], rel=1e-11)
+    for j in (1, 3, 10, 150, 1999):
+        target = curve[j] * (1 + 1e-9)
+        assert nqm.steps_to_target(opt, 4.0, target) == np.argmax(curve <= target)
+
+
+def test_schedule_free_scan_divergence_and_limits():
+    """Above the stability limit the scan reports divergence (inf, with a reason) as stepping does,
+    and loss_at_step refuses a step beyond the step-by-step budget by name."""
+    nqm = NQM.power_law(30)
+    opt = ScheduleFree(3.0 * nqm.lr_limit(ScheduleFree(1.0)), 0.5)
+    s, info = nqm.steps_to_target(opt, 4.0, 1e-6, full_output=True)
+    assert s == math.inf and info["reason"].startswith("diverges")
+    assert nqm.loss_at_step(opt, 4.0, 5000) == math.inf
+    assert not np.isfinite(nqm.loss_curve(opt, 4.0, [5000]).values[0])
+    with pytest.raises(ValueError, match="`k` must be reached"):
+        nqm.loss_at_step(ScheduleFree(0.1), 4.0, 10**12)

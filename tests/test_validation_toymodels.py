@@ -145,6 +145,7 @@ EXAMPLES = {
     "toymodels.nqm.NQM.__init__": lambda: ((_new(NQM), np.ones(3)), dict(c=np.ones(3), init_sq=1.0)),
     "toymodels.nqm.NQM.coarsen": lambda: ((NQM8,), dict(rel_width=0.1)),
     "toymodels.nqm.NQM.family_loss": lambda: ((NQM8, lambda e: Momentum(1.0, e), 2.0), {}),
+    "toymodels.nqm.NQM.family_evaluator": lambda: ((NQM8, lambda e: Momentum(1.0, e), 2.0), {}),
     "toymodels.nqm.NQM.gradient_stats": lambda: ((NQM8, SGD(0.1), 2.0, 5), dict(progress=False)),
     "toymodels.nqm.NQM.loss_at_step": lambda: ((NQM8, SGD(0.1), 2.0, 5), dict(lr=0.1)),
     "toymodels.nqm.NQM.loss_curve": lambda: ((NQM8, SGD(0.1), 2.0, 5), dict(progress=False)),

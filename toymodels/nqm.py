@@ -25,13 +25,13 @@ import math
 import numpy as np
 import xarray as xr
 
-from . import dynamics
+from . import _polyak, _schedfree, dynamics
 from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, POSITIVE_ARRAY, PROGRESS, SEED,
                     STEP, STEPS, TARGET)
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Callable, Integer, Maybe, Real, check_bytes,
                         check_int, check_real, check_spectrum, check_steps, validate)
 from .montecarlo import mc_divergence, mc_stats_dataset, simulate_linear_system, simulate_varying_system
-from .optimizers import Optimizer
+from .optimizers import SGD, Optimizer, PolyakAverage, ScheduleFree
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from, cumulative
 from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
@@ -134,6 +134,31 @@ class _FamilyLoss:
         return self.parts, float(self.lim0), float(self.lim1), float(self.lim2), self.q, self.h, int(self.readout), self.S0, int(k)
 
 
+class _FamilyEvaluator:
+    """L_k(lr, e) of any optimizer family ``make(e)`` through :meth:`NQM._loss_at` (see
+    :meth:`NQM.family_evaluator`)."""
+
+    def __init__(self, model, make, batch_size):
+        self.model, self.make, self.batch_size = model, make, batch_size
+        self._cache = {}
+
+    def _at(self, e):
+        got = self._cache.get(e)
+        if got is None:
+            opt = self.make(e)
+            got = (opt, float(opt._lr_limit(self.model.h)))
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            self._cache[e] = got
+        return got
+
+    def limit(self, e):
+        return self._at(e)[1]
+
+    def loss(self, e, lr, k):
+        return self.model._loss_at(self._at(e)[0], self.batch_size, int(k), lr)
+
+
 class NQM:
     """Noisy quadratic model with curvature ``h``, per-example noise variance ``c`` and E[theta_0^2].
 
@@ -232,6 +257,13 @@ class NQM:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
+        return self._loss_at(optimizer, batch_size, int(k), lr)
+
+    def _loss_at(self, optimizer, batch_size, k, lr):
+        """:meth:`loss_at_step` without the checks (the tuner's inner loop)."""
+        fast = self._polyak_sgd(optimizer, lr, batch_size)
+        if fast is not None:  # Polyak average of SGD: closed form, O(d)
+            return float(_polyak._loss(*fast, int(k)))
         if hasattr(optimizer, "sum_affine"):  # Polyak: the running sum is a constant system, O(log k)
             a0, a1, b1 = optimizer.sum_affine(self.h)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -239,13 +271,21 @@ class NQM:
                 r = optimizer.readout
                 v = 0.5 * float(np.sum(self.h * S[:, r, r])) / float(k + 1) ** 2
             return v if math.isfinite(v) else math.inf
+        if isinstance(optimizer, ScheduleFree):  # k updates one at a time, two states per mode
+            if k > dynamics.MAX_SCAN_UPDATES or k * self.dim > dynamics.MAX_SCAN_WORK:
+                raise ValueError(f"`k` must be reached within {dynamics.MAX_SCAN_UPDATES:.0e} step-by-step updates "
+                                 f"(and {dynamics.MAX_SCAN_WORK:.0e} updates x modes) for an optimizer whose "
+                                 f"averaging weight changes at every update; got {k} updates x {self.dim} modes.")
+            k_hit, v = self._schedule_free(optimizer, lr, batch_size, 0, int(k), -math.inf)
+            return v if k_hit != -2 else math.inf
         if optimizer.time_varying:  # k updates one at a time
             S = self._S0(optimizer).copy()
             loss, _ = dynamics.propagate_varying(optimizer.parts(self.h), optimizer.coefficients, self.c / batch_size,
                                                  self.h, optimizer.readout, Constant(lr), np.array([k]), S,
                                                  progress=False, name="k")
             return float(loss[0]) if np.isfinite(loss[0]) else math.inf
-        A, b = optimizer.transition(self.h, lr)
+        a0, a1, b1 = optimizer._affine(self.h)
+        A, b = a0 + lr * a1, lr * b1
         if optimizer.n_state <= 2:
             return dynamics.loss_at(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer), k)
         mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
@@ -284,6 +324,15 @@ class NQM:
             return None
         return _FamilyLoss(tuple(parts), l0, float(l1), self.c / batch_size, self.h, opts[0].readout,
                            self._S0(opts[0]), lim2=float(l2))
+
+    @validate(make=Callable(), batch_size=BATCH_SIZE)
+    def family_evaluator(self, make, batch_size):
+        """L_k(lr, e) of any family of optimizers ``make(e)`` (lr = 1), for tuners: an object with
+        ``limit(e)`` (the stable lr limit) and ``loss(e, lr, k)`` (:meth:`loss_at_step` of ``make(e)`` at
+        ``lr``, the same value), which builds each e's optimizer and limit once (the last 64 kept) and
+        skips the argument checks of the public calls.  Unlike :meth:`family_loss` it is not compiled:
+        it serves the families that one does not (ASGD, the Polyak average, schedule-free SGD)."""
+        return _FamilyEvaluator(self, make, check_batch_size(batch_size))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def noise_floor(self, optimizer, batch_size) -> float:
@@ -382,7 +431,11 @@ class NQM:
         rigorous lower bound exceeds the target and checks every step of the rest, so
         L_{k-1} > target >= L_k and no earlier step crosses.  Where the learning rate or the batch
         size changes at every update the search steps one update at a time (up to ``max_steps``;
-        at most 10^7 updates where a schedule never becomes constant).
+        at most 10^7 updates where a schedule never becomes constant).  Time-varying averaging at a
+        constant learning rate and batch size: the Polyak average of SGD in closed form (a doubling
+        horizon, then intervals discarded only by a rigorous lower bound of the loss and every step of
+        the rest checked: the first crossing, although its loss can rise and fall), schedule-free SGD
+        by a compiled scan that stops at the target (at most 10^7 updates).
 
         Args:
             optimizer: an optimizer spec.
@@ -417,6 +470,10 @@ class NQM:
         bsched = batch if isinstance(batch, Schedule) else Constant(batch)
         S = self._S0(optimizer).copy()
         if optimizer.time_varying:
+            if isinstance(sched, Constant) and isinstance(bsched, Constant):
+                fast = self._polyak_sgd(optimizer, sched.lr, bsched.lr)
+                if fast is not None:
+                    return self._polyak_first_crossing(fast, target, max_steps)
             return self._scan_varying(optimizer, S, bsched, min(max_steps, _SCAN_LIMIT), target, max_steps)
         a0, a1, b1 = optimizer.affine(self.h)
         r = optimizer.readout
@@ -473,6 +530,33 @@ class NQM:
             return -1, f"not reached within {max_steps} step-by-step updates (the schedule keeps changing)", math.nan
         return -1, f"not reached within max_steps={max_steps}", floor
 
+    def _polyak_sgd(self, optimizer, lr, batch_size):
+        """``(x, q b^2, s0, h)`` of :mod:`toymodels._polyak` for the uniform average of SGD at a stable
+        constant ``lr`` (x = lr h^-gamma (h + wd) < 2 in every mode) and a constant batch size, else None."""
+        if not (isinstance(optimizer, PolyakAverage) and isinstance(optimizer.base, SGD)):
+            return None
+        a0, a1, b1 = optimizer.base.affine(self.h)
+        x = -lr * a1[:, 0, 0]
+        if not np.all(x < 2.0):  # unstable: stepped (the loss may cross before it overflows)
+            return None
+        bb = (self.c / batch_size) * (lr * b1[:, 0]) ** 2
+        return x, bb, self.init_sq, self.h
+
+    @staticmethod
+    def _polyak_first_crossing(fast, target, max_steps):
+        """``(k, reason, nan)`` of the Polyak average of SGD (:func:`toymodels._polyak._first_crossing`):
+        a horizon K by doubling (the first 2^j with L <= target, or max_steps), then the exact first
+        crossing in [1, K]: intervals are discarded only where a rigorous lower bound of the loss exceeds
+        the target and every step of the others is checked, so L_k <= target and no earlier step crosses
+        (the loss of an average need not decrease monotonically: this is the first crossing, not any)."""
+        k = 1
+        while k < max_steps and _polyak._loss(*fast, k) > target:
+            k *= 2
+        k = _polyak._first_crossing(*fast, target, 1, min(k, max_steps), 32)
+        if k >= 0:
+            return int(k), "", math.nan
+        return -1, f"not reached within max_steps={max_steps}", math.nan
+
     @staticmethod
     def _horizon(mf, target, length):
         """A step K <= length such that no crossing is possible after K, or -1 if none before."""
@@ -509,9 +593,34 @@ class NQM:
             k0 += part.size
         return -1, f"not reached within max_steps={k_stop}"
 
+    def _schedule_free(self, optimizer, lr, batch_size, k0, k1, target):
+        """:func:`toymodels._schedfree._scan` of ``optimizer`` (a ScheduleFree) at a constant
+        ``lr`` and batch size from step 0 over [k0, k1]: ``(first k with L_k <= target or -1 or -2, loss)``."""
+        hu = self.h + optimizer.weight_decay
+        p = 1.0 - lr * hu * (1.0 - optimizer.beta)
+        r = -lr * hu * optimizer.beta
+        g = (self.c / batch_size) * lr * lr
+        zz, zx, xx = (self.init_sq.astype(np.float64) for _ in range(3))
+        uniform = optimizer.averaging == "uniform"
+        if k0 > 0:
+            _schedfree._scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _schedfree._scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
+
     def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
         """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
-        changes at every update (stepped in chunks of 4096 from step 0; S at step 0)."""
+        changes at every update (stepped in chunks of 4096 from step 0; S at step 0; schedule-free SGD
+        at a constant learning rate and batch size in one compiled scan of two states per mode)."""
+        if isinstance(optimizer, ScheduleFree) and isinstance(optimizer.lr, Constant) and isinstance(batch, Constant):
+            k, _ = self._schedule_free(optimizer, optimizer.lr.lr, batch.lr, 0, k_stop, target)
+            if k == -2:
+                return -1, "diverges: the loss overflowed", math.inf
+            if k >= 0:
+                return k, "", math.nan
+            if k_stop < max_steps:
+                return -1, (f"not reached within {k_stop} step-by-step updates (the averaging weight changes at "
+                            f"every update)"), math.nan
+            return -1, f"not reached within max_steps={max_steps}", math.nan
         parts = optimizer.parts(self.h)
         constant_b = isinstance(batch, Constant)
         q = self.c / batch.lr if constant_b else self.c

@@ -34,6 +34,9 @@ the error then has a nonzero mean the moment engine does not carry.
 (c_k = 1 / (k + 2) at update k): they are *time-varying* (``time_varying = True``) and write
 ``parts(h)`` = (P0, P1, Q0, Q1, R0, R1) with A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1) and
 b_k = lr_k (R0 + c_k R1) instead of a constant (A0, A1, b1); the engine steps them one update at a time.
+On the NQM at a constant learning rate and batch size two have faster exact routes: the Polyak average
+of SGD a closed form per mode (its running sum is a constant system), and schedule-free SGD a compiled
+scan of two states per mode that stops at the target.
 
 Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iterate averaging.
 
@@ -504,9 +507,11 @@ class PolyakAverage(Optimizer):
 
         avg' = (1 - c_k) avg + c_k theta',   c_k = 1 / (k + 2),   avg_0 = theta_0.
 
-    Time-varying (``time_varying = True``): the engine steps it one update at a time; there is no
-    closed form for a constant learning rate (``modal_form`` refuses it).  ``lr`` is the base
-    optimizer's.  State (base..., avg).
+    Time-varying (``time_varying = True``): the engine steps its curves one update at a time and
+    ``modal_form`` refuses it.  The running sum sigma_k = (k + 1) avg_k is a constant system
+    (:meth:`sum_affine`), so the NQM computes the loss at one step in O(log k) for any base, and for an
+    SGD base in closed form per mode with an exact first crossing (bounds, then every step near it).
+    ``lr`` is the base optimizer's.  State (base..., avg).
 
     References:
         B. T. Polyak, A. B. Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J.

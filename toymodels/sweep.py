@@ -167,6 +167,14 @@ class _Evaluator:
                                          precond=self.precond, decay=self.decay),
                 self.batch_size,
             )
+        # otherwise a problem's uncompiled family evaluator, if it has one (the same values without
+        # the per-call checks); e is None for the families without an extra hyper-parameter
+        self._family = None
+        if self._fast is None and hasattr(self.problem, "family_evaluator"):
+            self._family = self.problem.family_evaluator(
+                lambda e: make_optimizer(self.family, 1.0, e, precond=self.precond, decay=self.decay),
+                self.batch_size,
+            )
 
     def _probe(self, y):
         """The family's optimizer at lr = 1 and extra = 1 - exp(y) (or the fixed extra), and its
@@ -191,6 +199,9 @@ class _Evaluator:
         if self._fast is not None:
             e = 0.0 if y is None else 1.0 - math.exp(y)
             v = self._fast.loss(e, math.exp(x) * self._fast.limit(e), k)
+        elif self._family is not None:
+            extra = (self.fixed_extra if y is None else 1.0 - math.exp(y)) if _EXTRA[self.family] else None
+            v = self._family.loss(extra, math.exp(x) * self._family.limit(extra), k)
         else:
             probe, limit = self._probe(y)
             v = self.problem.loss_at_step(probe, self.batch_size, k, lr=math.exp(x) * limit)
