@@ -134,14 +134,6 @@ def _diverged_measurement(model, B, bs, step, reason):
     return Measurement(names + ["total"], np.append(P, P.sum()), nan, nan, nan, nan, B, bs, step, diverged=reason)
 
 
-def _nonfinite_summaries(summ):
-    for name, s in summ.items():
-        vals = [torch.as_tensor(v) for v in (s[1], s[2], s[3]) if v is not None]
-        if not all(bool(torch.isfinite(v).all()) for v in vals):
-            return f"non-finite per-example gradients in layer `{name}` at finite parameters (the loss overflows?)"
-    return None
-
-
 _METHODS = ("auto", "func", "hooks")
 
 
@@ -232,7 +224,7 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         try:
             blocks, paths, _ = pergrad._measure_params(prob, method, need, chunk_size=chunk_size)
             summ = _summaries(blocks, B, ci is not None, model)
-            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured (see attrs['skipped'])"
+            reason = None if summ else "no parameter could be measured (see attrs['skipped'])"
         except pergrad.FastPathUnsupported as err:
             if method != "hooks":
                 raise
@@ -240,14 +232,10 @@ def gradient_stats(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, bat
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
     model.zero_grad(set_to_none=True)
-    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
-        m = _measure(summ if reason is None else None, B, bs, step, model, reason)
-        reason, B, bs = m.diverged, m.n_examples, m.batch_size
-        ds = m.to_dataset()
-    elif reason is not None:
-        ds = _diverged_measurement(model, B, float(B if bs is None else bs), step, reason).to_dataset()
-    else:
-        ds = _measure(summ, B, bs, step, model).to_dataset()
+    # under DDP every process joins the all-reduce, also one whose measurement diverged
+    m = _measure(summ if reason is None else None, B, bs, step, model, reason)
+    reason, B, bs = m.diverged, m.n_examples, m.batch_size
+    ds = m.to_dataset()
     bs = float(B if bs is None else bs)
     if ci is not None:
         if reason is None:
@@ -350,37 +338,66 @@ def _union_coverage(covered) -> dict:
     return out
 
 
-def _measure(summ, B, bs, step, model=None, reason=None):
+def _local_sums(summ, present, with_dev):
+    """This process's sums over its examples, in float64 on the host: ``[sum_i |g_i|^2 (L)[, sum_i
+    dev_i (L), sum_i dev_i^2 (L), sum_i tot_i, sum_i tot_i^2], |g_bar|^2 (L)]`` (``tot_i`` the
+    total deviation over the layers).  One stack and one transfer from the device; the sums over
+    the examples are then formed on the host (a few L x B numbers)."""
+    first = summ[present[0]][2]
+    L, B = len(present), first.shape[0]
+    rows = [summ[n][2] for n in present] + ([summ[n][3] for n in present] if with_dev else [])
+    g2 = [torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device).reshape(1) for n in present]
+    host = V.to_float64(torch.cat([torch.stack(rows).reshape(-1)] + g2)).cpu().numpy()
+    per_example = host[:-L].reshape(-1, B)  # |g_i|^2 per layer[, then dev_i per layer]
+    parts = [per_example[:L].sum(1)]
+    if with_dev:
+        dev = per_example[L:]
+        tot = dev.sum(0)
+        parts += [dev.sum(1), (dev * dev).sum(1), np.array([tot.sum(), (tot * tot).sum()])]
+    return np.concatenate(parts + [host[-L:]])
+
+
+def _nonfinite_sums(local, present, with_dev):
+    """Why this process's sums (:func:`_local_sums`) cannot give statistics, or None.  Sums in
+    float64 of float32 (or narrower) terms do not overflow, so a sum is finite iff its terms are."""
+    if np.isfinite(local).all():
+        return None
+    L = len(present)
+    rows = [local[:L], local[-L:]] + ([local[L:2 * L], local[2 * L:3 * L]] if with_dev else [])
+    bad = ~np.isfinite(np.stack(rows)).all(0)
+    name = present[int(np.argmax(bad))] if bad.any() else present[0]
+    return f"non-finite per-example gradients in layer `{name}` at finite parameters (the loss overflows?)"
+
+
+def _measure(summ, B, bs, step, model, reason=None):
     """Per layer and total, from sums over the examples (in float64), with one transfer from the device.
 
     The statistics are functions of per-layer sums over the examples: sum_i |g_i|^2 and, with the
     deviations dev_i = |g_i - g_bar|^2, sum_i dev_i and sum_i dev_i^2 (and the same two of the
-    total deviation), with |g_bar|^2 from ``.grad``.  Given a DDP wrapper (``model``), each process
-    formed them on its own examples against the global mean gradient (DDP's all-reduced ``.grad``),
-    and ONE all-reduce of 3 L + 5 numbers (the sums in the layout of every trainable layer; B, B^2
-    and a divergence flag) adds them up, so that the statistics are those of the global batch.
-    Every process joins it, also one whose own measurement diverged (``reason``; ``summ`` None):
-    then every process reports the divergence.  ``bs`` None: the number of examples (over all processes).
+    total deviation), with |g_bar|^2 from ``.grad``.  A non-finite sum (a non-finite per-example
+    statistic) makes the measurement diverged, naming the layer.  Given a DDP wrapper (``model``),
+    each process formed them on its own examples against the global mean gradient (DDP's
+    all-reduced ``.grad``), and ONE all-reduce of 3 L + 5 numbers (the sums in the layout of every
+    trainable layer; B, B^2 and a divergence flag) adds them up, so that the statistics are those
+    of the global batch.  Every process joins it, also one whose own measurement diverged
+    (``reason``; ``summ`` None): then every process reports the divergence.  ``bs`` None: the
+    number of examples (over all processes).
     """
-    group = pergrad._ddp_group(model) if model is not None else None
+    group = pergrad._ddp_group(model)
     present = list(summ) if summ else []
     with_dev = bool(present) and all(summ[n][3] is not None for n in present)
     L, local = len(present), None
     if present and reason is None:
-        first = summ[present[0]][2]
-        sq = V.to_float64(torch.stack([summ[n][2] for n in present]))  # (L, B)
-        g2 = V.to_float64(torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device)
-                                       for n in present]))
-        parts = [sq.sum(1)]
-        if with_dev:
-            dev = V.to_float64(torch.stack([summ[n][3] for n in present]))  # (L, B)
-            tot = dev.sum(0)
-            parts += [dev.sum(1), (dev * dev).sum(1), torch.stack([tot.sum(), (tot * tot).sum()])]
-        local = torch.cat(parts + [g2])  # on the device: [sum |g_i|^2 (L)[, sum dev (L), sum dev^2 (L), total (2)], |g_bar|^2 (L)]
+        local = _local_sums(summ, present, with_dev)
+        reason = _nonfinite_sums(local, present, with_dev)
+        if reason is not None:
+            local = None
     if group is None:
-        vals, B_tot = local.cpu().numpy(), B
+        if reason is not None:
+            return _diverged_measurement(model, B, float(B if bs is None else bs), step, reason)
+        vals, B_tot = local, B
     else:
-        vals, B_tot = _all_reduce_sums(model, group, present, with_dev, local, B, reason)
+        vals, B_tot = _all_reduce_sums(model, group, present, with_dev, local, B)
         if vals is None:
             bs = float(B_tot if bs is None else bs)
             return _diverged_measurement(model, B_tot, bs, step, reason or "a statistic is not finite on another "
@@ -399,27 +416,28 @@ def _measure(summ, B, bs, step, model=None, reason=None):
                        np.append(sd, sd_total) / math.sqrt(B_tot), np.append(msq, msq.sum()), B_tot, bs, step)
 
 
-def _all_reduce_sums(model, group, present, with_dev, local, B, reason):
+def _all_reduce_sums(model, group, present, with_dev, local, B):
     """:func:`_measure`'s one all-reduce: ``(vals, B_total)`` with ``vals`` laid out as ``local`` (the
-    sums of every process, |g_bar|^2 this process's), or ``(None, B_total)`` if a process diverged."""
+    sums of every process, |g_bar|^2 this process's), or ``(None, B_total)`` if a process diverged
+    (``local`` None on a process whose own measurement diverged)."""
     import torch.distributed as dist
 
     names = _layers(model)[0]  # the same on every process, also on one that diverged
-    n = len(names)
-    device = local.device if local is not None else V.float64_device(next(p.device for p in model.parameters()))
-    vec = torch.zeros(3 * n + 5, dtype=torch.float64, device=device)
-    vec[3 * n:] = torch.tensor([0.0, 0.0, B, B * B, float(local is None)], dtype=torch.float64).to(device)
-    L = len(present)
+    n, L = len(names), len(present)
+    vec = np.zeros(3 * n + 5)
+    vec[3 * n:] = [0.0, 0.0, B, B * B, float(local is None)]
     if local is not None:
-        at = torch.tensor([names.index(k) for k in present], device=device)
-        table = vec[:3 * n].view(n, 3)
+        table = vec[:3 * n].reshape(n, 3)
+        at = [names.index(k) for k in present]
         table[at, 0] = local[:L]
         if with_dev:
             table[at, 1], table[at, 2] = local[L:2 * L], local[2 * L:3 * L]
             vec[3 * n:3 * n + 2] = local[3 * L:3 * L + 2]
-    dist.all_reduce(vec, group=group)
+    device = V.float64_device(next(p.device for p in model.parameters()))
+    summed = torch.from_numpy(vec).to(device)
+    dist.all_reduce(summed, group=group)
     world = dist.get_world_size(group)
-    out = vec.cpu().numpy()
+    out = summed.cpu().numpy()
     n_tot, n_sq, flag = out[3 * n + 2:]
     B_tot = int(round(n_tot))
     if flag > 0:
@@ -430,7 +448,7 @@ def _all_reduce_sums(model, group, present, with_dev, local, B, reason):
     rows = [names.index(k) for k in present]
     table = out[:3 * n].reshape(n, 3)[rows]
     sums = [table[:, 0]] + ([table[:, 1], table[:, 2], out[3 * n:3 * n + 2]] if with_dev else [])
-    return np.concatenate(sums + [local[-L:].cpu().numpy()]), B_tot
+    return np.concatenate(sums + [local[-L:]]), B_tot
 
 
 @validate(model=Module(), loss_fn=LossFn(), x=Maybe(X), y=Maybe(Y),
@@ -491,17 +509,14 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
             blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),
                                                           zero_grad=optimizer.zero_grad, verify="once")
             summ = _summaries(blocks, B, model=model)
-            reason = _nonfinite_summaries(summ) if summ else "no parameter could be measured"
+            reason = None if summ else "no parameter could be measured"
         except V.Diverged as err:
             reason = f"{err} at finite parameters".replace(". at", " at")
-    if ddp:  # every process joins the all-reduce, also one whose measurement diverged
-        m = _measure(summ if reason is None else None, B, None, step, model, reason)
-        reason = m.diverged
-    if reason is not None:
+    # under DDP every process joins the all-reduce, also one whose measurement diverged
+    m = _measure(summ if reason is None else None, B, None, step, model, reason)
+    if m.diverged is not None:
         optimizer.zero_grad(set_to_none=True)
-        return math.inf, m if ddp else _diverged_measurement(model, B, float(B), step, reason)
-    if not ddp:
-        m = _measure(summ, B, None, step, model)
+        return math.inf, m
     m.coverage = _coverage(paths, model)
     optimizer.step()
     return float(loss.detach()), m

@@ -527,3 +527,25 @@ def test_float64_runs_where_the_device_has_it():
     assert V.float64_device("mps") == torch.device("cpu") and V.float64_device("cuda:1") == torch.device("cuda:1")
     t = torch.arange(3, dtype=torch.float32)
     assert V.to_float64(t).dtype == torch.float64 and V.to_float64(t).device == t.device
+
+
+@pytest.mark.parametrize("sem", [False, True])
+def test_probes_name_the_layer_whose_per_example_gradients_overflow(sem):
+    """Finite parameters and loss, but per-example squared norms beyond float32 in the first layer
+    (the second layer's weights are huge): inf statistics naming that layer, and no optimizer step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].weight[0].fill_(1e25)
+        model[2].weight[1].fill_(-1e25)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.no_grad():
+        assert math.isfinite(float(F.cross_entropy(model(x), y)))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, m = probes.probed_step(model, F.cross_entropy, x, y, opt, sem=sem)
+    assert loss == math.inf and "non-finite per-example gradients in layer `0`" in m.diverged
+    assert np.isinf(m.variables()["noise_scale"]).all()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the optimizer did not step
+    ds = probes.gradient_stats(model, F.cross_entropy, x, y, method="hooks")
+    assert "layer `0`" in ds.attrs["diverged"] and np.isinf(ds["grad_var"].values).all()
