@@ -4,12 +4,12 @@ lower bound and the tuned hyper-parameters (Zhang et al. 2019's question, asked 
 
 Families (:data:`toymodels.sweep.FAMILIES`): SGD, preconditioned SGD (P = H^0.5), heavy-ball momentum,
 Nesterov momentum, SGD + EMA iterate averaging, the accelerated SGD of Kidambi et al. 2018 (lr and kappa
-tuned), and the two averaging families without a closed form, Polyak (uniform) averaging and schedule-free
-SGD.  Every point is tuned per batch size (:func:`toymodels.sweep.batch_size_sweep`) and its steps are the
-exact first crossing of the expected loss at the tuned setting.  Polyak averaging and schedule-free SGD are
-propagated one update at a time and are two orders of magnitude slower to tune, so they run on a smaller
-NQM and a coarser batch-size grid (the "averaging" group, with SGD, momentum and EMA on the same NQM for
-comparison); the figure states both NQMs.
+tuned), Polyak (uniform) averaging of SGD (a closed form per mode) and schedule-free SGD.  Every point is
+tuned per batch size (:func:`toymodels.sweep.batch_size_sweep`) and its steps are the exact first crossing
+of the expected loss at the tuned setting.  Schedule-free SGD has no closed form (its averaging weight
+1/(k+1) enters the gradient point): it is propagated one update at a time and is two orders of magnitude
+slower to tune, so it runs on a smaller NQM and a coarser batch-size grid (the "averaging" group, with
+SGD, momentum, EMA and Polyak on the same NQM for comparison); the figure states both NQMs.
 
     python -m studies run optimizer_zoo            # d = 1000, B = 2^0..2^20; averaging group d = 30
     python -m studies run optimizer_zoo --quick    # d = 100, B = 2^0..2^16 step 2; averaging group d = 10
@@ -51,10 +51,10 @@ LABELS = {"sgd": "SGD", "precond": "preconditioned SGD (P = H^0.5)", "momentum":
           "polyak": "SGD + Polyak (uniform) averaging", "schedule_free": "schedule-free SGD"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "nesterov": "C4", "asgd": "C5",
           "polyak": "C6", "schedule_free": "C9"}
-MAIN = ("sgd", "precond", "momentum", "nesterov", "ema", "asgd")
+MAIN = ("sgd", "precond", "momentum", "nesterov", "ema", "asgd", "polyak")
 """The families with a closed form, swept on the main NQM."""
 AVERAGING = ("sgd", "momentum", "ema", "polyak", "schedule_free")
-"""The averaging group: the two update-by-update families and three references on a smaller NQM."""
+"""The averaging group: schedule-free SGD (update by update) and four references on a smaller NQM."""
 EXTRA = {"momentum_opt": "1 - β", "decay_opt": "1 - μ", "kappa_opt": "1 / κ"}
 """The tuned extra hyper-parameter of each family, drawn as the quantity that goes to 0 (log scale)."""
 
@@ -151,11 +151,11 @@ def plot(result: dict, path: str) -> None:
     for ax, ds in ((ax1, main), (ax4, avg)):
         finite = ds.steps_to_target.values[np.isfinite(ds.steps_to_target.values)]
         _steps(ax, ds, top=2.0 * (finite.max() if finite.size else 1.0))
-    ax1.set_title(f"(a) {ax1.get_title()}, families with a closed form\n(Polyak and schedule-free: panel d)",
+    ax1.set_title(f"(a) {ax1.get_title()}, families with a closed form\n(schedule-free: panel d)",
                   fontsize=9)
     ax4.set_title(f"(d) averaging group: smaller NQM d={avg.attrs['dim']}, B = 2^"
                   f"{{{', '.join(str(int(round(np.log2(b)))) for b in avg.batch_size.values)}}}\n"
-                  "(Polyak and schedule-free are stepped update by update: slow to tune today)", fontsize=9)
+                  "(schedule-free SGD is stepped update by update: slow to tune today)", fontsize=9)
     for ds, ls, where in ((main, "-", ""), (avg, "--", f", d={avg.attrs['dim']}")):
         bs = ds.batch_size.values
         for fam in ds.optimizer.values:
