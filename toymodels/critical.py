@@ -376,14 +376,21 @@ def _moment_system(problem):
 def _grid_tuned_steps(system, batch_size, target, *, k_max=10**7, n_grid=32, n_refine=16, n_rounds=2):
     """Fewest steps of SGD to ``target`` at one batch size over the learning rate: the best of a log
     grid of ``n_grid`` fractions in [1e-4, 0.999] of the stable limit, refined ``n_rounds`` times
-    by ``n_refine`` points between the best point's neighbours.  Returns ``(steps, lr)``;
+    by ``n_refine`` points between the best point's neighbours (the grid reaches lower where the
+    noise needs it).  Returns ``(steps, lr)``;
     ``(inf, nan)`` if no rate reaches the target within ``k_max`` steps."""
     h, s0, q, kappa, rho, floor, lr_top = system
     thr = target - floor
     if thr <= 0:
         return math.inf, math.nan
     top = lr_top(batch_size)
-    lrs = top * np.geomspace(1e-4, 0.999, n_grid)
+    # the grid reaches down to rates whose noise floor (about lr sum(q) / (4 B)) is a tenth of the
+    # threshold, so that very noisy problems (tiny best rates) are on it; spacing at most that of
+    # ``n_grid`` points over [1e-4, 0.999]
+    noise = float(np.sum(q))
+    low = min(1e-4, 0.4 * batch_size * thr / (noise * top)) if noise > 0 else 1e-4
+    n = max(n_grid, int(math.ceil((n_grid - 1) * math.log(0.999 / low) / math.log(0.999e4))) + 1)
+    lrs = top * np.geomspace(low, 0.999, n)
     best_k, best_lr = math.inf, math.nan
     for _ in range(n_rounds + 1):
         limit = int(min(k_max, best_k)) if math.isfinite(best_k) else k_max
@@ -395,7 +402,7 @@ def _grid_tuned_steps(system, batch_size, target, *, k_max=10**7, n_grid=32, n_r
                 best_k, best_lr = float(ks[j]), float(lrs[j])
         if not math.isfinite(best_k):
             return math.inf, math.nan
-        lo = max(best_lr / (lrs[1] / lrs[0]), top * 1e-6)
+        lo = best_lr / (lrs[1] / lrs[0])
         hi = min(best_lr * (lrs[1] / lrs[0]), top * 0.9999)
         lrs = np.geomspace(lo, hi, n_refine)
     return best_k, best_lr
