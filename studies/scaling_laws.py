@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -84,8 +85,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     flops = np.geomspace(30 * sizes[0], 3 * sizes[-1] * cfg["n_steps"], cfg["n_flops"])
     frontier = plrf_frontier(ALPHA, BETA, sizes, flops, v=cfg["v"])
     # (d-f) the critical batch size, one size at a time, saved as it goes
-    irr_min = make(sizes[0]).irreducible_risk
-    targets = np.geomspace(0.1 * make(sizes[0]).initial_loss, 1.5 * irr_min, cfg["n_targets"])
+    # from 1e-2 down to 1.5 x the largest model's irreducible risk: smaller models cannot reach the
+    # lower targets (inf, with a reason), which is the trade-off of model size and data
+    targets = np.geomspace(1e-2, 1.5 * make(sizes[-1]).irreducible_risk, cfg["n_targets"])
     batch_sizes = np.geomspace(1, 2**12, cfg["n_batch"])
     folder = os.path.join(out, f"scaling_laws-{settings_tag(scale, cfg)}")
     os.makedirs(folder, exist_ok=True)
@@ -154,6 +156,7 @@ def plot(result: dict, path: str) -> None:
     ax[1, 0].set(xscale="log", yscale="log", xlabel="target loss (lower: more data)", ylabel="B_crit (fit ± interval)",
                  title="(d) B_crit vs target")
     ax[1, 0].invert_xaxis()
+    ax[1, 0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[1, 1].set(xscale="log", yscale="log", xlabel="data: E_min = S_min·B_crit examples",
                  ylabel="B_crit", title="(e) B_crit vs data (Zhang et al. 2024's axis)")
     ax[1, 0].legend(fontsize=7, ncol=2)

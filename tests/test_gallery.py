@@ -14,7 +14,8 @@ from toymodels.schema import validate
 # gradient_tails at --quick in test_gradient_tails_study.py; transformer_noise starts DDP processes (its
 # tiny run is test_studies.py's, also slow; test_distributed.py covers DDP by default); their command-line
 # runs are -m slow
-SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practice", "transformer_noise"}
+SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practice", "transformer_noise",
+        "scaling_laws"}  # scaling_laws: about a minute at --quick; its tiny run is test_studies.py's
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in STUDIES])
