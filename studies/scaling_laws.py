@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 import matplotlib.ticker
@@ -91,16 +92,19 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     batch_sizes = np.geomspace(1, 2**12, cfg["n_batch"])
     folder = os.path.join(out, f"scaling_laws-{settings_tag(scale, cfg)}")
     os.makedirs(folder, exist_ok=True)
-    parts = []
-    for d in sizes:
+
+    def one_size(d):
         path = os.path.join(folder, f"critical-d{int(d)}.nc")
-        old = resume.read(path)
-        if old is None:
-            old = critical_batch_scaling(make, [d], targets, batch_sizes)
-            resume.write(old, path)
-        parts.append(old)
+        ds = resume.read(path)
+        if ds is None:
+            ds = critical_batch_scaling(make, [d], targets, batch_sizes)
+            resume.write(ds, path)
         if progress:
-            print(f"scaling_laws: B_crit at d = {int(d)}: {np.round(old.b_crit.values[0], 1)}")
+            print(f"scaling_laws: B_crit at d = {int(d)}: {np.round(ds.b_crit.values[0], 1)}")
+        return ds
+
+    with ThreadPoolExecutor(2) as pool:  # two sizes at a time (the kernel releases the GIL)
+        parts = list(pool.map(one_size, sizes[::-1]))[::-1]  # the slowest (largest) first
     critical = xr.concat(parts, dim="n_features", combine_attrs="override")
     result = {"curves": curves, "frontier": frontier, "critical": critical}
     return publish(result, out, "scaling_laws", plot)
