@@ -75,3 +75,15 @@ def test_unreachable_target_is_inf_with_a_reason():
     assert "fewer than two" in str(ds.reason.values[0, 0])
     with pytest.raises(ValueError, match="family"):
         critical_batch_scaling(NQM.power_law, [5], [0.1], [1, 2], family="momentum")
+
+
+def test_fit_interval_is_a_point_on_an_exact_hyperbola_and_widens_with_the_level():
+    from toymodels.critical import _fit_interval
+
+    b = 2.0 ** np.arange(8)
+    exact = _fit_interval(b, 100 * (1 + 16 / b), 0.95)
+    assert exact["b_crit"] == pytest.approx(16) and exact["e_min"] == pytest.approx(1600)
+    assert exact["b_crit_fit_hi"] - exact["b_crit_fit_lo"] < 1e-6
+    bent = 100 * (1 + 16 / b) * (1 + 0.05 * np.cos(b))
+    narrow, wide = _fit_interval(b, bent, 0.5), _fit_interval(b, bent, 0.99)
+    assert wide["b_crit_fit_lo"] < narrow["b_crit_fit_lo"] < narrow["b_crit"] < narrow["b_crit_fit_hi"] < wide["b_crit_fit_hi"]
