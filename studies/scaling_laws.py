@@ -13,7 +13,7 @@ Batch Size Scale in Pre-training?", who measured that B_crit grows with the data
 size): against the target loss and against the data E_min = S_min B_crit for several d, and against
 d at fixed targets, with the fit interval.
 
-    python -m studies run scaling_laws            # 8 sizes up to d = 1024, 6 targets (a few minutes)
+    python -m studies run scaling_laws            # 8 sizes up to d = 1024, 6 targets (~10 minutes)
     python -m studies run scaling_laws --quick    # 5 sizes up to d = 512, 4 targets
     python -m studies run scaling_laws --full     # 8 sizes up to d = 2048, 8 targets
 
@@ -50,11 +50,11 @@ from ._io import command, publish, settings_tag  # noqa: E402
 
 ALPHA, BETA = 1.0, 0.7
 SCALES = {
-    "tiny": dict(sizes=[16, 32], v=64, n_targets=2, n_batch=6, n_steps=10**3, n_flops=8),
-    "quick": dict(sizes=[32, 64, 128, 256, 512], v=1024, n_targets=4, n_batch=12, n_steps=10**5, n_flops=16),
-    "default": dict(sizes=[32, 52, 84, 137, 223, 362, 588, 1024], v=2048, n_targets=6, n_batch=20, n_steps=10**5,
+    "tiny": dict(floor_factor=3.0, sizes=[16, 32], v=64, n_targets=2, n_batch=6, n_steps=10**3, n_flops=8),
+    "quick": dict(floor_factor=3.0, sizes=[32, 64, 128, 256, 512], v=1024, n_targets=4, n_batch=12, n_steps=10**5, n_flops=16),
+    "default": dict(floor_factor=3.0, sizes=[32, 52, 84, 137, 223, 362, 588, 1024], v=2048, n_targets=6, n_batch=20, n_steps=10**5,
                     n_flops=24),
-    "full": dict(sizes=[64, 111, 194, 338, 588, 1024, 1783, 2048], v=4096, n_targets=8, n_batch=24, n_steps=10**6,
+    "full": dict(floor_factor=3.0, sizes=[64, 111, 194, 338, 588, 1024, 1783, 2048], v=4096, n_targets=8, n_batch=24, n_steps=10**6,
                  n_flops=32),
 }
 
@@ -86,9 +86,9 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     flops = np.geomspace(30 * sizes[0], 3 * sizes[-1] * cfg["n_steps"], cfg["n_flops"])
     frontier = plrf_frontier(ALPHA, BETA, sizes, flops, v=cfg["v"])
     # (d-f) the critical batch size, one size at a time, saved as it goes
-    # from 1e-2 down to 1.5 x the largest model's irreducible risk: smaller models cannot reach the
-    # lower targets (inf, with a reason), which is the trade-off of model size and data
-    targets = np.geomspace(1e-2, 1.5 * make(sizes[-1]).irreducible_risk, cfg["n_targets"])
+    # from 1e-2 down to floor_factor x the largest model's irreducible risk: smaller models cannot
+    # reach the lower targets (inf, with a reason), which is the trade-off of model size and data
+    targets = np.geomspace(1e-2, cfg["floor_factor"] * make(sizes[-1]).irreducible_risk, cfg["n_targets"])
     batch_sizes = np.geomspace(1, 2**12, cfg["n_batch"])
     folder = os.path.join(out, f"scaling_laws-{settings_tag(scale, cfg)}")
     os.makedirs(folder, exist_ok=True)
