@@ -29,6 +29,8 @@ STUDIES = {
                           "NQMs along training) vs measured with a bootstrap interval; B_crit along training; "
                           "batch-size warmup",
     "coherent_gradients": "memorization of corrupt labels under SGD, RA3, RM3, M3 and winsorization",
+    "scaling_laws": "power-law random features, exact: risk curves, the compute-optimal frontier, and B_crit vs "
+                    "data and model size",
     "transformer_noise": "a transformer's gradient noise scale along training: per example, gradient accumulation "
                          "and DDP on the same examples",
     "deep_bootstrap": "the deep bootstrap: test risk of SGD on a fixed training set vs fresh samples, exact in linear "

@@ -277,3 +277,27 @@ def test_deep_bootstrap_tiny(tmp_path):
     xr.testing.assert_equal(again["mlp"], net)
     main(["plot", str(path), "--out", str(tmp_path / "redrawn.png")])
     assert (tmp_path / "redrawn.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # 35 s on the loaded 2-core machine (20 s of it drawing the six log-log panels)
+def test_scaling_laws_tiny(tmp_path):
+    """The PLRF scaling-law study runs at a tiny scale, writes valid groups, and a rerun reuses the
+    critical-batch grid saved per model size."""
+    from studies import scaling_laws
+
+    res = scaling_laws.run(scale="tiny", out=str(tmp_path), progress=False)
+    assert (tmp_path / "scaling_laws.png").stat().st_size > 10_000
+    name, saved = load(str(tmp_path / "scaling_laws.nc"))
+    assert name == "scaling_laws" and set(saved) == {"curves", "frontier", "critical"}
+    for ds in saved.values():
+        validate(ds)
+    crit = saved["critical"]
+    assert crit.b_crit.dims == ("n_features", "target")
+    assert np.isfinite(crit.b_crit.values).sum() >= 3  # the largest model reaches every target
+    ok = np.isfinite(crit.b_crit.values)
+    assert np.all((crit.b_crit_fit_lo.values[ok] <= crit.b_crit.values[ok]) & (crit.b_crit.values[ok] <= crit.b_crit_fit_hi.values[ok]))
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = scaling_laws.run(scale="tiny", out=str(tmp_path), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+    xr.testing.assert_equal(again["critical"].b_crit, res["critical"].b_crit)

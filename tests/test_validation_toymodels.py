@@ -210,6 +210,7 @@ EXAMPLES = {
     "toymodels.stats.gradient_statistics": lambda: ((1.0, 2.0, 10, 4), {}),
     "toymodels.stats.two_batch_estimates": lambda: ((2.0, 1.0, 1.5, 4.0), {}),
     "toymodels.critical.noise_scale_prediction": lambda: (([0, 10, 20], [5.0, 8.0, 9.0], 2.0, 20.0, [1, 4, 16]), {}),
+    "toymodels.critical.critical_batch_scaling": lambda: ((NQM.power_law, [5], [0.1], [1, 4, 16]), {}),
     "toymodels.critical.tune_lr": lambda: (([NQM.power_law(10)], [1.0], SGD, 4.0, [0.1]), {"n_grid": 5}),
     "toymodels.critical.piecewise_prediction": lambda: (([NQM.power_law(10)], [100.0], [0.5], SGD, 2.0, [1, 4, 16]), {}),
     "toymodels.stats.crossing_step": lambda: (([0, 10, 20], [1.0, 0.5, 0.1], 0.2), {}),

@@ -56,13 +56,14 @@ import math
 
 import numpy as np
 import xarray as xr
+from numba import njit
 from scipy import optimize
 
 from ._validate import MAX_EXACT_INT, Array, Callable, Integer, Options, Real, validate
 from .schema import attach_attrs
 from .stats import fit_critical_batch
 
-__all__ = ["noise_scale_prediction", "piecewise_prediction", "tune_lr"]
+__all__ = ["noise_scale_prediction", "piecewise_prediction", "tune_lr", "critical_batch_scaling"]
 
 _BATCH_SIZES = Array(1, low=1.0, high=float(MAX_EXACT_INT))
 _POSITIVE = Real(0.0, math.inf, low_open=True, high_open=True)
@@ -298,4 +299,251 @@ def piecewise_prediction(problems, segment_steps, segment_ratios, make, referenc
                          for fj, p, s, t in zip(f, problems, search, targets))
     ds = _result(bs, out, predictor, calibration=f.tolist(), calibration_iterations=iterations, **attrs)
     ds["lr_opt"] = ("batch_size", lrs)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------------
+# critical batch size over model size and data: the exact tuned steps of SGD, fitted per (d, target)
+# ----------------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _sgd_first_crossings(h, s0, q, kappa, rho, lrs, batch_size, threshold, k_max):
+    """First step k <= ``k_max`` with 1/2 h.s_k <= ``threshold`` for each learning rate, stepping all of
+    them together and stopping at the first k where any crosses (so only the best of the grid is
+    exact; the others are -1 or larger).  s' = a s + u (h.s) + c with, for lr r and batch B,
+    a = (1 - r h)^2 + kappa r^2 h^2 / B, u = rho r^2 h / B, c = r^2 q / B."""
+    n, d = lrs.size, h.size
+    s = np.empty((n, d))
+    out = np.full(n, -1, dtype=np.int64)
+    alive = np.ones(n, dtype=np.bool_)
+    m0 = 0.0
+    for i in range(d):
+        m0 += h[i] * s0[i]
+    if 0.5 * m0 <= threshold:
+        out[:] = 0
+        return out
+    m = np.full(n, m0)
+    for j in range(n):
+        for i in range(d):
+            s[j, i] = s0[i]
+    for k in range(1, k_max + 1):
+        found = False
+        for j in range(n):
+            if not alive[j]:
+                continue
+            r2 = lrs[j] * lrs[j] / batch_size
+            mj = 0.0
+            for i in range(d):
+                g = 1.0 - lrs[j] * h[i]
+                v = (g * g + kappa * r2 * h[i] * h[i]) * s[j, i] + rho * r2 * h[i] * m[j] + r2 * q[i]
+                s[j, i] = v
+                mj += h[i] * v
+            m[j] = mj
+            if 0.5 * mj <= threshold:
+                out[j] = k
+                found = True
+            elif not (mj < 1e30 * m0):  # diverging (or NaN)
+                alive[j] = False
+        if found:
+            return out
+    return out
+
+
+def _moment_system(problem):
+    """(h, s0, q, kappa, rho, floor, lr_top) of SGD's exact second-moment recursion on ``problem``:
+    an :class:`toymodels.NQM` (kappa = rho = 0, q = c: noise independent of the state), a
+    :class:`toymodels.GaussianLinearRegression` (kappa = rho = 1, q = sigma^2 h: the Gaussian fourth
+    moment), or a model holding one as ``.regression`` with a constant ``irreducible_risk`` (the
+    :class:`toymodels.PowerLawRF`).  ``lr_top(B)`` is the largest stable learning rate."""
+    from .linreg import GaussianLinearRegression
+    from .nqm import NQM
+    from .optimizers import SGD
+
+    floor = 0.0
+    reg = problem
+    if hasattr(problem, "regression") and isinstance(problem.regression, GaussianLinearRegression):
+        reg, floor = problem.regression, float(problem.irreducible_risk)
+    if isinstance(reg, GaussianLinearRegression):
+        h = np.ascontiguousarray(reg.h, dtype=np.float64)
+        return (h, np.ascontiguousarray(reg.init_sq, dtype=np.float64), reg.noise_std**2 * h, 1.0, 1.0, floor,
+                lambda b: reg.stable_lr(SGD(1.0), b))
+    if isinstance(reg, NQM):
+        lim = reg.lr_limit(SGD(1.0))
+        return reg.h, reg.init_sq, reg.c, 0.0, 0.0, 0.0, lambda b: lim
+    raise TypeError(f"`model_factory` must build an NQM, a GaussianLinearRegression or a PowerLawRF for "
+                    f"tuner='grid'; got {type(problem).__name__} (use tuner='sweep').")
+
+
+def _grid_tuned_steps(system, batch_size, target, *, k_max=10**7, n_grid=32, n_refine=16, n_rounds=2):
+    """Fewest steps of SGD to ``target`` at one batch size over the learning rate: the best of a log
+    grid of ``n_grid`` fractions in [1e-4, 0.999] of the stable limit, refined ``n_rounds`` times
+    by ``n_refine`` points between the best point's neighbours (the grid reaches lower where the
+    noise needs it).  Returns ``(steps, lr)``;
+    ``(inf, nan)`` if no rate reaches the target within ``k_max`` steps."""
+    h, s0, q, kappa, rho, floor, lr_top = system
+    thr = target - floor
+    if thr <= 0:
+        return math.inf, math.nan
+    top = lr_top(batch_size)
+    # the grid reaches down to rates whose noise floor (about lr sum(q) / (4 B)) is a tenth of the
+    # threshold, so that very noisy problems (tiny best rates) are on it; spacing at most that of
+    # ``n_grid`` points over [1e-4, 0.999]
+    noise = float(np.sum(q))
+    low = min(1e-4, 0.4 * batch_size * thr / (noise * top)) if noise > 0 else 1e-4
+    n = max(n_grid, int(math.ceil((n_grid - 1) * math.log(0.999 / low) / math.log(0.999e4))) + 1)
+    lrs = top * np.geomspace(low, 0.999, n)
+    best_k, best_lr = math.inf, math.nan
+    for _ in range(n_rounds + 1):
+        limit = int(min(k_max, best_k)) if math.isfinite(best_k) else k_max
+        ks = _sgd_first_crossings(h, s0, q, kappa, rho, lrs, float(batch_size), thr, limit)
+        hit = ks >= 0
+        if hit.any():
+            j = int(np.argmin(np.where(hit, ks, np.iinfo(np.int64).max)))
+            if ks[j] <= best_k:
+                best_k, best_lr = float(ks[j]), float(lrs[j])
+        if not math.isfinite(best_k):
+            return math.inf, math.nan
+        lo = best_lr / (lrs[1] / lrs[0])
+        hi = min(best_lr * (lrs[1] / lrs[0]), top * 0.9999)
+        lrs = np.geomspace(lo, hi, n_refine)
+    return best_k, best_lr
+
+
+def _fit_interval(batch_sizes, steps, level):
+    """:func:`toymodels.stats.fit_critical_batch` plus an interval of B_crit from the fit's
+    residuals: the least-squares rows (1/S, 1/(B S)) . (S_min, S_min B_crit) = 1 give the
+    covariance s^2 (X^T X)^-1 of (a, c) with s^2 = RSS / (n - 2), and B_crit = c / a a delta-method
+    standard error; the interval is +- t_(n-2) quantile times it.  The steps are exact, so this
+    says how well the hyperbola S = S_min (1 + B_crit / B) describes the curve, not a sampling error.
+    Returns dict ``b_crit``, ``b_crit_fit_lo``, ``b_crit_fit_hi``, ``s_min``, ``e_min`` (S_min B_crit)
+    and ``rms``; ``inf`` with a ``reason`` when there is nothing to fit."""
+    from scipy import stats as sstats
+
+    b, s = np.asarray(batch_sizes, dtype=np.float64), np.asarray(steps, dtype=np.float64)
+    ok = np.isfinite(s) & (s > 0)
+    try:
+        fit = fit_critical_batch(b[ok], s[ok]) if ok.sum() >= 2 else None
+    except ValueError:
+        fit = None
+    if fit is None:
+        return dict(b_crit=math.inf, b_crit_fit_lo=math.inf, b_crit_fit_hi=math.inf, s_min=math.inf,
+                    e_min=math.inf, rms=math.nan, reason="fewer than two batch sizes reach the target")
+    bc, sm = fit["critical_batch_size"], fit["steps_min"]
+    lo = hi = bc
+    n = int(ok.sum())
+    if n > 2 and math.isfinite(bc) and sm > 0:
+        X = np.stack([1.0 / s[ok], 1.0 / (b[ok] * s[ok])], axis=1)
+        a, c = sm, sm * bc
+        res = X @ np.array([a, c]) - 1.0
+        cov = float(res @ res) / (n - 2) * np.linalg.inv(X.T @ X)
+        grad = np.array([-c / a**2, 1.0 / a])
+        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+        half = float(sstats.t.ppf(0.5 + level / 2.0, n - 2)) * se
+        lo, hi = max(bc - half, 0.0), bc + half
+    return dict(b_crit=bc, b_crit_fit_lo=lo, b_crit_fit_hi=hi, s_min=sm, e_min=sm * bc if math.isfinite(bc) else
+                math.inf, rms=fit["rms_relative_error"], reason="")
+
+
+def _size_job(args):
+    """All targets of one model size (a thread's task)."""
+    model_factory, size, targets, batch_sizes, tuner, family = args
+    model = model_factory(size)
+    steps = np.full((len(targets), len(batch_sizes)), np.inf)
+    lrs = np.full(steps.shape, np.nan)
+    if tuner == "grid":
+        system = _moment_system(model)
+        for t, target in enumerate(targets):
+            for j, b in enumerate(batch_sizes):
+                steps[t, j], lrs[t, j] = _grid_tuned_steps(system, b, target)
+    else:
+        from .sweep import batch_size_sweep
+
+        for t, target in enumerate(targets):
+            if target <= getattr(model, "irreducible_risk", 0.0):
+                continue
+            sw = batch_size_sweep(model, family, batch_sizes, float(target), progress=False)
+            steps[t], lrs[t] = sw.steps_to_target.values, sw.lr_opt.values
+    return (steps, lrs, float(model.initial_loss), float(getattr(model, "irreducible_risk", 0.0)),
+            getattr(model, "model_name", "toy"), getattr(model, "params", {}))
+
+
+@validate(model_factory=Callable(), sizes=Array(1, low=1.0), targets=Array(1, low=0.0, low_open=True),
+          batch_sizes=_BATCH_SIZES, tuner=Options("grid", "sweep"), level=Real(0.0, 1.0, low_open=True, high_open=True),
+          n_jobs=Integer(1, 256))
+def critical_batch_scaling(model_factory, sizes, targets, batch_sizes, *, tuner: str = "grid", family: str = "sgd",
+                           level: float = 0.95, n_jobs: int = 1) -> xr.Dataset:
+    """The critical batch size as a function of model size and data (the target loss), exactly.
+
+    Zhang et al. 2024 ("How Does Critical Batch Size Scale in Pre-training?", Sec. 3 and 4) define
+    B_crit through S(B) = S_min (1 + B_crit / B) (McCandlish et al. 2018, "An Empirical Model of
+    Large-Batch Training", Sec. 2.2) fitted to the tuned steps to a target loss, and find that it
+    grows with the data (a lower target needs more examples, E_min = S_min B_crit) and hardly with
+    the model size.  Here, for every model size d and target, the exact tuned steps S(B) of SGD are
+    fitted, so the answer has no seed noise.
+
+    The steps at each batch size are minimised over the learning rate.  ``tuner="grid"`` (SGD on an
+    NQM, a linear regression or a :class:`toymodels.PowerLawRF`): the exact second-moment recursion
+    of SGD stepped for 32 log-spaced learning rates in [1e-4, 0.999] of the stable limit at once,
+    stopped at the first crossing, then twice refined by 16 rates between the best point's
+    neighbours (final spacing 0.1% in lr); each run's crossing is exact, the minimum over the
+    learning rate is that of the grid.  ``tuner="sweep"``:
+    :func:`toymodels.sweep.batch_size_sweep` of ``family`` (any model and family it takes; slower).
+
+    Args:
+        model_factory: ``model_factory(d)`` -> a model of size d (e.g.
+            ``lambda d: PowerLawRF(1.0, 0.7, 2000, d)``); called once per size.
+        sizes: ``(n_sizes,)`` model sizes d (the ``n_features`` coordinate).
+        targets: ``(n_targets,)`` target losses (absolute).  A target at or below a model's
+            irreducible risk gives ``inf`` steps and B_crit = inf with a ``reason``.
+        batch_sizes: ``(n_batch,)`` batch sizes of each sweep.
+        tuner: ``"grid"`` or ``"sweep"`` (see above).
+        family: the optimizer family of ``tuner="sweep"`` (``"sgd"`` for ``"grid"``).
+        level: coverage of the fit interval (see below).
+        n_jobs: model sizes run side by side in threads (the kernel releases the GIL).
+
+    Returns:
+        Dataset over (``n_features``, ``target``): ``b_crit`` (the fit of
+        :func:`toymodels.stats.fit_critical_batch`), ``b_crit_fit_lo`` / ``b_crit_fit_hi`` (the fit
+        interval: +- the t quantile times the delta-method standard error of c / a from the
+        least-squares residuals; the steps are exact, so it measures how well the hyperbola fits),
+        ``s_min``, ``e_min`` = S_min B_crit (examples at a small batch size: the data),
+        ``fit_rms`` (rms relative error of the fit), ``reason``; and over (``n_features``,
+        ``target``, ``batch_size``) ``steps_to_target`` and ``lr_opt``; coordinate
+        ``initial_loss`` and ``irreducible_risk`` over ``n_features``.
+    """
+    if tuner == "grid" and family != "sgd":
+        raise ValueError(f"`family` must be 'sgd' for tuner='grid'; got {family!r}.")
+    ds_ = np.asarray(sizes, dtype=np.float64)
+    if np.any(ds_ != np.round(ds_)):
+        raise ValueError("`sizes` must be whole numbers.")
+    tg = np.asarray(targets, dtype=np.float64)
+    bs = np.sort(np.asarray(batch_sizes, dtype=np.float64))
+    jobs = [(model_factory, int(d), tg, bs, tuner, family) for d in ds_]
+    if n_jobs > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(n_jobs, len(jobs))) as pool:
+            parts = list(pool.map(_size_job, jobs))
+    else:
+        parts = [_size_job(j) for j in jobs]
+    steps = np.stack([p[0] for p in parts])
+    lrs = np.stack([p[1] for p in parts])
+    names = ("b_crit", "b_crit_fit_lo", "b_crit_fit_hi", "s_min", "e_min", "rms")
+    out = {k: np.empty((ds_.size, tg.size)) for k in names}
+    reason = np.empty((ds_.size, tg.size), dtype=object)
+    for i in range(ds_.size):
+        for t in range(tg.size):
+            fit = _fit_interval(bs, steps[i, t], level)
+            for k in names:
+                out[k][i, t] = fit[k]
+            reason[i, t] = fit["reason"]
+    dims = ("n_features", "target")
+    ds = xr.Dataset({**{k: (dims, out[k]) for k in names if k != "rms"}, "fit_rms": (dims, out["rms"]),
+                     "reason": (dims, reason.astype(str)),
+                     "steps_to_target": (dims + ("batch_size",), steps), "lr_opt": (dims + ("batch_size",), lrs)},
+                    coords={"n_features": ds_, "target": tg, "batch_size": bs,
+                            "initial_loss": ("n_features", [p[2] for p in parts]),
+                            "irreducible_risk": ("n_features", [p[3] for p in parts])})
+    shared = {k: v for k, v in parts[0][5].items() if k not in ("d", "dim", "initial_loss", "irreducible_risk")
+              and all(p[5].get(k) == v for p in parts)}  # the parameters every size shares
+    attach_attrs(ds, model=parts[0][4], source="exact", tuner=tuner, optimizer=family, level=level, **shared)
     return ds

@@ -17,7 +17,7 @@ __all__ = ["DIMS", "VARIABLES", "SOURCES", "validate", "attach_attrs"]
 STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE = "step", "batch_size", "lr", "momentum", "decay", "seed", "mode"
 DIMS = (STEP, BATCH_SIZE, LR, MOMENTUM, DECAY, SEED, MODE, "example", "layer", "rank", "piece", "optimizer", "curve", "estimator", "n_train", "duplicates", "bound",
         "label_noise", "subset", "case", "kind", "network", "predictor", "checkpoint", "estimate", "schedule",
-        "aggregation", "draw", "flops", "n_features")
+        "aggregation", "draw", "flops", "n_features", "target")
 
 VARIABLES = {
     "loss": "expected (theory) or measured training loss",
@@ -121,6 +121,10 @@ VARIABLES = {
     "d_opt": "compute-optimal model size d*(F): the parameter count that minimises the loss at a FLOP budget F",
     "loss_opt": "the loss at the compute-optimal model size, L(d*(F); F)",
     "at_grid_end": "the iso-FLOP minimum lies at an end of the model-size grid (left out of the exponent fit)",
+    "b_crit_fit_lo": "lower end of the fit interval of b_crit (exact steps: how well S = S_min (1 + B_crit / B) fits)",
+    "b_crit_fit_hi": "upper end of the fit interval of b_crit (exact steps: how well S = S_min (1 + B_crit / B) fits)",
+    "e_min": "E_min = S_min B_crit: the examples (data) a small batch size needs to reach the target",
+    "fit_rms": "rms relative error of the fit S = S_min (1 + B_crit / B) to the steps",
     "ema_n_eff": "effective number of steps of a bias-corrected EMA (1 / sum of its squared weights)",
     "online_risk": "expected population (test) excess risk of SGD with fresh examples at every step (the deep "
                    "bootstrap's ideal world, Nakkiran et al. 2021)",
