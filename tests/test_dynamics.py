@@ -158,7 +158,7 @@ def test_closed_form_stein_matches_doubling():
 def test_first_crossing_guess_and_parallel_leaves(opt, monkeypatch):
     """The answer does not depend on the split hint, and the parallel leaf values (one
     multiplication per step, the (g, s) recurrence for flagged modes) equal the closed form."""
-    monkeypatch.setattr(dynamics, "_PARALLEL_MIN_MODES", 4096)  # the parallel kernels at a test size
+    monkeypatch.setattr(dynamics.modal, "_PARALLEL_MIN_MODES", 4096)  # the parallel kernels at a test size
     nqm = NQM.power_law(5000)
     mf = nqm.modal_form(opt, 4)
     ref = mf.loss(np.arange(2001))

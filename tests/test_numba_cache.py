@@ -3,7 +3,7 @@
 Numba caches every compiled function on its own.  A process killed during its first compile leaves
 some functions cached and others not; the next process compiles the rest against the cached ones.
 With a cached serial function calling a ``parallel=True`` one, that state made every later process
-segfault (see the note above ``_first_crossing_serial`` in :mod:`toymodels.dynamics`).  These tests
+segfault (see the note above ``_first_crossing_serial`` in :mod:`toymodels.dynamics.crossing`).  These tests
 make that state for real, in subprocesses with their own cache folder, and check that the next two
 (three in the slow variants) processes all give the right answer.
 """
