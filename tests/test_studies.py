@@ -250,6 +250,7 @@ def test_transformer_noise_tiny(tmp_path):
     xr.testing.assert_identical(again["ddp"], ddp)
 
 
+@pytest.mark.slow  # 8-25 s (MNIST-1D generation, the MLP runs); CI runs it explicitly
 def test_deep_bootstrap_tiny(tmp_path):
     """The deep-bootstrap study runs at its test scale, writes valid groups and a figure, shows the exact
     linear-regression claims (equal at step 0, later bootstrap error smaller for more data), measures the
