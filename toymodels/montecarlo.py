@@ -15,7 +15,24 @@ import numpy as np
 import xarray as xr
 from numba import njit
 
+from .dynamics._kernels import _varying_transition
+
 __all__ = ["simulate_linear_system", "simulate_varying_system", "simulate_regression", "simulate_finite", "mc_divergence", "mc_stats_dataset"]
+
+
+@njit(cache=True)
+def _record_runs(X, h, r, out_loss, out_gsq, j):
+    """Record each run's loss sum_i h_i X[run, i, r]^2 / 2 and |h * X[run, :, 0]|^2 at slot j."""
+    n_runs, d, _ = X.shape
+    for run in range(n_runs):
+        loss = 0.0
+        gsq = 0.0
+        for i in range(d):
+            loss += 0.5 * h[i] * X[run, i, r] ** 2
+            g = h[i] * X[run, i, 0]
+            gsq += g * g
+        out_loss[j, run] = loss
+        out_gsq[j, run] = gsq
 
 
 @njit(cache=True)
@@ -29,15 +46,7 @@ def _simulate_chunk(A0, A1, b1, lrs, z, h, r, record_mask, X, out_loss, out_gsq,
     j = rec_start
     for k in range(lrs.size):
         if record_mask[k]:
-            for run in range(n_runs):
-                loss = 0.0
-                gsq = 0.0
-                for i in range(d):
-                    loss += 0.5 * h[i] * X[run, i, r] ** 2
-                    g = h[i] * X[run, i, 0]
-                    gsq += g * g
-                out_loss[j, run] = loss
-                out_gsq[j, run] = gsq
+            _record_runs(X, h, r, out_loss, out_gsq, j)
             j += 1
         lr = lrs[k]
         for run in range(n_runs):
@@ -109,23 +118,12 @@ def _simulate_varying_chunk(P0, P1, Q0, Q1, R0, R1, lrs, cs, z, h, r, record_mas
     j = rec_start
     for k in range(lrs.size):
         if record_mask[k]:
-            for run in range(n_runs):
-                loss = 0.0
-                gsq = 0.0
-                for i in range(d):
-                    loss += 0.5 * h[i] * X[run, i, r] ** 2
-                    g = h[i] * X[run, i, 0]
-                    gsq += g * g
-                out_loss[j, run] = loss
-                out_gsq[j, run] = gsq
+            _record_runs(X, h, r, out_loss, out_gsq, j)
             j += 1
         lr = lrs[k]
         c = cs[k]
         for i in range(d):
-            for u in range(s):
-                bk[u] = lr * (R0[i, u] + c * R1[i, u])
-                for v in range(s):
-                    A[u, v] = P0[i, u, v] + c * P1[i, u, v] + lr * (Q0[i, u, v] + c * Q1[i, u, v])
+            _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, c, A, bk)
             for run in range(n_runs):
                 e = z[k, run, i]
                 for u in range(s):

@@ -256,23 +256,14 @@ class Momentum(Optimizer):
                 "weight_decay": self.weight_decay}
 
 
-@validate_init(base=Instance(Optimizer, what="an SGD, Momentum, Nesterov or AcceleratedSGD spec"), decay=_UNIT)
-@dataclass(frozen=True)
-class EMA(Optimizer):
-    """Exponential moving average of a base optimizer's iterates, decay mu in [0, 1).
+class _IterateAverage(Optimizer):
+    """What the averages of a base optimizer's iterates share (:class:`EMA`, :class:`PolyakAverage`):
+    the base's learning rate, its state followed by the average, the loss read at the average."""
 
-    avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is measured at the average.
-    ``lr`` is the base optimizer's (``EMA(...).lr`` reads it, ``with_lr`` sets it).
-    """
-
-    base: Optimizer
-    decay: float = 0.99
-
-    def __post_init__(self):
+    def _check_base(self):
         if not isinstance(self.base, _CONSTANT_BASES):
             raise TypeError(f"`base` must be an SGD, Momentum, Nesterov or AcceleratedSGD spec; got "
                             f"{type(self.base).__name__}.")
-        object.__setattr__(self, "decay", check_real("decay", self.decay, low=0.0, high=1.0, high_open=True))
 
     @property
     def lr(self):
@@ -293,6 +284,23 @@ class EMA(Optimizer):
     def init(self):
         """The base optimizer's ``init`` followed by 1 (avg_0 = theta_0)."""
         return np.concatenate([self.base.init, [1.0]])
+
+
+@validate_init(base=Instance(Optimizer, what="an SGD, Momentum, Nesterov or AcceleratedSGD spec"), decay=_UNIT)
+@dataclass(frozen=True)
+class EMA(_IterateAverage):
+    """Exponential moving average of a base optimizer's iterates, decay mu in [0, 1).
+
+    avg' = mu avg + (1 - mu) theta', avg_0 = theta_0; the loss is measured at the average.
+    ``lr`` is the base optimizer's (``EMA(...).lr`` reads it, ``with_lr`` sets it).
+    """
+
+    base: Optimizer
+    decay: float = 0.99
+
+    def __post_init__(self):
+        self._check_base()
+        object.__setattr__(self, "decay", check_real("decay", self.decay, low=0.0, high=1.0, high_open=True))
 
     def _affine(self, h):
         a0b, a1b, b1b = self.base._affine(h)
@@ -500,7 +508,7 @@ def _uniform_weights(k):
 
 @validate_init(base=Instance(Optimizer, what="an SGD, Momentum, Nesterov or AcceleratedSGD spec"))
 @dataclass(frozen=True)
-class PolyakAverage(Optimizer):
+class PolyakAverage(_IterateAverage):
     """Uniform (Polyak-Ruppert) average of a base optimizer's iterates, read by the loss.
 
     avg_k = (theta_0 + ... + theta_k) / (k + 1), i.e. at update k (step k -> k + 1)
@@ -522,29 +530,7 @@ class PolyakAverage(Optimizer):
     time_varying = True
 
     def __post_init__(self):
-        if not isinstance(self.base, _CONSTANT_BASES):
-            raise TypeError(f"`base` must be an SGD, Momentum, Nesterov or AcceleratedSGD spec; got "
-                            f"{type(self.base).__name__}.")
-
-    @property
-    def lr(self):
-        """The base optimizer's learning rate (a :class:`~toymodels.schedules.Schedule`)."""
-        return self.base.lr
-
-    @property
-    def n_state(self):
-        """The base optimizer's state entries and the average."""
-        return self.base.n_state + 1
-
-    @property
-    def readout(self):
-        """Index of the average (the last entry)."""
-        return self.base.n_state
-
-    @property
-    def init(self):
-        """The base optimizer's ``init`` followed by 1 (avg_0 = theta_0)."""
-        return np.concatenate([self.base.init, [1.0]])
+        self._check_base()
 
     def _coefficients(self, k):
         return _uniform_weights(k)

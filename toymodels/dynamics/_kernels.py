@@ -27,6 +27,17 @@ def _sandwich(P, X, out):
 
 
 @njit(cache=True, nogil=True)
+def _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, c, A, b):
+    """Mode i's A = P0 + c P1 + lr (Q0 + c Q1) and b = lr (R0 + c R1) of a time-varying system, into
+    the preallocated ``A`` (s, s) and ``b`` (s,)."""
+    s = b.size
+    for u in range(s):
+        b[u] = lr * (R0[i, u] + c * R1[i, u])
+        for v in range(s):
+            A[u, v] = P0[i, u, v] + c * P1[i, u, v] + lr * (Q0[i, u, v] + c * Q1[i, u, v])
+
+
+@njit(cache=True, nogil=True)
 def _matmul(P, R, out):
     s = P.shape[0]
     for i in range(s):

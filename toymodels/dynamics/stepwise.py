@@ -10,10 +10,23 @@ import numpy as np
 from numba import njit
 
 from ..schedules import batch_sizes_at, check_batch_values, schedule_segments
-from ._kernels import _matmul, _sandwich, _set, _set_sum
+from ._kernels import _matmul, _sandwich, _set, _set_sum, _varying_transition
 
 __all__ = ["propagate", "jump", "MAX_SCAN_UPDATES", "MAX_SCAN_WORK", "merged_segments", "propagate_schedule",
            "propagate_varying"]
+
+
+@njit(cache=True, nogil=True)
+def _record_moments(S, h, r, out_loss, out_gsq, j):
+    """Record the loss sum_i h_i S[i, r, r] / 2 (read at state entry r) and sum_i h_i^2 S[i, 0, 0] at
+    slot j."""
+    loss = 0.0
+    gsq = 0.0
+    for i in range(h.size):
+        loss += 0.5 * h[i] * S[i, r, r]
+        gsq += h[i] * h[i] * S[i, 0, 0]
+    out_loss[j] = loss
+    out_gsq[j] = gsq
 
 
 @njit(cache=True, nogil=True)
@@ -38,13 +51,7 @@ def _propagate_kernel(A0, A1, b1, q, q_self, q_loss, h, r, lrs, bss, record, S, 
     n_rec = record.size
     for k in range(n + 1):
         if j < n_rec and record[j] == k:
-            loss = 0.0
-            gsq = 0.0
-            for i in range(d):
-                loss += 0.5 * h[i] * S[i, r, r]
-                gsq += h[i] * h[i] * S[i, 0, 0]
-            out_loss[j] = loss
-            out_gsq[j] = gsq
+            _record_moments(S, h, r, out_loss, out_gsq, j)
             j += 1
         if k == n:
             break
@@ -295,23 +302,14 @@ def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, h, r, lrs, cs, bss, rec
     n_rec = record.size
     for k in range(n + 1):
         if j < n_rec and record[j] == k:
-            loss = 0.0
-            gsq = 0.0
-            for i in range(d):
-                loss += 0.5 * h[i] * S[i, r, r]
-                gsq += h[i] * h[i] * S[i, 0, 0]
-            out_loss[j] = loss
-            out_gsq[j] = gsq
+            _record_moments(S, h, r, out_loss, out_gsq, j)
             j += 1
         if k == n:
             break
         lr = lrs[k]
         c = cs[k]
         for i in range(d):
-            for u in range(s):
-                bk[u] = lr * (R0[i, u] + c * R1[i, u])
-                for v in range(s):
-                    A[u, v] = P0[i, u, v] + c * P1[i, u, v] + lr * (Q0[i, u, v] + c * Q1[i, u, v])
+            _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, c, A, bk)
             qi = q[i] if bss.size == 0 else q[i] / bss[k]
             _sandwich(A, S[i], T)
             for u in range(s):
