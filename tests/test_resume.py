@@ -57,6 +57,18 @@ def _assert_same(a: xr.Dataset, b: xr.Dataset):
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
 
 
+def _assert_same_run(a: xr.Dataset, b: xr.Dataset):
+    """Two training runs' results: the same rows and losses; the probes' statistics to 1e-9 relative.
+    The parameters are compared bit for bit by the callers; the probes' dot products <g_i, g_bar> go
+    through BLAS, whose threads (MKL_DYNAMIC) follow the machine's load, so a resumed run measured
+    at another time may differ from a straight one in the last bits (seen once in CI under load: the
+    deviation sums differed, |g_bar|^2 did not)."""
+    a, b = a.drop_attrs(), b.drop_attrs()
+    assert list(a.data_vars) == list(b.data_vars) and a.sizes == b.sizes
+    xr.testing.assert_identical(a.coords.to_dataset(), b.coords.to_dataset())
+    xr.testing.assert_allclose(a, b, rtol=1e-9, atol=0)
+
+
 # ----------------------------------------------------------------------------------------- module
 def test_write_is_atomic_and_read_reports_damage(tmp_path):
     path = tmp_path / "x.nc"
@@ -201,8 +213,8 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     resumed, p_resumed = _train(path)
     straight, p_straight = _train()
     torch.testing.assert_close(p_resumed, p_straight, rtol=0, atol=0)
-    _assert_same(resumed, straight)
-    _assert_same(resume.read(path), straight)
+    _assert_same_run(resumed, straight)
+    _assert_same_run(resume.read(path), straight)
 
 
 def test_training_writes_results_at_most_every_results_every_s(tmp_path, monkeypatch):
@@ -251,7 +263,7 @@ training._save_torch = _save
     assert list(resume.read(killed).step.values) == [0]
     resumed, p_resumed = _train(killed)
     torch.testing.assert_close(p_resumed, params, rtol=0, atol=0)
-    _assert_same(resumed, ds)
+    _assert_same_run(resumed, ds)
 
 
 @pytest.mark.slow  # 5-13 s (15 trainings); CI runs it
