@@ -116,6 +116,7 @@ def _single_process():
     return rows, list(model.parameters())
 
 
+@pytest.mark.slow  # 9-15 s (two spawned gloo processes); CI runs it, and the DDP studies/callbacks tests
 def test_ddp_equals_single_process(tmp_path, monkeypatch):
     ref_rows, ref_params = _single_process()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

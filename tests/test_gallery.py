@@ -12,7 +12,7 @@ from toymodels.schema import validate
 # the two studies that train many networks take minutes even at --quick on a 2-core CPU: the default
 # suite runs them at their tiny test scale (test_coherent_study.py, test_studies.py), and
 # gradient_tails at --quick in test_gradient_tails_study.py; transformer_noise starts DDP processes (its
-# tiny run is test_studies.py's, also slow; test_distributed.py covers DDP by default); their command-line
+# tiny run is test_studies.py's, also slow; test_distributed.py covers DDP, slow, in CI); their command-line
 # runs are -m slow; deep_bootstrap's --quick generates 7400 MNIST-1D examples (about a minute on a loaded CPU;
 # its tiny run is test_studies.py's, by default); optimizer_zoo's --quick tunes schedule-free SGD update by
 # update (~1.5 min; its default checks are test_optimizer_zoo_study.py's); scaling_laws takes about a minute

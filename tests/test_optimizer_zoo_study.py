@@ -40,6 +40,7 @@ def test_group_holds_the_tuned_sweeps_and_the_bound(small_group):
     assert np.isnan(ds.momentum_opt).all() and np.isnan(ds.kappa_opt).all()
 
 
+@pytest.mark.slow  # 2-8 s (draws the figure twice); CI runs it
 def test_unreached_targets_are_drawn_and_saved_as_inf(small_group, tmp_path):
     ds = small_group.copy(deep=True)
     ds["steps_to_target"].loc[dict(optimizer="ema", batch_size=1.0)] = math.inf
