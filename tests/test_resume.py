@@ -45,9 +45,20 @@ xr.Dataset.to_netcdf = _to_netcdf
 """
 
 
+def _child_env() -> dict:
+    """The environment of a child process that must compute what this one computes bit for bit: this
+    package first on the path, and torch's thread count (float32 sums split over another number of
+    threads differ in the last bits; an earlier test of the session, e.g. one with a dask cluster in
+    this process, may have changed it)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if "torch" in sys.modules:
+        env["OMP_NUM_THREADS"] = str(sys.modules["torch"].get_num_threads())
+    return env
+
+
 def _run_killed(body: str, n: int, cwd=None):
     script = KILL_DURING_WRITE.format(n=n) + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                          cwd=cwd)
     assert out.returncode == -9, f"the process was not killed during write {n}:\n{out.stderr[-2000:]}"
@@ -55,18 +66,6 @@ def _run_killed(body: str, n: int, cwd=None):
 
 def _assert_same(a: xr.Dataset, b: xr.Dataset):
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
-
-
-def _assert_same_run(a: xr.Dataset, b: xr.Dataset):
-    """Two training runs' results: the same rows and losses; the probes' statistics to 1e-9 relative.
-    The parameters are compared bit for bit by the callers; the probes' dot products <g_i, g_bar> go
-    through BLAS, whose threads (MKL_DYNAMIC) follow the machine's load, so a resumed run measured
-    at another time may differ from a straight one in the last bits (seen once in CI under load: the
-    deviation sums differed, |g_bar|^2 did not)."""
-    a, b = a.drop_attrs(), b.drop_attrs()
-    assert list(a.data_vars) == list(b.data_vars) and a.sizes == b.sizes
-    xr.testing.assert_identical(a.coords.to_dataset(), b.coords.to_dataset())
-    xr.testing.assert_allclose(a, b, rtol=1e-9, atol=0)
 
 
 # ----------------------------------------------------------------------------------------- module
@@ -148,7 +147,7 @@ def test_sweep_recomputes_a_damaged_or_foreign_file(tmp_path, damage):
 @pytest.mark.slow  # 4-8 s (two processes at once); CI runs it
 def test_two_sweeps_into_one_file_at_once(tmp_path):
     path = tmp_path / "sgd.nc"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     procs = [subprocess.Popen([sys.executable, "-c", SWEEP.format(path=str(path))], env=env, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     errs = [p.communicate(timeout=600)[1] for p in procs]
@@ -213,8 +212,8 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     resumed, p_resumed = _train(path)
     straight, p_straight = _train()
     torch.testing.assert_close(p_resumed, p_straight, rtol=0, atol=0)
-    _assert_same_run(resumed, straight)
-    _assert_same_run(resume.read(path), straight)
+    _assert_same(resumed, straight)
+    _assert_same(resume.read(path), straight)
 
 
 def test_training_writes_results_at_most_every_results_every_s(tmp_path, monkeypatch):
@@ -257,13 +256,13 @@ def _save(path, obj):
         os.kill(os.getpid(), signal.SIGKILL)
 training._save_torch = _save
 """ + TRAIN.replace("training.RESULTS_EVERY_S = 0.0", "").format(path=str(killed))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     out = subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == -9, out.stderr[-2000:]
     assert list(resume.read(killed).step.values) == [0]
     resumed, p_resumed = _train(killed)
     torch.testing.assert_close(p_resumed, params, rtol=0, atol=0)
-    _assert_same_run(resumed, ds)
+    _assert_same(resumed, ds)
 
 
 @pytest.mark.slow  # 5-13 s (15 trainings); CI runs it
@@ -335,7 +334,7 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
 @pytest.mark.slow
 def test_two_studies_into_one_folder_at_once(tmp_path):
     """The issue's case: two batch_size_scaling runs into one --out (PermissionError before)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = _child_env()
     cmd = [sys.executable, "-m", "studies", "run", "batch_size_scaling", "--quick", "--out", str(tmp_path / "a"),
            "--no-progress"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
