@@ -62,6 +62,18 @@ def _simulate_chunk(A0, A1, b1, lrs, z, h, r, record_mask, X, out_loss, out_gsq,
     return j
 
 
+def _mc_start(rng, n_runs, d, init_sq, init, record, n):
+    """The shared start of the Monte Carlo loops: the runs' initial states X ``(n_runs, d, s)`` drawn
+    from ``rng``, the outputs ``(len(record), n_runs)``, the mask of recorded steps ``(n + 1,)`` and
+    the chunk of updates whose noise is drawn at once (about 4e6 numbers)."""
+    theta0 = rng.standard_normal((n_runs, d)) * np.sqrt(init_sq)
+    X = np.ascontiguousarray(theta0[:, :, None] * init[None, None, :])
+    mask = np.zeros(n + 1, dtype=np.bool_)
+    mask[record] = True
+    chunk = max(1, int(4_000_000 // max(1, n_runs * d)))
+    return X, np.empty((record.size, n_runs)), np.empty((record.size, n_runs)), mask, chunk
+
+
 def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record, n_runs, rng, *, progress=None,
                            batch=None):
     """Simulate ``n_runs`` independent runs; return per-run loss and |H theta|^2 at ``record``.
@@ -86,14 +98,8 @@ def simulate_linear_system(A0, A1, b1, q, h, readout, init, init_sq, lrs, record
     """
     d, s = b1.shape
     n = lrs.size
-    theta0 = rng.standard_normal((n_runs, d)) * np.sqrt(init_sq)
-    X = np.ascontiguousarray(theta0[:, :, None] * init[None, None, :])
-    out_loss = np.empty((record.size, n_runs))
-    out_gsq = np.empty((record.size, n_runs))
-    mask = np.zeros(n + 1, dtype=np.bool_)
-    mask[record] = True
+    X, out_loss, out_gsq, mask, chunk = _mc_start(rng, n_runs, d, init_sq, init, record, n)
     sq = np.sqrt(q)
-    chunk = max(1, int(4_000_000 // max(1, n_runs * d)))
     j = 0
     for k0 in range(0, n, chunk):
         k1 = min(n, k0 + chunk)
@@ -145,14 +151,8 @@ def simulate_varying_system(parts, cs, q, h, readout, init, init_sq, lrs, record
     parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
     d = q.shape[0]
     n = lrs.size
-    theta0 = rng.standard_normal((n_runs, d)) * np.sqrt(init_sq)
-    X = np.ascontiguousarray(theta0[:, :, None] * init[None, None, :])
-    out_loss = np.empty((record.size, n_runs))
-    out_gsq = np.empty((record.size, n_runs))
-    mask = np.zeros(n + 1, dtype=np.bool_)
-    mask[record] = True
+    X, out_loss, out_gsq, mask, chunk = _mc_start(rng, n_runs, d, init_sq, init, record, n)
     sq = np.sqrt(q)
-    chunk = max(1, int(4_000_000 // max(1, n_runs * d)))
     j = 0
     cs = np.ascontiguousarray(cs, dtype=np.float64)
     for k0 in range(0, n, chunk):
