@@ -162,7 +162,7 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
         n_out = out.shape[1] if out.dim() >= 2 else None
     if y is not None and not y.dtype.is_floating_point:
         if y.numel() and n_out is not None:
-            lo, hi = (int(v) for v in torch.aminmax(y))
+            lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host transfer (a GPU sync)
             if lo < 0 or hi >= n_out:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"`y` must hold class labels in [0, {n_out}) (the model has {n_out} outputs); got {bad}.")

@@ -120,9 +120,10 @@ class Tensor(Constraint):
         if self.nonempty and (value.dim() == 0 or value.shape[0] == 0):
             raise ValueError(f"`{name}` must be a non-empty batch (at least one example); got shape {tuple(value.shape)}.")
         if self.finite and dt.is_floating_point and value.numel():
-            lo, hi = torch.aminmax(value.detach())  # NaN propagates; one pass, nothing of x's size allocated
-            bad = bool(torch.isnan(lo) | torch.isnan(hi)) if self.finite == "no-nan" else \
-                not bool(torch.isfinite(lo) & torch.isfinite(hi))
+            # NaN propagates; one pass, nothing of x's size allocated, one host transfer (a GPU sync)
+            lo, hi = torch.stack(torch.aminmax(value.detach())).tolist()
+            bad = (math.isnan(lo) or math.isnan(hi)) if self.finite == "no-nan" else \
+                not (math.isfinite(lo) and math.isfinite(hi))
             if bad:
                 n = int((~torch.isfinite(value) if self.finite is True else torch.isnan(value)).sum())
                 what = "NaN" if self.finite == "no-nan" else "NaN or inf"
@@ -481,7 +482,9 @@ def nonfinite_params(model: nn.Module) -> str | None:
         # one fused 2-norm pass: it is NaN or inf if a value is, and finite values give a finite norm
         # unless their squares overflow (rare; then the exact max-norm below decides).  The 2-norm,
         # not the max-norm: a vectorised reduction, 5-10x faster on CPU (every probed step pays it)
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).all()):
+        # (summed on the device and checked on the host: one transfer, no elementwise kernels; a sum
+        # that overflows goes to the exact check below)
+        if math.isfinite(float(torch.stack(torch._foreach_norm(tensors, 2)).sum())):
             return None
         ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf)))
     if bool(ok.all()):

@@ -41,6 +41,7 @@ batch form ``loss_fn(model, batch) -> (B,)`` per-example losses (``batch=``), e.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 
@@ -1061,7 +1062,7 @@ def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False, fuse: boo
     with cap:
         (zero_grad or prob.model.zero_grad)(set_to_none=True)
         loss = prob.mean_loss()
-        if not torch.isfinite(loss) and _ddp_group(prob.model) is None:
+        if _ddp_group(prob.model) is None and not math.isfinite(float(loss.detach())):  # on the host: no kernels
             raise V.Diverged("the loss is not finite (NaN or inf).")
         loss.backward()
     return cap, loss
@@ -1139,7 +1140,7 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
         blocks, unusable = cap._param_blocks(prob.B, frozenset(need), verify=do_verify)
         if once and not unusable:
             _VERIFIED[prob.model] = True
-        if not torch.isfinite(loss):  # a DDP wrapper's (_capture): reported after the collectives above
+        if _ddp_group(prob.model) is not None and not math.isfinite(float(loss.detach())):  # a DDP wrapper's (_capture): reported after the collectives above
             raise V.Diverged("the loss is not finite (NaN or inf).")
         if method == "hooks":
             cap._unusable(unusable)
