@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 import matplotlib.ticker
+import matplotlib.transforms
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -110,6 +111,12 @@ def run(*, scale: str = "default", out: str = "results", progress: bool = True) 
     return publish(result, out, "scaling_laws", plot)
 
 
+def _error_bars(c, ok) -> np.ndarray:
+    """(2, n) distances from B_crit to its fit interval's ends, for the reached targets ``ok``."""
+    b = c.b_crit.values[ok]
+    return np.abs(np.stack([b - c.b_crit_fit_lo.values[ok], c.b_crit_fit_hi.values[ok] - b]))
+
+
 def plot(result: dict, path: str) -> None:
     """Two rows of three panels (module docstring): risk curves, iso-FLOP curves, d*(F); B_crit
     against the target, against the data E_min, and against d."""
@@ -150,30 +157,40 @@ def plot(result: dict, path: str) -> None:
           title=f"(c) d*(F), α = {front.attrs['alpha']:g}, β = {front.attrs['beta']:g}")
     a.legend(fontsize=8)
     tg = crit.target.values
-    for d, col in zip(crit.n_features.values, colors):
+    top = matplotlib.transforms.blended_transform_factory  # inf drawn at the top edge: (x in data, y in axes)
+    for i, (d, col) in enumerate(zip(crit.n_features.values, colors)):
         c = crit.sel(n_features=d)
         ok = np.isfinite(c.b_crit.values)
-        err = np.abs(np.stack([c.b_crit.values - c.b_crit_fit_lo.values, c.b_crit_fit_hi.values - c.b_crit.values]))
-        ax[1, 0].errorbar(tg[ok], c.b_crit.values[ok], yerr=err[:, ok], color=col, marker="o", ms=3, lw=1, capsize=2,
-                          label=f"d = {int(d)}")
-        ax[1, 1].plot(c.e_min.values[ok], c.b_crit.values[ok], "o-", color=col, ms=3, lw=1, label=f"d = {int(d)}")
+        ax[1, 0].errorbar(tg[ok], c.b_crit.values[ok], yerr=_error_bars(c, ok), color=col, marker="o", ms=3, lw=1,
+                          capsize=2, label=f"d = {int(d)}")
+        ax[1, 0].plot(tg[~ok], np.full((~ok).sum(), 0.97 - 0.035 * i), "^", color=col, ms=5,
+                      transform=top(ax[1, 0].transData, ax[1, 0].transAxes))
+        unreached = f" ({(~ok).sum()} not reached)" if (~ok).any() else ""
+        ax[1, 1].plot(c.e_min.values[ok], c.b_crit.values[ok], "o-", color=col, ms=3, lw=1,
+                      label=f"d = {int(d)}{unreached}")
     ax[1, 0].set(xscale="log", yscale="log", xlabel="target loss (lower: more data)", ylabel="B_crit (fit ± interval)",
                  title="(d) B_crit vs target")
     ax[1, 0].invert_xaxis()
     ax[1, 0].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[1, 1].set(xscale="log", yscale="log", xlabel="data: E_min = S_min·B_crit examples",
                  ylabel="B_crit", title="(e) B_crit vs data (Zhang et al. 2024's axis)")
+    ax[1, 0].plot([], [], "^", color="0.4", ms=5, label="target not reached: B_crit = inf")
     ax[1, 0].legend(fontsize=7, ncol=2)
+    ax[1, 1].legend(fontsize=7)
     a = ax[1, 2]
     tcol = plt.cm.cividis(np.linspace(0, 0.9, tg.size))
-    for t, col in zip(tg, tcol):
+    for i, (t, col) in enumerate(zip(tg, tcol)):
         c = crit.sel(target=t)
         ok = np.isfinite(c.b_crit.values)
-        err = np.abs(np.stack([c.b_crit.values - c.b_crit_fit_lo.values, c.b_crit_fit_hi.values - c.b_crit.values]))
-        a.errorbar(crit.n_features.values[ok], c.b_crit.values[ok], yerr=err[:, ok], color=col, marker="s", ms=3,
-                   lw=1, capsize=2, label=f"target {t:.2g}")
+        a.errorbar(crit.n_features.values[ok], c.b_crit.values[ok], yerr=_error_bars(c, ok), color=col, marker="s",
+                   ms=3, lw=1, capsize=2, label=f"target {t:.2g}")
+        a.plot(crit.n_features.values[~ok], np.full((~ok).sum(), 0.97 - 0.035 * i), "^", color=col, ms=5,
+               transform=top(a.transData, a.transAxes))
+    a.plot([], [], "^", color="0.4", ms=5, label="not reached at this d: inf")
     a.set(xscale="log", yscale="log", xlabel="model size d", ylabel="B_crit", title="(f) B_crit vs d at fixed target")
     a.legend(fontsize=7)
+    for a in (ax[0, 1], ax[1, 2]):  # minor tick labels of a short log axis overlap
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.suptitle("power-law random features, exact: risk curves, compute-optimal frontier, and the critical batch "
                  "size against data and model size (SGD tuned per batch size)", fontsize=11)
     style.save(fig, path)

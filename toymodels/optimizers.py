@@ -204,13 +204,12 @@ class SGD(Optimizer):
                 "weight_decay": self.weight_decay}
 
 
-@validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0), weight_decay=_WD)
 @dataclass(frozen=True)
-class Momentum(Optimizer):
-    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v', beta in [0, 1).
-
-    The form of Grosse's CSC 2541 Lecture 7, "NQM: Momentum and Iterate Averaging".
-    """
+class _TwoStateMomentum(Optimizer):
+    """The fields and checks that heavy-ball :class:`Momentum` and :class:`Nesterov` share: ``lr``,
+    ``beta`` in [0, 1), ``precond`` and ``weight_decay``; a state of two entries started at
+    ``[1.0, 0.0]`` (theta_0, or Nesterov's look-ahead phi_0 = theta_0, and zero velocity), the loss
+    read at the first."""
 
     lr: Schedule | float
     beta: float = 0.9
@@ -227,8 +226,17 @@ class Momentum(Optimizer):
 
     @property
     def init(self):
-        """``[1.0, 0.0]``: theta_0 and zero velocity."""
+        """``[1.0, 0.0]``: theta_0 (Nesterov: phi_0 = theta_0) and zero velocity."""
         return np.array([1.0, 0.0])
+
+
+@validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0), weight_decay=_WD)
+@dataclass(frozen=True)
+class Momentum(_TwoStateMomentum):
+    """Heavy-ball momentum v' = beta v - a g, theta' = theta + v', beta in [0, 1).
+
+    The form of Grosse's CSC 2541 Lecture 7, "NQM: Momentum and Iterate Averaging".
+    """
 
     def _affine(self, h):
         # State (theta, v):  theta' = (1 - a h) theta + beta v - a eps,  v' = -a h theta + beta v - a eps.
@@ -357,7 +365,7 @@ def _jury_limit(a0, a1):
 
 @validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0), weight_decay=_WD)
 @dataclass(frozen=True)
-class Nesterov(Optimizer):
+class Nesterov(_TwoStateMomentum):
     """Nesterov's accelerated gradient, in the momentum form of Sutskever et al. 2013:
 
         v' = beta v - a g(theta + beta v),   theta' = theta + v',
@@ -374,24 +382,6 @@ class Nesterov(Optimizer):
     lambda^2 - (1 + beta)(1 - x) lambda + beta (1 - x), stable iff 0 < x < 2 (1 + beta) / (1 + 2 beta)
     (heavy ball: 2 (1 + beta)).  ``beta = 0`` is SGD.
     """
-
-    lr: Schedule | float
-    beta: float = 0.9
-    precond: float = 0.0
-    weight_decay: float = 0.0
-    n_state = 2
-    readout = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "lr", as_schedule(self.lr))
-        object.__setattr__(self, "beta", check_real("beta", self.beta, low=0.0, high=1.0, high_open=True))
-        object.__setattr__(self, "precond", _check_precond(self.precond))
-        object.__setattr__(self, "weight_decay", _check_wd(self.weight_decay))
-
-    @property
-    def init(self):
-        """``[1.0, 0.0]``: phi_0 = theta_0 and zero velocity (m_0 = 0)."""
-        return np.array([1.0, 0.0])
 
     def _affine(self, h):
         d, beta = h.size, self.beta
