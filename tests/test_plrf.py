@@ -26,6 +26,14 @@ def _check_against_mc(model, opt, batch_size, n_runs, seed):
     assert mc.loss.values[0] == pytest.approx(exact[0], rel=1e-12)  # step 0 is deterministic
     z = (mc.loss.values[1:] - exact[1:]) / mc.loss_sem.values[1:]
     assert np.all(np.abs(z) < 4.0), z
+    # the per-example gradient statistics: exact (K's eigenbasis) vs the explicit features' per-run values
+    stats = model.gradient_stats(opt, batch_size, KS)
+    np.testing.assert_allclose(stats.loss.values, exact, rtol=1e-12)
+    for name in ("grad_norm_sq", "trace_cov"):
+        ex, got, sem = stats[name].values, mc[name].values, mc[f"{name}_sem"].values
+        assert got[0] == pytest.approx(ex[0], rel=1e-10)  # theta_0 = 0 in every run
+        z = (got[1:] - ex[1:]) / sem[1:]
+        assert np.all(np.abs(z) < 4.0), (name, z)
     return exact, mc
 
 
@@ -46,6 +54,10 @@ def test_exact_risk_matches_monte_carlo_on_explicit_features(case):
         assert model.irreducible_risk > 20 * mc.loss_sem.values[-1]
     if case == "sgd_d_gt_v":
         assert model.irreducible_risk == 0.0  # d > v: the features span R^v, every target is reachable
+        # K has rank v < d, and the per-coordinate variance counts the d parameters, not K's v modes
+        stats = model.gradient_stats(opt, bs, KS)
+        np.testing.assert_allclose(stats.grad_var.values, stats.trace_cov.values / (bs * model.d), rtol=1e-12)
+        assert model.spectrum.size == model.v < model.d
 
 
 def test_irreducible_risk_is_the_least_squares_residual():

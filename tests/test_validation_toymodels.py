@@ -116,6 +116,7 @@ EXAMPLES = {
     "toymodels.plrf.PowerLawRF.stable_lr": lambda: ((PLRF, SGD(0.1), 2), {}),
     "toymodels.plrf.PowerLawRF.stationary_loss": lambda: ((PLRF, SGD(0.1), 2), {}),
     "toymodels.plrf.PowerLawRF.loss_curve": lambda: ((PLRF, SGD(0.1), 2, 5), dict(progress=False)),
+    "toymodels.plrf.PowerLawRF.gradient_stats": lambda: ((PLRF, SGD(0.1), 2, 5), dict(progress=False)),
     "toymodels.plrf.PowerLawRF.loss_at_step": lambda: ((PLRF, SGD(0.1), 2, 5), dict(lr=0.1)),
     "toymodels.plrf.PowerLawRF.modal_form": lambda: ((PLRF, SGD(0.1), 2), dict(lr=0.1)),
     "toymodels.plrf.PowerLawRF.steps_to_target": lambda: (

@@ -66,6 +66,7 @@ from .montecarlo import mc_stats_dataset
 from .nqm import _check_optimizer, _check_target
 from .optimizers import EMA, SGD, Momentum
 from .schema import attach_attrs
+from .stats import gradient_statistics
 
 __all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "EXACT_MAX"]
 
@@ -251,6 +252,44 @@ class PowerLawRF:
             out.attrs.pop(key, None)
         return self._attrs(out)
 
+    @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZES, steps=STEPS, progress=PROGRESS)
+    def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
+        """Risk and per-example gradient statistics along the exact expected trajectory.
+
+        The per-example gradient g = z (z^T theta - y), z = W^T x, is the regression's in K's
+        eigenbasis: y = z^T theta* + r, where r, the part of the target outside the features' span,
+        is Gaussian, independent of z (uncorrelated with it, jointly Gaussian) and of variance
+        2 P_irr (P_irr the irreducible risk).  So, with a = D^(1/2) (W theta - b) and E over x,
+
+            |E g|^2 = |grad P(theta)|^2 = |M^T a|^2,
+            tr Sigma = tr Cov g = |M^T a|^2 + |a|^2 tr K = |grad P|^2 + 2 P(theta) tr K
+
+        (M = D^(1/2) W; Gaussian fourth moments), averaged over the iterate's distribution:
+        :meth:`toymodels.GaussianLinearRegression.gradient_stats` on K's spectrum, with P_irr added to
+        the loss (``trace_cov_label`` = 2 P_irr tr K is the unrepresentable target's share,
+        ``trace_cov_batch`` the rest).  The per-coordinate statistics (``grad_var``, ...) count the d
+        parameters.  :meth:`simulate` measures the same on the explicit features.
+
+        Returns:
+            Dataset over ``step``: ``loss`` (P), the five statistics of :mod:`toymodels.stats`,
+            ``trace_cov`` (tr Sigma) and its parts ``trace_cov_label``, ``trace_cov_batch``;
+            ``source="exact"``; ``inf`` after a divergence.
+        """
+        ds = self.regression.gradient_stats(optimizer, batch_size, steps, progress=progress)
+        bs = ds["batch_size"].values if "batch_size" in ds.coords else ds.attrs["batch_size"]
+        trace = ds.trace_cov_label.values + ds.trace_cov_batch.values
+        stats = gradient_statistics(ds.grad_norm_sq.values, trace, self.d, bs)
+        ds = ds.assign(loss=ds.loss + self.irreducible_risk,  # inf stays inf
+                       **{k: ("step", np.asarray(v, np.float64)) for k, v in stats.items()},
+                       trace_cov=("step", trace))
+        for v in ds.data_vars.values():
+            v.values[np.isnan(v.values)] = np.inf
+        for obj in (ds, *ds.data_vars.values()):
+            for key in ("dim", "noise_std"):  # the regression's, not this model's
+                obj.attrs.pop(key, None)
+            self._attrs(obj)
+        return ds
+
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
         """Exact expected risk at step k for a constant learning rate (the spec's or ``lr``), as
@@ -310,8 +349,11 @@ class PowerLawRF:
         learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
 
         Returns:
-            Dataset over ``step``: ``loss`` (mean of P over runs) and ``loss_sem``;
-            ``source="simulation"``; runs that overflow make the values ``inf`` from there on.
+            Dataset over ``step``: ``loss`` (mean of P over runs) and ``loss_sem``; the per-example
+            gradient statistics at each run's (base) iterate, exact given the iterate (the formulas
+            of :meth:`gradient_stats`) and averaged over runs: the five of :mod:`toymodels.stats` and
+            ``trace_cov``, with ``grad_norm_sq_sem`` and ``trace_cov_sem``; ``source="simulation"``; runs that
+            overflow make the values ``inf`` from there on.
         """
         _check_optimizer(optimizer)
         base = optimizer.base if isinstance(optimizer, EMA) else optimizer
@@ -332,6 +374,8 @@ class PowerLawRF:
         avg = np.zeros_like(theta)
         M, c = np.ascontiguousarray(self._M), self._c
         loss = np.empty((ks.size, n_runs))
+        gsq, trace = np.empty_like(loss), np.empty_like(loss)
+        tr_k = float(np.sum(M * M))  # tr K = tr M^T M
         rec = 0
         with np.errstate(over="ignore", invalid="ignore"):
             for k in range(n + 1):
@@ -339,6 +383,10 @@ class PowerLawRF:
                     at = avg if decay is not None else theta
                     r = at @ M.T - c
                     loss[rec] = 0.5 * np.einsum("ij,ij->i", r, r)
+                    a = theta @ M.T - c  # the gradients are taken at the base iterate
+                    ga = a @ M
+                    gsq[rec] = np.einsum("ij,ij->i", ga, ga)
+                    trace[rec] = gsq[rec] + np.einsum("ij,ij->i", a, a) * tr_k
                     rec += 1
                     if rec == ks.size:
                         break
@@ -352,7 +400,12 @@ class PowerLawRF:
                     avg = decay * avg + (1.0 - decay) * theta
         bad = ~np.isfinite(loss).all(axis=1)
         first = int(np.argmax(bad)) if bad.any() else None
-        ds = mc_stats_dataset(ks, loss, {}, n_runs, first)
+        with np.errstate(over="ignore", invalid="ignore"):
+            stats = gradient_statistics(gsq.mean(axis=1), trace.mean(axis=1), self.d, bs)
+            stats["trace_cov"] = trace.mean(axis=1)
+            stats["grad_norm_sq_sem"] = gsq.std(axis=1, ddof=1) / math.sqrt(n_runs)
+            stats["trace_cov_sem"] = trace.std(axis=1, ddof=1) / math.sqrt(n_runs)
+        ds = mc_stats_dataset(ks, loss, stats, n_runs, first)
         attach_attrs(ds, model=self.model_name, source="simulation", batch_size=float(bs), n_runs=n_runs,
                      mc_seed=int(seed), diverged=first is not None, **self.params, **optimizer.hyperparameters)
         return ds
