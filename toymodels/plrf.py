@@ -67,7 +67,8 @@ from .nqm import _check_optimizer, _check_target
 from .optimizers import EMA, SGD, Momentum
 from .schema import attach_attrs
 
-__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "EXACT_MAX"]
+__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "phase",
+           "frontier_exponents", "PHASES", "EXACT_MAX"]
 
 EXACT_MAX = 4096  # spectrum="auto": the exact SVD up to min(v, d) = 4096, the deterministic equivalent beyond
 SPECTRA = ("auto", "exact", "deterministic")
@@ -514,6 +515,123 @@ def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio
 
 
 # ----------------------------------------------------------------------------------------------
+# the phase diagram of the compute-optimal frontier
+# ----------------------------------------------------------------------------------------------
+PHASES = ("Ia", "Ib", "Ic", "II", "III", "IVa", "IVb")
+ALPHA_IV = 1.0 - 1.0 / math.sqrt(2.0)  # the IVa / IVb line, where K_pp's size stops depending on d
+
+
+def _check_phase_args(alpha, beta):
+    alpha = check_real("alpha", alpha, low=0.0, high=50.0, low_open=True)
+    beta = check_real("beta", beta, low=0.0, high=50.0)
+    if 2.0 * (alpha + beta) <= 1.0:
+        raise ValueError(f"`beta` must satisfy 2 (alpha + beta) > 1 (else the risk P(0) = sum_j j^(-2 alpha - 2 beta) "
+                         f"diverges with v and there is no phase); got alpha = {alpha}, beta = {beta}.")
+    return alpha, beta
+
+
+@validate(alpha=_ALPHA, beta=_BETA)
+def phase(alpha: float, beta: float) -> str:
+    """The phase of (alpha, beta) in the compute-optimal phase diagram of Paquette, Paquette, Xiao and
+    Pennington 2024 ("4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 and Fig. 2; the
+    phases below the high-dimensional line 2 alpha = 1 in their Sec. "Below the high-dimensional
+    line (Phases IVa, IVb, Ib, Ic)").
+
+    =======  ===============================================  ================================
+    phase    region (2 (alpha + beta) > 1 throughout)          the risk at the frontier is
+    =======  ===============================================  ================================
+    Ia       2 beta < 1, 2 alpha > 1                           F_pp + F_0
+    Ib       2 beta < 1, 2 alpha < 1                           F_pp + F_0
+    Ic       2 beta > 1, 4 alpha < 1                           F_pp + F_0
+    II       2 beta > 1, 2 alpha > 1, beta < alpha             F_pp + F_ac + F_0
+    III      2 beta > 1, 2 alpha > 1, beta > alpha             F_ac + F_0 + K_pp
+    IVa      2 beta > 1, 1 - 1/sqrt(2) < alpha < 1/2           F_0 + K_pp
+    IVb      2 beta > 1, 1/4 < alpha < 1 - 1/sqrt(2)           F_pp + K_pp
+    =======  ===============================================  ================================
+
+    The terms (their Sec. 2; tau = gamma k the SGD time, gamma ~ 1 / tr K the learning rate, so
+    gamma ~ 1 for 2 alpha > 1 and gamma ~ d^(2 alpha - 1) below the high-dimensional line, where v
+    grows with d): F_pp(tau) ~ tau^(-(2 alpha + 2 beta - 1) / (2 alpha)) the target's power-law part
+    not yet learned; F_ac(tau, d) ~ d^-1 tau^(-1 + 1 / (2 alpha)) (2 beta > 1, 2 alpha > 1) the
+    target's weight spread by the random embedding over all of K's spectrum; F_0(d) ~
+    d^(-2 alpha + max(0, 1 - 2 beta)) the irreducible risk (the model's capacity); K_pp(tau) ~
+    gamma tau^(-2 + 1 / (2 alpha)) the SGD noise (the early risk passed on by the Volterra kernel),
+    which matters for beta > alpha.  Points on a boundary line go to the first phase of the table
+    whose closed inequalities they satisfy; the exponents are continuous across every line but
+    alpha = 1 - 1/sqrt(2) (:func:`frontier_exponents`).  The paper proves Ib for alpha > 1/4 and
+    Ic and IVb under its kernel assumption for alpha < 1/4.
+
+    Raises:
+        ValueError: if 2 (alpha + beta) <= 1.
+    """
+    alpha, beta = _check_phase_args(alpha, beta)
+    if 2.0 * beta <= 1.0:
+        return "Ia" if 2.0 * alpha >= 1.0 else "Ib"
+    if 4.0 * alpha <= 1.0:
+        return "Ic"
+    if 2.0 * alpha >= 1.0:
+        return "II" if beta <= alpha else "III"
+    return "IVa" if alpha >= ALPHA_IV else "IVb"
+
+
+@validate(alpha=_ALPHA, beta=_BETA)
+def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
+    """The compute-optimal exponents (xi, eta) of the PLRF under one-pass SGD: d*(F) ~ F^xi and
+    P(F / d*, d*) ~ F^-eta as the FLOP budget F = d x B x steps grows (B fixed, learning rate a fixed
+    fraction of the stable one, ~ 1 / tr K), by phase (:func:`phase`); Paquette, Paquette, Xiao and
+    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 (Table 2 and the
+    propositions per phase).
+
+    With a = (2 alpha + 2 beta - 1) / (2 alpha) (F_pp's exponent in time):
+
+    =======  ==========================================  =============================================
+    phase    xi                                          eta
+    =======  ==========================================  =============================================
+    Ia       1 / (2 alpha + 1)                           (2 alpha + 2 beta - 1) / (2 alpha + 1)
+    Ib       1 / 2                                       (2 alpha + 2 beta - 1) / 2
+    Ic       (2a+2b-1) / (2 (3a + 2b - 1 - 2ab))         a' (2a+2b-1) / (3a + 2b - 1 - 2ab)
+    II       beta / (alpha + beta)                       (2 alpha + 2 beta - 1) / (2 (alpha + beta))
+    III      1 / 2                                       1 - 1 / (4 alpha)
+    IVa      1 / 2                                       alpha
+    IVb      (beta - a') / (2b - a' - 2 a' b)            (1 - 2a')(2a'+2b-1) / (2 (2b - a' - 2a' b))
+    =======  ==========================================  =============================================
+
+    (in rows Ic and IVb a, a' stand for alpha and b for beta).  Each row is the balance of the two
+    terms of :func:`phase`'s table that trade off at the optimum, with k = F / (d B) steps: Ia, Ib,
+    Ic F_pp(gamma F / d) = F_0(d); II F_pp = F_ac; III K_pp = F_ac; IVa K_pp = F_0 (K_pp grows with d
+    at fixed F); IVb F_pp = K_pp (K_pp falls with d for alpha < 1 - 1/sqrt(2)).  On the line
+    alpha = 1 - 1/sqrt(2) K_pp does not depend on d, eta is continuous but xi jumps from 1/2 to the IVb
+    value (every d in between is optimal to leading order).  Phase Ia is the noiseless balance of
+    F_pp against the capacity F_0 alone; in II and III that balance (xi = a / (a + 2 alpha)) is wrong.
+
+    Returns:
+        ``(xi, eta)``.
+
+    Raises:
+        ValueError: if 2 (alpha + beta) <= 1.
+    """
+    alpha, beta = _check_phase_args(alpha, beta)
+    ph = phase(alpha, beta)
+    s = 2.0 * alpha + 2.0 * beta - 1.0
+    if ph == "Ia":
+        return 1.0 / (2.0 * alpha + 1.0), s / (2.0 * alpha + 1.0)
+    if ph == "Ib":
+        return 0.5, 0.5 * s
+    if ph == "Ic":
+        den = 3.0 * alpha + 2.0 * beta - 1.0 - 2.0 * alpha * beta
+        return s / (2.0 * den), alpha * s / den
+    if ph == "II":
+        return beta / (alpha + beta), s / (2.0 * (alpha + beta))
+    if ph == "III":
+        return 0.5, 1.0 - 1.0 / (4.0 * alpha)
+    if ph == "IVa":
+        return 0.5, alpha
+    den = 2.0 * beta - alpha - 2.0 * alpha * beta
+    return (beta - alpha) / den, (1.0 - 2.0 * alpha) * s / (2.0 * den)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # the compute-optimal frontier
 # ----------------------------------------------------------------------------------------------
 def _isoflop_minimum(log_d, losses):
@@ -570,39 +688,52 @@ def compute_optimal_frontier(losses, model_sizes, flops) -> xr.Dataset:
 
 
 @validate(alpha=_ALPHA, beta=_BETA, model_sizes=Array(1, low=1.0), flops=Array(1, low=0.0, low_open=True),
-          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED)
+          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED,
+          spectrum=Options(*SPECTRA))
 def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | None = None, batch_size: float = 1.0,
-                  lr_fraction: float = 0.5, seed: int = 0) -> xr.Dataset:
+                  lr_fraction: float = 0.5, seed: int = 0, spectrum: str = "auto") -> xr.Dataset:
     """The PLRF's compute-optimal frontier under SGD, exactly: F = d x B x steps.
 
-    For each model size d a :class:`PowerLawRF` (``v`` data dimensions, default 2 max(d)) is
-    trained by SGD at batch size B with ``lr_fraction`` of its largest stable constant learning
-    rate; its exact risk at k = F / (d B) steps (rounded down) gives the table L(d; F), and
-    :func:`compute_optimal_frontier` the frontier and the exponents.
+    For each model size d a :class:`PowerLawRF` is trained by SGD at batch size B with
+    ``lr_fraction`` of its largest stable constant learning rate (~ 1 / tr K at B = 1, as in
+    Paquette et al. 2024); its exact risk at k = F / (d B) steps (rounded down) gives the table
+    L(d; F), and :func:`compute_optimal_frontier` the frontier and the fitted exponents.
 
-    Theory to compare with (no SGD noise, large d; the part of the loss the frontier trades
-    off): the risk splits into the features' approximation error, the irreducible risk
-    F_ac(d) ~ d^(-2 alpha + max(0, 1 - 2 beta)) (from sigma^2 = sum_j c_j^2 u / (D_j + u) with
-    u ~ d^(-2 alpha)), and the gradient-descent term F_pp(k) ~ k^(-(2 alpha + 2 beta - 1) / (2 alpha))
-    (modes j with lr k j^(-2 alpha) < 1 not yet learned).  Balancing F_pp(F / d) = F_ac(d) gives
-    d* ~ F^xi with xi = a / (a + b), a = (2 alpha + 2 beta - 1) / (2 alpha), b = 2 alpha - max(0,
-    1 - 2 beta): xi = 1 / (2 alpha + 1) for 2 beta < 1 (Paquette et al. 2024's Phase I, Sec. 3),
-    and eta = a b / (a + b).  Where SGD noise or the embedding dominate (their Phases II-IV) the
-    exponents differ; :attr:`Dataset.attrs` holds ``xi_theory`` and ``eta_theory`` of this
-    noiseless balance only.
+    Theory (attrs ``phase``, ``xi_theory``, ``eta_theory``): the phase of (alpha, beta) and its
+    exponents d* ~ F^xi, P* ~ F^-eta from :func:`phase` and :func:`frontier_exponents` (Paquette,
+    Paquette, Xiao and Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3).
+    They are large-d limits: at d of a few thousand the fitted exponents differ by finite-size
+    corrections (two of the four terms of the risk are often within a factor d^0.3 of each other),
+    measured in the tests of this function for one point per phase.
+
+    Args:
+        alpha, beta: the data and target exponents.
+        model_sizes: ``(n_sizes,)`` increasing whole numbers d.
+        flops: ``(n_flops,)`` increasing budgets F.
+        v: the data dimension of every model; default: 2 max(d) for 2 alpha > 1 (the risk has a
+            v -> infinity limit, v hardly matters) and 2 d per model below the high-dimensional line
+            2 alpha <= 1, where the risk depends on v through tr K ~ v^(1 - 2 alpha) and the paper's
+            phases assume v / d fixed.
+        batch_size: B; lr_fraction: the learning rate's fraction of the largest stable one.
+        seed: the features' seed; spectrum: as :class:`PowerLawRF` (``"deterministic"`` for sizes
+            beyond a few thousand).
 
     Returns:
         The frontier (:func:`compute_optimal_frontier`) with the table ``loss`` over
-        (``n_features``, ``flops``) and attrs ``xi_theory``, ``eta_theory``.
+        (``n_features``, ``flops``) and attrs ``phase``, ``xi_theory``, ``eta_theory`` (NaN where
+        2 (alpha + beta) <= 1), ``v`` (the largest data dimension) and ``v_per_d`` (2.0 when v grows
+        with d, 0.0 when fixed).
     """
     ds = np.asarray(model_sizes, dtype=np.float64)
     if np.any(ds != np.round(ds)) or np.any(np.diff(ds) <= 0):
         raise ValueError("`model_sizes` must be increasing whole numbers.")
     fs = np.asarray(flops, dtype=np.float64)
-    vv = int(2 * ds[-1]) if v is None else check_int("v", v, low=1)
+    proportional = v is None and 2.0 * alpha <= 1.0
+    vv = None if v is None else check_int("v", v, low=1)
     table = np.full((ds.size, fs.size), np.inf)
     for i, d in enumerate(ds.astype(np.int64)):
-        model = PowerLawRF(alpha, beta, vv, int(d), seed=seed)
+        vd = 2 * int(d) if proportional else (int(2 * ds[-1]) if vv is None else vv)
+        model = PowerLawRF(alpha, beta, vd, int(d), seed=seed, spectrum=spectrum)
         opt = SGD(lr_fraction * model.stable_lr(SGD(1.0), batch_size))
         k = np.floor(fs / (d * batch_size)).astype(np.int64)
         valid = k >= 0
@@ -611,10 +742,12 @@ def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | Non
     out = compute_optimal_frontier(table, ds, fs)
     out["loss"] = (("n_features", "flops"), table)
     out = out.assign_coords(n_features=ds)
-    a = (2 * alpha + 2 * beta - 1) / (2 * alpha)
-    b = 2 * alpha - max(0.0, 1 - 2 * beta)
-    theory = (a / (a + b), a * b / (a + b)) if a > 0 and b > 0 else (math.nan, math.nan)
-    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta, v=vv,
+    if 2.0 * (alpha + beta) > 1.0:
+        name, (xi_t, eta_t) = phase(alpha, beta), frontier_exponents(alpha, beta)
+    else:
+        name, xi_t, eta_t = "none", math.nan, math.nan
+    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta,
+                 v=int(2 * ds[-1]) if vv is None else vv, v_per_d=2.0 if proportional else 0.0,
                  batch_size=float(batch_size), lr_fraction=lr_fraction, seed=seed, xi=out.attrs["xi"],
-                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], xi_theory=theory[0], eta_theory=theory[1])
+                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], phase=name, xi_theory=xi_t, eta_theory=eta_t)
     return out
