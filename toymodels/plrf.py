@@ -579,30 +579,36 @@ def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
     """The compute-optimal exponents (xi, eta) of the PLRF under one-pass SGD: d*(F) ~ F^xi and
     P(F / d*, d*) ~ F^-eta as the FLOP budget F = d x B x steps grows (B fixed, learning rate a fixed
     fraction of the stable one, ~ 1 / tr K), by phase (:func:`phase`); Paquette, Paquette, Xiao and
-    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 (Table 2 and the
-    propositions per phase).
+    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 (the compute-optimal
+    curves per phase).  Writing a = alpha, b = beta and s = 2a + 2b - 1 (s / (2a) is F_pp's exponent
+    in time):
 
-    With a = (2 alpha + 2 beta - 1) / (2 alpha) (F_pp's exponent in time):
+    =======  ==================================  ==========================================
+    phase    xi                                  eta
+    =======  ==================================  ==========================================
+    Ia       1 / (2a + 1)                        s / (2a + 1)
+    Ib       1 / 2                               s / 2
+    Ic       s / (2 (3a + 2b - 1 - 2ab))         a s / (3a + 2b - 1 - 2ab)
+    II       b / (a + b)                         s / (2 (a + b))
+    III      1 / 2                               1 - 1 / (4a)
+    IVa      1 / 2                               a
+    IVb      (b - a) / (2b - a - 2ab)            (1 - 2a) s / (2 (2b - a - 2ab))
+    =======  ==================================  ==========================================
 
-    =======  ==========================================  =============================================
-    phase    xi                                          eta
-    =======  ==========================================  =============================================
-    Ia       1 / (2 alpha + 1)                           (2 alpha + 2 beta - 1) / (2 alpha + 1)
-    Ib       1 / 2                                       (2 alpha + 2 beta - 1) / 2
-    Ic       (2a+2b-1) / (2 (3a + 2b - 1 - 2ab))         a' (2a+2b-1) / (3a + 2b - 1 - 2ab)
-    II       beta / (alpha + beta)                       (2 alpha + 2 beta - 1) / (2 (alpha + beta))
-    III      1 / 2                                       1 - 1 / (4 alpha)
-    IVa      1 / 2                                       alpha
-    IVb      (beta - a') / (2b - a' - 2 a' b)            (1 - 2a')(2a'+2b-1) / (2 (2b - a' - 2a' b))
-    =======  ==========================================  =============================================
+    Each row is the balance of the two terms of :func:`phase`'s table that trade off at the
+    optimum, with k = F / (d B) steps and tau = gamma k: Ia, Ib, Ic F_pp(tau) = F_0(d); II F_pp =
+    F_ac; III K_pp = F_ac; IVa K_pp = F_0 (at fixed F, K_pp grows with d); IVb F_pp = K_pp (K_pp
+    falls with d for alpha < 1 - 1/sqrt(2)).  The rows are re-derived here from the four terms and
+    checked against a brute-force minimisation of their sum (tests); the paper states them per phase
+    in Sec. 3.  On the line alpha = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi
+    jumps from 1/2 to the IVb value (every d in between is optimal to leading order).  Phase Ia is
+    the noiseless balance of F_pp against the capacity F_0 alone; in II and III that balance
+    (xi = s / (s + 4 a^2)) is wrong, e.g. 0.375 instead of 0.412 at alpha = 1, beta = 0.7.
 
-    (in rows Ic and IVb a, a' stand for alpha and b for beta).  Each row is the balance of the two
-    terms of :func:`phase`'s table that trade off at the optimum, with k = F / (d B) steps: Ia, Ib,
-    Ic F_pp(gamma F / d) = F_0(d); II F_pp = F_ac; III K_pp = F_ac; IVa K_pp = F_0 (K_pp grows with d
-    at fixed F); IVb F_pp = K_pp (K_pp falls with d for alpha < 1 - 1/sqrt(2)).  On the line
-    alpha = 1 - 1/sqrt(2) K_pp does not depend on d, eta is continuous but xi jumps from 1/2 to the IVb
-    value (every d in between is optimal to leading order).  Phase Ia is the noiseless balance of
-    F_pp against the capacity F_0 alone; in II and III that balance (xi = a / (a + 2 alpha)) is wrong.
+    These are limits of large d and F.  How far the exact frontier is from them at d <= 4096 (the
+    local exponents over a window of budgets; :func:`plrf_frontier` with the deterministic-equivalent
+    spectrum, SGD at B = 1 and half the stable rate; see the tests) is given in the module's tests
+    and in :func:`plrf_frontier`.
 
     Returns:
         ``(xi, eta)``.
