@@ -144,25 +144,41 @@ def test_plrf_frontier_reports_the_phase():
 WINDOWS = [(40, 320), (120, 960), (400, 3200)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("alpha, beta", [(1.0, 0.3), (1.5, 1.0), (1.0, 1.5), (0.4, 0.3)])
-def test_exact_frontier_approaches_the_phase_diagram(alpha, beta):
-    """The exact frontier (plrf_frontier, deterministic-equivalent spectrum, d = 32...4096, SGD at
-    B = 1 and half the stable rate) against frontier_exponents, one point in each phase reachable at
-    these sizes: Ia, II, III, Ib.  The local exponents over budgets whose d* lies in three windows
-    (a factor 8 in d* each, a factor 3 apart) must (1) approach the theory: the distance in the last
-    window is at most the first window's plus 0.005 (the noise of the parabola-refined minima); and
-    (2) be within the finite-size deviation that the four-term risk itself has with unit constants
-    at the FIRST window's d* (about 40-300, a window below the last, allowing for the exact terms'
-    O(1) constants, which move the cross-overs by a factor of a few in d), plus 0.01.
-    Not reached at d <= 4096 (see plrf_frontier): Ic, IVb (the optimum sits at a few units of SGD
-    time, tau* ~ d^0.16-0.24) and IVa (the frontier still follows the F_pp = F_0 balance: F_pp,
-    F_0 and K_pp are within a factor 2 of each other at d = 2048)."""
+def _exact_local_exponents(alpha, beta):
+    """plrf_frontier with the deterministic-equivalent spectrum (the seed average: smooth in d),
+    d = 32...4096 (v = 8192, or v = 2d below the high-dimensional line), SGD at B = 1 and half the
+    stable rate; the theory and the local (xi, eta) in each of WINDOWS."""
     ds = np.unique(np.round(np.geomspace(32, 4096, 13)))
     out = plrf_frontier(alpha, beta, ds, np.geomspace(1e3, 3e16, 81), spectrum="deterministic")
-    theory = np.array([out.attrs["xi_theory"], out.attrs["eta_theory"]])
-    fit = _local_exponents(out, WINDOWS)
+    return out.attrs["phase"], np.array([out.attrs["xi_theory"], out.attrs["eta_theory"]]), _local_exponents(out, WINDOWS)
+
+
+@pytest.mark.slow  # about 3 minutes a point on the loaded 2-core machine
+@pytest.mark.parametrize("alpha, beta", [(1.0, 0.3), (1.5, 1.0), (1.0, 1.5)])
+def test_exact_frontier_matches_the_phase_diagram(alpha, beta):
+    """One point in each phase above the high-dimensional line (Ia, II, III) against
+    frontier_exponents.  The local exponents over budgets whose d* lies in three windows (a factor 8
+    in d* each, a factor 3 apart) must (1) approach the theory: the distance in the last window is
+    at most the first window's plus 0.005 (the noise of the parabola-refined minima); and (2) be
+    within the finite-size deviation that the four-term risk itself has with unit constants at the
+    FIRST window's d* (about 40-300, one window below the last, allowing for the exact terms' O(1)
+    constants, which move the cross-overs by a factor of a few in d), plus 0.01."""
+    name, theory, fit = _exact_local_exponents(alpha, beta)
     err = np.abs(fit - theory)
     tol = 0.01 + np.abs(_four_term_local(alpha, beta, WINDOWS[0]) - theory)
-    assert np.all(err[-1] <= err[0] + 0.005), (out.attrs["phase"], fit, theory)
-    assert np.all(err[-1] <= tol), (out.attrs["phase"], fit, theory, tol)
+    assert np.all(err[-1] <= err[0] + 0.005), (name, fit, theory)
+    assert np.all(err[-1] <= tol), (name, fit, theory, tol)
+
+
+@pytest.mark.slow  # about 20 s a point
+@pytest.mark.parametrize("alpha, beta", [(0.4, 0.3), (0.4, 0.8), (0.27, 0.8), (0.2, 0.8)])
+def test_exact_frontier_approaches_the_phase_diagram_below_the_high_dimensional_line(alpha, beta):
+    """Ib, IVa, IVb, Ic (2 alpha < 1, v = 2d): at d <= 4096 the frontier is not yet at the theory
+    (off by 0.02-0.10 in the last window), because SGD's time range before the smallest eigenvalue
+    is learned, tau < d^(2 alpha), spans under three decades, and in Ic and IVb the optimum sits at
+    tau* ~ d^0.16-0.24, a few units of SGD time.  What is asserted: the local exponents approach
+    the theory window after window (each distance at most the previous one plus 0.005)."""
+    name, theory, fit = _exact_local_exponents(alpha, beta)
+    err = np.abs(fit - theory)
+    assert np.all(np.diff(err, axis=0) <= 0.005), (name, fit, theory)
+    assert np.all(err[-1] < err[0]), (name, fit, theory)
