@@ -7,7 +7,8 @@ expected risk is exact (:class:`toymodels.PowerLawRF`).  Panels: (a) the risk ov
 d (SGD, B = 1, half the stable learning rate): each levels off at its d's irreducible risk; (b) the
 iso-FLOP curves L(d; F), F = d x B x steps, with their minima; (c) the compute-optimal size d*(F)
 with the exponent FITTED to it beside the theory's exponent for the phase of (alpha, beta) = (1, 0.7),
-Phase II, d* ~ F^(beta / (alpha + beta)) (Paquette et al. Sec. 3; :func:`toymodels.plrf.frontier_exponents`); (d)-(f) the critical batch size B_crit of
+Phase II, d* ~ F^(beta / (alpha + beta)) (Paquette et al. Sec. 3;
+:func:`toymodels.plrf.frontier_exponents`); (d)-(f) the critical batch size B_crit of
 S(B) = S_min (1 + B_crit / B) fitted to the exact tuned steps (Zhang et al. 2024, "How Does Critical
 Batch Size Scale in Pre-training?", who measured that B_crit grows with the data, not the model
 size): against the target loss and against the data E_min = S_min B_crit for several d, and against

@@ -150,7 +150,8 @@ def _exact_local_exponents(alpha, beta):
     stable rate; the theory and the local (xi, eta) in each of WINDOWS."""
     ds = np.unique(np.round(np.geomspace(32, 4096, 13)))
     out = plrf_frontier(alpha, beta, ds, np.geomspace(1e3, 3e16, 81), spectrum="deterministic")
-    return out.attrs["phase"], np.array([out.attrs["xi_theory"], out.attrs["eta_theory"]]), _local_exponents(out, WINDOWS)
+    theory = np.array([out.attrs["xi_theory"], out.attrs["eta_theory"]])
+    return out.attrs["phase"], theory, _local_exponents(out, WINDOWS)
 
 
 @pytest.mark.slow  # about 3 minutes a point on the loaded 2-core machine
