@@ -154,7 +154,7 @@ def _exact_local_exponents(alpha, beta):
     return out.attrs["phase"], theory, _local_exponents(out, WINDOWS)
 
 
-@pytest.mark.slow  # about 3 minutes a point on the loaded 2-core machine
+@pytest.mark.slow  # 1-2 minutes a point on the loaded 2-core machine
 @pytest.mark.parametrize("alpha, beta", [(1.0, 0.3), (1.5, 1.0), (1.0, 1.5)])
 def test_exact_frontier_matches_the_phase_diagram(alpha, beta):
     """One point in each phase above the high-dimensional line (Ia, II, III) against
