@@ -6,8 +6,9 @@ Scaling Laws", Sec. 1): x_j ~ N(0, j^(-2 alpha)), target b_j = j^(-beta), d rand
 expected risk is exact (:class:`toymodels.PowerLawRF`).  Panels: (a) the risk over steps for several
 d (SGD, B = 1, half the stable learning rate): each levels off at its d's irreducible risk; (b) the
 iso-FLOP curves L(d; F), F = d x B x steps, with their minima; (c) the compute-optimal size d*(F)
-with the exponent FITTED to it beside the noiseless balance of the theory (Paquette et al. Sec. 3;
-see :func:`toymodels.plrf.plrf_frontier`); (d)-(f) the critical batch size B_crit of
+with the exponent FITTED to it beside the theory's exponent for the phase of (alpha, beta) = (1, 0.7),
+Phase II, d* ~ F^(beta / (alpha + beta)) (Paquette et al. Sec. 3;
+:func:`toymodels.plrf.frontier_exponents`); (d)-(f) the critical batch size B_crit of
 S(B) = S_min (1 + B_crit / B) fitted to the exact tuned steps (Zhang et al. 2024, "How Does Critical
 Batch Size Scale in Pre-training?", who measured that B_crit grows with the data, not the model
 size): against the target loss and against the data E_min = S_min B_crit for several d, and against
@@ -152,7 +153,7 @@ def plot(result: dict, path: str) -> None:
         f0, d0 = fl[good][0], front.d_opt.values[good][0]
         a.plot(fl[good], d0 * (fl[good] / f0) ** xi, "k-", lw=1, label=f"FITTED: d* ∝ F^{xi:.3f}")
         a.plot(fl[good], d0 * (fl[good] / f0) ** xt, "r--", lw=1,
-               label=f"theory (noiseless balance): F^{xt:.3f}")
+               label=f"theory (Phase {front.attrs.get('phase', '?')}): F^{xt:.3f}")
     a.set(xscale="log", yscale="log", xlabel="FLOP budget F", ylabel="compute-optimal d*",
           title=f"(c) d*(F), α = {front.attrs['alpha']:g}, β = {front.attrs['beta']:g}")
     a.legend(fontsize=8)
@@ -200,7 +201,8 @@ def summary(res) -> str:
     """B_crit per (model size, target) and the fitted frontier exponent."""
     f = res["frontier"].attrs
     b = res["critical"].b_crit.to_pandas()
-    return (f"d*(F) ~ F^{f['xi']:.3f} (fitted), noiseless theory {f['xi_theory']:.3f}\n"
+    return (f"d*(F) ~ F^{f['xi']:.3f}, loss ~ F^-{f['eta']:.3f} (fitted); theory (Phase {f.get('phase', '?')}, "
+            f"Paquette et al. 2024 Sec. 3) F^{f['xi_theory']:.3f}, F^-{f['eta_theory']:.3f}\n"
             f"B_crit (rows d, columns target):\n{b.round(1).to_string()}")
 
 

@@ -108,7 +108,10 @@ EXAMPLES = {
     "toymodels.plrf.compute_optimal_frontier": lambda: (
         (np.array([[2.0, 1.0], [1.0, 2.0], [3.0, 3.0]]), np.array([1.0, 2.0, 4.0]), np.array([1.0, 10.0])), {}),
     "toymodels.plrf.plrf_frontier": lambda: (
-        (1.0, 0.3, np.array([4.0, 8.0]), np.array([100.0])), dict(v=16, batch_size=1.0, lr_fraction=0.5, seed=0)),
+        (1.0, 0.3, np.array([4.0, 8.0]), np.array([100.0])),
+        dict(v=16, batch_size=1.0, lr_fraction=0.5, seed=0, spectrum="exact")),
+    "toymodels.plrf.phase": lambda: ((1.0, 0.7), {}),
+    "toymodels.plrf.frontier_exponents": lambda: ((1.0, 0.7), {}),
     "toymodels.plrf.deterministic_equivalent": lambda: ((1.0, 0.5, 8, 4), dict(ratio=1.01, eps=1e-3)),
     "toymodels.plrf.PowerLawRF.from_features": lambda: ((plrf.PowerLawRF, 1.0, 0.5, np.eye(3)), {}),
     "toymodels.plrf.PowerLawRF.risk": lambda: ((PLRF, np.zeros(4)), {}),

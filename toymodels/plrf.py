@@ -43,7 +43,8 @@ eps * s_max * s_i instead of eps * s_max^2.
 
 References:
     E. Paquette, C. Paquette, L. Xiao and J. Pennington, "4+3 Phases of Compute-Optimal Neural
-    Scaling Laws", NeurIPS 2024 (arXiv:2405.15074), Sec. 1 (the problem setup) and Sec. 2.
+    Scaling Laws", NeurIPS 2024 (arXiv:2405.15074), Sec. 1 (the problem setup), Sec. 2 (the risk's
+    terms) and Sec. 3 (the compute-optimal phases: :func:`phase`, :func:`frontier_exponents`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ from .optimizers import EMA, SGD, Momentum
 from .schema import attach_attrs
 from .stats import gradient_statistics
 
-__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "EXACT_MAX"]
+__all__ = ["PowerLawRF", "deterministic_equivalent", "compute_optimal_frontier", "plrf_frontier", "phase",
+           "frontier_exponents", "PHASES", "EXACT_MAX"]
 
 EXACT_MAX = 4096  # spectrum="auto": the exact SVD up to min(v, d) = 4096, the deterministic equivalent beyond
 SPECTRA = ("auto", "exact", "deterministic")
@@ -567,6 +569,129 @@ def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio
 
 
 # ----------------------------------------------------------------------------------------------
+# the phase diagram of the compute-optimal frontier
+# ----------------------------------------------------------------------------------------------
+PHASES = ("Ia", "Ib", "Ic", "II", "III", "IVa", "IVb")
+ALPHA_IV = 1.0 - 1.0 / math.sqrt(2.0)  # the IVa / IVb line, where K_pp's size stops depending on d
+
+
+def _check_phase_args(alpha, beta):
+    alpha = check_real("alpha", alpha, low=0.0, high=50.0, low_open=True)
+    beta = check_real("beta", beta, low=0.0, high=50.0)
+    if 2.0 * (alpha + beta) <= 1.0:
+        raise ValueError(f"`beta` must satisfy 2 (alpha + beta) > 1 (else the risk P(0) = sum_j j^(-2 alpha - 2 beta) "
+                         f"diverges with v and there is no phase); got alpha = {alpha}, beta = {beta}.")
+    return alpha, beta
+
+
+@validate(alpha=_ALPHA, beta=_BETA)
+def phase(alpha: float, beta: float) -> str:
+    """The phase of (alpha, beta) in the compute-optimal phase diagram of Paquette, Paquette, Xiao and
+    Pennington 2024 ("4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 and Fig. 2; the
+    phases below the high-dimensional line 2 alpha = 1 in their Sec. "Below the high-dimensional
+    line (Phases IVa, IVb, Ib, Ic)").
+
+    =======  ===============================================  ================================
+    phase    region (2 (alpha + beta) > 1 throughout)          the risk at the frontier is
+    =======  ===============================================  ================================
+    Ia       2 beta < 1, 2 alpha > 1                           F_pp + F_0
+    Ib       2 beta < 1, 2 alpha < 1                           F_pp + F_0
+    Ic       2 beta > 1, 4 alpha < 1                           F_pp + F_0
+    II       2 beta > 1, 2 alpha > 1, beta < alpha             F_pp + F_ac + F_0
+    III      2 beta > 1, 2 alpha > 1, beta > alpha             F_ac + F_0 + K_pp
+    IVa      2 beta > 1, 1 - 1/sqrt(2) < alpha < 1/2           F_0 + K_pp
+    IVb      2 beta > 1, 1/4 < alpha < 1 - 1/sqrt(2)           F_pp + K_pp
+    =======  ===============================================  ================================
+
+    The terms (their Sec. 2; tau = gamma k the SGD time, gamma ~ 1 / tr K the learning rate, so
+    gamma ~ 1 for 2 alpha > 1 and gamma ~ d^(2 alpha - 1) below the high-dimensional line, where v
+    grows with d): F_pp(tau) ~ tau^(-(2 alpha + 2 beta - 1) / (2 alpha)) the target's power-law part
+    not yet learned; F_ac(tau, d) ~ d^-1 tau^(-1 + 1 / (2 alpha)) (2 beta > 1, 2 alpha > 1) the
+    target's weight spread by the random embedding over all of K's spectrum; F_0(d) ~
+    d^(-2 alpha + max(0, 1 - 2 beta)) the irreducible risk (the model's capacity); K_pp(tau) ~
+    gamma tau^(-2 + 1 / (2 alpha)) the SGD noise (the early risk passed on by the Volterra kernel),
+    which matters for beta > alpha.  Points on a boundary line go to the first phase of the table
+    whose closed inequalities they satisfy; the exponents are continuous across every line but
+    alpha = 1 - 1/sqrt(2) (:func:`frontier_exponents`).  The paper proves Ib for alpha > 1/4 and
+    Ic and IVb under its kernel assumption for alpha < 1/4.
+
+    Raises:
+        ValueError: if 2 (alpha + beta) <= 1.
+    """
+    alpha, beta = _check_phase_args(alpha, beta)
+    if 2.0 * beta <= 1.0:
+        return "Ia" if 2.0 * alpha >= 1.0 else "Ib"
+    if 4.0 * alpha <= 1.0:
+        return "Ic"
+    if 2.0 * alpha >= 1.0:
+        return "II" if beta <= alpha else "III"
+    return "IVa" if alpha >= ALPHA_IV else "IVb"
+
+
+@validate(alpha=_ALPHA, beta=_BETA)
+def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
+    """The compute-optimal exponents (xi, eta) of the PLRF under one-pass SGD: d*(F) ~ F^xi and
+    P(F / d*, d*) ~ F^-eta as the FLOP budget F = d x B x steps grows (B fixed, learning rate a fixed
+    fraction of the stable one, ~ 1 / tr K), by phase (:func:`phase`); Paquette, Paquette, Xiao and
+    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 (the compute-optimal
+    curves per phase).  Writing a = alpha, b = beta and s = 2a + 2b - 1 (s / (2a) is F_pp's exponent
+    in time):
+
+    =======  ==================================  ==========================================
+    phase    xi                                  eta
+    =======  ==================================  ==========================================
+    Ia       1 / (2a + 1)                        s / (2a + 1)
+    Ib       1 / 2                               s / 2
+    Ic       s / (2 (3a + 2b - 1 - 2ab))         a s / (3a + 2b - 1 - 2ab)
+    II       b / (a + b)                         s / (2 (a + b))
+    III      1 / 2                               1 - 1 / (4a)
+    IVa      1 / 2                               a
+    IVb      (b - a) / (2b - a - 2ab)            (1 - 2a) s / (2 (2b - a - 2ab))
+    =======  ==================================  ==========================================
+
+    Each row is the balance of the two terms of :func:`phase`'s table that trade off at the
+    optimum, with k = F / (d B) steps and tau = gamma k: Ia, Ib, Ic F_pp(tau) = F_0(d); II F_pp =
+    F_ac; III K_pp = F_ac; IVa K_pp = F_0 (at fixed F, K_pp grows with d); IVb F_pp = K_pp (K_pp
+    falls with d for alpha < 1 - 1/sqrt(2)).  The rows are re-derived here from the four terms and
+    checked against a brute-force minimisation of their sum (tests); the paper states them per phase
+    in Sec. 3.  On the line alpha = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi
+    jumps from 1/2 to the IVb value (every d in between is optimal to leading order).  Phase Ia is
+    the noiseless balance of F_pp against the capacity F_0 alone; in II and III that balance
+    (xi = s / (s + 4 a^2)) is wrong, e.g. 0.375 instead of 0.412 at alpha = 1, beta = 0.7.
+
+    These are limits of large d and F.  How far the exact frontier is from them at d <= 4096 (the
+    local exponents over a window of budgets; :func:`plrf_frontier` with the deterministic-equivalent
+    spectrum, SGD at B = 1 and half the stable rate; see the tests) is given in the module's tests
+    and in :func:`plrf_frontier`.
+
+    Returns:
+        ``(xi, eta)``.
+
+    Raises:
+        ValueError: if 2 (alpha + beta) <= 1.
+    """
+    alpha, beta = _check_phase_args(alpha, beta)
+    ph = phase(alpha, beta)
+    s = 2.0 * alpha + 2.0 * beta - 1.0
+    if ph == "Ia":
+        return 1.0 / (2.0 * alpha + 1.0), s / (2.0 * alpha + 1.0)
+    if ph == "Ib":
+        return 0.5, 0.5 * s
+    if ph == "Ic":
+        den = 3.0 * alpha + 2.0 * beta - 1.0 - 2.0 * alpha * beta
+        return s / (2.0 * den), alpha * s / den
+    if ph == "II":
+        return beta / (alpha + beta), s / (2.0 * (alpha + beta))
+    if ph == "III":
+        return 0.5, 1.0 - 1.0 / (4.0 * alpha)
+    if ph == "IVa":
+        return 0.5, alpha
+    den = 2.0 * beta - alpha - 2.0 * alpha * beta
+    return (beta - alpha) / den, (1.0 - 2.0 * alpha) * s / (2.0 * den)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # the compute-optimal frontier
 # ----------------------------------------------------------------------------------------------
 def _isoflop_minimum(log_d, losses):
@@ -623,39 +748,74 @@ def compute_optimal_frontier(losses, model_sizes, flops) -> xr.Dataset:
 
 
 @validate(alpha=_ALPHA, beta=_BETA, model_sizes=Array(1, low=1.0), flops=Array(1, low=0.0, low_open=True),
-          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED)
+          v=Maybe(_SIZE), batch_size=BATCH_SIZE, lr_fraction=Real(0.0, 1.0, low_open=True), seed=SEED,
+          spectrum=Options(*SPECTRA))
 def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | None = None, batch_size: float = 1.0,
-                  lr_fraction: float = 0.5, seed: int = 0) -> xr.Dataset:
+                  lr_fraction: float = 0.5, seed: int = 0, spectrum: str = "auto") -> xr.Dataset:
     """The PLRF's compute-optimal frontier under SGD, exactly: F = d x B x steps.
 
-    For each model size d a :class:`PowerLawRF` (``v`` data dimensions, default 2 max(d)) is
-    trained by SGD at batch size B with ``lr_fraction`` of its largest stable constant learning
-    rate; its exact risk at k = F / (d B) steps (rounded down) gives the table L(d; F), and
-    :func:`compute_optimal_frontier` the frontier and the exponents.
+    For each model size d a :class:`PowerLawRF` is trained by SGD at batch size B with
+    ``lr_fraction`` of its largest stable constant learning rate (~ 1 / tr K at B = 1, as in
+    Paquette et al. 2024); its exact risk at k = F / (d B) steps (rounded down) gives the table
+    L(d; F), and :func:`compute_optimal_frontier` the frontier and the fitted exponents.
 
-    Theory to compare with (no SGD noise, large d; the part of the loss the frontier trades
-    off): the risk splits into the features' approximation error, the irreducible risk
-    F_ac(d) ~ d^(-2 alpha + max(0, 1 - 2 beta)) (from sigma^2 = sum_j c_j^2 u / (D_j + u) with
-    u ~ d^(-2 alpha)), and the gradient-descent term F_pp(k) ~ k^(-(2 alpha + 2 beta - 1) / (2 alpha))
-    (modes j with lr k j^(-2 alpha) < 1 not yet learned).  Balancing F_pp(F / d) = F_ac(d) gives
-    d* ~ F^xi with xi = a / (a + b), a = (2 alpha + 2 beta - 1) / (2 alpha), b = 2 alpha - max(0,
-    1 - 2 beta): xi = 1 / (2 alpha + 1) for 2 beta < 1 (Paquette et al. 2024's Phase I, Sec. 3),
-    and eta = a b / (a + b).  Where SGD noise or the embedding dominate (their Phases II-IV) the
-    exponents differ; :attr:`Dataset.attrs` holds ``xi_theory`` and ``eta_theory`` of this
-    noiseless balance only.
+    Theory (attrs ``phase``, ``xi_theory``, ``eta_theory``): the phase of (alpha, beta) and its
+    exponents d* ~ F^xi, P* ~ F^-eta from :func:`phase` and :func:`frontier_exponents` (Paquette,
+    Paquette, Xiao and Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3).
+    They are large-d limits.  Measured (``spectrum="deterministic"``, d = 32...4096 on 13 sizes,
+    v = 8192, or v = 2d for 2 alpha < 1; B = 1, half the stable rate; 81 budgets F = 1e3...3e16; the
+    local exponents xi / eta over the budgets whose d* lies in 40-320, 120-960 and 400-3200):
+
+    ===========  =====  =============  =============  =============  =============
+    alpha, beta  phase  theory         d* 40-320      d* 120-960     d* 400-3200
+    ===========  =====  =============  =============  =============  =============
+    1.0, 0.3     Ia     0.333 / 0.533  0.355 / 0.518  0.344 / 0.525  0.334 / 0.533
+    1.0, 0.7     II     0.412 / 0.706  0.420 / 0.696  0.411 / 0.702  0.405 / 0.706
+    1.5, 1.0     II     0.400 / 0.800  0.366 / 0.818  0.370 / 0.813  0.377 / 0.808
+    1.0, 1.5     III    0.500 / 0.750  0.516 / 0.793  0.511 / 0.778  0.506 / 0.766
+    0.4, 0.3     Ib     0.500 / 0.200  0.574 / 0.153  0.531 / 0.172  0.514 / 0.182
+    0.4, 0.8     IVa    0.500 / 0.400  0.638 / 0.365  0.618 / 0.384  0.604 / 0.400
+    0.27, 0.8    IVb    0.590 / 0.292  0.675 / 0.219  0.619 / 0.243  0.608 / 0.258
+    0.2, 0.8     Ic     0.568 / 0.227  0.597 / 0.147  0.569 / 0.164  0.572 / 0.177
+    ===========  =====  =============  =============  =============  =============
+
+    Every row moves towards its theory as d* grows.  Above the high-dimensional line (Ia, II, III)
+    the last window is within the finite-size deviation the four-term risk has itself at d* ~ 100
+    (the noiseless Phase-I balance xi = s / (s + 4 alpha^2) would give 0.375 / 0.750 and
+    0.308 / 0.923 for the two Phase II points: ruled out).  Below it (2 alpha < 1) the frontier is
+    not yet at the theory at these sizes: SGD's time before the smallest eigenvalue is learned,
+    tau < d^(2 alpha), spans under three decades, and in Ic and IVb the optimum sits at
+    tau* ~ d^0.16-0.24, a few units of SGD time; at IVa, F_pp, F_0 and K_pp are within a factor 2 of
+    each other at d = 2048, so xi is still near the F_pp = F_0 balance (0.60).
+
+    Args:
+        alpha, beta: the data and target exponents.
+        model_sizes: ``(n_sizes,)`` increasing whole numbers d.
+        flops: ``(n_flops,)`` increasing budgets F.
+        v: the data dimension of every model; default: 2 max(d) for 2 alpha > 1 (the risk has a
+            v -> infinity limit, v hardly matters) and 2 d per model below the high-dimensional line
+            2 alpha <= 1, where the risk depends on v through tr K ~ v^(1 - 2 alpha) and the paper's
+            phases assume v / d fixed.
+        batch_size: B; lr_fraction: the learning rate's fraction of the largest stable one.
+        seed: the features' seed; spectrum: as :class:`PowerLawRF` (``"deterministic"`` for sizes
+            beyond a few thousand).
 
     Returns:
         The frontier (:func:`compute_optimal_frontier`) with the table ``loss`` over
-        (``n_features``, ``flops``) and attrs ``xi_theory``, ``eta_theory``.
+        (``n_features``, ``flops``) and attrs ``phase``, ``xi_theory``, ``eta_theory`` (NaN where
+        2 (alpha + beta) <= 1), ``v`` (the largest data dimension) and ``v_per_d`` (2.0 when v grows
+        with d, 0.0 when fixed).
     """
     ds = np.asarray(model_sizes, dtype=np.float64)
     if np.any(ds != np.round(ds)) or np.any(np.diff(ds) <= 0):
         raise ValueError("`model_sizes` must be increasing whole numbers.")
     fs = np.asarray(flops, dtype=np.float64)
-    vv = int(2 * ds[-1]) if v is None else check_int("v", v, low=1)
+    proportional = v is None and 2.0 * alpha <= 1.0
+    vv = None if v is None else check_int("v", v, low=1)
     table = np.full((ds.size, fs.size), np.inf)
     for i, d in enumerate(ds.astype(np.int64)):
-        model = PowerLawRF(alpha, beta, vv, int(d), seed=seed)
+        vd = 2 * int(d) if proportional else (int(2 * ds[-1]) if vv is None else vv)
+        model = PowerLawRF(alpha, beta, vd, int(d), seed=seed, spectrum=spectrum)
         opt = SGD(lr_fraction * model.stable_lr(SGD(1.0), batch_size))
         k = np.floor(fs / (d * batch_size)).astype(np.int64)
         valid = k >= 0
@@ -664,10 +824,12 @@ def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | Non
     out = compute_optimal_frontier(table, ds, fs)
     out["loss"] = (("n_features", "flops"), table)
     out = out.assign_coords(n_features=ds)
-    a = (2 * alpha + 2 * beta - 1) / (2 * alpha)
-    b = 2 * alpha - max(0.0, 1 - 2 * beta)
-    theory = (a / (a + b), a * b / (a + b)) if a > 0 and b > 0 else (math.nan, math.nan)
-    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta, v=vv,
+    if 2.0 * (alpha + beta) > 1.0:
+        name, (xi_t, eta_t) = phase(alpha, beta), frontier_exponents(alpha, beta)
+    else:
+        name, xi_t, eta_t = "none", math.nan, math.nan
+    attach_attrs(out, model=PowerLawRF.model_name, source="exact", alpha=alpha, beta=beta,
+                 v=int(2 * ds[-1]) if vv is None else vv, v_per_d=2.0 if proportional else 0.0,
                  batch_size=float(batch_size), lr_fraction=lr_fraction, seed=seed, xi=out.attrs["xi"],
-                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], xi_theory=theory[0], eta_theory=theory[1])
+                 eta=out.attrs["eta"], n_fit=out.attrs["n_fit"], phase=name, xi_theory=xi_t, eta_theory=eta_t)
     return out
