@@ -654,7 +654,10 @@ def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
     F_ac; III K_pp = F_ac; IVa K_pp = F_0 (at fixed F, K_pp grows with d); IVb F_pp = K_pp (K_pp
     falls with d for alpha < 1 - 1/sqrt(2)).  The rows are re-derived here from the four terms and
     checked against a brute-force minimisation of their sum (tests); the paper states them per phase
-    in Sec. 3.  On the line alpha = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi
+    in Sec. 3, whose text was not at hand when this table was written: the four terms, the phase
+    regions of Ib and Ic and the d* ~ F^(1/2) of the universal phases agree with what could be read
+    of it, the other rows are this derivation's and unchecked against the paper's statement (the
+    exact risks agree with them in Ia, II and III, see :func:`plrf_frontier`).  On the line alpha = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi
     jumps from 1/2 to the IVb value (every d in between is optimal to leading order).  Phase Ia is
     the noiseless balance of F_pp against the capacity F_0 alone; in II and III that balance
     (xi = s / (s + 4 a^2)) is wrong, e.g. 0.375 instead of 0.412 at alpha = 1, beta = 0.7.
