@@ -50,6 +50,7 @@ Writes ``theory_vs_practice.nc`` (groups ``summary``, ``measured``, ``predicted`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -65,6 +66,7 @@ from deepmodels.models import Factory, Restored
 from deepmodels.train import NoiseScaleBatch, train
 from toymodels import resume
 from toymodels.critical import piecewise_prediction
+from toymodels.parallel import local_cluster
 from toymodels.schema import attach_attrs
 from toymodels.stats import fit_critical_batch
 
@@ -306,14 +308,10 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
         opts = _names("optimizers", optimizers, OPTIMIZERS)
     os.makedirs(out, exist_ok=True)
     cases, seconds = {}, {}
-    client = cluster = None
-    if scheduler == "local":  # one LocalCluster for every grid of the study (not one per grid)
-        from distributed import Client, LocalCluster
-
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = scheduler = Client(cluster)
-        client.run(torch.set_num_threads, 1)  # one thread per worker process: no oversubscribed cores
-    try:
+    with contextlib.ExitStack() as stack:
+        if scheduler == "local":  # one LocalCluster for every grid of the study (not one per grid)
+            scheduler = stack.enter_context(local_cluster(2))
+            scheduler.run(torch.set_num_threads, 1)  # one thread per worker process: no oversubscribed cores
         for net in nets:
             for opt in opts:
                 t0 = time.perf_counter()
@@ -321,10 +319,6 @@ def run(*, scale: str = "default", out: str = "results", scheduler=None, progres
                 seconds[f"seconds_{net}_{opt}"] = round(time.perf_counter() - t0, 1)
                 if progress:
                     print(f"{net}, {opt}: {seconds[f'seconds_{net}_{opt}']:.0f} s", flush=True)
-    finally:
-        if client is not None:
-            client.close()
-            cluster.close()
     result = _assemble(cases, cfg, scale)
     result["aggregations"] = aggregations(result)
     result["summary"].attrs.update(seconds)  # this run's wall time per case (resumed parts cost ~0)

@@ -48,8 +48,10 @@ xr.Dataset.to_netcdf = _to_netcdf
 def _child_env() -> dict:
     """The environment of a child process that must compute what this one computes bit for bit: this
     package first on the path, and torch's thread count (float32 sums split over another number of
-    threads differ in the last bits; an earlier test of the session, e.g. one with a dask cluster in
-    this process, may have changed it)."""
+    threads differ in the last bits; an earlier test of the session may have changed it with
+    ``torch.set_num_threads``).  The rest of the environment is this process's: nothing may leave
+    thread variables in it (a dask LocalCluster's nanny did: ``MKL_NUM_THREADS=1`` there made the
+    children's BLAS single-threaded, see :func:`toymodels.parallel.local_cluster`)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if "torch" in sys.modules:
         env["OMP_NUM_THREADS"] = str(sys.modules["torch"].get_num_threads())

@@ -1,6 +1,7 @@
 """Tuned batch-size sweeps: at least as good as the exact grid optimum, resumable, validated."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -253,16 +254,25 @@ def test_family_sweeps_equal_one_by_one(nqm, tmp_path):
         xr.testing.assert_allclose(again[fam], together[fam])
 
 
-def test_family_sweeps_on_a_dask_cluster_equal_serial(nqm, tmp_path):
-    """A 2-worker dask LocalCluster gives the serial results and writes every family's file; a
-    Client can be passed as it is."""
+def test_family_sweeps_on_a_dask_cluster_equal_serial(nqm, tmp_path, monkeypatch):
+    """A 2-worker dask LocalCluster gives the serial results and writes every family's file, and
+    leaves this process's environment as it was (dask's nanny sets its workers' OMP_NUM_THREADS,
+    MKL_NUM_THREADS, ... = 1 in it: every process started afterwards would inherit them); a Client
+    can be passed as it is."""
     from distributed import Client, LocalCluster
 
+    from toymodels.parallel import _nanny_environ
     from toymodels.sweep import family_sweeps
 
+    keys = _nanny_environ()
+    assert {"MKL_NUM_THREADS", "OMP_NUM_THREADS"} <= keys
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # one set before (to 3), the others unset
     bss, fams = [1.0, 64.0], ["sgd", "momentum"]
     paths = {f: str(tmp_path / f"{f}.nc") for f in fams}
     on_dask = family_sweeps(nqm, fams, bss, 0.05, n_jobs=2, paths=paths, progress=False, scheduler="local")
+    assert {k: os.environ.get(k) for k in keys} == {k: "3" if k == "OMP_NUM_THREADS" else None for k in keys}
     serial = family_sweeps(nqm, fams, bss, 0.05, n_jobs=1, progress=False)
     for fam in fams:
         xr.testing.assert_identical(on_dask[fam], serial[fam])

@@ -182,6 +182,7 @@ EXAMPLES = {
     "toymodels.optimizers.SGD.__init__": lambda: ((_new(SGD), 0.1), dict(precond=0.0, weight_decay=0.0)),
     # parallel
     "toymodels.parallel.run_tasks": lambda: ((abs, [1, -2]), dict(scheduler=None, on_result=None, n_workers=1)),
+    "toymodels.parallel.local_cluster": lambda: ((), dict(n_workers=1)),  # not entered: no cluster starts
     # schedules
     "toymodels.schedules.BatchSizeWarmup.__init__": lambda: (
         (_new(BatchSizeWarmup), 1, 8, 10), dict(every=2, integer=False)),
@@ -276,6 +277,7 @@ def test_public_api_is_registered():
         assert hasattr(getattr(toymodels, cls).__dict__[meth], "__constraints__"), name
     for fn in (sweep.batch_size_sweep, sweep.family_sweeps, sweep.tune, sweep.tune_schedule, stats.fit_critical_batch,
                stats.bootstrap_critical_batch, tails.power_law_fit, history.gradient_history, spectra.power_law, parallel.run_tasks,
+               parallel.local_cluster,
                estimators.estimator_stats):
         assert hasattr(fn, "__constraints__"), fn.__name__
 
