@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 from scipy import optimize
 
-from . import _localmin, resume, warmup
+from . import _localmin, _schedfree, resume, warmup
 from ._args import BATCH_SIZE, TARGET
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, Instance, Integer, Maybe, Options, Real,
                         check_int, check_real, validate)
@@ -69,6 +69,9 @@ _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
+_SF_WIDTH = 0.2  # schedule-free is tuned on NQM.coarsen(0.2): 47 modes for the d = 10^4 power law
+_SF_COARSE_MIN = 200  # ... for NQMs of more modes than this (smaller ones are tuned on themselves)
+_SF_LOST = 1e-2 * _schedfree.LOST_GROWTH  # the tuner's transient-growth limit: 100 x inside the exact scan's
 
 
 def _check_family(family):
@@ -334,6 +337,104 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
+def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
+    """:func:`tune` for ``"schedule_free"`` on an NQM: direct minimisation of the crossing step.
+
+    Schedule-free SGD has no closed form (its averaging weight 1 / (k + 2) changes at every update),
+    so every loss value costs a scan over all steps, and the bracketing of :func:`tune` (minimise
+    L_k over theta for each of ~20 step counts k) would scan hundreds of thousands of steps per
+    point.  Here one scan per point gives the whole objective: kappa(theta), the first crossing of
+    the log-loss curve interpolated between steps (:func:`toymodels._schedfree.crossing`; continuous
+    in theta, and ceil(kappa) is the exact first crossing), minimised over theta = (x, y),
+    lr = exp(x) * limit(beta), beta = 1 - exp(y), limit(beta) = 2 / ((1 - beta) max h) (the full
+    model's), by Nelder-Mead on log kappa from the best point of a grid (11 x 5 lrs and betas, or
+    around the warm start 4 x 5) and from the best of another beta row if it is within 10%.
+    Points are scanned only to twice the best crossing so far (the grid: to the best), and outside
+    the box kappa is taken at the nearest point of the box, times 1 + the distance.  Near the
+    stability limit the loss first grows by many orders of magnitude (while the averaging weight is
+    large) and the best settings border that region; the exact scan calls a growth past
+    ``LOST_GROWTH`` x target divergence (float64 cannot resolve the target after it), the search
+    stays 100 times inside that, so that its optimum is not on the cliff (should the full model still
+    call it diverged, the learning rate is lowered by 2%, 4%, 8%, ... until it does not, at most 8 times).
+
+    With ``coarse`` and more than 200 modes the search runs on ``problem.coarsen(0.2)`` (its
+    crossings are within ~0.1% of the full model's for the d = 10^4 power law); the steps reported
+    are always the full model's exact first crossing (``problem.steps_to_target``) at the returned
+    hyper-parameters, so only their optimality is approximate.
+    """
+    model = problem.coarsen(_SF_WIDTH) if coarse and problem.dim > _SF_COARSE_MIN else problem
+    limit0 = problem.lr_limit(ScheduleFree(1.0, 0.0))
+    h, q, s0 = model.h, model.c / bs, np.asarray(model.init_sq, dtype=np.float64)
+    log_target = math.log(target)
+    state = {"best": math.inf, "n": 0}
+
+    def point(theta):  # (lr, beta, distance outside the box) of tuning coordinates, clipped to the box
+        x = min(max(theta[0], _X_MIN), -1e-9)
+        out = abs(theta[0] - x)
+        if fixed is not None:
+            beta = fixed
+        else:
+            y = min(max(theta[1], _Y_MIN), 0.0)
+            out += abs(theta[1] - y)
+            beta = 1.0 - math.exp(y)
+        return math.exp(x) * limit0 / (1.0 - beta), beta, out
+
+    def kappa(theta, cap=None):
+        lr, beta, out = point(theta)
+        if cap is None:
+            cap = _SCAN_CAP if not math.isfinite(state["best"]) else int(min(_SCAN_CAP, 2 * state["best"] + 16))
+        v = _schedfree.crossing(1.0 - lr * h * (1.0 - beta), -lr * h * beta, q * lr * lr, h, s0, int(cap),
+                                log_target, True, _SF_LOST)
+        state["n"] += 1
+        state["best"] = min(state["best"], v)
+        return v * (1.0 + out)
+
+    ys = [None] if fixed is not None else [math.log(1.0 - b) for b in (0.0, 0.5, 0.9, 0.98, 0.995)]
+    if start is not None:
+        state["best"] = kappa(start, _SCAN_CAP)
+        xs = [start[0] + dx for dx in (-1.5, -0.75, 0.0, 0.75)]
+    else:
+        xs = list(np.log(np.geomspace(0.95, 1e-5, 11)))
+    # the grid, each point scanned only as far as the best so far (it can only beat that)
+    rows = []
+    for y in ys:
+        pts = [(x,) if y is None else (x, y) for x in xs]
+        vals = [kappa(pt, cap=int(min(_SCAN_CAP, state["best"] + 1)) if math.isfinite(state["best"]) else None)
+                for pt in pts]
+        j = int(np.argmin(vals))
+        rows.append((vals[j], pts[j]))
+    if start is not None:
+        rows.append((kappa(start), tuple(start)))
+    rows.sort(key=lambda r: r[0])
+    if not math.isfinite(rows[0][0]):
+        return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": state["n"], "lo": 0}
+    starts = [rows[0][1]] + [pt for v, pt in rows[1:2] if v <= 1.1 * rows[0][0]]
+    found = []
+    for theta in starts:
+        z, fun = np.asarray(theta, dtype=np.float64), math.inf
+        for size in (0.3, 0.03):
+            simplex = np.vstack([z] + [z + size * e for e in np.eye(z.size)])
+            res = optimize.minimize(lambda t: math.log(max(kappa(t), 1e-300)), z, method="Nelder-Mead",
+                                    options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5,
+                                             "maxfev": 300})
+            if res.fun < fun:
+                z, fun = np.asarray(res.x, dtype=np.float64), float(res.fun)
+        found.append((fun, z))
+    fun, z = min(found, key=lambda f: f[0])
+    lr, beta, _ = point(z)
+    theta = (min(max(z[0], _X_MIN), -1e-9),) if fixed is not None else \
+        (min(max(z[0], _X_MIN), -1e-9), min(max(z[1], _Y_MIN), 0.0))
+    steps = float(problem.steps_to_target(ScheduleFree(lr, beta), bs, target))
+    for j in range(8):
+        if math.isfinite(steps):
+            break
+        theta = (theta[0] - 0.02 * 2**j,) + theta[1:]
+        lr = point(theta)[0]
+        steps = float(problem.steps_to_target(ScheduleFree(lr, beta), bs, target))
+    return {"steps": steps, "lr": lr, "extra": beta, "theta": theta if math.isfinite(steps) else None,
+            "n_evals": state["n"], "lo": 0}
+
+
 def _check_fixed_extra(family, extra):
     """``extra`` (a fixed beta or mu) only for the families that have one."""
     if extra is not None and _EXTRA[family] is None:
@@ -381,9 +482,11 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         if len(start) != 1 + two_d:
             raise ValueError(f"`start` must be {1 + two_d} tuning coordinates for {family!r}; got {len(start)}.")
         start = tuple(float(v) for v in start)
-    ev = _Evaluator(problem, family, bs, precond, decay, fixed)
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
+    if family == "schedule_free" and isinstance(problem, NQM):
+        return _tune_schedule_free(problem, bs, target, start, coarse, fixed)
+    ev = _Evaluator(problem, family, bs, precond, decay, fixed)
     global_checks = True
     lo_hint = max(0, int(k_floor))
     inner = lambda k, theta, step: _inner_min(ev, k, theta, step=step)  # noqa: E731
