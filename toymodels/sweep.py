@@ -12,7 +12,9 @@ Tuning (:func:`tune`) uses the exchange of minima
 
 so it brackets the integer k (regula falsi in log k) while the inner problem, minimising the smooth
 L_k(theta) over the learning rate (and momentum or averaging decay), is continuous.  Large NQMs are
-first tuned on ``problem.coarsen()`` and refined on the full model.  Every accepted step count comes from
+first tuned on ``problem.coarsen()`` and refined on the full model.  Schedule-free SGD on an NQM, which has
+no closed form, is tuned by a direct search of its crossing step instead (:func:`_tune_schedule_free`).
+Every accepted step count comes from
 an exact first-crossing search at a concrete theta, so the reported optimum is always achieved.
 :func:`grid_search` is the exact minimum over a given grid (each point's exact first crossing,
 pruned by the incumbent), used to check the tuner and as the straightforward reference.
@@ -723,8 +725,10 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             beta; averaging decay fixed at ``decay``), ``"nesterov"`` (lr and beta), ``"asgd"``
             (Kidambi et al.'s accelerated SGD: lr and kappa, reported as ``kappa_opt``), ``"polyak"``
             (SGD with uniform iterate averaging: lr) or ``"schedule_free"`` (lr and beta).  The last
-            two change at every update and have no closed form: their steps are searched one update
-            at a time (at most 10^6 per setting), so they are much slower to tune.
+            two change at every update.  The Polyak average of SGD has a closed form; schedule-free
+            SGD has none: on an NQM it is tuned by one scan per setting on a coarsened model (see
+            :func:`_tune_schedule_free`; its reported steps are the full model's exact crossing),
+            elsewhere searched one update at a time (at most 10^6 per setting), much slower.
         batch_sizes: increasing batch sizes in [1, 2^53].
         target: loss target > 0.
         progress: tqdm bar over batch sizes.
