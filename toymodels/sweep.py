@@ -375,7 +375,8 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
     in theta, and ceil(kappa) is the exact first crossing), minimised over theta = (x, y),
     lr = exp(x) * limit(beta), beta = 1 - exp(y), limit(beta) = 2 / ((1 - beta) max h) (the full
     model's).  A grid (11 lrs from 0.95 to 1e-5 of the limit x 6 betas from 0 to 0.999; with a warm
-    start also its beta and its lr x e^(+-0.5)) picks the best beta row; then 9 values of y between
+    start only the lrs within e^(+-2.5) of its lr, and its lr x e^(+-0.5), and also its beta) picks
+    the best beta row; then 9 values of y between
     the neighbouring rows (the window moved on, up to 3 times, while its best is at an end), and a
     golden-section search over y between the neighbours of the best of them (to 3e-3: 1 - beta to 0.3%), with at each y the best
     of 9 points over x in +-2 around the best x so far and a golden-section search between its
@@ -428,7 +429,7 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
     xs = list(np.log(np.geomspace(0.95, 1e-5, 11)))
     if start is not None:
         state["best"] = kappa(start, _SCAN_CAP)
-        xs += [start[0] + dx for dx in (-0.5, 0.5)]
+        xs = [x for x in xs if abs(x - start[0]) <= 2.5] + [start[0] + dx for dx in (-0.5, 0.5)]
         if fixed is None:
             ys.append(start[1])
     # the grid, each point scanned only as far as the best so far (it can only beat that)
