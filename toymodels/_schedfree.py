@@ -105,23 +105,24 @@ def crossing(p, r, g, h, s0, k_cap, log_target, uniform, lost_growth):
     zz = s0.copy()
     zx = s0.copy()
     xx = s0.copy()
+    target = math.exp(log_target)
     prev = math.inf
     lost = math.inf
     k = 0
-    while True:
+    while True:  # logarithms only at the end: a scan of a few modes spends as long on a log as on them
         loss = _loss(h, xx)
         if k == 0:
-            lost = lost_growth * max(math.exp(log_target), loss)
+            lost = lost_growth * max(target, loss)
         if not math.isfinite(loss) or loss <= 0.0 or loss > lost:
             return math.inf
-        cur = math.log(loss)
-        if cur <= log_target:
+        if loss <= target:
             if k == 0:
                 return 0.0
-            return (k - 1.0) + (prev - log_target) / (prev - cur)
+            cur = math.log(loss)
+            return (k - 1.0) + (math.log(prev) - log_target) / (math.log(prev) - cur)
         if k >= k_cap:
-            return k_cap * (1.0 + cur - log_target)
-        prev = cur
+            return k_cap * (1.0 + math.log(loss) - log_target)
+        prev = loss
         c = 1.0 / (k + 2.0) if uniform else 1.0
         for i in range(d):
             zxp = p[i] * zx[i] + r[i] * xx[i]
