@@ -614,7 +614,8 @@ class NQM:
         if isinstance(optimizer, ScheduleFree) and isinstance(optimizer.lr, Constant) and isinstance(batch, Constant):
             k, _ = self._schedule_free(optimizer, optimizer.lr.lr, batch.lr, 0, k_stop, target)
             if k == -2:
-                return -1, "diverges: the loss overflowed", math.inf
+                return -1, ("diverges: the loss overflowed, or grew past 4.5e9 x the target (float64 cannot resolve "
+                            "the target after that)"), math.inf
             if k >= 0:
                 return k, "", math.nan
             if k_stop < max_steps:
