@@ -7,15 +7,14 @@ Nesterov momentum, SGD + EMA iterate averaging, the accelerated SGD of Kidambi e
 tuned), Polyak (uniform) averaging of SGD (a closed form per mode) and schedule-free SGD.  Every point is
 tuned per batch size (:func:`toymodels.sweep.batch_size_sweep`) and its steps are the exact first crossing
 of the expected loss at the tuned setting.  Schedule-free SGD has no closed form (its averaging weight
-1/(k+1) enters the gradient point): it is propagated one update at a time and is two orders of magnitude
-slower to tune, so it runs on a smaller NQM and a coarser batch-size grid (the "averaging" group, with
-SGD, momentum, EMA and Polyak on the same NQM for comparison); the figure states both NQMs.
+1/(k+1) enters the gradient point): it is propagated one update at a time, tuned on a coarsened NQM and
+its steps computed exactly on the full one (:mod:`toymodels.sweep`), so it runs beside the others.
 
-    python -m studies run optimizer_zoo            # d = 1000, B = 2^0..2^20; averaging group d = 30
-    python -m studies run optimizer_zoo --quick    # d = 100, B = 2^0..2^16 step 2; averaging group d = 10
-    python -m studies run optimizer_zoo --full     # d = 10^4, B = 2^0..2^24; averaging group d = 100
+    python -m studies run optimizer_zoo            # d = 1000, B = 2^0..2^20
+    python -m studies run optimizer_zoo --quick    # d = 100, B = 2^0..2^16 step 2
+    python -m studies run optimizer_zoo --full     # d = 10^4, B = 2^0..2^24
 
-Writes ``optimizer_zoo.nc`` (netCDF groups ``main`` and ``averaging``) and ``optimizer_zoo.png`` into
+Writes ``optimizer_zoo.nc`` (netCDF group ``main``) and ``optimizer_zoo.png`` into
 ``--out`` (default ``results``); per-family sweeps are saved as they go (``optimizer_zoo_parts``) and
 resume after an interruption.
 
@@ -51,26 +50,23 @@ LABELS = {"sgd": "SGD", "precond": "preconditioned SGD (P = H^0.5)", "momentum":
           "polyak": "SGD + Polyak (uniform) averaging", "schedule_free": "schedule-free SGD"}
 COLORS = {"sgd": "C0", "precond": "C1", "momentum": "C2", "ema": "C3", "nesterov": "C4", "asgd": "C5",
           "polyak": "C6", "schedule_free": "C9"}
-MAIN = ("sgd", "precond", "momentum", "nesterov", "ema", "asgd", "polyak")
-"""The families with a closed form, swept on the main NQM."""
-AVERAGING = ("sgd", "momentum", "ema", "polyak", "schedule_free")
-"""The averaging group: schedule-free SGD (update by update) and four references on a smaller NQM."""
+MAIN = ("sgd", "precond", "momentum", "nesterov", "ema", "asgd", "polyak", "schedule_free")
+"""The families swept on the NQM."""
 EXTRA = {"momentum_opt": "1 - β", "decay_opt": "1 - μ", "kappa_opt": "1 / κ"}
 """The tuned extra hyper-parameter of each family, drawn as the quantity that goes to 0 (log scale)."""
 
 SCALES = {
-    "tiny": dict(dim=20, log2_batch=np.array([0, 4, 8]), avg_dim=10, avg_log2_batch=np.array([6])),
-    "quick": dict(dim=100, log2_batch=np.arange(0, 17, 2), avg_dim=10, avg_log2_batch=np.arange(0, 13, 4)),
-    "default": dict(dim=1000, log2_batch=np.arange(0, 21), avg_dim=30, avg_log2_batch=np.arange(0, 17, 2)),
-    "full": dict(dim=10_000, log2_batch=np.arange(0, 25), avg_dim=100, avg_log2_batch=np.arange(0, 21, 2)),
+    "tiny": dict(dim=20, log2_batch=np.array([0, 4, 8])),
+    "quick": dict(dim=100, log2_batch=np.arange(0, 17, 2)),
+    "default": dict(dim=1000, log2_batch=np.arange(0, 21)),
+    "full": dict(dim=10_000, log2_batch=np.arange(0, 25)),
 }
-"""Per scale: the main NQM's dimension and log2 batch sizes, and the averaging group's ("tiny" is the
-tests' scale)."""
+"""Per scale: the NQM's dimension and log2 batch sizes ("tiny" is the tests' scale)."""
 
 
 def run(*, scale: str = "default", out: str = "results", target_fraction: float = 0.01, progress: bool = True,
         scheduler=None) -> dict:
-    """Run both groups' sweeps and write the netCDF file and the figure.
+    """Run every family's sweep and write the netCDF file and the figure.
 
     Args:
         scale: ``"tiny"`` (tests), ``"quick"``, ``"default"`` or ``"full"`` (:data:`SCALES`).
@@ -80,7 +76,7 @@ def run(*, scale: str = "default", out: str = "results", target_fraction: float 
         scheduler: run the families as dask tasks (see :func:`toymodels.parallel.run_tasks`).
 
     Returns:
-        ``{"main": Dataset, "averaging": Dataset}``, each over (``optimizer``, ``batch_size``) with
+        ``{"main": Dataset}`` over (``optimizer``, ``batch_size``) with
         ``steps_to_target`` (``inf`` where no setting reaches the target, with ``reason``), ``lr_opt``,
         ``momentum_opt``, ``decay_opt``, ``kappa_opt`` (NaN where a family has no such parameter),
         and ``steps_lower_bound`` over ``batch_size``.
@@ -90,12 +86,10 @@ def run(*, scale: str = "default", out: str = "results", target_fraction: float 
     cfg = SCALES[scale]
     parts_dir = os.path.join(out, "optimizer_zoo_parts")  # per-family sweeps, for resuming
     os.makedirs(parts_dir, exist_ok=True)
-    result = {}
-    for group, families, dim, log2 in (("main", MAIN, cfg["dim"], cfg["log2_batch"]),
-                                       ("averaging", AVERAGING, cfg["avg_dim"], cfg["avg_log2_batch"])):
-        paths = {f: os.path.join(parts_dir, f"{group}_{f}_{dim}.nc") for f in families}
-        result[group] = _group(NQM.power_law(dim), families, 2.0 ** log2, target_fraction, paths, progress,
-                               scheduler)
+    dim = cfg["dim"]
+    paths = {f: os.path.join(parts_dir, f"main_{f}_{dim}.nc") for f in MAIN}
+    result = {"main": _group(NQM.power_law(dim), MAIN, 2.0 ** cfg["log2_batch"], target_fraction, paths, progress,
+                             scheduler)}
     return publish(result, out, "optimizer_zoo", plot)
 
 
@@ -139,44 +133,47 @@ def _steps(ax, ds, *, top):
 
 
 def plot(result: dict, path: str) -> None:
-    """Four panels: (a) tuned steps vs batch size on the main NQM with the lower bound; (b) the tuned
-    learning rates; (c) the tuned extra hyper-parameters 1 - β, 1 - μ and 1 / κ (log scale, with the
-    smallest value the tuner searches: points there are limited by the search, not tuned); (d) the
-    averaging group (Polyak, schedule-free and references on the smaller NQM) with its lower bound."""
+    """Four panels: (a) tuned steps vs batch size with the lower bound; (b) the tuned learning rates;
+    (c) the tuned extra hyper-parameters 1 - β, 1 - μ and 1 / κ (log scale, with the smallest value the
+    tuner searches: points there are limited by the search, not tuned); (d) each family's steps over
+    the lower bound of any algorithm (1: no algorithm could do better at that batch size)."""
     import matplotlib.pyplot as plt
 
-    main, avg = result["main"], result["averaging"]
+    main = result["main"]
     fig, axes = plt.subplots(2, 2, figsize=(11.5, 9.0))
     (ax1, ax2), (ax3, ax4) = axes
-    for ax, ds in ((ax1, main), (ax4, avg)):
-        finite = ds.steps_to_target.values[np.isfinite(ds.steps_to_target.values)]
-        _steps(ax, ds, top=2.0 * (finite.max() if finite.size else 1.0))
-    ax1.set_title(f"(a) {ax1.get_title()}, families with a closed form\n(schedule-free: panel d)",
-                  fontsize=9)
-    ax4.set_title(f"(d) averaging group: smaller NQM d={avg.attrs['dim']}, B = 2^"
-                  f"{{{', '.join(str(int(round(np.log2(b)))) for b in avg.batch_size.values)}}}\n"
-                  "(schedule-free SGD is stepped update by update: slow to tune today)", fontsize=9)
-    for ds, ls, where in ((main, "-", ""), (avg, "--", f", d={avg.attrs['dim']}")):
-        bs = ds.batch_size.values
-        for fam in ds.optimizer.values:
-            if ds is avg and fam in MAIN:
-                continue  # the references are drawn from the main NQM
-            r = ds.sel(optimizer=fam)
-            style.draw(ax2, bs, r.lr_opt.values, source="exact", color=COLORS.get(fam), ls=ls,
-                       marker="." if bs.size < 8 else None, label=LABELS.get(fam, fam) + where)
-            for name, what in EXTRA.items():
-                v = r[name].values
-                if np.any(np.isfinite(v)):
-                    shown = 1.0 / v if name == "kappa_opt" else 1.0 - v
-                    style.draw(ax3, bs, shown, source="exact", color=COLORS.get(fam), ls=ls,
-                               marker="." if bs.size < 8 else None, label=f"{LABELS.get(fam, fam)}{where}: {what}")
+    steps = main.steps_to_target.values
+    finite = steps[np.isfinite(steps)]
+    top = 2.0 * (finite.max() if finite.size else 1.0)
+    _steps(ax1, main, top=top)
+    ax1.set_title(f"(a) {ax1.get_title()}", fontsize=9)
+    bs = main.batch_size.values
+    bound = np.maximum(main.steps_lower_bound.values, 1)
+    for fam in main.optimizer.values:
+        r = main.sel(optimizer=fam)
+        mark = "." if bs.size < 8 else None
+        style.draw(ax2, bs, r.lr_opt.values, source="exact", color=COLORS.get(fam), marker=mark,
+                   label=LABELS.get(fam, fam))
+        for name, what in EXTRA.items():
+            v = r[name].values
+            if np.any(np.isfinite(v)):
+                shown = 1.0 / v if name == "kappa_opt" else 1.0 - v
+                style.draw(ax3, bs, shown, source="exact", color=COLORS.get(fam), marker=mark,
+                           label=f"{LABELS.get(fam, fam)}: {what}")
+        y = r.steps_to_target.values
+        style.draw(ax4, bs, np.where(np.isfinite(y), y / bound, np.nan), source="exact", color=COLORS.get(fam),
+                   marker=mark, label=LABELS.get(fam, fam))
     # the tuner searches 1 - beta (1 - mu, 1 / kappa) down to e^-1 * 1e-4: a point there sits on the box's edge
     ax3.axhline(np.exp(_Y_MIN - 1.0), color="0.5", lw=0.8, ls="-.", label="edge of the tuner's search box")
+    ax4.axhline(1.0, color="k", ls=":", lw=1.5, label="the lower bound (a bound, not a run)")
     ax2.set_title("(b) tuned learning rate", fontsize=9)
     ax2.set_ylabel("lr")
-    ax3.set_title("(c) tuned extra hyper-parameter: momentum β, EMA decay μ, ASGD κ", fontsize=9)
+    ax3.set_title("(c) tuned extra hyper-parameter: β (momentum, schedule-free), μ (EMA), κ (ASGD)", fontsize=9)
     ax3.set_ylabel("1 - β,  1 - μ,  1 / κ")
-    for ax in (ax2, ax3):
+    ax4.set_title("(d) tuned steps / lower bound of any algorithm\n(targets never reached: in (a) only)",
+                  fontsize=9)
+    ax4.set_ylabel("steps / lower bound")
+    for ax in (ax2, ax3, ax4):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
@@ -188,14 +185,14 @@ def plot(result: dict, path: str) -> None:
 
 
 def summary(result: dict) -> str:
-    """The tuned steps to target per family and batch size, both groups, as text."""
+    """The tuned steps to target per family and batch size, as text."""
     return "\n\n".join(f"{group} (d={ds.attrs['dim']}):\n{ds.steps_to_target.to_pandas().T.to_string()}"
                        for group, ds in result.items())
 
 
 def main(argv=None):
     """The command line ``python -m studies run optimizer_zoo`` (``-h`` lists the flags): the shared
-    flags and ``--target-fraction``; runs both groups, prints the steps per family and batch size and
+    flags and ``--target-fraction``; runs every family, prints the steps per family and batch size and
     the files written.
 
     Args:

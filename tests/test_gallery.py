@@ -15,7 +15,7 @@ from toymodels.schema import validate
 # tiny run is test_studies.py's, also slow; test_distributed.py covers DDP, slow, in CI); their command-line
 # runs are -m slow; deep_bootstrap's --quick generates 7400 MNIST-1D examples (about a minute on a loaded CPU;
 # its tiny run is test_studies.py's, by default); optimizer_zoo's --quick tunes schedule-free SGD update by
-# update (~1.5 min; its default checks are test_optimizer_zoo_study.py's); scaling_laws takes about a minute
+# update on a coarsened NQM (its default checks are test_optimizer_zoo_study.py's); scaling_laws takes about a minute
 # at --quick (its tiny run is test_studies.py's, slow)
 SLOW = {"nqm_vs_cnn", "coherent_gradients", "gradient_tails", "theory_vs_practice", "transformer_noise",
         "deep_bootstrap", "optimizer_zoo", "scaling_laws"}
