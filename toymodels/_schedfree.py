@@ -56,12 +56,22 @@ def _loss(h, xx):
 
 
 @njit(cache=True, nogil=True)
+def _update(p, r, g, zz, zx, xx, c):
+    """One update of every mode's moments (in place), averaging weight c (the recursion above)."""
+    for i in range(p.shape[0]):
+        zxp = p[i] * zx[i] + r[i] * xx[i]
+        zzn = p[i] * p[i] * zz[i] + 2.0 * p[i] * r[i] * zx[i] + r[i] * r[i] * xx[i] + g[i]
+        xx[i] = (1.0 - c) * (1.0 - c) * xx[i] + 2.0 * c * (1.0 - c) * zxp + c * c * zzn
+        zx[i] = (1.0 - c) * zxp + c * zzn
+        zz[i] = zzn
+
+
+@njit(cache=True, nogil=True)
 def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
     """Step the moments ``zz, zx, xx`` ((d,) each, at step k0, updated in place) to step k1 and return
     ``(k, loss)``: k the first step in [k0, k1] with loss <= target (the moments are then at k), -1
     if none (the loss at k1), or -2 if the loss overflowed or (a target > 0) exceeded
     ``LOST_GROWTH`` x max(target, loss at k0) before crossing it."""
-    d = p.shape[0]
     k = k0
     lost = math.inf
     while True:
@@ -74,13 +84,7 @@ def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
             return k, loss
         if k == k1:
             return -1, loss
-        c = 1.0 / (k + 2.0) if uniform else 1.0
-        for i in range(d):
-            zxp = p[i] * zx[i] + r[i] * xx[i]
-            zzn = p[i] * p[i] * zz[i] + 2.0 * p[i] * r[i] * zx[i] + r[i] * r[i] * xx[i] + g[i]
-            xx[i] = (1.0 - c) * (1.0 - c) * xx[i] + 2.0 * c * (1.0 - c) * zxp + c * c * zzn
-            zx[i] = (1.0 - c) * zxp + c * zzn
-            zz[i] = zzn
+        _update(p, r, g, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
         k += 1
 
 
@@ -101,7 +105,6 @@ def crossing(p, r, g, h, s0, k_cap, log_target, uniform, lost_growth):
     less, to stay clear of the settings that a scan of another model, e.g. the full one, calls diverged).
     Costs min(k, k_cap) updates of the ``(d,)`` modes.
     """
-    d = p.shape[0]
     zz = s0.copy()
     zx = s0.copy()
     xx = s0.copy()
@@ -123,11 +126,5 @@ def crossing(p, r, g, h, s0, k_cap, log_target, uniform, lost_growth):
         if k >= k_cap:
             return k_cap * (1.0 + math.log(loss) - log_target)
         prev = loss
-        c = 1.0 / (k + 2.0) if uniform else 1.0
-        for i in range(d):
-            zxp = p[i] * zx[i] + r[i] * xx[i]
-            zzn = p[i] * p[i] * zz[i] + 2.0 * p[i] * r[i] * zx[i] + r[i] * r[i] * xx[i] + g[i]
-            xx[i] = (1.0 - c) * (1.0 - c) * xx[i] + 2.0 * c * (1.0 - c) * zxp + c * c * zzn
-            zx[i] = (1.0 - c) * zxp + c * zzn
-            zz[i] = zzn
+        _update(p, r, g, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
         k += 1
