@@ -1,6 +1,7 @@
 """The coherent-gradients study runs end to end at its smallest scale, writes valid files and resumes."""
 
 import numpy as np
+import pytest
 import xarray as xr
 
 from deepmodels import data
@@ -8,6 +9,7 @@ from studies import coherent_gradients as cg
 from toymodels import schema
 
 
+@pytest.mark.slow  # ~6 s (a tiny study end to end); CI runs it
 def test_coherent_gradients_tiny(tmp_path, monkeypatch):
     res = cg.run(scale="tiny", out=str(tmp_path), progress=False)
     assert (tmp_path / "coherent_gradients.png").stat().st_size > 10_000

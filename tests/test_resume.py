@@ -218,6 +218,7 @@ def test_training_killed_during_a_write_resumes_to_the_same_run(tmp_path):
     _assert_same(resume.read(path), straight)
 
 
+@pytest.mark.slow  # ~9 s (trains with a checkpoint per probe); CI runs it
 def test_training_writes_results_at_most_every_results_every_s(tmp_path, monkeypatch):
     """Checkpoint after every probe; the netCDF results only when RESULTS_EVERY_S has passed and at
     the end, and a run killed between two results writes resumes from its checkpoint."""

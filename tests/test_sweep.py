@@ -254,6 +254,7 @@ def test_family_sweeps_equal_one_by_one(nqm, tmp_path):
         xr.testing.assert_allclose(again[fam], together[fam])
 
 
+@pytest.mark.slow  # ~6 s (starts a dask cluster); CI runs it
 def test_family_sweeps_on_a_dask_cluster_equal_serial(nqm, tmp_path, monkeypatch):
     """A 2-worker dask LocalCluster gives the serial results and writes every family's file, and
     leaves this process's environment as it was (dask's nanny sets its workers' OMP_NUM_THREADS,
