@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from ._validate import (AnyOf, Array, Boolean, Integer, Maybe, Options, Real, check_int, check_real, validate)
 
@@ -297,6 +296,8 @@ def normality_test(samples, axis: int = 0, alpha: float = 0.05, whiten: bool = T
         sd = x.std(axis=axis, keepdims=True)
         x = (x - x.mean(axis=axis, keepdims=True)) / np.where(sd > 0, sd, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
+        from scipy import stats  # here, not at import: scipy.stats takes ~1 s to import (first contact)
+
         stat, p = stats.normaltest(x, axis=axis)
     stat, p = np.where(constant, np.nan, stat), np.where(constant, np.nan, p)
     return NormalityTest(statistic=stat, p_values=p, pass_rate=float(np.mean(p > alpha)), alpha=alpha)
