@@ -83,14 +83,14 @@ import xarray as xr
 from torch import nn
 
 from toymodels.schema import attach_attrs
-from toymodels.stats import two_batch_estimates
+from toymodels.stats import _two_batch
 
 from . import _validate as V
 from ._validate import Instance, Integer, Maybe, Module, Options, Real, SequenceOf, validate
 
 __all__ = ["GradientNoiseScale", "GNSEstimate", "NoiseScaleEMA", "step_estimates", "stack"]
 
-_two_batch = two_batch_estimates.__wrapped__  # the same formulas without the array checks (once per step)
+
 _COUNT = Integer(1, V.MAX_EXACT_INT)
 _NONNEG = Real(0.0, math.inf)
 
@@ -131,7 +131,7 @@ def _step_estimates(sum_sq, sum_sq2, n_micro, micro_batch_size, big_sq) -> dict:
     n, b = n_micro, micro_batch_size
     big_b = b * n
     a_mean = sum_sq / n
-    g2, tr = (float(v) for v in _two_batch(a_mean, float(b), big_sq, float(big_b)))
+    g2, tr = _two_batch(float(a_mean), float(b), float(big_sq), float(big_b))
     ns = _ratio(tr, g2)
     v = max(sum_sq2 - sum_sq * a_mean, 0.0) / (n - 1)  # sample variance of |g_j|^2: estimates 2 T2 + 4 Q
 

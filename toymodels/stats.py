@@ -84,6 +84,12 @@ def two_batch_estimates(sq_small, b_small, sq_big, b_big):
     sq_small, sq_big = np.asarray(sq_small, dtype=np.float64), np.asarray(sq_big, dtype=np.float64)
     if not (np.all(np.asarray(b_small) >= 1) and np.all(np.asarray(b_big) > np.asarray(b_small))):
         raise ValueError("`b_big` must be larger than `b_small` >= 1.")
+    return _two_batch(sq_small, b_small, sq_big, b_big)
+
+
+def _two_batch(sq_small, b_small, sq_big, b_big):
+    """The formulas of :func:`two_batch_estimates`, unchecked, on floats or arrays (a training loop
+    calls it once per step: numpy's conversions and checks of four scalars cost more than these)."""
     g2 = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
     tr = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
     return g2, tr
