@@ -36,6 +36,13 @@ from numba import njit
 LOST_GROWTH = 1e-6 / 2.220446049250313e-16
 
 
+def coefficients(h, q, lr, beta, weight_decay=0.0):
+    """``(p, r, g)`` of the recursion above for every mode: curvatures ``h`` ``(d,)``, noise variances
+    ``q`` ``(d,)`` of one update's gradient (c / B on the NQM), a constant ``lr`` and ``beta``."""
+    hu = h + weight_decay
+    return 1.0 - lr * hu * (1.0 - beta), -lr * hu * beta, q * lr * lr
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _loss(h, xx):
     """L = 1/2 sum_i h_i xx_i, summed in four interleaved partial sums (i mod 4) added as

@@ -596,10 +596,7 @@ class NQM:
     def _schedule_free(self, optimizer, lr, batch_size, k0, k1, target):
         """:func:`toymodels._schedfree._scan` of ``optimizer`` (a ScheduleFree) at a constant
         ``lr`` and batch size from step 0 over [k0, k1]: ``(first k with L_k <= target or -1 or -2, loss)``."""
-        hu = self.h + optimizer.weight_decay
-        p = 1.0 - lr * hu * (1.0 - optimizer.beta)
-        r = -lr * hu * optimizer.beta
-        g = (self.c / batch_size) * lr * lr
+        p, r, g = _schedfree.coefficients(self.h, self.c / batch_size, lr, optimizer.beta, optimizer.weight_decay)
         zz, zx, xx = (self.init_sq.astype(np.float64) for _ in range(3))
         uniform = optimizer.averaging == "uniform"
         if k0 > 0:

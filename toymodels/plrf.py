@@ -385,7 +385,7 @@ class PowerLawRF:
                     at = avg if decay is not None else theta
                     r = at @ M.T - c
                     loss[rec] = 0.5 * np.einsum("ij,ij->i", r, r)
-                    a = theta @ M.T - c  # the gradients are taken at the base iterate
+                    a = r if decay is None else theta @ M.T - c  # the gradients: at the base iterate
                     ga = a @ M
                     gsq[rec] = np.einsum("ij,ij->i", ga, ga)
                     trace[rec] = gsq[rec] + np.einsum("ij,ij->i", a, a) * tr_k
@@ -561,7 +561,7 @@ def deterministic_equivalent(alpha: float, beta: float, v: int, d: int, *, ratio
     n_cum *= r / n_cum[-1]
     w_cum *= (float(np.sum(c2)) - sigma2) / w_cum[-1]
     keep = np.concatenate([[True], np.diff(n_cum) > 0])  # strictly increasing for the interpolation
-    n_k, x_k, w_k = n_cum[keep], xg[keep], w_cum[keep]
+    n_k, x_k = n_cum[keep], xg[keep]
     mids = np.exp(np.interp(np.arange(r) + 0.5, n_k, x_k))
     edges = np.interp(np.arange(r + 1.0), n_k, x_k)
     rho = np.diff(np.interp(-edges, -xg, w_cum))

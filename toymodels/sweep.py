@@ -419,8 +419,8 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         lr, beta, out = point(theta)
         if cap is None:
             cap = _SCAN_CAP if not math.isfinite(state["best"]) else int(min(_SCAN_CAP, 2 * state["best"] + 16))
-        v = _schedfree.crossing(1.0 - lr * h * (1.0 - beta), -lr * h * beta, q * lr * lr, h, s0, int(cap),
-                                log_target, True, _SF_LOST)
+        v = _schedfree.crossing(*_schedfree.coefficients(h, q, lr, beta), h, s0, int(cap), log_target, True,
+                                _SF_LOST)
         state["n"] += 1
         state["best"] = min(state["best"], v)
         return v * (1.0 + out)

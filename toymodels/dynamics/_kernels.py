@@ -38,6 +38,15 @@ def _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, c, A, b):
 
 
 @njit(cache=True, nogil=True)
+def _noise(q, b, out):
+    """out = q b b^T, one update's noise covariance (``b`` (s,), ``out`` (s, s))."""
+    s = b.size
+    for u in range(s):
+        for v in range(s):
+            out[u, v] = q * b[u] * b[v]
+
+
+@njit(cache=True, nogil=True)
 def _matmul(P, R, out):
     s = P.shape[0]
     for i in range(s):

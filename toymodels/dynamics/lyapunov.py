@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._kernels import _matmul, _sandwich, _set, _set_sum
+from ._kernels import _matmul, _noise, _sandwich, _set, _set_sum
 
 __all__ = ["lyapunov"]
 
@@ -18,9 +18,7 @@ def _lyapunov_mode(A, b, q, out):
     s = A.shape[0]
     P = A.copy()
     Q = np.empty((s, s))
-    for u in range(s):
-        for v in range(s):
-            Q[u, v] = q * b[u] * b[v]
+    _noise(q, b, Q)
     T = np.empty((s, s))
     P2 = np.empty((s, s))
     for _ in range(200):

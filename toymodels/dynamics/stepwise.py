@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from ..schedules import batch_sizes_at, check_batch_values, schedule_segments
-from ._kernels import _matmul, _sandwich, _set, _set_sum, _varying_transition
+from ._kernels import _matmul, _noise, _sandwich, _set, _set_sum, _varying_transition
 
 __all__ = ["propagate", "jump", "MAX_SCAN_UPDATES", "MAX_SCAN_WORK", "merged_segments", "propagate_schedule",
            "propagate_varying"]
@@ -115,9 +115,7 @@ def _jump_mode(A, b, q, S, k, out):
     Qr = np.zeros((s, s))
     Pb = A.copy()
     Qb = np.empty((s, s))
-    for u in range(s):
-        for v in range(s):
-            Qb[u, v] = q * b[u] * b[v]
+    _noise(q, b, Qb)
     T = np.empty((s, s))
     P2 = np.empty((s, s))
     while k > 0:
