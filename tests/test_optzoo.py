@@ -407,14 +407,18 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
 
 @pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
 def test_tuner_evaluation_matches_optimizer_objects(family):
-    """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta;
-    NQM.family_evaluator for the others) equals building each optimizer and stepping its curve."""
-    from toymodels.sweep import _EXTRA, _Evaluator
+    """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta, and
+    for ASGD through its momentum form, piecewise affine in e: points on both sides of the kink and
+    next to it; NQM.family_evaluator for the others) equals building each optimizer and stepping its
+    curve."""
+    from toymodels.sweep import _ASGD_KINK, _EXTRA, _Evaluator
 
+    compiled = family in ("nesterov", "asgd")
     ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
-    assert (ev._fast is not None) == (family == "nesterov")
-    assert (ev._family is not None) == (family != "nesterov")  # NQM.family_evaluator: no per-call checks
-    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0)]:
+    assert (ev._fast is not None) == compiled
+    assert (ev._family is not None) == (not compiled)  # NQM.family_evaluator: no per-call checks
+    y_kink = math.log(1 - _ASGD_KINK)
+    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0), (-0.3, y_kink - 1e-3), (-0.3, y_kink + 1e-3)]:
         y = y if _EXTRA[family] else None
         extra = None if y is None else 1 - math.exp(y)
         opt = make_optimizer(family, 1.0, extra)

@@ -52,11 +52,30 @@ _EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", 
           "nesterov": "momentum", "asgd": "kappa", "polyak": None, "schedule_free": "momentum"}
 _EXTRA_NAME = {"momentum": "momentum_opt", "decay": "decay_opt", "kappa": "kappa_opt"}
 _ASGD_XI = 10.0  # the statistical advantage xi of the "asgd" family: Kidambi et al.'s default, capped at sqrt(kappa)
+_ASGD_C = 0.7  # its small_const c (Kidambi et al.'s)
+# the extra of "asgd" where xi reaches its cap (kappa = xi^2): its momentum form is affine in extra on either side
+_ASGD_KINK = (_ASGD_XI - 1.0) / (_ASGD_XI + _ASGD_C)
 
 
 def _asgd_kappa(extra: float) -> float:
-    """The "asgd" family's kappa = 1 / (1 - extra): the tuner's extra in [0, 1) spans kappa in [1, inf)."""
-    return 1.0 / (1.0 - extra)
+    """The "asgd" family's kappa for the tuner's ``extra`` in [0, 1), which is affine in the momentum
+    beta = (1 - c u) / (1 + u), u = c xi / kappa, of its momentum form
+    (:attr:`toymodels.optimizers.AcceleratedSGD.momentum_form`): extra = (beta - beta_1) / (1 - beta_1),
+    beta_1 = 1 - c the momentum at kappa = 1, so 1 - extra = (1 + c) u / (c (1 + u)).  The system is then
+    affine in extra on [0, ``_ASGD_KINK``] (xi = sqrt(kappa) <= 10) and on [``_ASGD_KINK``, 1) (xi = 10),
+    and extra spans kappa in [1, inf) (1 - extra = 1e-4, the tuner's box edge: kappa = 1.7e5)."""
+    c = _ASGD_C
+    s = c * (1.0 - extra) / (1.0 + c)  # u / (1 + u)
+    u = s / (1.0 - s)
+    kappa = (c / u) ** 2 if c / u <= _ASGD_XI else c * _ASGD_XI / u
+    return max(1.0, kappa)
+
+
+def _asgd_extra(kappa: float) -> float:
+    """Inverse of :func:`_asgd_kappa`."""
+    c = _ASGD_C
+    u = c * min(_ASGD_XI, math.sqrt(kappa)) / kappa
+    return 1.0 - (1.0 + c) * u / (c * (1.0 + u))
 
 
 def _extra_value(family, extra):
@@ -66,7 +85,7 @@ def _extra_value(family, extra):
 
 def _extra_from_value(family, value):
     """Inverse of :func:`_extra_value` (reading a resumed sweep)."""
-    return 1.0 - 1.0 / value if family == "asgd" and math.isfinite(value) else value
+    return _asgd_extra(value) if family == "asgd" and math.isfinite(value) else value
 _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
@@ -117,7 +136,9 @@ def _check_problem_family(problem, family):
 def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99):
     """The optimizer of a family: ``extra`` is beta for the momentum families (``"momentum"``,
     ``"momentum_ema"``, ``"nesterov"``, and the interpolation beta of ``"schedule_free"``), mu for
-    ``"ema"``, and for ``"asgd"`` it sets kappa = 1 / (1 - extra) (xi = min(10, sqrt(kappa)),
+    ``"ema"``, and for ``"asgd"`` it sets kappa through 1 - extra = (1 + c) u / (c (1 + u)), u = c xi / kappa
+    (an affine function of the momentum of its momentum form; extra = 0 is kappa = 1, extra -> 1 kappa -> inf;
+    see :attr:`toymodels.optimizers.AcceleratedSGD.momentum_form`) (xi = min(10, sqrt(kappa)),
     small_const 0.7: Kidambi et al.'s defaults, xi capped at its bound).
 
     ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``;
@@ -167,11 +188,16 @@ class _Evaluator:
         if hasattr(self.problem, "family_loss"):
             two_d = _EXTRA[self.family] is not None
             fixed = self.fixed_extra
-            self._fast = self.problem.family_loss(
-                lambda e: make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
-                                         precond=self.precond, decay=self.decay),
-                self.batch_size,
-            )
+
+            def make(e):
+                opt = make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
+                                     precond=self.precond, decay=self.decay)
+                # accelerated SGD through the momentum form of equal loss, affine in e on either side of
+                # the kink (its own (w, w_bar) system is not affine in any one hyper-parameter)
+                return opt.momentum_form if self.family == "asgd" else opt
+
+            kink = {"kink": _ASGD_KINK} if self.family == "asgd" and fixed is None else {}
+            self._fast = self.problem.family_loss(make, self.batch_size, **kink)
         # otherwise a problem's uncompiled family evaluator, if it has one (the same values without
         # the per-call checks); e is None for the families without an extra hyper-parameter
         self._family = None
@@ -531,7 +557,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
-        (beta or mu, 1 - 1 / kappa for ``"asgd"``, NaN for SGD and ``"polyak"``), ``theta`` (warm start for the next batch size), ``n_evals``.
+        (beta or mu, for ``"asgd"`` the coordinate of :func:`make_optimizer` that sets kappa, NaN for SGD and ``"polyak"``), ``theta`` (warm start for the next batch size), ``n_evals``.
     """
     _check_problem_family(problem, family)
     fixed = _check_fixed_extra(family, extra)
