@@ -63,7 +63,7 @@ def _asgd_kappa(extra: float) -> float:
     (:attr:`toymodels.optimizers.AcceleratedSGD.momentum_form`): extra = (beta - beta_1) / (1 - beta_1),
     beta_1 = 1 - c the momentum at kappa = 1, so 1 - extra = (1 + c) u / (c (1 + u)).  The system is then
     affine in extra on [0, ``_ASGD_KINK``] (xi = sqrt(kappa) <= 10) and on [``_ASGD_KINK``, 1) (xi = 10),
-    and extra spans kappa in [1, inf) (1 - extra = 1e-4, the tuner's box edge: kappa = 1.7e5)."""
+    and extra spans kappa in [1, inf) (the tuner's box, 1 - extra >= 1e-4 / e, reaches kappa = 4.6e5)."""
     c = _ASGD_C
     s = c * (1.0 - extra) / (1.0 + c)  # u / (1 + u)
     u = s / (1.0 - s)
