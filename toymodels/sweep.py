@@ -365,28 +365,61 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
-def _golden(f, a, b, tol):
-    """(f(t), t) at the best point a golden-section search of f over [a, b] visits, to width ``tol``.
+def _brent(f, a, b, tol):
+    """(f(t), t) at the best point Brent's bounded minimisation of f over [a, b] visits, to width ``tol``.
 
-    Only comparisons of values are used, so ``inf`` (a setting that diverges) simply loses: a
-    function that falls towards a cliff of ``inf`` (schedule-free SGD near its stability edge) is
-    searched up to the edge as reliably as one with an interior minimum.
+    Golden-section steps with parabolic ones where the last three points are finite and the parabola's
+    minimum falls inside the bracket (Brent 1973, "Algorithms for Minimization without Derivatives",
+    Chapter 5; scipy's ``fminbound``): a smooth minimum in a few evaluations, and a function that
+    falls towards a cliff of ``inf`` (a setting that diverges: schedule-free SGD near its stability
+    edge) is still bracketed up to the edge, as by golden sections, since ``inf`` only loses.
     """
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    seen = [(fc, c), (fd, d)]
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-            seen.append((fc, c))
+    golden = 0.3819660112501051
+    x = w = v = a + golden * (b - a)
+    fx = fw = fv = f(x)
+    seen = [(fx, x)]
+    d = e = 0.0
+    while True:
+        mid = 0.5 * (a + b)
+        tol1 = 1.4901161193847656e-08 * abs(x) + tol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(x - mid) <= tol2 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(e) > tol1 and math.isfinite(fx) and math.isfinite(fv) and math.isfinite(fw):
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            if abs(p) < abs(0.5 * q * e) and q * (a - x) < p < q * (b - x):
+                e, d = d, p / q
+                if (x + d) - a < tol2 or b - (x + d) < tol2:
+                    d = tol1 if mid >= x else -tol1
+                parabolic = True
+        if not parabolic:
+            e = (a - x) if x >= mid else (b - x)
+            d = golden * e
+        u = x + (d if abs(d) >= tol1 else math.copysign(tol1, d))
+        fu = f(u)
+        seen.append((fu, u))
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
         else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-            seen.append((fd, d))
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
     return min(seen, key=lambda s: s[0])
 
 
@@ -472,11 +505,17 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": state["n"], "lo": 0}
     v_best, z = min(rows, key=lambda r: r[0])
 
-    def best_x(y, xc):  # (kappa, x) at y: 9 points over x in [xc - 2, xc + 2], golden section around the best
+    def best_x(y, xc, half=2.0, n=9):
+        """(kappa, x) at y: n points over x in [xc - half, xc + half] (the window moved on, up to 3 times,
+        while its best is at an end), then Brent's search between the best one's neighbours."""
         f = lambda x: kappa((x,) if y is None else (x, y))  # noqa: E731
-        xs9 = np.linspace(max(_X_MIN, xc - 2.0), min(-1e-9, xc + 2.0), 9)
-        j = int(np.argmin([f(x) for x in xs9]))
-        return _golden(f, xs9[max(j - 1, 0)], xs9[min(j + 1, 8)], 1e-3)
+        for _ in range(4):
+            xs = np.linspace(max(_X_MIN, xc - half), min(-1e-9, xc + half), n)
+            j = int(np.argmin([f(x) for x in xs]))
+            if 0 < j < n - 1 or not (xs[0] > _X_MIN if j == 0 else xs[-1] < -1e-9):
+                break
+            xc = xs[j]
+        return _brent(f, xs[max(j - 1, 0)], xs[min(j + 1, n - 1)], 3e-4)
 
     if fixed is not None:
         v_best, x = best_x(None, z[0])
@@ -490,7 +529,8 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         found = {}
 
         def at_y(y):
-            v, x = best_x(y, z[0] if not found else min(found.values())[1])
+            # the first y searches x over +-2; later ones +-0.5 around the best x so far
+            v, x = best_x(y, z[0]) if not found else best_x(y, min(found.values())[1], half=0.5, n=5)
             found[y] = (v, x)
             return v
 
@@ -504,7 +544,7 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
                 y_lo, y_hi = ys9[7], min(0.0, y_hi + span)
             else:
                 break
-        _golden(at_y, ys9[max(j - 1, 0)], ys9[min(j + 1, 8)], 3e-3)
+        _brent(at_y, ys9[max(j - 1, 0)], ys9[min(j + 1, 8)], 1e-3)
         y, (v, x) = min(found.items(), key=lambda item: item[1][0])
         if v < v_best:
             v_best, z = v, (x, y)
