@@ -526,6 +526,11 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         # (the grid's own rows: a warm start's beta lies between two of them)
         y_lo = max([y for y in ys[:6] if y < z[1]], default=_Y_MIN)
         y_hi = min([y for y in ys[:6] if y > z[1]], default=0.0)
+        n_y = 9
+        if start is not None and z[1] == start[1]:
+            # the warm start's beta is still the best row: 5 values within +-0.5 of it (beta moves
+            # little from one batch size to the next; the window moves on as below if it did)
+            y_lo, y_hi, n_y = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5), 5
         found = {}
 
         def at_y(y):
@@ -534,17 +539,17 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
             found[y] = (v, x)
             return v
 
-        for _ in range(4):  # 9 values of y; the window moves on while its best is at an end
-            ys9 = np.linspace(y_lo, y_hi, 9)
-            j = int(np.argmin([at_y(y) for y in ys9]))
+        for _ in range(4):  # n_y values of y; the window moves on while its best is at an end
+            ys_w = np.linspace(y_lo, y_hi, n_y)
+            j = int(np.argmin([found[y][0] if y in found else at_y(y) for y in ys_w]))
             span = y_hi - y_lo
             if j == 0 and y_lo > _Y_MIN:
-                y_lo, y_hi = max(_Y_MIN, y_lo - span), ys9[1]
-            elif j == 8 and y_hi < 0.0:
-                y_lo, y_hi = ys9[7], min(0.0, y_hi + span)
+                y_lo, y_hi = max(_Y_MIN, y_lo - span), ys_w[1]
+            elif j == n_y - 1 and y_hi < 0.0:
+                y_lo, y_hi = ys_w[-2], min(0.0, y_hi + span)
             else:
                 break
-        _brent(at_y, ys9[max(j - 1, 0)], ys9[min(j + 1, 8)], 1e-3)
+        _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
         y, (v, x) = min(found.items(), key=lambda item: item[1][0])
         if v < v_best:
             v_best, z = v, (x, y)
