@@ -2,8 +2,8 @@
 
 The tuner minimises log L_k(x, y) thousands of times per batch size, where x = log(lr / limit(e)),
 y = log(1 - e) and e is beta (momentum, Nesterov), the averaging decay (EMA) or the coordinate of
-accelerated SGD's momentum form (affine on either side of a kink, hence two sets of parts).  Calling scipy's Nelder-Mead
-with a Python objective costs more in interpreter overhead than in evaluating the loss of a
+accelerated SGD's momentum form (affine on either side of a kink, hence two sets of parts).  Calling
+scipy's Nelder-Mead with a Python objective costs more in interpreter overhead than in evaluating the loss of a
 coarsened model, so the 2-D search lives here, next to the loss kernel it calls.
 
 The loss is :func:`toymodels.dynamics.loss_at_parts` for systems A = P0 + e P1 + lr (Q0 + e Q1),

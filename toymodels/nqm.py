@@ -350,7 +350,7 @@ class NQM:
         ``limit(e)`` (the stable lr limit) and ``loss(e, lr, k)`` (:meth:`loss_at_step` of ``make(e)`` at
         ``lr``, the same value), which builds each e's optimizer and limit once (the last 64 kept) and
         skips the argument checks of the public calls.  Unlike :meth:`family_loss` it is not compiled:
-        it serves the families that one does not (ASGD, the Polyak average, schedule-free SGD)."""
+        it serves the families that one does not (the Polyak average, schedule-free SGD)."""
         return _FamilyEvaluator(self, make, check_batch_size(batch_size))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
