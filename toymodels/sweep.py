@@ -92,6 +92,7 @@ _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 _SF_WIDTH = 0.5  # schedule-free is tuned on NQM.coarsen(0.5): 23 modes for the d = 10^4 power law
 _SF_COARSE_MIN = 200  # ... for NQMs of more modes than this (smaller ones are tuned on themselves)
+_SF_EXACT_MORE = 10**7  # ... and its steps are checked on the full model at 3 more settings if that costs <= 10^7 updates x modes each
 _SF_LOST = 1e-2 * _schedfree.LOST_GROWTH  # the tuner's transient-growth limit: 100 x inside the exact scan's
 
 
@@ -439,9 +440,10 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
     the neighbouring rows (a warm start whose beta is still the best row: 5 values within +-0.5 of it;
     the window moved on, up to 3 times, while its best is at an end), and Brent's search over y
     between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%), with at
-    each y the best of 9 points over x in +-2 (after the first y: 5 points over +-0.5, moved on while
-    the best is at an end) around the best x so far and Brent's search between its neighbours (to
-    3e-4: the learning rate to 0.03%).  Brent's search compares values only where they are inf: the
+    each y the best of 9 points over x in +-2 around the best x so far (the second y: 5 points over
+    +-0.5; later ones 3 points over +-0.1 around the x interpolated from the two nearest y's searched,
+    as the best x moves smoothly with y; windows moved on while their best is at an end) and Brent's
+    search between its neighbours (to 3e-4: the learning rate to 0.03%).  Brent's search compares values only where they are inf: the
     optimum usually lies on the edge of the region that diverges, where a simplex method crawls,
     and is bracketed there as by golden sections, while a smooth minimum (small batch sizes) takes
     parabolic steps (about half the scans of golden sections to these tolerances, measured on a
@@ -459,7 +461,10 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
     the tuned steps of a d = 10^4 sweep equal those of a search on ``coarsen(0.2)`` (47 modes) within
     0.4%, measured); the steps reported
     are always the full model's exact first crossing (``problem.steps_to_target``) at the returned
-    hyper-parameters, so only their optimality is approximate.
+    hyper-parameters, so only their optimality is approximate.  Where a full-model scan costs at most
+    10^7 updates x modes (a few hundred steps at d = 10^4), the best settings of the three next best
+    betas searched are scanned on the full model too and the one that crosses first is returned (the
+    coarsened model ranks settings along its flat valley in beta only within its error).
     """
     model = problem.coarsen(_SF_WIDTH) if coarse and problem.dim > _SF_COARSE_MIN else problem
     limit0 = problem.lr_limit(ScheduleFree(1.0, 0.0))
@@ -509,11 +514,17 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": state["n"], "lo": 0}
     v_best, z = min(rows, key=lambda r: r[0])
 
-    def best_x(y, xc, half=2.0, n=9):
-        """(kappa, x) at y: n points over x in [xc - half, xc + half] (the window moved on, up to 3 times,
-        while its best is at an end), then Brent's search between the best one's neighbours."""
-        f = lambda x: kappa((x,) if y is None else (x, y))  # noqa: E731
-        for _ in range(4):
+    def best_x(y, xc, half=2.0, n=9, moves=3):
+        """(kappa, x) at y: n points over x in [xc - half, xc + half] (the window moved on, up to ``moves``
+        times, while its best is at an end), then Brent's search between the best one's neighbours."""
+        seen = {}
+
+        def f(x):
+            if x not in seen:
+                seen[x] = kappa((x,) if y is None else (x, y))
+            return seen[x]
+
+        for _ in range(moves + 1):
             xs = np.linspace(max(_X_MIN, xc - half), min(-1e-9, xc + half), n)
             j = int(np.argmin([f(x) for x in xs]))
             if 0 < j < n - 1 or not (xs[0] > _X_MIN if j == 0 else xs[-1] < -1e-9):
@@ -538,8 +549,17 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         found = {}
 
         def at_y(y):
-            # the first y searches x over +-2; later ones +-0.5 around the best x so far
-            v, x = best_x(y, z[0]) if not found else best_x(y, min(found.values())[1], half=0.5, n=5)
+            # the first y searches x over +-2, the second +-0.5 around the best x so far; later ones
+            # +-0.1 around x interpolated (or extrapolated) from the two nearest y's searched: the
+            # best x moves smoothly with y
+            near = sorted((u for u in found if math.isfinite(found[u][0])), key=lambda u: abs(u - y))[:2]
+            if not found:
+                v, x = best_x(y, z[0])
+            elif len(near) < 2:
+                v, x = best_x(y, min(found.values())[1], half=0.5, n=5)
+            else:
+                (y1, (_, x1)), (y2, (_, x2)) = ((u, found[u]) for u in near)
+                v, x = best_x(y, x1 + (x2 - x1) * (y - y1) / (y2 - y1), half=0.1, n=3, moves=10)
             found[y] = (v, x)
             return v
 
@@ -566,6 +586,15 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         theta = (theta[0] - 0.02 * 2**j,) + theta[1:]
         lr = point(theta)[0]
         steps = float(problem.steps_to_target(ScheduleFree(lr, beta), bs, target))
+    if fixed is None and 1 < steps < math.inf and steps * problem.dim <= _SF_EXACT_MORE:
+        # where full-model scans are cheap, also the best settings of the next best betas searched: the
+        # coarsened model ranks the settings along its flat valley in beta only within its ~0.5% error
+        runners = sorted(((v, (x, y)) for y, (v, x) in found.items() if (x, y) != tuple(z)), key=lambda r: r[0])
+        for _, th in runners[:3]:
+            lr_r, beta_r, _ = point(th)
+            s = float(problem.steps_to_target(ScheduleFree(lr_r, beta_r), bs, target, max_steps=int(steps) - 1))
+            if s < steps:
+                steps, lr, beta, theta = s, lr_r, beta_r, tuple(float(v) for v in th)
     return {"steps": steps, "lr": lr, "extra": beta, "theta": theta if math.isfinite(steps) else None,
             "n_evals": state["n"], "lo": 0}
 
