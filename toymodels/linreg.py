@@ -132,20 +132,42 @@ class GaussianLinearRegression:
         """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
+    @staticmethod
+    def _weight_decay(optimizer) -> float:
+        """The spec's weight decay wd (0 for specs without one)."""
+        return float(optimizer.hyperparameters.get("weight_decay", 0.0))
+
     def _affine(self, optimizer):
-        """The spec's per-mode ``(A0, A1, b1)``; weight decay refused: the moments here are those of
-        e = theta - w_star, and decay of theta towards 0 (the usual weight decay) drives e by the
-        constant -lr wd w_star, whose first moments this engine does not carry."""
-        wd = optimizer.hyperparameters.get("weight_decay", 0.0)
-        if wd:
-            raise ValueError(f"`optimizer` must have weight_decay 0 for linear regression; got {wd:g}. Weight decay "
-                             "pulls theta towards 0 and moves the optimum to the ridge solution, which needs the "
-                             "first moments of theta - w_star (not modelled); the NQM takes weight decay.")
-        return optimizer.affine(self.h)
+        """The engine's per-mode ``(A0, A1, b1)`` of the error e = theta - w*.
+
+        Without weight decay the spec's own.  With weight decay wd > 0 the update's gradient is
+        g + wd theta = (lambda + wd) e + eps + wd w*: the spec's system (whose A1 already holds
+        lambda + wd) plus the constant drive wd w*_i, which enters every state entry with the
+        gradient's weight b1.  The state is augmented by a constant entry 1 (last), so the drive
+        becomes the column ``A1[:, :s, s] = wd w*_i b1`` of a homogeneous system
+        (``A0[:, s, s] = 1``, ``b1[:, s] = 0``) whose second moments are the non-central
+        E[x x^T], the mean carried in the cross terms with the constant entry.  Time-varying
+        optimizers have no constant system (NotImplementedError from the spec).
+        """
+        a0, a1, b1 = optimizer.affine(self.h)
+        wd = self._weight_decay(optimizer)
+        if not wd:
+            return a0, a1, b1
+        d, s = b1.shape
+        A0, A1, B1 = np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1))
+        A0[:, :s, :s], A1[:, :s, :s], B1[:, :s] = a0, a1, b1
+        A0[:, s, s] = 1.0
+        A1[:, :s, s] = (wd * self.w_star)[:, None] * b1
+        return A0, A1, B1
 
     def _S0(self, optimizer):
+        """E[x_0 x_0^T] per mode, ``(d, s, s)``: x_0 = init e_0 with e_0 = -w*, and under weight decay
+        the constant entry 1 appended (:meth:`_affine`)."""
         u = optimizer.init
-        return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        if not self._weight_decay(optimizer):
+            return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        x0 = np.concatenate([-self.w_star[:, None] * u[None, :], np.ones((self.dim, 1))], axis=1)
+        return np.ascontiguousarray(x0[:, :, None] * x0[:, None, :])
 
     def _noise(self, batch_size):
         """(q, q_self, q_loss) of the per-mode gradient noise variance (module docstring); each is
@@ -166,12 +188,21 @@ class GaussianLinearRegression:
     def _is_sgd(optimizer) -> bool:
         return isinstance(optimizer, SGD)
 
+    def _is_closed(self, optimizer) -> bool:
+        """SGD without weight decay: the second moments E[e_i^2] alone form a closed linear system
+        (:meth:`_sgd_system`), whose secular closed form gives the curve at any step.  Weight decay
+        adds the drive -lr p wd w*, so E[e_i^2] then also follows the mean: stepped instead."""
+        return self._is_sgd(optimizer) and not self._weight_decay(optimizer)
+
     def _sgd_system(self, optimizer, batch_size, lr):
-        """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
-        p = -self._affine(optimizer)[2][:, 0]  # the update is e' = e - lr p (gradient)
+        """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p (with weight
+        decay, the homogeneous part of the centred moments: a_i = (1 - lr p_i (lambda_i + wd))^2 + ...,
+        what decides stability; c then omits the drive)."""
+        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient)
         lam = self.h
         rate = lr * p
-        a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
+        wd = self._weight_decay(optimizer)
+        a = (1.0 - rate * (lam + wd)) ** 2 + rate**2 * lam**2 / batch_size
         u = rate**2 * lam / batch_size
         return a, u, lam, self.noise_std**2 * u
 
@@ -194,12 +225,17 @@ class GaussianLinearRegression:
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def stable_lr(self, optimizer, batch_size) -> float:
         """The largest stable constant learning rate of (preconditioned) SGD at batch size B:
-        the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1."""
+        the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1.
+
+        With weight decay wd the update contracts by x_i = lr p_i (lambda_i + wd) while the batch noise
+        still scales with lambda_i: phi(lr) = sum_i (lr p_i lambda_i^2 / B) / ((lambda_i + wd)(2 - x_i)
+        - lr p_i lambda_i^2 / B) = 1 (the drive wd w* is bounded and does not change stability)."""
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not self._is_sgd(optimizer):
             raise NotImplementedError("stable_lr is exact for SGD only; other optimizers: lr_limit bounds it.")
-        lo, hi = 0.0, self.lr_limit(optimizer) * bs / (bs + 1.0)
+        # every a_i < 1 needs x_i < 2 B / (B + 1) without weight decay (x_i < 2 with it)
+        lo, hi = 0.0, self.lr_limit(optimizer) * (bs / (bs + 1.0) if not self._weight_decay(optimizer) else 1.0)
         for _ in range(200):
             mid = 0.5 * (lo + hi)
             a, u, _, c = self._sgd_system(optimizer, bs, mid)
@@ -216,13 +252,20 @@ class GaussianLinearRegression:
         """The closed form of SGD's expected loss, as a :class:`toymodels.dynamics.ModalForm` of
         one-state modes: mode m has rate mu_m (a root of the secular equation) and contributes
         gamma_m mu_m^k + L_inf / n to L_k (``stable`` is False, and the values meaningless, above
-        :meth:`stable_lr`).  Raises NotImplementedError for other optimizers."""
+        :meth:`stable_lr`).  Raises NotImplementedError for other optimizers and for SGD with
+        ``weight_decay`` > 0 (stepped exactly by the other methods instead)."""
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not self._is_sgd(optimizer):
             raise NotImplementedError(
                 "linear regression has a closed form for SGD (with preconditioning) only; momentum and "
                 "averaging are stepped exactly one update at a time (loss_curve, steps_to_target)."
+            )
+        if self._weight_decay(optimizer):
+            raise NotImplementedError(
+                f"linear regression has no closed form for SGD with weight_decay > 0 (got "
+                f"{self._weight_decay(optimizer):g}): the decay drives the error's mean, which the secular form "
+                f"does not carry; loss_curve, loss_at_step and steps_to_target step it exactly."
             )
         if lr is None:
             if not isinstance(optimizer.lr, Constant):
@@ -290,7 +333,7 @@ class GaussianLinearRegression:
         sched = optimizer.lr
         S = self._S0(optimizer)
         change, lr, bs = self._constant_from(optimizer, batch_size)
-        if not (self._is_sgd(optimizer) and change is not None and ks[-1] > change + 20_000):
+        if not (self._is_closed(optimizer) and change is not None and ks[-1] > change + 20_000):
             return self._propagate_schedule(optimizer, batch_size, sched, ks, S, progress)
         head = ks[ks <= change]
         rec = head if head.size and head[-1] == change else np.append(head, change).astype(np.int64)
@@ -335,18 +378,27 @@ class GaussianLinearRegression:
         tau = sum_j lambda_j kappa_j q_j = sigma^2 phi / (1 - phi), phi = sum_j lambda_j^2 kappa_j /
         (B - lambda_j^2 kappa_j); the risk is sum_i lambda_i rho_i q_i / 2.  Stable iff every mode
         is, every lambda_i^2 kappa_i < B and phi < 1 (the second-moment map preserves the PSD cone).
+
+        With weight decay wd the per-mode state x has the stationary mean m_i = (I - A_i)^-1 b_i wd w*_i
+        (the drive of :meth:`_affine`; A_i, b_i at the learning rate), whose gradient entry is the ridge
+        solution's error -wd w*_i / (lambda_i + wd), i.e. theta_i = lambda_i w*_i / (lambda_i + wd).  The
+        noise follows the non-central E[e_i^2] = kappa_i q_i + mbar_i (mbar_i = m_i0^2), so
+        q_i = lambda_i (sigma^2 + lambda_i mbar_i + M + tau) / (B - lambda_i^2 kappa_i) with
+        M = sum_j lambda_j mbar_j and tau = (psi + phi M) / (1 - phi),
+        psi = sum_j lambda_j^2 kappa_j (sigma^2 + lambda_j mbar_j) / (B - lambda_j^2 kappa_j); the risk is
+        sum_i lambda_i (rho_i q_i + m_ir^2) / 2 (ridge risk plus fluctuations; same stability conditions).
         """
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
-        self._affine(optimizer)  # refuses weight decay
         A, b = optimizer.transition(self.h, lr)
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
         unit = dynamics.lyapunov(A, b, np.ones(self.dim))
-        kappa, rho = unit[:, 0, 0], unit[:, optimizer.readout, optimizer.readout]
+        r = optimizer.readout
+        kappa, rho = unit[:, 0, 0], unit[:, r, r]
         lam = self.h
         room = bs - lam**2 * kappa
         if np.any(room <= 0):
@@ -355,9 +407,19 @@ class GaussianLinearRegression:
         if phi >= 1.0:
             return math.inf
         sigma2 = self.noise_std**2
-        tau = sigma2 * phi / (1.0 - phi)
-        q = lam * (tau + sigma2) / room
-        return float(0.5 * np.sum(lam * rho * q))
+        wd = self._weight_decay(optimizer)
+        if not wd:
+            tau = sigma2 * phi / (1.0 - phi)
+            q = lam * (tau + sigma2) / room
+            return float(0.5 * np.sum(lam * rho * q))
+        eye = np.broadcast_to(np.eye(A.shape[1]), A.shape)
+        m = np.linalg.solve(eye - A, (b * (wd * self.w_star)[:, None])[..., None])[..., 0]
+        mbar = m[:, 0] ** 2
+        big_m = float(np.sum(lam * mbar))
+        psi = float(np.sum(lam**2 * kappa * (sigma2 + lam * mbar) / room))
+        tau = (psi + phi * big_m) / (1.0 - phi)
+        q = lam * (sigma2 + lam * mbar + big_m + tau) / room
+        return float(0.5 * np.sum(lam * (rho * q + m[:, r] ** 2)))
 
     noise_floor = stationary_loss
 
@@ -369,7 +431,7 @@ class GaussianLinearRegression:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
-        if self._is_sgd(optimizer):
+        if self._is_closed(optimizer):
             mf = self._modal_from(self.init_sq, optimizer, batch_size, lr)
             return float(mf.loss(np.array([k]))[0]) if mf.stable else math.inf
         S = self._S0(optimizer)
@@ -471,7 +533,7 @@ class GaussianLinearRegression:
         _check_optimizer(optimizer)
         batch = check_batch_sizes(batch_size)
         target = _check_target(target)
-        closed = self._is_sgd(optimizer) and self._constant_from(optimizer, batch)[0] is not None
+        closed = self._is_closed(optimizer) and self._constant_from(optimizer, batch)[0] is not None
         if max_steps is None:
             max_steps = 10**15 if closed else _SCAN_DEFAULT
         max_steps = check_int("max_steps", max_steps, low=1)
@@ -546,7 +608,8 @@ class GaussianLinearRegression:
         """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
 
         ``batch_size``: a whole number B, or a batch-size schedule whose B_k are whole numbers
-        (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.
+        (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.  Weight decay is
+        coupled: the update's gradient is the mini-batch gradient plus wd theta (theta = e + w*).
 
         Returns:
             Dataset over ``step``: ``loss`` (mean excess risk over runs) and ``loss_sem``, and the
@@ -576,10 +639,11 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = self._affine(optimizer)
+        a0, a1, b1 = optimizer.affine(self.h)  # the drive of weight decay is added to each gradient
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+            drive=self._weight_decay(optimizer) * self.w_star,
         )
         if bar is not None:
             bar.close()
