@@ -157,9 +157,11 @@ def test_what_weight_decay_cannot_do_is_refused_by_name():
     for opt in (PolyakAverage(SGD(0.1, weight_decay=0.1)), ScheduleFree(0.1, weight_decay=0.1)):
         with pytest.raises(NotImplementedError, match="changes at every update"):
             GLR.loss_curve(opt, 2, 5)
-    # loss_at_step steps SGD with weight decay exactly (no closed form)
+    # loss_at_step steps SGD with weight decay exactly (no closed form), up to the stepping limit
     opt = SGD(0.3, weight_decay=0.3)
     assert GLR.loss_at_step(opt, 2, 40) == GLR.loss_curve(opt, 2, [40]).values[0]
+    with pytest.raises(ValueError, match="`k` must be reached.*weight_decay 0.3"):
+        GLR.loss_at_step(opt, 2, 10**10)
 
 
 def test_batch_size_sweep_with_weight_decay():

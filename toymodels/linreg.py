@@ -25,6 +25,24 @@ Without label noise the optimum interpolates, the gradient noise vanishes there,
 exponentially (the lecture's "Exponential Convergence"); with it the risk settles at a floor
 (:meth:`GaussianLinearRegression.stationary_loss`).
 
+Weight decay wd (coupled, as :mod:`toymodels.optimizers`: the update's gradient is g + wd theta)
+pulls theta towards 0, so the error gets a constant drive: the update's gradient is
+(Sigma + wd) e + xi + wd w*, xi the mini-batch noise.  Each mode's state x (the optimizer's entries of
+e_i) is augmented by a constant entry 1, x~ = (x, 1), whose update
+
+    x~' = [[A, lr b wd w*_i], [0, 1]] x~ + [lr b; 0] xi_i
+
+is homogeneous again; its second moments E[x~ x~^T] hold the non-central E[e_i^2] (what q_i above
+needs: the noise is E over e of Cov(g | e)) and the mean in the cross terms with the constant entry.
+So the same engine steps it exactly, with x~_0 = (init e_0, 1).  The mean settles at the ridge
+solution theta_i = lambda_i w*_i / (lambda_i + wd), and the stationary risk is the ridge solution's
+plus the fluctuations (closed form in :meth:`GaussianLinearRegression.stationary_loss`).  SGD's
+secular closed form does not carry the mean: with weight decay SGD is stepped like the other
+optimizers (``modal_form`` refuses it, naming ``weight_decay``); :meth:`~GaussianLinearRegression.stable_lr`
+stays exact (the drive is bounded and does not change stability).  The optimizers that change at
+every update (:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`)
+are not run on linear regression, with or without weight decay.
+
 References:
     R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
     University of Toronto, Winter 2022.
@@ -309,9 +327,16 @@ class GaussianLinearRegression:
         batch = batch_size if isinstance(batch_size, Schedule) else None
         q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
         r = optimizer.readout if readout is None else readout
-        with np.errstate(over="ignore", invalid="ignore"):
-            return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
-                                               q_loss=q_loss, progress=progress, batch=batch)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
+                                                   q_loss=q_loss, progress=progress, batch=batch)
+        except ValueError as err:
+            wd = self._weight_decay(optimizer)
+            if not (self._is_sgd(optimizer) and wd):
+                raise
+            raise ValueError(f"{err} SGD with weight_decay {wd:g} > 0 is computed step by step here (its closed "
+                             f"form does not carry the mean that the decay drives).") from None
 
     @staticmethod
     def _constant_from(optimizer, batch):
@@ -426,7 +451,8 @@ class GaussianLinearRegression:
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
         """Exact expected excess risk at step k for a constant learning rate (the spec's or ``lr``):
-        closed form for SGD (k <= 10^15), step by step otherwise (bounded as :meth:`loss_curve`)."""
+        closed form for SGD without weight decay (k <= 10^15), step by step otherwise (bounded as
+        :meth:`loss_curve`)."""
         if lr is None:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
@@ -446,7 +472,8 @@ class GaussianLinearRegression:
     def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and gradient statistics along the exact expected trajectory.
 
-        |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate); the per-example covariance trace
+        |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate; the loss's gradient, without weight
+        decay's wd theta, which adds no noise); the per-example covariance trace
         splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
         ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
         (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
@@ -496,8 +523,8 @@ class GaussianLinearRegression:
     def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
         """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``).
 
-        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
-        learning rate and batch size become constant is computed in closed form from that step on
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
+        decay whose learning rate and batch size become constant is computed in closed form from that step on
         (any step up to 10^15); every other update is computed one at a time, at most 10^9 of them
         (and 2e10 updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError;
         ``progress`` as in :meth:`toymodels.NQM.loss_curve`.
@@ -524,8 +551,8 @@ class GaussianLinearRegression:
                         full_output: bool = False):
         """The first step k with expected excess risk L_k <= target (``inf`` if never).
 
-        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
-        learning rate and batch size become constant: exact through the closed form from that
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
+        decay whose learning rate and batch size become constant: exact through the closed form from that
         update on and :meth:`toymodels.dynamics.ModalForm.first_crossing` (default ``max_steps``
         10^15).  Other optimizers and schedules that keep changing: every step is computed (exact for
         any curve) up to ``max_steps`` (default 10^6).

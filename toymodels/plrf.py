@@ -35,7 +35,9 @@ risk sigma^2 / 2,
 and this model reports P (the paper's risk, which includes the approximation error that the
 compute-optimal trade-off is about).  Beyond a few thousand features the SVD is replaced by the
 deterministic equivalent of the spectrum (:func:`deterministic_equivalent`).  Every exact method delegates to the regression's moment
-recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; the SVD of the
+recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; weight decay (the
+gradient plus wd theta) is the regression's in K's eigenbasis (the basis is orthogonal, the null
+space stays at 0), so its long-run mean is the ridge solution (K + wd)^-1 W^T D b; the SVD of the
 ``(v, d)`` matrix D^(1/2) W costs O(v d min(v, d)) once (3 s at v = 2000, d = 1000 on one core,
 about a minute at v = 8192, d = 4096), and is
 used rather than an eigendecomposition of K because it resolves eigenvalues down to
@@ -302,7 +304,8 @@ class PowerLawRF:
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """SGD's closed-form risk curve as a :class:`toymodels.dynamics.ModalForm` (what the sweeps of
         :mod:`toymodels.sweep` tune on): the regression's modes and one constant mode holding the
-        irreducible risk.  Raises NotImplementedError for optimizers other than SGD."""
+        irreducible risk.  Raises NotImplementedError for optimizers other than SGD and for SGD with
+        ``weight_decay`` > 0 (stepped exactly by the other methods)."""
         mf = self.regression.modal_form(optimizer, batch_size, lr=lr)
         if not mf.stable:
             return mf
