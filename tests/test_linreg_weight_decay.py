@@ -178,3 +178,22 @@ def test_batch_size_sweep_with_weight_decay():
         grid = grid_search(m, "sgd", bs, target, lr_fractions=np.geomspace(0.02, 0.9, 12), extras=[None],
                            weight_decay=wd)
         assert steps <= grid["steps"]
+
+
+def test_family_sweeps_pass_weight_decay_on():
+    """family_sweeps with weight decay on the NQM (the compiled family path, and schedule-free SGD's
+    own tuner): each tuned point is reached exactly at its steps by the optimizer with that decay."""
+    from toymodels import NQM
+    from toymodels.sweep import _extra_from_value, family_sweeps, make_optimizer
+
+    nqm, wd, target = NQM.power_law(30), 0.01, 0.05
+    out = family_sweeps(nqm, ["sgd", "momentum", "schedule_free"], [2.0, 8.0], target, progress=False, n_jobs=1,
+                        weight_decay=wd)
+    for fam, ds in out.items():
+        assert ds.attrs["weight_decay"] == wd
+        extras = ds["momentum_opt"].values if "momentum_opt" in ds else [None] * ds.batch_size.size
+        for bs, steps, lr, extra in zip(ds.batch_size.values, ds.steps_to_target.values, ds.lr_opt.values, extras):
+            extra = None if extra is None else _extra_from_value(fam, float(extra))
+            opt = make_optimizer(fam, float(lr), extra, weight_decay=wd)
+            assert opt.hyperparameters["weight_decay"] == wd
+            assert math.isfinite(steps) and nqm.steps_to_target(opt, bs, target) == steps, (fam, bs)
