@@ -155,8 +155,10 @@ def test_what_weight_decay_cannot_do_is_refused_by_name():
     with pytest.raises(NotImplementedError, match="weight_decay"):
         PowerLawRF(1.0, 0.5, 8, 4).modal_form(SGD(0.3, weight_decay=0.1), 2)
     for opt in (PolyakAverage(SGD(0.1, weight_decay=0.1)), ScheduleFree(0.1, weight_decay=0.1)):
-        with pytest.raises(NotImplementedError, match="changes at every update"):
-            GLR.loss_curve(opt, 2, 5)
+        for call in (lambda: GLR.loss_curve(opt, 2, 5), lambda: GLR.stationary_loss(opt, 2),
+                     lambda: GLR.simulate(opt, 2, 5)):
+            with pytest.raises(NotImplementedError, match="changes at every update.*linear regression"):
+                call()
     # loss_at_step steps SGD with weight decay exactly (no closed form), up to the stepping limit
     opt = SGD(0.3, weight_decay=0.3)
     assert GLR.loss_at_step(opt, 2, 40) == GLR.loss_curve(opt, 2, [40]).values[0]

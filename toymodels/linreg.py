@@ -155,6 +155,14 @@ class GaussianLinearRegression:
         """The spec's weight decay wd (0 for specs without one)."""
         return float(optimizer.hyperparameters.get("weight_decay", 0.0))
 
+    def _spec_affine(self, optimizer):
+        """The spec's own ``(A0, A1, b1)`` on this spectrum; NotImplementedError for time-varying specs."""
+        if optimizer.time_varying:
+            raise NotImplementedError(f"{type(optimizer).__name__} changes at every update (its averaging weight); "
+                                      f"linear regression steps optimizers with a constant system only (with or "
+                                      f"without weight_decay).")
+        return optimizer.affine(self.h)
+
     def _affine(self, optimizer):
         """The engine's per-mode ``(A0, A1, b1)`` of the error e = theta - w*.
 
@@ -165,9 +173,9 @@ class GaussianLinearRegression:
         becomes the column ``A1[:, :s, s] = wd w*_i b1`` of a homogeneous system
         (``A0[:, s, s] = 1``, ``b1[:, s] = 0``) whose second moments are the non-central
         E[x x^T], the mean carried in the cross terms with the constant entry.  Time-varying
-        optimizers have no constant system (NotImplementedError from the spec).
+        optimizers have no constant system: NotImplementedError.
         """
-        a0, a1, b1 = optimizer.affine(self.h)
+        a0, a1, b1 = self._spec_affine(optimizer)
         wd = self._weight_decay(optimizer)
         if not wd:
             return a0, a1, b1
@@ -418,7 +426,8 @@ class GaussianLinearRegression:
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
-        A, b = optimizer.transition(self.h, lr)
+        a0, a1, b1 = self._spec_affine(optimizer)
+        A, b = a0 + lr * a1, lr * b1
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
         unit = dynamics.lyapunov(A, b, np.ones(self.dim))
@@ -666,7 +675,7 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = optimizer.affine(self.h)  # the drive of weight decay is added to each gradient
+        a0, a1, b1 = self._spec_affine(optimizer)  # the drive of weight decay is added to each gradient
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
