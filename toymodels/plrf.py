@@ -35,7 +35,9 @@ risk sigma^2 / 2,
 and this model reports P (the paper's risk, which includes the approximation error that the
 compute-optimal trade-off is about).  Beyond a few thousand features the SVD is replaced by the
 deterministic equivalent of the spectrum (:func:`deterministic_equivalent`).  Every exact method delegates to the regression's moment
-recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; the SVD of the
+recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; weight decay (the
+gradient plus wd theta) is the regression's in K's eigenbasis (the basis is orthogonal, the null
+space stays at 0), so its long-run mean is the ridge solution (K + wd)^-1 W^T D b; the SVD of the
 ``(v, d)`` matrix D^(1/2) W costs O(v d min(v, d)) once (3 s at v = 2000, d = 1000 on one core,
 about a minute at v = 8192, d = 4096), and is
 used rather than an eigendecomposition of K because it resolves eigenvalues down to
@@ -302,7 +304,8 @@ class PowerLawRF:
     def modal_form(self, optimizer, batch_size, lr: float | None = None) -> dynamics.ModalForm:
         """SGD's closed-form risk curve as a :class:`toymodels.dynamics.ModalForm` (what the sweeps of
         :mod:`toymodels.sweep` tune on): the regression's modes and one constant mode holding the
-        irreducible risk.  Raises NotImplementedError for optimizers other than SGD."""
+        irreducible risk.  Raises NotImplementedError for optimizers other than SGD and for SGD with
+        ``weight_decay`` > 0 (stepped exactly by the other methods)."""
         mf = self.regression.modal_form(optimizer, batch_size, lr=lr)
         if not mf.stable:
             return mf
@@ -345,10 +348,11 @@ class PowerLawRF:
     def simulate(self, optimizer, batch_size: int, steps, *, n_runs: int = 100, seed: int = 0) -> xr.Dataset:
         """Monte Carlo of the optimizer on the explicit features: each update draws B fresh
         x ~ N(0, D), forms z = W^T x and y = x^T b, and steps theta with the mini-batch gradient
-        (1/B) sum z (z^T theta - y); the risk of each run is P(theta) computed exactly.
+        (1/B) sum z (z^T theta - y) plus wd theta under weight decay (coupled, as PyTorch's SGD); the
+        risk of each run is P(theta) computed exactly.
 
-        Supports SGD and heavy-ball Momentum (without preconditioning) and EMA of either; the
-        learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
+        Supports SGD and heavy-ball Momentum (without preconditioning, any ``weight_decay``) and EMA of
+        either; the learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
 
         Returns:
             Dataset over ``step``: ``loss`` (mean of P over runs) and ``loss_sem``; the per-example
@@ -361,7 +365,6 @@ class PowerLawRF:
         base = optimizer.base if isinstance(optimizer, EMA) else optimizer
         if not isinstance(base, (SGD, Momentum)) or base.precond != 0.0:
             raise NotImplementedError("simulate runs SGD, Momentum and their EMA, without preconditioning.")
-        self.regression._affine(optimizer)  # weight decay refused, as in the exact risk
         bs = check_int("batch_size", batch_size, low=1)
         ks = check_steps(steps, high=10**8)
         n_runs = check_int("n_runs", n_runs, low=2)
@@ -370,6 +373,7 @@ class PowerLawRF:
         n = int(ks[-1])
         lrs = optimizer.lr.values(n)
         beta = base.beta if isinstance(base, Momentum) else 0.0
+        wd = base.weight_decay
         decay = optimizer.decay if isinstance(optimizer, EMA) else None
         theta = np.zeros((n_runs, self.d))
         vel = np.zeros_like(theta)
@@ -396,6 +400,8 @@ class PowerLawRF:
                 z = g @ M  # (runs, B, d): z = W^T x
                 err = np.einsum("rbd,rd->rb", z, theta) - g @ c
                 grad = np.einsum("rb,rbd->rd", err, z) / bs
+                if wd:
+                    grad = grad + wd * theta
                 vel = beta * vel - lrs[k] * grad
                 theta = theta + vel
                 if decay is not None:
