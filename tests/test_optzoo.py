@@ -390,26 +390,16 @@ def test_new_families_tune_and_sweep():
 def test_linear_regression_with_nesterov_and_asgd_against_sampled_data():
     """Online linear regression (state-dependent noise): Nesterov and ASGD through the stepped
     fourth-moment recursion against Monte Carlo runs that draw the examples, within 4 standard
-    errors; weight decay is refused by name (it would move the optimum to the ridge solution)."""
+    errors (with weight decay: tests/test_linreg_weight_decay.py)."""
     from toymodels import GaussianLinearRegression
-    from toymodels.plrf import PowerLawRF
 
     glr = GaussianLinearRegression.power_law(6, noise_std=0.3)
     record = [0, 2, 8, 30]
-    for opt in (Nesterov(0.15, 0.7), AcceleratedSGD(0.2, 20.0, 2.0)):
+    for opt in (Nesterov(0.15, 0.7), AcceleratedSGD(0.2, 20.0, 2.0), AcceleratedSGD(0.2, 20.0, 2.0, weight_decay=0.2)):
         exact = glr.loss_curve(opt, 2, record).values
         mc = glr.simulate(opt, 2, record, n_runs=4000, seed=3)
         z = np.abs(mc.loss.values - exact) / mc.loss_sem.values
         assert np.all(z[1:] < 4.0), (opt, z)
-    plrf = PowerLawRF(1.0, 0.5, 8, 4)
-    sgd, ema = SGD(0.1, weight_decay=0.2), EMA(Momentum(0.1, 0.5, weight_decay=0.1), 0.9)
-    calls = [(glr.modal_form, sgd, (2,)), (glr.steps_to_target, sgd, (2, 0.1))]
-    calls += [(f, opt, args) for opt in (sgd, ema) for f, args in
-              ((glr.loss_curve, (2, 5)), (glr.simulate, (2, 5)), (glr.stationary_loss, (2,)),
-               (plrf.loss_curve, (2, 5)), (plrf.simulate, (2, 5)))]
-    for f, opt, args in calls:
-        with pytest.raises(ValueError, match="weight_decay 0 for linear regression"):
-            f(opt, *args)
 
 
 def test_ema_of_the_new_bases_matches_plain_numpy_stepping():

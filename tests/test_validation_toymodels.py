@@ -224,16 +224,16 @@ EXAMPLES = {
     "toymodels.stats.tuned_median": lambda: ((np.ones((2, 2, 3)),), {}),
     # sweeps (tiny: 8 modes, an easy target)
     "toymodels.sweep.batch_size_sweep": lambda: (
-        (NQM8, "sgd", [1.0, 2.0], 0.5), dict(precond=0.5, decay=0.99, progress=False, path=None)),
+        (NQM8, "sgd", [1.0, 2.0], 0.5), dict(precond=0.5, decay=0.99, progress=False, path=None, weight_decay=0.0)),
     "toymodels.sweep.default_grid": lambda: ((NQM8, "sgd"), dict(n_lr=5, n_extra=2, precond=0.5, decay=0.99)),
     "toymodels.sweep.family_sweeps": lambda: (
         (NQM8, ["sgd"], [1.0, 2.0], 0.5), dict(n_jobs=1, paths=None, progress=False, scheduler=None)),
     "toymodels.sweep.grid_search": lambda: (
         (NQM8, "sgd", 1.0, 0.5), dict(lr_fractions=[0.1, 0.5], extras=[None], precond=0.5, decay=0.99,
-                                      incumbent=math.inf)),
-    "toymodels.sweep.make_optimizer": lambda: (("momentum", 0.1, 0.9), dict(precond=0.5, decay=0.99)),
+                                      incumbent=math.inf, weight_decay=0.0)),
+    "toymodels.sweep.make_optimizer": lambda: (("momentum", 0.1, 0.9), dict(precond=0.5, decay=0.99, weight_decay=0.1)),
     "toymodels.sweep.tune": lambda: (
-        (NQM8, "sgd", 1.0, 0.5), dict(precond=0.5, decay=0.99, start=None, coarse=False, k_floor=0)),
+        (NQM8, "sgd", 1.0, 0.5), dict(precond=0.5, decay=0.99, start=None, coarse=False, k_floor=0, weight_decay=0.0)),
     "toymodels.sweep.tune_schedule": lambda: ((NQM8, 1.0, 0.5), dict(n_pieces=2, precond=0.0, coarse=False)),
     # tails
     "toymodels.tails.davis_kahan_bound": lambda: ((0.1, 0.5), {}),

@@ -25,6 +25,24 @@ Without label noise the optimum interpolates, the gradient noise vanishes there,
 exponentially (the lecture's "Exponential Convergence"); with it the risk settles at a floor
 (:meth:`GaussianLinearRegression.stationary_loss`).
 
+Weight decay wd (coupled, as :mod:`toymodels.optimizers`: the update's gradient is g + wd theta)
+pulls theta towards 0, so the error gets a constant drive: the update's gradient is
+(Sigma + wd) e + xi + wd w*, xi the mini-batch noise.  Each mode's state x (the optimizer's entries of
+e_i) is augmented by a constant entry 1, x~ = (x, 1), whose update
+
+    x~' = [[A, lr b wd w*_i], [0, 1]] x~ + [lr b; 0] xi_i
+
+is homogeneous again; its second moments E[x~ x~^T] hold the non-central E[e_i^2] (what q_i above
+needs: the noise is E over e of Cov(g | e)) and the mean in the cross terms with the constant entry.
+So the same engine steps it exactly, with x~_0 = (init e_0, 1).  The mean settles at the ridge
+solution theta_i = lambda_i w*_i / (lambda_i + wd), and the stationary risk is the ridge solution's
+plus the fluctuations (closed form in :meth:`GaussianLinearRegression.stationary_loss`).  SGD's
+secular closed form does not carry the mean: with weight decay SGD is stepped like the other
+optimizers (``modal_form`` refuses it, naming ``weight_decay``); :meth:`~GaussianLinearRegression.stable_lr`
+stays exact (the drive is bounded and does not change stability).  The optimizers that change at
+every update (:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`)
+are not run on linear regression, with or without weight decay.
+
 References:
     R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
     University of Toronto, Winter 2022.
@@ -132,20 +150,50 @@ class GaussianLinearRegression:
         """The attrs of the model's results: ``dim``, ``initial_loss`` and ``noise_std``."""
         return {"dim": self.dim, "initial_loss": self.initial_loss, "noise_std": self.noise_std}
 
-    def _affine(self, optimizer):
-        """The spec's per-mode ``(A0, A1, b1)``; weight decay refused: the moments here are those of
-        e = theta - w_star, and decay of theta towards 0 (the usual weight decay) drives e by the
-        constant -lr wd w_star, whose first moments this engine does not carry."""
-        wd = optimizer.hyperparameters.get("weight_decay", 0.0)
-        if wd:
-            raise ValueError(f"`optimizer` must have weight_decay 0 for linear regression; got {wd:g}. Weight decay "
-                             "pulls theta towards 0 and moves the optimum to the ridge solution, which needs the "
-                             "first moments of theta - w_star (not modelled); the NQM takes weight decay.")
+    @staticmethod
+    def _weight_decay(optimizer) -> float:
+        """The spec's weight decay wd (0 for specs without one)."""
+        return float(optimizer.hyperparameters.get("weight_decay", 0.0))
+
+    def _spec_affine(self, optimizer):
+        """The spec's own ``(A0, A1, b1)`` on this spectrum; NotImplementedError for time-varying specs."""
+        if optimizer.time_varying:
+            raise NotImplementedError(f"{type(optimizer).__name__} changes at every update (its averaging weight); "
+                                      f"linear regression steps optimizers with a constant system only (with or "
+                                      f"without weight_decay).")
         return optimizer.affine(self.h)
 
+    def _affine(self, optimizer):
+        """The engine's per-mode ``(A0, A1, b1)`` of the error e = theta - w*.
+
+        Without weight decay the spec's own.  With weight decay wd > 0 the update's gradient is
+        g + wd theta = (lambda + wd) e + eps + wd w*: the spec's system (whose A1 already holds
+        lambda + wd) plus the constant drive wd w*_i, which enters every state entry with the
+        gradient's weight b1.  The state is augmented by a constant entry 1 (last), so the drive
+        becomes the column ``A1[:, :s, s] = wd w*_i b1`` of a homogeneous system
+        (``A0[:, s, s] = 1``, ``b1[:, s] = 0``) whose second moments are the non-central
+        E[x x^T], the mean carried in the cross terms with the constant entry.  Time-varying
+        optimizers have no constant system: NotImplementedError.
+        """
+        a0, a1, b1 = self._spec_affine(optimizer)
+        wd = self._weight_decay(optimizer)
+        if not wd:
+            return a0, a1, b1
+        d, s = b1.shape
+        A0, A1, B1 = np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1))
+        A0[:, :s, :s], A1[:, :s, :s], B1[:, :s] = a0, a1, b1
+        A0[:, s, s] = 1.0
+        A1[:, :s, s] = (wd * self.w_star)[:, None] * b1
+        return A0, A1, B1
+
     def _S0(self, optimizer):
+        """E[x_0 x_0^T] per mode, ``(d, s, s)``: x_0 = init e_0 with e_0 = -w*, and under weight decay
+        the constant entry 1 appended (:meth:`_affine`)."""
         u = optimizer.init
-        return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        if not self._weight_decay(optimizer):
+            return np.ascontiguousarray(self.init_sq[:, None, None] * np.outer(u, u)[None])
+        x0 = np.concatenate([-self.w_star[:, None] * u[None, :], np.ones((self.dim, 1))], axis=1)
+        return np.ascontiguousarray(x0[:, :, None] * x0[:, None, :])
 
     def _noise(self, batch_size):
         """(q, q_self, q_loss) of the per-mode gradient noise variance (module docstring); each is
@@ -166,12 +214,21 @@ class GaussianLinearRegression:
     def _is_sgd(optimizer) -> bool:
         return isinstance(optimizer, SGD)
 
+    def _is_closed(self, optimizer) -> bool:
+        """SGD without weight decay: the second moments E[e_i^2] alone form a closed linear system
+        (:meth:`_sgd_system`), whose secular closed form gives the curve at any step.  Weight decay
+        adds the drive -lr p wd w*, so E[e_i^2] then also follows the mean: stepped instead."""
+        return self._is_sgd(optimizer) and not self._weight_decay(optimizer)
+
     def _sgd_system(self, optimizer, batch_size, lr):
-        """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p."""
-        p = -self._affine(optimizer)[2][:, 0]  # the update is e' = e - lr p (gradient)
+        """s' = (diag(a) + u v^T) s + c for s_i = E[e_i^2] under SGD with preconditioner p (with weight
+        decay, the homogeneous part of the centred moments: a_i = (1 - lr p_i (lambda_i + wd))^2 + ...,
+        what decides stability; c then omits the drive)."""
+        p = -optimizer.affine(self.h)[2][:, 0]  # the update is e' = e - lr p (gradient)
         lam = self.h
         rate = lr * p
-        a = (1.0 - rate * lam) ** 2 + rate**2 * lam**2 / batch_size
+        wd = self._weight_decay(optimizer)
+        a = (1.0 - rate * (lam + wd)) ** 2 + rate**2 * lam**2 / batch_size
         u = rate**2 * lam / batch_size
         return a, u, lam, self.noise_std**2 * u
 
@@ -194,12 +251,17 @@ class GaussianLinearRegression:
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)
     def stable_lr(self, optimizer, batch_size) -> float:
         """The largest stable constant learning rate of (preconditioned) SGD at batch size B:
-        the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1."""
+        the root of phi(lr) = (lr / B) sum_i p_i lambda_i / (2 - lr p_i lambda_i (1 + 1/B)) = 1.
+
+        With weight decay wd the update contracts by x_i = lr p_i (lambda_i + wd) while the batch noise
+        still scales with lambda_i: phi(lr) = sum_i (lr p_i lambda_i^2 / B) / ((lambda_i + wd)(2 - x_i)
+        - lr p_i lambda_i^2 / B) = 1 (the drive wd w* is bounded and does not change stability)."""
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not self._is_sgd(optimizer):
             raise NotImplementedError("stable_lr is exact for SGD only; other optimizers: lr_limit bounds it.")
-        lo, hi = 0.0, self.lr_limit(optimizer) * bs / (bs + 1.0)
+        # every a_i < 1 needs x_i < 2 B / (B + 1) without weight decay (x_i < 2 with it)
+        lo, hi = 0.0, self.lr_limit(optimizer) * (bs / (bs + 1.0) if not self._weight_decay(optimizer) else 1.0)
         for _ in range(200):
             mid = 0.5 * (lo + hi)
             a, u, _, c = self._sgd_system(optimizer, bs, mid)
@@ -216,13 +278,20 @@ class GaussianLinearRegression:
         """The closed form of SGD's expected loss, as a :class:`toymodels.dynamics.ModalForm` of
         one-state modes: mode m has rate mu_m (a root of the secular equation) and contributes
         gamma_m mu_m^k + L_inf / n to L_k (``stable`` is False, and the values meaningless, above
-        :meth:`stable_lr`).  Raises NotImplementedError for other optimizers."""
+        :meth:`stable_lr`).  Raises NotImplementedError for other optimizers and for SGD with
+        ``weight_decay`` > 0 (stepped exactly by the other methods instead)."""
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not self._is_sgd(optimizer):
             raise NotImplementedError(
                 "linear regression has a closed form for SGD (with preconditioning) only; momentum and "
                 "averaging are stepped exactly one update at a time (loss_curve, steps_to_target)."
+            )
+        if self._weight_decay(optimizer):
+            raise NotImplementedError(
+                f"linear regression has no closed form for SGD with weight_decay > 0 (got "
+                f"{self._weight_decay(optimizer):g}): the decay drives the error's mean, which the secular form "
+                f"does not carry; loss_curve, loss_at_step and steps_to_target step it exactly."
             )
         if lr is None:
             if not isinstance(optimizer.lr, Constant):
@@ -266,9 +335,16 @@ class GaussianLinearRegression:
         batch = batch_size if isinstance(batch_size, Schedule) else None
         q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
         r = optimizer.readout if readout is None else readout
-        with np.errstate(over="ignore", invalid="ignore"):
-            return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
-                                               q_loss=q_loss, progress=progress, batch=batch)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return dynamics.propagate_schedule(a0, a1, b1, q, self.h, r, schedule, record, S, q_self=q_self,
+                                                   q_loss=q_loss, progress=progress, batch=batch)
+        except ValueError as err:
+            wd = self._weight_decay(optimizer)
+            if not (self._is_sgd(optimizer) and wd):
+                raise
+            raise ValueError(f"{err} SGD with weight_decay {wd:g} > 0 is computed step by step here (its closed "
+                             f"form does not carry the mean that the decay drives).") from None
 
     @staticmethod
     def _constant_from(optimizer, batch):
@@ -290,7 +366,7 @@ class GaussianLinearRegression:
         sched = optimizer.lr
         S = self._S0(optimizer)
         change, lr, bs = self._constant_from(optimizer, batch_size)
-        if not (self._is_sgd(optimizer) and change is not None and ks[-1] > change + 20_000):
+        if not (self._is_closed(optimizer) and change is not None and ks[-1] > change + 20_000):
             return self._propagate_schedule(optimizer, batch_size, sched, ks, S, progress)
         head = ks[ks <= change]
         rec = head if head.size and head[-1] == change else np.append(head, change).astype(np.int64)
@@ -335,18 +411,28 @@ class GaussianLinearRegression:
         tau = sum_j lambda_j kappa_j q_j = sigma^2 phi / (1 - phi), phi = sum_j lambda_j^2 kappa_j /
         (B - lambda_j^2 kappa_j); the risk is sum_i lambda_i rho_i q_i / 2.  Stable iff every mode
         is, every lambda_i^2 kappa_i < B and phi < 1 (the second-moment map preserves the PSD cone).
+
+        With weight decay wd the per-mode state x has the stationary mean m_i = (I - A_i)^-1 b_i wd w*_i
+        (the drive of :meth:`_affine`; A_i, b_i at the learning rate), whose gradient entry is the ridge
+        solution's error -wd w*_i / (lambda_i + wd), i.e. theta_i = lambda_i w*_i / (lambda_i + wd).  The
+        noise follows the non-central E[e_i^2] = kappa_i q_i + mbar_i (mbar_i = m_i0^2), so
+        q_i = lambda_i (sigma^2 + lambda_i mbar_i + M + tau) / (B - lambda_i^2 kappa_i) with
+        M = sum_j lambda_j mbar_j and tau = (psi + phi M) / (1 - phi),
+        psi = sum_j lambda_j^2 kappa_j (sigma^2 + lambda_j mbar_j) / (B - lambda_j^2 kappa_j); the risk is
+        sum_i lambda_i (rho_i q_i + m_ir^2) / 2 (ridge risk plus fluctuations; same stability conditions).
         """
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
-        self._affine(optimizer)  # refuses weight decay
-        A, b = optimizer.transition(self.h, lr)
+        a0, a1, b1 = self._spec_affine(optimizer)
+        A, b = a0 + lr * a1, lr * b1
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
         unit = dynamics.lyapunov(A, b, np.ones(self.dim))
-        kappa, rho = unit[:, 0, 0], unit[:, optimizer.readout, optimizer.readout]
+        r = optimizer.readout
+        kappa, rho = unit[:, 0, 0], unit[:, r, r]
         lam = self.h
         room = bs - lam**2 * kappa
         if np.any(room <= 0):
@@ -355,21 +441,32 @@ class GaussianLinearRegression:
         if phi >= 1.0:
             return math.inf
         sigma2 = self.noise_std**2
-        tau = sigma2 * phi / (1.0 - phi)
-        q = lam * (tau + sigma2) / room
-        return float(0.5 * np.sum(lam * rho * q))
+        wd = self._weight_decay(optimizer)
+        if not wd:
+            tau = sigma2 * phi / (1.0 - phi)
+            q = lam * (tau + sigma2) / room
+            return float(0.5 * np.sum(lam * rho * q))
+        eye = np.broadcast_to(np.eye(A.shape[1]), A.shape)
+        m = np.linalg.solve(eye - A, (b * (wd * self.w_star)[:, None])[..., None])[..., 0]
+        mbar = m[:, 0] ** 2
+        big_m = float(np.sum(lam * mbar))
+        psi = float(np.sum(lam**2 * kappa * (sigma2 + lam * mbar) / room))
+        tau = (psi + phi * big_m) / (1.0 - phi)
+        q = lam * (sigma2 + lam * mbar + big_m + tau) / room
+        return float(0.5 * np.sum(lam * (rho * q + m[:, r] ** 2)))
 
     noise_floor = stationary_loss
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
         """Exact expected excess risk at step k for a constant learning rate (the spec's or ``lr``):
-        closed form for SGD (k <= 10^15), step by step otherwise (bounded as :meth:`loss_curve`)."""
+        closed form for SGD without weight decay (k <= 10^15), step by step otherwise (bounded as
+        :meth:`loss_curve`)."""
         if lr is None:
             if not isinstance(optimizer.lr, Constant):
                 raise ValueError("`optimizer` must have a constant learning rate here (or pass `lr`).")
             lr = optimizer.lr.lr
-        if self._is_sgd(optimizer):
+        if self._is_closed(optimizer):
             mf = self._modal_from(self.init_sq, optimizer, batch_size, lr)
             return float(mf.loss(np.array([k]))[0]) if mf.stable else math.inf
         S = self._S0(optimizer)
@@ -384,7 +481,8 @@ class GaussianLinearRegression:
     def gradient_stats(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.Dataset:
         """Loss and gradient statistics along the exact expected trajectory.
 
-        |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate); the per-example covariance trace
+        |E g|^2 = sum_i lambda_i^2 E[e_i^2] (at the base iterate; the loss's gradient, without weight
+        decay's wd theta, which adds no noise); the per-example covariance trace
         splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
         ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
         (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
@@ -434,8 +532,8 @@ class GaussianLinearRegression:
     def loss_curve(self, optimizer, batch_size, steps, *, progress: bool | None = None) -> xr.DataArray:
         """Exact expected excess risk over steps (``DataArray`` named ``loss`` over ``step``).
 
-        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
-        learning rate and batch size become constant is computed in closed form from that step on
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
+        decay whose learning rate and batch size become constant is computed in closed form from that step on
         (any step up to 10^15); every other update is computed one at a time, at most 10^9 of them
         (and 2e10 updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError;
         ``progress`` as in :meth:`toymodels.NQM.loss_curve`.
@@ -462,8 +560,8 @@ class GaussianLinearRegression:
                         full_output: bool = False):
         """The first step k with expected excess risk L_k <= target (``inf`` if never).
 
-        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD whose
-        learning rate and batch size become constant: exact through the closed form from that
+        ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
+        decay whose learning rate and batch size become constant: exact through the closed form from that
         update on and :meth:`toymodels.dynamics.ModalForm.first_crossing` (default ``max_steps``
         10^15).  Other optimizers and schedules that keep changing: every step is computed (exact for
         any curve) up to ``max_steps`` (default 10^6).
@@ -471,7 +569,7 @@ class GaussianLinearRegression:
         _check_optimizer(optimizer)
         batch = check_batch_sizes(batch_size)
         target = _check_target(target)
-        closed = self._is_sgd(optimizer) and self._constant_from(optimizer, batch)[0] is not None
+        closed = self._is_closed(optimizer) and self._constant_from(optimizer, batch)[0] is not None
         if max_steps is None:
             max_steps = 10**15 if closed else _SCAN_DEFAULT
         max_steps = check_int("max_steps", max_steps, low=1)
@@ -546,7 +644,8 @@ class GaussianLinearRegression:
         """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
 
         ``batch_size``: a whole number B, or a batch-size schedule whose B_k are whole numbers
-        (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.
+        (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.  Weight decay is
+        coupled: the update's gradient is the mini-batch gradient plus wd theta (theta = e + w*).
 
         Returns:
             Dataset over ``step``: ``loss`` (mean excess risk over runs) and ``loss_sem``, and the
@@ -576,10 +675,11 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = self._affine(optimizer)
+        a0, a1, b1 = self._spec_affine(optimizer)  # the drive of weight decay is added to each gradient
         loss, gsq, base = simulate_regression(
             a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
+            drive=self._weight_decay(optimizer) * self.w_star,
         )
         if bar is not None:
             bar.close()

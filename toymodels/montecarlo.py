@@ -170,7 +170,8 @@ def simulate_varying_system(parts, cs, q, h, readout, init, init_sq, lrs, record
 
 
 @njit(cache=True)
-def _regression_chunk(A0, A1, b1, lam, lrs, offs, z, noise, r, record_mask, X, out_loss, out_gsq, out_base, rec_start):
+def _regression_chunk(A0, A1, b1, lam, drive, lrs, offs, z, noise, r, record_mask, X, out_loss, out_gsq, out_base,
+                      rec_start):
     """Advance X (n_runs, d, s) through len(lrs) SGD-family updates on sampled data.
 
     Update k draws B_k = offs[k + 1] - offs[k] examples per run: z holds standard normals laid out
@@ -178,7 +179,8 @@ def _regression_chunk(A0, A1, b1, lam, lrs, offs, z, noise, r, record_mask, X, o
     x = sqrt(lam) z), noise the label noise at offs[k] n_runs + run B_k + b (for a constant B this
     is the C order of (n, n_runs, B, d) and (n, n_runs, B)).  The gradient at the base iterate
     theta = X[..., 0] is g = mean_b x_b (x_b.theta - n_b); its noise xi = g - lam theta enters as the
-    NQM's eps: x' = (A0 + lr A1) x + lr b1 xi.
+    NQM's eps: x' = (A0 + lr A1) x + lr b1 xi.  ``drive`` (d,) is added to xi: weight decay's wd w*
+    (the update's gradient g + wd (e + w*), of which A1 holds the wd e part), zeros without it.
     """
     n_runs, d, s = X.shape
     y = np.empty(s)
@@ -213,7 +215,7 @@ def _regression_chunk(A0, A1, b1, lam, lrs, offs, z, noise, r, record_mask, X, o
                 for i in range(d):
                     g[i] += sq[i] * z[zb + bb * d + i] * res
             for i in range(d):
-                xi = g[i] / B - lam[i] * X[run, i, 0]
+                xi = g[i] / B - lam[i] * X[run, i, 0] + drive[i]
                 for u in range(s):
                     acc = 0.0
                     for v in range(s):
@@ -240,7 +242,7 @@ def _chunks(sizes, budget):
 
 
 def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e0, lrs, record, n_runs, rng, *,
-                        progress=None):
+                        progress=None, drive=None):
     """Simulate ``n_runs`` runs of an SGD-family optimizer on online Gaussian linear regression.
 
     Args:
@@ -252,6 +254,8 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         init: ``(s,)`` state at step 0 in units of e_0.
         e0: ``(d,)`` the error w_0 - w* (deterministic).
         lrs, record, n_runs, rng, progress: as in :func:`simulate_linear_system`.
+        drive: optional ``(d,)`` constant added to every update's gradient (coupled weight decay of
+            theta = e + w*: ``A1`` holds wd e, ``drive`` = wd w*).
 
     Returns:
         ``(loss, grad_sq, base_loss)``, each ``(len(record), n_runs)``: the excess risk at the
@@ -259,6 +263,7 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
     """
     d, s = b1.shape
     n = lrs.size
+    drive = np.zeros(d) if drive is None else np.ascontiguousarray(drive, dtype=np.float64)
     X = np.ascontiguousarray(np.broadcast_to(e0[None, :, None] * init[None, None, :], (n_runs, d, s)).copy())
     out = [np.empty((record.size, n_runs)) for _ in range(3)]
     mask = np.zeros(n + 1, dtype=np.bool_)
@@ -270,11 +275,11 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         offs = np.concatenate([[0], np.cumsum(sizes[k0:k1])])
         z = rng.standard_normal(int(offs[-1]) * n_runs * d)
         noise = rng.standard_normal(int(offs[-1]) * n_runs) * noise_std
-        j = _regression_chunk(A0, A1, b1, lam, lrs[k0:k1], offs, z, noise, readout, mask[k0:k1], X, *out, j)
+        j = _regression_chunk(A0, A1, b1, lam, drive, lrs[k0:k1], offs, z, noise, readout, mask[k0:k1], X, *out, j)
         if progress is not None:
             progress(k1 - k0)
     if mask[n]:
-        _regression_chunk(A0, A1, b1, lam, np.zeros(1), np.array([0, 1], dtype=np.int64), np.zeros(n_runs * d),
+        _regression_chunk(A0, A1, b1, lam, drive, np.zeros(1), np.array([0, 1], dtype=np.int64), np.zeros(n_runs * d),
                           np.zeros(n_runs), readout, np.ones(1, dtype=np.bool_), X, *out, j)
     return tuple(out)
 

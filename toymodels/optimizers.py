@@ -26,9 +26,13 @@ Every optimizer takes ``weight_decay`` (wd >= 0): the gradient in the *update* i
 PyTorch's coupled L2 decay, so wd adds lr * wd to the curvature the update sees while the loss stays
 1/2 sum h theta^2.  The NQM measures theta from its optimum, so weight decay there pulls towards the
 optimum (an optimum at the origin of parameter space); it changes the stability limit and the
-contraction, not the noise.  Linear regression and the power-law random features refuse weight decay:
-there theta starts at 0 away from w_star, decay towards 0 moves the optimum to the ridge solution, and
-the error then has a nonzero mean the moment engine does not carry.
+contraction, not the noise.  In linear regression and the power-law random features theta starts at 0
+away from w_star and the state is the error e = theta - w_star: the update's gradient is
+(h + wd) e + eps + wd w_star, the constant wd w_star entering every state entry with the gradient's
+weight b1.  :class:`toymodels.GaussianLinearRegression` appends a constant entry 1 to each mode's state,
+so that the drive is a column of A1 and the second moments are the non-central ones its
+state-dependent noise needs; the optimum moves to the ridge solution theta_i = h_i w*_i / (h_i + wd).
+:class:`toymodels.FiniteLinearRegression` (a fixed data set) refuses weight decay by name.
 
 :class:`PolyakAverage` and :class:`ScheduleFree` average with a weight that changes at every update
 (c_k = 1 / (k + 2) at update k): they are *time-varying* (``time_varying = True``) and write

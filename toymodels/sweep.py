@@ -122,6 +122,7 @@ _PROBLEM = _Problem()
 _FAMILY = Options(*FAMILIES)
 _PRECOND = Real(0.0, 1.0)
 _DECAY = Real(0.0, 1.0, high_open=True)
+_WEIGHT_DECAY = Real(0.0, math.inf, high_open=True)
 _BATCH_SIZES = Array((0, 1), low=1.0, high=float(MAX_EXACT_INT))
 
 
@@ -133,8 +134,9 @@ def _check_problem_family(problem, family):
 
 
 @validate(family=_FAMILY, lr=Real(0.0, math.inf, low_open=True, high_open=True), extra=Maybe(_DECAY),
-          precond=_PRECOND, decay=_DECAY)
-def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99):
+          precond=_PRECOND, decay=_DECAY, weight_decay=_WEIGHT_DECAY)
+def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99,
+                   weight_decay: float = 0.0):
     """The optimizer of a family: ``extra`` is beta for the momentum families (``"momentum"``,
     ``"momentum_ema"``, ``"nesterov"``, and the interpolation beta of ``"schedule_free"``), mu for
     ``"ema"``, and for ``"asgd"`` it sets kappa through 1 - extra = (1 + c) u / (c (1 + u)), u = c xi / kappa
@@ -143,28 +145,30 @@ def make_optimizer(family: str, lr: float, extra: float | None = None, *, precon
     small_const 0.7: Kidambi et al.'s defaults, xi capped at its bound).
 
     ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``;
-    ``"polyak"`` is SGD with uniform iterate averaging.
+    ``"polyak"`` is SGD with uniform iterate averaging.  ``weight_decay`` (wd >= 0, coupled: the
+    update's gradient gets wd theta) is given to the optimizer, or to the averaged base optimizer.
     """
     if _EXTRA[family] is not None and extra is None:
         raise ValueError(f"`extra` must be a float in [0, 1) for {family!r}; got None.")
+    wd = weight_decay
     if family == "nesterov":
-        return Nesterov(lr, extra)
+        return Nesterov(lr, extra, weight_decay=wd)
     if family == "asgd":
         kappa = _asgd_kappa(extra)
-        return AcceleratedSGD(lr, kappa, min(_ASGD_XI, math.sqrt(kappa)))
+        return AcceleratedSGD(lr, kappa, min(_ASGD_XI, math.sqrt(kappa)), weight_decay=wd)
     if family == "polyak":
-        return PolyakAverage(SGD(lr))
+        return PolyakAverage(SGD(lr, weight_decay=wd))
     if family == "schedule_free":
-        return ScheduleFree(lr, extra)
+        return ScheduleFree(lr, extra, weight_decay=wd)
     if family == "sgd":
-        return SGD(lr)
+        return SGD(lr, weight_decay=wd)
     if family == "precond":
-        return SGD(lr, precond=precond)
+        return SGD(lr, precond=precond, weight_decay=wd)
     if family == "momentum":
-        return Momentum(lr, extra)
+        return Momentum(lr, extra, weight_decay=wd)
     if family == "ema":
-        return EMA(SGD(lr), extra)
-    return EMA(Momentum(lr, extra), decay)
+        return EMA(SGD(lr, weight_decay=wd), extra)
+    return EMA(Momentum(lr, extra, weight_decay=wd), decay)
 
 
 @dataclass
@@ -181,6 +185,7 @@ class _Evaluator:
     decay: float
     fixed_extra: float | None = None
     n_evals: int = 0
+    weight_decay: float = 0.0
 
     def __post_init__(self):
         # fast path: problems that evaluate a whole family affine in its hyper-parameter (a fixed
@@ -192,7 +197,7 @@ class _Evaluator:
 
             def make(e):
                 opt = make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
-                                     precond=self.precond, decay=self.decay)
+                                     precond=self.precond, decay=self.decay, weight_decay=self.weight_decay)
                 # accelerated SGD through the momentum form of equal loss, affine in e on either side of
                 # the kink (its own (w, w_bar) system is not affine in any one hyper-parameter)
                 return opt.momentum_form if self.family == "asgd" else opt
@@ -204,7 +209,8 @@ class _Evaluator:
         self._family = None
         if self._fast is None and hasattr(self.problem, "family_evaluator"):
             self._family = self.problem.family_evaluator(
-                lambda e: make_optimizer(self.family, 1.0, e, precond=self.precond, decay=self.decay),
+                lambda e: make_optimizer(self.family, 1.0, e, precond=self.precond, decay=self.decay,
+                                         weight_decay=self.weight_decay),
                 self.batch_size,
             )
 
@@ -212,7 +218,8 @@ class _Evaluator:
         """The family's optimizer at lr = 1 and extra = 1 - exp(y) (or the fixed extra), and its
         learning-rate limit."""
         extra = self.fixed_extra if y is None else 1.0 - math.exp(y)
-        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay)
+        probe = make_optimizer(self.family, 1.0, extra, precond=self.precond, decay=self.decay,
+                               weight_decay=self.weight_decay)
         return probe, self.problem.lr_limit(probe)
 
     def optimizer(self, x, y=None):
@@ -424,7 +431,7 @@ def _brent(f, a, b, tol):
     return min(seen, key=lambda s: s[0])
 
 
-def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
+def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=0.0):
     """:func:`tune` for ``"schedule_free"`` on an NQM: direct minimisation of the crossing step.
 
     Schedule-free SGD has no closed form (its averaging weight 1 / (k + 2) changes at every update),
@@ -467,7 +474,8 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
     coarsened model ranks settings along its flat valley in beta only within its error).
     """
     model = problem.coarsen(_SF_WIDTH) if coarse and problem.dim > _SF_COARSE_MIN else problem
-    limit0 = problem.lr_limit(ScheduleFree(1.0, 0.0))
+    wd = weight_decay
+    limit0 = problem.lr_limit(ScheduleFree(1.0, 0.0, weight_decay=wd))
     h, q, s0 = model.h, model.c / bs, np.asarray(model.init_sq, dtype=np.float64)
     log_target = math.log(target)
     state = {"best": math.inf, "n": 0}
@@ -487,7 +495,7 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
         lr, beta, out = point(theta)
         if cap is None:
             cap = _SCAN_CAP if not math.isfinite(state["best"]) else int(min(_SCAN_CAP, 2 * state["best"] + 16))
-        v = _schedfree.crossing(*_schedfree.coefficients(h, q, lr, beta), h, s0, int(cap), log_target, True,
+        v = _schedfree.crossing(*_schedfree.coefficients(h, q, lr, beta, wd), h, s0, int(cap), log_target, True,
                                 _SF_LOST)
         state["n"] += 1
         state["best"] = min(state["best"], v)
@@ -579,20 +587,21 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed):
             v_best, z = v, (x, y)
     lr, beta, _ = point(z)
     theta = tuple(float(v) for v in z)
-    steps = float(problem.steps_to_target(ScheduleFree(lr, beta), bs, target))
+    steps = float(problem.steps_to_target(ScheduleFree(lr, beta, weight_decay=wd), bs, target))
     for j in range(8):
         if math.isfinite(steps):
             break
         theta = (theta[0] - 0.02 * 2**j,) + theta[1:]
         lr = point(theta)[0]
-        steps = float(problem.steps_to_target(ScheduleFree(lr, beta), bs, target))
+        steps = float(problem.steps_to_target(ScheduleFree(lr, beta, weight_decay=wd), bs, target))
     if fixed is None and 1 < steps < math.inf and steps * problem.dim <= _SF_EXACT_MORE:
         # where full-model scans are cheap, also the best settings of the next best betas searched: the
         # coarsened model ranks the settings along its flat valley in beta only within its ~0.5% error
         runners = sorted(((v, (x, y)) for y, (v, x) in found.items() if (x, y) != tuple(z)), key=lambda r: r[0])
         for _, th in runners[:3]:
             lr_r, beta_r, _ = point(th)
-            s = float(problem.steps_to_target(ScheduleFree(lr_r, beta_r), bs, target, max_steps=int(steps) - 1))
+            s = float(problem.steps_to_target(ScheduleFree(lr_r, beta_r, weight_decay=wd), bs, target,
+                                              max_steps=int(steps) - 1))
             if s < steps:
                 steps, lr, beta, theta = s, lr_r, beta_r, tuple(float(v) for v in th)
     return {"steps": steps, "lr": lr, "extra": beta, "theta": theta if math.isfinite(steps) else None,
@@ -609,9 +618,9 @@ def _check_fixed_extra(family, extra):
 
 @validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET, precond=_PRECOND, decay=_DECAY,
           start=Maybe(Array(1, low=-1e3, high=1.0)), coarse=Boolean(), k_floor=Integer(0, MAX_STEPS),
-          extra=Maybe(_DECAY))
+          extra=Maybe(_DECAY), weight_decay=_WEIGHT_DECAY)
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
-         coarse: bool = True, k_floor: int = 0, extra: float | None = None):
+         coarse: bool = True, k_floor: int = 0, extra: float | None = None, weight_decay: float = 0.0):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
 
     Args:
@@ -632,6 +641,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         extra: hold beta (``"momentum"``, ``"momentum_ema"``) or mu (``"ema"``) fixed at this value in
             [0, 1) and tune the learning rate alone (None: tune both; must be None for the other
             families).
+        weight_decay: the optimizers' weight decay wd >= 0 (fixed, not tuned; :func:`make_optimizer`).
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
@@ -641,6 +651,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     fixed = _check_fixed_extra(family, extra)
     bs = check_batch_size(batch_size)
     target = check_real("target", target, low=0.0, high=math.inf, low_open=True, high_open=True)
+    wd = check_real("weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True)
     two_d = _EXTRA[family] is not None and fixed is None
     if start is not None:
         if len(start) != 1 + two_d:
@@ -649,8 +660,8 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
     if problem.initial_loss <= target:
         return {"steps": 0.0, "lr": math.nan, "extra": math.nan, "theta": start, "n_evals": 0, "lo": 0}
     if family == "schedule_free" and isinstance(problem, NQM):
-        return _tune_schedule_free(problem, bs, target, start, coarse, fixed)
-    ev = _Evaluator(problem, family, bs, precond, decay, fixed)
+        return _tune_schedule_free(problem, bs, target, start, coarse, fixed, wd)
+    ev = _Evaluator(problem, family, bs, precond, decay, fixed, weight_decay=wd)
     global_checks = True
     lo_hint = max(0, int(k_floor))
     inner = lambda k, theta, step: _inner_min(ev, k, theta, step=step)  # noqa: E731
@@ -658,10 +669,10 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
         surrogate = problem.coarsen(0.05)
         if surrogate.dim <= problem.dim // 4:
             rs = tune(surrogate, family, bs, target, precond=precond, decay=decay, start=start, coarse=False,
-                      k_floor=k_floor, extra=fixed)
+                      k_floor=k_floor, extra=fixed, weight_decay=wd)
             if rs["theta"] is not None:
                 start, global_checks = rs["theta"], False
-                ev_s = _Evaluator(surrogate, family, bs, precond, decay, fixed)
+                ev_s = _Evaluator(surrogate, family, bs, precond, decay, fixed, weight_decay=wd)
 
                 def inner(k, theta, step):
                     # the optimum of the coarsened loss, valued on the full model: an upper bound of
@@ -763,12 +774,13 @@ def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond
 @validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET,
           lr_fractions=Array(1, low=0.0, high=1.0, low_open=True, high_open=True),
           extras=Instance(list, tuple, np.ndarray, what="a list of extras (None, or betas / decays in [0, 1))"),
-          precond=_PRECOND, decay=_DECAY, incumbent=Real(0.0, math.inf))
-def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, precond=0.5, decay=0.99, incumbent=math.inf):
+          precond=_PRECOND, decay=_DECAY, incumbent=Real(0.0, math.inf), weight_decay=_WEIGHT_DECAY)
+def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, precond=0.5, decay=0.99, incumbent=math.inf,
+                weight_decay=0.0):
     """Exact minimum of steps_to_target over a grid (lr given as fractions of the stability limit).
 
     Each point's first crossing is exact; points whose lower bound cannot beat the incumbent are
-    skipped.  Returns dict like :func:`tune`.
+    skipped.  ``weight_decay`` as in :func:`tune`.  Returns dict like :func:`tune`.
     """
     _check_problem_family(problem, family)
     bs = check_batch_size(batch_size)
@@ -782,7 +794,8 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
                              else f"`extras` must hold {_EXTRA[family]} values in [0, 1) for {family!r}")
         if extra is not None:
             check_real("extras", extra, low=0.0, high=1.0, high_open=True)
-    ev = _Evaluator(problem, family, bs, precond, decay)
+    ev = _Evaluator(problem, family, bs, precond, decay,
+                    weight_decay=check_real("weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True))
     ys = [None if extra is None else math.log(1.0 - extra) for extra in extras]
     thetas = [(math.log(f),) if y is None else (math.log(f), y) for y in ys for f in fr]
     best = _grid_best(ev, target, thetas, incumbent)
@@ -793,7 +806,7 @@ def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, pr
     return {"steps": float(best[0]), "lr": opt.lr.lr, "extra": extra, "theta": best[1]}
 
 
-def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, extra=None):
+def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, extra=None, weight_decay=0.0):
     extra_name = _EXTRA_NAME.get(_EXTRA[family])
     data = {
         "steps_to_target": ("batch_size", np.array([r["steps"] for r in rows], dtype=np.float64)),
@@ -809,6 +822,8 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, 
     attach_attrs(ds, model=problem.model_name, source="exact", optimizer=family, target=target,
                  precond=precond if family == "precond" else 0.0,
                  decay=decay if family == "momentum_ema" else math.nan, **problem.params)
+    if weight_decay:
+        ds.attrs["weight_decay"] = weight_decay
     if extra is not None:
         ds.attrs["fixed_extra"] = extra
     return ds
@@ -816,9 +831,10 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, 
 
 @validate(problem=_PROBLEM, family=_FAMILY, batch_sizes=_BATCH_SIZES, target=TARGET, precond=_PRECOND, decay=_DECAY,
           progress=Boolean(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
-          extra=Maybe(_DECAY))
+          extra=Maybe(_DECAY), weight_decay=_WEIGHT_DECAY)
 def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0.5, decay: float = 0.99,
-                     progress: bool = True, path: str | os.PathLike | None = None, extra: float | None = None):
+                     progress: bool = True, path: str | os.PathLike | None = None, extra: float | None = None,
+                     weight_decay: float = 0.0):
     """Tuned steps-to-target for each batch size.
 
     Args:
@@ -843,6 +859,8 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             :class:`toymodels.resume.ResumeWarning` naming it.
         extra: hold beta or mu fixed at this value and tune the learning rate alone (see
             :func:`tune`; ``momentum_opt`` / ``decay_opt`` then hold it, and attr ``fixed_extra``).
+        weight_decay: every optimizer's weight decay wd >= 0 (fixed, not tuned; attr ``weight_decay``
+            when > 0): coupled, the update's gradient gets wd theta (:mod:`toymodels.optimizers`).
 
     Returns:
         Dataset over ``batch_size`` with ``steps_to_target``, ``lr_opt``, ``momentum_opt`` or
@@ -860,6 +878,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
     bss = [check_batch_size(b) for b in np.atleast_1d(batch_sizes)]
     if any(b2 <= b1 for b1, b2 in zip(bss, bss[1:])):
         raise ValueError("`batch_sizes` must be strictly increasing.")
+    wd = check_real("weight_decay", weight_decay, low=0.0, high=math.inf, high_open=True)
     warmup.start()  # a fresh numba cache: compile the later kernels in a second process meanwhile
     rows = []
     extra_name = _EXTRA_NAME.get(_EXTRA[family])
@@ -872,10 +891,14 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             settings["decay"] = decay
         if fixed is not None:
             settings["fixed_extra"] = fixed
+        if wd:
+            settings["weight_decay"] = wd
 
         def tuned_both(ds):  # a sweep that tunes beta / mu does not resume one that held it fixed
             if fixed is None and "fixed_extra" in ds.attrs:
                 raise ValueError(f"it holds the extra hyper-parameter fixed at {ds.attrs['fixed_extra']}")
+            if not wd and ds.attrs.get("weight_decay", 0.0):  # nor one without weight decay one with it
+                raise ValueError(f"it has weight_decay {ds.attrs['weight_decay']}")
 
         old = resume.read(path, settings=settings, prefix={"batch_size": bss}, check=tuned_both,
                           variables=("steps_to_target", "lr_opt", "reason") + ((extra_name,) if extra_name else ()))
@@ -893,7 +916,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
 
         bar = tqdm(total=len(bss), initial=len(rows), desc=f"sweep {family}", unit="B")
     if rows and math.isfinite(rows[-1]["steps"]) and math.isfinite(rows[-1]["lr"]):
-        ev = _Evaluator(problem, family, bss[len(rows) - 1], precond, decay, fixed)
+        ev = _Evaluator(problem, family, bss[len(rows) - 1], precond, decay, fixed, weight_decay=wd)
         one_d = _EXTRA[family] is None or fixed is not None
         probe = ev.optimizer(0.0, None if one_d else math.log(1 - rows[-1]["extra"]))
         x = math.log(rows[-1]["lr"] / problem.lr_limit(probe))
@@ -902,7 +925,7 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
         if j > 0 and math.isfinite(rows[-1]["steps"]):
             k_floor = max(0, int(rows[-1]["steps"] * bss[j - 1] / bs) - 1)
         res = tune(problem, family, bs, target, precond=precond, decay=decay, start=start, k_floor=k_floor,
-                   extra=fixed)
+                   extra=fixed, weight_decay=wd)
         if math.isfinite(res["steps"]):
             start = res["theta"]
             res["reason"] = ""
@@ -910,12 +933,13 @@ def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0
             res["reason"] = "no setting reaches the target"
         rows.append(res)
         if path is not None:
-            resume.write(_result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay, fixed), path)
+            resume.write(_result_dataset(problem, family, bss[: len(rows)], rows, target, precond, decay, fixed, wd),
+                         path)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return _result_dataset(problem, family, bss, rows, target, precond, decay, fixed)
+    return _result_dataset(problem, family, bss, rows, target, precond, decay, fixed, wd)
 
 
 def _family_job(args):
@@ -963,7 +987,7 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
         scheduler: run the families as tasks on dask instead (``"local"`` for a LocalCluster of
             ``n_jobs`` worker processes, a scheduler address, or a ``distributed.Client``; see
             :func:`toymodels.parallel.run_tasks`); the ``paths`` must then be reachable by the workers.
-        **kwargs: ``precond`` and ``decay``, passed on.
+        **kwargs: ``precond``, ``decay`` and ``weight_decay``, passed on.
 
     Returns:
         ``{family: Dataset}`` in the order of ``families``.
@@ -976,7 +1000,7 @@ def family_sweeps(problem, families, batch_sizes, target, *, n_jobs: int | None 
         _check_problem_family(problem, f)
     if len(set(families)) != len(families):
         raise ValueError(f"`families` must not repeat a family; got {families}.")
-    unknown = set(kwargs) - {"precond", "decay"}
+    unknown = set(kwargs) - {"precond", "decay", "weight_decay"}
     if unknown:
         raise TypeError(f"family_sweeps got unexpected keyword arguments {sorted(unknown)}.")
     paths = dict(paths or {})
