@@ -424,8 +424,9 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
         GaussianLinearRegression.power_law(6, noise_std=0.1).loss_curve(ScheduleFree(0.1), 2, 5)
 
 
-@pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
-def test_tuner_evaluation_matches_optimizer_objects(family):
+@pytest.mark.parametrize("family, wd", [("nesterov", 0.0), ("asgd", 0.0), ("asgd", 0.05), ("polyak", 0.0),
+                                        ("schedule_free", 0.0)])
+def test_tuner_evaluation_matches_optimizer_objects(family, wd):
     """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta, and
     for ASGD through its momentum form, piecewise affine in e: points on both sides of the kink and
     next to it; NQM.family_evaluator for the others) equals building each optimizer and stepping its
@@ -433,14 +434,14 @@ def test_tuner_evaluation_matches_optimizer_objects(family):
     from toymodels.sweep import _ASGD_KINK, _EXTRA, _Evaluator
 
     compiled = family in ("nesterov", "asgd")
-    ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
+    ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99, weight_decay=wd)
     assert (ev._fast is not None) == compiled
     assert (ev._family is not None) == (not compiled)  # NQM.family_evaluator: no per-call checks
     y_kink = math.log(1 - _ASGD_KINK)
     for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0), (-0.3, y_kink - 1e-3), (-0.3, y_kink + 1e-3)]:
         y = y if _EXTRA[family] else None
         extra = None if y is None else 1 - math.exp(y)
-        opt = make_optimizer(family, 1.0, extra)
+        opt = make_optimizer(family, 1.0, extra, weight_decay=wd)
         opt = opt.with_lr(math.exp(x) * NQM30.lr_limit(opt))
         value = NQM30.loss_curve(opt, 8.0, [60]).values[0]
         expected = math.log(value) if math.isfinite(value) else math.inf

@@ -20,8 +20,8 @@ def nqm():
 
 # the two-parameter families' 100 x 20 grids take ~1.5 s each: their batch 64 runs by default, their
 # batch sizes 1 and 4096 with -m slow (CI runs them)
-_GRID_CASES = [pytest.param(b, f, marks=[pytest.mark.slow] if f in ("momentum", "ema") and b != 64 else [])
-               for b in (1, 64, 4096) for f in ("sgd", "precond", "momentum", "ema")]
+_GRID_CASES = [pytest.param(b, f, marks=[pytest.mark.slow] if f in ("momentum", "ema", "asgd") and b != 64 else [])
+               for b in (1, 64, 4096) for f in ("sgd", "precond", "momentum", "ema", "asgd")]
 
 
 @pytest.mark.parametrize("batch_size, family", _GRID_CASES)
