@@ -39,9 +39,17 @@ solution theta_i = lambda_i w*_i / (lambda_i + wd), and the stationary risk is t
 plus the fluctuations (closed form in :meth:`GaussianLinearRegression.stationary_loss`).  SGD's
 secular closed form does not carry the mean: with weight decay SGD is stepped like the other
 optimizers (``modal_form`` refuses it, naming ``weight_decay``); :meth:`~GaussianLinearRegression.stable_lr`
-stays exact (the drive is bounded and does not change stability).  The optimizers that change at
-every update (:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`)
-are not run on linear regression, with or without weight decay.
+stays exact (the drive is bounded and does not change stability).
+
+The optimizers whose averaging weight c_k = 1 / (k + 2) changes at every update
+(:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`) write
+A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1) per mode and are stepped one update at
+a time (:func:`toymodels.dynamics.propagate_varying`) with the same state-dependent noise, E[e_i^2]
+read at the state entry the gradient is taken at (entry 0: the base iterate of the Polyak average,
+schedule-free SGD's interpolation y = (1 - beta) z + beta x, not its readout x).  Weight decay's
+constant entry composes with them: its column is wd w*_i b_k, i.e. wd w*_i R0 in Q0 and wd w*_i R1
+in Q1.  Their :meth:`~GaussianLinearRegression.stationary_loss` is the limit of L_k (the ridge risk
+where they are stable).
 
 References:
     R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
@@ -541,7 +549,8 @@ class GaussianLinearRegression:
         decay's wd theta, which adds no noise); the per-example covariance trace
         splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
         ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
-        (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
+        (Under iterate averaging the loss is read at the average, the gradients at the base iterate;
+        for schedule-free SGD at y, its readout being x.)
         The statistics at step k use the batch size of step k: under a batch-size schedule B_k, that
         of the mini-batch drawn at step k (for the update k -> k + 1).
 
@@ -590,7 +599,8 @@ class GaussianLinearRegression:
 
         ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
         decay whose learning rate and batch size become constant is computed in closed form from that step on
-        (any step up to 10^15); every other update is computed one at a time, at most 10^9 of them
+        (any step up to 10^15); every other update (and every update of the time-varying Polyak average
+        and schedule-free SGD) is computed one at a time, at most 10^9 of them
         (and 2e10 updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError;
         ``progress`` as in :meth:`toymodels.NQM.loss_curve`.
         """
@@ -702,7 +712,9 @@ class GaussianLinearRegression:
               progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0,
                  progress: bool = False) -> xr.Dataset:
-        """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
+        """Monte Carlo of the optimizer on sampled data: each step draws B fresh inputs x ~ N(0, Sigma)
+        and labels, and takes the mini-batch gradient at the optimizer's gradient point (state entry 0;
+        schedule-free SGD's y), time-varying optimizers included.
 
         ``batch_size``: a whole number B, or a batch-size schedule whose B_k are whole numbers
         (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.  Weight decay is
