@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from toymodels import (SGD, GaussianLinearRegression, Momentum, PolyakAverage, PowerLawRF, ScheduleFree, dynamics)
+from toymodels.schedules import Cosine, Tabulated
 from toymodels.sweep import batch_size_sweep
 
 LAM = np.array([1.0, 0.45, 0.2])
@@ -24,7 +25,8 @@ OPTS = (PolyakAverage(SGD(0.5)), PolyakAverage(Momentum(0.2, 0.5, weight_decay=0
 
 
 def _slow_loss(model, opt, batch_size, n):
-    """Exact expected excess risk at steps 0..n by a plain Python loop over modes and updates: the
+    """Exact expected excess risk at steps 0..n by a plain Python loop over modes and updates (B a
+    number, or ``(n,)`` batch sizes B_k, one per update): the
     (A_k, b_k) of the spec's parts, augmented here by the constant entry 1 that carries weight decay's
     drive wd w*_i b_k, and the multiplicative noise read at state entry 0."""
     lam, w, wd = model.h, model.w_star, float(opt.hyperparameters.get("weight_decay", 0.0))
@@ -42,6 +44,7 @@ def _slow_loss(model, opt, batch_size, n):
             break
         c, lr = float(opt.coefficients(np.array([k]))[0]), float(opt.lr.at(np.array([k]))[0])
         loss_part = sum(lam[j] * S[j][0, 0] for j in range(d))
+        bs = batch_size[k] if np.ndim(batch_size) else batch_size
         new = []
         for i in range(d):
             A = np.eye(s + 1)
@@ -49,7 +52,7 @@ def _slow_loss(model, opt, batch_size, n):
             b = np.zeros(s + 1)
             b[:s] = lr * (R0[i] + c * R1[i])
             A[:s, s] = wd * w[i] * b[:s]
-            q = (model.noise_std**2 * lam[i] + lam[i] ** 2 * S[i][0, 0] + lam[i] * loss_part) / batch_size
+            q = (model.noise_std**2 * lam[i] + lam[i] ** 2 * S[i][0, 0] + lam[i] * loss_part) / bs
             new.append(A @ S[i] @ A.T + q * np.outer(b, b))
         S = new
     return np.array(out)
@@ -91,6 +94,20 @@ def test_exact_curve_equals_slow_recursion(opt):
     for bs in (1.0, 3.0):
         np.testing.assert_allclose(GLR.loss_curve(opt, bs, ks).values, _slow_loss(GLR, opt, bs, n), rtol=1e-12)
         assert GLR.loss_at_step(opt, bs, 17) == pytest.approx(_slow_loss(GLR, opt, bs, 17)[-1], rel=1e-12)
+
+
+def test_schedules_of_learning_rate_and_batch_size():
+    """A learning-rate schedule and a batch-size schedule (one B_k per update) on the slow recursion;
+    Monte Carlo with whole-number B_k within 4 SE."""
+    n = 30
+    sizes = [1.0, 1.0, 2.0, 2.0, 3.0, 5.0] + [4.0] * (n - 6)
+    batch = Tabulated(sizes)
+    for opt in (PolyakAverage(SGD(Cosine(0.8, 30), weight_decay=0.1)), ScheduleFree(Cosine(1.2, 30), 0.7)):
+        np.testing.assert_allclose(GLR.loss_curve(opt, batch, np.arange(n + 1)).values,
+                                   _slow_loss(GLR, opt, np.array(sizes), n), rtol=1e-12)
+        ks = np.array([5, 30])
+        mc = GLR.simulate(opt, batch, ks, n_runs=3000, seed=3)
+        assert np.max(np.abs(_z_scores(GLR.loss_curve(opt, batch, ks).values, mc))) < 4.0
 
 
 @pytest.mark.parametrize("opt", OPTS, ids=lambda o: f"{type(o).__name__}-{o.hyperparameters['weight_decay']}")
