@@ -169,6 +169,24 @@ def test_monte_carlo_rejects_the_curve_without_state_dependent_noise():
     assert np.max(np.abs(_z_scores(additive, mc))) > 10.0
 
 
+def test_monte_carlo_rejects_the_noise_read_at_the_readout():
+    """Schedule-free SGD's noise follows E[e^2] at its gradient point y: the same recursion reading it
+    at the readout x (the state reordered so that x is entry 0) is many SE off the Monte Carlo, the
+    exact curve within 4 (no label noise: the batch noise is all there is)."""
+    m = GaussianLinearRegression(np.array([1.0, 0.3]), 1.0, noise_std=0.0)
+    opt = ScheduleFree(1.0, 0.5)
+    ks = np.array([12, 25])
+    mc = m.simulate(opt, 4, ks, n_runs=6000, seed=1)
+    assert np.max(np.abs(_z_scores(m.loss_curve(opt, 4, ks).values, mc))) < 4.0
+    perm = [2, 1, 0]
+    parts = [p[:, perm][:, :, perm] if p.ndim == 3 else p[:, perm] for p in m._parts(opt)]
+    S = m._S0(opt)[:, perm][:, :, perm].copy()
+    q, q_self, q_loss = m._noise(4.0)
+    at_x, _ = dynamics.propagate_varying(parts, opt.coefficients, q, m.h, 0, opt.lr, ks, S, q_self=q_self,
+                                         q_loss=q_loss)
+    assert np.max(np.abs(_z_scores(at_x, mc))) > 10.0
+
+
 @pytest.mark.parametrize("opt", (PolyakAverage(SGD(1.5)), ScheduleFree(2.5, 0.8, weight_decay=0.05)),
                          ids=["polyak", "schedule_free-wd"])
 def test_monte_carlo_on_plrf_features(opt):
@@ -236,3 +254,18 @@ def test_batch_size_sweep_of_the_polyak_average():
 @pytest.mark.slow
 def test_batch_size_sweep_of_schedule_free():
     _check_sweep("schedule_free", lambda lr, e: ScheduleFree(lr, e))
+
+
+@pytest.mark.slow
+def test_family_sweeps_of_the_time_varying_families():
+    """family_sweeps runs both families on linear regression and the PLRF, each equal to its own
+    batch_size_sweep."""
+    from toymodels.sweep import family_sweeps
+
+    for m in (GaussianLinearRegression.power_law(4, 1.0, noise_std=0.1), PowerLawRF(1.0, 0.6, 12, 6)):
+        target = m.initial_loss - 0.7 * (m.initial_loss - getattr(m, "irreducible_risk", 0.0))
+        out = family_sweeps(m, ["polyak", "schedule_free"], [1.0, 4.0], target, n_jobs=1, progress=False)
+        for family, ds in out.items():
+            one = batch_size_sweep(m, family, [1.0, 4.0], target, progress=False)
+            np.testing.assert_array_equal(ds.steps_to_target.values, one.steps_to_target.values)
+            assert np.all(np.isfinite(ds.steps_to_target.values))
