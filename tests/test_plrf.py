@@ -211,3 +211,24 @@ def test_plrf_frontier_is_the_minimum_of_exact_risks():
     assert out.loss.sel(n_features=20, flops=2e4) == pytest.approx(model.loss_at_step(opt, 1, 1000), rel=1e-10)
     assert np.all(out.loss_opt <= out.loss.min("n_features") * (1 + 1e-12))
     assert out.attrs["xi_theory"] == pytest.approx(1 / 3)  # 2 beta < 1: 1 / (2 alpha + 1)
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (20, 20)])
+def test_svd_projection_equals_a_plain_svd(shape):
+    """The QR route of the model's setup against numpy's SVD of the same matrix: singular values,
+    |P^T c| and the squared residual, also when the matrix is rank-deficient (rank 5 here)."""
+    from toymodels.plrf import _svd_projection
+
+    rng = np.random.default_rng(7)
+    v, d = shape
+    for M in (rng.standard_normal(shape) * np.arange(1, v + 1.0)[:, None] ** -2.0,
+              rng.standard_normal((v, 5)) @ rng.standard_normal((5, d))):
+        c = rng.standard_normal(v)
+        s, pc, resid_sq = _svd_projection(M, c)
+        P, s_ref, _ = np.linalg.svd(M, full_matrices=False)
+        r = int(np.sum(s_ref > s_ref[0] * max(v, d) * np.finfo(float).eps))
+        assert s.size == r
+        np.testing.assert_allclose(s, s_ref[:r], rtol=1e-12)
+        np.testing.assert_allclose(np.abs(pc), np.abs(P[:, :r].T @ c), rtol=1e-9, atol=1e-12)
+        ref = c - P[:, :r] @ (P[:, :r].T @ c)
+        assert resid_sq == pytest.approx(ref @ ref, rel=1e-9, abs=1e-24)
