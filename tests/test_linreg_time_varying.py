@@ -5,7 +5,8 @@ noise follows the state (q_i = (sigma^2 lambda_i + lambda_i^2 E[e_i^2] + lambda_
 E[e^2] at the gradient point): the exact curves are checked against an independent slow moment
 recursion, a plain deterministic recursion of the optimizers' own equations, SGD (schedule-free
 without averaging), and Monte Carlo within 4 standard errors (on sampled data and on the PLRF's
-explicit features); a curve without the state-dependent noise is shown to fail the same check.
+explicit features); a curve without the state-dependent noise, and one reading schedule-free's noise
+at its readout x instead of its gradient point y, are shown to fail the same check.
 """
 
 import math
@@ -13,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from toymodels import (SGD, GaussianLinearRegression, Momentum, PolyakAverage, PowerLawRF, ScheduleFree, dynamics)
+from toymodels import SGD, GaussianLinearRegression, Momentum, PolyakAverage, PowerLawRF, ScheduleFree, dynamics
 from toymodels.schedules import Cosine, Tabulated
 from toymodels.sweep import batch_size_sweep
 
@@ -26,9 +27,9 @@ OPTS = (PolyakAverage(SGD(0.5)), PolyakAverage(Momentum(0.2, 0.5, weight_decay=0
 
 def _slow_loss(model, opt, batch_size, n):
     """Exact expected excess risk at steps 0..n by a plain Python loop over modes and updates (B a
-    number, or ``(n,)`` batch sizes B_k, one per update): the
-    (A_k, b_k) of the spec's parts, augmented here by the constant entry 1 that carries weight decay's
-    drive wd w*_i b_k, and the multiplicative noise read at state entry 0."""
+    number, or ``(n,)`` batch sizes B_k, one per update): the (A_k, b_k) of the spec's parts,
+    augmented here by the constant entry 1 that carries weight decay's drive wd w*_i b_k, and the
+    multiplicative noise read at state entry 0."""
     lam, w, wd = model.h, model.w_star, float(opt.hyperparameters.get("weight_decay", 0.0))
     d, s = lam.size, opt.n_state
     P0, P1, Q0, Q1, R0, R1 = opt.parts(lam)
