@@ -39,9 +39,17 @@ solution theta_i = lambda_i w*_i / (lambda_i + wd), and the stationary risk is t
 plus the fluctuations (closed form in :meth:`GaussianLinearRegression.stationary_loss`).  SGD's
 secular closed form does not carry the mean: with weight decay SGD is stepped like the other
 optimizers (``modal_form`` refuses it, naming ``weight_decay``); :meth:`~GaussianLinearRegression.stable_lr`
-stays exact (the drive is bounded and does not change stability).  The optimizers that change at
-every update (:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`)
-are not run on linear regression, with or without weight decay.
+stays exact (the drive is bounded and does not change stability).
+
+The optimizers whose averaging weight c_k = 1 / (k + 2) changes at every update
+(:class:`~toymodels.optimizers.PolyakAverage`, :class:`~toymodels.optimizers.ScheduleFree`) write
+A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1) per mode and are stepped one update at
+a time (:func:`toymodels.dynamics.propagate_varying`) with the same state-dependent noise, E[e_i^2]
+read at the state entry the gradient is taken at (entry 0: the base iterate of the Polyak average,
+schedule-free SGD's interpolation y = (1 - beta) z + beta x, not its readout x).  Weight decay's
+constant entry composes with them: its column is wd w*_i b_k, i.e. wd w*_i R0 in Q0 and wd w*_i R1
+in Q1.  Their :meth:`~GaussianLinearRegression.stationary_loss` is the limit of L_k (the ridge risk
+where they are stable).
 
 References:
     R. Grosse, "CSC 2541: Neural Net Training Dynamics", Lecture 7 "Stochasticity and Parallelism",
@@ -63,7 +71,7 @@ from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Real, check_b
 from .montecarlo import mc_divergence, mc_stats_dataset
 from .nqm import (NQM, _check_optimizer, _check_target, batch_at_steps, batch_fields, check_batch_size,
                   checked_trajectory, mc_setup)
-from .optimizers import SGD
+from .optimizers import SGD, PolyakAverage, ScheduleFree
 from .schedules import Constant, Schedule, batch_sizes_at, constant_from
 from .schedules import check_batch_size as check_batch_sizes
 from .schema import attach_attrs
@@ -155,36 +163,42 @@ class GaussianLinearRegression:
         """The spec's weight decay wd (0 for specs without one)."""
         return float(optimizer.hyperparameters.get("weight_decay", 0.0))
 
-    def _spec_affine(self, optimizer):
-        """The spec's own ``(A0, A1, b1)`` on this spectrum; NotImplementedError for time-varying specs."""
-        if optimizer.time_varying:
-            raise NotImplementedError(f"{type(optimizer).__name__} changes at every update (its averaging weight); "
-                                      f"linear regression steps optimizers with a constant system only (with or "
-                                      f"without weight_decay).")
-        return optimizer.affine(self.h)
-
-    def _affine(self, optimizer):
-        """The engine's per-mode ``(A0, A1, b1)`` of the error e = theta - w*.
+    def _parts(self, optimizer):
+        """The engine's per-mode ``(P0, P1, Q0, Q1, R0, R1)`` of the error e = theta - w* (update k:
+        A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1); a constant optimizer has
+        P1 = Q1 = R1 = 0, so (P0, Q0, R0) = (A0, A1, b1)).
 
         Without weight decay the spec's own.  With weight decay wd > 0 the update's gradient is
-        g + wd theta = (lambda + wd) e + eps + wd w*: the spec's system (whose A1 already holds
+        g + wd theta = (lambda + wd) e + eps + wd w*: the spec's system (whose curvature already holds
         lambda + wd) plus the constant drive wd w*_i, which enters every state entry with the
-        gradient's weight b1.  The state is augmented by a constant entry 1 (last), so the drive
-        becomes the column ``A1[:, :s, s] = wd w*_i b1`` of a homogeneous system
-        (``A0[:, s, s] = 1``, ``b1[:, s] = 0``) whose second moments are the non-central
-        E[x x^T], the mean carried in the cross terms with the constant entry.  Time-varying
-        optimizers have no constant system: NotImplementedError.
+        gradient's weight b_k.  The state is augmented by a constant entry 1 (last), so the drive
+        becomes the column ``A_k[:, :s, s] = wd w*_i b_k`` (``Q0[:, :s, s] = wd w*_i R0``,
+        ``Q1[:, :s, s] = wd w*_i R1``) of a homogeneous system (``P0[:, s, s] = 1``, no noise on the
+        entry) whose second moments are the non-central E[x x^T], the mean carried in the cross terms
+        with the constant entry.
         """
-        a0, a1, b1 = self._spec_affine(optimizer)
+        parts = optimizer.parts(self.h)
         wd = self._weight_decay(optimizer)
         if not wd:
-            return a0, a1, b1
-        d, s = b1.shape
-        A0, A1, B1 = np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1, s + 1)), np.zeros((d, s + 1))
-        A0[:, :s, :s], A1[:, :s, :s], B1[:, :s] = a0, a1, b1
-        A0[:, s, s] = 1.0
-        A1[:, :s, s] = (wd * self.w_star)[:, None] * b1
-        return A0, A1, B1
+            return parts
+        P0, P1, Q0, Q1, R0, R1 = parts
+        d, s = R0.shape
+        P0a, P1a, Q0a, Q1a = (np.zeros((d, s + 1, s + 1)) for _ in range(4))
+        R0a, R1a = np.zeros((d, s + 1)), np.zeros((d, s + 1))
+        for out, x in zip((P0a, P1a, Q0a, Q1a), (P0, P1, Q0, Q1)):
+            out[:, :s, :s] = x
+        R0a[:, :s], R1a[:, :s] = R0, R1
+        P0a[:, s, s] = 1.0
+        drive = (wd * self.w_star)[:, None]
+        Q0a[:, :s, s] = drive * R0
+        Q1a[:, :s, s] = drive * R1
+        return P0a, P1a, Q0a, Q1a, R0a, R1a
+
+    def _affine(self, optimizer):
+        """The engine's per-mode ``(A0, A1, b1)`` of the error e = theta - w* for an optimizer with a
+        constant system: ``(P0, Q0, R0)`` of :meth:`_parts` (weight decay's drive included)."""
+        P0, _, Q0, _, R0, _ = self._parts(optimizer)
+        return P0, Q0, R0
 
     def _S0(self, optimizer):
         """E[x_0 x_0^T] per mode, ``(d, s, s)``: x_0 = init e_0 with e_0 = -w*, and under weight decay
@@ -331,6 +345,9 @@ class GaussianLinearRegression:
     def _propagate_schedule(self, optimizer, batch_size, schedule, record, S, progress=None, readout=None):
         """Step by step through ``schedule`` and the batch size (a float or a schedule) in chunks
         (bounded: :func:`toymodels.dynamics.propagate_schedule`)."""
+        if optimizer.time_varying:
+            return self._propagate_varying(optimizer, batch_size, schedule, record, S, progress=progress,
+                                           readout=readout)
         a0, a1, b1 = self._affine(optimizer)
         batch = batch_size if isinstance(batch_size, Schedule) else None
         q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
@@ -345,6 +362,20 @@ class GaussianLinearRegression:
                 raise
             raise ValueError(f"{err} SGD with weight_decay {wd:g} > 0 is computed step by step here (its closed "
                              f"form does not carry the mean that the decay drives).") from None
+
+    def _propagate_varying(self, optimizer, batch_size, schedule, record, S, *, k_start=0, progress=None,
+                           readout=None):
+        """:meth:`_propagate_schedule` for an optimizer that changes at every update (the Polyak average,
+        schedule-free SGD): stepped one update at a time from step ``k_start`` (S there) with the
+        state-dependent noise read at the gradient entry 0 (:func:`toymodels.dynamics.propagate_varying`);
+        ``record`` holds absolute steps >= ``k_start``."""
+        batch = batch_size if isinstance(batch_size, Schedule) else None
+        q, q_self, q_loss = self._noise(1.0 if batch is not None else batch_size)
+        r = optimizer.readout if readout is None else readout
+        with np.errstate(over="ignore", invalid="ignore"):
+            return dynamics.propagate_varying(self._parts(optimizer), optimizer.coefficients, q, self.h, r, schedule,
+                                              record, S, k_start=k_start, batch=batch, progress=progress,
+                                              q_self=q_self, q_loss=q_loss)
 
     @staticmethod
     def _constant_from(optimizer, batch):
@@ -420,13 +451,19 @@ class GaussianLinearRegression:
         M = sum_j lambda_j mbar_j and tau = (psi + phi M) / (1 - phi),
         psi = sum_j lambda_j^2 kappa_j (sigma^2 + lambda_j mbar_j) / (B - lambda_j^2 kappa_j); the risk is
         sum_i lambda_i (rho_i q_i + m_ir^2) / 2 (ridge risk plus fluctuations; same stability conditions).
+
+        The optimizers whose averaging weight c_k = 1 / (k + 2) goes to 0 have no stationary law; this
+        is then the limit of L_k as k -> infinity (:meth:`_averaged_limit`): the ridge risk (0 without
+        weight decay) where the averaged process is stable, ``inf`` where it is not.
         """
         _check_optimizer(optimizer)
         bs = check_batch_size(batch_size)
         if not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
         lr = optimizer.lr.lr
-        a0, a1, b1 = self._spec_affine(optimizer)
+        if optimizer.time_varying:
+            return self._averaged_limit(optimizer, bs)
+        a0, a1, b1 = optimizer.affine(self.h)  # the spec's own: the drive of weight decay is m below
         A, b = a0 + lr * a1, lr * b1
         if np.max(np.abs(np.linalg.eigvals(A))) >= 1.0:
             return math.inf
@@ -457,6 +494,33 @@ class GaussianLinearRegression:
 
     noise_floor = stationary_loss
 
+    def _averaged_limit(self, optimizer, bs):
+        """lim_k L_k of the Polyak average or schedule-free SGD at a constant learning rate.
+
+        The Polyak average of a base whose moments settle (its :meth:`stationary_loss` finite) is the
+        time average of a process with a stationary law whose correlations decay geometrically (the
+        conditional mean follows the stable A), so Var(avg_k) = O(1/k) and avg_k tends to the base's
+        mean, where the gradient's mean (lambda + wd) e + wd w* vanishes: e_i = -wd w*_i / (lambda_i + wd),
+        the ridge solution.  Schedule-free SGD: as c_k -> 0 the readout x moves by O(c_k) per update
+        while y' = y - lr (1 - beta) ((lambda + wd) y + xi + wd w*) + O(c_k) is SGD at the learning
+        rate lr (1 - beta); where that is stable, x (the uniform average of z) tends to the same
+        ridge solution (its mean's deviation decays as k^(-1 / (1 - beta)), its variance as 1 / k).
+        ``averaging="none"`` is SGD itself.  So the limit is the ridge risk
+        sum_i lambda_i (wd w*_i / (lambda_i + wd))^2 / 2 (0 without weight decay), ``inf`` if unstable.
+        """
+        wd = self._weight_decay(optimizer)
+        if isinstance(optimizer, ScheduleFree):
+            if optimizer.averaging == "none":
+                return self.stationary_loss(SGD(optimizer.lr, weight_decay=wd), bs)
+            fast = SGD(optimizer.lr.lr * (1.0 - optimizer.beta), weight_decay=wd)
+        elif isinstance(optimizer, PolyakAverage):
+            fast = optimizer.base
+        else:  # pragma: no cover - every time-varying spec is one of the two
+            raise NotImplementedError(f"no stationary loss for {type(optimizer).__name__}.")
+        if not math.isfinite(self.stationary_loss(fast, bs)):
+            return math.inf
+        return float(0.5 * np.sum(self.h * (wd * self.w_star / (self.h + wd)) ** 2))
+
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE, k=STEP, lr=MAYBE_LR)
     def loss_at_step(self, optimizer, batch_size, k: int, lr: float | None = None) -> float:
         """Exact expected excess risk at step k for a constant learning rate (the spec's or ``lr``):
@@ -485,7 +549,8 @@ class GaussianLinearRegression:
         decay's wd theta, which adds no noise); the per-example covariance trace
         splits (law of total covariance) into ``trace_cov_label`` = sigma^2 tr Sigma and
         ``trace_cov_batch`` = sum_i lambda_i^2 E[e_i^2] + (sum_i lambda_i E[e_i^2]) tr Sigma.
-        (Under iterate averaging the loss is read at the average, the gradients at the base iterate.)
+        (Under iterate averaging the loss is read at the average, the gradients at the base iterate;
+        for schedule-free SGD at y, its readout being x.)
         The statistics at step k use the batch size of step k: under a batch-size schedule B_k, that
         of the mini-batch drawn at step k (for the update k -> k + 1).
 
@@ -534,7 +599,8 @@ class GaussianLinearRegression:
 
         ``batch_size``: B >= 1 or a batch-size schedule (as :meth:`gradient_stats`).  SGD without weight
         decay whose learning rate and batch size become constant is computed in closed form from that step on
-        (any step up to 10^15); every other update is computed one at a time, at most 10^9 of them
+        (any step up to 10^15); every other update (and every update of the time-varying Polyak average
+        and schedule-free SGD) is computed one at a time, at most 10^9 of them
         (and 2e10 updates x modes, :data:`toymodels.dynamics.MAX_SCAN_UPDATES`), else ValueError;
         ``progress`` as in :meth:`toymodels.NQM.loss_curve`.
         """
@@ -624,10 +690,15 @@ class GaussianLinearRegression:
         scheduled = isinstance(batch, Schedule)
         while k0 < n_steps:
             idx = np.arange(k0, min(n_steps, k0 + chunk))
-            part = schedule.at(idx)
-            rec = np.arange(part.size + 1, dtype=np.int64)
-            loss, _ = self._propagate(optimizer, batch, part, rec, S,
-                                      bss=batch_sizes_at(batch, idx) if scheduled else None)
+            if optimizer.time_varying:  # its weight c_k follows the absolute step
+                loss, _ = self._propagate_varying(optimizer, batch, schedule, np.arange(k0, idx[-1] + 2), S,
+                                                  k_start=k0, progress=False)
+                part = idx
+            else:
+                part = schedule.at(idx)
+                rec = np.arange(part.size + 1, dtype=np.int64)
+                loss, _ = self._propagate(optimizer, batch, part, rec, S,
+                                          bss=batch_sizes_at(batch, idx) if scheduled else None)
             if not np.all(np.isfinite(loss)):
                 return -1, "diverges: the loss overflowed"
             hit = np.nonzero(loss <= target)[0]
@@ -641,7 +712,9 @@ class GaussianLinearRegression:
               progress=Boolean())
     def simulate(self, optimizer, batch_size, steps, *, n_runs: int = 100, seed: int = 0,
                  progress: bool = False) -> xr.Dataset:
-        """Monte Carlo SGD on sampled data: each step draws B fresh inputs x ~ N(0, Sigma) and labels.
+        """Monte Carlo of the optimizer on sampled data: each step draws B fresh inputs x ~ N(0, Sigma)
+        and labels, and takes the mini-batch gradient at the optimizer's gradient point (state entry 0;
+        schedule-free SGD's y), time-varying optimizers included.
 
         ``batch_size``: a whole number B, or a batch-size schedule whose B_k are whole numbers
         (e.g. ``BatchSizeWarmup(..., integer=True)``): update k draws B_k examples.  Weight decay is
@@ -675,11 +748,12 @@ class GaussianLinearRegression:
             draws = b_max = int(batch)
         check_bytes("batch_size", 8.0 * n_runs * b_max * self.dim,
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
-        a0, a1, b1 = self._spec_affine(optimizer)  # the drive of weight decay is added to each gradient
+        # the spec's own system: the drive of weight decay is added to each gradient
         loss, gsq, base = simulate_regression(
-            a0, a1, b1, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
+            None, None, None, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
             optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
-            drive=self._weight_decay(optimizer) * self.w_star,
+            drive=self._weight_decay(optimizer) * self.w_star, parts=optimizer.parts(self.h),
+            cs=optimizer.coefficients(np.arange(n)),
         )
         if bar is not None:
             bar.close()

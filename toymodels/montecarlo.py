@@ -170,21 +170,25 @@ def simulate_varying_system(parts, cs, q, h, readout, init, init_sq, lrs, record
 
 
 @njit(cache=True)
-def _regression_chunk(A0, A1, b1, lam, drive, lrs, offs, z, noise, r, record_mask, X, out_loss, out_gsq, out_base,
-                      rec_start):
-    """Advance X (n_runs, d, s) through len(lrs) SGD-family updates on sampled data.
+def _regression_chunk(P0, P1, Q0, Q1, R0, R1, lam, drive, lrs, cs, offs, z, noise, r, record_mask, X, out_loss,
+                      out_gsq, out_base, rec_start):
+    """Advance X (n_runs, d, s) through len(lrs) updates of an optimizer on sampled data.
 
-    Update k draws B_k = offs[k + 1] - offs[k] examples per run: z holds standard normals laid out
+    Update k applies A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1) and b_k = lr_k (R0 + c_k R1) (c_k = cs[k];
+    a constant optimizer has P1 = Q1 = R1 = 0, so A_k = A0 + lr_k A1 bit for bit) and draws
+    B_k = offs[k + 1] - offs[k] examples per run: z holds standard normals laid out
     as (update k, run, example b, feature i) at offs[k] n_runs d + (run B_k + b) d + i (inputs
     x = sqrt(lam) z), noise the label noise at offs[k] n_runs + run B_k + b (for a constant B this
-    is the C order of (n, n_runs, B, d) and (n, n_runs, B)).  The gradient at the base iterate
+    is the C order of (n, n_runs, B, d) and (n, n_runs, B)).  The gradient at the gradient point
     theta = X[..., 0] is g = mean_b x_b (x_b.theta - n_b); its noise xi = g - lam theta enters as the
-    NQM's eps: x' = (A0 + lr A1) x + lr b1 xi.  ``drive`` (d,) is added to xi: weight decay's wd w*
-    (the update's gradient g + wd (e + w*), of which A1 holds the wd e part), zeros without it.
+    NQM's eps: x' = A_k x + b_k xi.  ``drive`` (d,) is added to xi: weight decay's wd w*
+    (the update's gradient g + wd (e + w*), of which A_k holds the wd e part), zeros without it.
     """
     n_runs, d, s = X.shape
     y = np.empty(s)
     g = np.empty(d)
+    A = np.empty((d, s, s))
+    bk = np.empty((d, s))
     sq = np.sqrt(lam)
     j = rec_start
     for k in range(lrs.size):
@@ -202,6 +206,8 @@ def _regression_chunk(A0, A1, b1, lam, drive, lrs, offs, z, noise, r, record_mas
                 out_base[j, run] = base
             j += 1
         lr = lrs[k]
+        for i in range(d):
+            _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, cs[k], A[i], bk[i])
         B = offs[k + 1] - offs[k]
         for run in range(n_runs):
             for i in range(d):
@@ -219,8 +225,8 @@ def _regression_chunk(A0, A1, b1, lam, drive, lrs, offs, z, noise, r, record_mas
                 for u in range(s):
                     acc = 0.0
                     for v in range(s):
-                        acc += (A0[i, u, v] + lr * A1[i, u, v]) * X[run, i, v]
-                    y[u] = acc + lr * b1[i, u] * xi
+                        acc += A[i, u, v] * X[run, i, v]
+                    y[u] = acc + bk[i, u] * xi
                 for u in range(s):
                     X[run, i, u] = y[u]
     return j
@@ -242,11 +248,11 @@ def _chunks(sizes, budget):
 
 
 def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e0, lrs, record, n_runs, rng, *,
-                        progress=None, drive=None):
-    """Simulate ``n_runs`` runs of an SGD-family optimizer on online Gaussian linear regression.
+                        progress=None, drive=None, parts=None, cs=None):
+    """Simulate ``n_runs`` runs of an optimizer on online Gaussian linear regression.
 
     Args:
-        A0, A1, b1: the optimizer's affine system on h = lam (as for the NQM).
+        A0, A1, b1: the optimizer's affine system on h = lam (as for the NQM); None with ``parts``.
         lam: ``(d,)`` input covariance eigenvalues.
         noise_std: label noise standard deviation.
         batch_size: B, examples per step (an int), or ``(n,)`` ints B_k: update k draws B_k examples.
@@ -256,12 +262,20 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         lrs, record, n_runs, rng, progress: as in :func:`simulate_linear_system`.
         drive: optional ``(d,)`` constant added to every update's gradient (coupled weight decay of
             theta = e + w*: ``A1`` holds wd e, ``drive`` = wd w*).
+        parts, cs: a system that changes at every update instead of (A0, A1, b1), as
+            :func:`simulate_varying_system`: ``(P0, P1, Q0, Q1, R0, R1)`` and the ``(n,)`` weights c_k.
+            The gradient is taken at state entry 0 (e.g. schedule-free SGD's y).
 
     Returns:
         ``(loss, grad_sq, base_loss)``, each ``(len(record), n_runs)``: the excess risk at the
-        readout, |Sigma e|^2 and the excess risk at the base iterate.
+        readout, |Sigma e|^2 and the excess risk at the gradient point (state entry 0).
     """
-    d, s = b1.shape
+    if parts is None:
+        parts = (A0, np.zeros_like(A0), A1, np.zeros_like(A1), b1, np.zeros_like(b1))
+        cs = np.zeros(lrs.size)
+    parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
+    cs = np.ascontiguousarray(cs, dtype=np.float64)
+    d, s = parts[4].shape
     n = lrs.size
     drive = np.zeros(d) if drive is None else np.ascontiguousarray(drive, dtype=np.float64)
     X = np.ascontiguousarray(np.broadcast_to(e0[None, :, None] * init[None, None, :], (n_runs, d, s)).copy())
@@ -275,12 +289,13 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         offs = np.concatenate([[0], np.cumsum(sizes[k0:k1])])
         z = rng.standard_normal(int(offs[-1]) * n_runs * d)
         noise = rng.standard_normal(int(offs[-1]) * n_runs) * noise_std
-        j = _regression_chunk(A0, A1, b1, lam, drive, lrs[k0:k1], offs, z, noise, readout, mask[k0:k1], X, *out, j)
+        j = _regression_chunk(*parts, lam, drive, lrs[k0:k1], cs[k0:k1], offs, z, noise, readout, mask[k0:k1], X,
+                              *out, j)
         if progress is not None:
             progress(k1 - k0)
     if mask[n]:
-        _regression_chunk(A0, A1, b1, lam, drive, np.zeros(1), np.array([0, 1], dtype=np.int64), np.zeros(n_runs * d),
-                          np.zeros(n_runs), readout, np.ones(1, dtype=np.bool_), X, *out, j)
+        _regression_chunk(*parts, lam, drive, np.zeros(1), np.zeros(1), np.array([0, 1], dtype=np.int64),
+                          np.zeros(n_runs * d), np.zeros(n_runs), readout, np.ones(1, dtype=np.bool_), X, *out, j)
     return tuple(out)
 
 

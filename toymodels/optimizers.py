@@ -40,7 +40,9 @@ state-dependent noise needs; the optimum moves to the ridge solution theta_i = h
 b_k = lr_k (R0 + c_k R1) instead of a constant (A0, A1, b1); the engine steps them one update at a time.
 On the NQM at a constant learning rate and batch size two have faster exact routes: the Polyak average
 of SGD a closed form per mode (its running sum is a constant system), and schedule-free SGD a compiled
-scan of two states per mode that stops at the target.
+scan of two states per mode that stops at the target.  Linear regression and the power-law random
+features step them one update at a time with their state-dependent noise (read at state entry 0, the
+gradient point), weight decay included.
 
 Compositions are values: ``EMA(Momentum(0.1, 0.9), 0.99)`` is momentum with iterate averaging.
 

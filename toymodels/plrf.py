@@ -68,7 +68,7 @@ from ._validate import (MAX_STEPS, Array, Boolean, Integer, Maybe, Options, Real
 from .linreg import GaussianLinearRegression
 from .montecarlo import mc_stats_dataset
 from .nqm import _check_optimizer, _check_target
-from .optimizers import EMA, SGD, Momentum
+from .optimizers import EMA, SGD, Momentum, PolyakAverage, ScheduleFree
 from .schema import attach_attrs
 from .stats import gradient_statistics
 
@@ -348,8 +348,9 @@ class PowerLawRF:
         (1/B) sum z (z^T theta - y) plus wd theta under weight decay (coupled, as PyTorch's SGD); the
         risk of each run is P(theta) computed exactly.
 
-        Supports SGD and heavy-ball Momentum (without preconditioning, any ``weight_decay``) and EMA of
-        either; the learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
+        Supports SGD and heavy-ball Momentum (without preconditioning, any ``weight_decay``), their EMA
+        and their uniform (Polyak) average, and schedule-free SGD (gradients at y = (1 - beta) z + beta x,
+        the risk read at x); the learning rate may be any schedule.  Cost O(n_runs x B x v x d) per update.
 
         Returns:
             Dataset over ``step``: ``loss`` (mean of P over runs) and ``loss_sem``; the per-example
@@ -359,9 +360,11 @@ class PowerLawRF:
             overflow make the values ``inf`` from there on.
         """
         _check_optimizer(optimizer)
-        base = optimizer.base if isinstance(optimizer, EMA) else optimizer
-        if not isinstance(base, (SGD, Momentum)) or base.precond != 0.0:
-            raise NotImplementedError("simulate runs SGD, Momentum and their EMA, without preconditioning.")
+        schedule_free = isinstance(optimizer, ScheduleFree)
+        base = optimizer.base if isinstance(optimizer, (EMA, PolyakAverage)) else optimizer
+        if not (schedule_free or isinstance(base, (SGD, Momentum))) or base.precond != 0.0:
+            raise NotImplementedError("simulate runs SGD, Momentum, their EMA and Polyak average, without "
+                                      "preconditioning, and ScheduleFree.")
         bs = check_int("batch_size", batch_size, low=1)
         ks = check_steps(steps, high=10**8)
         n_runs = check_int("n_runs", n_runs, low=2)
@@ -372,9 +375,13 @@ class PowerLawRF:
         beta = base.beta if isinstance(base, Momentum) else 0.0
         wd = base.weight_decay
         decay = optimizer.decay if isinstance(optimizer, EMA) else None
-        theta = np.zeros((n_runs, self.d))
+        # the uniform average's weights c_k (Polyak, schedule-free), and schedule-free's interpolation
+        weights = optimizer.coefficients(np.arange(n)) if optimizer.time_varying else None
+        interp = optimizer.beta if schedule_free else 0.0
+        averaged = decay is not None or weights is not None
+        theta = np.zeros((n_runs, self.d))  # schedule-free: z
         vel = np.zeros_like(theta)
-        avg = np.zeros_like(theta)
+        avg = np.zeros_like(theta)  # schedule-free: x
         M, c = np.ascontiguousarray(self._M), self._c
         loss = np.empty((ks.size, n_runs))
         gsq, trace = np.empty_like(loss), np.empty_like(loss)
@@ -382,11 +389,12 @@ class PowerLawRF:
         rec = 0
         with np.errstate(over="ignore", invalid="ignore"):
             for k in range(n + 1):
+                point = (1.0 - interp) * theta + interp * avg if schedule_free else theta  # the gradient point
                 if k == ks[rec]:
-                    at = avg if decay is not None else theta
+                    at = avg if averaged else theta
                     r = at @ M.T - c
                     loss[rec] = 0.5 * np.einsum("ij,ij->i", r, r)
-                    a = r if decay is None else theta @ M.T - c  # the gradients: at the base iterate
+                    a = r if not averaged else point @ M.T - c  # the gradients: at the base iterate (y)
                     ga = a @ M
                     gsq[rec] = np.einsum("ij,ij->i", ga, ga)
                     trace[rec] = gsq[rec] + np.einsum("ij,ij->i", a, a) * tr_k
@@ -395,14 +403,16 @@ class PowerLawRF:
                         break
                 g = rng.standard_normal((n_runs, bs, self.v))  # x = D^(1/2) g
                 z = g @ M  # (runs, B, d): z = W^T x
-                err = np.einsum("rbd,rd->rb", z, theta) - g @ c
+                err = np.einsum("rbd,rd->rb", z, point) - g @ c
                 grad = np.einsum("rb,rbd->rd", err, z) / bs
                 if wd:
-                    grad = grad + wd * theta
+                    grad = grad + wd * point
                 vel = beta * vel - lrs[k] * grad
                 theta = theta + vel
                 if decay is not None:
                     avg = decay * avg + (1.0 - decay) * theta
+                elif weights is not None:
+                    avg = (1.0 - weights[k]) * avg + weights[k] * theta
         bad = ~np.isfinite(loss).all(axis=1)
         first = int(np.argmax(bad)) if bad.any() else None
         with np.errstate(over="ignore", invalid="ignore"):

@@ -287,15 +287,26 @@ def propagate_schedule(A0, A1, b1, q, h, readout, schedule, record, S, *, q_self
 
 
 @njit(cache=True, nogil=True)
-def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, h, r, lrs, cs, bss, record, S, out_loss, out_gsq):
-    """Step S through len(lrs) updates of A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1)
-    with noise variance q (divided by bss[k] where ``bss`` is not empty); record the loss (read at r)
-    and sum h^2 E[x_0^2] at the steps in ``record`` (relative to the first update)."""
+def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, q_self, q_loss, h, r, lrs, cs, bss, record, S, out_loss,
+                              out_gsq):
+    """Step S through len(lrs) updates of A_k = P0 + c_k P1 + lr_k (Q0 + c_k Q1), b_k = lr_k (R0 + c_k R1);
+    record the loss (read at r) and sum h^2 E[x_0^2] at the steps in ``record`` (relative to the first
+    update).
+
+    The noise variance of mode i at update k is q_i + q_self_i E[x_i0^2] + q_loss_i sum_j h_j E[x_j0^2],
+    read at the gradient entry 0 before the update (the last two zero for the NQM; linear regression's
+    fourth moments give them), each divided by bss[k] where ``bss`` is not empty.
+    """
     d, s = R0.shape
     n = lrs.size
     A = np.empty((s, s))
     T = np.empty((s, s))
     bk = np.empty(s)
+    coupled = False
+    for i in range(d):
+        if q_self[i] != 0.0 or q_loss[i] != 0.0:
+            coupled = True
+            break
     j = 0
     n_rec = record.size
     for k in range(n + 1):
@@ -306,9 +317,21 @@ def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, h, r, lrs, cs, bss, rec
             break
         lr = lrs[k]
         c = cs[k]
+        g2 = 0.0
+        if coupled:
+            for i in range(d):
+                g2 += h[i] * S[i, 0, 0]
         for i in range(d):
             _varying_transition(P0, P1, Q0, Q1, R0, R1, i, lr, c, A, bk)
-            qi = q[i] if bss.size == 0 else q[i] / bss[k]
+            if bss.size == 0:
+                qi = q[i]
+                if coupled:
+                    qi += q_self[i] * S[i, 0, 0] + q_loss[i] * g2
+            else:  # per example / B_k, rounded as propagate does
+                bb = bss[k]
+                qi = q[i] / bb
+                if coupled:
+                    qi += (q_self[i] / bb) * S[i, 0, 0] + (q_loss[i] / bb) * g2
             _sandwich(A, S[i], T)
             for u in range(s):
                 for v in range(s):
@@ -316,7 +339,7 @@ def _propagate_varying_kernel(P0, P1, Q0, Q1, R0, R1, q, h, r, lrs, cs, bss, rec
 
 
 def propagate_varying(parts, coefficients, q, h, readout, schedule, record, S, *, k_start: int = 0, batch=None,
-                      progress=None, name: str = "steps"):
+                      progress=None, name: str = "steps", q_self=None, q_loss=None):
     """Second moments of a system that changes at every update, stepped one update at a time.
 
     Args:
@@ -333,6 +356,9 @@ def propagate_varying(parts, coefficients, q, h, readout, schedule, record, S, *
         batch: optional batch-size schedule (update k divides q by B_k).
         progress: a tqdm bar (None: above 10^6 updates).
         name: the argument named when the work exceeds :data:`MAX_SCAN_UPDATES` / :data:`MAX_SCAN_WORK`.
+        q_self, q_loss: optional ``(d,)``: state-dependent noise as in :func:`propagate`, the variance of
+            update k being q_i + q_self_i E[x_i0^2] + q_loss_i sum_j h_j E[x_j0^2] with the moments of
+            entry 0 (the gradient point) before the update (per example when ``batch`` is given).
 
     Returns:
         ``(loss, grad_sq)`` at ``record``, each ``(len(record),)``.
@@ -349,6 +375,9 @@ def propagate_varying(parts, coefficients, q, h, readout, schedule, record, S, *
         )
     parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
     q = np.ascontiguousarray(q, dtype=np.float64)
+    zero = np.zeros(d)
+    q_self = zero if q_self is None else np.ascontiguousarray(q_self, dtype=np.float64)
+    q_loss = zero if q_loss is None else np.ascontiguousarray(q_loss, dtype=np.float64)
     bar = None
     if progress or (progress is None and n_scan > _PROGRESS_MIN):
         from tqdm.auto import tqdm
@@ -369,7 +398,8 @@ def propagate_varying(parts, coefficients, q, h, readout, schedule, record, S, *
                 hi = int(np.searchsorted(record, k1, side="right"))
                 rec = record[j:hi] - k_cur
                 out_l, out_g = np.empty(rec.size), np.empty(rec.size)
-                _propagate_varying_kernel(*parts, q, h, int(readout), lrs, cs, bss, rec, S, out_l, out_g)
+                _propagate_varying_kernel(*parts, q, q_self, q_loss, h, int(readout), lrs, cs, bss, rec, S, out_l,
+                                          out_g)
                 loss[j:hi], gsq[j:hi] = out_l, out_g
                 j = hi
                 if bar is not None:
