@@ -119,6 +119,35 @@ def test_asgd_matrices_by_hand():
         AcceleratedSGD(0.1, kappa=4.0, xi=3.0)
 
 
+@pytest.mark.parametrize("kappa, xi, wd", [(1.0, 1.0, 0.0), (50.0, 4.0, 0.05), (100.0, 10.0, 0.0), (3e4, 10.0, 0.1)])
+def test_asgd_momentum_form_has_the_same_loss_and_limit(kappa, xi, wd):
+    """AcceleratedSGD.momentum_form, the two-state system the tuner sweeps, gives the same exact loss
+    curve (B = 4, from the first update to the noise floor, at 0.3 and 0.97 of the limit) and the
+    same stability limit as the (w, w_bar) system of Kidambi et al.'s Algorithm 1."""
+    nqm = NQM.power_law(40)
+    opt = AcceleratedSGD(1.0, kappa, xi, weight_decay=wd)
+    form = opt.momentum_form
+    assert form.lr_limit(nqm.h) == pytest.approx(opt.lr_limit(nqm.h), rel=1e-12)
+    ks = [0, 1, 2, 3, 10, 100, 1000, 10**5]
+    for f in (0.3, 0.97):
+        lr = f * opt.lr_limit(nqm.h)
+        ref = nqm.loss_curve(opt.with_lr(lr), 4.0, ks).values
+        np.testing.assert_allclose(nqm.loss_curve(form.with_lr(lr), 4.0, ks).values, ref, rtol=1e-9)
+
+
+def test_asgd_tuning_coordinate_is_affine_in_the_form_momentum():
+    """The "asgd" family's extra maps onto kappa and back, spans kappa in [1, inf), puts the kink at
+    kappa = 100 (where xi reaches 10), and is affine in the momentum of the momentum form."""
+    from toymodels.sweep import _ASGD_KINK, _asgd_extra, _asgd_kappa
+
+    es = np.array([0.0, 0.2, 0.5, _ASGD_KINK, 0.9, 0.99, 0.9999])
+    kappas = np.array([_asgd_kappa(e) for e in es])
+    assert kappas[0] == pytest.approx(1.0) and kappas[3] == pytest.approx(100.0) and np.all(np.diff(kappas) > 0)
+    np.testing.assert_allclose([_asgd_extra(k) for k in kappas], es, atol=1e-12)
+    betas = [make_optimizer("asgd", 1.0, e).momentum_form.beta for e in es]
+    np.testing.assert_allclose(betas, 0.3 + 0.7 * es, atol=1e-12)
+
+
 def _step_by_hand(A_of_k, b_of_k, q, S, n):
     """E[x x^T] through n updates of explicit (A_k, b_k) on one mode; loss-ready second moments."""
     out = [S.copy()]
@@ -396,19 +425,24 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
                                                                                             5).values))
 
 
-@pytest.mark.parametrize("family", ["nesterov", "asgd", "polyak", "schedule_free"])
-def test_tuner_evaluation_matches_optimizer_objects(family):
-    """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta;
-    NQM.family_evaluator for the others) equals building each optimizer and stepping its curve."""
-    from toymodels.sweep import _EXTRA, _Evaluator
+@pytest.mark.parametrize("family, wd", [("nesterov", 0.0), ("asgd", 0.0), ("asgd", 0.05), ("polyak", 0.0),
+                                        ("schedule_free", 0.0)])
+def test_tuner_evaluation_matches_optimizer_objects(family, wd):
+    """The tuner's log L_k (compiled for Nesterov, whose limit is (l0 + e l1) / (1 + e l2) in beta, and
+    for ASGD through its momentum form, piecewise affine in e: points on both sides of the kink and
+    next to it; NQM.family_evaluator for the others) equals building each optimizer and stepping its
+    curve."""
+    from toymodels.sweep import _ASGD_KINK, _EXTRA, _Evaluator
 
-    ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99)
-    assert (ev._fast is not None) == (family == "nesterov")
-    assert (ev._family is not None) == (family != "nesterov")  # NQM.family_evaluator: no per-call checks
-    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0)]:
+    compiled = family in ("nesterov", "asgd")
+    ev = _Evaluator(NQM30, family, 8.0, 0.5, 0.99, weight_decay=wd)
+    assert (ev._fast is not None) == compiled
+    assert (ev._family is not None) == (not compiled)  # NQM.family_evaluator: no per-call checks
+    y_kink = math.log(1 - _ASGD_KINK)
+    for x, y in [(-1.0, -2.0), (-5.0, -0.5), (-0.01, -8.0), (-0.3, y_kink - 1e-3), (-0.3, y_kink + 1e-3)]:
         y = y if _EXTRA[family] else None
         extra = None if y is None else 1 - math.exp(y)
-        opt = make_optimizer(family, 1.0, extra)
+        opt = make_optimizer(family, 1.0, extra, weight_decay=wd)
         opt = opt.with_lr(math.exp(x) * NQM30.lr_limit(opt))
         value = NQM30.loss_curve(opt, 8.0, [60]).values[0]
         expected = math.log(value) if math.isfinite(value) else math.inf

@@ -20,8 +20,8 @@ def nqm():
 
 # the two-parameter families' 100 x 20 grids take ~1.5 s each: their batch 64 runs by default, their
 # batch sizes 1 and 4096 with -m slow (CI runs them)
-_GRID_CASES = [pytest.param(b, f, marks=[pytest.mark.slow] if f in ("momentum", "ema") and b != 64 else [])
-               for b in (1, 64, 4096) for f in ("sgd", "precond", "momentum", "ema")]
+_GRID_CASES = [pytest.param(b, f, marks=[pytest.mark.slow] if f in ("momentum", "ema", "asgd") and b != 64 else [])
+               for b in (1, 64, 4096) for f in ("sgd", "precond", "momentum", "ema", "asgd")]
 
 
 @pytest.mark.parametrize("batch_size, family", _GRID_CASES)
@@ -301,3 +301,28 @@ def test_family_sweeps_bad_input(nqm, kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         family_sweeps(nqm, **args)
+
+
+def test_brent_search_finds_smooth_minima_and_cliff_edges():
+    """sweep._brent (the schedule-free tuner's 1-D search, comparisons only where values are inf)
+    finds a smooth minimum to its tolerance in fewer evaluations than golden sections need, the edge
+    of a cliff of inf that a function falls towards, and a minimum at an end of the bracket."""
+    from toymodels.sweep import _brent
+
+    calls = []
+
+    def smooth(t):
+        calls.append(t)
+        return (t - 0.3) ** 2 + 0.1 * (t - 0.3) ** 4
+
+    v, t = _brent(smooth, -2.0, 2.0, 1e-4)
+    assert abs(t - 0.3) <= 1e-4 and v == smooth(t)
+    golden_evals = math.ceil(math.log(4.0 / 1e-4) / math.log((1 + math.sqrt(5)) / 2))
+    assert len(calls) < golden_evals
+
+    cliff = lambda t: math.inf if t > 0.7123 else 1.0 - t  # noqa: E731
+    v, t = _brent(cliff, -2.0, 2.0, 1e-4)
+    assert 0.7123 - 2e-4 <= t <= 0.7123 and v == 1.0 - t
+
+    v, t = _brent(lambda t: t, 1.0, 3.0, 1e-3)  # increasing: the left end
+    assert t - 1.0 <= 2e-3

@@ -1,12 +1,14 @@
 """Compiled local minimisation of log L_k over a family's hyper-parameters (used by :mod:`.sweep`).
 
 The tuner minimises log L_k(x, y) thousands of times per batch size, where x = log(lr / limit(e)),
-y = log(1 - e) and e is beta (momentum) or the averaging decay (EMA).  Calling scipy's Nelder-Mead
-with a Python objective costs more in interpreter overhead than in evaluating the loss of a
+y = log(1 - e) and e is beta (momentum, Nesterov), the averaging decay (EMA) or the coordinate of
+accelerated SGD's momentum form (affine on either side of a kink, hence two sets of parts).  Calling
+scipy's Nelder-Mead with a Python objective costs more in interpreter overhead than in evaluating the loss of a
 coarsened model, so the 2-D search lives here, next to the loss kernel it calls.
 
 The loss is :func:`toymodels.dynamics.loss_at_parts` for systems A = P0 + e P1 + lr (Q0 + e Q1),
-b = lr (R0 + e R1); ``parts = (P0, P1, Q0, Q1, R0, R1)`` with shapes ``(d, s, s)`` and ``(d, s)``.
+b = lr (R0 + e R1); ``parts = (P0, P1, Q0, Q1, R0, R1)`` with shapes ``(d, s, s)`` and ``(d, s)``
+(``parts_hi`` for e above ``kink``; ``kink = inf`` and ``parts_hi = parts`` for an affine family).
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from .dynamics import _loss_parts_serial
 
 
 @njit(cache=True, nogil=True)
-def family_log_loss(x, y, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min):
-    """log L_k at lr = exp(x) (lim0 + e lim1) / (1 + e lim2), e = 1 - exp(y) (the family's stability limit
-    times exp(x): affine in e for most families, lim2 = 0); ``inf`` outside the search box
-    (x in [x_min - 1, 0], y in [y_min - 1, 0]) or where the system is unstable."""
+def family_log_loss(x, y, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min):
+    """log L_k at lr = exp(x) (l0 + e l1) / (1 + e l2), e = 1 - exp(y) (the family's stability limit
+    times exp(x): affine in e for most families, l2 = 0), with ``parts`` and ``lims`` = (l0, l1, l2)
+    for e <= ``kink`` and ``parts_hi``, ``lims_hi`` above it (a family affine in e on either side);
+    ``inf`` outside the search box (x in [x_min - 1, 0], y in [y_min - 1, 0]) or where the system is
+    unstable."""
     if x > 0.0 or x < x_min - 1.0 or y > 0.0 or y < y_min - 1.0:
         return np.inf
     x = min(x, -1e-9)
     e = 1.0 - math.exp(y)
-    lr = math.exp(x) * (lim0 + e * lim1) / (1.0 + e * lim2)
+    if e > kink:
+        parts, lims = parts_hi, lims_hi
+    lr = math.exp(x) * (lims[0] + e * lims[1]) / (1.0 + e * lims[2])
     P0, P1, Q0, Q1, R0, R1 = parts
     # serial only: a cached function must not call a parallel one (see toymodels.dynamics), and
     # the tuner works on coarsened models of a few hundred modes (sweep.tune's ``coarse``)
@@ -39,7 +45,7 @@ def family_log_loss(x, y, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
 
 
 @njit(cache=True, nogil=True)
-def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min):
+def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min):
     """Nelder-Mead on :func:`family_log_loss` from the simplex (x0, y0) + {0, step e_x, step e_y}.
 
     Standard coefficients (reflect 1, expand 2, contract 1/2, shrink 1/2) and scipy's stopping rule:
@@ -52,7 +58,7 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, 
     sim[1, 0], sim[1, 1] = x0 + step, y0
     sim[2, 0], sim[2, 1] = x0, y0 + step
     for j in range(3):
-        f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+        f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
     nfev = 3
     while nfev < maxfev:
         # order the vertices: 0 best, 2 worst
@@ -70,11 +76,11 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, 
         cx = 0.5 * (sim[0, 0] + sim[1, 0])
         cy = 0.5 * (sim[0, 1] + sim[1, 1])
         rx, ry = 2.0 * cx - sim[2, 0], 2.0 * cy - sim[2, 1]
-        fr = family_log_loss(rx, ry, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+        fr = family_log_loss(rx, ry, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
         nfev += 1
         if fr < f[0]:
             ex, ey = 3.0 * cx - 2.0 * sim[2, 0], 3.0 * cy - 2.0 * sim[2, 1]
-            fe = family_log_loss(ex, ey, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+            fe = family_log_loss(ex, ey, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fe < fr:
                 sim[2, 0], sim[2, 1], f[2] = ex, ey, fe
@@ -86,14 +92,14 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, 
             continue
         if fr < f[2]:  # outside contraction
             zx, zy = 1.5 * cx - 0.5 * sim[2, 0], 1.5 * cy - 0.5 * sim[2, 1]
-            fz = family_log_loss(zx, zy, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+            fz = family_log_loss(zx, zy, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fz <= fr:
                 sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
                 continue
         else:  # inside contraction
             zx, zy = 0.5 * cx + 0.5 * sim[2, 0], 0.5 * cy + 0.5 * sim[2, 1]
-            fz = family_log_loss(zx, zy, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+            fz = family_log_loss(zx, zy, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
             nfev += 1
             if fz < f[2]:
                 sim[2, 0], sim[2, 1], f[2] = zx, zy, fz
@@ -101,7 +107,7 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, 
         for j in range(1, 3):  # shrink towards the best vertex
             sim[j, 0] = sim[0, 0] + 0.5 * (sim[j, 0] - sim[0, 0])
             sim[j, 1] = sim[0, 1] + 0.5 * (sim[j, 1] - sim[0, 1])
-            f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, y_min)
+            f[j] = family_log_loss(sim[j, 0], sim[j, 1], parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, y_min)
         nfev += 2
     j = 0
     for i in range(1, 3):
@@ -111,12 +117,12 @@ def nelder_mead(x0, y0, step, xatol, fatol, maxfev, parts, lim0, lim1, lim2, q, 
 
 
 @njit(cache=True, nogil=True)
-def brent(a, b, xatol, maxfev, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min):
+def brent(a, b, xatol, maxfev, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min):
     """Brent's bounded minimisation of x -> log L_k(x, y = 0) on [a, b] (golden section with
     parabolic steps, tolerance ``xatol``).  Returns ``(x, value, n_evals)``."""
     golden = 0.3819660112501051
     v = w = xm = a + golden * (b - a)
-    fv = fw = fx = family_log_loss(xm, 0.0, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, 0.0)
+    fv = fw = fx = family_log_loss(xm, 0.0, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, 0.0)
     nfev = 1
     d = e = 0.0
     while nfev < maxfev:
@@ -145,7 +151,7 @@ def brent(a, b, xatol, maxfev, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min):
             e = (a - xm) if xm >= mid else (b - xm)
             d = golden * e
         u = xm + (d if abs(d) >= tol1 else (tol1 if d > 0 else -tol1))
-        fu = family_log_loss(u, 0.0, parts, lim0, lim1, lim2, q, h, r, S0, k, x_min, 0.0)
+        fu = family_log_loss(u, 0.0, parts, lims, parts_hi, lims_hi, kink, q, h, r, S0, k, x_min, 0.0)
         nfev += 1
         if fu <= fx:
             if u >= xm:

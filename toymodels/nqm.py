@@ -116,22 +116,29 @@ def _check_target(target):
 
 
 class _FamilyLoss:
-    """L_k(lr, e) of an optimizer family affine in e, evaluated without building optimizer objects."""
+    """L_k(lr, e) of an optimizer family affine in e (on either side of ``kink``: piecewise affine),
+    evaluated without building optimizer objects."""
 
-    def __init__(self, parts, lim0, lim1, q, h, readout, S0, lim2=0.0):
-        # parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de); limit (lim0 + e lim1) / (1 + e lim2)
-        self.parts, self.lim0, self.lim1, self.lim2 = parts, lim0, lim1, lim2
+    def __init__(self, pieces, q, h, readout, S0, kink=math.inf):
+        # pieces: one or two (parts, lims); parts = (A0(0), dA0/de, A1(0), dA1/de, b1(0), db1/de) and
+        # lims = (l0, l1, l2), the limit (l0 + e l1) / (1 + e l2); the second piece holds for e > kink
+        self.pieces, self.kink = pieces if len(pieces) == 2 else pieces * 2, float(kink)
         self.q, self.h, self.readout, self.S0 = q, h, readout, S0
 
+    def _piece(self, e):
+        return self.pieces[1] if e > self.kink else self.pieces[0]
+
     def limit(self, e):
-        return (self.lim0 + e * self.lim1) / (1.0 + e * self.lim2)
+        l0, l1, l2 = self._piece(e)[1]
+        return (l0 + e * l1) / (1.0 + e * l2)
 
     def loss(self, e, lr, k):
-        return dynamics.loss_at_parts(self.parts, e, lr, self.q, self.h, self.readout, self.S0, k)
+        return dynamics.loss_at_parts(self._piece(e)[0], e, lr, self.q, self.h, self.readout, self.S0, k)
 
     def kernel_args(self, k):
         """The arguments of :func:`toymodels._localmin.family_log_loss` after (x, y), up to k."""
-        return self.parts, float(self.lim0), float(self.lim1), float(self.lim2), self.q, self.h, int(self.readout), self.S0, int(k)
+        (p_lo, l_lo), (p_hi, l_hi) = self.pieces
+        return p_lo, l_lo, p_hi, l_hi, self.kink, self.q, self.h, int(self.readout), self.S0, int(k)
 
 
 class _FamilyEvaluator:
@@ -291,39 +298,51 @@ class NQM:
         mf = dynamics.ModalForm(A, b, self.c / batch_size, self.h, optimizer.readout, self._S0(optimizer))
         return float(mf.loss(np.array([k]))[0])
 
-    @validate(make=Callable(), batch_size=BATCH_SIZE)
-    def family_loss(self, make, batch_size):
-        """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e.
-
-        Returns an object with ``limit(e)`` (stable lr limit) and ``loss(e, lr, k)``, or None when the
-        family has more than 2 states, changes at every update, or is not affine in e (checked at e = 0,
-        0.25, 0.5), or its stability limit is neither affine in e nor (l0 + e l1) / (1 + e l2)
-        (Nesterov's, fitted at 0, 0.5, 0.9 and checked at 0.25).
-        """
-        opts = [make(e) for e in (0.0, 0.25, 0.5)]
+    def _affine_piece(self, make, lo, hi):
+        """``(parts, lims)`` of the family ``make(e)`` on [lo, hi) (see :meth:`family_loss`), or None."""
+        w = hi - lo
+        es = (lo, lo + 0.25 * w, lo + 0.5 * w)
+        opts = [make(e) for e in es]
         if opts[0].n_state > 2 or opts[0].time_varying:
             return None
         aff = [o.affine(self.h) for o in opts]
-        lim = [self.lr_limit(o) for o in opts]
         parts = []
         for j in range(3):
             z0, zq, z1 = aff[0][j], aff[1][j], aff[2][j]
-            slope = (z1 - z0) / 0.5
-            if not np.allclose(z0 + 0.25 * slope, zq, rtol=1e-12, atol=1e-15):
+            slope = (z1 - z0) / (0.5 * w)
+            if not np.allclose(z0 + 0.25 * w * slope, zq, rtol=1e-12, atol=1e-15):
                 return None
-            parts += [np.ascontiguousarray(z0), np.ascontiguousarray(slope)]
+            parts += [np.ascontiguousarray(z0 - lo * slope), np.ascontiguousarray(slope)]
+        lim = [self.lr_limit(o) for o in opts]
         if abs(lim[0] + 0.25 * (lim[2] - lim[0]) / 0.5 - lim[1]) <= 1e-12 * abs(lim[1]):
-            return _FamilyLoss(tuple(parts), lim[0], (lim[2] - lim[0]) / 0.5, self.c / batch_size, self.h,
-                               opts[0].readout, self._S0(opts[0]))
-        # a limit (l0 + e l1) / (1 + e l2): l0 = lim(0); from e = 0.5 and 0.9, l1 - lim(e) l2 = (lim(e) - l0) / e
-        l0, l5, l9 = lim[0], lim[2], self.lr_limit(make(0.9))
-        m = np.array([[1.0, -l5], [1.0, -l9]])
-        rhs = np.array([(l5 - l0) / 0.5, (l9 - l0) / 0.9])
-        l1, l2 = np.linalg.solve(m, rhs)
-        if abs((l0 + 0.25 * l1) / (1.0 + 0.25 * l2) - lim[1]) > 1e-12 * abs(lim[1]) or l2 <= -1.0:
+            l1 = (lim[2] - lim[0]) / (0.5 * w)
+            return tuple(parts), (float(lim[0] - lo * l1), float(l1), 0.0)
+        # a limit (l0 + e l1) / (1 + e l2), fitted at lo + (0, 0.5, 0.9) w: l0 + e l1 - e lim(e) l2 = lim(e)
+        e3 = np.array([lo, lo + 0.5 * w, lo + 0.9 * w])
+        l3 = np.array([lim[0], lim[2], self.lr_limit(make(e3[2]))])
+        l0, l1, l2 = np.linalg.solve(np.stack([np.ones(3), e3, -e3 * l3], axis=1), l3)
+        if abs((l0 + es[1] * l1) / (1.0 + es[1] * l2) - lim[1]) > 1e-12 * abs(lim[1]) or 1.0 + hi * l2 <= 0.0:
             return None
-        return _FamilyLoss(tuple(parts), l0, float(l1), self.c / batch_size, self.h, opts[0].readout,
-                           self._S0(opts[0]), lim2=float(l2))
+        return tuple(parts), (float(l0), float(l1), float(l2))
+
+    @validate(make=Callable(), batch_size=BATCH_SIZE, kink=Maybe(Real(0.0, 1.0, low_open=True, high_open=True)))
+    def family_loss(self, make, batch_size, kink: float | None = None):
+        """Fast L_k for a family of optimizers ``make(e)`` (lr = 1) affine in a hyper-parameter e in [0, 1)
+        (with ``kink``: affine on [0, kink] and on [kink, 1) apart, as accelerated SGD's
+        :attr:`~toymodels.optimizers.AcceleratedSGD.momentum_form` where its xi reaches its cap).
+
+        Returns an object with ``limit(e)`` (stable lr limit) and ``loss(e, lr, k)``, or None when the
+        family has more than 2 states, changes at every update, or is not affine in e (checked at e = 0,
+        0.25, 0.5 of each piece), or its stability limit is neither affine in e nor (l0 + e l1) / (1 + e l2)
+        (Nesterov's, fitted at 0, 0.5, 0.9 of the piece and checked at 0.25).
+        """
+        bounds = (0.0, 1.0) if kink is None else (0.0, kink, 1.0)
+        pieces = [self._affine_piece(make, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        if any(p is None for p in pieces):
+            return None
+        o = make(0.0)
+        return _FamilyLoss(pieces, self.c / batch_size, self.h, o.readout, self._S0(o),
+                           kink=math.inf if kink is None else kink)
 
     @validate(make=Callable(), batch_size=BATCH_SIZE)
     def family_evaluator(self, make, batch_size):
@@ -331,7 +350,7 @@ class NQM:
         ``limit(e)`` (the stable lr limit) and ``loss(e, lr, k)`` (:meth:`loss_at_step` of ``make(e)`` at
         ``lr``, the same value), which builds each e's optimizer and limit once (the last 64 kept) and
         skips the argument checks of the public calls.  Unlike :meth:`family_loss` it is not compiled:
-        it serves the families that one does not (ASGD, the Polyak average, schedule-free SGD)."""
+        it serves the families that one does not (the Polyak average, schedule-free SGD)."""
         return _FamilyEvaluator(self, make, check_batch_size(batch_size))
 
     @validate(optimizer=OPTIMIZER, batch_size=BATCH_SIZE)

@@ -488,10 +488,81 @@ class AcceleratedSGD(Optimizer):
         return _jury_limit(a0, a1)
 
     @property
+    def momentum_form(self):
+        """An optimizer spec whose loss equals this one's at every step: state (w, m), m_0 = 0,
+
+            w' = w - gamma a g(w) + beta m,   m' = beta m - (gamma - 1) a g(w),
+
+        with a = lr, u = c xi / kappa, beta = (1 - c u) / (1 + u) and gamma = (1 + c xi u) / (1 + u).
+
+        Both are linear in the gradient at w, so w follows w_{k+1} = (1 + beta) w_k - beta w_{k-1}
+        - a (gamma g_k - beta g_{k-1}) (the noise enters with the gradient) from w_1 = w_0 - gamma a g_0:
+        per mode (x = a (h + wd)) the characteristic polynomial of either system is
+        lambda^2 - (1 + beta - gamma x) lambda + beta (1 - x) and the response to the noise is
+        -a (gamma z - beta) / that polynomial, so the moments of w and the stability limits are the
+        same.  (With gamma = 1 + beta it is Nesterov's method.)  The form is affine in (beta, gamma),
+        and both are affine in v = 1 / (1 + u) while xi = sqrt(kappa) (beta = (1 + c) v - c,
+        gamma = (1 + c^2) v) and while xi is held fixed (gamma = c xi + (1 - c xi) v): a tuner sweeps
+        it like momentum (:func:`toymodels.sweep.tune`).
+        """
+        c = self.small_const
+        u = c * self.xi / self.kappa
+        beta = (1.0 - c * u) / (1.0 + u)
+        gamma = (1.0 + c * self.xi * u) / (1.0 + u)
+        return _MomentumForm(self.lr, beta, gamma, self.weight_decay)
+
+    @property
     def hyperparameters(self):
         """``optimizer="asgd"``, ``kappa``, ``xi``, ``small_const`` and ``weight_decay``."""
         return {"optimizer": "asgd", "kappa": self.kappa, "xi": self.xi, "small_const": self.small_const,
                 "weight_decay": self.weight_decay}
+
+
+@dataclass(frozen=True)
+class _MomentumForm(Optimizer):
+    """The two-state system of :attr:`AcceleratedSGD.momentum_form` (gradient weight ``gamma``,
+    momentum ``beta``): w' = w - gamma a g(w) + beta m, m' = beta m - (gamma - 1) a g(w), state
+    (w, m) from (theta_0, 0), the loss read at w."""
+
+    lr: Schedule | float
+    beta: float
+    gamma: float
+    weight_decay: float = 0.0
+    n_state = 2
+    readout = 0
+    precond = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr", as_schedule(self.lr))
+
+    @property
+    def init(self):
+        """``[1.0, 0.0]``: w_0 = theta_0 and no momentum."""
+        return np.array([1.0, 0.0])
+
+    def _affine(self, h):
+        d, beta, gamma = h.size, self.beta, self.gamma
+        hu = h + self.weight_decay
+        a0 = np.zeros((d, 2, 2))
+        a0[:, 0, 0] = 1.0
+        a0[:, 0, 1] = beta
+        a0[:, 1, 1] = beta
+        a1 = np.zeros((d, 2, 2))
+        a1[:, 0, 0] = -gamma * hu
+        a1[:, 1, 0] = -(gamma - 1.0) * hu
+        b1 = np.empty((d, 2))
+        b1[:, 0] = -gamma
+        b1[:, 1] = -(gamma - 1.0)
+        return a0, a1, b1
+
+    def _lr_limit(self, h):
+        a0, a1, _ = self._affine(h)
+        return _jury_limit(a0, a1)
+
+    @property
+    def hyperparameters(self):
+        """``optimizer="asgd"`` (the form of one), ``momentum`` (beta), ``gamma`` and ``weight_decay``."""
+        return {"optimizer": "asgd", "momentum": self.beta, "gamma": self.gamma, "weight_decay": self.weight_decay}
 
 
 _CONSTANT_BASES = (SGD, Momentum, Nesterov, AcceleratedSGD)

@@ -52,11 +52,30 @@ _EXTRA = {"sgd": None, "precond": None, "momentum": "momentum", "ema": "decay", 
           "nesterov": "momentum", "asgd": "kappa", "polyak": None, "schedule_free": "momentum"}
 _EXTRA_NAME = {"momentum": "momentum_opt", "decay": "decay_opt", "kappa": "kappa_opt"}
 _ASGD_XI = 10.0  # the statistical advantage xi of the "asgd" family: Kidambi et al.'s default, capped at sqrt(kappa)
+_ASGD_C = 0.7  # its small_const c (Kidambi et al.'s)
+# the extra of "asgd" where xi reaches its cap (kappa = xi^2): its momentum form is affine in extra on either side
+_ASGD_KINK = (_ASGD_XI - 1.0) / (_ASGD_XI + _ASGD_C)
 
 
 def _asgd_kappa(extra: float) -> float:
-    """The "asgd" family's kappa = 1 / (1 - extra): the tuner's extra in [0, 1) spans kappa in [1, inf)."""
-    return 1.0 / (1.0 - extra)
+    """The "asgd" family's kappa for the tuner's ``extra`` in [0, 1), which is affine in the momentum
+    beta = (1 - c u) / (1 + u), u = c xi / kappa, of its momentum form
+    (:attr:`toymodels.optimizers.AcceleratedSGD.momentum_form`): extra = (beta - beta_1) / (1 - beta_1),
+    beta_1 = 1 - c the momentum at kappa = 1, so 1 - extra = (1 + c) u / (c (1 + u)).  The system is then
+    affine in extra on [0, ``_ASGD_KINK``] (xi = sqrt(kappa) <= 10) and on [``_ASGD_KINK``, 1) (xi = 10),
+    and extra spans kappa in [1, inf) (the tuner's box, 1 - extra >= 1e-4 / e, reaches kappa = 4.6e5)."""
+    c = _ASGD_C
+    s = c * (1.0 - extra) / (1.0 + c)  # u / (1 + u)
+    u = s / (1.0 - s)
+    kappa = (c / u) ** 2 if c / u <= _ASGD_XI else c * _ASGD_XI / u
+    return max(1.0, kappa)
+
+
+def _asgd_extra(kappa: float) -> float:
+    """Inverse of :func:`_asgd_kappa`."""
+    c = _ASGD_C
+    u = c * min(_ASGD_XI, math.sqrt(kappa)) / kappa
+    return 1.0 - (1.0 + c) * u / (c * (1.0 + u))
 
 
 def _extra_value(family, extra):
@@ -66,13 +85,14 @@ def _extra_value(family, extra):
 
 def _extra_from_value(family, value):
     """Inverse of :func:`_extra_value` (reading a resumed sweep)."""
-    return 1.0 - 1.0 / value if family == "asgd" and math.isfinite(value) else value
+    return _asgd_extra(value) if family == "asgd" and math.isfinite(value) else value
 _ONE_MINUS_MIN = 1e-4  # beta, decay <= 1 - 1e-4
 _X_MIN = math.log(1e-9)  # lr >= 1e-9 * stability limit
 _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 _SF_WIDTH = 0.5  # schedule-free is tuned on NQM.coarsen(0.5): 23 modes for the d = 10^4 power law
 _SF_COARSE_MIN = 200  # ... for NQMs of more modes than this (smaller ones are tuned on themselves)
+_SF_EXACT_MORE = 10**7  # ... and its steps are checked on the full model at 3 more settings if that costs <= 10^7 updates x modes each
 _SF_LOST = 1e-2 * _schedfree.LOST_GROWTH  # the tuner's transient-growth limit: 100 x inside the exact scan's
 
 
@@ -119,7 +139,9 @@ def make_optimizer(family: str, lr: float, extra: float | None = None, *, precon
                    weight_decay: float = 0.0):
     """The optimizer of a family: ``extra`` is beta for the momentum families (``"momentum"``,
     ``"momentum_ema"``, ``"nesterov"``, and the interpolation beta of ``"schedule_free"``), mu for
-    ``"ema"``, and for ``"asgd"`` it sets kappa = 1 / (1 - extra) (xi = min(10, sqrt(kappa)),
+    ``"ema"``, and for ``"asgd"`` it sets kappa through 1 - extra = (1 + c) u / (c (1 + u)), u = c xi / kappa
+    (an affine function of the momentum of its momentum form; extra = 0 is kappa = 1, extra -> 1 kappa -> inf;
+    see :attr:`toymodels.optimizers.AcceleratedSGD.momentum_form`) (xi = min(10, sqrt(kappa)),
     small_const 0.7: Kidambi et al.'s defaults, xi capped at its bound).
 
     ``"momentum_ema"`` is momentum (beta = ``extra``) with iterate averaging of fixed ``decay``;
@@ -172,11 +194,16 @@ class _Evaluator:
         if hasattr(self.problem, "family_loss"):
             two_d = _EXTRA[self.family] is not None
             fixed = self.fixed_extra
-            self._fast = self.problem.family_loss(
-                lambda e: make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
-                                         precond=self.precond, decay=self.decay, weight_decay=self.weight_decay),
-                self.batch_size,
-            )
+
+            def make(e):
+                opt = make_optimizer(self.family, 1.0, fixed if fixed is not None else (e if two_d else None),
+                                     precond=self.precond, decay=self.decay, weight_decay=self.weight_decay)
+                # accelerated SGD through the momentum form of equal loss, affine in e on either side of
+                # the kink (its own (w, w_bar) system is not affine in any one hyper-parameter)
+                return opt.momentum_form if self.family == "asgd" else opt
+
+            kink = {"kink": _ASGD_KINK} if self.family == "asgd" and fixed is None else {}
+            self._fast = self.problem.family_loss(make, self.batch_size, **kink)
         # otherwise a problem's uncompiled family evaluator, if it has one (the same values without
         # the per-call checks); e is None for the families without an extra hyper-parameter
         self._family = None
@@ -346,28 +373,61 @@ def _basin_check(ev, hi, theta, target, two_d):
     return hi, theta
 
 
-def _golden(f, a, b, tol):
-    """(f(t), t) at the best point a golden-section search of f over [a, b] visits, to width ``tol``.
+def _brent(f, a, b, tol):
+    """(f(t), t) at the best point Brent's bounded minimisation of f over [a, b] visits, to width ``tol``.
 
-    Only comparisons of values are used, so ``inf`` (a setting that diverges) simply loses: a
-    function that falls towards a cliff of ``inf`` (schedule-free SGD near its stability edge) is
-    searched up to the edge as reliably as one with an interior minimum.
+    Golden-section steps with parabolic ones where the last three points are finite and the parabola's
+    minimum falls inside the bracket (Brent 1973, "Algorithms for Minimization without Derivatives",
+    Chapter 5; scipy's ``fminbound``): a smooth minimum in a few evaluations, and a function that
+    falls towards a cliff of ``inf`` (a setting that diverges: schedule-free SGD near its stability
+    edge) is still bracketed up to the edge, as by golden sections, since ``inf`` only loses.
     """
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    seen = [(fc, c), (fd, d)]
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-            seen.append((fc, c))
+    golden = 0.3819660112501051
+    x = w = v = a + golden * (b - a)
+    fx = fw = fv = f(x)
+    seen = [(fx, x)]
+    d = e = 0.0
+    while True:
+        mid = 0.5 * (a + b)
+        tol1 = 1.4901161193847656e-08 * abs(x) + tol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(x - mid) <= tol2 - 0.5 * (b - a):
+            break
+        parabolic = False
+        if abs(e) > tol1 and math.isfinite(fx) and math.isfinite(fv) and math.isfinite(fw):
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            if abs(p) < abs(0.5 * q * e) and q * (a - x) < p < q * (b - x):
+                e, d = d, p / q
+                if (x + d) - a < tol2 or b - (x + d) < tol2:
+                    d = tol1 if mid >= x else -tol1
+                parabolic = True
+        if not parabolic:
+            e = (a - x) if x >= mid else (b - x)
+            d = golden * e
+        u = x + (d if abs(d) >= tol1 else math.copysign(tol1, d))
+        fu = f(u)
+        seen.append((fu, u))
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
         else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-            seen.append((fd, d))
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
     return min(seen, key=lambda s: s[0])
 
 
@@ -384,12 +444,17 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
     model's).  A grid (11 lrs from 0.95 to 1e-5 of the limit x 6 betas from 0 to 0.999; with a warm
     start only the lrs within e^(+-2.5) of its lr, and its lr x e^(+-0.5), and also its beta) picks
     the best beta row; then 9 values of y between
-    the neighbouring rows (the window moved on, up to 3 times, while its best is at an end), and a
-    golden-section search over y between the neighbours of the best of them (to 3e-3: 1 - beta to 0.3%), with at each y the best
-    of 9 points over x in +-2 around the best x so far and a golden-section search between its
-    neighbours (to 1e-3: the learning rate to 0.1%).  Golden
-    sections compare values only: the optimum usually lies on the edge of the region that
-    diverges, where a simplex method crawls.
+    the neighbouring rows (a warm start whose beta is still the best row: 5 values within +-0.5 of it;
+    the window moved on, up to 3 times, while its best is at an end), and Brent's search over y
+    between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%), with at
+    each y the best of 9 points over x in +-2 around the best x so far (the second y: 5 points over
+    +-0.5; later ones 3 points over +-0.1 around the x interpolated from the two nearest y's searched,
+    as the best x moves smoothly with y; windows moved on while their best is at an end) and Brent's
+    search between its neighbours (to 3e-4: the learning rate to 0.03%).  Brent's search compares values only where they are inf: the
+    optimum usually lies on the edge of the region that diverges, where a simplex method crawls,
+    and is bracketed there as by golden sections, while a smooth minimum (small batch sizes) takes
+    parabolic steps (about half the scans of golden sections to these tolerances, measured on a
+    d = 10^4 sweep, with the same tuned steps within one step).
     Points are scanned only to twice the best crossing so far (the grid: to the best), and outside
     the box kappa is taken at the nearest point of the box, times 1 + the distance.  Near the
     stability limit the loss first grows by many orders of magnitude (while the averaging weight is
@@ -403,7 +468,10 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
     the tuned steps of a d = 10^4 sweep equal those of a search on ``coarsen(0.2)`` (47 modes) within
     0.4%, measured); the steps reported
     are always the full model's exact first crossing (``problem.steps_to_target``) at the returned
-    hyper-parameters, so only their optimality is approximate.
+    hyper-parameters, so only their optimality is approximate.  Where a full-model scan costs at most
+    10^7 updates x modes (a few hundred steps at d = 10^4), the best settings of the three next best
+    betas searched are scanned on the full model too and the one that crosses first is returned (the
+    coarsened model ranks settings along its flat valley in beta only within its error).
     """
     model = problem.coarsen(_SF_WIDTH) if coarse and problem.dim > _SF_COARSE_MIN else problem
     wd = weight_decay
@@ -454,39 +522,66 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
         return {"steps": math.inf, "lr": math.nan, "extra": math.nan, "theta": None, "n_evals": state["n"], "lo": 0}
     v_best, z = min(rows, key=lambda r: r[0])
 
-    def best_x(y, xc):  # (kappa, x) at y: 9 points over x in [xc - 2, xc + 2], golden section around the best
-        f = lambda x: kappa((x,) if y is None else (x, y))  # noqa: E731
-        xs9 = np.linspace(max(_X_MIN, xc - 2.0), min(-1e-9, xc + 2.0), 9)
-        j = int(np.argmin([f(x) for x in xs9]))
-        return _golden(f, xs9[max(j - 1, 0)], xs9[min(j + 1, 8)], 1e-3)
+    def best_x(y, xc, half=2.0, n=9, moves=3):
+        """(kappa, x) at y: n points over x in [xc - half, xc + half] (the window moved on, up to ``moves``
+        times, while its best is at an end), then Brent's search between the best one's neighbours."""
+        seen = {}
+
+        def f(x):
+            if x not in seen:
+                seen[x] = kappa((x,) if y is None else (x, y))
+            return seen[x]
+
+        for _ in range(moves + 1):
+            xs = np.linspace(max(_X_MIN, xc - half), min(-1e-9, xc + half), n)
+            j = int(np.argmin([f(x) for x in xs]))
+            if 0 < j < n - 1 or not (xs[0] > _X_MIN if j == 0 else xs[-1] < -1e-9):
+                break
+            xc = xs[j]
+        return _brent(f, xs[max(j - 1, 0)], xs[min(j + 1, n - 1)], 3e-4)
 
     if fixed is not None:
         v_best, x = best_x(None, z[0])
         z = (x,)
     else:
-        # golden section over y between the grid's beta rows next to the best one; each y's best x
+        # Brent's search over y between the grid's beta rows next to the best one; each y's best x
         # starts from the best x so far (the optimum moves little with y, along the stability edge)
         # (the grid's own rows: a warm start's beta lies between two of them)
         y_lo = max([y for y in ys[:6] if y < z[1]], default=_Y_MIN)
         y_hi = min([y for y in ys[:6] if y > z[1]], default=0.0)
+        n_y = 9
+        if start is not None and z[1] == start[1]:
+            # the warm start's beta is still the best row: 5 values within +-0.5 of it (beta moves
+            # little from one batch size to the next; the window moves on as below if it did)
+            y_lo, y_hi, n_y = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5), 5
         found = {}
 
         def at_y(y):
-            v, x = best_x(y, z[0] if not found else min(found.values())[1])
+            # the first y searches x over +-2, the second +-0.5 around the best x so far; later ones
+            # +-0.1 around x interpolated (or extrapolated) from the two nearest y's searched: the
+            # best x moves smoothly with y
+            near = sorted((u for u in found if math.isfinite(found[u][0])), key=lambda u: abs(u - y))[:2]
+            if not found:
+                v, x = best_x(y, z[0])
+            elif len(near) < 2:
+                v, x = best_x(y, min(found.values())[1], half=0.5, n=5)
+            else:
+                (y1, (_, x1)), (y2, (_, x2)) = ((u, found[u]) for u in near)
+                v, x = best_x(y, x1 + (x2 - x1) * (y - y1) / (y2 - y1), half=0.1, n=3, moves=10)
             found[y] = (v, x)
             return v
 
-        for _ in range(4):  # 9 values of y; the window moves on while its best is at an end
-            ys9 = np.linspace(y_lo, y_hi, 9)
-            j = int(np.argmin([at_y(y) for y in ys9]))
+        for _ in range(4):  # n_y values of y; the window moves on while its best is at an end
+            ys_w = np.linspace(y_lo, y_hi, n_y)
+            j = int(np.argmin([found[y][0] if y in found else at_y(y) for y in ys_w]))
             span = y_hi - y_lo
             if j == 0 and y_lo > _Y_MIN:
-                y_lo, y_hi = max(_Y_MIN, y_lo - span), ys9[1]
-            elif j == 8 and y_hi < 0.0:
-                y_lo, y_hi = ys9[7], min(0.0, y_hi + span)
+                y_lo, y_hi = max(_Y_MIN, y_lo - span), ys_w[1]
+            elif j == n_y - 1 and y_hi < 0.0:
+                y_lo, y_hi = ys_w[-2], min(0.0, y_hi + span)
             else:
                 break
-        _golden(at_y, ys9[max(j - 1, 0)], ys9[min(j + 1, 8)], 3e-3)
+        _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
         y, (v, x) = min(found.items(), key=lambda item: item[1][0])
         if v < v_best:
             v_best, z = v, (x, y)
@@ -499,6 +594,16 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
         theta = (theta[0] - 0.02 * 2**j,) + theta[1:]
         lr = point(theta)[0]
         steps = float(problem.steps_to_target(ScheduleFree(lr, beta, weight_decay=wd), bs, target))
+    if fixed is None and 1 < steps < math.inf and steps * problem.dim <= _SF_EXACT_MORE:
+        # where full-model scans are cheap, also the best settings of the next best betas searched: the
+        # coarsened model ranks the settings along its flat valley in beta only within its ~0.5% error
+        runners = sorted(((v, (x, y)) for y, (v, x) in found.items() if (x, y) != tuple(z)), key=lambda r: r[0])
+        for _, th in runners[:3]:
+            lr_r, beta_r, _ = point(th)
+            s = float(problem.steps_to_target(ScheduleFree(lr_r, beta_r, weight_decay=wd), bs, target,
+                                              max_steps=int(steps) - 1))
+            if s < steps:
+                steps, lr, beta, theta = s, lr_r, beta_r, tuple(float(v) for v in th)
     return {"steps": steps, "lr": lr, "extra": beta, "theta": theta if math.isfinite(steps) else None,
             "n_evals": state["n"], "lo": 0}
 
@@ -540,7 +645,7 @@ def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: fl
 
     Returns:
         dict with ``steps`` (float, ``inf`` if no setting reaches the target), ``lr``, ``extra``
-        (beta or mu, 1 - 1 / kappa for ``"asgd"``, NaN for SGD and ``"polyak"``), ``theta`` (warm start for the next batch size), ``n_evals``.
+        (beta or mu, for ``"asgd"`` the coordinate of :func:`make_optimizer` that sets kappa, NaN for SGD and ``"polyak"``), ``theta`` (warm start for the next batch size), ``n_evals``.
     """
     _check_problem_family(problem, family)
     fixed = _check_fixed_extra(family, extra)
