@@ -40,7 +40,7 @@ import xarray as xr
 
 from toymodels import NQM
 from toymodels.schema import attach_attrs
-from toymodels.sweep import _Y_MIN, family_sweeps
+from toymodels.sweep import _Y_MIN, _asgd_kappa, family_sweeps
 
 from . import style
 from ._io import fraction, parser, publish, scale_of
@@ -163,8 +163,12 @@ def plot(result: dict, path: str) -> None:
         y = r.steps_to_target.values
         style.draw(ax4, bs, np.where(np.isfinite(y), y / bound, np.nan), source="exact", color=COLORS.get(fam),
                    marker=mark, label=LABELS.get(fam, fam))
-    # the tuner searches 1 - beta (1 - mu, 1 / kappa) down to e^-1 * 1e-4: a point there sits on the box's edge
-    ax3.axhline(np.exp(_Y_MIN - 1.0), color="0.5", lw=0.8, ls="-.", label="edge of the tuner's search box")
+    # the tuner searches 1 - beta (1 - mu) down to e^-1 * 1e-4, and ASGD's coordinate down to the same value,
+    # which is kappa = 4.6e5: a point on either line sits on the box's edge
+    ax3.axhline(np.exp(_Y_MIN - 1.0), color="0.5", lw=0.8, ls="-.", label="edge of the tuner's search box: 1 - β, 1 - μ")
+    if "asgd" in main.optimizer.values:
+        ax3.axhline(1.0 / _asgd_kappa(1.0 - np.exp(_Y_MIN - 1.0)), color=COLORS.get("asgd"), lw=0.8, ls="-.",
+                    label="edge of the tuner's search box: 1 / κ")
     ax4.axhline(1.0, color="k", ls=":", lw=1.5, label="the lower bound (a bound, not a run)")
     ax2.set_title("(b) tuned learning rate", fontsize=9)
     ax2.set_ylabel("lr")
