@@ -469,15 +469,17 @@ def _terms(kind, m, data, attr, u, v):
     return (d * a) @ u if attr == "weight" else d @ u  # layer norms: a is x_hat
 
 
-def _linear_blocks(m, data, attrs, means, need, B):
+def _linear_blocks(m, data, attrs, means, need, B, scale=1.0):
     a, d = data
     out = {}
-    dd_sum = None
     if "weight" in attrs and a.shape[1] == 1 and not need:
-        # the every-step probe, one position: |g_i|^2 = |d_i|^2 |a_i|^2 (no temporary of d's size)
-        dd_sum = _sq_norms(d)
+        # the every-step probe, one position: |g_i|^2 = |d_i|^2 |a_i|^2 (no temporary of d's size), scaled here
+        dd_sum = _sq_norms(d) * (scale * scale)
         out["weight"] = {"mean": means["weight"], "sq": dd_sum * _sq_norms(a)}
-    elif "weight" in attrs:
+        if "bias" in attrs:  # |d_i|^2 is already formed
+            out["bias"] = {"mean": means["bias"], "sq": dd_sum}
+        return out
+    if "weight" in attrs:
         gw = means["weight"].reshape(m.weight.shape)
         n_out, n_in, T = gw.shape[0], gw.shape[1], a.shape[1]
         if T == 1:  # one position: g_i = d_i a_i^T
@@ -500,14 +502,11 @@ def _linear_blocks(m, data, attrs, means, need, B):
             blk = _dense_block(gi.reshape(B, -1), gw.reshape(-1), need)
         out["weight"] = blk
     if "bias" in attrs:
-        if dd_sum is not None and not need:  # the every-step probe: |d_i|^2 is already formed
-            out["bias"] = {"mean": means["bias"], "sq": dd_sum}
-        else:
-            out["bias"] = _dense_block(d.sum(1), means["bias"], need)
-    return out
+        out["bias"] = _dense_block(d.sum(1), means["bias"], need)
+    return {attr: _rescale(blk, scale) for attr, blk in out.items()}
 
 
-def _conv_blocks(m, data, attrs, means, need, B):
+def _conv_blocks(m, data, attrs, means, need, B, scale=1.0):
     out = {}
     if "weight" in attrs:
         gw = means["weight"]
@@ -524,10 +523,10 @@ def _conv_blocks(m, data, attrs, means, need, B):
             out["weight"] = _dense_block(gi.reshape(B, -1), gw, need)
     if "bias" in attrs:
         out["bias"] = _dense_block(_dense("conv", m, data, "bias", slice(None)), means["bias"], need)
-    return out
+    return {attr: _rescale(blk, scale) for attr, blk in out.items()}
 
 
-def _embedding_blocks(m, data, attrs, means, need, B):
+def _embedding_blocks(m, data, attrs, means, need, B, scale=1.0):
     """The statistics of an embedding's weight from its (example, token) pairs: h_u = sum of d over
     the positions of pair u is row tok_u of example ex_u's gradient, so |g_i|^2 = sum_{u in i} |h_u|^2,
     g_i . G = sum_t d_t . G[tok_t], and sum_i g_i^2 is the scatter of h_u^2 into row tok_u."""
@@ -550,15 +549,17 @@ def _embedding_blocks(m, data, attrs, means, need, B):
         H[ex, tinv] = h
         H = H.reshape(B, -1)
         blk["gram"] = H @ H.T
-    return {"weight": blk}
+    return {"weight": _rescale(blk, scale)}
 
 
-def _norm_blocks(m, data, attrs, means, need, B):
+def _norm_blocks(m, data, attrs, means, need, B, scale=1.0):
     kind = "layernorm" if isinstance(m, nn.LayerNorm) else "rmsnorm"
-    return {attr: _dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need)
-            for attr in attrs}
+    return {attr: _rescale(_dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need),
+                           scale) for attr in attrs}
 
 
+# per module kind: (module, merged data, attributes, {attribute: mean gradient}, need, B, scale) -> {attribute:
+# statistics} of ``scale`` times the captured terms (scale B: of the per-example gradients; see _rescale)
 _BLOCKS = {"linear": _linear_blocks, "conv": _conv_blocks, "embedding": _embedding_blocks,
            "layernorm": _norm_blocks, "rmsnorm": _norm_blocks}
 
@@ -654,9 +655,10 @@ def _rescale(blk, s):
     """The statistics of ``s g_i`` in place of those of g_i (the mean loss's per-example terms, as
     captured, times ``s = B``): squared norms, Gram entries and coordinate sums of squares times s^2,
     dot products with the mean gradient (read from ``.grad``, not rescaled) times s."""
-    for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
-        if key in blk:
-            blk[key] = blk[key] * s**power
+    if s != 1.0:
+        for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
+            if key in blk:
+                blk[key] = blk[key] * s**power
     return blk
 
 
@@ -989,18 +991,17 @@ class LayerCapture:
                     by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
                 else:
                     fast = _shared_norms(uses, mean, need, B, fused)
-                    blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
+                    blocks[k] = _rescale(fast if fast is not None else _shared_block(uses, mean, need, B), float(B))
         for kind, m, data, attrs in by_module.values():
             if id(m) in fused and "weight" in attrs:  # squared norms formed in the backward pass (_FusedLinear)
                 k, mean = attrs.pop("weight")
-                blocks[k] = {"mean": mean, "sq": fused[id(m)]}
+                blocks[k] = _rescale({"mean": mean, "sq": fused[id(m)]}, float(B))
                 if not attrs:
                     continue
-            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
+            # the captured output gradients are those of the mean loss: B g_i is per example
+            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B, float(B))
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
-        for blk in blocks.values():  # the captured output gradients are those of the mean loss: B g_i is per example
-            _rescale(blk, float(B))
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
@@ -1086,7 +1087,7 @@ def layer_summaries(blocks: dict, B: int, *, sums: bool = True) -> dict:
         layer["parts"].append(blk)
     for name, layer in out.items():
         parts = layer.pop("parts")
-        layer["mean_norm_sq"] = _total(b["mean"] @ b["mean"] for b in parts)
+        layer["mean_norm_sq"] = _total(torch.dot(b["mean"], b["mean"]) for b in parts)
         layer["sq_norms"] = _total(b["sq"] for b in parts)
         for key in ("dots", "gram"):
             if all(key in b for b in parts):
