@@ -119,8 +119,9 @@ class Tensor(Constraint):
             raise ValueError(f"`{name}` must be {self.what}; got shape {tuple(value.shape)}.")
         if self.nonempty and (value.dim() == 0 or value.shape[0] == 0):
             raise ValueError(f"`{name}` must be a non-empty batch (at least one example); got shape {tuple(value.shape)}.")
-        if self.finite and dt.is_floating_point and value.numel():
-            # NaN propagates; one pass, nothing of x's size allocated, one host transfer (a GPU sync)
+        if self.finite and dt.is_floating_point and value.numel() and not math.isfinite(float(value.detach().sum())):
+            # the sum (one pass, one host transfer: a GPU sync) is finite iff every entry is, unless finite
+            # entries overflow it: then (and where inf is allowed) the exact check, where NaN propagates
             lo, hi = torch.stack(torch.aminmax(value.detach())).tolist()
             bad = (math.isnan(lo) or math.isnan(hi)) if self.finite == "no-nan" else \
                 not (math.isfinite(lo) and math.isfinite(hi))

@@ -951,16 +951,17 @@ class LayerCapture:
                 merged[n] = _merge(kind, m, self.calls.get(n, []), B)
             except _Unsuitable as err:
                 bad[n] = str(err)
-        ready, unusable = {}, {}
+        ready, unusable, modules = {}, {}, self.modules
         for k, uses in self.uses.items():
-            why = next((bad[n] for n, _ in uses if n in bad), None)
-            if why is None and params[k].grad is not None and all(merged[n] is None for n, _ in uses):
-                why = "no gradient came through its module's output (is it used outside its module's forward call?)"
+            why = next((bad[n] for n, _ in uses if n in bad), None) if bad else None
+            if why is None:
+                got = [(modules[n][1], modules[n][0], merged[n], attr) for n, attr in uses if merged[n] is not None]
+                if not got and params[k].grad is not None:
+                    why = "no gradient came through its module's output (is it used outside its module's forward call?)"
             if why is not None:
                 unusable[k] = why
             else:
-                ready[k] = [(self.modules[n][1], self.modules[n][0], merged[n], attr) for n, attr in uses
-                            if merged[n] is not None]
+                ready[k] = got
         return params, ready, unusable
 
     def _param_blocks(self, B, need=frozenset(), verify=True):
@@ -972,8 +973,9 @@ class LayerCapture:
                  if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for k, uses in ready.items():
             p = params[k]
-            if p.grad is not None:
-                mean = (p.grad.detach() if p.grad.requires_grad else p.grad).reshape(-1)
+            g = p.grad
+            if g is not None:
+                mean = (g.detach() if g.requires_grad else g).reshape(-1)
             elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
                 mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).sum(0)
                               for kind, m, data, attr in uses)
@@ -984,7 +986,7 @@ class LayerCapture:
                 blocks[k] = _dense_block(torch.zeros(B, mean.numel(), dtype=mean.dtype, device=mean.device), mean,
                                          need) | {"sq": z}
             else:
-                if verify and p.grad is not None:
+                if verify and g is not None:
                     checks[k] = _adds_up(uses, p, mean, B)
                 if len(uses) == 1:
                     kind, m, data, attr = uses[0]
