@@ -1126,8 +1126,10 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
 
 def _ddp_group(model: nn.Module):
     """The process group over which ``model``'s gradients are all-reduced: a
-    ``DistributedDataParallel`` wrapper's group, None for any other module (this process alone)."""
-    return model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    ``DistributedDataParallel`` wrapper's group, None for any other module (this process alone).
+    (Its class hierarchy is read, not ``isinstance``: DDP is an ABC, whose instance check costs more
+    than the rest of this function, which every probed step calls several times.)"""
+    return model.process_group if nn.parallel.DistributedDataParallel in type(model).__mro__ else None
 
 
 def _check_syncs(model):

@@ -138,7 +138,22 @@ _METHODS = ("auto", "func", "hooks")
 
 
 def _coverage(paths, model=None) -> dict:
-    """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")."""
+    """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")
+    (the same paths at every step of a run: formed once, copied)."""
+    key = (tuple(paths["hooks"]), tuple(paths["func"]), tuple(paths["skipped"].items()),
+           model is not None and pergrad._ddp_group(model) is not None)
+    got = _COVERAGE_SEEN.get(key)
+    if got is None:
+        if len(_COVERAGE_SEEN) >= 64:
+            _COVERAGE_SEEN.clear()
+        got = _COVERAGE_SEEN[key] = _coverage_attrs(paths, model)
+    return dict(got)
+
+
+_COVERAGE_SEEN = {}  # paths -> the coverage attributes (strings only: nothing of a model is kept)
+
+
+def _coverage_attrs(paths, model=None) -> dict:
     if model is not None:
         paths = {"hooks": [_own_name(model, k) for k in paths["hooks"]],
                  "func": [_own_name(model, k) for k in paths["func"]],
