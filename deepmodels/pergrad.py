@@ -832,12 +832,15 @@ def _layout(model: nn.Module) -> _Layout:
     :func:`deepmodels._checks._model_walk`), bound to the model's current modules and parameters.
     One walk of the model's modules per call; no hook or reference is left on or to the model."""
     signature, modules, params = _model_walk(model)
-    st = _STRUCTURES.get(model)
+    try:
+        st = _STRUCTURES.get(model)
+    except TypeError:  # a module that cannot be weakly referenced or hashed: derived at every call
+        st = None
     if st is None or st.signature != signature:
         st = _Structure(model, signature, modules, params)
         try:
             _STRUCTURES[model] = st
-        except TypeError:  # a module that cannot be weakly referenced: derived at every call
+        except TypeError:
             pass
     return _Layout(st, modules, params)
 
