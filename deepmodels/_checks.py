@@ -77,12 +77,60 @@ _MAX_SIGNATURES = 16  # per model (inputs whose shapes vary from batch to batch 
 _MISSING = object()
 
 
+# attributes of a module that decide whether the fast path covers it (deepmodels.pergrad._kind), by type
+_KIND_ATTRS = {}
+
+
+def _kind_attrs(cls) -> tuple:
+    """The attributes of a module of type ``cls`` on which the fast path's coverage depends besides
+    its type (Conv2d: groups and padding; Embedding: sparse and frequency-scaled gradients)."""
+    attrs = _KIND_ATTRS.get(cls)
+    if attrs is None:
+        attrs = _KIND_ATTRS[cls] = (("groups", "padding_mode", "padding") if issubclass(cls, nn.Conv2d) else
+                                    ("sparse", "scale_grad_by_freq") if issubclass(cls, nn.Embedding) else ())
+    return attrs
+
+
+def _model_walk(model: nn.Module) -> tuple:
+    """``(signature, modules, parameters)``: the model's modules, each once, and their own
+    parameters (a shared one at each of its modules), in a fixed order, and a hashable signature of
+    the structure they form.
+
+    The signature holds, per module, its parent, its name there, its identity and type (and the
+    attributes of :func:`_kind_attrs`), and per parameter its name, identity, shape, dtype, device
+    and whether it is trainable: replacing, adding or removing a module or a parameter, freezing
+    one, or moving the model to another dtype or device changes it.  Whatever is derived from these
+    alone (a function of the signature: the parameters' full names, which modules the fast path
+    covers, which parameters are tied) may be cached under it and bound to the objects of a later
+    walk with the same signature by their positions, even where an object's identity was taken
+    over by a new one of the same type and shape.  One loop over the modules' ``_modules`` and
+    ``_parameters`` (no generators: the every-step probe pays it at every call)."""
+    sig, mods, params, index = [], [model], [], {id(model): 0}
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        t = type(m)
+        attrs = _kind_attrs(t)
+        sig.append((t, tuple(getattr(m, a) for a in attrs)) if attrs else t)
+        for k, p in m._parameters.items():
+            if p is not None:
+                params.append(p)
+                sig.append((k, id(p), p.shape, p.dtype, p.device, p.requires_grad))
+        for k, c in m._modules.items():
+            if c is None:
+                continue
+            j = index.get(id(c))
+            if j is None:  # a module met again (shared) is named, not walked, again
+                j = index[id(c)] = len(mods)
+                mods.append(c)
+            sig.append((i, k, j, id(c)))
+        i += 1
+    return tuple(sig), mods, params
+
+
 def _model_signature(model: nn.Module) -> tuple:
-    """The model's structure as a one-example forward pass sees it: its modules (identity) and its
-    parameters (identity, shape, dtype, device, trainable).  Replacing a module or a parameter,
-    freezing one, or moving the model to another dtype or device changes it."""
-    return (tuple(map(id, model.modules())),
-            tuple((id(p), p.shape, p.dtype, p.device, p.requires_grad) for p in model.parameters()))
+    """The model's structure as a one-example forward pass sees it (:func:`_model_walk`)."""
+    return _model_walk(model)[0]
 
 
 def _batch_signature(value):
@@ -95,10 +143,10 @@ def _batch_signature(value):
     return (dict,) + tuple((k, _batch_signature(v)) for k, v in value.items())
 
 
-def _signature(model, loss_fn, *parts):
-    """A hashable key of the model's structure, the loss function (by identity) and the rest of a
-    check's inputs."""
-    return (_model_signature(model), id(loss_fn)) + parts
+def _signature(model, loss_fn, *parts, model_signature=None):
+    """A hashable key of the model's structure (``model_signature``, if the caller has it from
+    :func:`_model_walk`), the loss function (by identity) and the rest of a check's inputs."""
+    return (_model_signature(model) if model_signature is None else model_signature, id(loss_fn)) + parts
 
 
 def _recall(model, key, loss_fn):
@@ -124,7 +172,7 @@ def _remember(model, key, loss_fn, value):
 
 
 def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss_fn=None, *,
-                      min_batch: int = 1, once: bool = False) -> torch.Tensor | None:
+                      min_batch: int = 1, once: bool = False, model_signature=None) -> torch.Tensor | None:
     """Check a batch against the model before any work: same device and floating dtype as the
     parameters, ``y`` the same length, the model runs on ``x[:1]``, integer labels in
     ``[0, n_outputs)``, float targets of the model's dtype, and ``loss_fn`` gives a finite-or-not
@@ -133,7 +181,8 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     ``once`` (the every-step probe): the forward pass on ``x[:1]`` and the loss on it run once per
     model structure (:func:`_model_signature`), per-example shape, dtype and device of ``x`` and
     ``y``, and loss function; later calls with the same signature make the other checks (the labels
-    against the number of outputs found then) and return None.
+    against the number of outputs found then) and return None.  ``model_signature``: the model's
+    signature (:func:`_model_walk`) where the caller has it (not walked again).
     """
     if y is not None:
         check_batch(x, y)
@@ -149,7 +198,8 @@ def check_model_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None 
     if y is not None and y.dtype.is_floating_point and y.dtype != dtype:
         raise TypeError(f"`y` must be int64 class labels or {_dtype_name(dtype)} targets (the model's dtype); got "
                         f"{_dtype_name(y.dtype)}.")
-    key = _signature(model, loss_fn, x.shape[1:], None if y is None else (y.shape[1:], y.dtype)) if once else None
+    key = _signature(model, loss_fn, x.shape[1:], None if y is None else (y.shape[1:], y.dtype),
+                     model_signature=model_signature) if once else None
     n_out = _recall(model, key, loss_fn)
     out = None
     if n_out is _MISSING:
@@ -195,13 +245,15 @@ def model_output(out):
     raise TypeError(f"`model` must return a tensor or an object with a `.logits` tensor; got {type(out).__name__}{extra}.")
 
 
-def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1, once: bool = False) -> int:
+def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1, once: bool = False,
+                     model_signature=None) -> int:
     """Check the batch form ``loss_fn(model, batch) -> (B,)`` per-example losses before any work:
     at least ``min_batch`` examples, the batch on the model's device, and ``loss_fn`` on the first
     (up to) two examples, in eval mode without gradients, returns a tensor of shape (n,).  Returns B.
 
     ``once``: the loss on the first examples runs once per model structure, batch signature (its
-    structure, per-example shapes, dtypes, devices) and loss function (as in :func:`check_model_input`)."""
+    structure, per-example shapes, dtypes, devices) and loss function (as in :func:`check_model_input`,
+    ``model_signature`` too)."""
     from ._validate import batch_leaves, map_batch
 
     leaves = batch_leaves(batch)
@@ -213,7 +265,7 @@ def check_batch_loss(model: nn.Module, loss_fn, batch, *, min_batch: int = 1, on
         raise ValueError(f"`batch` must be on the model's device ({device}); got {leaves[0].device}. Move one of them "
                          f"with .to(device).")
     n = min(B, 2)
-    key = _signature(model, loss_fn, _batch_signature(batch)) if once else None
+    key = _signature(model, loss_fn, _batch_signature(batch), model_signature=model_signature) if once else None
     if _recall(model, key, loss_fn) is not _MISSING:
         return B
     modes = [(m, m.training) for m in model.modules()]

@@ -53,6 +53,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.grad import conv2d_weight
 
 from . import _validate as V
+from ._checks import _model_walk
 from ._validate import Batch, Boolean, Function, Integer, LossFn, Maybe, Module, Options, Tensor, TokenIds, validate
 
 __all__ = ["per_example_grads", "flatten", "hook_summaries", "capture_backward", "LayerCapture", "FastPathUnsupported",
@@ -98,6 +99,7 @@ class _Problem:
 
     def __init__(self, model, loss_fn, x, y, batch):
         self.model, self.loss_fn, self.x, self.y, self.batch = model, loss_fn, x, y, batch
+        self.layout = None  # the model's _layout, where the caller has it
         first = x if batch is None else V.batch_leaves(batch)[0]
         self.B, self.device = first.shape[0], first.device
 
@@ -132,18 +134,23 @@ class _Problem:
 def _problem(model, loss_fn, x, y, batch, *, min_batch: int = 1, once: bool = False) -> _Problem:
     """One of the two forms, checked against the model before any work (``once``: the forward pass
     on the first examples once per model structure and input signature, for the every-step probe;
-    see :func:`deepmodels._validate.check_model_input`)."""
+    see :func:`deepmodels._validate.check_model_input`; the model's :func:`_layout`, from the same
+    walk, is kept on the problem for the capture)."""
+    layout = _layout(model) if once else None
+    sig = None if layout is None else layout.signature
     if batch is None:
         if x is None or y is None:
             raise TypeError("`x` and `y` must be given (the form loss_fn(model(x), y)), or `batch` alone (the form "
                             "loss_fn(model, batch) -> (B,) per-example losses); got "
                             f"{'neither' if x is None and y is None else 'only one of x and y'}.")
-        V.check_model_input(model, x, y, loss_fn, min_batch=min_batch, once=once)
+        V.check_model_input(model, x, y, loss_fn, min_batch=min_batch, once=once, model_signature=sig)
     else:
         if x is not None or y is not None:
             raise ValueError("`batch` must be given alone (the form loss_fn(model, batch)); got also `x` or `y`.")
-        V.check_batch_loss(model, loss_fn, batch, min_batch=min_batch, once=once)
-    return _Problem(model, loss_fn, x, y, batch)
+        V.check_batch_loss(model, loss_fn, batch, min_batch=min_batch, once=once, model_signature=sig)
+    prob = _Problem(model, loss_fn, x, y, batch)
+    prob.layout = layout
+    return prob
 
 
 @validate(model=Module(), batch=TokenIds())
@@ -419,8 +426,10 @@ def _dense(kind, m, data, attr, rows):
 
 
 def _sq_norms(G):
-    """The squared norms ``(B,)`` of the rows of ``G (B, P)``, without a ``(B, P)`` temporary."""
-    return torch.linalg.vector_norm(G, dim=1).square()
+    """The squared norms ``(B,)`` of the examples of ``G (B, ...)`` (over every dimension but the
+    first), without a temporary of G's size."""
+    n = torch.linalg.vector_norm(G, dim=tuple(range(1, G.dim())))
+    return n * n
 
 
 def _dense_block(G, mean, need):
@@ -460,10 +469,16 @@ def _terms(kind, m, data, attr, u, v):
     return (d * a) @ u if attr == "weight" else d @ u  # layer norms: a is x_hat
 
 
-def _linear_blocks(m, data, attrs, means, need, B):
+def _linear_blocks(m, data, attrs, means, need, B, scale=1.0):
     a, d = data
     out = {}
-    dd_sum = None
+    if "weight" in attrs and a.shape[1] == 1 and not need:
+        # the every-step probe, one position: |g_i|^2 = |d_i|^2 |a_i|^2 (no temporary of d's size), scaled here
+        dd_sum = _sq_norms(d) * (scale * scale)
+        out["weight"] = {"mean": means["weight"], "sq": dd_sum * _sq_norms(a)}
+        if "bias" in attrs:  # |d_i|^2 is already formed
+            out["bias"] = {"mean": means["bias"], "sq": dd_sum}
+        return out
     if "weight" in attrs:
         gw = means["weight"].reshape(m.weight.shape)
         n_out, n_in, T = gw.shape[0], gw.shape[1], a.shape[1]
@@ -487,14 +502,11 @@ def _linear_blocks(m, data, attrs, means, need, B):
             blk = _dense_block(gi.reshape(B, -1), gw.reshape(-1), need)
         out["weight"] = blk
     if "bias" in attrs:
-        if dd_sum is not None and not need:  # the every-step probe: |d_i|^2 is already formed
-            out["bias"] = {"mean": means["bias"], "sq": dd_sum}
-        else:
-            out["bias"] = _dense_block(d.sum(1), means["bias"], need)
-    return out
+        out["bias"] = _dense_block(d.sum(1), means["bias"], need)
+    return {attr: _rescale(blk, scale) for attr, blk in out.items()}
 
 
-def _conv_blocks(m, data, attrs, means, need, B):
+def _conv_blocks(m, data, attrs, means, need, B, scale=1.0):
     out = {}
     if "weight" in attrs:
         gw = means["weight"]
@@ -511,10 +523,10 @@ def _conv_blocks(m, data, attrs, means, need, B):
             out["weight"] = _dense_block(gi.reshape(B, -1), gw, need)
     if "bias" in attrs:
         out["bias"] = _dense_block(_dense("conv", m, data, "bias", slice(None)), means["bias"], need)
-    return out
+    return {attr: _rescale(blk, scale) for attr, blk in out.items()}
 
 
-def _embedding_blocks(m, data, attrs, means, need, B):
+def _embedding_blocks(m, data, attrs, means, need, B, scale=1.0):
     """The statistics of an embedding's weight from its (example, token) pairs: h_u = sum of d over
     the positions of pair u is row tok_u of example ex_u's gradient, so |g_i|^2 = sum_{u in i} |h_u|^2,
     g_i . G = sum_t d_t . G[tok_t], and sum_i g_i^2 is the scatter of h_u^2 into row tok_u."""
@@ -537,15 +549,17 @@ def _embedding_blocks(m, data, attrs, means, need, B):
         H[ex, tinv] = h
         H = H.reshape(B, -1)
         blk["gram"] = H @ H.T
-    return {"weight": blk}
+    return {"weight": _rescale(blk, scale)}
 
 
-def _norm_blocks(m, data, attrs, means, need, B):
+def _norm_blocks(m, data, attrs, means, need, B, scale=1.0):
     kind = "layernorm" if isinstance(m, nn.LayerNorm) else "rmsnorm"
-    return {attr: _dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need)
-            for attr in attrs}
+    return {attr: _rescale(_dense_block(_dense(kind, m, data, attr, slice(None)).reshape(B, -1), means[attr], need),
+                           scale) for attr in attrs}
 
 
+# per module kind: (module, merged data, attributes, {attribute: mean gradient}, need, B, scale) -> {attribute:
+# statistics} of ``scale`` times the captured terms (scale B: of the per-example gradients; see _rescale)
 _BLOCKS = {"linear": _linear_blocks, "conv": _conv_blocks, "embedding": _embedding_blocks,
            "layernorm": _norm_blocks, "rmsnorm": _norm_blocks}
 
@@ -641,9 +655,10 @@ def _rescale(blk, s):
     """The statistics of ``s g_i`` in place of those of g_i (the mean loss's per-example terms, as
     captured, times ``s = B``): squared norms, Gram entries and coordinate sums of squares times s^2,
     dot products with the mean gradient (read from ``.grad``, not rescaled) times s."""
-    for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
-        if key in blk:
-            blk[key] = blk[key] * s**power
+    if s != 1.0:
+        for key, power in (("sq", 2), ("dots", 1), ("sum_sq", 2), ("gram", 2)):
+            if key in blk:
+                blk[key] = blk[key] * s**power
     return blk
 
 
@@ -743,6 +758,93 @@ class _FusedConv2d(torch.autograd.Function):
         return gx, gi.sum(0).reshape(weight.shape), gb, None, None, None, None
 
 
+class _Structure:
+    """What the fast path derives from a model's structure alone (its modules, their types and
+    parameters, which are trainable, which are tied), cached per model and signature
+    (:func:`_layout`) so that the every-step probe does not walk the model again at every step.
+
+    Modules and parameters are held by their positions in the walk of
+    :func:`deepmodels._checks._model_walk`, not by reference: a cached structure keeps no part of
+    the model alive, and a later walk with the same signature binds it to that walk's objects.
+
+    Attributes:
+        signature: the walk's signature this structure was derived from.
+        modules: ``{name: (position, kind)}`` of the modules the fast path covers (see :func:`_kind`)
+            that have trainable parameters.
+        params: ``{name: position}`` of the trainable parameters, in ``named_parameters`` order.
+        uses: ``{parameter name: [(module name, attribute), ...]}`` of the covered parameters.
+        uncovered: ``{parameter name: reason}`` of those outside the covered modules.
+        linears: the names of the covered Linear and Conv2d modules.
+        verified: whether the fast path's sums were checked against ``.grad`` on this structure
+            (``verify="once"`` of :func:`_measure_params`).
+    """
+
+    def __init__(self, model: nn.Module, signature, modules, params):
+        at_module = {id(m): i for i, m in enumerate(modules)}
+        at_param = {}
+        for i, p in enumerate(params):
+            at_param.setdefault(id(p), i)
+        self.signature, self.modules, owners, outside = signature, {}, {}, {}
+        for n, m in model.named_modules():
+            own = [(attr, p) for attr, p in m._parameters.items() if p is not None and p.requires_grad]
+            if not own:
+                continue
+            kind = _kind(m)
+            if kind is not None:
+                self.modules[n] = (at_module[id(m)], kind)
+            for attr, p in own:
+                if kind is None:
+                    outside.setdefault(id(p), _why_not(n, m))
+                else:
+                    owners.setdefault(id(p), []).append((n, attr))
+        self.uses, self.uncovered, self.params = {}, {}, {}
+        for k, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            self.params[k] = at_param[id(p)]
+            if id(p) in outside:
+                self.uncovered[k] = f"a parameter of {outside[id(p)]}, which the fast path does not cover"
+            else:
+                self.uses[k] = owners[id(p)]
+        self.linears = frozenset(n for n, (_, kind) in self.modules.items() if kind in ("linear", "conv"))
+        self.verified = False
+
+
+class _Layout:
+    """A model's :class:`_Structure` bound to the modules and parameters of one walk."""
+
+    __slots__ = ("signature", "structure", "modules", "params")
+
+    def __init__(self, structure, modules, params):
+        self.signature, self.structure, self.modules, self.params = structure.signature, structure, modules, params
+
+    def trainable(self) -> dict:
+        """``{name: parameter}`` of the trainable parameters, in ``named_parameters`` order."""
+        return {k: self.params[i] for k, i in self.structure.params.items()}
+
+
+_STRUCTURES = weakref.WeakKeyDictionary()  # model -> its _Structure (the last one seen)
+
+
+def _layout(model: nn.Module) -> _Layout:
+    """The model's :class:`_Structure`, derived again only when its signature changed (a module or a
+    parameter replaced, added or removed, one frozen or unfrozen, a dtype or device change: see
+    :func:`deepmodels._checks._model_walk`), bound to the model's current modules and parameters.
+    One walk of the model's modules per call; no hook or reference is left on or to the model."""
+    signature, modules, params = _model_walk(model)
+    try:
+        st = _STRUCTURES.get(model)
+    except TypeError:  # a module that cannot be weakly referenced or hashed: derived at every call
+        st = None
+    if st is None or st.signature != signature:
+        st = _Structure(model, signature, modules, params)
+        try:
+            _STRUCTURES[model] = st
+        except TypeError:
+            pass
+    return _Layout(st, modules, params)
+
+
 class LayerCapture:
     """Context manager that records, during one forward and backward pass, the input and the output
     gradient of every module the fast path covers (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
@@ -768,38 +870,30 @@ class LayerCapture:
 
     @validate(model=Module(), partial=Boolean())
     def __init__(self, model: nn.Module, *, partial: bool = False):
-        self.model, self.partial = model, partial
-        self.modules, owners, outside = {}, {}, {}
-        for n, m in model.named_modules():
-            own = [(attr, p) for attr, p in m._parameters.items() if p is not None and p.requires_grad]
-            if not own:
-                continue
-            kind = _kind(m)
-            if kind is not None:
-                self.modules[n] = (m, kind)
-            for attr, p in own:
-                if kind is None:
-                    outside.setdefault(id(p), _why_not(n, m))
-                else:
-                    owners.setdefault(id(p), []).append((n, attr))
-        self.uses, self.uncovered, self._params = {}, {}, {}
-        for k, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            self._params[k] = p
-            if id(p) in outside:
-                self.uncovered[k] = f"a parameter of {outside[id(p)]}, which the fast path does not cover"
-            else:
-                self.uses[k] = owners[id(p)]
+        self._bind(model, _layout(model), partial)
+
+    @classmethod
+    def _of(cls, model: nn.Module, layout: _Layout, partial: bool = False) -> LayerCapture:
+        """A capture of ``model`` from its :func:`_layout` (no checks: for callers that made them)."""
+        cap = cls.__new__(cls)
+        cap._bind(model, layout, partial)
+        return cap
+
+    def _bind(self, model, layout, partial):
+        st = layout.structure
+        self.model, self.partial, self.structure = model, partial, st
+        self.modules = {n: (layout.modules[i], kind) for n, (i, kind) in st.modules.items()}
+        self._params = {k: layout.params[i] for k, i in st.params.items()}
+        self.uses, self.uncovered = st.uses, dict(st.uncovered)
         if self.uncovered and not partial:
             raise FastPathUnsupported(
                 "the hook fast path covers nn.Linear, nn.Conv2d (groups=1), nn.Embedding, nn.LayerNorm and nn.RMSNorm "
                 f"parameters; not covered: {list(self.uncovered)} ({'; '.join(self.uncovered.values())}). Use "
                 "method='auto' (torch.func for these parameters only) or method='func'.")
-        self.linears = {n: m for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
+        self.linears = {n: self.modules[n][0] for n in st.linears}
         self.calls, self._handles = {}, []
         # Linears on sequences and Conv2d: with squared norms alone asked for, those come from the backward pass
-        self._fusable = {n for n, (m, kind) in self.modules.items() if kind in ("linear", "conv")}
+        self._fusable = st.linears
         self._fuse, self.fused = False, {}
 
     def __enter__(self):
@@ -860,16 +954,17 @@ class LayerCapture:
                 merged[n] = _merge(kind, m, self.calls.get(n, []), B)
             except _Unsuitable as err:
                 bad[n] = str(err)
-        ready, unusable = {}, {}
+        ready, unusable, modules = {}, {}, self.modules
         for k, uses in self.uses.items():
-            why = next((bad[n] for n, _ in uses if n in bad), None)
-            if why is None and params[k].grad is not None and all(merged[n] is None for n, _ in uses):
-                why = "no gradient came through its module's output (is it used outside its module's forward call?)"
+            why = next((bad[n] for n, _ in uses if n in bad), None) if bad else None
+            if why is None:
+                got = [(modules[n][1], modules[n][0], merged[n], attr) for n, attr in uses if merged[n] is not None]
+                if not got and params[k].grad is not None:
+                    why = "no gradient came through its module's output (is it used outside its module's forward call?)"
             if why is not None:
                 unusable[k] = why
             else:
-                ready[k] = [(self.modules[n][1], self.modules[n][0], merged[n], attr) for n, attr in uses
-                            if merged[n] is not None]
+                ready[k] = got
         return params, ready, unusable
 
     def _param_blocks(self, B, need=frozenset(), verify=True):
@@ -881,8 +976,9 @@ class LayerCapture:
                  if len(sq) == 1 and len(self.calls.get(n, ())) == 1} if not need else {}
         for k, uses in ready.items():
             p = params[k]
-            if p.grad is not None:
-                mean = p.grad.detach().reshape(-1)
+            g = p.grad
+            if g is not None:
+                mean = (g.detach() if g.requires_grad else g).reshape(-1)
             elif uses:  # gradients cleared since the pass: the mean of the per-example gradients
                 mean = _total(_dense(kind, m, data, attr, slice(None)).reshape(B, -1).sum(0)
                               for kind, m, data, attr in uses)
@@ -893,25 +989,24 @@ class LayerCapture:
                 blocks[k] = _dense_block(torch.zeros(B, mean.numel(), dtype=mean.dtype, device=mean.device), mean,
                                          need) | {"sq": z}
             else:
-                if verify and p.grad is not None:
+                if verify and g is not None:
                     checks[k] = _adds_up(uses, p, mean, B)
                 if len(uses) == 1:
                     kind, m, data, attr = uses[0]
                     by_module.setdefault(id(m), (kind, m, data, {}))[3][attr] = (k, mean)
                 else:
                     fast = _shared_norms(uses, mean, need, B, fused)
-                    blocks[k] = fast if fast is not None else _shared_block(uses, mean, need, B)
+                    blocks[k] = _rescale(fast if fast is not None else _shared_block(uses, mean, need, B), float(B))
         for kind, m, data, attrs in by_module.values():
             if id(m) in fused and "weight" in attrs:  # squared norms formed in the backward pass (_FusedLinear)
                 k, mean = attrs.pop("weight")
-                blocks[k] = {"mean": mean, "sq": fused[id(m)]}
+                blocks[k] = _rescale({"mean": mean, "sq": fused[id(m)]}, float(B))
                 if not attrs:
                     continue
-            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B)
+            # the captured output gradients are those of the mean loss: B g_i is per example
+            got = _BLOCKS[kind](m, data, list(attrs), {a: mean for a, (_, mean) in attrs.items()}, need, B, float(B))
             for attr, blk in got.items():
                 blocks[attrs[attr][0]] = blk
-        for blk in blocks.values():  # the captured output gradients are those of the mean loss: B g_i is per example
-            _rescale(blk, float(B))
         if checks:  # one transfer for all parameters; bfloat16 gradients (autocast) round more
             eps = max((torch.finfo(c[1].dtype).eps for calls in self.calls.values() for c in calls if c[1] is not None),
                       default=0.0)
@@ -997,7 +1092,7 @@ def layer_summaries(blocks: dict, B: int, *, sums: bool = True) -> dict:
         layer["parts"].append(blk)
     for name, layer in out.items():
         parts = layer.pop("parts")
-        layer["mean_norm_sq"] = _total(b["mean"] @ b["mean"] for b in parts)
+        layer["mean_norm_sq"] = _total(torch.dot(b["mean"], b["mean"]) for b in parts)
         layer["sq_norms"] = _total(b["sq"] for b in parts)
         for key in ("dots", "gram"):
             if all(key in b for b in parts):
@@ -1034,8 +1129,10 @@ def capture_backward(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, z
 
 def _ddp_group(model: nn.Module):
     """The process group over which ``model``'s gradients are all-reduced: a
-    ``DistributedDataParallel`` wrapper's group, None for any other module (this process alone)."""
-    return model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    ``DistributedDataParallel`` wrapper's group, None for any other module (this process alone).
+    (Its class hierarchy is read, not ``isinstance``: DDP is an ABC, whose instance check costs more
+    than the rest of this function, which every probed step calls several times.)"""
+    return model.process_group if nn.parallel.DistributedDataParallel in type(model).__mro__ else None
 
 
 def _check_syncs(model):
@@ -1057,7 +1154,7 @@ def _capture(prob: _Problem, zero_grad=None, *, partial: bool = False, fuse: boo
     other processes' all-reduce completes, and every process gets non-finite gradients), and the
     caller sees the loss (:func:`_measure_params` reports the divergence after its own collectives)."""
     _check_syncs(prob.model)
-    cap = LayerCapture(prob.model, partial=partial)
+    cap = LayerCapture._of(prob.model, prob.layout or _layout(prob.model), partial)
     cap._fuse = fuse
     with cap:
         (zero_grad or prob.model.zero_grad)(set_to_none=True)
@@ -1103,9 +1200,6 @@ def hook_summaries(model: nn.Module, loss_fn, x=None, y=None, *, batch=None, gra
     return out
 
 
-_VERIFIED = weakref.WeakKeyDictionary()  # models whose fast path was checked against .grad (probed_step)
-
-
 def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size: int = 256, zero_grad=None,
                    verify: bool | str = True, double_func: bool = True):
     """Every trainable parameter's per-example statistics by its path.
@@ -1114,8 +1208,8 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
     :class:`FastPathUnsupported`); ``"auto"``: the fast path where covered, torch.func for the other
     parameters only (``vmap(grad)`` with respect to that subset), and where that fails too, the
     parameters are skipped with a warning.  ``verify``: check the fast path's sums against ``.grad``
-    (``"once"``: on the first call per model).  One backward pass of the mean loss runs (its
-    ``.grad`` is left in place for an optimizer step), except for ``"func"``.
+    (``"once"``: on the first call per model structure, :class:`_Structure`).  One backward pass of
+    the mean loss runs (its ``.grad`` is left in place for an optimizer step), except for ``"func"``.
 
     Given a ``DistributedDataParallel`` wrapper (:func:`_ddp_group`), the blocks are this process's
     examples' against the mean gradient over every process's examples (DDP's all-reduced ``.grad``,
@@ -1136,10 +1230,10 @@ def _measure_params(prob: _Problem, method: str, need=frozenset(), *, chunk_size
         cap, loss = _capture(prob, zero_grad, partial=method == "auto", fuse=not need)
         names = list(cap._params)
         once = verify == "once"
-        do_verify = bool(verify) and not (once and _VERIFIED.get(prob.model, False))
+        do_verify = bool(verify) and not (once and cap.structure.verified)
         blocks, unusable = cap._param_blocks(prob.B, frozenset(need), verify=do_verify)
         if once and not unusable:
-            _VERIFIED[prob.model] = True
+            cap.structure.verified = True
         if _ddp_group(prob.model) is not None and not math.isfinite(float(loss.detach())):  # a DDP wrapper's (_capture): reported after the collectives above
             raise V.Diverged("the loss is not finite (NaN or inf).")
         if method == "hooks":

@@ -48,7 +48,7 @@ def _summaries(blocks, B, gram=False, model=None):
     """Per layer: (P_l, |g_bar|^2, |g_i|^2 (B,), |g_i - g_bar|^2 (B,) or None, Gram (B, B) or None)
     from the per-parameter statistics of :func:`deepmodels.pergrad._measure_params` (layers named
     as in the wrapped module of a DDP ``model``)."""
-    if model is not None:
+    if model is not None and pergrad._ddp_group(model) is not None:
         blocks = {_own_name(model, k): b for k, b in blocks.items()}
     out = {}
     for name, f in pergrad.layer_summaries(blocks, B, sums=False).items():
@@ -138,7 +138,22 @@ _METHODS = ("auto", "func", "hooks")
 
 
 def _coverage(paths, model=None) -> dict:
-    """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")."""
+    """The attributes of a measurement's coverage, and its method ("hooks", "func" or "hooks+func")
+    (the same paths at every step of a run: formed once, copied)."""
+    key = (tuple(paths["hooks"]), tuple(paths["func"]), tuple(paths["skipped"].items()),
+           model is not None and pergrad._ddp_group(model) is not None)
+    got = _COVERAGE_SEEN.get(key)
+    if got is None:
+        if len(_COVERAGE_SEEN) >= 64:
+            _COVERAGE_SEEN.clear()
+        got = _COVERAGE_SEEN[key] = _coverage_attrs(paths, model)
+    return dict(got)
+
+
+_COVERAGE_SEEN = {}  # paths -> the coverage attributes (strings only: nothing of a model is kept)
+
+
+def _coverage_attrs(paths, model=None) -> dict:
     if model is not None:
         paths = {"hooks": [_own_name(model, k) for k in paths["hooks"]],
                  "func": [_own_name(model, k) for k in paths["func"]],
@@ -341,13 +356,14 @@ def _union_coverage(covered) -> dict:
 def _local_sums(summ, present, with_dev):
     """This process's sums over its examples, in float64 on the host: ``[sum_i |g_i|^2 (L)[, sum_i
     dev_i (L), sum_i dev_i^2 (L), sum_i tot_i, sum_i tot_i^2], |g_bar|^2 (L)]`` (``tot_i`` the
-    total deviation over the layers).  One stack and one transfer from the device; the sums over
-    the examples are then formed on the host (a few L x B numbers)."""
+    total deviation over the layers).  One concatenation and one transfer from the device (converted
+    to float64 on the way); the sums over the examples are then formed on the host (a few L x B
+    numbers)."""
     first = summ[present[0]][2]
     L, B = len(present), first.shape[0]
     rows = [summ[n][2] for n in present] + ([summ[n][3] for n in present] if with_dev else [])
-    g2 = [torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device).reshape(1) for n in present]
-    host = V.to_float64(torch.cat([torch.stack(rows).reshape(-1)] + g2)).cpu().numpy()
+    rows.append(torch.stack([torch.as_tensor(summ[n][1], dtype=first.dtype, device=first.device) for n in present]))
+    host = torch.cat(rows).to("cpu", torch.float64).numpy()
     per_example = host[:-L].reshape(-1, B)  # |g_i|^2 per layer[, then dev_i per layer]
     parts = [per_example[:L].sum(1)]
     if with_dev:
@@ -463,8 +479,8 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
     Parameters the fast path covers (Linear, Conv2d, Embedding, LayerNorm, RMSNorm, tied weights)
     are measured on the step's own backward pass; the others by torch.func for those parameters
     only, before the update (a second, vectorised pass: slower), or skipped with a warning (see
-    :func:`gradient_stats`).  On the first call per model, the fast path's per-example gradients
-    are checked to add up to the step's gradient (:class:`deepmodels.pergrad.LayerCapture`); the
+    :func:`gradient_stats`).  On the first call per model structure (modules, parameters, which are
+    trainable), the fast path's per-example gradients are checked to add up to the step's gradient (:class:`deepmodels.pergrad.LayerCapture`); the
     model's forward pass on the first example (does it take ``x``, how many outputs, does the loss
     give a scalar) is checked once per model structure, input shape and loss function, while the
     inputs, the labels' range and the parameters' finiteness are checked at every call.  Without
@@ -503,7 +519,7 @@ def probed_step(model: nn.Module, loss_fn, x=None, y=None, optimizer=None, *, ba
     ddp = pergrad._ddp_group(model) is not None
     if ddp:
         pergrad._check_syncs(model)
-    reason, summ = V.nonfinite_params(model), None
+    reason, summ = V.nonfinite_params(model, prob.layout.trainable()), None
     if reason is None:
         try:
             blocks, paths, loss = pergrad._measure_params(prob, "auto", frozenset({"dots"} if sem else ()),

@@ -401,8 +401,8 @@ def test_check_reports_small_errors_and_finds_a_broken_handler(monkeypatch, devi
     assert float(ok.max_rel_error.max()) < 1e-10 and ok.attrs["max_rel_error"] < 1e-10
     norm_blocks = pergrad._BLOCKS["layernorm"]
 
-    def broken(m, data, attrs, means, need, B):  # a LayerNorm handler with a wrong squared norm
-        out = norm_blocks(m, data, attrs, means, need, B)
+    def broken(m, data, attrs, means, need, B, scale=1.0):  # a LayerNorm handler with a wrong squared norm
+        out = norm_blocks(m, data, attrs, means, need, B, scale)
         out["weight"]["sq"] = out["weight"]["sq"] * 1.1
         return out
 
