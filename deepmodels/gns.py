@@ -351,11 +351,14 @@ class GradientNoiseScale:
     """The gradient noise scale of every training step, from the step's own backward passes
     (McCandlish et al. 2018, App. A.1; the module docstring has the formulas and assumptions).
 
-    Registers a gradient hook (``Tensor.register_hook``) on each trainable parameter: it keeps the
-    gradient of this backward pass (before accumulation into ``.grad``, before any all-reduce) and,
-    at the end of the backward pass (an autograd engine callback), one fused ``_foreach_norm`` over
-    all of them gives the squared norm of the micro-batch gradient (gradients are held at most
-    64 MiB at a time: larger models take a few fused norms per backward pass).  Every backward pass
+    Registers a gradient hook (``Tensor.register_hook``) on each trainable parameter: it sees the
+    gradient of this backward pass (before accumulation into ``.grad``, before any all-reduce).  On
+    the CPU it takes its norm at once (while the gradient is in cache); on an accelerator it keeps
+    it and, at the end of the backward pass (an autograd engine callback), one fused
+    ``_foreach_norm`` over all of them gives the squared norm of the micro-batch gradient
+    (gradients are held at most 64 MiB at a time: larger models take a few fused norms per backward
+    pass; a held gradient may be the storage the first backward pass of a step leaves in ``.grad``,
+    so nothing may change ``.grad`` in place before that pass ends).  Every backward pass
     through the parameters between two updates counts as one micro-batch (also
     ``torch.autograd.grad`` calls that reach them).
 
