@@ -8,7 +8,8 @@ step on an identical copy of the model with a :class:`deepmodels.gns.GradientNoi
 (its hook in every backward pass, and ``update()`` with its all-reduce before the optimizer step).
 The two are timed alternately, step by step, after a barrier, so a change of machine load hits both;
 prints, from process 0, the median time of each and the median of the per-pair ratios gns / plain
-(target of issue 15: <= 1.1).  Models: an MLP 64-512-512-10 on 32-example micro-batches and a small
+(target of issue 15: <= 1.1), and the same ratio of the CPU time of process 0 (all its threads,
+gloo's included; no waiting), which a loaded machine disturbs less than the wall-clock time.  Models: an MLP 64-512-512-10 on 32-example micro-batches and a small
 transformer encoder (embedding 256 x 128, 2 pre-LayerNorm layers of 4 heads, feed-forward 512,
 sequences of 64 tokens, 8 per micro-batch), random inputs (timing only).
 """
@@ -88,20 +89,22 @@ def _worker(rank, world, names, accum, repeat, port, results):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            times = ([], [])
+            times, cpu = ([], []), ([], [])
             for k in range(repeat + 3):  # 3 warm-up pairs
                 for i in (0, 1):
                     dist.barrier()
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     step(i)
                     if k >= 3:
                         times[i].append(time.perf_counter() - t)
+                        cpu[i].append(time.process_time() - c)
             gns.remove()
             if rank == 0:
                 ratios = [q / p for p, q in zip(*times)]
+                cpu_ratios = [q / p for p, q in zip(*cpu)]
                 n_params = sum(p.numel() for p in models[0].parameters())
                 results.put((name, n_params, statistics.median(times[0]), statistics.median(times[1]),
-                             statistics.median(ratios)))
+                             statistics.median(ratios), statistics.median(cpu_ratios)))
     finally:
         dist.destroy_process_group()
 
@@ -124,10 +127,10 @@ def main(argv=None):
     mp.start_processes(_worker, args=(args.world, names, args.accum, args.repeat, port, results),
                        nprocs=args.world, join=True, start_method="spawn")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    print(f"{'model':<12} {'params':>9} {'plain ms':>9} {'gns ms':>9} {'ratio':>6}")
+    print(f"{'model':<12} {'params':>9} {'plain ms':>9} {'gns ms':>9} {'ratio':>6} {'cpu ratio':>9}")
     while not results.empty():
-        name, n, t0, t1, r = results.get()
-        print(f"{name:<12} {n:>9} {1e3 * t0:>9.2f} {1e3 * t1:>9.2f} {r:>6.3f}")
+        name, n, t0, t1, r, rc = results.get()
+        print(f"{name:<12} {n:>9} {1e3 * t0:>9.2f} {1e3 * t1:>9.2f} {r:>6.3f} {rc:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -351,11 +351,14 @@ class GradientNoiseScale:
     """The gradient noise scale of every training step, from the step's own backward passes
     (McCandlish et al. 2018, App. A.1; the module docstring has the formulas and assumptions).
 
-    Registers a gradient hook (``Tensor.register_hook``) on each trainable parameter: it keeps the
-    gradient of this backward pass (before accumulation into ``.grad``, before any all-reduce) and,
-    at the end of the backward pass (an autograd engine callback), one fused ``_foreach_norm`` over
-    all of them gives the squared norm of the micro-batch gradient (gradients are held at most
-    64 MiB at a time: larger models take a few fused norms per backward pass).  Every backward pass
+    Registers a gradient hook (``Tensor.register_hook``) on each trainable parameter: it sees the
+    gradient of this backward pass (before accumulation into ``.grad``, before any all-reduce).  On
+    the CPU it takes its norm at once (while the gradient is in cache); on an accelerator it keeps
+    it and, at the end of the backward pass (an autograd engine callback), one fused
+    ``_foreach_norm`` over all of them gives the squared norm of the micro-batch gradient
+    (gradients are held at most 64 MiB at a time: larger models take a few fused norms per backward
+    pass; a held gradient may be the storage the first backward pass of a step leaves in ``.grad``,
+    so nothing may change ``.grad`` in place before that pass ends).  Every backward pass
     through the parameters between two updates counts as one micro-batch (also
     ``torch.autograd.grad`` calls that reach them).
 
@@ -411,15 +414,24 @@ class GradientNoiseScale:
         self._handles = [p.register_hook(self._record) for p in self.params]
 
     def _record(self, grad: torch.Tensor) -> None:
-        """Tensor hook of every parameter: keep this backward's gradient (before accumulation) for one
-        fused norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held)."""
+        """Tensor hook of every parameter: the norm of this backward's gradient (before accumulation).
+        On the CPU it is taken at once, while the gradient is in cache (``_foreach_norm`` is a loop of
+        per-tensor norms there, with the same results); elsewhere the gradient is kept for one fused
+        norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held)."""
         task = torch._C._current_graph_task_id()
-        if task != self._task:  # first gradient of this backward pass: take the norms when it ends
+        if task != self._task:  # first gradient of this backward pass: close it when it ends
             self._pending, self._pending_bytes, self._current = [], 0, []  # left by a backward that failed
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._task = task
-        self._pending.append(grad)
-        self._pending_bytes += grad.numel() * grad.element_size()
+        if grad.is_cpu:
+            dtype = self._dtype
+            self._current.append(torch.linalg.vector_norm(grad) if grad.dtype == dtype else
+                                 torch.linalg.vector_norm(grad, dtype=dtype))
+            return
+        # an alias, not ``grad`` itself: holding the tensor the engine passes would make the first
+        # micro-batch's accumulation (into a ``.grad`` that is None) copy it instead of taking it over
+        self._pending.append(grad.detach())
+        self._pending_bytes += grad.nbytes
         if self._pending_bytes > _FLUSH_BYTES:
             self._flush()
 
@@ -440,18 +452,27 @@ class GradientNoiseScale:
         """[sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M backward passes (float64 tensor).
         On the CPU through Python floats (one copy; fewer small kernels), else on the device (no
         synchronisation inside the backward pass)."""
-        m = len(micro)
-        scale = float(m) ** 2 if self.accumulation == "mean" else 1.0  # |g_j|^2 = M^2 |hook gradient|^2
         if not (micro[0][0].device.type != "cpu" if on_device is None else on_device):
-            values = torch.stack([v for norms in micro for v in norms]).tolist()
-            a, start = [], 0
-            for norms in micro:
-                a.append(scale * math.fsum(v * v for v in values[start:start + len(norms)]))
-                start += len(norms)
-            return torch.tensor([math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)],
+            return torch.tensor(self._python_sums(torch.stack([v for norms in micro for v in norms]).tolist(), micro),
                                 dtype=torch.float64)
-        a = torch.stack([V.to_float64(torch.stack(norms)).square().sum() for norms in micro]) * scale
+        m = len(micro)
+        a = torch.stack([V.to_float64(torch.stack(norms)).square().sum() for norms in micro]) * self._scale(m)
         return torch.stack([a.sum(), a.square().sum(), a.new_tensor(float(m)), a.new_tensor(float(m * m))])
+
+    def _scale(self, m: int) -> float:
+        """|g_j|^2 / |hook gradient of pass j|^2: M^2 where each loss was divided by M."""
+        return float(m) ** 2 if self.accumulation == "mean" else 1.0
+
+    def _python_sums(self, values: list, micro, start: int = 0) -> list:
+        """:meth:`_local_sums` from the norms of ``micro`` as Python floats, ``values[start:]`` (in
+        the order of ``micro``), summed exactly rounded (``math.fsum``)."""
+        m, scale = len(micro), self._scale(len(micro))
+        a = []
+        for norms in micro:
+            stop = start + len(norms)
+            a.append(scale * math.fsum(v * v for v in values[start:stop]))
+            start = stop
+        return [math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)]
 
     def _launch(self) -> None:
         """Start the all-reduce of the local sums at the end of DDP's synchronizing backward pass: it
@@ -488,9 +509,21 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        big_sq = float(V.to_float64(torch.stack(_norms(grads, self._dtype))).square().sum())
+        big = _norms(grads, self._dtype)  # before waiting for the all-reduce: it runs meanwhile
+        joined = self._joined(micro)
+        if big[0].device.type == "cpu":  # every norm to a Python float in one copy
+            if joined is None:
+                values = torch.stack([*big, *(v for norms in micro for v in norms)]).tolist()
+                sum_sq, sum_sq2, n, m_sq = self._python_sums(values, micro, start=len(big))
+            else:
+                values = torch.stack(big).tolist()
+                sum_sq, sum_sq2, n, m_sq = joined.tolist()
+            big_sq = math.fsum(v * v for v in values[:len(big)])
+        else:  # on the device, one synchronisation
+            joined = self._local_sums(micro, on_device=True) if joined is None else joined
+            big_t = V.to_float64(torch.stack(big)).square().sum().reshape(1)
+            sum_sq, sum_sq2, n, m_sq, big_sq = torch.cat([joined, big_t.to(joined.device)]).tolist()
         big_sq /= 1.0 if self.accumulation == "mean" else m_local**2
-        sum_sq, sum_sq2, n, m_sq = self._join(micro)
         n = int(round(n))
         if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
             raise ValueError(f"`model` must run the same number of backward passes on every process between updates; "
@@ -513,20 +546,21 @@ class GradientNoiseScale:
         return GNSEstimate(step=step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step, **smooth,
                            model=self.model_name, diverged=reason)
 
-    def _join(self, micro) -> list:
-        """The step's [sum |g_j|^2, sum |g_j|^4, n, sum M_r^2] over the processes: the all-reduce
-        started at the end of DDP's synchronizing backward pass if it covers this process's ``micro``,
-        else one all-reduce of the local sums now (none on a single process)."""
+    def _joined(self, micro) -> torch.Tensor | None:
+        """The step's [sum |g_j|^2, sum |g_j|^4, n, sum M_r^2] over the processes (float64 tensor):
+        the all-reduce started at the end of DDP's synchronizing backward pass if it covers this
+        process's ``micro``, else one all-reduce of the local sums now; ``None`` on a single process
+        (the caller sums its own norms)."""
         work, self._work = self._work, None
-        if work is not None and work[2] == len(micro):  # started at the end of DDP's synchronizing backward pass
-            work[0].wait()
-            return work[1].tolist()
         if work is not None:
             work[0].wait()
+            if work[2] == len(micro):  # started at the end of DDP's synchronizing backward pass
+                return work[1]
+        if self.world_size == 1:
+            return None
         t = self._local_sums(micro) if micro else torch.zeros(4, dtype=torch.float64)
-        if self.world_size > 1:
-            _dist().all_reduce(t, group=self.process_group)
-        return t.tolist()
+        _dist().all_reduce(t, group=self.process_group)
+        return t
 
     @validate()
     def skip(self) -> None:
@@ -540,7 +574,7 @@ class GradientNoiseScale:
             raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
         micro, self._micro = self._micro, []
         if self.world_size > 1:
-            self._join(micro)
+            self._joined(micro)
         else:
             self._drop_work()
 

@@ -282,6 +282,51 @@ def test_public_api_is_registered():
         assert hasattr(fn, "__constraints__"), fn.__name__
 
 
+
+def test_validate_shortcut_binds_as_signature_bind():
+    """The decorator binds a plain signature (no *args, **kwargs, positional-only) without
+    Signature.bind: every call must pass the same converted values, or raise the same error, as
+    binding with Signature.bind and then checking."""
+    import inspect
+
+    from toymodels._validate import Integer, Real, validate
+
+    checks = {"a": Integer(1, 10), "c": Real(0.0, 1.0), "d": Integer(0, 5)}
+    seen = []
+
+    def f(a, b=2, c=0.5, *, d=1, e=None):
+        seen.append((a, b, c, d, e))
+
+    decorated = validate(**checks)(f)
+    REGISTRY.pop(f"{f.__module__}.{f.__qualname__}")
+
+    def reference(args, kwargs):
+        try:
+            bound = inspect.signature(f).bind(*args, **kwargs)
+        except TypeError as err:
+            return TypeError, f"{f.__qualname__}(): {err}"
+        try:
+            for arg, check in checks.items():
+                if arg in bound.arguments:
+                    bound.arguments[arg] = check(arg, bound.arguments[arg])
+        except (TypeError, ValueError) as err:
+            return type(err), str(err)
+        f(*bound.args, **bound.kwargs)
+        return seen.pop()
+
+    calls = [((3,), {}), ((3.0, 4), {"d": 2.0}), ((), {"a": 3, "c": 1}), ((3, 4, 0.25), {"e": "x"}),
+             ((3, "b", 1, ), {"e": 1, "d": 0}), ((), {}), ((1, 2, 0.5, 4), {}), ((1,), {"a": 2}), ((1,), {"z": 0}),
+             ((), {"b": 1}), ((0,), {}), ((2,), {"c": 2.0}), ((2,), {"d": -1}), ((2, 3, "x"), {}), ((True,), {})]
+    for args, kwargs in calls:
+        want = reference(args, dict(kwargs))
+        try:
+            decorated(*args, **kwargs)
+            got = seen.pop()
+        except (TypeError, ValueError) as err:
+            got = type(err), str(err)
+        assert got == want and [type(v) for v in got] == [type(v) for v in want], (args, kwargs, got, want)
+
+
 # ------------------------------------------------------------------------------------------------
 # issue 12: errors that did not name the argument
 # ------------------------------------------------------------------------------------------------

@@ -482,6 +482,34 @@ REGISTRY: dict = {}
 ``function.__constraints__``)."""
 
 
+class _PlainBinding:
+    """How a call binds to a signature without ``*args``, ``**kwargs`` or positional-only parameters,
+    decided as ``Signature.bind`` decides it (a per-step call pays a few set operations, not a
+    ``BoundArguments``): ``index[name]`` is the position of a constrained argument (``inf`` for a
+    keyword-only one)."""
+
+    def __init__(self, sig, constraints):
+        params = list(sig.parameters.values())
+        self.positional = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+        self.names = frozenset(sig.parameters)
+        self.required = frozenset(p.name for p in params if p.default is p.empty)
+        self.index = {a: self.positional.index(a) if a in self.positional else math.inf for a in constraints}
+
+    def binds(self, args, kwargs) -> bool:
+        """Whether ``Signature.bind(*args, **kwargs)`` succeeds (else the caller binds, for the message)."""
+        if len(args) > len(self.positional):
+            return False
+        given = self.positional[:len(args)]
+        keys = kwargs.keys()
+        return keys <= self.names and keys.isdisjoint(given) and self.required <= keys | set(given)
+
+
+def _plain_binding(sig, constraints) -> _PlainBinding | None:
+    kinds = {p.kind for p in sig.parameters.values()}
+    return _PlainBinding(sig, constraints) if kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY} else None
+
+
 def validate(**constraints):
     """Decorator: check the named arguments of every call against their declared constraints and
     pass the converted values on (arguments left at their default are not checked).  Registers
@@ -492,9 +520,19 @@ def validate(**constraints):
         unknown = set(constraints) - set(sig.parameters)
         if unknown:
             raise TypeError(f"validate: {func.__qualname__} has no argument(s) {sorted(unknown)}")
+        plain = _plain_binding(sig, constraints)
 
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
+            if plain is not None and plain.binds(args, kwargs):  # a call per step costs no Signature.bind
+                args = list(args)
+                for arg, check in constraints.items():
+                    i = plain.index[arg]
+                    if i < len(args):
+                        args[i] = check(arg, args[i])
+                    elif arg in kwargs:
+                        kwargs[arg] = check(arg, kwargs[arg])
+                return func(*args, **kwargs)
             try:
                 bound = sig.bind(*args, **kwargs)
             except TypeError as err:
