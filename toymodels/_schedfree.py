@@ -140,8 +140,9 @@ def scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, chunk=PARALLEL_CHUNK, 
     loss is the blocks' losses added, another order than :func:`_loss`: a relative difference below
     d x 2^-52 for a loss of non-negative terms.  A chunk in which any step's loss comes within ``TIE``
     (relative) of the target or of the divergence limit, or is not finite, is stepped again serially
-    from its start, so the result is exactly the serial scan's: the same first crossing, the same loss
-    at it (and at k1), the same divergence.  ``n_blocks``: threads (default: numba's thread count, at
+    from its start up to that step (the threaded scan going on from there if it was no event), so the
+    result is exactly the serial scan's: the same first crossing, the same loss at it (and at k1), the
+    same divergence.  ``n_blocks``: threads (default: numba's thread count, at
     most the cores, at least 2048 modes each)."""
     d = h.shape[0]
     if n_blocks is None:
@@ -166,8 +167,10 @@ def scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, chunk=PARALLEL_CHUNK, 
             for f in others:
                 f.result()
             total = out[:, :n].sum(axis=0)
-            if not np.all((total > low) & (total < high)):  # an event (or a near tie) in this chunk: serially
+            flagged = np.flatnonzero(~((total > low) & (total < high)))
+            if flagged.size:  # an event (or a near tie) at step k + j + 1: serially from k up to it
                 zz[:], zx[:], xx[:] = start
+                n = int(flagged[0]) + 1
                 k_hit, loss = _scan_below(p, r, g, h, zz, zx, xx, k, k + n, target, uniform, lost)
                 if k_hit != -1:
                     return k_hit, loss
