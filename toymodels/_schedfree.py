@@ -24,7 +24,11 @@ References:
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
+import numba
+import numpy as np
 from numba import njit
 
 # A scan with a positive target stops as diverged once the loss exceeds LOST_GROWTH x target (or x the
@@ -34,6 +38,15 @@ from numba import njit
 # grow by 10^38 in the first hundred updates, while the averaging weight is large, and fall back to a
 # spurious value below the target through cancellation).
 LOST_GROWTH = 1e-6 / 2.220446049250313e-16
+
+# :func:`scan` steps the moments on all threads from this many modes (below, thread start-up and the
+# parallel kernel's compile outweigh the gain), ``PARALLEL_CHUNK`` updates per launch (the first chunk
+# serially: a short scan pays no thread start-up), and re-checks serially a chunk whose summed loss
+# comes within ``TIE`` (relative) of the target or the divergence limit: a loss of d non-negative terms
+# summed in two orders differs by less than d x 2^-52 relative (1e-8 covers d up to ~4 x 10^7).
+PARALLEL_MIN_MODES = 4096
+PARALLEL_CHUNK = 512
+TIE = 1e-8
 
 
 def coefficients(h, q, lr, beta, weight_decay=0.0):
@@ -74,17 +87,29 @@ def _update(p, r, g, zz, zx, xx, c):
 
 
 @njit(cache=True, nogil=True)
+def _lost_limit(h, xx, target):
+    """The loss above which a scan with this ``target`` stops as diverged, from the moments at its
+    first step: ``LOST_GROWTH`` x max(target, L), or inf without a positive target."""
+    if target > 0.0:
+        return LOST_GROWTH * max(target, _loss(h, xx))
+    return math.inf
+
+
+@njit(cache=True, nogil=True)
 def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
     """Step the moments ``zz, zx, xx`` ((d,) each, at step k0, updated in place) to step k1 and return
     ``(k, loss)``: k the first step in [k0, k1] with loss <= target (the moments are then at k), -1
     if none (the loss at k1), or -2 if the loss overflowed or (a target > 0) exceeded
     ``LOST_GROWTH`` x max(target, loss at k0) before crossing it."""
+    return _scan_below(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, _lost_limit(h, xx, target))
+
+
+@njit(cache=True, nogil=True)
+def _scan_below(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, lost):
+    """:func:`_scan` with its divergence limit ``lost`` given (a scan resumed at k0 keeps its first one)."""
     k = k0
-    lost = math.inf
     while True:
         loss = _loss(h, xx)
-        if k == k0 and target > 0.0:
-            lost = LOST_GROWTH * max(target, loss)
         if not math.isfinite(loss) or loss > lost:
             return -2, math.inf
         if loss <= target:
@@ -93,6 +118,64 @@ def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
             return -1, loss
         _update(p, r, g, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
         k += 1
+
+
+@njit(cache=True, nogil=True)
+def _advance(p, r, g, h, zz, zx, xx, k0, n, uniform, out):
+    """Step the moments (in place) n updates from step k0 (:func:`_update`), the loss at step k0 + j + 1
+    in ``out[j]`` (:func:`_loss`); on a block of modes, called with slices."""
+    for j in range(n):
+        _update(p, r, g, zz, zx, xx, 1.0 / (k0 + j + 2.0) if uniform else 1.0)
+        out[j] = _loss(h, xx)
+
+
+def scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, chunk=PARALLEL_CHUNK, n_blocks=None):
+    """:func:`_scan`, its moments stepped on all threads for a model of at least ``PARALLEL_MIN_MODES``
+    modes (non-negative curvatures) once it runs past its first ``chunk`` updates; same arguments
+    and result.
+
+    The threaded part steps blocks of modes side by side, ``chunk`` updates at a time (:func:`_advance`
+    releases the GIL; a block's moments stay in its core's cache for the whole chunk).  The moments
+    are those of the serial scan bit for bit (every mode's update is the same operations), but the
+    loss is the blocks' losses added, another order than :func:`_loss`: a relative difference below
+    d x 2^-52 for a loss of non-negative terms.  A chunk in which any step's loss comes within ``TIE``
+    (relative) of the target or of the divergence limit, or is not finite, is stepped again serially
+    from its start up to that step (the threaded scan going on from there if it was no event), so the
+    result is exactly the serial scan's: the same first crossing, the same loss at it (and at k1), the
+    same divergence.  ``n_blocks``: threads (default: numba's thread count, at
+    most the cores, at least 2048 modes each)."""
+    d = h.shape[0]
+    if n_blocks is None:
+        n_blocks = min(numba.get_num_threads(), os.cpu_count() or 1, d // 2048)
+    if d < PARALLEL_MIN_MODES or n_blocks < 2 or k1 - k0 <= chunk or not np.all(h >= 0.0):
+        return _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform)
+    lost = _lost_limit(h, xx, target)
+    k, loss = _scan_below(p, r, g, h, zz, zx, xx, k0, k0 + chunk, target, uniform, lost)  # short scans: serial
+    if k != -1:
+        return k, loss
+    k = k0 + chunk
+    bounds = np.linspace(0, d, n_blocks + 1).astype(np.int64)
+    blocks = [tuple(a[lo:hi] for a in (p, r, g, h, zz, zx, xx)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    out = np.empty((n_blocks, chunk))
+    low, high = target * (1.0 + TIE), lost * (1.0 - TIE)
+    with ThreadPoolExecutor(n_blocks - 1) as pool:
+        while k < k1:
+            n = min(chunk, k1 - k)
+            start = (zz.copy(), zx.copy(), xx.copy())
+            others = [pool.submit(_advance, *blocks[b], k, n, uniform, out[b]) for b in range(1, n_blocks)]
+            _advance(*blocks[0], k, n, uniform, out[0])  # the first block on this thread
+            for f in others:
+                f.result()
+            total = out[:, :n].sum(axis=0)
+            flagged = np.flatnonzero(~((total > low) & (total < high)))
+            if flagged.size:  # an event (or a near tie) at step k + j + 1: serially from k up to it
+                zz[:], zx[:], xx[:] = start
+                n = int(flagged[0]) + 1
+                k_hit, loss = _scan_below(p, r, g, h, zz, zx, xx, k, k + n, target, uniform, lost)
+                if k_hit != -1:
+                    return k_hit, loss
+            k += n
+    return _scan_below(p, r, g, h, zz, zx, xx, k1, k1, target, uniform, lost)
 
 
 @njit(cache=True, nogil=True)

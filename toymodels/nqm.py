@@ -613,15 +613,15 @@ class NQM:
         return -1, f"not reached within max_steps={k_stop}"
 
     def _schedule_free(self, optimizer, lr, batch_size, k0, k1, target):
-        """:func:`toymodels._schedfree._scan` of ``optimizer`` (a ScheduleFree) at a constant
+        """:func:`toymodels._schedfree.scan` of ``optimizer`` (a ScheduleFree) at a constant
         ``lr`` and batch size from step 0 over [k0, k1]: ``(first k with L_k <= target or -1 or -2, loss)``."""
         p, r, g = _schedfree.coefficients(self.h, self.c / batch_size, lr, optimizer.beta, optimizer.weight_decay)
         zz, zx, xx = (self.init_sq.astype(np.float64) for _ in range(3))
         uniform = optimizer.averaging == "uniform"
         if k0 > 0:
-            _schedfree._scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
+            _schedfree.scan(p, r, g, self.h, zz, zx, xx, 0, k0, -math.inf, uniform)
         with np.errstate(over="ignore", invalid="ignore"):
-            return _schedfree._scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
+            return _schedfree.scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
 
     def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
         """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that

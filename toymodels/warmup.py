@@ -23,7 +23,8 @@ import sys
 __all__ = ["start", "cold"]
 
 # a tiny run of the public API that compiles what a tuned sweep and a schedule sweep need after the
-# tuner's own kernels: the exact first crossing and its bounds, the loss curve, the schedule search
+# tuner's own kernels: the exact first crossing and its bounds, the loss curve, the schedule search,
+# schedule-free SGD's exact scan
 _SCRIPT = """
 from toymodels import NQM, SGD, Momentum
 from toymodels.sweep import tune_schedule
@@ -35,6 +36,11 @@ for opt in (SGD(0.5), Momentum(0.2, 0.8)):
     mf.first_crossing(t, 10**6)
     mf.loss([0, 1, 2])
 tune_schedule(nqm, 8.0, t, n_pieces=3, coarse=False)
+import numpy as np
+from toymodels import _schedfree as sf  # schedule-free's exact scans, serial and threaded (a sweep's last)
+a = np.ones(4)
+sf._scan(a, a, a, a, a.copy(), a.copy(), a.copy(), 0, 1, 1.0, True)
+sf._advance(a, a, a, a, a.copy(), a.copy(), a.copy(), 0, 1, True, np.empty(1))
 """
 
 
