@@ -750,10 +750,9 @@ class GaussianLinearRegression:
                     what=f"one step's inputs, {n_runs} runs x {b_max} examples x {self.dim} features")
         # the spec's own system: the drive of weight decay is added to each gradient
         loss, gsq, base = simulate_regression(
-            None, None, None, self.h, self.noise_std, draws, optimizer.readout, optimizer.init, -self.w_star,
-            optimizer.lr.values(n), ks, n_runs, rng, progress=None if bar is None else bar.update,
-            drive=self._weight_decay(optimizer) * self.w_star, parts=optimizer.parts(self.h),
-            cs=optimizer.coefficients(np.arange(n)),
+            optimizer.parts(self.h), optimizer.coefficients(np.arange(n)), self.h, self.noise_std, draws,
+            optimizer.readout, optimizer.init, -self.w_star, optimizer.lr.values(n), ks, n_runs, rng,
+            progress=None if bar is None else bar.update, drive=self._weight_decay(optimizer) * self.w_star,
         )
         if bar is not None:
             bar.close()

@@ -247,12 +247,15 @@ def _chunks(sizes, budget):
     return out
 
 
-def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e0, lrs, record, n_runs, rng, *,
-                        progress=None, drive=None, parts=None, cs=None):
+def simulate_regression(parts, cs, lam, noise_std, batch_size, readout, init, e0, lrs, record, n_runs, rng, *,
+                        progress=None, drive=None):
     """Simulate ``n_runs`` runs of an optimizer on online Gaussian linear regression.
 
     Args:
-        A0, A1, b1: the optimizer's affine system on h = lam (as for the NQM); None with ``parts``.
+        parts, cs: the optimizer's system on h = lam, as :func:`simulate_varying_system`:
+            ``(P0, P1, Q0, Q1, R0, R1)`` (:meth:`toymodels.optimizers.Optimizer.parts`; a constant
+            optimizer has P1 = Q1 = R1 = 0) and the ``(n,)`` weights c_k (zeros for a constant one).
+            The gradient is taken at state entry 0 (e.g. schedule-free SGD's y).
         lam: ``(d,)`` input covariance eigenvalues.
         noise_std: label noise standard deviation.
         batch_size: B, examples per step (an int), or ``(n,)`` ints B_k: update k draws B_k examples.
@@ -261,18 +264,12 @@ def simulate_regression(A0, A1, b1, lam, noise_std, batch_size, readout, init, e
         e0: ``(d,)`` the error w_0 - w* (deterministic).
         lrs, record, n_runs, rng, progress: as in :func:`simulate_linear_system`.
         drive: optional ``(d,)`` constant added to every update's gradient (coupled weight decay of
-            theta = e + w*: ``A1`` holds wd e, ``drive`` = wd w*).
-        parts, cs: a system that changes at every update instead of (A0, A1, b1), as
-            :func:`simulate_varying_system`: ``(P0, P1, Q0, Q1, R0, R1)`` and the ``(n,)`` weights c_k.
-            The gradient is taken at state entry 0 (e.g. schedule-free SGD's y).
+            theta = e + w*: ``parts`` hold wd e, ``drive`` = wd w*).
 
     Returns:
         ``(loss, grad_sq, base_loss)``, each ``(len(record), n_runs)``: the excess risk at the
         readout, |Sigma e|^2 and the excess risk at the gradient point (state entry 0).
     """
-    if parts is None:
-        parts = (A0, np.zeros_like(A0), A1, np.zeros_like(A1), b1, np.zeros_like(b1))
-        cs = np.zeros(lrs.size)
     parts = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in parts)
     cs = np.ascontiguousarray(cs, dtype=np.float64)
     d, s = parts[4].shape
