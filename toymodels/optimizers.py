@@ -369,6 +369,14 @@ def _jury_limit(a0, a1):
     return limit
 
 
+class _JuryLimited(Optimizer):
+    """A two-state spec whose stability limit is :func:`_jury_limit` of its own (A0, A1)."""
+
+    def _lr_limit(self, h):
+        a0, a1, _ = self._affine(h)
+        return _jury_limit(a0, a1)
+
+
 @validate_init(lr=LEARNING_RATE, beta=_UNIT, precond=Real(0.0, 1.0), weight_decay=_WD)
 @dataclass(frozen=True)
 class Nesterov(_TwoStateMomentum):
@@ -416,7 +424,7 @@ class Nesterov(_TwoStateMomentum):
 @validate_init(lr=LEARNING_RATE, kappa=Real(1.0, math.inf, high_open=True), xi=Real(0.0, math.inf, low_open=True,
                high_open=True), small_const=Real(0.0, 1.0, low_open=True), weight_decay=_WD)
 @dataclass(frozen=True)
-class AcceleratedSGD(Optimizer):
+class AcceleratedSGD(_JuryLimited):
     """Accelerated SGD (ASGD) of Kidambi, Netrapalli, Jain and Kakade 2018 (Algorithm 1).
 
     Four parameters: the short step ``lr`` (delta), the long-step parameter ``kappa`` >= 1, the
@@ -483,10 +491,6 @@ class AcceleratedSGD(Optimizer):
         b1[:, 1] = -(1.0 - alpha) * long
         return a0, a1, b1
 
-    def _lr_limit(self, h):
-        a0, a1, _ = self._affine(h)
-        return _jury_limit(a0, a1)
-
     @property
     def momentum_form(self):
         """An optimizer spec whose loss equals this one's at every step: state (w, m), m_0 = 0,
@@ -519,7 +523,7 @@ class AcceleratedSGD(Optimizer):
 
 
 @dataclass(frozen=True)
-class _MomentumForm(Optimizer):
+class _MomentumForm(_JuryLimited):
     """The two-state system of :attr:`AcceleratedSGD.momentum_form` (gradient weight ``gamma``,
     momentum ``beta``): w' = w - gamma a g(w) + beta m, m' = beta m - (gamma - 1) a g(w), state
     (w, m) from (theta_0, 0), the loss read at w."""
@@ -554,10 +558,6 @@ class _MomentumForm(Optimizer):
         b1[:, 0] = -gamma
         b1[:, 1] = -(gamma - 1.0)
         return a0, a1, b1
-
-    def _lr_limit(self, h):
-        a0, a1, _ = self._affine(h)
-        return _jury_limit(a0, a1)
 
     @property
     def hyperparameters(self):
