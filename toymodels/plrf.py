@@ -733,8 +733,9 @@ def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
         horizontal cut), the value of both II and III there.
 
     IVa and IVb are this derivation's only: no statement of the paper or of the authors' code for
-    them could be read.  The paper's universal d* ~ F^(1/2) region (independent of a and b) is here
-    Ib, III and IVa.  The exact risks agree with rows Ia, II and III at d <= 4096 and approach
+    them could be read.  The paper reports a region of universal d* ~ F^(1/2) (independent of a and
+    b); here that is Ib, III and IVa (which phases the paper's region covers could not be read).  The
+    exact risks agree with rows Ia, II and III at d <= 4096 and approach
     Ib, Ic, IVa and IVb slowly (:func:`plrf_frontier`).
 
     On the line a = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi jumps from 1/2 to
