@@ -388,10 +388,17 @@ class Probe:
         fit for ``torch.save`` and JSON); writes the file first, so it holds every row of the state.
         Steps deferred since the last row are joined first (under ``torch.distributed`` every process
         must then call it, as the trainers do)."""
-        if self.estimator.n_deferred:
+        return self._state(join=True)
+
+    def _state(self, join: bool) -> dict:
+        if self.estimator.n_deferred and join:
             self.estimator.sync()
+        elif self.estimator.n_deferred:  # a caller on one process only cannot join the others
+            warnings.warn(f"the state saved at step {self.n_steps} leaves out the {self.estimator.n_deferred} "
+                          "step(s) deferred since the last row (a resumed run's EMA misses them).", RuntimeWarning,
+                          stacklevel=3)
         self.flush()
-        return {"estimator": self.estimator.state_dict(), "n_steps": self.n_steps, "every": self.every,
+        return {"estimator": self.estimator._state(), "n_steps": self.n_steps, "every": self.every,
                 "rows": [dataclasses.asdict(r) for r in self.rows], "stats_every": self.stats_every,
                 "stats_rows": [dict(r) for r in self.stats_rows]}
 
@@ -585,7 +592,10 @@ def _hf_probe():
         as the Trainer clips before this hook), every ``every`` steps appended to
         ``state.log_history`` (``gns/<name>`` and ``step`` = ``state.global_step``) and written to
         ``path`` (netCDF); its state (EMA, rows) is saved with every checkpoint and restored with
-        ``restore_callback_states_from_checkpoint=True``.  Arguments as
+        ``restore_callback_states_from_checkpoint=True`` (the Trainer asks for the state on process 0
+        only, so under ``torch.distributed`` the steps deferred since the last row are joined on
+        every process before: at ``on_step_end`` and ``on_epoch_end`` when the Trainer is about to
+        save, and at ``on_evaluate``).  Arguments as
         :func:`deepmodels.callbacks.probing`'s; the module ``deepmodels.callbacks`` describes the
         estimate and the file.  The micro-batch size is read from the model's forward passes.  A
         model whose ``forward`` takes ``**kwargs`` gets ``num_items_in_batch`` from the Trainer and
@@ -657,6 +667,23 @@ def _hf_probe():
             if metrics and state.is_world_process_zero:
                 state.log_history.append({**metrics, "step": step})
 
+        def on_step_end(self, args, state, control, **kwargs):
+            """Before a checkpoint (``control.should_save``), join the steps deferred since the last
+            row on every process: the Trainer asks for :meth:`state` on process 0 only."""
+            self._join_if(control.should_save)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            """As :meth:`on_step_end` (a checkpoint at the end of an epoch)."""
+            self._join_if(control.should_save)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            """Join the deferred steps (a checkpoint of the best model may follow an evaluation)."""
+            self._join_if(True)
+
+        def _join_if(self, saving):
+            if saving and self.probe is not None and self.probe._open and self.probe.estimator.n_deferred:
+                self.probe.estimator.sync()
+
         def on_train_end(self, args, state, control, **kwargs):
             """Write the remaining rows and remove the probe's hooks."""
             self.probe.close()
@@ -667,7 +694,7 @@ def _hf_probe():
         def state(self) -> dict:
             """The callback's arguments (JSON: ``stats_loss_fn`` left out) and the probe's state, as
             Hugging Face's ``ExportableState`` saves them."""
-            saved = self.probe.state_dict() if self.probe is not None else self.saved
+            saved = self.probe._state(join=False) if self.probe is not None else self.saved  # process 0 only
             return {"args": {k: v for k, v in self.settings.items() if k != "stats_loss_fn"},
                     "attributes": {"saved": saved}}
 

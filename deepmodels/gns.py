@@ -13,8 +13,15 @@ over M micro-batches of b examples on W processes has both for free: each backwa
 micro-batch gradient g_j (B_small = b; |G_small|^2 = the mean of |g_j|^2 over the n = M W
 micro-batches) and the accumulated, all-reduced ``.grad`` is their mean (B_big = b M W).
 :class:`GradientNoiseScale` records |g_j|^2 with a gradient hook in every backward pass and reads
-|G_big|^2 from ``.grad`` after the last one; one all-reduce of four numbers per step joins the
-processes.  The formulas are :func:`toymodels.stats.two_batch_estimates`.
+|G_big|^2 from ``.grad`` after the last one (already all-reduced, the same on every process).  The
+estimates need, besides |G_big|^2, only the sums over the processes of sum |g_j|^2, sum |g_j|^4, M
+and M^2: one all-reduce of six numbers (those and a check that the processes hold the same steps)
+joins the processes at a step; or, with ``update(..., sync=False)``, a process keeps its step's sums
+without communicating and a later synchronizing call joins all the deferred steps by one more
+all-reduce of a (k, 4) array, then replays them in order (per-step estimates, checks, EMA updates:
+the EMA of squares is not linear in the per-step values, so each step's joined values are replayed
+rather than per-process EMAs summed), so the results are those of joining every step.  The formulas
+are :func:`toymodels.stats.two_batch_estimates`.
 
 One step's estimates are noisy (n is small); the paper recommends the ratio of exponential moving
 averages of tr Sigma and |G|^2 (not the average of the per-step ratios), which
@@ -61,8 +68,8 @@ the true B_simple in 95% of them where R +- 1.96 SE covers it in about 92%.
 Assumptions: the loss of each micro-batch is divided by the number M of backward passes between
 two :meth:`GradientNoiseScale.update` calls (``accumulation="mean"``, the usual
 ``(loss / M).backward()``; ``"sum"`` for losses that are not divided), every process runs the same
-M and the same micro-batch size b and calls ``update`` (it all-reduces: a process that skips it
-stalls the others), ``.grad`` is zeroed after each optimizer step and not yet clipped or unscaled
+M and the same micro-batch size b and calls ``update`` with the same ``sync`` (it all-reduces: a
+process that skips it stalls the others), ``.grad`` is zeroed after each optimizer step and not yet clipped or unscaled
 when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
 backward pass (DDP does this; a bare module in an initialized process group is assumed to be
 wrapped by DDP elsewhere, as Lightning and Hugging Face do).  Norms are
@@ -384,18 +391,22 @@ class GradientNoiseScale:
     ``torch.autograd.grad`` calls that reach them).
 
     :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
-    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of four numbers (given the DDP
-    wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce;
-    given the bare module: in ``update``), and returns a :class:`GNSEstimate`; :meth:`skip` in its
-    place leaves a step out (no EMA update), :meth:`discard` forgets backward passes that were no
-    micro-batches (e.g. a probe's).  Usable as a context manager (the hooks are removed on exit)::
+    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of six numbers (given the DDP
+    wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce, while
+    no step is deferred; given the bare module: in ``update``), and returns a :class:`GNSEstimate`;
+    :meth:`skip` in its place leaves a step out (no EMA update), :meth:`discard` forgets backward
+    passes that were no micro-batches (e.g. a probe's).  ``update(b, sync=False)`` defers the step
+    (no communication, returns ``None``); the next ``update`` with ``sync=True`` (or :meth:`sync`)
+    joins every deferred step by one all-reduce more and replays them exactly (:attr:`synced`), which
+    saves the per-step all-reduce where the estimates are read only every N steps.  Usable as a
+    context manager (the hooks are removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
             for step in range(n):
                 for m in range(M):
                     with ddp_model.no_sync() if m < M - 1 else contextlib.nullcontext():
                         (loss_fn(ddp_model(x[m]), y[m]) / M).backward()
-                est = gns.update(micro_batch_size=b)
+                est = gns.update(micro_batch_size=b, sync=step % 10 == 0)  # None on the other steps
                 optimizer.step(); optimizer.zero_grad()
 
     Args:
@@ -408,6 +419,11 @@ class GradientNoiseScale:
         accumulation: ``"mean"``: every micro-batch loss is divided by M (the number of backward
             passes between two updates), so ``.grad`` is the mean gradient; ``"sum"``: the losses
             are not divided and ``.grad`` is the sum of the micro-batch gradients.
+
+    Attributes:
+        synced: the :class:`GNSEstimate` of the steps the latest synchronization replayed, in order
+            (the deferred steps, then the step of ``update``; skipped steps have none).
+        n_updates: the steps in the EMA's count so far (deferred ones once joined).
     """
 
     _norm_in_hook: bool | None = None  # take gradient norms in the hook (None: on the CPU); tests force it
@@ -659,7 +675,7 @@ class GradientNoiseScale:
             if s.skipped:
                 continue
             n = int(round(n))
-            at = "" if s is steps[-1] and not out and len(steps) == 1 else f" (step {s.step})"
+            at = "" if len(steps) == 1 else f" (step {s.step})"
             if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
                 errors.append(f"`model` must run the same number of backward passes on every process between "
                               f"updates{at}; got {n} in all over {self.world_size} processes (this one: {s.m_local}).")
@@ -766,6 +782,10 @@ class GradientNoiseScale:
         if self._queue:
             raise ValueError(f"`self` holds {len(self._queue)} deferred step(s) (update(..., sync=False)) not yet in "
                              "the EMA: call sync() on every process before state_dict().")
+        return self._state()
+
+    def _state(self) -> dict:
+        """:meth:`state_dict` without the deferred steps (for a caller on one process only)."""
         return {"ema": self.ema.state_dict(), "n_updates": self.n_updates, "accumulation": self.accumulation}
 
     @validate(state_dict=Instance(dict, what="a dict from GradientNoiseScale.state_dict()"))
