@@ -41,13 +41,13 @@ written.  Under ``torch.distributed`` only the rows (and the ``stats_every`` ste
 processes: the steps between two rows are deferred (:meth:`deepmodels.gns.GradientNoiseScale.update`
 with ``sync=False``: no all-reduce; :meth:`Probe.step` returns ``None`` for them) and joined by one
 all-reduce at the next row, which replays them in order, so the EMA at every row is that of joining
-every step (with ``every=1``, the default, every step joins).  The micro-batch size b is the leading
-dimension of the first tensor of each training
-batch (Lightning: the batch of ``on_train_batch_start``; a plain loop and Hugging Face: the first
-tensor argument of each forward pass of the model in training mode with gradients enabled); a step
-whose micro-batches differ in size is skipped with a warning (the estimator assumes one b), and the
-micro-batch losses must be means divided by M (``accumulation="mean"``, what both trainers do) or,
-for :func:`probing`, sums (``accumulation="sum"``).
+every step (with ``every=1``, the default, every step joins).  The micro-batch size b is the
+leading dimension of the first tensor of each training batch (Lightning: the batch of
+``on_train_batch_start``; a plain loop and Hugging Face: the first tensor argument of each forward
+pass of the model in training mode with gradients enabled); a step whose micro-batches differ in
+size is skipped with a warning (the estimator assumes one b), and the micro-batch losses must be
+means divided by M (``accumulation="mean"``, what both trainers do) or, for :func:`probing`, sums
+(``accumulation="sum"``).
 
 Output.  The rows are a Dataset over ``step`` with the variables of
 :meth:`deepmodels.gns.GNSEstimate.to_dataset` (``noise_scale_unbiased`` and its ``_sem``,

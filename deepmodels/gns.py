@@ -69,8 +69,8 @@ Assumptions: the loss of each micro-batch is divided by the number M of backward
 two :meth:`GradientNoiseScale.update` calls (``accumulation="mean"``, the usual
 ``(loss / M).backward()``; ``"sum"`` for losses that are not divided), every process runs the same
 M and the same micro-batch size b and calls ``update`` with the same ``sync`` (it all-reduces: a
-process that skips it stalls the others), ``.grad`` is zeroed after each optimizer step and not yet clipped or unscaled
-when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
+process that skips it stalls the others), ``.grad`` is zeroed after each optimizer step and not yet
+clipped or unscaled when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
 backward pass (DDP does this; a bare module in an initialized process group is assumed to be
 wrapped by DDP elsewhere, as Lightning and Hugging Face do).  Norms are
 computed in float32 and summed in float64, so bfloat16 autocast (or bfloat16 parameters) is fine;
