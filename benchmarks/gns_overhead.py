@@ -142,7 +142,8 @@ def main(argv=None):
     results = ctx.SimpleQueue()
     names = args.models.split(",")
     print(f"world {args.world} (gloo, CPU, 1 thread each), accumulation M={args.accum}, {args.repeat} rounds "
-          f"(the variants in turn), sync every {sync_every} steps; load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"(the variants in turn), sync every {sync_every} steps; load average before: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     mp.start_processes(_worker, args=(args.world, names, args.accum, args.repeat, sync_every, port, results),
                        nprocs=args.world, join=True, start_method="spawn")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
