@@ -451,6 +451,9 @@ class GradientNoiseScale:
         self._pending_bytes, self._current, self._task = 0, [], None
         self._work = None  # an all-reduce started at the end of DDP's synchronizing backward pass
         self._queue: list[_Step] = []  # deferred steps (update(..., sync=False)), oldest first
+        # update / skip calls in a row with sync=True (the same on every process; 2 at the start, so
+        # that every step launches its all-reduce in the backward pass unless steps are deferred)
+        self._joined_in_a_row = 2
         self.synced: list[GNSEstimate] = []  # the estimates the latest synchronization replayed
         self._handles = [p.register_hook(self._record) for p in self.params]
 
@@ -489,7 +492,7 @@ class GradientNoiseScale:
             self._micro.append(self._current)
         self._current, self._task = [], None
         if (self._ddp is not None and self.world_size > 1 and self._micro and self._ddp.require_backward_grad_sync
-                and not self._queue):
+                and self._joined_in_a_row >= 2 and not self._queue):
             self._launch()
 
     def _local_sums(self, micro, on_device: bool | None = None) -> torch.Tensor:
@@ -521,9 +524,10 @@ class GradientNoiseScale:
     def _launch(self) -> None:
         """Start the step's all-reduce (:meth:`_join`'s header) at the end of DDP's synchronizing
         backward pass: it queues behind DDP's gradient all-reduce, and :meth:`update` only waits for
-        it (no extra round trip between the processes).  Only while no step is deferred: a step
-        after a deferred one is likely deferred too, and a synchronizing one joins them all in
-        ``update``.  Under DDP every backward pass that synchronizes launches one (with ``no_sync``
+        it (no extra round trip between the processes).  Only after two steps in a row that joined
+        (none deferred since): where steps are deferred, the step after a joined one is likely
+        deferred (its launched all-reduce would be wasted), and a joining one has deferred steps to
+        join too, in ``update``.  Under DDP every backward pass that synchronizes launches one (with ``no_sync``
         only the last one of a step); update() uses the latest."""
         if self._work is not None:
             self._work[0].wait()
@@ -586,6 +590,7 @@ class GradientNoiseScale:
         if step is None:
             step = self.n_updates + sum(not s.skipped for s in self._queue)
         current = self._close_step(micro, grads, step=step, micro_batch_size=micro_batch_size, sync=sync)
+        self._joined_in_a_row = self._joined_in_a_row + 1 if sync else 0
         if not sync:
             self._queue.append(current)
             return None
@@ -753,6 +758,7 @@ class GradientNoiseScale:
                 self._sync(None)
             return
         current = self._close_step(micro, None, step=-1, micro_batch_size=1, sync=sync)
+        self._joined_in_a_row = self._joined_in_a_row + 1 if sync else 0
         if sync:
             self._sync(current)
         else:
