@@ -37,12 +37,17 @@ squared norms of the step's M micro-batch gradients and of their mean (McCandlis
 et al. 2018, "An Empirical Model of Large-Batch Training", App. A.1), with standard errors and
 bias-corrected exponential moving averages (the EMA advances every step).  Every ``every``-th step
 (steps 0, every, 2 every, ... of the trainer's count of optimizer steps) is a *row*: logged and
-written.  The micro-batch size b is the leading dimension of the first tensor of each training
-batch (Lightning: the batch of ``on_train_batch_start``; a plain loop and Hugging Face: the first
-tensor argument of each forward pass of the model in training mode with gradients enabled); a step
-whose micro-batches differ in size is skipped with a warning (the estimator assumes one b), and the
-micro-batch losses must be means divided by M (``accumulation="mean"``, what both trainers do) or,
-for :func:`probing`, sums (``accumulation="sum"``).
+written.  Under ``torch.distributed`` only the rows (and the ``stats_every`` steps) join the
+processes: the steps between two rows are deferred (:meth:`deepmodels.gns.GradientNoiseScale.update`
+with ``sync=False``: no all-reduce; :meth:`Probe.step` returns ``None`` for them) and joined by one
+all-reduce at the next row, which replays them in order, so the EMA at every row is that of joining
+every step (with ``every=1``, the default, every step joins).  The micro-batch size b is the
+leading dimension of the first tensor of each training batch (Lightning: the batch of
+``on_train_batch_start``; a plain loop and Hugging Face: the first tensor argument of each forward
+pass of the model in training mode with gradients enabled); a step whose micro-batches differ in
+size is skipped with a warning (the estimator assumes one b), and the micro-batch losses must be
+means divided by M (``accumulation="mean"``, what both trainers do) or, for :func:`probing`, sums
+(``accumulation="sum"``).
 
 Output.  The rows are a Dataset over ``step`` with the variables of
 :meth:`deepmodels.gns.GNSEstimate.to_dataset` (``noise_scale_unbiased`` and its ``_sem``,
@@ -187,7 +192,8 @@ class Probe:
         model: the ``nn.Module`` (or its ``DistributedDataParallel`` wrapper) being trained.
         path: netCDF file of the rows, or ``None`` (rows kept in memory: :meth:`dataset`).
         every: a row every ``every`` steps (steps divisible by it); the estimator and its EMA
-            advance every step.
+            advance every step (under ``torch.distributed`` the steps between rows are deferred
+            and joined at the next row).
         ema_decay: decay of the estimator's exponential moving averages, in [0, 1).
         accumulation: ``"mean"`` (each micro-batch loss divided by M) or ``"sum"``.
         process_group: the processes of one step (default: all, when ``torch.distributed`` is
@@ -238,7 +244,10 @@ class Probe:
         """This step's :class:`deepmodels.gns.GNSEstimate` (recorded as a row when ``step`` is a
         multiple of ``every``), or ``None`` when the step has a single micro-batch over all processes
         or micro-batches of different sizes (e.g. a trainer's last, partial step of an epoch): such a
-        step is skipped with a ``RuntimeWarning`` and the EMA does not advance.
+        step is skipped with a ``RuntimeWarning`` and the EMA does not advance.  Also ``None`` under
+        ``torch.distributed`` on a step that is neither a row nor a stats step: it is deferred
+        (``GradientNoiseScale.update(..., sync=False)``, no communication) and enters the EMA, in
+        order and exactly, when the next row step joins the processes.
 
         On a stats step (``stats_every`` set and ``step`` a multiple of it) process 0 then measures the
         per-example statistics on ``batch`` (:meth:`stats_dataset`; :attr:`last_stats`), at the
@@ -270,8 +279,10 @@ class Probe:
         if self.estimator.n_recorded == 1 and self.estimator.world_size == 1:  # (none: update() says why)
             self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)", 1)
             return None
-        est = self.estimator.update(micro_batch_size, step=step)
+        est = self.estimator.update(micro_batch_size, step=step, sync=self._joins(step, due))
         self.n_steps = step + 1
+        if est is None:  # deferred: joined at the next row
+            return None
         new = step % self.every == 0
         if new:
             self.rows.append(est)
@@ -336,8 +347,14 @@ class Probe:
             ds.attrs["diverged"] = "; ".join(div)
         return ds
 
+    def _joins(self, step: int, due: bool) -> bool:
+        """Whether ``step`` joins the processes: a row or stats step, or any step of a single process;
+        under ``torch.distributed`` the others are deferred (the same decision on every process)."""
+        return self.estimator.world_size == 1 or step % self.every == 0 or due
+
     def _skip(self, step: int, why: str, micro_batch_size: int) -> None:
-        self.estimator.skip()  # under torch.distributed it joins the step's all-reduce, as update() would
+        due = self.stats_every is not None and step % self.stats_every == 0
+        self.estimator.skip(sync=self._joins(step, due))  # contributes the step's sums, as update() would
         self.n_steps = step + 1
         warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 
@@ -368,9 +385,20 @@ class Probe:
     @validate()
     def state_dict(self) -> dict:
         """The estimator's state, the step count and the rows (Python numbers, strings and ``None``:
-        fit for ``torch.save`` and JSON); writes the file first, so it holds every row of the state."""
+        fit for ``torch.save`` and JSON); writes the file first, so it holds every row of the state.
+        Steps deferred since the last row are joined first (under ``torch.distributed`` every process
+        must then call it, as the trainers do)."""
+        return self._state(join=True)
+
+    def _state(self, join: bool) -> dict:
+        if self.estimator.n_deferred and join:
+            self.estimator.sync()
+        elif self.estimator.n_deferred:  # a caller on one process only cannot join the others
+            warnings.warn(f"the state saved at step {self.n_steps} leaves out the {self.estimator.n_deferred} "
+                          "step(s) deferred since the last row (a resumed run's EMA misses them).", RuntimeWarning,
+                          stacklevel=3)
         self.flush()
-        return {"estimator": self.estimator.state_dict(), "n_steps": self.n_steps, "every": self.every,
+        return {"estimator": self.estimator._state(), "n_steps": self.n_steps, "every": self.every,
                 "rows": [dataclasses.asdict(r) for r in self.rows], "stats_every": self.stats_every,
                 "stats_rows": [dict(r) for r in self.stats_rows]}
 
@@ -395,8 +423,15 @@ class Probe:
 
     @validate()
     def close(self) -> None:
-        """Write the rows (with a path) and remove the hooks from the model (idempotent)."""
+        """Write the rows (with a path), join the steps deferred since the last row into the EMA (for a
+        state saved later; every process calls it, as the trainers do) and remove the hooks from the
+        model (idempotent)."""
+        self._close(join=True)
+
+    def _close(self, join: bool) -> None:
         if self._open:
+            if join and self.estimator.n_deferred:
+                self.estimator.sync()
             self.flush()
             self._forward_hook.remove()
             self.estimator.remove()
@@ -406,7 +441,7 @@ class Probe:
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self._close(join=exc[0] is None)  # after an error the other processes may not join: deferred steps dropped
         return False
 
 
@@ -557,7 +592,10 @@ def _hf_probe():
         as the Trainer clips before this hook), every ``every`` steps appended to
         ``state.log_history`` (``gns/<name>`` and ``step`` = ``state.global_step``) and written to
         ``path`` (netCDF); its state (EMA, rows) is saved with every checkpoint and restored with
-        ``restore_callback_states_from_checkpoint=True``.  Arguments as
+        ``restore_callback_states_from_checkpoint=True`` (the Trainer asks for the state on process 0
+        only, so under ``torch.distributed`` the steps deferred since the last row are joined on
+        every process before: at ``on_step_end`` and ``on_epoch_end`` when the Trainer is about to
+        save, and at ``on_evaluate``).  Arguments as
         :func:`deepmodels.callbacks.probing`'s; the module ``deepmodels.callbacks`` describes the
         estimate and the file.  The micro-batch size is read from the model's forward passes.  A
         model whose ``forward`` takes ``**kwargs`` gets ``num_items_in_batch`` from the Trainer and
@@ -629,6 +667,23 @@ def _hf_probe():
             if metrics and state.is_world_process_zero:
                 state.log_history.append({**metrics, "step": step})
 
+        def on_step_end(self, args, state, control, **kwargs):
+            """Before a checkpoint (``control.should_save``), join the steps deferred since the last
+            row on every process: the Trainer asks for :meth:`state` on process 0 only."""
+            self._join_if(control.should_save)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            """As :meth:`on_step_end` (a checkpoint at the end of an epoch)."""
+            self._join_if(control.should_save)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            """Join the deferred steps (a checkpoint of the best model may follow an evaluation)."""
+            self._join_if(True)
+
+        def _join_if(self, saving):
+            if saving and self.probe is not None and self.probe._open and self.probe.estimator.n_deferred:
+                self.probe.estimator.sync()
+
         def on_train_end(self, args, state, control, **kwargs):
             """Write the remaining rows and remove the probe's hooks."""
             self.probe.close()
@@ -639,7 +694,7 @@ def _hf_probe():
         def state(self) -> dict:
             """The callback's arguments (JSON: ``stats_loss_fn`` left out) and the probe's state, as
             Hugging Face's ``ExportableState`` saves them."""
-            saved = self.probe.state_dict() if self.probe is not None else self.saved
+            saved = self.probe._state(join=False) if self.probe is not None else self.saved  # process 0 only
             return {"args": {k: v for k, v in self.settings.items() if k != "stats_loss_fn"},
                     "attributes": {"saved": saved}}
 

@@ -13,8 +13,15 @@ over M micro-batches of b examples on W processes has both for free: each backwa
 micro-batch gradient g_j (B_small = b; |G_small|^2 = the mean of |g_j|^2 over the n = M W
 micro-batches) and the accumulated, all-reduced ``.grad`` is their mean (B_big = b M W).
 :class:`GradientNoiseScale` records |g_j|^2 with a gradient hook in every backward pass and reads
-|G_big|^2 from ``.grad`` after the last one; one all-reduce of four numbers per step joins the
-processes.  The formulas are :func:`toymodels.stats.two_batch_estimates`.
+|G_big|^2 from ``.grad`` after the last one (already all-reduced, the same on every process).  The
+estimates need, besides |G_big|^2, only the sums over the processes of sum |g_j|^2, sum |g_j|^4, M
+and M^2: one all-reduce of six numbers (those and a check that the processes hold the same steps)
+joins the processes at a step; or, with ``update(..., sync=False)``, a process keeps its step's sums
+without communicating and a later synchronizing call joins all the deferred steps by one more
+all-reduce of a (k, 4) array, then replays them in order (per-step estimates, checks, EMA updates:
+the EMA of squares is not linear in the per-step values, so each step's joined values are replayed
+rather than per-process EMAs summed), so the results are those of joining every step.  The formulas
+are :func:`toymodels.stats.two_batch_estimates`.
 
 One step's estimates are noisy (n is small); the paper recommends the ratio of exponential moving
 averages of tr Sigma and |G|^2 (not the average of the per-step ratios), which
@@ -61,9 +68,9 @@ the true B_simple in 95% of them where R +- 1.96 SE covers it in about 92%.
 Assumptions: the loss of each micro-batch is divided by the number M of backward passes between
 two :meth:`GradientNoiseScale.update` calls (``accumulation="mean"``, the usual
 ``(loss / M).backward()``; ``"sum"`` for losses that are not divided), every process runs the same
-M and the same micro-batch size b and calls ``update`` (it all-reduces: a process that skips it
-stalls the others), ``.grad`` is zeroed after each optimizer step and not yet clipped or unscaled
-when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
+M and the same micro-batch size b and calls ``update`` with the same ``sync`` (it all-reduces: a
+process that skips it stalls the others), ``.grad`` is zeroed after each optimizer step and not yet
+clipped or unscaled when ``update`` reads it, and ``.grad`` is all-reduced (averaged) over the processes after the last
 backward pass (DDP does this; a bare module in an initialized process group is assumed to be
 wrapped by DDP elsewhere, as Lightning and Hugging Face do).  Norms are
 computed in float32 and summed in float64, so bfloat16 autocast (or bfloat16 parameters) is fine;
@@ -86,7 +93,7 @@ from toymodels.schema import attach_attrs
 from toymodels.stats import _two_batch
 
 from . import _validate as V
-from ._validate import Instance, Integer, Maybe, Module, Options, Real, SequenceOf, validate
+from ._validate import Boolean, Instance, Integer, Maybe, Module, Options, Real, SequenceOf, validate
 
 __all__ = ["GradientNoiseScale", "GNSEstimate", "NoiseScaleEMA", "step_estimates", "stack"]
 
@@ -347,6 +354,27 @@ def _norms(tensors, dtype) -> list:
     return torch._foreach_norm(tensors, 2, dtype=dtype)
 
 
+_PER_STEP = ("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased", "grad_norm_sq_unbiased_sem",
+             "trace_cov", "trace_cov_sem", "noise_scale_unbiased", "noise_scale_unbiased_sem")
+
+
+@dataclass
+class _Step:
+    """A step as :class:`GradientNoiseScale` holds it until the processes are joined: ``sums`` =
+    [sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M micro-batches (or, where an all-reduce
+    launched in the backward pass covers it, those of all processes and the header's e, e^2),
+    ``big_sq`` = |G_big|^2 from the all-reduced ``.grad``, ``where`` the parameters with non-finite
+    ``.grad`` (if any), ``skipped`` for :meth:`GradientNoiseScale.skip`."""
+
+    step: int
+    micro_batch_size: int
+    m_local: int
+    sums: list
+    big_sq: float
+    where: str | None
+    skipped: bool
+
+
 class GradientNoiseScale:
     """The gradient noise scale of every training step, from the step's own backward passes
     (McCandlish et al. 2018, App. A.1; the module docstring has the formulas and assumptions).
@@ -363,18 +391,22 @@ class GradientNoiseScale:
     ``torch.autograd.grad`` calls that reach them).
 
     :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
-    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of four numbers (given the DDP
-    wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce;
-    given the bare module: in ``update``), and returns a :class:`GNSEstimate`; :meth:`skip` in its
-    place leaves a step out (no EMA update), :meth:`discard` forgets backward passes that were no
-    micro-batches (e.g. a probe's).  Usable as a context manager (the hooks are removed on exit)::
+    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of six numbers (given the DDP
+    wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce, while
+    no step is deferred; given the bare module: in ``update``), and returns a :class:`GNSEstimate`;
+    :meth:`skip` in its place leaves a step out (no EMA update), :meth:`discard` forgets backward
+    passes that were no micro-batches (e.g. a probe's).  ``update(b, sync=False)`` defers the step
+    (no communication, returns ``None``); the next ``update`` with ``sync=True`` (or :meth:`sync`)
+    joins every deferred step by one all-reduce more and replays them exactly (:attr:`synced`), which
+    saves the per-step all-reduce where the estimates are read only every N steps.  Usable as a
+    context manager (the hooks are removed on exit)::
 
         with GradientNoiseScale(ddp_model) as gns:
             for step in range(n):
                 for m in range(M):
                     with ddp_model.no_sync() if m < M - 1 else contextlib.nullcontext():
                         (loss_fn(ddp_model(x[m]), y[m]) / M).backward()
-                est = gns.update(micro_batch_size=b)
+                est = gns.update(micro_batch_size=b, sync=step % 10 == 0)  # None on the other steps
                 optimizer.step(); optimizer.zero_grad()
 
     Args:
@@ -387,7 +419,14 @@ class GradientNoiseScale:
         accumulation: ``"mean"``: every micro-batch loss is divided by M (the number of backward
             passes between two updates), so ``.grad`` is the mean gradient; ``"sum"``: the losses
             are not divided and ``.grad`` is the sum of the micro-batch gradients.
+
+    Attributes:
+        synced: the :class:`GNSEstimate` of the steps the latest synchronization replayed, in order
+            (the deferred steps, then the step of ``update``; skipped steps have none).
+        n_updates: the steps in the EMA's count so far (deferred ones once joined).
     """
+
+    _norm_in_hook: bool | None = None  # take gradient norms in the hook (None: on the CPU); tests force it
 
     @validate(model=Module(), ema_decay=Real(0.0, 1.0, high_open=True), process_group=_group_constraint(),
               accumulation=Options("mean", "sum"), level=Real(0.0, 1.0, low_open=True, high_open=True))
@@ -411,19 +450,26 @@ class GradientNoiseScale:
         self._pending: list[torch.Tensor] = []  # this backward's gradients whose norms are not taken yet
         self._pending_bytes, self._current, self._task = 0, [], None
         self._work = None  # an all-reduce started at the end of DDP's synchronizing backward pass
+        self._queue: list[_Step] = []  # deferred steps (update(..., sync=False)), oldest first
+        # update / skip calls in a row with sync=True (the same on every process; 2 at the start, so
+        # that every step launches its all-reduce in the backward pass unless steps are deferred)
+        self._joined_in_a_row = 2
+        self.synced: list[GNSEstimate] = []  # the estimates the latest synchronization replayed
         self._handles = [p.register_hook(self._record) for p in self.params]
 
     def _record(self, grad: torch.Tensor) -> None:
         """Tensor hook of every parameter: the norm of this backward's gradient (before accumulation).
         On the CPU it is taken at once, while the gradient is in cache (``_foreach_norm`` is a loop of
         per-tensor norms there, with the same results); elsewhere the gradient is kept for one fused
-        norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held)."""
+        norm at the end of the backward pass (or once ``_FLUSH_BYTES`` are held).  The class attribute
+        ``_norm_in_hook`` (private; ``None``: by ``grad.is_cpu``) forces one branch, so the tests run
+        the accelerator's branch on the CPU."""
         task = torch._C._current_graph_task_id()
         if task != self._task:  # first gradient of this backward pass: close it when it ends
             self._pending, self._pending_bytes, self._current = [], 0, []  # left by a backward that failed
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
             self._task = task
-        if grad.is_cpu:
+        if grad.is_cpu if self._norm_in_hook is None else self._norm_in_hook:
             dtype = self._dtype
             self._current.append(torch.linalg.vector_norm(grad) if grad.dtype == dtype else
                                  torch.linalg.vector_norm(grad, dtype=dtype))
@@ -445,7 +491,8 @@ class GradientNoiseScale:
         if self._current:
             self._micro.append(self._current)
         self._current, self._task = [], None
-        if self._ddp is not None and self.world_size > 1 and self._micro and self._ddp.require_backward_grad_sync:
+        if (self._ddp is not None and self.world_size > 1 and self._micro and self._ddp.require_backward_grad_sync
+                and self._joined_in_a_row >= 2 and not self._queue):
             self._launch()
 
     def _local_sums(self, micro, on_device: bool | None = None) -> torch.Tensor:
@@ -475,31 +522,58 @@ class GradientNoiseScale:
         return [math.fsum(a), math.fsum(v * v for v in a), float(m), float(m * m)]
 
     def _launch(self) -> None:
-        """Start the all-reduce of the local sums at the end of DDP's synchronizing backward pass: it
-        queues behind DDP's gradient all-reduce, and :meth:`update` only waits for it (no extra round
-        trip between the processes).  Under DDP every backward pass that synchronizes launches one
-        (with ``no_sync`` only the last one of a step); update() uses the latest."""
+        """Start the step's all-reduce (:meth:`_join`'s header) at the end of DDP's synchronizing
+        backward pass: it queues behind DDP's gradient all-reduce, and :meth:`update` only waits for
+        it (no extra round trip between the processes).  Only after two steps in a row that joined
+        (none deferred since): where steps are deferred, the step after a joined one is likely
+        deferred (its launched all-reduce would be wasted), and a joining one has deferred steps to
+        join too, in ``update``.  Under DDP every backward pass that synchronizes launches one (with ``no_sync``
+        only the last one of a step); update() uses the latest."""
         if self._work is not None:
             self._work[0].wait()
         sums = self._local_sums(self._micro)
-        self._work = (_dist().all_reduce(sums, group=self.process_group, async_op=True), sums, len(self._micro))
+        head = torch.cat([sums, sums.new_tensor([1.0, 1.0])])  # no deferred step, one step to join: e = 1
+        self._work = (_dist().all_reduce(head, group=self.process_group, async_op=True), head, len(self._micro))
+
+    def _check_hooked(self) -> None:
+        if self._handles is None:
+            raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
 
     # -- the step -------------------------------------------------------------------------------
-    @validate(micro_batch_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_EXACT_INT)))
-    def update(self, micro_batch_size: int, *, step: int | None = None) -> GNSEstimate:
+    @validate(micro_batch_size=Integer(1, V.MAX_WIDTH), step=Maybe(Integer(0, V.MAX_EXACT_INT)), sync=Boolean())
+    def update(self, micro_batch_size: int, *, step: int | None = None, sync: bool = True) -> GNSEstimate | None:
         """This step's estimates, after its last backward pass and before ``optimizer.step()``.
+
+        With ``sync=False`` the step is *deferred*: this process keeps its own sums of the step
+        (four numbers) and |G_big|^2 and returns ``None`` without communicating; the next
+        synchronizing call (``update`` with ``sync=True``, :meth:`skip` with ``sync=True`` or
+        :meth:`sync`) joins every deferred step in one all-reduce and replays them in order (per-step
+        estimates, divergence and same-M checks, EMA updates), so the EMA and the estimates are
+        those of synchronizing every step; :meth:`sync` returns the deferred steps' estimates, and
+        :attr:`synced` holds those of the latest synchronization.  Every process must defer the same
+        steps (a different number of deferred steps is refused at the synchronization, on every
+        process).  On a single process nothing is communicated either way; ``sync=False`` is then
+        only a later replay.
 
         Args:
             micro_batch_size: b, the examples of each micro-batch (the same on every process).
-            step: the label of this step in the result (default: the number of earlier updates).
+            step: the label of this step in the result (default: the number of earlier updates,
+                deferred ones included).
+            sync: join the processes now (default) and return this step's estimate; ``False``: defer
+                the step and return ``None``.
+
+        Returns:
+            The step's :class:`GNSEstimate` (``sync=True``; the deferred steps it joined are in
+            :attr:`synced` before it), or ``None`` (``sync=False``).
 
         Raises:
             ValueError: no backward pass since the last update, a single micro-batch over all
                 processes (the two-batch estimate needs n >= 2), processes with different numbers
-                of micro-batches, no ``.grad``, or the hook was removed.
+                of micro-batches (at the synchronization, after replaying the other steps: it names
+                the deferred steps concerned), processes with different numbers of deferred steps
+                (all of them dropped), no ``.grad``, or the hook was removed.
         """
-        if self._handles is None:
-            raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
+        self._check_hooked()
         micro, self._micro = self._micro, []
         m_local = len(micro)
         if m_local == 0:
@@ -509,83 +583,186 @@ class GradientNoiseScale:
         if not grads:
             raise ValueError("`model` must have gradients in .grad at update(); none of its trainable parameters has "
                              "one (call update() before optimizer.zero_grad()).")
-        big = _norms(grads, self._dtype)  # before waiting for the all-reduce: it runs meanwhile
-        joined = self._joined(micro)
-        if big[0].device.type == "cpu":  # every norm to a Python float in one copy
-            if joined is None:
-                values = torch.stack([*big, *(v for norms in micro for v in norms)]).tolist()
-                sum_sq, sum_sq2, n, m_sq = self._python_sums(values, micro, start=len(big))
-            else:
-                values = torch.stack(big).tolist()
-                sum_sq, sum_sq2, n, m_sq = joined.tolist()
-            big_sq = math.fsum(v * v for v in values[:len(big)])
-        else:  # on the device, one synchronisation
-            joined = self._local_sums(micro, on_device=True) if joined is None else joined
-            big_t = V.to_float64(torch.stack(big)).square().sum().reshape(1)
-            sum_sq, sum_sq2, n, m_sq, big_sq = torch.cat([joined, big_t.to(joined.device)]).tolist()
-        big_sq /= 1.0 if self.accumulation == "mean" else m_local**2
-        n = int(round(n))
-        if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
-            raise ValueError(f"`model` must run the same number of backward passes on every process between updates; "
-                             f"got {n} in all over {self.world_size} processes (this one: {m_local}).")
-        if n < 2:
+        if m_local < 2 and self.world_size == 1:
+            self._drop_work()
             raise ValueError("`micro_batch_size` gives no two-batch estimate: a step needs at least two micro-batches "
                              "over all processes (accumulation steps x processes >= 2); got one.")
-        b = micro_batch_size
-        step = self.n_updates if step is None else step
-        self.n_updates += 1
-        reason = self._nonfinite_reason(sum_sq, sum_sq2, big_sq)
-        if reason is None:
-            per_step = _step_estimates(sum_sq, sum_sq2, n, b, big_sq)
-            smooth = self.ema._update(per_step["trace_cov"], per_step["grad_norm_sq_unbiased"])
-        else:
-            per_step = dict.fromkeys(("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased",
-                                      "grad_norm_sq_unbiased_sem", "trace_cov", "trace_cov_sem", "noise_scale_unbiased",
-                                      "noise_scale_unbiased_sem"), math.inf)
-            smooth = self.ema._estimates()
-        return GNSEstimate(step=step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step, **smooth,
-                           model=self.model_name, diverged=reason)
-
-    def _joined(self, micro) -> torch.Tensor | None:
-        """The step's [sum |g_j|^2, sum |g_j|^4, n, sum M_r^2] over the processes (float64 tensor):
-        the all-reduce started at the end of DDP's synchronizing backward pass if it covers this
-        process's ``micro``, else one all-reduce of the local sums now; ``None`` on a single process
-        (the caller sums its own norms)."""
-        work, self._work = self._work, None
-        if work is not None:
-            work[0].wait()
-            if work[2] == len(micro):  # started at the end of DDP's synchronizing backward pass
-                return work[1]
-        if self.world_size == 1:
+        if step is None:
+            step = self.n_updates + sum(not s.skipped for s in self._queue)
+        current = self._close_step(micro, grads, step=step, micro_batch_size=micro_batch_size, sync=sync)
+        self._joined_in_a_row = self._joined_in_a_row + 1 if sync else 0
+        if not sync:
+            self._queue.append(current)
             return None
-        t = self._local_sums(micro) if micro else torch.zeros(4, dtype=torch.float64)
-        _dist().all_reduce(t, group=self.process_group)
-        return t
+        return self._sync(current)[-1]
+
+    def _close_step(self, micro, grads, *, step: int, micro_batch_size: int, sync: bool) -> _Step:
+        """The host values of a step (this process's ``micro``; ``grads``: ``.grad``, or ``None`` for a
+        skipped step): its sums, local or, where an all-reduce launched in the backward pass covers
+        it and the step synchronizes now, joined (the header of :meth:`_join`), and |G_big|^2."""
+        m_local = len(micro)
+        big = _norms(grads, self._dtype) if grads is not None else []  # before waiting: the all-reduce runs
+        work, self._work = self._work, None
+        joined = None
+        if work is not None:
+            work[0].wait()  # every process launched it: waited for also where it is dropped
+            if sync and work[2] == m_local:  # started at the end of DDP's synchronizing backward pass
+                joined = work[1]
+        first = big[0] if big else micro[0][0] if micro else None
+        if first is None or first.device.type == "cpu":  # every norm to a Python float in one copy
+            if joined is None:
+                values = torch.stack([*big, *(v for norms in micro for v in norms)]).tolist() if big or micro else []
+                sums = self._python_sums(values, micro, start=len(big)) if micro else [0.0] * 4
+            else:
+                values = torch.stack(big).tolist() if big else []
+                sums = joined.tolist()
+            big_sq = math.fsum(v * v for v in values[:len(big)])
+        else:  # on the device, one synchronisation
+            if joined is None:
+                joined = self._local_sums(micro, on_device=True) if micro else \
+                    torch.zeros(4, dtype=torch.float64, device=V.float64_device(first.device))
+            parts = [joined]
+            if big:
+                parts.append(V.to_float64(torch.stack(big)).square().sum().reshape(1).to(joined.device))
+            values = torch.cat(parts).tolist()
+            sums, big_sq = values[:len(joined)], (values[-1] if big else 0.0)
+        big_sq /= 1.0 if self.accumulation == "mean" or not m_local else m_local**2
+        where = None
+        if grads is not None and not all(math.isfinite(v) for v in [*sums[:2], big_sq]):
+            where = self._where()
+        return _Step(step=step, micro_batch_size=micro_batch_size, m_local=m_local, sums=sums, big_sq=big_sq,
+                     where=where, skipped=grads is None)
+
+    def _sync(self, current: _Step | None) -> list:
+        """Join the deferred steps and ``current`` (``None``: none) over the processes and replay
+        them in order: the estimates of the steps that updated the EMA (also :attr:`synced`)."""
+        queue, self._queue = self._queue, []
+        rows = self._join(queue, current)
+        return self._replay(queue + ([current] if current is not None else []), rows)
+
+    def _join(self, queue: list, current: _Step | None) -> list:
+        """The sums over the processes of each step of ``queue`` then ``current``: one all-reduce
+        of a header of six numbers (``current``'s four sums, or zeros, then e and e^2 with e = 2 x
+        deferred steps + 1 if there is a current step: every process holds the same steps iff
+        W sum e^2 = (sum e)^2), then, if steps were deferred, one of their (k, 4) sums."""
+        if self.world_size == 1:
+            return [s.sums for s in queue] + ([current.sums] if current is not None else [])
+        dist, device = _dist(), V.float64_device(self.params[0].device)
+        k = len(queue)
+        if current is not None and len(current.sums) == 6:  # the header launched in the backward pass
+            head = current.sums
+        else:
+            e = 2.0 * k + (current is not None)
+            head = torch.tensor([*(current.sums if current is not None else [0.0] * 4), e, e * e],
+                                dtype=torch.float64, device=device)
+            dist.all_reduce(head, group=self.process_group)
+            head = head.tolist()
+        total, total_sq = round(head[4]), round(head[5])
+        if total * total != total_sq * self.world_size:
+            and_now = ", and a step to join" if current is not None else ""
+            raise ValueError(f"`sync` must follow the same calls on every process: the {self.world_size} processes "
+                             f"hold different numbers of deferred steps (update(..., sync=False) and "
+                             f"skip(sync=False) since the last synchronization; this one: {k}{and_now}); every "
+                             "process drops them, the EMA is unchanged.")
+        rows = []
+        if k:
+            sums = torch.tensor([s.sums for s in queue], dtype=torch.float64, device=device)
+            dist.all_reduce(sums, group=self.process_group)
+            rows = sums.tolist()
+        return rows + ([head[:4]] if current is not None else [])
+
+    def _replay(self, steps: list, rows: list) -> list:
+        """The estimates of ``steps`` from their sums over the processes ``rows``, in order, with the
+        EMA's updates; a step whose processes ran different numbers of micro-batches is left out and
+        reported by a ValueError after the others."""
+        out, errors = [], []
+        for s, (sum_sq, sum_sq2, n, m_sq) in zip(steps, rows):
+            if s.skipped:
+                continue
+            n = int(round(n))
+            at = "" if len(steps) == 1 else f" (step {s.step})"
+            if n * n != round(m_sq) * self.world_size:  # sum M_r^2 = n^2 / W iff every process ran the same M
+                errors.append(f"`model` must run the same number of backward passes on every process between "
+                              f"updates{at}; got {n} in all over {self.world_size} processes (this one: {s.m_local}).")
+                continue
+            if n < 2:
+                errors.append(f"`micro_batch_size` gives no two-batch estimate{at}: a step needs at least two "
+                              "micro-batches over all processes (accumulation steps x processes >= 2); got one.")
+                continue
+            b = s.micro_batch_size
+            self.n_updates += 1
+            if math.isfinite(sum_sq) and math.isfinite(sum_sq2) and math.isfinite(s.big_sq):
+                reason = None
+                per_step = _step_estimates(sum_sq, sum_sq2, n, b, s.big_sq)
+                smooth = self.ema._update(per_step["trace_cov"], per_step["grad_norm_sq_unbiased"])
+            else:
+                reason = (f"non-finite gradient{s.where or ' (in a micro-batch gradient)'}: estimates set to inf, "
+                          "EMA not updated")
+                per_step = dict.fromkeys(_PER_STEP, math.inf)
+                smooth = self.ema._estimates()
+            out.append(GNSEstimate(step=s.step, micro_batch_size=b, n_micro_batches=n, batch_size=b * n, **per_step,
+                                   **smooth, model=self.model_name, diverged=reason))
+        self.synced = out
+        if errors:
+            raise ValueError(" ".join(errors))
+        return out
 
     @validate()
-    def skip(self) -> None:
+    def sync(self) -> list:
+        """Join the deferred steps (``update(..., sync=False)``, ``skip(sync=False)``) over the
+        processes in one all-reduce and replay them in order into the EMA; returns their
+        :class:`GNSEstimate` (skipped steps have none), also kept in :attr:`synced`.
+
+        Under ``torch.distributed`` every process of the group must call it at the same point (it
+        communicates even with nothing deferred); on a single process it communicates nothing.  The
+        backward passes recorded since the last update stay for the next :meth:`update`.
+
+        Raises:
+            ValueError: processes with different numbers of deferred steps (on every process; all
+                are dropped and the EMA is unchanged), or steps whose processes ran different
+                numbers of micro-batches (after replaying the others), or the hook was removed.
+        """
+        self._check_hooked()
+        if self.world_size == 1 and not self._queue:
+            self.synced = []
+            return []
+        return self._sync(None)
+
+    @property
+    def n_deferred(self) -> int:
+        """The steps deferred (``sync=False``) and not yet joined, on this process."""
+        return len(self._queue)
+
+    def _where(self) -> str | None:
+        """Which parameters have non-finite ``.grad`` (the first three), as `` (in .grad of ...)``."""
+        bad = [k for k, p in zip(self.names, self.params)
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        return f" (in .grad of {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else None
+
+    @validate(sync=Boolean())
+    def skip(self, *, sync: bool = True) -> None:
         """Leave this step out: forget the backward passes recorded since the last :meth:`update`
         without updating the EMA or the update counter, e.g. a step whose micro-batches differ in size
         or a step a loss scaler skipped.  Call it where :meth:`update` would be called; under
-        ``torch.distributed`` every process of the group must call one of the two (it joins the
-        step's all-reduce exactly as :meth:`update` does, so a process that updates while another
-        skips still gets its estimate and no process waits forever)."""
-        if self._handles is None:
-            raise ValueError("`self` must be a GradientNoiseScale whose hook is in place; remove() was called.")
+        ``torch.distributed`` every process of the group must call one of the two with the same
+        ``sync`` (it contributes the step's sums exactly as :meth:`update` does, so a process that
+        updates while another skips still gets its estimate and no process waits forever; with
+        ``sync=False`` it is deferred like ``update(..., sync=False)``, and with ``sync=True`` it
+        joins the deferred steps as ``update`` does).  On a single process it defers nothing (a
+        ``sync=True`` skip replays the deferred steps)."""
+        self._check_hooked()
         micro, self._micro = self._micro, []
-        if self.world_size > 1:
-            self._joined(micro)
-        else:
+        if self.world_size == 1:
             self._drop_work()
-
-    def _nonfinite_reason(self, sum_sq, sum_sq2, big_sq) -> str | None:
-        if math.isfinite(sum_sq) and math.isfinite(sum_sq2) and math.isfinite(big_sq):
-            return None
-        bad = [k for k, p in zip(self.names, self.params)
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        where = f" (in .grad of {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else \
-            " (in a micro-batch gradient)"
-        return f"non-finite gradient{where}: estimates set to inf, EMA not updated"
+            if sync and self._queue:
+                self._sync(None)
+            return
+        current = self._close_step(micro, None, step=-1, micro_batch_size=1, sync=sync)
+        self._joined_in_a_row = self._joined_in_a_row + 1 if sync else 0
+        if sync:
+            self._sync(current)
+        else:
+            self._queue.append(current)
 
     @property
     def n_recorded(self) -> int:
@@ -598,7 +775,7 @@ class GradientNoiseScale:
         evaluation ran through the model between two steps (:func:`deepmodels.probes.gradient_stats`
         on the hook fast path backpropagates through the parameters): they are not micro-batches of
         the step.  Single process, or a backward pass the other processes did not share; a DDP
-        all-reduce already started for the step is waited for and dropped."""
+        all-reduce already started for the step is waited for and dropped.  Deferred steps stay."""
         self._drop_work()
         self._micro = []
 
@@ -606,12 +783,21 @@ class GradientNoiseScale:
     @validate()
     def state_dict(self) -> dict:
         """The EMA state and the update counter (Python numbers; save with ``torch.save`` beside the
-        optimizer's state)."""
+        optimizer's state).  Refused while steps are deferred (their sums are this process's own:
+        call :meth:`sync` on every process first), so the state holds every step."""
+        if self._queue:
+            raise ValueError(f"`self` holds {len(self._queue)} deferred step(s) (update(..., sync=False)) not yet in "
+                             "the EMA: call sync() on every process before state_dict().")
+        return self._state()
+
+    def _state(self) -> dict:
+        """:meth:`state_dict` without the deferred steps (for a caller on one process only)."""
         return {"ema": self.ema.state_dict(), "n_updates": self.n_updates, "accumulation": self.accumulation}
 
     @validate(state_dict=Instance(dict, what="a dict from GradientNoiseScale.state_dict()"))
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict`: the next updates give the estimates the saved run would have."""
+        """Restore a :meth:`state_dict`: the next updates give the estimates the saved run would have.
+        Deferred steps and recorded backward passes are dropped."""
         missing = sorted({"ema", "n_updates", "accumulation"} - set(state_dict))
         if missing:
             raise ValueError(f"`state_dict` must be a dict from GradientNoiseScale.state_dict(); it lacks {missing}.")
@@ -621,6 +807,7 @@ class GradientNoiseScale:
         self.ema.load_state_dict(state_dict["ema"])
         self.n_updates = V.check_int("state_dict['n_updates']", state_dict["n_updates"])
         self.discard()
+        self._queue = []
 
     def _drop_work(self) -> None:
         if self._work is not None:  # a started all-reduce is waited for: every process started it
@@ -629,8 +816,10 @@ class GradientNoiseScale:
 
     @validate()
     def remove(self) -> None:
-        """Remove the gradient hook (idempotent); :meth:`update` then refuses to run."""
+        """Remove the gradient hook (idempotent); :meth:`update` then refuses to run.  Deferred steps
+        not yet joined are dropped (call :meth:`sync` on every process first to keep them)."""
         self.discard()
+        self._queue = []
         if self._handles is not None:
             for h in self._handles:
                 h.remove()

@@ -572,22 +572,26 @@ def _ddp_worker(rank, out_dir):
 
     dist.init_process_group("gloo", rank=rank, world_size=_W, timeout=datetime.timedelta(seconds=60))
     try:
-        ddp = DDP(_net())
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with probing(ddp, path=f"{out_dir}/ddp.nc", every=1, stats_every=2, stats_loss_fn=MSE) as probe:
-                for micro in _ddp_micro_batches():
-                    for m in range(M):
-                        x, y = micro[rank * M + m]
-                        with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
-                            (F.mse_loss(ddp(x), y) / M).backward()
-                    probe.step(batch=(x, y))  # process 0's per-example probe starts no all-reduce
-                    with torch.no_grad():
-                        for p in ddp.module.parameters():
-                            p.add_(p.grad, alpha=-0.1)
-                    ddp.zero_grad()
-        torch.save({"rows": [r.as_dict() for r in probe.rows], "warned": [str(w.message) for w in caught],
-                    "stats_steps": [r["step"] for r in probe.stats_rows]}, f"{out_dir}/rank{rank}.pt")
+        out = {}
+        for every in (1, 2):  # every=2: the skipped step 1 is deferred (no all-reduce), joined at step 2
+            ddp = DDP(_net())
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with probing(ddp, path=f"{out_dir}/ddp{every}.nc", every=every, stats_every=2,
+                             stats_loss_fn=MSE) as probe:
+                    for micro in _ddp_micro_batches():
+                        for m in range(M):
+                            x, y = micro[rank * M + m]
+                            with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
+                                (F.mse_loss(ddp(x), y) / M).backward()
+                        probe.step(batch=(x, y))  # process 0's per-example probe starts no all-reduce
+                        with torch.no_grad():
+                            for p in ddp.module.parameters():
+                                p.add_(p.grad, alpha=-0.1)
+                        ddp.zero_grad()
+            out[every] = {"rows": [r.as_dict() for r in probe.rows], "warned": [str(w.message) for w in caught],
+                          "stats_steps": [r["step"] for r in probe.stats_rows]}
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -613,18 +617,21 @@ def test_probing_under_ddp_equals_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     run_processes(_ddp_worker, (str(tmp_path),), _W)  # spawned, with a deadline
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
-    assert got[0]["rows"] == got[1]["rows"]
-    assert got[0]["stats_steps"] == [0, 2] and got[1]["stats_steps"] == []
-    for g in got:
-        assert any("step 1 skipped" in w for w in g["warned"])
-    ds = xr.load_dataset(tmp_path / "ddp.nc")
-    assert list(ds.step.values) == [0, 2]
-    for row, want in zip(got[0]["rows"], ref):
-        assert row["n_micro_batches"] == _W * M and row["batch_size"] == _W * M * B
-        for k, v in want.items():
-            assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(want["grad_norm_sq_micro"])), k
-        assert float(ds.noise_scale_ema.sel(step=row["step"])) == row["noise_scale_ema"]
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_W)]
+    assert runs[0][1]["rows"] == runs[0][2]["rows"]  # every=2 (step 1 deferred) writes the rows of every=1
+    for every in (1, 2):
+        got = [run[every] for run in runs]
+        assert got[0]["rows"] == got[1]["rows"]
+        assert got[0]["stats_steps"] == [0, 2] and got[1]["stats_steps"] == []
+        for g in got:
+            assert any("step 1 skipped" in w for w in g["warned"])
+        ds = xr.load_dataset(tmp_path / f"ddp{every}.nc")
+        assert list(ds.step.values) == [0, 2]
+        for row, want in zip(got[0]["rows"], ref):
+            assert row["n_micro_batches"] == _W * M and row["batch_size"] == _W * M * B
+            for k, v in want.items():
+                assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(want["grad_norm_sq_micro"])), k
+            assert float(ds.noise_scale_ema.sel(step=row["step"])) == row["noise_scale_ema"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -265,3 +265,128 @@ def test_ddp_probes_equal_single_process(tmp_path, monkeypatch):
         loss, why, unchanged = got[r]["diverged"]
         assert loss == math.inf and why and unchanged, got[r]["diverged"]
     assert "loss is not finite" in got[1]["diverged"][1]  # the process with the overflow says so
+
+
+# --------------------------------------------------------------------------------------------------
+# deferred steps (GradientNoiseScale.update(..., sync=False)): one all-reduce for several steps
+# --------------------------------------------------------------------------------------------------
+def _backward_step(ddp, x, y, step, rank):
+    for m in range(M):
+        j = rank * M + m
+        with ddp.no_sync() if m < M - 1 else contextlib.nullcontext():
+            (F.cross_entropy(ddp(x[step, j]), y[step, j]) / M).backward()
+
+
+def _defer_worker(rank, out_dir):
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from deepmodels.callbacks import probing
+
+        x, y = _data()
+        out = {}
+        # every step joined, and steps 0, 1 deferred then joined at step 2: by the DDP wrapper (its
+        # all-reduce launched in the backward pass while nothing is deferred) and the bare module
+        ddp = DDP(_model())
+        with GradientNoiseScale(ddp) as every, GradientNoiseScale(ddp) as deferred, \
+                GradientNoiseScale(ddp.module) as bare:
+            rows = []
+            for step in range(STEPS):
+                _backward_step(ddp, x, y, step, rank)
+                rows.append(every.update(micro_batch_size=B).as_dict())
+                last = step == STEPS - 1
+                for est in (deferred, bare):
+                    assert (est.update(micro_batch_size=B, sync=last) is None) != last
+                if step == 0:
+                    with pytest.raises(ValueError, match="call sync\\(\\) on every process"):
+                        deferred.state_dict()
+                _sgd_step(ddp.module)
+            out["every"] = rows
+            out["deferred"] = [e.as_dict() for e in deferred.synced]
+            out["bare"] = [e.as_dict() for e in bare.synced]
+            out["states"] = (every.state_dict(), deferred.state_dict(), bare.state_dict())
+        # skip under deferral: process 0 skips step 0, process 1 updates it, both deferred; then both
+        # join at step 1; beside, the same with every step joined
+        ddp = DDP(_model())
+        with GradientNoiseScale(ddp) as deferred, GradientNoiseScale(ddp) as every:
+            rows = []
+            for step in range(2):
+                _backward_step(ddp, x, y, step, rank)
+                if step == 0 and rank == 0:
+                    deferred.skip(sync=False)
+                    every.skip()
+                else:
+                    deferred.update(micro_batch_size=B, sync=step == 1)
+                    rows.append(every.update(micro_batch_size=B).as_dict())
+                _sgd_step(ddp.module)
+            out["skip"] = ([e.as_dict() for e in deferred.synced], rows, deferred.ema.t)
+        # a process that deferred one step more: refused on both processes (no hang), then aligned again
+        model = _model()  # no DDP: GradientNoiseScale joins the default group, and no gradient all-reduce
+        with GradientNoiseScale(model) as gns:
+            for step in range(1 + (rank == 0)):
+                for m in range(M):
+                    F.cross_entropy(model(x[step, m]), y[step, m]).backward()
+                if step == 0 and rank == 0:
+                    gns.update(micro_batch_size=B, sync=False)
+                else:
+                    with pytest.raises(ValueError, match="different numbers of deferred steps") as err:
+                        gns.update(micro_batch_size=B)
+                    out["mismatch"] = (str(err.value), gns.n_deferred, gns.ema.t)
+                model.zero_grad()
+            out["after"] = gns.sync()
+        # probing(every=2) defers step 1 and joins it at step 2: the rows of every=1 at steps 0 and 2;
+        # state_dict() joins deferred steps (the same EMA)
+        ddp = DDP(_model())
+        with probing(ddp, every=1) as one, probing(ddp, every=2) as two:
+            got = []
+            for step in range(STEPS):
+                _backward_step(ddp, x, y, step, rank)
+                one.step()
+                got.append(two.step())
+                if step == 1:
+                    assert two.estimator.n_deferred == 1
+                    states = (one.state_dict()["estimator"], two.state_dict()["estimator"])
+                    assert two.estimator.n_deferred == 0
+                _sgd_step(ddp.module)
+            out["probe"] = ([r.as_dict() for r in one.rows], [r.as_dict() for r in two.rows],
+                            [e is None for e in got], states)
+        torch.save(out, os.path.join(out_dir, f"defer{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned gloo processes: 10-20 s, minutes on a loaded 2-core machine
+def test_ddp_deferred_steps_equal_every_step(tmp_path, monkeypatch):
+    """Steps deferred on 2 DDP processes and joined by one all-reduce give, step for step, the
+    estimates and EMA of joining every step, bit for bit (the same float64 sums: a + b either way),
+    on every process, by the wrapper and the bare module, and those of one process on the same
+    examples; a skip deferred on one process while the other defers an update; processes with
+    different numbers of deferred steps are refused on both (no hang: the test's deadline) and are
+    aligned again after; probing(every=2) writes the rows of every=1."""
+    ref_rows, _ = _single_process()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    run_processes(_defer_worker, (str(tmp_path),), WORLD, timeout_s=240)
+    got = [torch.load(tmp_path / f"defer{r}.pt") for r in range(WORLD)]
+    for g in got:
+        assert g["deferred"] == g["every"] == g["bare"] and [r["step"] for r in g["deferred"]] == [0, 1, 2]
+        assert g["states"][0] == g["states"][1] == g["states"][2]
+        for step, (row, ref) in enumerate(zip(g["deferred"], ref_rows)):
+            for k, v in ref.items():
+                assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(ref["grad_norm_sq_micro"])), (step, k)
+    assert got[0]["every"] == got[1]["every"]
+    # the skip: process 1 has both steps, process 0 only step 1; the per-step numbers agree everywhere
+    (synced0, every0, t0), (synced1, every1, t1) = got[0]["skip"], got[1]["skip"]
+    assert synced0 == every0 and synced1 == every1 and (t0, t1) == (1, 2)
+    assert [r["step"] for r in synced0] == [0] and [r["step"] for r in synced1] == [0, 1]
+    for k in ("grad_norm_sq_micro", "grad_norm_sq_step", "trace_cov", "noise_scale_unbiased", "n_micro_batches"):
+        assert synced0[0][k] == synced1[1][k], k
+    for r, g in enumerate(got):
+        message, deferred, t = g["mismatch"]
+        assert "this one: " + ("1, and a step to join" if r == 0 else "0, and a step to join") in message
+        assert (deferred, t, g["after"]) == (0, 0, [])
+    for g in got:
+        rows_one, rows_two, deferred, (state_one, state_two) = g["probe"]
+        assert deferred == [False, True, False] and state_one == state_two
+        assert rows_two == [rows_one[0], rows_one[2]]

@@ -437,3 +437,90 @@ def test_skip_forgets_the_step_and_leaves_the_ema():
     assert second.ema_n_eff == pytest.approx((1 + d) * (1 - d**2) / ((1 - d) * (1 + d**2)))
     with pytest.raises(ValueError, match="remove\\(\\) was called"):
         gns.skip()
+
+
+def test_deferred_steps_replay_exactly():
+    """update(sync=False) defers a step; the next synchronization replays the deferred steps in order:
+    every step's estimates and the EMA after it equal those of updating every step, bit for bit (the
+    same sums, the same operations), a divergence among them included; state_dict is refused while
+    steps are deferred, and a run resumed from the state after sync() continues identically;
+    remove() drops deferred steps, load_state_dict too."""
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(7, 3, 5, 6, generator=g), torch.randint(0, 3, (7, 3, 5), generator=g)
+    model = _mlp()
+    with G.GradientNoiseScale(model, ema_decay=0.6) as every, G.GradientNoiseScale(model, ema_decay=0.6) as deferred:
+        ref, got = [], []
+        for t in range(7):
+            if t == 2:  # a step with an infinite micro-batch loss
+                for m in range(3):
+                    (F.cross_entropy(model(x[t, m]), y[t, m]) / 3 * (math.inf if m == 1 else 1.0)).backward()
+            else:
+                _accumulate(model, x[t], y[t])
+            ref.append(every.update(5))
+            if t in (3, 6):
+                if t == 3:  # the deferred steps 0-2 and this one
+                    assert deferred.update(5) is deferred.synced[-1] and len(deferred.synced) == 4
+                    got += deferred.synced
+                else:  # the deferred steps 4-6, by sync()
+                    assert deferred.update(5, sync=False) is None
+                    got += deferred.sync()
+                assert deferred.n_deferred == 0
+            else:
+                assert deferred.update(5, sync=False) is None
+            if t == 5:
+                assert deferred.n_deferred == 2
+                with pytest.raises(ValueError, match="2 deferred step\\(s\\).*call sync\\(\\) on every process"):
+                    deferred.state_dict()
+            model.zero_grad() if t == 2 else _sgd_step(model, 0.3)  # no step with the infinite gradient
+        assert got == ref and [e.step for e in got] == list(range(7))  # exactly, steps labelled as updated
+        assert got[2].diverged is not None and "0.weight" in got[2].diverged
+        assert deferred.state_dict() == every.state_dict()
+        # resume: the state after sync(), then deferred steps on a fresh estimator equal the every-step run
+        saved = deferred.state_dict()
+        _accumulate(model, x[0], y[0])
+        deferred.update(5, sync=False)
+        deferred.load_state_dict(saved)  # drops the deferred step
+        assert deferred.n_deferred == 0 and deferred.sync() == []
+        _accumulate(model, x[0], y[0])
+        deferred.update(5, sync=False)
+        deferred.remove()
+        assert deferred.n_deferred == 0
+    model.zero_grad()
+    model2 = _mlp()
+    model2.load_state_dict(model.state_dict())
+    with G.GradientNoiseScale(model, ema_decay=0.6) as a, G.GradientNoiseScale(model2, ema_decay=0.6) as b:
+        a.load_state_dict(saved)
+        b.load_state_dict(saved)
+        want = []
+        for t in range(2):
+            _accumulate(model, x[t], y[t])
+            _accumulate(model2, x[t], y[t])
+            want.append(a.update(5))
+            assert b.update(5, sync=t == 1) == (None if t == 0 else want[1])
+            model.zero_grad()
+            model2.zero_grad()
+    assert b.synced == want and [e.step for e in want] == [7, 8]
+
+
+@pytest.mark.parametrize("flush_bytes", [None, 100])
+def test_norm_branches_agree(monkeypatch, flush_bytes):
+    """The accelerator's branch of the hook (gradients held, one fused norm at the end of the backward
+    pass, or every ``_FLUSH_BYTES``: 100 bytes forces a flush inside each backward pass), forced on
+    the CPU, gives the estimates of the CPU branch (a norm per gradient in the hook) to float32
+    rounding of the norms (seen: equal)."""
+    if flush_bytes is not None:
+        monkeypatch.setattr(G, "_FLUSH_BYTES", flush_bytes)
+    calls, norms = [], G._norms
+    monkeypatch.setattr(G, "_norms", lambda tensors, dtype: calls.append(len(tensors)) or norms(tensors, dtype))
+    x, y = _batches(3, 5, seed=12)
+    model = _Tied()
+    with G.GradientNoiseScale(model) as cpu, G.GradientNoiseScale(model) as held:
+        held._norm_in_hook = False
+        _accumulate(model, x, y)
+        assert held._pending == [] and len(held._micro) == 3
+        # one fused norm of the 6 gradients per backward pass, or several (after 4 gradients > 100 bytes)
+        assert sum(calls) == 18 and calls == ([6] * 3 if flush_bytes is None else [4, 2] * 3)
+        assert [len(v) for v in held._micro] == [len(v) for v in cpu._micro]
+        a, b = cpu.update(5).as_dict(), held.update(5).as_dict()
+    for k, v in a.items():
+        assert b[k] == pytest.approx(v, rel=1e-6), k
