@@ -15,10 +15,10 @@ micro-batches) and the accumulated, all-reduced ``.grad`` is their mean (B_big =
 :class:`GradientNoiseScale` records |g_j|^2 with a gradient hook in every backward pass and reads
 |G_big|^2 from ``.grad`` after the last one (already all-reduced, the same on every process).  The
 estimates need, besides |G_big|^2, only the sums over the processes of sum |g_j|^2, sum |g_j|^4, M
-and M^2: one all-reduce of six numbers (those and a check that the processes hold the same steps)
-joins the processes at a step; or, with ``update(..., sync=False)``, a process keeps its step's sums
-without communicating and a later synchronizing call joins all the deferred steps by one more
-all-reduce of a (k, 4) array, then replays them in order (per-step estimates, checks, EMA updates:
+and M^2: one all-reduce (those four, a check that the processes hold the same steps, and room for
+32 deferred steps' sums: 134 numbers) joins the processes at a step; or, with
+``update(..., sync=False)``, a process keeps its step's sums without communicating and the next
+synchronizing call joins them in that same all-reduce (one more per further 32), then replays them in order (per-step estimates, checks, EMA updates:
 the EMA of squares is not linear in the per-step values, so each step's joined values are replayed
 rather than per-process EMAs summed), so the results are those of joining every step.  The formulas
 are :func:`toymodels.stats.two_batch_estimates`.
@@ -345,6 +345,7 @@ def _group_constraint():
     return Maybe(Instance(dist.ProcessGroup, what="a torch.distributed ProcessGroup"))
 
 
+_JOIN_ROWS = 32  # deferred steps joined per all-reduce (with the six-number header: 134 float64)
 _FLUSH_BYTES = 64 * 2**20  # gradients held at most before their norms are taken (bounds the extra memory)
 
 
@@ -362,7 +363,8 @@ _PER_STEP = ("grad_norm_sq_micro", "grad_norm_sq_step", "grad_norm_sq_unbiased",
 class _Step:
     """A step as :class:`GradientNoiseScale` holds it until the processes are joined: ``sums`` =
     [sum |g_j|^2, sum |g_j|^4, M, M^2] of this process's M micro-batches (or, where an all-reduce
-    launched in the backward pass covers it, those of all processes and the header's e, e^2),
+    launched in the backward pass covers it, those of all processes, the header's e, e^2 and the
+    zeros of the join's deferred rows),
     ``big_sq`` = |G_big|^2 from the all-reduced ``.grad``, ``where`` the parameters with non-finite
     ``.grad`` (if any), ``skipped`` for :meth:`GradientNoiseScale.skip`."""
 
@@ -391,13 +393,14 @@ class GradientNoiseScale:
     ``torch.autograd.grad`` calls that reach them).
 
     :meth:`update`, after the last backward pass of a step and before ``optimizer.step()``, reads
-    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of six numbers (given the DDP
+    |G_big|^2 from ``.grad``, joins the processes with one all-reduce of 134 numbers (given the DDP
     wrapper: started at the end of its synchronizing backward pass, behind DDP's own all-reduce, while
     no step is deferred; given the bare module: in ``update``), and returns a :class:`GNSEstimate`;
     :meth:`skip` in its place leaves a step out (no EMA update), :meth:`discard` forgets backward
     passes that were no micro-batches (e.g. a probe's).  ``update(b, sync=False)`` defers the step
     (no communication, returns ``None``); the next ``update`` with ``sync=True`` (or :meth:`sync`)
-    joins every deferred step by one all-reduce more and replays them exactly (:attr:`synced`), which
+    joins every deferred step in its own all-reduce (one per 32 deferred steps) and replays them
+    exactly (:attr:`synced`), which
     saves the per-step all-reduce where the estimates are read only every N steps.  Usable as a
     context manager (the hooks are removed on exit)::
 
@@ -532,7 +535,7 @@ class GradientNoiseScale:
         if self._work is not None:
             self._work[0].wait()
         sums = self._local_sums(self._micro)
-        head = torch.cat([sums, sums.new_tensor([1.0, 1.0])])  # no deferred step, one step to join: e = 1
+        head = torch.cat([sums, sums.new_tensor([1.0, 1.0]), sums.new_zeros(4 * _JOIN_ROWS)])  # no deferred step: e = 1
         self._work = (_dist().all_reduce(head, group=self.process_group, async_op=True), head, len(self._micro))
 
     def _check_hooked(self) -> None:
@@ -547,7 +550,7 @@ class GradientNoiseScale:
         With ``sync=False`` the step is *deferred*: this process keeps its own sums of the step
         (four numbers) and |G_big|^2 and returns ``None`` without communicating; the next
         synchronizing call (``update`` with ``sync=True``, :meth:`skip` with ``sync=True`` or
-        :meth:`sync`) joins every deferred step in one all-reduce and replays them in order (per-step
+        :meth:`sync`) joins every deferred step (one all-reduce per 32 of them) and replays them in order (per-step
         estimates, divergence and same-M checks, EMA updates), so the EMA and the estimates are
         those of synchronizing every step; :meth:`sync` returns the deferred steps' estimates, and
         :attr:`synced` holds those of the latest synchronization.  Every process must defer the same
@@ -641,22 +644,32 @@ class GradientNoiseScale:
         return self._replay(queue + ([current] if current is not None else []), rows)
 
     def _join(self, queue: list, current: _Step | None) -> list:
-        """The sums over the processes of each step of ``queue`` then ``current``: one all-reduce
-        of a header of six numbers (``current``'s four sums, or zeros, then e and e^2 with e = 2 x
-        deferred steps + 1 if there is a current step: every process holds the same steps iff
-        W sum e^2 = (sum e)^2), then, if steps were deferred, one of their (k, 4) sums."""
+        """The sums over the processes of each step of ``queue`` then ``current``, by all-reduces of
+        one fixed size (so that processes that disagree on the steps still meet in each): a header of
+        six numbers (``current``'s four sums, or zeros, then e and e^2 with e = 2 x deferred steps +
+        1 if there is a current step: every process holds the same steps iff W sum e^2 = (sum e)^2)
+        and the first ``_JOIN_ROWS`` deferred steps' four sums; further deferred steps (rare: more
+        than ``_JOIN_ROWS`` between two synchronizations) take one more all-reduce per
+        ``_JOIN_ROWS``."""
         if self.world_size == 1:
             return [s.sums for s in queue] + ([current.sums] if current is not None else [])
         dist, device = _dist(), V.float64_device(self.params[0].device)
         k = len(queue)
-        if current is not None and len(current.sums) == 6:  # the header launched in the backward pass
-            head = current.sums
+
+        def reduce(first: list, steps: list) -> list:
+            buf = torch.zeros(6 + 4 * _JOIN_ROWS, dtype=torch.float64)
+            buf[:6] = torch.tensor(first, dtype=torch.float64)
+            if steps:
+                buf[6 : 6 + 4 * len(steps)] = torch.tensor([s.sums for s in steps], dtype=torch.float64).reshape(-1)
+            buf = buf.to(device)
+            dist.all_reduce(buf, group=self.process_group)
+            return buf.tolist()
+
+        if current is not None and len(current.sums) == 6 + 4 * _JOIN_ROWS:  # launched in the backward pass
+            head = current.sums  # (only where nothing is deferred: k = 0)
         else:
             e = 2.0 * k + (current is not None)
-            head = torch.tensor([*(current.sums if current is not None else [0.0] * 4), e, e * e],
-                                dtype=torch.float64, device=device)
-            dist.all_reduce(head, group=self.process_group)
-            head = head.tolist()
+            head = reduce([*(current.sums if current is not None else [0.0] * 4), e, e * e], queue[:_JOIN_ROWS])
         total, total_sq = round(head[4]), round(head[5])
         if total * total != total_sq * self.world_size:
             and_now = ", and a step to join" if current is not None else ""
@@ -664,11 +677,10 @@ class GradientNoiseScale:
                              f"hold different numbers of deferred steps (update(..., sync=False) and "
                              f"skip(sync=False) since the last synchronization; this one: {k}{and_now}); every "
                              "process drops them, the EMA is unchanged.")
-        rows = []
-        if k:
-            sums = torch.tensor([s.sums for s in queue], dtype=torch.float64, device=device)
-            dist.all_reduce(sums, group=self.process_group)
-            rows = sums.tolist()
+        flat = head[6 : 6 + 4 * min(k, _JOIN_ROWS)]
+        for start in range(_JOIN_ROWS, k, _JOIN_ROWS):
+            flat += reduce([0.0] * 6, queue[start : start + _JOIN_ROWS])[6 : 6 + 4 * len(queue[start : start + _JOIN_ROWS])]
+        rows = [flat[4 * i : 4 * i + 4] for i in range(k)]
         return rows + ([head[:4]] if current is not None else [])
 
     def _replay(self, steps: list, rows: list) -> list:
@@ -710,7 +722,7 @@ class GradientNoiseScale:
     @validate()
     def sync(self) -> list:
         """Join the deferred steps (``update(..., sync=False)``, ``skip(sync=False)``) over the
-        processes in one all-reduce and replay them in order into the EMA; returns their
+        processes (one all-reduce per 32 of them) and replay them in order into the EMA; returns their
         :class:`GNSEstimate` (skipped steps have none), also kept in :attr:`synced`.
 
         Under ``torch.distributed`` every process of the group must call it at the same point (it

@@ -284,28 +284,34 @@ def _defer_worker(rank, out_dir):
 
         from deepmodels.callbacks import probing
 
+        import deepmodels.gns as gns_module
+
         x, y = _data()
         out = {}
         # every step joined, and steps 0, 1 deferred then joined at step 2: by the DDP wrapper (its
-        # all-reduce launched in the backward pass while nothing is deferred) and the bare module
-        ddp = DDP(_model())
-        with GradientNoiseScale(ddp) as every, GradientNoiseScale(ddp) as deferred, \
-                GradientNoiseScale(ddp.module) as bare:
-            rows = []
-            for step in range(STEPS):
-                _backward_step(ddp, x, y, step, rank)
-                rows.append(every.update(micro_batch_size=B).as_dict())
-                last = step == STEPS - 1
-                for est in (deferred, bare):
-                    assert (est.update(micro_batch_size=B, sync=last) is None) != last
-                if step == 0:
-                    with pytest.raises(ValueError, match="call sync\\(\\) on every process"):
-                        deferred.state_dict()
-                _sgd_step(ddp.module)
-            out["every"] = rows
-            out["deferred"] = [e.as_dict() for e in deferred.synced]
-            out["bare"] = [e.as_dict() for e in bare.synced]
-            out["states"] = (every.state_dict(), deferred.state_dict(), bare.state_dict())
+        # all-reduce launched in the backward pass while nothing is deferred) and the bare module;
+        # again with one deferred step per all-reduce (the join of more than _JOIN_ROWS steps)
+        for join_rows, tag in ((gns_module._JOIN_ROWS, ""), (1, "_chunked")):
+            saved, gns_module._JOIN_ROWS = gns_module._JOIN_ROWS, join_rows
+            ddp = DDP(_model())
+            with GradientNoiseScale(ddp) as every, GradientNoiseScale(ddp) as deferred, \
+                    GradientNoiseScale(ddp.module) as bare:
+                rows = []
+                for step in range(STEPS):
+                    _backward_step(ddp, x, y, step, rank)
+                    rows.append(every.update(micro_batch_size=B).as_dict())
+                    last = step == STEPS - 1
+                    for est in (deferred, bare):
+                        assert (est.update(micro_batch_size=B, sync=last) is None) != last
+                    if step == 0:
+                        with pytest.raises(ValueError, match="call sync\\(\\) on every process"):
+                            deferred.state_dict()
+                    _sgd_step(ddp.module)
+                out["every" + tag] = rows
+                out["deferred" + tag] = [e.as_dict() for e in deferred.synced]
+                out["bare" + tag] = [e.as_dict() for e in bare.synced]
+                out["states" + tag] = (every.state_dict(), deferred.state_dict(), bare.state_dict())
+            gns_module._JOIN_ROWS = saved
         # skip under deferral: process 0 skips step 0, process 1 updates it, both deferred; then both
         # join at step 1; beside, the same with every step joined
         ddp = DDP(_model())
@@ -358,7 +364,8 @@ def _defer_worker(rank, out_dir):
 
 @pytest.mark.slow  # two spawned gloo processes: 10-20 s, minutes on a loaded 2-core machine
 def test_ddp_deferred_steps_equal_every_step(tmp_path, monkeypatch):
-    """Steps deferred on 2 DDP processes and joined by one all-reduce give, step for step, the
+    """Steps deferred on 2 DDP processes and joined by one all-reduce (or one per step, with the
+    join's capacity patched to 1 step) give, step for step, the
     estimates and EMA of joining every step, bit for bit (the same float64 sums: a + b either way),
     on every process, by the wrapper and the bare module, and those of one process on the same
     examples; a skip deferred on one process while the other defers an update; processes with
@@ -372,6 +379,8 @@ def test_ddp_deferred_steps_equal_every_step(tmp_path, monkeypatch):
     for g in got:
         assert g["deferred"] == g["every"] == g["bare"] and [r["step"] for r in g["deferred"]] == [0, 1, 2]
         assert g["states"][0] == g["states"][1] == g["states"][2]
+        assert g["deferred_chunked"] == g["every_chunked"] == g["bare_chunked"] == g["every"]
+        assert g["states_chunked"] == g["states"]
         for step, (row, ref) in enumerate(zip(g["deferred"], ref_rows)):
             for k, v in ref.items():
                 assert row[k] == pytest.approx(v, rel=1e-4, abs=1e-6 * abs(ref["grad_norm_sq_micro"])), (step, k)
