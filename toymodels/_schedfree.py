@@ -76,13 +76,26 @@ def _loss(h, xx):
 
 
 @njit(cache=True, nogil=True)
-def _update(p, r, g, zz, zx, xx, c):
-    """One update of every mode's moments (in place), averaging weight c (the recursion above)."""
+def _squares(p, r):
+    """``(p^2, 2 p r, r^2)`` of every mode: the coefficients of zz' in :func:`_update`, computed once per
+    scan (each rounded as in p * p * zz, 2 p r zx and r * r * xx evaluated left to right, so the
+    moments are bit for bit those of the products formed at every update)."""
+    return p * p, 2.0 * p * r, r * r
+
+
+@njit(cache=True, nogil=True)
+def _update(p, r, g, pp, tpr, rr, zz, zx, xx, c):
+    """One update of every mode's moments (in place), averaging weight c (the recursion above);
+    ``pp, tpr, rr`` from :func:`_squares`."""
+    a = (1.0 - c) * (1.0 - c)
+    b = 2.0 * c * (1.0 - c)
+    cc = c * c
+    oc = 1.0 - c
     for i in range(p.shape[0]):
         zxp = p[i] * zx[i] + r[i] * xx[i]
-        zzn = p[i] * p[i] * zz[i] + 2.0 * p[i] * r[i] * zx[i] + r[i] * r[i] * xx[i] + g[i]
-        xx[i] = (1.0 - c) * (1.0 - c) * xx[i] + 2.0 * c * (1.0 - c) * zxp + c * c * zzn
-        zx[i] = (1.0 - c) * zxp + c * zzn
+        zzn = pp[i] * zz[i] + tpr[i] * zx[i] + rr[i] * xx[i] + g[i]
+        xx[i] = a * xx[i] + b * zxp + cc * zzn
+        zx[i] = oc * zxp + c * zzn
         zz[i] = zzn
 
 
@@ -107,6 +120,7 @@ def _scan(p, r, g, h, zz, zx, xx, k0, k1, target, uniform):
 @njit(cache=True, nogil=True)
 def _scan_below(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, lost):
     """:func:`_scan` with its divergence limit ``lost`` given (a scan resumed at k0 keeps its first one)."""
+    pp, tpr, rr = _squares(p, r)
     k = k0
     while True:
         loss = _loss(h, xx)
@@ -116,7 +130,7 @@ def _scan_below(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, lost):
             return k, loss
         if k == k1:
             return -1, loss
-        _update(p, r, g, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
+        _update(p, r, g, pp, tpr, rr, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
         k += 1
 
 
@@ -124,8 +138,9 @@ def _scan_below(p, r, g, h, zz, zx, xx, k0, k1, target, uniform, lost):
 def _advance(p, r, g, h, zz, zx, xx, k0, n, uniform, out):
     """Step the moments (in place) n updates from step k0 (:func:`_update`), the loss at step k0 + j + 1
     in ``out[j]`` (:func:`_loss`); on a block of modes, called with slices."""
+    pp, tpr, rr = _squares(p, r)
     for j in range(n):
-        _update(p, r, g, zz, zx, xx, 1.0 / (k0 + j + 2.0) if uniform else 1.0)
+        _update(p, r, g, pp, tpr, rr, zz, zx, xx, 1.0 / (k0 + j + 2.0) if uniform else 1.0)
         out[j] = _loss(h, xx)
 
 
@@ -198,6 +213,7 @@ def crossing(p, r, g, h, s0, k_cap, log_target, uniform, lost_growth):
     zz = s0.copy()
     zx = s0.copy()
     xx = s0.copy()
+    pp, tpr, rr = _squares(p, r)
     target = math.exp(log_target)
     prev = math.inf
     lost = math.inf
@@ -216,5 +232,5 @@ def crossing(p, r, g, h, s0, k_cap, log_target, uniform, lost_growth):
         if k >= k_cap:
             return k_cap * (1.0 + math.log(loss) - log_target)
         prev = loss
-        _update(p, r, g, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
+        _update(p, r, g, pp, tpr, rr, zz, zx, xx, 1.0 / (k + 2.0) if uniform else 1.0)
         k += 1

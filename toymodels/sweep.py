@@ -581,7 +581,16 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
                 y_lo, y_hi = ys_w[-2], min(0.0, y_hi + span)
             else:
                 break
-        _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
+        edge = {0: _Y_MIN, n_y - 1: 0.0}.get(j)
+        if edge is not None and ys_w[j] == edge:
+            # the best y is the box's edge (beta = 0, or 1 - beta = 1e-4): Brent's search towards it would
+            # only creep up to it by golden sections (some 15 values of y); one value a tolerance inside
+            # tells whether the minimum lies inside the box after all
+            inside = edge + (1e-3 if j == 0 else -1e-3)
+            if at_y(inside) < found[edge][0]:
+                edge = None
+        if edge is None or ys_w[j] != edge:
+            _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
         y, (v, x) = min(found.items(), key=lambda item: item[1][0])
         if v < v_best:
             v_best, z = v, (x, y)
