@@ -83,7 +83,7 @@ def _squares(p, r):
     return p * p, 2.0 * p * r, r * r
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _update(p, r, g, pp, tpr, rr, zz, zx, xx, c):
     """One update of every mode's moments (in place), averaging weight c (the recursion above);
     ``pp, tpr, rr`` from :func:`_squares`."""
