@@ -454,7 +454,8 @@ class NQM:
         constant learning rate and batch size: the Polyak average of SGD in closed form (a doubling
         horizon, then intervals discarded only by a rigorous lower bound of the loss and every step of
         the rest checked: the first crossing, although its loss can rise and fall), schedule-free SGD
-        by a compiled scan that stops at the target (at most 10^7 updates).
+        by a compiled scan that stops at the target (at most 10^7 updates; at beta = 0, where it is
+        the Polyak average of SGD, by that closed form, which gives the scan's crossing).
 
         Args:
             optimizer: an optimizer spec.

@@ -486,7 +486,9 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
     the best beta row; then 9 values of y between
     the neighbouring rows (a warm start whose beta is still the best row: 5 values within +-0.5 of it;
     the window moved on, up to 3 times, while its best is at an end), and Brent's search over y
-    between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%), with at
+    between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%; where the best
+    of them is the box's edge, beta = 0 or 1 - beta = 1e-4, first one y a tolerance inside it, and
+    Brent's search only if that is better: towards an edge it would creep by golden sections), with at
     each y the best of 9 points over x in +-2 around the best x so far (the second y: 5 points over
     +-0.5; later ones 3 points over +-0.1 around the x interpolated from the two nearest y's searched,
     as the best x moves smoothly with y; windows moved on while their best is at an end) and Brent's
@@ -507,8 +509,11 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
     the d = 10^4 power law; at a given setting its crossing is within ~0.5% of the full model's, and
     the tuned steps of a d = 10^4 sweep equal those of a search on ``coarsen(0.2)`` (47 modes) within
     0.4%, measured); the steps reported
-    are always the full model's exact first crossing (``problem.steps_to_target``) at the returned
-    hyper-parameters, so only their optimality is approximate.  Where a full-model scan costs at most
+    are always the full model's exact first crossing (``problem.steps_to_target``; at beta = 0 from the
+    closed form of the Polyak average of SGD, which it then is) at the returned
+    hyper-parameters, so only their optimality is approximate.  A grid row's scans, and a window's
+    over x, run side by side on ``pool`` (:func:`_side_by_side`: the values of one scan after another
+    bit for bit), each long enough to pay for a thread (``_SF_PARALLEL_WORK``).  Where a full-model scan costs at most
     10^7 updates x modes (a few hundred steps at d = 10^4), the best settings of the three next best
     betas searched are scanned on the full model too and the one that crosses first is returned (the
     coarsened model ranks settings along its flat valley in beta only within its error).
