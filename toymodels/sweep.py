@@ -483,8 +483,8 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
     lr = exp(x) * limit(beta), beta = 1 - exp(y), limit(beta) = 2 / ((1 - beta) max h) (the full
     model's).  A grid (11 lrs from 0.95 to 1e-5 of the limit x 6 betas from 0 to 0.999; with a warm
     start only the lrs within e^(+-2.5) of its lr, and its lr x e^(+-0.5), and also its beta) picks
-    the best beta row; then 9 values of y between
-    the neighbouring rows (a warm start whose beta is still the best row: 5 values within +-0.5 of it;
+    the best beta row; then 5 values of y between
+    the neighbouring rows (a warm start whose beta is still the best row: within +-0.5 of it;
     the window moved on, up to 3 times, while its best is at an end), and Brent's search over y
     between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%; where the best
     of them is the box's edge, beta = 0 or 1 - beta = 1e-4, first one y a tolerance inside it, and
@@ -613,11 +613,11 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
         # (the grid's own rows: a warm start's beta lies between two of them)
         y_lo = max([y for y in ys[:6] if y < z[1]], default=_Y_MIN)
         y_hi = min([y for y in ys[:6] if y > z[1]], default=0.0)
-        n_y = 9
+        n_y = 5  # (9 values cost 10% more scans on a d = 10^4 sweep, with the same tuned steps: measured)
         if start is not None and z[1] == start[1]:
             # the warm start's beta is still the best row: 5 values within +-0.5 of it (beta moves
             # little from one batch size to the next; the window moves on as below if it did)
-            y_lo, y_hi, n_y = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5), 5
+            y_lo, y_hi = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5)
         found = {}
 
         def at_y(y):
