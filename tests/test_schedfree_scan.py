@@ -196,3 +196,38 @@ def test_beta_zero_closed_form_declines_near_ties_and_other_averaging():
     assert nqm.steps_to_target(opt, 4.0, loss) == k
     assert nqm._schedule_free_polyak(ScheduleFree(0.5, 0.1), 0.5, 4.0, 10**5, 0.1) is None
     assert nqm._schedule_free_polyak(ScheduleFree(0.5, 0.0, averaging="none"), 0.5, 4.0, 10**5, 0.1) is None
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_interpolated_crossing_is_the_scans_crossing(seed):
+    """The tuner's crossing (its modes padded to a multiple of four) on random models of 1 to 9 modes:
+    ceil(kappa) is the scan's first crossing and kappa the log-loss interpolation between the scan's
+    losses at k - 1 and k, bit for bit; capped and diverged scans as documented."""
+    rng = np.random.default_rng(200 + seed)
+    for _ in range(15):
+        d = int(rng.integers(1, 10))
+        h = np.exp(rng.uniform(-3.0, 1.0, d))
+        q, s0 = np.exp(rng.uniform(-6.0, -1.0, d)), np.exp(rng.uniform(-1.0, 1.0, d))
+        beta = float(rng.uniform(0.0, 0.99))
+        lr = 2.0 / ((1.0 - beta) * h.max()) * float(rng.uniform(0.05, 0.9))
+        coef = sf.coefficients(h, q, lr, beta)
+        target = 0.5 * float(np.sum(h * s0)) * float(rng.uniform(0.05, 0.5))
+        lt = math.log(target)
+        with np.errstate(over="ignore", invalid="ignore"):
+            k_scan, _ = sf._scan(*coef, h, *[s0.copy() for _ in range(3)], 0, 5000, target, True)
+        if k_scan == -2:  # transient growth past LOST_GROWTH x L0: diverged for both
+            assert sf.crossing(*coef, h, s0, 10**6, lt, True, sf.LOST_GROWTH) == math.inf
+            continue
+        m = [s0.copy() for _ in range(3)]
+        losses = [sf._scan(*coef, h, *m, 0, 0, -math.inf, True)[1]]
+        while losses[-1] > target and len(losses) < 5000:
+            losses.append(sf._scan(*coef, h, *m, len(losses) - 1, len(losses), -math.inf, True)[1])
+        k = len(losses) - 1
+        assert losses[-1] <= target and k == k_scan > 0
+        expected = (k - 1.0) + (math.log(losses[-2]) - lt) / (math.log(losses[-2]) - math.log(losses[-1]))
+        assert sf.crossing(*coef, h, s0, 10**6, lt, True, sf.LOST_GROWTH) == expected
+        cap = k // 2
+        assert sf.crossing(*coef, h, s0, cap, lt, True, sf.LOST_GROWTH) == cap * (1.0 + math.log(losses[cap]) - lt)
+    big = sf.coefficients(h, q, 6.0 / ((1.0 - beta) * h.max()), beta)  # 3 x the stability limit
+    tiny = math.log(1e-6 * float(np.sum(h * s0)))
+    assert sf.crossing(*big, h, s0, 10**6, tiny, True, sf.LOST_GROWTH) == math.inf
