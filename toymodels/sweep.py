@@ -92,7 +92,10 @@ _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 _SF_WIDTH = 0.5  # schedule-free is tuned on NQM.coarsen(0.5): 23 modes for the d = 10^4 power law
 _SF_COARSE_MIN = 200  # ... for NQMs of more modes than this (smaller ones are tuned on themselves)
-_SF_EXACT_MORE = 10**7  # ... and its steps are checked on the full model at 3 more settings if that costs <= 10^7 updates x modes each
+# ... and its steps are checked on the full model at 3 more settings if that costs <= 2 x 10^6 updates x modes each
+# (at 10^7, on the d = 10^4 sweep of benchmarks/optimizer_zoo.py, B >= 512, these 36 scans never crossed first
+# and cost 8% of its time; nor did they on its d = 10^3 --quick sweep, where they still run)
+_SF_EXACT_MORE = 2 * 10**6
 _SF_LOST = 1e-2 * _schedfree.LOST_GROWTH  # the tuner's transient-growth limit: 100 x inside the exact scan's
 # its independent scans (a grid row, a window of learning rates) run on two threads from this many updates x
 # modes each, where a core is idle when the search starts (load average + 1 <= cores; on a busy machine the
@@ -514,7 +517,7 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
     hyper-parameters, so only their optimality is approximate.  A grid row's scans, and a window's
     over x, run side by side on ``pool`` (:func:`_side_by_side`: the values of one scan after another
     bit for bit), each long enough to pay for a thread (``_SF_PARALLEL_WORK``).  Where a full-model scan costs at most
-    10^7 updates x modes (a few hundred steps at d = 10^4), the best settings of the three next best
+    2 x 10^6 updates x modes (200 steps at d = 10^4), the best settings of the three next best
     betas searched are scanned on the full model too and the one that crosses first is returned (the
     coarsened model ranks settings along its flat valley in beta only within its error).
     """
