@@ -6,17 +6,20 @@
 
 Each family's tuned sweep (``batch_size_sweep``, warm: numba compiled) is timed in the same process
 as today's momentum sweep on the same NQM, batch sizes and target (0.01 L0), and reported as a ratio
-to it, with the machine's load average (the ratios hold on a loaded machine; the seconds do not).
+to it, with the machine's load average (the ratios hold on a loaded machine; the seconds do not),
+in wall-clock time and in CPU time (the sweep's process, all threads).
 ``--budget`` stops a family's sweep after that many seconds (its time is then a lower bound, marked
 ">=", over the batch sizes it finished): ``polyak`` (SGD with uniform averaging) has a closed form
 per mode, ``schedule_free`` none (each setting is one compiled scan over its steps: tuned on a
-23-mode coarsened model, its reported steps one exact scan of the full model).
+23-mode coarsened model, its reported steps one exact scan of the full model, or at beta = 0 the
+closed form of the Polyak average of SGD, which it then is).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -34,10 +37,18 @@ def _sweep_to_file(nqm, family, bss, target, path):
     batch_size_sweep(nqm, family, bss, target, progress=False, path=path)
 
 
+def _children_cpu():
+    """CPU seconds (user + system) of this process's finished child processes."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def timed_sweep(nqm, family, bss, target, budget):
-    """(seconds, batch sizes done, steps) of a tuned sweep run in a forked process (which starts with
-    this process's compiled kernels) that writes its result after every batch size; with a budget the
-    process is stopped once it is spent, and the batch sizes it finished are read back."""
+    """(seconds, CPU seconds, batch sizes done, steps) of a tuned sweep run in a forked process (which
+    starts with this process's compiled kernels) that writes its result after every batch size; with a
+    budget the process is stopped once it is spent, and the batch sizes it finished are read back.  The
+    CPU time is the child's, all its threads together (on a loaded machine a steadier measure than
+    the wall-clock time)."""
     import multiprocessing as mp
 
     import xarray as xr
@@ -45,6 +56,7 @@ def timed_sweep(nqm, family, bss, target, budget):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{family}.nc")
         proc = mp.get_context("fork").Process(target=_sweep_to_file, args=(nqm, family, bss, target, path))
+        cpu = _children_cpu()
         t = time.perf_counter()
         proc.start()
         proc.join(budget)
@@ -52,11 +64,12 @@ def timed_sweep(nqm, family, bss, target, budget):
             proc.terminate()
             proc.join()
         dt = time.perf_counter() - t
+        cpu = _children_cpu() - cpu
         if not os.path.exists(path):
-            return dt, 0, np.array([np.nan])
+            return dt, cpu, 0, np.array([np.nan])
         with xr.open_dataset(path) as ds:
             steps = ds.steps_to_target.values.copy()
-    return dt, steps.size, steps
+    return dt, cpu, steps.size, steps
 
 
 def main(argv=None):
@@ -75,10 +88,11 @@ def main(argv=None):
     small = NQM.power_law(50)
     for fam in ["momentum"] + a.families:  # compile / load every kernel first
         batch_size_sweep(small, fam, [1.0, 16.0], 0.05, progress=False)
-    t_ref, _, s_ref = timed_sweep(nqm, "momentum", bss, target, None)
-    print(f"  momentum       {t_ref:8.2f} s   steps B=1: {s_ref[0]:.0f}  B=max: {s_ref[-1]:.0f}   (reference)")
+    t_ref, c_ref, _, s_ref = timed_sweep(nqm, "momentum", bss, target, None)
+    print(f"  momentum       {t_ref:8.2f} s   steps B=1: {s_ref[0]:.0f}  B=max: {s_ref[-1]:.0f}   (reference; "
+          f"CPU {c_ref:.2f} s)")
     for fam in a.families:
-        dt, done, s = timed_sweep(nqm, fam, bss, target, a.budget)
+        dt, cpu, done, s = timed_sweep(nqm, fam, bss, target, a.budget)
         cut = done < bss.size
         if cut:  # a lower bound: the time spent over the batch sizes finished (at least one more)
             ratio = (dt / (done + 1)) / (t_ref / bss.size)
@@ -87,7 +101,7 @@ def main(argv=None):
             continue
         ratio = dt / t_ref
         print(f"  {fam:14s}   {dt:7.2f} s   ratio to momentum {ratio:.2f}x   steps B=1: {s[0]:.0f}  "
-              f"B=max: {s[-1]:.0f}")
+              f"B=max: {s[-1]:.0f}   (CPU {cpu:.2f} s, ratio {cpu / c_ref:.2f}x)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -606,3 +606,60 @@ def test_schedule_free_tuned_steps_against_a_fine_grid():
     for bs in (1.0, 8.0, 64.0, 512.0):
         tuned = tune(NQM30, "schedule_free", bs, target)
         assert tuned["steps"] <= 1.02 * _sf_grid(bs, target, 120, 60)["steps"]
+
+
+def test_schedule_free_tuner_on_two_threads_is_the_serial_tuner(monkeypatch):
+    """The schedule-free search runs a grid row's (or a window's) scans side by side, each with the
+    cap of the best before them, and scans again in order those that the serial loop's smaller cap
+    could have changed: the tuned result (steps, lr, beta, number of scans) is the serial one's bit
+    for bit, cold and warm-started, with every batch of scans on the threads (no work threshold)."""
+    import toymodels.sweep as sweep_mod
+
+    big = NQM.power_law(300)
+    target = 0.05 * big.initial_loss
+    monkeypatch.setattr(sweep_mod, "_SF_PARALLEL_WORK", 0)
+    monkeypatch.setattr(sweep_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    runs = []
+    for cores in (1, 2):
+        monkeypatch.setattr(sweep_mod.os, "cpu_count", lambda: cores)
+        first = tune(big, "schedule_free", 2.0, target)
+        runs.append((first, tune(big, "schedule_free", 16.0, target, start=first["theta"])))
+    assert runs[0] == runs[1]
+    assert math.isfinite(runs[0][1]["steps"])
+
+
+def test_side_by_side_scans_give_the_serial_loops_values():
+    """_side_by_side on a model of a capped scan (the crossing kappa = theta if it is at most the cap,
+    else cap (1 + theta), inf past a divergence step) whose cap is twice the best so far: the values
+    and the final best are the serial loop's bit for bit, also where the best drops within a batch
+    (so later caps shrink and the longer first scans must be redone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toymodels.sweep import _side_by_side
+
+    def scan(theta, cap):
+        value, diverges_at = theta
+        if diverges_at <= cap:
+            return math.inf, 0.0
+        return (value if value <= cap else cap * (1.0 + value)), 0.1
+
+    rng = np.random.default_rng(5)
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(20):
+            thetas = [(float(rng.uniform(1.0, 400.0)), float(rng.choice([math.inf, rng.uniform(1.0, 400.0)])))
+                      for _ in range(int(rng.integers(2, 12)))]
+            runs = []
+            for side in (False, True):
+                state = {"best": 150.0}
+
+                def cap_rule():
+                    return int(2 * state["best"] + 16)
+
+                def record(v, extra):
+                    state["best"] = min(state["best"], v)
+                    return v * (1.0 + extra)
+
+                vals = (_side_by_side(scan, thetas, cap_rule, record, pool) if side
+                        else [record(*scan(th, cap_rule())) for th in thetas])
+                runs.append((vals, state["best"]))
+            assert runs[0] == runs[1]

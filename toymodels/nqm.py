@@ -454,7 +454,8 @@ class NQM:
         constant learning rate and batch size: the Polyak average of SGD in closed form (a doubling
         horizon, then intervals discarded only by a rigorous lower bound of the loss and every step of
         the rest checked: the first crossing, although its loss can rise and fall), schedule-free SGD
-        by a compiled scan that stops at the target (at most 10^7 updates).
+        by a compiled scan that stops at the target (at most 10^7 updates; at beta = 0, where it is
+        the Polyak average of SGD, by that closed form, which gives the scan's crossing).
 
         Args:
             optimizer: an optimizer spec.
@@ -623,12 +624,44 @@ class NQM:
         with np.errstate(over="ignore", invalid="ignore"):
             return _schedfree.scan(p, r, g, self.h, zz, zx, xx, k0, k1, target, uniform)
 
+    def _schedule_free_polyak(self, optimizer, lr, batch_size, k_stop, target):
+        """The first crossing of schedule-free SGD at beta = 0 (uniform averaging) from the closed form of
+        the Polyak average of SGD, or None where that could differ from :meth:`_schedule_free`'s scan.
+
+        At beta = 0 the gradient point y is z, so z is SGD and x the uniform average of z_0..z_k: the
+        same expected loss as ``PolyakAverage(SGD(lr))`` (Defazio et al. 2024, Section 2), whose first
+        crossing costs O(d log k) instead of the scan's O(d k).  The two sum the loss in other orders
+        (relative differences far below ``_schedfree.TIE``), so the closed form is searched for the first
+        k with L_k <= target (1 + TIE): every earlier step is then above the target in the scan too,
+        and k is the scan's crossing if L_k <= target (1 - TIE) (else, a near tie: None, and the scan
+        decides).  None also where the scan could stop otherwise: SGD unstable (x >= 2 in a mode; the
+        scan may cross before it overflows), or the loss could pass the scan's divergence limit
+        ``LOST_GROWTH`` x max(target, L_0): on a stable mode f(n) <= min(n, 2 / x), so E[sigma_k^2] / (k + 1)^2
+        <= s0 + q b^2 W_k / (k + 1)^2 <= s0 + q b^2 2 / (sqrt(3) x), an upper bound of every L_k.
+        Returns the step, or -1 if not reached by ``k_stop``."""
+        if optimizer.beta != 0.0 or optimizer.averaging != "uniform":
+            return None
+        fast = self._polyak_sgd(PolyakAverage(SGD(lr, weight_decay=optimizer.weight_decay)), lr, batch_size)
+        if fast is None:
+            return None
+        x, bb, s0, h = fast
+        l0 = self.initial_loss
+        peak = l0 + float(np.sum(h * bb / (math.sqrt(3.0) * x)))
+        if not peak < _schedfree.LOST_GROWTH * max(target, l0) * (1.0 - _schedfree.TIE):
+            return None
+        k, _, _ = self._polyak_first_crossing(fast, target * (1.0 + _schedfree.TIE), k_stop)
+        if k >= 0 and not _polyak._loss(*fast, k) <= target * (1.0 - _schedfree.TIE):
+            return None
+        return k
+
     def _scan_varying(self, optimizer, S, batch, k_stop, target, max_steps):
         """``(k, reason, nan)``: the first step k <= k_stop with L_k <= target for an optimizer that
         changes at every update (stepped in chunks of 4096 from step 0; S at step 0; schedule-free SGD
         at a constant learning rate and batch size in one compiled scan of two states per mode)."""
         if isinstance(optimizer, ScheduleFree) and isinstance(optimizer.lr, Constant) and isinstance(batch, Constant):
-            k, _ = self._schedule_free(optimizer, optimizer.lr.lr, batch.lr, 0, k_stop, target)
+            k = self._schedule_free_polyak(optimizer, optimizer.lr.lr, batch.lr, k_stop, target)
+            if k is None:
+                k, _ = self._schedule_free(optimizer, optimizer.lr.lr, batch.lr, 0, k_stop, target)
             if k == -2:
                 return -1, ("diverges: the loss overflowed, or grew past 4.5e9 x the target (float64 cannot resolve "
                             "the target after that)"), math.inf

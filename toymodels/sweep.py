@@ -92,8 +92,15 @@ _Y_MIN = math.log(_ONE_MINUS_MIN)
 _SCAN_CAP = 10**6  # steps searched one by one for problems without a closed form
 _SF_WIDTH = 0.5  # schedule-free is tuned on NQM.coarsen(0.5): 23 modes for the d = 10^4 power law
 _SF_COARSE_MIN = 200  # ... for NQMs of more modes than this (smaller ones are tuned on themselves)
-_SF_EXACT_MORE = 10**7  # ... and its steps are checked on the full model at 3 more settings if that costs <= 10^7 updates x modes each
+# ... and its steps are checked on the full model at 3 more settings if that costs <= 2 x 10^6 updates x modes each
+# (at 10^7, on the d = 10^4 sweep of benchmarks/optimizer_zoo.py, B >= 512, these 36 scans never crossed first
+# and cost 8% of its time; nor did they on its d = 10^3 --quick sweep, where they still run)
+_SF_EXACT_MORE = 2 * 10**6
 _SF_LOST = 1e-2 * _schedfree.LOST_GROWTH  # the tuner's transient-growth limit: 100 x inside the exact scan's
+# its independent scans (a grid row, a window of learning rates) run on two threads from this many updates x
+# modes each, where a core is idle when the search starts (load average + 1 <= cores; on a busy machine the
+# threads only contend: measured 7% more time)
+_SF_PARALLEL_WORK = 10**5
 
 
 def _check_family(family):
@@ -431,7 +438,43 @@ def _brent(f, a, b, tol):
     return min(seen, key=lambda s: s[0])
 
 
+def _side_by_side(scan, thetas, cap_rule, record, pool):
+    """``[record(*scan(theta, cap_rule())) for theta in thetas]`` with the scans run side by side on ``pool``.
+
+    ``scan(theta, cap)`` is a first-crossing scan to at most ``cap`` steps returning ``(kappa, extra)``,
+    with kappa in (k - 1, k] for a crossing at step k <= cap (k and so kappa unchanged by a larger cap),
+    kappa > cap if none, inf if diverged; ``cap_rule()`` is the cap from the best so far, which
+    ``record`` updates, so a loop's later scans can have smaller caps.  All scans start with the cap
+    before the first; then, in order, a result that the loop's own cap could have changed -- a
+    crossing later than one step below that cap, none, or a divergence -- is scanned again with it.
+    The values are those of the loop bit for bit (so are the decisions taken from them), at the
+    price of the longer scans of the points that do not cross."""
+    launch = cap_rule()
+    futures = [pool.submit(scan, th, launch) for th in thetas]
+    vals = []
+    for th, fut in zip(thetas, futures):
+        v, extra = fut.result()
+        cap = cap_rule()
+        if cap < launch and not v + 1.0 <= cap:
+            v, extra = scan(th, cap)
+        vals.append(record(v, extra))
+    return vals
+
+
 def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=0.0):
+    """:func:`_tune_schedule_free_on`, its independent scans on two threads where a core is idle (the same
+    result either way, bit for bit)."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores < 2 or load + 1.0 > cores:
+        return _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_decay, None)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_decay, pool)
+
+
+def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_decay, pool):
     """:func:`tune` for ``"schedule_free"`` on an NQM: direct minimisation of the crossing step.
 
     Schedule-free SGD has no closed form (its averaging weight 1 / (k + 2) changes at every update),
@@ -443,10 +486,12 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
     lr = exp(x) * limit(beta), beta = 1 - exp(y), limit(beta) = 2 / ((1 - beta) max h) (the full
     model's).  A grid (11 lrs from 0.95 to 1e-5 of the limit x 6 betas from 0 to 0.999; with a warm
     start only the lrs within e^(+-2.5) of its lr, and its lr x e^(+-0.5), and also its beta) picks
-    the best beta row; then 9 values of y between
-    the neighbouring rows (a warm start whose beta is still the best row: 5 values within +-0.5 of it;
+    the best beta row; then 5 values of y between
+    the neighbouring rows (a warm start whose beta is still the best row: within +-0.5 of it;
     the window moved on, up to 3 times, while its best is at an end), and Brent's search over y
-    between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%), with at
+    between the neighbours of the best of them (:func:`_brent`, to 1e-3: 1 - beta to 0.1%; where the best
+    of them is the box's edge, beta = 0 or 1 - beta = 1e-4, first one y a tolerance inside it, and
+    Brent's search only if that is better: towards an edge it would creep by golden sections), with at
     each y the best of 9 points over x in +-2 around the best x so far (the second y: 5 points over
     +-0.5; later ones 3 points over +-0.1 around the x interpolated from the two nearest y's searched,
     as the best x moves smoothly with y; windows moved on while their best is at an end) and Brent's
@@ -467,9 +512,12 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
     the d = 10^4 power law; at a given setting its crossing is within ~0.5% of the full model's, and
     the tuned steps of a d = 10^4 sweep equal those of a search on ``coarsen(0.2)`` (47 modes) within
     0.4%, measured); the steps reported
-    are always the full model's exact first crossing (``problem.steps_to_target``) at the returned
-    hyper-parameters, so only their optimality is approximate.  Where a full-model scan costs at most
-    10^7 updates x modes (a few hundred steps at d = 10^4), the best settings of the three next best
+    are always the full model's exact first crossing (``problem.steps_to_target``; at beta = 0 from the
+    closed form of the Polyak average of SGD, which it then is) at the returned
+    hyper-parameters, so only their optimality is approximate.  A grid row's scans, and a window's
+    over x, run side by side on ``pool`` (:func:`_side_by_side`: the values of one scan after another
+    bit for bit), each long enough to pay for a thread (``_SF_PARALLEL_WORK``).  Where a full-model scan costs at most
+    2 x 10^6 updates x modes (200 steps at d = 10^4), the best settings of the three next best
     betas searched are scanned on the full model too and the one that crosses first is returned (the
     coarsened model ranks settings along its flat valley in beta only within its error).
     """
@@ -491,15 +539,33 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
             beta = 1.0 - math.exp(y)
         return math.exp(x) * limit0 / (1.0 - beta), beta, out
 
-    def kappa(theta, cap=None):
+    def grid_cap():  # a grid point is scanned only as far as the best so far (it can only beat that)
+        return int(min(_SCAN_CAP, state["best"] + 1)) if math.isfinite(state["best"]) else None
+
+    def search_cap():
+        return _SCAN_CAP if not math.isfinite(state["best"]) else int(min(_SCAN_CAP, 2 * state["best"] + 16))
+
+    def raw(theta, cap):  # (the crossing, the distance outside the box)
         lr, beta, out = point(theta)
-        if cap is None:
-            cap = _SCAN_CAP if not math.isfinite(state["best"]) else int(min(_SCAN_CAP, 2 * state["best"] + 16))
-        v = _schedfree.crossing(*_schedfree.coefficients(h, q, lr, beta, wd), h, s0, int(cap), log_target, True,
-                                _SF_LOST)
+        return _schedfree.crossing(*_schedfree.coefficients(h, q, lr, beta, wd), h, s0, int(cap), log_target, True,
+                                   _SF_LOST), out
+
+    def record(v, out):
         state["n"] += 1
         state["best"] = min(state["best"], v)
         return v * (1.0 + out)
+
+    def kappa(theta, cap=None):
+        return record(*raw(theta, search_cap() if cap is None else cap))
+
+    def kappas(thetas, cap_rule):
+        """[kappa(theta, cap_rule()) for theta in thetas], the scans side by side (:func:`_side_by_side`)
+        where each is long enough to pay for a thread."""
+        if pool is None or not math.isfinite(state["best"]) or len(thetas) < 2:
+            return [kappa(th, cap_rule()) for th in thetas]
+        if (cap_rule() or _SCAN_CAP) * h.size < _SF_PARALLEL_WORK:
+            return [kappa(th, cap_rule()) for th in thetas]
+        return _side_by_side(raw, thetas, lambda: cap_rule() or _SCAN_CAP, record, pool)
 
     ys = [None] if fixed is not None else [math.log(1.0 - b) for b in (0.0, 0.5, 0.9, 0.98, 0.995, 0.999)]
     xs = list(np.log(np.geomspace(0.95, 1e-5, 11)))
@@ -512,8 +578,7 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
     rows = []
     for y in ys:
         pts = [(x,) if y is None else (x, y) for x in xs]
-        vals = [kappa(pt, cap=int(min(_SCAN_CAP, state["best"] + 1)) if math.isfinite(state["best"]) else None)
-                for pt in pts]
+        vals = kappas(pts, grid_cap)
         j = int(np.argmin(vals))
         rows.append((vals[j], pts[j]))
     if start is not None:
@@ -534,6 +599,8 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
 
         for _ in range(moves + 1):
             xs = np.linspace(max(_X_MIN, xc - half), min(-1e-9, xc + half), n)
+            new_xs = [x for x in dict.fromkeys(xs) if x not in seen]
+            seen.update(zip(new_xs, kappas([(x,) if y is None else (x, y) for x in new_xs], search_cap)))
             j = int(np.argmin([f(x) for x in xs]))
             if 0 < j < n - 1 or not (xs[0] > _X_MIN if j == 0 else xs[-1] < -1e-9):
                 break
@@ -549,11 +616,11 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
         # (the grid's own rows: a warm start's beta lies between two of them)
         y_lo = max([y for y in ys[:6] if y < z[1]], default=_Y_MIN)
         y_hi = min([y for y in ys[:6] if y > z[1]], default=0.0)
-        n_y = 9
+        n_y = 5  # (9 values cost 10% more scans on a d = 10^4 sweep, with the same tuned steps: measured)
         if start is not None and z[1] == start[1]:
             # the warm start's beta is still the best row: 5 values within +-0.5 of it (beta moves
             # little from one batch size to the next; the window moves on as below if it did)
-            y_lo, y_hi, n_y = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5), 5
+            y_lo, y_hi = max(_Y_MIN, z[1] - 0.5), min(0.0, z[1] + 0.5)
         found = {}
 
         def at_y(y):
@@ -581,7 +648,16 @@ def _tune_schedule_free(problem, bs, target, start, coarse, fixed, weight_decay=
                 y_lo, y_hi = ys_w[-2], min(0.0, y_hi + span)
             else:
                 break
-        _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
+        edge = {0: _Y_MIN, n_y - 1: 0.0}.get(j)
+        if edge is not None and ys_w[j] == edge:
+            # the best y is the box's edge (beta = 0, or 1 - beta = 1e-4): Brent's search towards it would
+            # only creep up to it by golden sections (some 15 values of y); one value a tolerance inside
+            # tells whether the minimum lies inside the box after all
+            inside = edge + (1e-3 if j == 0 else -1e-3)
+            if at_y(inside) < found[edge][0]:
+                edge = None
+        if edge is None or ys_w[j] != edge:
+            _brent(at_y, ys_w[max(j - 1, 0)], ys_w[min(j + 1, n_y - 1)], 1e-3)
         y, (v, x) = min(found.items(), key=lambda item: item[1][0])
         if v < v_best:
             v_best, z = v, (x, y)
