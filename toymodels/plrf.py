@@ -52,6 +52,8 @@ References:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 import numpy as np
@@ -59,6 +61,7 @@ import scipy.linalg
 import scipy.optimize
 import xarray as xr
 from numba import njit
+from numba.extending import get_cython_function_address
 
 from . import dynamics
 from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, PROGRESS, SEED, STEP, STEPS,
@@ -431,26 +434,74 @@ def _svd_projection(M, c):
     P^T c ``(r,)`` and the squared residual |c - P P^T c|^2, without forming P.
 
     Tall M (v >= d): a Householder QR of [M, c] gives R_aug = [[R, q], [0, rho]] with R ``(d, d)``,
-    q = Q^T c and rho the part of c outside M's column space; then R = U S Q^T (an SVD of a d x d
-    matrix) and P^T c = U^T q.  Wide M: a QR of M^T gives M = R^T Q^T and the SVD of R^T ``(v, v)``
-    has P itself as its left factor.  Orthogonal transformations only, so s is as accurate as an SVD
-    of M (resolved down to eps * s_max * s_i), at O(v d min(v, d)) with a smaller constant: the
-    v x d factors are never formed.  The rank is an SVD's: s_i > s_max * max(v, d) * eps; the
-    directions below it count to the residual.
+    q = Q^T c and rho the part of c outside M's column space; then R = U S Q^T and P^T c = U^T q
+    (:func:`_singular_values_and_projection`, which never forms U).  Wide M: a QR of M^T gives
+    M = R^T Q^T, and the left singular vectors of R^T ``(v, v)`` are P itself.  Orthogonal
+    transformations only, so s is as accurate as an SVD of M (resolved down to eps * s_max * s_i),
+    at O(v d min(v, d)) with a smaller constant: no singular vectors are formed.  The rank is an
+    SVD's: s_i > s_max * max(v, d) * eps; the directions below it count to the residual.
     """
     v, d = M.shape
-    lapack = dict(check_finite=False)
     if v >= d:
-        R = scipy.linalg.qr(np.column_stack([M, c]), mode="r", **lapack)[0]
-        U, s, _ = scipy.linalg.svd(R[:d, :d], lapack_driver="gesdd", **lapack)
-        pc = U.T @ R[:d, d]
+        A = np.empty((v, d + 1), order="F")  # [M, c] in LAPACK's column order, factored in place
+        A[:, :d], A[:, d] = M, c
+        R = scipy.linalg.qr(A, mode="r", overwrite_a=True, check_finite=False)[0]
+        s, pc = _singular_values_and_projection(R[:d, :d], R[:d, d])
         rho_sq = float(R[d, d]) ** 2 if R.shape[0] > d else 0.0
     else:
-        R = scipy.linalg.qr(M.T, mode="r", **lapack)[0]
-        U, s, _ = scipy.linalg.svd(R[:v, :v].T, lapack_driver="gesdd", **lapack)
-        pc, rho_sq = U.T @ c, 0.0
+        R = scipy.linalg.qr(M.T, mode="r", check_finite=False)[0]
+        s, pc = _singular_values_and_projection(R[:v, :v].T, c)
+        rho_sq = 0.0
     keep = s > (s[0] if s.size else 0.0) * max(v, d) * np.finfo(np.float64).eps
     return s[keep], pc[keep], rho_sq + float(pc[~keep] @ pc[~keep])
+
+
+@functools.cache
+def _lapack(name: str, n_args: int):
+    """The LAPACK routine ``name`` of scipy's own build (:mod:`scipy.linalg.cython_lapack`, 32-bit
+    integers), callable through ctypes with every argument by pointer (Fortran's convention)."""
+    address = get_cython_function_address("scipy.linalg.cython_lapack", name)
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * n_args)(address)
+
+
+def _singular_values_and_projection(A, q):
+    """The singular values s ``(n,)`` of the square A ``(n, n)`` = U S V^T, decreasing, and U^T q
+    ``(n,)``, without forming U or V.
+
+    The route of LAPACK's least-squares solver dgelss (Anderson et al. 1999, "LAPACK Users' Guide",
+    3rd ed., Sec. 2.4.3 and 3.4.3): dgebrd reduces A = Q_B B P_B^T with B upper bidiagonal
+    (Householder reflections, 8/3 n^3 flops), dormbr applies Q_B^T to q, and dbdsqr computes
+    B = U_B S V_B^T by implicit-shift QR sweeps that it applies to the single column Q_B^T q only,
+    giving U^T q = U_B^T Q_B^T q in O(n^2) (Demmel and Kahan 1990, "Accurate singular values of
+    bidiagonal matrices", SIAM J. Sci. Stat. Comput. 11(5)); dbdsqr sorts s decreasing and permutes
+    the column with it.  The same reduction as an SVD (dgesdd), minus the n x n singular vectors:
+    about half of dgesdd's time at n = 1000.
+    """
+    n = A.shape[0]
+    a = np.array(A, dtype=np.float64, order="F")  # overwritten by the reflectors
+    x = np.array(q, dtype=np.float64).reshape(n, 1)  # overwritten by U^T q
+    s, e = np.empty(n), np.empty(max(n - 1, 1))
+    tauq, taup, one, work = np.empty(n), np.empty(n), np.empty(1), np.empty(4 * n)
+    info, query = ctypes.c_int(0), np.empty(1)
+    ptr = lambda arr: arr.ctypes.data  # noqa: E731
+    int_ = lambda i: ctypes.byref(ctypes.c_int(i))  # noqa: E731
+
+    def call(name, *args, work=True):
+        fn = _lapack(name, len(args) + 1 + 2 * work)
+        if work:  # a workspace query first
+            fn(*args, ptr(query), int_(-1), ctypes.byref(info))
+            buf = np.empty(max(1, int(query[0])))
+            fn(*args, ptr(buf), int_(buf.size), ctypes.byref(info))
+        else:
+            fn(*args, ctypes.byref(info))
+        if info.value != 0:
+            raise np.linalg.LinAlgError(f"LAPACK {name} failed (info = {info.value}).")
+
+    call("dgebrd", int_(n), int_(n), ptr(a), int_(n), ptr(s), ptr(e), ptr(tauq), ptr(taup))
+    call("dormbr", b"Q", b"L", b"T", int_(n), int_(1), int_(n), ptr(a), int_(n), ptr(tauq), ptr(x), int_(n))
+    call("dbdsqr", b"U", int_(n), int_(0), int_(0), int_(1), ptr(s), ptr(e), ptr(one), int_(1), ptr(one), int_(1),
+         ptr(x), int_(n), ptr(work), work=False)
+    return s, x[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
