@@ -176,7 +176,10 @@ class PowerLawRF:
         return self._sqrt_cov[:, None] * self.features
 
     def _setup(self):
-        s, pc, resid_sq = _svd_projection(self._M, self._c)
+        # D^(1/2) W in the order the QR reads: columns of M (v >= d), of M^T (v < d)
+        M = np.empty((self.v, self.d), order="F" if self.v >= self.d else "C")
+        np.multiply(self._sqrt_cov[:, None], self.features, out=M)
+        s, pc, resid_sq = _svd_projection(M, self._c)
         if s.size == 0:
             raise ValueError("`features` must not be zero: K = W^T D W has no nonzero eigenvalue.")
         # rank v: the features span R^v and the residual is zero but for rounding
@@ -452,6 +455,23 @@ def _svd_projection(M, c):
         R = scipy.linalg.qr(M.T, mode="r", check_finite=False)[0]
         s, pc = _singular_values_and_projection(R[:v, :v].T, c)
         rho_sq = 0.0
+    keep = s > (s[0] if s.size else 0.0) * max(v, d) * np.finfo(np.float64).eps
+    return s[keep], pc[keep], rho_sq + float(pc[~keep] @ pc[~keep])
+
+
+def _svd_projection_reference(M, c):
+    """:func:`_svd_projection` by the previous route, a full SVD (dgesdd, U formed) of the QR's
+    triangular factor: the slow reference of the tests and benchmarks/plrf_speed.py."""
+    v, d = M.shape
+    if v >= d:
+        R = scipy.linalg.qr(np.column_stack([M, c]), mode="r", check_finite=False)[0]
+        U, s, _ = scipy.linalg.svd(R[:d, :d], lapack_driver="gesdd", check_finite=False)
+        pc = U.T @ R[:d, d]
+        rho_sq = float(R[d, d]) ** 2 if R.shape[0] > d else 0.0
+    else:
+        R = scipy.linalg.qr(M.T, mode="r", check_finite=False)[0]
+        U, s, _ = scipy.linalg.svd(R[:v, :v].T, lapack_driver="gesdd", check_finite=False)
+        pc, rho_sq = U.T @ c, 0.0
     keep = s > (s[0] if s.size else 0.0) * max(v, d) * np.finfo(np.float64).eps
     return s[keep], pc[keep], rho_sq + float(pc[~keep] @ pc[~keep])
 
