@@ -267,6 +267,7 @@ def test_setup_matches_the_full_svd_route(alpha, v, d, monkeypatch):
     gaps = np.abs(s_ref[:, None] - s_ref[None, :]) + np.diag(np.full(n, np.inf))
     np.testing.assert_array_less(np.abs(pc - pc_ref), np.linalg.norm(new._c) * bound / gaps.min(axis=1))
     assert new.irreducible_risk == pytest.approx(ref.irreducible_risk, rel=1e-12, abs=1e-300)
+    assert np.all(new.regression.w_star >= 0)  # the sign convention p_i^T c >= 0
     opt = SGD(0.5 * ref.stable_lr(SGD(1.0), 1))
     curve, curve_ref, curve_perturbed = (m.loss_curve(opt, 1, 10**4).values for m in (new, ref, perturbed_ref))
     sensitivity = np.max(np.abs(curve_perturbed - curve_ref) / curve_ref)
