@@ -7,7 +7,7 @@ expected risk is exact (:class:`toymodels.PowerLawRF`).  Panels: (a) the risk ov
 d (SGD, B = 1, half the stable learning rate): each levels off at its d's irreducible risk; (b) the
 iso-FLOP curves L(d; F), F = d x B x steps, with their minima; (c) the compute-optimal size d*(F)
 with the exponent FITTED to it beside the theory's exponent for the phase of (alpha, beta) = (1, 0.7),
-Phase II, d* ~ F^(beta / (alpha + beta)) (Paquette et al. Sec. 3;
+Phase II, d* ~ F^(beta / (alpha + beta)) (Paquette et al. 2024, their table of compute-optimal curves;
 :func:`toymodels.plrf.frontier_exponents`); (d)-(f) the critical batch size B_crit of
 S(B) = S_min (1 + B_crit / B) fitted to the exact tuned steps (Zhang et al. 2024, "How Does Critical
 Batch Size Scale in Pre-training?", who measured that B_crit grows with the data, not the model
@@ -202,7 +202,7 @@ def summary(res) -> str:
     f = res["frontier"].attrs
     b = res["critical"].b_crit.to_pandas()
     return (f"d*(F) ~ F^{f['xi']:.3f}, loss ~ F^-{f['eta']:.3f} (fitted); theory (Phase {f.get('phase', '?')}, "
-            f"Paquette et al. 2024 Sec. 3) F^{f['xi_theory']:.3f}, F^-{f['eta_theory']:.3f}\n"
+            f"Paquette et al. 2024) F^{f['xi_theory']:.3f}, F^-{f['eta_theory']:.3f}\n"
             f"B_crit (rows d, columns target):\n{b.round(1).to_string()}")
 
 

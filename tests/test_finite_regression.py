@@ -140,3 +140,65 @@ def test_bad_call_arguments(noisy):
         noisy.simulate(0.1, 1.5, 10)
     ds = noisy.loss_curve(10.0, 1, 400)  # far above the stable rate: reported as inf, not NaN
     assert ds.loss.values[-1] == math.inf and not np.any(np.isnan(ds.loss.values))
+
+
+# ----------------------------------------------------------------------------------------------
+# weight decay (coupled L2: the update's gradient is g + wd w; the loss reported is unregularised)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bs", [1, 4])
+def test_weight_decay_matches_monte_carlo(noisy, interp, bs):
+    """The exact moments with weight decay against the numba Monte Carlo (which only adds wd w to
+    each update), within 4 standard errors; the decay moves the curve by many standard errors."""
+    ks = np.array([0, 1, 5, 20, 60, 150])
+    for model in (noisy, interp):
+        lr, wd = 1.0 / model.row_sq.max(), 0.5
+        exact = model.loss_curve(lr, bs, ks, weight_decay=wd)
+        assert exact.attrs["weight_decay"] == wd
+        mc = model.simulate(lr, bs, ks, n_runs=4000, seed=13, weight_decay=wd)
+        _within(mc, exact)
+        _within(mc, exact, "sq_error")
+        plain = model.loss_curve(lr, bs, ks)
+        z = np.abs(plain.loss.values[-1] - exact.loss.values[-1]) / mc.loss_sem.values[-1]
+        assert z > 10.0, z
+
+
+def test_weight_decay_at_huge_batch_is_gradient_descent_on_the_ridge_objective(noisy):
+    """Independent closed form: with B = 2^50 the noise is gone and the mean error follows gradient
+    descent on L + wd |w|^2 / 2, e_k - e_r = J^k (e_0 - e_r), J = I - a (Sigma + wd I), around the
+    ridge solution e_r = (Sigma + wd I)^-1 Sigma w_ls - w_ls; the loss is e_k^T Sigma e_k / 2."""
+    lr, wd, bs = 0.2, 0.3, 2.0**50
+    sig, d = noisy.sigma, noisy.dim
+    e_r = np.linalg.solve(sig + wd * np.eye(d), sig @ noisy.w_ls) - noisy.w_ls
+    J = np.eye(d) - lr * (sig + wd * np.eye(d))
+    e = noisy.w0 - noisy.w_ls
+    ref = []
+    for _ in range(41):
+        ref.append(0.5 * e @ sig @ e)
+        e = J @ (e - e_r) + e_r
+    got = noisy.loss_curve(lr, bs, 40, weight_decay=wd).loss.values
+    np.testing.assert_allclose(got, ref, rtol=1e-9)
+    late = noisy.loss_curve(lr, bs, [1000], weight_decay=wd).loss.values[0]
+    assert late == pytest.approx(0.5 * e_r @ sig @ e_r, rel=1e-6)  # settles at the ridge floor > 0
+    assert 0.5 * e_r @ sig @ e_r > 1e-3
+
+
+def test_weight_decay_in_the_sweep_interface(noisy):
+    """steps_to_target and loss_at_step (powers of the moment map) agree with the stepped curve;
+    a target below the ridge floor is reported unreachable, not a finite number; lr_limit includes wd."""
+    model = FiniteLinearRegression(noisy.X[:, :4], noisy.y)
+    from toymodels import SGD
+
+    wd, bs = 0.2, 2
+    opt = SGD(0.5 / model.row_sq.max(), weight_decay=wd)
+    curve = model.loss_curve(opt.lr.lr, bs, 400, weight_decay=wd).loss.values
+    target = 0.5 * (curve[0] + curve[-1]) * 0.2
+    k = model.steps_to_target(opt, bs, target)
+    assert k == float(np.flatnonzero(curve <= target)[0])
+    assert model.loss_at_step(opt, bs, 123) == pytest.approx(curve[123], rel=1e-9)
+    floor = curve[-1]
+    steps, info = model.steps_to_target(opt, bs, 0.5 * floor, max_steps=20000, full_output=True)
+    assert steps == math.inf and "not reached" in info["reason"]
+    lam = np.linalg.eigvalsh(model.sigma)[-1]
+    assert model.lr_limit(opt) == pytest.approx(2.0 / (lam + wd), rel=1e-12)
+    with pytest.raises(ValueError, match="precond"):
+        model.steps_to_target(SGD(0.1, precond=0.5), bs, target)

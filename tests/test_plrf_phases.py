@@ -1,9 +1,11 @@
 """The compute-optimal phase diagram of power-law random features (Paquette, Paquette, Xiao and
-Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3): the phase map, its
-exponents against an independent minimisation of the four-term risk, a closed-form case recovered
-from exact risks (default), and the exact frontier against the theory per reachable phase (slow)."""
+Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", the table of compute-optimal
+curves per phase): the phase map, its exponents pinned per phase and against an independent
+minimisation of the four-term risk, a closed-form case recovered from exact risks (default), and
+the exact frontier against the theory per reachable phase (slow)."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -25,6 +27,68 @@ def test_phase_map():
         phase(0.2, 0.3)  # 2 (alpha + beta) = 1: the risk diverges with v
     with pytest.raises(ValueError, match="`beta`"):
         frontier_exponents(0.2, 0.3)
+
+
+def _corner(term0, term1):
+    """(xi, eta) where two losses c_i (F / d)^(-g_i) d^(-p_i), term_i = (g_i, p_i), one growing and one
+    falling in d at fixed F, are equal: the compute-optimal curve of a two-term trade-off, as the
+    authors draw it (their 'Pareto corner'); d* ~ F^((g1 - g0) / (g1 - p1 - g0 + p0))."""
+    (g0, p0), (g1, p1) = term0, term1
+    xi = (g1 - g0) / (g1 - p1 - g0 + p0)
+    return xi, g0 - (g0 - p0) * xi
+
+
+def _traded_terms(a, b, name):
+    """The two terms that trade off in phase ``name`` as (g, p) of c (F / d)^-g d^-p, from the
+    paper's large-d terms with F = d k (B = 1) and tau = gamma k, gamma = 1 above the high-
+    dimensional line and d^(2a - 1) below it: F_pp = tau^(-(2a + 2b - 1) / (2a)); F_ac = d^-1
+    tau^(-1 + 1/(2a)); F_0 = d^(-2a + max(0, 1 - 2b)); K_pp = gamma tau^(-2 + 1/(2a))."""
+    g_pp, g_k = (2 * a + 2 * b - 1) / (2 * a), 2 - 1 / (2 * a)
+    high = 2 * a > 1
+    f_pp = (g_pp, 0) if high else (g_pp, (2 * a - 1) * g_pp)
+    k_pp = (g_k, 0) if high else (g_k, (1 - 2 * a) * (1 - g_k))
+    f_0 = (0, 2 * a - max(0, 1 - 2 * b))
+    f_ac = (1 - 1 / (2 * a), 1)
+    return {"Ia": (f_pp, f_0), "Ib": (f_pp, f_0), "Ic": (f_pp, f_0), "II": (f_pp, f_ac), "III": (k_pp, f_ac),
+            "IVa": (k_pp, f_0), "IVb": (f_pp, k_pp)}[name]
+
+
+# One point per phase with its exponents (xi, eta) worked out by hand from the per-phase formulas:
+# Ia 1/(2a+1), s/(2a+1); Ib 1/2, s/2; Ic s/(2(3a+2b-1-2ab)), as/(3a+2b-1-2ab); II b/(a+b), s/(2(a+b));
+# III 1/2, 1-1/(4a); IVa 1/2, a; IVb (b-a)/(2b-a-2ab), (1-2a)s/(2(2b-a-2ab)), with s = 2a+2b-1.
+PINNED = {"Ia": ((1.0, 0.3), (Fraction(1, 3), Fraction(8, 15))),
+          "Ib": ((0.4, 0.3), (Fraction(1, 2), Fraction(1, 5))),
+          "Ic": ((0.2, 0.8), (Fraction(25, 44), Fraction(5, 22))),
+          "II": ((1.5, 1.0), (Fraction(2, 5), Fraction(4, 5))),
+          "III": ((1.0, 1.5), (Fraction(1, 2), Fraction(3, 4))),
+          "IVa": ((0.4, 0.8), (Fraction(1, 2), Fraction(2, 5))),
+          "IVb": ((0.28, 0.75), (Fraction(47, 80), Fraction(583, 2000)))}
+
+
+@pytest.mark.parametrize("name", PHASES)
+def test_exponents_pinned_per_phase(name):
+    """frontier_exponents at one point per phase against hand-computed fractions and against the
+    corner of the phase's two traded terms (independent of frontier_exponents' formulas).  Sources
+    of the per-phase statements: the paper's propositions for Ib and Ic (P ~ F_pp + F_0); the
+    authors' public working notebook of approximate SGD loss curves (GitHub,
+    LosVolterrosHermanos/Experimental), whose compute-optimal curves are this corner rule with the
+    trade-offs F_pp/F_0 (Ia, Ib, Ic), F_pp/F_ac (II) and K_pp/F_ac (III); IVa and IVb are derived
+    from the paper's four terms only."""
+    (a, b), (xi, eta) = PINNED[name]
+    assert phase(a, b) == name
+    assert frontier_exponents(a, b) == pytest.approx((float(xi), float(eta)), abs=1e-12)
+    assert _corner(*_traded_terms(a, b, name)) == pytest.approx((float(xi), float(eta)), abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.75, 0.25), (1.25, 0.75), (1.0, 2.0), (0.25, 2.0), (0.33, 0.45),
+                                         (0.45, 0.33)])
+def test_exponents_at_the_authors_points(alpha, beta):
+    """The six (alpha, beta) of the authors' notebook, whose compute-optimal curves use the corner of
+    the traded terms; and the II / III boundary at alpha = beta = 0.7, where the paper compares a
+    measured loss exponent with its theory, 0.643 = 1 - 1/(4 alpha) = 9/14 (from both sides)."""
+    assert frontier_exponents(alpha, beta) == pytest.approx(_corner(*_traded_terms(alpha, beta, phase(alpha, beta))))
+    for b in (0.7 - 1e-9, 0.7 + 1e-9):
+        assert frontier_exponents(0.7, b) == pytest.approx((0.5, 9 / 14), abs=1e-8)
 
 
 def _four_term_log_risk(alpha, beta, logf, x):

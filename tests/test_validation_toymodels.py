@@ -95,11 +95,11 @@ EXAMPLES = {
     "toymodels.finite_regression.FiniteLinearRegression.kaczmarz_simulate": lambda: (
         (FLR4, 5), dict(sampling="uniform", n_runs=3, seed=0)),
     "toymodels.finite_regression.FiniteLinearRegression.loss_at_step": lambda: ((FLR4, SGD(0.1), 2.0, 5), dict(lr=0.1)),
-    "toymodels.finite_regression.FiniteLinearRegression.loss_curve": lambda: ((FLR4, 0.1, 2, 5), {}),
+    "toymodels.finite_regression.FiniteLinearRegression.loss_curve": lambda: ((FLR4, 0.1, 2, 5), dict(weight_decay=0.1)),
     "toymodels.finite_regression.FiniteLinearRegression.lr_limit": lambda: ((FLR4,), dict(optimizer=SGD(0.1))),
     "toymodels.finite_regression.FiniteLinearRegression.modal_form": lambda: ((FLR4, SGD(0.1), 2.0), dict(lr=0.1)),
     "toymodels.finite_regression.FiniteLinearRegression.simulate": lambda: (
-        (FLR4, 0.1, 2, 5), dict(replacement=True, n_runs=3, seed=0)),
+        (FLR4, 0.1, 2, 5), dict(replacement=True, n_runs=3, seed=0, weight_decay=0.1)),
     "toymodels.finite_regression.FiniteLinearRegression.steps_to_target": lambda: (
         (FLR4, SGD(0.1), 2.0, 0.5), dict(max_steps=100, full_output=False)),
     # power-law random features
@@ -477,7 +477,7 @@ def test_finite_regression_exact_loss_matches_the_recursion():
 def test_finite_regression_sweeps_only_sgd():
     with pytest.raises(ValueError, match=r"`family` must be one of \('sgd',\) for FiniteLinearRegression; got 'momentum'"):
         sweep.batch_size_sweep(FLR4, "momentum", [1.0, 2.0], 0.1, progress=False)
-    with pytest.raises(ValueError, match="`optimizer` must be plain SGD"):
+    with pytest.raises(ValueError, match="`optimizer` must be SGD without preconditioning"):
         FLR4.steps_to_target(Momentum(0.1, 0.9), 1, 0.1)
     big = FiniteLinearRegression.gaussian(40, 40, seed=0)
     with pytest.raises(ValueError, match=r"`X` must be at most 32 features wide"):

@@ -95,9 +95,9 @@ def training_set(population: GaussianLinearRegression, n_train: int, *, seed: in
 
 
 def _offline_curves(data: FiniteLinearRegression, population: GaussianLinearRegression, lr: float,
-                    batch_size: float, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(risk, train_loss)`` at the sorted steps ``ks`` of SGD on ``data`` (constant ``lr``, batches
-    of ``batch_size`` rows with replacement): the exact population excess risk R_off(k) and training
+                    batch_size: float, ks: np.ndarray, wd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(risk, train_loss)`` at the sorted steps ``ks`` of SGD on ``data`` (constant ``lr``, weight
+    decay ``wd``, batches of ``batch_size`` rows with replacement): the exact population excess risk R_off(k) and training
     loss L_off(k) given the set (module docstring), each ``(len(ks),)``; ``inf`` from the first
     step where the moments overflow.  O(n d^2) per step."""
     lam, dlt = population.h, data.w_ls - population.w_star
@@ -117,7 +117,7 @@ def _offline_curves(data: FiniteLinearRegression, population: GaussianLinearRegr
                 j += 1
                 if j == ks.size:
                     break
-            m, S = data._sgd_step(m, S, lr, batch_size)
+            m, S = data._sgd_step(m, S, lr, batch_size, wd)
     return risk, train
 
 
@@ -130,7 +130,11 @@ def deep_bootstrap(population: GaussianLinearRegression, n_train: int, optimizer
     Args:
         population: the data distribution (and the test distribution).
         n_train: n, rows of the fixed training set.
-        optimizer: plain :class:`toymodels.SGD` with a constant learning rate a.
+        optimizer: :class:`toymodels.SGD` with a constant learning rate a, no preconditioning, and
+            optionally ``weight_decay`` wd (coupled L2 decay, the same in both worlds: the online
+            curve is the population's with that decay, the offline moments step
+            m' = J m + c, J = (1 - a wd) I - a Sigma_hat, c = -a wd w_ls; see
+            :class:`toymodels.FiniteLinearRegression`).
         batch_size: B >= 1, rows per step (offline: drawn uniformly with replacement from the set;
             online: fresh).
         steps: a count or an increasing array of step indices, at most 10^7 (every offline step is
@@ -146,11 +150,11 @@ def deep_bootstrap(population: GaussianLinearRegression, n_train: int, optimizer
         L_off(k) (training loss on the set, its floor included) and ``bootstrap_error``
         R_off - R_on; with ``n_sets`` > 1 also ``offline_risk_sem``, ``offline_train_loss_sem`` and
         ``bootstrap_error_sem``.  Attrs: the population's, ``n_train``, ``lr``, ``batch_size``,
-        ``n_sets``, ``seed``, ``noise_floor`` (sigma^2 / 2), ``diverged`` and ``reason`` (a run
+        ``n_sets``, ``seed``, ``weight_decay``, ``noise_floor`` (sigma^2 / 2), ``diverged`` and ``reason`` (a run
         whose moments overflow is ``inf`` from there, never NaN).
 
     Raises:
-        ValueError: ``optimizer`` is not plain constant-rate SGD.
+        ValueError: ``optimizer`` is not constant-rate SGD without preconditioning.
     """
     FiniteLinearRegression._check_sgd(optimizer)
     lr = optimizer.lr.lr
@@ -160,7 +164,7 @@ def deep_bootstrap(population: GaussianLinearRegression, n_train: int, optimizer
     risks, trains = np.empty((n_sets, ks.size)), np.empty((n_sets, ks.size))
     for i in range(n_sets):
         data = training_set(population, n_train, seed=seed + i)
-        risks[i], trains[i] = _offline_curves(data, population, lr, bs, ks)
+        risks[i], trains[i] = _offline_curves(data, population, lr, bs, ks, optimizer.weight_decay)
     with np.errstate(invalid="ignore"):
         gaps = risks - online[None, :]
     diverged = not (np.all(np.isfinite(risks)) and np.all(np.isfinite(online)))
@@ -174,7 +178,8 @@ def deep_bootstrap(population: GaussianLinearRegression, n_train: int, optimizer
     ds = xr.Dataset({k: ("step", v) for k, v in fields.items()}, coords={"step": ks})
     for v in ds.data_vars.values():
         v.values[~np.isfinite(v.values)] = math.inf
-    attach_attrs(ds, model="linreg_bootstrap", source="exact", optimizer="sgd", lr=lr, batch_size=bs, n_train=n_train,
+    attach_attrs(ds, model="linreg_bootstrap", source="exact", optimizer="sgd", lr=lr, batch_size=bs,
+                 weight_decay=optimizer.weight_decay, n_train=n_train,
                  n_sets=n_sets, seed=seed, noise_floor=0.5 * population.noise_std**2, diverged=diverged, reason=reason,
                  **population.params)
     return ds

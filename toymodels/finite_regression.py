@@ -13,7 +13,14 @@ moments m = E e, S = E e e^T close because rows are drawn independently of e):
     S' = (I - a Sigma) S (I - a Sigma) + a^2 / B [ 1/n sum_r c_r x_r x_r^T - Sigma S Sigma ],
     c_r = x_r^T S x_r - 2 rho_r x_r^T m + rho_r^2,
 
-O(n d^2) per step.  Randomized Kaczmarz (the lecture's proximal update
+O(n d^2) per step.  With weight decay wd (PyTorch's coupled L2 decay: the update's gradient is
+g + wd w, the reported loss stays the unregularised excess loss above) the mean step is
+e' = J e + c with J = (1 - a wd) I - a Sigma and c = -a wd w_ls, the noise unchanged, so
+
+    m' = J m + c,    S' = J S J + J m c^T + c m^T J + c c^T + a^2 / B [ ... as above ... ];
+
+the iterates settle around the ridge solution (Sigma + wd I)^-1 Sigma w_ls, whose excess loss is a
+floor above zero that targets below it never reach.  Randomized Kaczmarz (the lecture's proximal update
 w <- argmin_{x_r.w = y_r} |w - w_prev|^2, i.e. w <- w + (y_r - x_r.w) x_r / |x_r|^2, row r drawn with
 probability p_r, by default |x_r|^2 / |X|_F^2 as in Strohmer and Vershynin 2009) moves e to
 P_r e + rho_r x_r / |x_r|^2 with the projection P_r = I - u_r u_r^T, u_r = x_r / |x_r|, so
@@ -49,6 +56,7 @@ __all__ = ["FiniteLinearRegression"]
 
 MAX_CURVE_STEPS = 10**7  # exact curves step the d x d moments one update at a time
 MAX_OPERATOR_DIM = 32  # steps_to_target / loss_at_step build the (d(d+1)/2 + d + 1)-state moment map
+_WD = Real(0.0, math.inf, high_open=True)  # weight decay
 _SEARCH_DEFAULT = 10**6  # default max_steps of steps_to_target
 _BLOCK = 1024  # steps_to_target evaluates the loss at this many steps per matrix product
 
@@ -173,28 +181,32 @@ class FiniteLinearRegression:
 
     @validate(optimizer=Maybe(OPTIMIZER))
     def lr_limit(self, optimizer=None) -> float:
-        """2 / lambda_max(Sigma): full-batch stability (SGD's exact limit is lower for small B).
-        ``optimizer`` (optional, plain SGD) is accepted so that the model can be swept."""
+        """2 / (lambda_max(Sigma) + wd): full-batch stability (SGD's exact limit is lower for small B);
+        wd the weight decay of ``optimizer`` (optional, SGD; 0 without), accepted so that the model
+        can be swept."""
+        wd = 0.0
         if optimizer is not None:
             self._check_sgd(optimizer, constant=False)
-        return float(2.0 / np.linalg.eigvalsh(self.sigma)[-1])
+            wd = optimizer.weight_decay
+        return float(2.0 / (np.linalg.eigvalsh(self.sigma)[-1] + wd))
 
     # ------------------------------------------------------------------------------------------
     # the sweep interface (toymodels.sweep): exact loss at any step and the exact first crossing
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def _check_sgd(optimizer, constant=True):
-        if not isinstance(optimizer, SGD) or optimizer.precond != 0.0 or optimizer.weight_decay != 0.0:
+        if not isinstance(optimizer, SGD) or optimizer.precond != 0.0:
             hp = optimizer.hyperparameters
-            raise ValueError(f"`optimizer` must be plain SGD (precond 0, weight_decay 0) for FiniteLinearRegression; "
-                             f"got {hp['optimizer']}" + (f" with weight_decay {hp['weight_decay']}"
-                                                          if hp.get("weight_decay") else "") + ".")
+            raise ValueError(f"`optimizer` must be SGD without preconditioning (precond 0; weight_decay allowed) for "
+                             f"FiniteLinearRegression; got {hp['optimizer']}" +
+                             (f" with precond {hp['precond']}" if hp.get("precond") else "") + ".")
         if constant and not isinstance(optimizer.lr, Constant):
             raise ValueError("`optimizer` must have a constant learning rate here.")
 
-    def _operator(self, lr, bs):
-        """The affine moment map of one SGD step as a matrix on z = (S_ij for i <= j, m, 1), with the
-        loss readout f (L = f.z) and z_0; built by applying :meth:`_sgd_step` to a basis."""
+    def _operator(self, lr, bs, wd=0.0):
+        """The affine moment map of one SGD step (weight decay ``wd``) as a matrix on
+        z = (S_ij for i <= j, m, 1), with the loss readout f (L = f.z) and z_0; built by applying
+        :meth:`_sgd_step` to a basis."""
         d = self.dim
         if d > MAX_OPERATOR_DIM:
             raise ValueError(f"`X` must be at most {MAX_OPERATOR_DIM} features wide for the exact loss at any step "
@@ -203,20 +215,20 @@ class FiniteLinearRegression:
         p = iu[0].size
         n_z = p + d + 1
         cache = self.__dict__.setdefault("_op_cache", {})
-        key = (float(lr), float(bs))
+        key = (float(lr), float(bs), float(wd))
         if key in cache:
             return cache[key]
         M = np.zeros((n_z, n_z))
         m0, S0 = np.zeros(d), np.zeros((d, d))
-        m_c, S_c = self._sgd_step(m0, S0, lr, bs)
+        m_c, S_c = self._sgd_step(m0, S0, lr, bs, wd)
         M[:p, -1], M[p:p + d, -1], M[-1, -1] = S_c[iu], m_c, 1.0
         for col, (i, j) in enumerate(zip(*iu)):
             E = np.zeros((d, d))
             E[i, j] = E[j, i] = 1.0
-            m1, S1 = self._sgd_step(m0, E, lr, bs)
+            m1, S1 = self._sgd_step(m0, E, lr, bs, wd)
             M[:p, col], M[p:p + d, col] = S1[iu] - S_c[iu], m1 - m_c
         for l in range(d):
-            m1, S1 = self._sgd_step(np.eye(d)[l], S0, lr, bs)
+            m1, S1 = self._sgd_step(np.eye(d)[l], S0, lr, bs, wd)
             M[:p, p + l], M[p:p + d, p + l] = S1[iu] - S_c[iu], m1 - m_c
         f = np.zeros(n_z)
         f[:p] = np.where(iu[0] == iu[1], 0.5, 1.0) * self.sigma[iu]
@@ -240,7 +252,7 @@ class FiniteLinearRegression:
         ``inf`` if it overflows."""
         self._check_sgd(optimizer, constant=lr is None)
         lr = optimizer.lr.lr if lr is None else lr
-        M, f, z = self._operator(lr, batch_size)
+        M, f, z = self._operator(lr, batch_size, optimizer.weight_decay)
         P = M.copy()
         with np.errstate(over="ignore", invalid="ignore"):
             while k:
@@ -266,14 +278,14 @@ class FiniteLinearRegression:
         """
         self._check_sgd(optimizer)
         max_steps = _SEARCH_DEFAULT if max_steps is None else max_steps
-        k, reason = self._first_crossing(optimizer.lr.lr, batch_size, target, max_steps)
+        k, reason = self._first_crossing(optimizer.lr.lr, batch_size, target, max_steps, optimizer.weight_decay)
         steps = float(k) if k >= 0 else math.inf
         if full_output:
             return steps, {"reason": reason, "noise_floor": math.nan}
         return steps
 
-    def _first_crossing(self, lr, bs, target, max_steps):
-        M, f, z = self._operator(lr, bs)
+    def _first_crossing(self, lr, bs, target, max_steps, wd=0.0):
+        M, f, z = self._operator(lr, bs, wd)
         T = min(_BLOCK, max_steps + 1)
         rows = [f]  # rows[j] = f M^j, built by doubling
         with np.errstate(over="ignore", invalid="ignore"):
@@ -301,13 +313,20 @@ class FiniteLinearRegression:
         return -1, f"not reached within max_steps={max_steps}"
 
     # ------------------------------------------------------------------------------------------
-    def _sgd_step(self, m, S, lr, bs):
+    def _sgd_step(self, m, S, lr, bs, wd=0.0):
+        """One step of the moments (m, S) = (E e, E e e^T) of SGD with weight decay ``wd`` (module docstring)."""
         X, rho, sig = self.X, self.residual, self.sigma
         c = np.sum((X @ S) * X, axis=1) - 2.0 * rho * (X @ m) + rho**2  # x_r^T S x_r by BLAS (einsum: 10x slower)
         G = (X * c[:, None]).T @ X / self.n
-        J = np.eye(self.dim) - lr * sig
+        J = (1.0 - lr * wd) * np.eye(self.dim) - lr * sig
         S_new = J @ S @ J + lr * lr / bs * (G - sig @ S @ sig)
-        return J @ m, 0.5 * (S_new + S_new.T)
+        m_new = J @ m
+        if wd:
+            drift = -lr * wd * self.w_ls  # the decay's pull of e = w - w_ls towards -w_ls
+            cross = np.outer(m_new, drift)
+            S_new += cross + cross.T + np.outer(drift, drift)
+            m_new = m_new + drift
+        return m_new, 0.5 * (S_new + S_new.T)
 
     def _curve(self, step, steps, lrs):
         ks = check_steps(steps)
@@ -334,8 +353,8 @@ class FiniteLinearRegression:
             m, S = step(m, S, lrs[k])
         return loss, sq
 
-    @validate(lr=LR, batch_size=BATCH_SIZE, steps=Steps(MAX_CURVE_STEPS))
-    def loss_curve(self, lr, batch_size, steps) -> xr.Dataset:
+    @validate(lr=LR, batch_size=BATCH_SIZE, steps=Steps(MAX_CURVE_STEPS), weight_decay=_WD)
+    def loss_curve(self, lr, batch_size, steps, *, weight_decay: float = 0.0) -> xr.Dataset:
         """Exact expected excess loss of SGD with batches drawn with replacement.
 
         Args:
@@ -343,6 +362,8 @@ class FiniteLinearRegression:
             batch_size: B >= 1 (rows per step, drawn uniformly with replacement).
             steps: a count or an increasing array of step indices, at most 10^7 (every step is
                 computed, O(n d^2) each).
+            weight_decay: wd >= 0, PyTorch's coupled L2 decay (the update's gradient is g + wd w;
+                module docstring); the loss reported stays the unregularised one.
 
         Returns:
             Dataset over ``step``: ``loss`` (E L(w_k) - L(w_ls)) and ``sq_error`` (E|w_k - w_ls|^2);
@@ -350,17 +371,21 @@ class FiniteLinearRegression:
         """
         lr = check_real("lr", lr, low=0.0, high=math.inf, low_open=True, high_open=True)
         bs = check_batch_size(batch_size)
-        ks, loss, sq = self._curve(lambda m, S, a: self._sgd_step(m, S, a, bs), steps, np.full(int(check_steps(steps)[-1]) + 1, lr))
+        wd = float(weight_decay)
+        ks, loss, sq = self._curve(lambda m, S, a: self._sgd_step(m, S, a, bs, wd), steps,
+                                   np.full(int(check_steps(steps)[-1]) + 1, lr))
         ds = xr.Dataset({"loss": ("step", loss), "sq_error": ("step", sq)}, coords={"step": ks})
         attach_attrs(ds, model=self.model_name, source="exact", optimizer="sgd", lr=lr, batch_size=bs,
-                     sampling="with replacement", **self.params)
+                     weight_decay=wd, sampling="with replacement", **self.params)
         return ds
 
-    @validate(lr=LR, batch_size=BATCH_SIZE, steps=MC_STEPS, replacement=Boolean(), n_runs=N_RUNS, seed=SEED)
-    def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0) -> xr.Dataset:
+    @validate(lr=LR, batch_size=BATCH_SIZE, steps=MC_STEPS, replacement=Boolean(), n_runs=N_RUNS, seed=SEED,
+              weight_decay=_WD)
+    def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0,
+                 weight_decay: float = 0.0) -> xr.Dataset:
         """Monte Carlo SGD (numba kernel, explicit seed): batches of B rows drawn with replacement, or without (``replacement=False``:
         a fresh random permutation each epoch, consecutive batches of B; a batch may straddle two
-        epochs when B does not divide n).
+        epochs when B does not divide n); ``weight_decay`` as in :meth:`loss_curve`.
 
         Returns:
             Dataset over ``step``: ``loss`` (mean excess loss over runs), ``loss_sem``, ``sq_error``;
@@ -379,9 +404,11 @@ class FiniteLinearRegression:
         rng = np.random.default_rng(seed)
         with np.errstate(over="ignore", invalid="ignore"):
             loss, sq = simulate_finite(self.X, self.y, self.w0, self.w_ls, self.sigma, np.full(int(ks[-1]), lr), ks,
-                                       n_runs, rng, batch_size=bs, replacement=replacement)
+                                       n_runs, rng, batch_size=bs, replacement=replacement,
+                                       weight_decay=float(weight_decay))
         ds, reason = _mc_dataset(loss, sq, ks)
         attach_attrs(ds, model=self.model_name, source="simulation", optimizer="sgd", lr=lr, batch_size=bs,
+                     weight_decay=float(weight_decay),
                      sampling="with replacement" if replacement else "without replacement (epochs)",
                      n_runs=n_runs, seed=seed, diverged=bool(reason), reason=reason, **self.params)
         return ds

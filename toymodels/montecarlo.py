@@ -297,10 +297,10 @@ def simulate_regression(parts, cs, lam, noise_std, batch_size, readout, init, e0
 
 
 @njit(cache=True)
-def _finite_chunk(X, y, row_sq, W, lrs, idx, kaczmarz, record_mask, w_ls, sigma, out_loss, out_sq, rec_start):
+def _finite_chunk(X, y, row_sq, W, lrs, idx, kaczmarz, record_mask, w_ls, sigma, out_loss, out_sq, rec_start, wd):
     """Advance the runs' weights W (n_runs, d) through len(lrs) updates on rows idx (n, n_runs, B).
 
-    SGD: w <- w - lr / B sum_b x_b (x_b.w - y_b).  Kaczmarz (B = 1): w <- w + (y_r - x_r.w) x_r / |x_r|^2.
+    SGD: w <- w - lr (1 / B sum_b x_b (x_b.w - y_b) + wd w).  Kaczmarz (B = 1): w <- w + (y_r - x_r.w) x_r / |x_r|^2.
     Records the excess loss (w - w_ls)^T sigma (w - w_ls) / 2 and |w - w_ls|^2 before update k if
     record_mask[k].
     """
@@ -345,14 +345,15 @@ def _finite_chunk(X, y, row_sq, W, lrs, idx, kaczmarz, record_mask, w_ls, sigma,
                 for i in range(d):
                     g[i] += X[r, i] * res
             for i in range(d):
-                W[run, i] -= lrs[k] / B * g[i]
+                W[run, i] -= lrs[k] / B * g[i] + lrs[k] * wd * W[run, i]
     return j
 
 
 def simulate_finite(X, y, w0, w_ls, sigma, lrs, record, n_runs, rng, *, batch_size=1, replacement=True,
-                    probs=None, kaczmarz=False):
+                    probs=None, kaczmarz=False, weight_decay=0.0):
     """Monte Carlo SGD (or randomized Kaczmarz) on a fixed data set; returns ``(loss, sq_error)``,
-    each ``(len(record), n_runs)``.
+    each ``(len(record), n_runs)``.  SGD's update gradient gets ``weight_decay`` x w added (coupled
+    L2 decay).
 
     Rows are drawn by the ``numpy.random.Generator`` ``rng``: uniformly with replacement, as epochs of
     random permutations (``replacement=False``: consecutive batches of the stream of permutations), or
@@ -383,10 +384,10 @@ def simulate_finite(X, y, w0, w_ls, sigma, lrs, record, n_runs, rng, *, batch_si
             idx = stream[:, : m * B].reshape(n_runs, m, B).transpose(1, 0, 2)
             stream = stream[:, m * B:]
         j = _finite_chunk(X, y, row_sq, W, lrs[k0:k1], np.ascontiguousarray(idx), kaczmarz, mask[k0:k1], w_ls,
-                          sigma, out_loss, out_sq, j)
+                          sigma, out_loss, out_sq, j, float(weight_decay))
     if mask[n_steps]:
         _finite_chunk(X, y, row_sq, W, np.zeros(1), np.zeros((1, n_runs, B), dtype=np.int64), kaczmarz,
-                      np.ones(1, dtype=np.bool_), w_ls, sigma, out_loss, out_sq, j)
+                      np.ones(1, dtype=np.bool_), w_ls, sigma, out_loss, out_sq, j, 0.0)
     return out_loss, out_sq
 
 

@@ -32,7 +32,8 @@ away from w_star and the state is the error e = theta - w_star: the update's gra
 weight b1.  :class:`toymodels.GaussianLinearRegression` appends a constant entry 1 to each mode's state,
 so that the drive is a column of A1 and the second moments are the non-central ones its
 state-dependent noise needs; the optimum moves to the ridge solution theta_i = h_i w*_i / (h_i + wd).
-:class:`toymodels.FiniteLinearRegression` (a fixed data set) refuses weight decay by name.
+:class:`toymodels.FiniteLinearRegression` (a fixed data set) steps its moments with the same coupled
+decay (its own m and S recursion).
 
 :class:`PolyakAverage` and :class:`ScheduleFree` average with a weight that changes at every update
 (c_k = 1 / (k + 2) at update k): they are *time-varying* (``time_varying = True``) and write

@@ -49,8 +49,10 @@ eps * s_max^2.
 
 References:
     E. Paquette, C. Paquette, L. Xiao and J. Pennington, "4+3 Phases of Compute-Optimal Neural
-    Scaling Laws", NeurIPS 2024 (arXiv:2405.15074), Sec. 1 (the problem setup), Sec. 2 (the risk's
-    terms) and Sec. 3 (the compute-optimal phases: :func:`phase`, :func:`frontier_exponents`).
+    Scaling Laws", NeurIPS 2024 (arXiv:2405.15074), Sec. 1 (the problem setup), the table of the
+    risk's four terms at large d (p. 4) and the table of the compute-optimal curves per phase (p. 8)
+    with its propositions (:func:`phase`, :func:`frontier_exponents`, which say what of it was
+    checked).
 """
 
 from __future__ import annotations
@@ -704,9 +706,10 @@ def _check_phase_args(alpha, beta):
 @validate(alpha=_ALPHA, beta=_BETA)
 def phase(alpha: float, beta: float) -> str:
     """The phase of (alpha, beta) in the compute-optimal phase diagram of Paquette, Paquette, Xiao and
-    Pennington 2024 ("4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 and Fig. 2; the
-    phases below the high-dimensional line 2 alpha = 1 in their Sec. "Below the high-dimensional
-    line (Phases IVa, IVb, Ib, Ic)").
+    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws" (NeurIPS 2024): their phase
+    diagram (the figure on p. 2), their table of the compute-optimal curves per phase (p. 8), and,
+    below the high-dimensional line 2 alpha = 1, their section "Below the
+    high-dimensional line (Phases IVa, IVb, Ib, Ic)" with one proposition per phase.
 
     =======  ===============================================  ================================
     phase    region (2 (alpha + beta) > 1 throughout)          the risk at the frontier is
@@ -720,17 +723,34 @@ def phase(alpha: float, beta: float) -> str:
     IVb      2 beta > 1, 1/4 < alpha < 1 - 1/sqrt(2)           F_pp + K_pp
     =======  ===============================================  ================================
 
-    The terms (their Sec. 2; tau = gamma k the SGD time, gamma ~ 1 / tr K the learning rate, so
-    gamma ~ 1 for 2 alpha > 1 and gamma ~ d^(2 alpha - 1) below the high-dimensional line, where v
-    grows with d): F_pp(tau) ~ tau^(-(2 alpha + 2 beta - 1) / (2 alpha)) the target's power-law part
-    not yet learned; F_ac(tau, d) ~ d^-1 tau^(-1 + 1 / (2 alpha)) (2 beta > 1, 2 alpha > 1) the
-    target's weight spread by the random embedding over all of K's spectrum; F_0(d) ~
-    d^(-2 alpha + max(0, 1 - 2 beta)) the irreducible risk (the model's capacity); K_pp(tau) ~
-    gamma tau^(-2 + 1 / (2 alpha)) the SGD noise (the early risk passed on by the Volterra kernel),
-    which matters for beta > alpha.  Points on a boundary line go to the first phase of the table
-    whose closed inequalities they satisfy; the exponents are continuous across every line but
-    alpha = 1 - 1/sqrt(2) (:func:`frontier_exponents`).  The paper proves Ib for alpha > 1/4 and
-    Ic and IVb under its kernel assumption for alpha < 1/4.
+    The terms (the paper's table of their large-d behaviour, p. 4; tau = gamma k the SGD time,
+    gamma ~ 1 / tr K the learning rate, so gamma ~ 1 for 2 alpha > 1 and gamma ~ d^(2 alpha - 1)
+    below the high-dimensional line, where v grows with d): F_pp(tau) ~ tau^(-(2 alpha + 2 beta - 1)
+    / (2 alpha)) the target's power-law part not yet learned; F_ac(tau, d) ~ d^-1 tau^(-1 + 1 /
+    (2 alpha)) (2 beta > 1, 2 alpha > 1) the target's weight spread by the random embedding over all
+    of K's spectrum (0 for 2 beta < 1; for 2 alpha < 1 the same density cut off at K's smallest
+    eigenvalues ~ d^(-2 alpha) gives a plateau of the size of F_0, which moves no exponent); F_0(d) ~
+    d^(-2 alpha + max(0, 1 - 2 beta)) the irreducible risk (the model's capacity); K_pp(tau) ~ gamma
+    tau^(-2 + 1/(2 alpha)) the SGD noise (the early risk passed on by the Volterra kernel, whose size
+    sum_j lambda_j^2 stops converging at alpha = 1/4), which wins over F_pp for beta > alpha.  Each
+    line is where the ordering of two terms changes: 2 beta = 1 (F_ac appears, F_0 changes form),
+    2 alpha = 1 (gamma starts to fall with d), beta = alpha (K_pp against F_pp), alpha = 1/4 (the
+    kernel's size) and alpha = 1 - 1/sqrt(2), the root of 2 alpha^2 - 4 alpha + 1 where K_pp at a
+    fixed budget stops growing with d (:func:`frontier_exponents`).
+
+    Checked against the paper: the regions and dominant terms of Ib ("Phase Ib: 2 beta < 1, 1/4 <
+    alpha < 1/2, 2 (alpha + beta) > 1", P ~ F_pp + F_0, proved for alpha > 1/4 and believed below)
+    and of Ic ("Phase Ic: 2 beta > 1, 0 < alpha < 1/4", P ~ F_pp + F_0, stated under the assumption
+    that their Theorem 5.1, the kernel bounds, extends to alpha < 1/4), as quoted from the two
+    propositions; the section's list of the four phases below the line; the horizontal cut at
+    alpha = 0.7 passing through Ia, II and III as beta grows (panel (b) of their figure of the
+    exponents over the (alpha, beta) plane, p. 5).  The lines
+    alpha = 1/4 between Ic and IVb and alpha = 1 - 1/sqrt(2) between IVb and IVa are where the
+    exponents of the four terms above change order (the brute-force minimisation in the tests
+    finds them); the paper's own statement of the IVa and IVb propositions was not readable in any
+    source at hand.  Points on a boundary line go to the first phase of the table whose closed
+    inequalities they satisfy; the exponents are continuous across every line but
+    alpha = 1 - 1/sqrt(2).
 
     Raises:
         ValueError: if 2 (alpha + beta) <= 1.
@@ -750,39 +770,56 @@ def frontier_exponents(alpha: float, beta: float) -> tuple[float, float]:
     """The compute-optimal exponents (xi, eta) of the PLRF under one-pass SGD: d*(F) ~ F^xi and
     P(F / d*, d*) ~ F^-eta as the FLOP budget F = d x B x steps grows (B fixed, learning rate a fixed
     fraction of the stable one, ~ 1 / tr K), by phase (:func:`phase`); Paquette, Paquette, Xiao and
-    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3 (the compute-optimal
-    curves per phase).  Writing a = alpha, b = beta and s = 2a + 2b - 1 (s / (2a) is F_pp's exponent
-    in time):
+    Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws" (NeurIPS 2024), their table
+    of the compute-optimal curves per phase (p. 8) and the propositions behind it.  Writing a = alpha,
+    b = beta and s = 2a + 2b - 1 (s / (2a) is F_pp's exponent in time):
 
-    =======  ==================================  ==========================================
-    phase    xi                                  eta
-    =======  ==================================  ==========================================
-    Ia       1 / (2a + 1)                        s / (2a + 1)
-    Ib       1 / 2                               s / 2
-    Ic       s / (2 (3a + 2b - 1 - 2ab))         a s / (3a + 2b - 1 - 2ab)
-    II       b / (a + b)                         s / (2 (a + b))
-    III      1 / 2                               1 - 1 / (4a)
-    IVa      1 / 2                               a
-    IVb      (b - a) / (2b - a - 2ab)            (1 - 2a) s / (2 (2b - a - 2ab))
-    =======  ==================================  ==========================================
+    =====  ===========================  ===================================  ===========  ===============
+    phase  xi                           eta                                  trade-off    checked against
+    =====  ===========================  ===================================  ===========  ===============
+    Ia     1 / (2a + 1)                 s / (2a + 1)                         F_pp = F_0   (2)
+    Ib     1 / 2                        s / 2                                F_pp = F_0   (1), (2)
+    Ic     s / (2 (3a + 2b - 1 - 2ab))  a s / (3a + 2b - 1 - 2ab)            F_pp = F_0   (1), (2)
+    II     b / (a + b)                  s / (2 (a + b))                      F_pp = F_ac  (2), (3)
+    III    1 / 2                        1 - 1 / (4a)                         K_pp = F_ac  (2), (3)
+    IVa    1 / 2                        a                                    K_pp = F_0   none
+    IVb    (b - a) / (2b - a - 2ab)     (1 - 2a) s / (2 (2b - a - 2ab))      F_pp = K_pp  none
+    =====  ===========================  ===================================  ===========  ===============
 
-    Each row is the balance of the two terms of :func:`phase`'s table that trade off at the
-    optimum, with k = F / (d B) steps and tau = gamma k: Ia, Ib, Ic F_pp(tau) = F_0(d); II F_pp =
-    F_ac; III K_pp = F_ac; IVa K_pp = F_0 (at fixed F, K_pp grows with d); IVb F_pp = K_pp (K_pp
-    falls with d for alpha < 1 - 1/sqrt(2)).  The rows are re-derived here from the four terms and
-    checked against a brute-force minimisation of their sum (tests); the paper states them per phase
-    in Sec. 3, whose text was not at hand when this table was written: the four terms, the phase
-    regions of Ib and Ic and the d* ~ F^(1/2) of the universal phases agree with what could be read
-    of it, the other rows are this derivation's and unchecked against the paper's statement (the
-    exact risks agree with them in Ia, II and III, see :func:`plrf_frontier`).  On the line alpha = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi
-    jumps from 1/2 to the IVb value (every d in between is optimal to leading order).  Phase Ia is
-    the noiseless balance of F_pp against the capacity F_0 alone; in II and III that balance
-    (xi = s / (s + 4 a^2)) is wrong, e.g. 0.375 instead of 0.412 at alpha = 1, beta = 0.7.
+    How a row follows from the four terms of :func:`phase` (k = F / (d B) steps, tau = gamma k, so
+    tau = F / d above the high-dimensional line and d^(2a - 2) F below it): at a fixed budget F_pp
+    grows with d, F_0 and F_ac fall, and K_pp grows for a > 1 - 1/sqrt(2) and falls below (its
+    exponent in d is 4 - 2a - 1/a below the line); the optimum is where the largest growing term
+    meets the largest falling one, and setting two power laws of (d, F) equal gives the row.  The
+    table is also checked against a brute-force minimisation of the sum of the four terms (tests).
 
-    These are limits of large d and F.  How far the exact frontier is from them at d <= 4096 (the
-    local exponents over a window of budgets; :func:`plrf_frontier` with the deterministic-equivalent
-    spectrum, SGD at B = 1 and half the stable rate; see the tests) is given in the module's tests
-    and in :func:`plrf_frontier`.
+    What was checked, and against what.  The paper's table itself could not be read (no copy of the
+    paper past its first page was reachable); each row is checked against what could be:
+
+    (1) the paper's propositions for Ib and Ic (quoted in :func:`phase`): P ~ F_pp + F_0 in the
+        stated regions, whose balance with F_0 ~ d^-s (Ib) or d^(-2a) (Ic) is the row;
+    (2) the authors' public working code (the GitHub repository LosVolterrosHermanos/Experimental,
+        its notebook of approximate SGD loss curves), which draws the compute-optimal curve of six
+        points, (a, b) = (0.75, 0.25), (1.25, 0.75), (1, 2), (0.25, 2), (0.33, 0.45), (0.45, 0.33),
+        as the corner of two power laws c (F / d)^-g d^-p with the trade-offs of this table (for II
+        in closed form, d* ~ F^(b / (a + b))): its formulas, general in (a, b), are rows Ia, Ib, Ic,
+        II and III (its Ic point is on the Ic / IVb line a = 1/4, where the two rows agree);
+    (3) the paper's comparison of a measured loss exponent, 0.648, with its theory, 0.643, on the
+        II / III boundary, as reported by a summary of the paper's figures that does not give the
+        point (the weakest check): 0.643 = 9/14 = 1 - 1/(4a) at a = b = 0.7 (the a of the paper's
+        horizontal cut), the value of both II and III there.
+
+    IVa and IVb are this derivation's only: no statement of the paper or of the authors' code for
+    them could be read.  The paper reports a region of universal d* ~ F^(1/2) (independent of a and
+    b); here that is Ib, III and IVa (which phases the paper's region covers could not be read).  The
+    exact risks agree with rows Ia, II and III at d <= 4096 and approach
+    Ib, Ic, IVa and IVb slowly (:func:`plrf_frontier`).
+
+    On the line a = 1 - 1/sqrt(2) K_pp does not depend on d: eta is continuous, xi jumps from 1/2 to
+    the IVb value (every d in between is optimal to leading order).  Phase Ia is the noiseless
+    balance of F_pp against the capacity F_0 alone; in II and III that balance (xi = s / (s + 4 a^2))
+    is wrong, e.g. 0.375 instead of 0.412 at alpha = 1, beta = 0.7.  These are limits of large d and
+    F; how far the exact frontier is from them at d <= 4096 is given in :func:`plrf_frontier`.
 
     Returns:
         ``(xi, eta)``.
@@ -881,8 +918,8 @@ def plrf_frontier(alpha: float, beta: float, model_sizes, flops, *, v: int | Non
 
     Theory (attrs ``phase``, ``xi_theory``, ``eta_theory``): the phase of (alpha, beta) and its
     exponents d* ~ F^xi, P* ~ F^-eta from :func:`phase` and :func:`frontier_exponents` (Paquette,
-    Paquette, Xiao and Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", Sec. 3).
-    They are large-d limits.  Measured (``spectrum="deterministic"``, d = 32...4096 on 13 sizes,
+    Paquette, Xiao and Pennington 2024, "4+3 Phases of Compute-Optimal Neural Scaling Laws", the
+    table of the compute-optimal curves per phase).  They are large-d limits.  Measured (``spectrum="deterministic"``, d = 32...4096 on 13 sizes,
     v = 8192, or v = 2d for 2 alpha < 1; B = 1, half the stable rate; 81 budgets F = 1e3...3e16; the
     local exponents xi / eta over the budgets whose d* lies in 40-320, 120-960 and 400-3200):
 
