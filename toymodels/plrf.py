@@ -509,14 +509,14 @@ def _singular_values_and_projection(A, q):
     a = np.array(A, dtype=np.float64, order="F")  # overwritten by the reflectors
     x = np.array(q, dtype=np.float64).reshape(n, 1)  # overwritten by U^T q
     s, e = np.empty(n), np.empty(max(n - 1, 1))
-    tauq, taup, one, work = np.empty(n), np.empty(n), np.empty(1), np.empty(4 * n)
+    tauq, taup, one, rotations = np.empty(n), np.empty(n), np.empty(1), np.empty(4 * n)
     info, query = ctypes.c_int(0), np.empty(1)
     ptr = lambda arr: arr.ctypes.data  # noqa: E731
     int_ = lambda i: ctypes.byref(ctypes.c_int(i))  # noqa: E731
 
-    def call(name, *args, work=True):
-        fn = _lapack(name, len(args) + 1 + 2 * work)
-        if work:  # a workspace query first
+    def call(name, *args, workspace=True):
+        fn = _lapack(name, len(args) + 1 + 2 * workspace)
+        if workspace:  # a workspace query first
             fn(*args, ptr(query), int_(-1), ctypes.byref(info))
             buf = np.empty(max(1, int(query[0])))
             fn(*args, ptr(buf), int_(buf.size), ctypes.byref(info))
@@ -528,7 +528,7 @@ def _singular_values_and_projection(A, q):
     call("dgebrd", int_(n), int_(n), ptr(a), int_(n), ptr(s), ptr(e), ptr(tauq), ptr(taup))
     call("dormbr", b"Q", b"L", b"T", int_(n), int_(1), int_(n), ptr(a), int_(n), ptr(tauq), ptr(x), int_(n))
     call("dbdsqr", b"U", int_(n), int_(0), int_(0), int_(1), ptr(s), ptr(e), ptr(one), int_(1), ptr(one), int_(1),
-         ptr(x), int_(n), ptr(work), work=False)
+         ptr(x), int_(n), ptr(rotations), workspace=False)
     return s, x[:, 0]
 
 
