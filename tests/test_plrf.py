@@ -232,3 +232,44 @@ def test_svd_projection_equals_a_plain_svd(shape):
         np.testing.assert_allclose(np.abs(pc), np.abs(P[:, :r].T @ c), rtol=1e-9, atol=1e-12)
         ref = c - P[:, :r] @ (P[:, :r].T @ c)
         assert resid_sq == pytest.approx(ref @ ref, rel=1e-9, abs=1e-24)
+
+
+@pytest.mark.parametrize("alpha, v, d", [(1.0, 600, 300), (3.0, 600, 300), (1.0, 200, 400)])
+def test_setup_matches_the_full_svd_route(alpha, v, d, monkeypatch):
+    """The setup (singular values and U^T q by bidiagonalisation, no singular vectors formed) against
+    the previous route (a full SVD, U formed, of the same QR factor) on the same features: spectrum,
+    projections P^T c, irreducible risk and the every-step risk curve (condition numbers of
+    D^(1/2) W about 7e2, 9e7 and 4e2 here).
+
+    Both routes are backward stable: each is exact for some M + E, |E| of order sqrt(n) eps |M|
+    (Householder reductions, n = min(v, d), with the usual sqrt(n) growth of rounding errors).  So,
+    by Weyl's bound, |s_i - s_i'| <= 4 sqrt(n) eps s_1, and by Wedin's, the i-th singular vectors of
+    the two differ by an angle at most 4 sqrt(n) eps s_1 / g_i (g_i the gap from s_i to the nearest
+    other singular value), so ||P^T c|_i - |P'^T c|_i| <= |c| 4 sqrt(n) eps s_1 / g_i.  The risk curve
+    may differ by what a perturbation of that size moves it: the tolerance is twice the change that
+    a relative n eps perturbation of W causes (measured here, about 5e-14 of the risk).
+    """
+    from toymodels import plrf
+
+    eps, n = np.finfo(float).eps, min(v, d)
+    new = PowerLawRF(alpha, 0.7, v, d, seed=3)
+    W = new.features
+    noise = np.random.default_rng(1).standard_normal(W.shape)
+    perturbed = PowerLawRF.from_features(alpha, 0.7, W * (1 + n * eps * noise))
+    monkeypatch.setattr(plrf, "_svd_projection", plrf._svd_projection_reference)
+    ref = PowerLawRF(alpha, 0.7, v, d, seed=3)
+    perturbed_ref = PowerLawRF.from_features(alpha, 0.7, perturbed.features)
+    s, s_ref = np.sqrt(new.spectrum), np.sqrt(ref.spectrum)
+    assert s.size == s_ref.size == n
+    bound = 4 * math.sqrt(n) * eps * s_ref[0]
+    np.testing.assert_array_less(np.abs(s - s_ref), bound)
+    pc, pc_ref = (np.abs(m.regression.w_star) * np.sqrt(m.spectrum) for m in (new, ref))  # |P^T c|
+    gaps = np.abs(s_ref[:, None] - s_ref[None, :]) + np.diag(np.full(n, np.inf))
+    np.testing.assert_array_less(np.abs(pc - pc_ref), np.linalg.norm(new._c) * bound / gaps.min(axis=1))
+    assert new.irreducible_risk == pytest.approx(ref.irreducible_risk, rel=1e-12, abs=1e-300)
+    assert np.all(new.regression.w_star >= 0)  # the sign convention p_i^T c >= 0
+    opt = SGD(0.5 * ref.stable_lr(SGD(1.0), 1))
+    curve, curve_ref, curve_perturbed = (m.loss_curve(opt, 1, 10**4).values for m in (new, ref, perturbed_ref))
+    sensitivity = np.max(np.abs(curve_perturbed - curve_ref) / curve_ref)
+    assert 0 < sensitivity < 1e-12
+    assert np.max(np.abs(curve - curve_ref) / curve_ref) <= 2 * sensitivity

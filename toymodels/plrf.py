@@ -25,7 +25,9 @@ sigma^2 is the part of the target outside the span the features can reach.  So t
 exactly the law of online linear regression with input covariance K, teacher theta* and label
 noise sigma (:class:`toymodels.GaussianLinearRegression`), and SGD on theta only ever sees (z, y):
 its iterates have the same law.  In K's eigenbasis K = Q S^2 Q^T the regression has spectrum
-lambda_i = s_i^2 and teacher Q^T theta* = S^-1 P^T c, so lambda_i (Q^T theta*)_i^2 = (P^T c)_i^2.
+lambda_i = s_i^2 and teacher Q^T theta* = S^-1 P^T c, so lambda_i (Q^T theta*)_i^2 = (P^T c)_i^2
+(each pair of singular vectors p_i, q_i is signed so that p_i^T c >= 0: a convention that makes the
+basis, and so the eigenbasis Monte Carlo's sample paths, independent of the SVD algorithm).
 Directions in K's null space (d > v) are never moved by a gradient z (z^T theta - y) and hold no
 part of theta*: they are left out.  The risk is the regression's excess risk plus the irreducible
 risk sigma^2 / 2,
@@ -38,11 +40,12 @@ deterministic equivalent of the spectrum (:func:`deterministic_equivalent`).  Ev
 recursion (:mod:`toymodels.linreg`; closed form for SGD) and adds sigma^2 / 2; weight decay (the
 gradient plus wd theta) is the regression's in K's eigenbasis (the basis is orthogonal, the null
 space stays at 0), so its long-run mean is the ridge solution (K + wd)^-1 W^T D b; the SVD of the
-``(v, d)`` matrix D^(1/2) W costs O(v d min(v, d)) once (as a QR of [D^(1/2) W, c] and an SVD of
-the d x d triangular factor, which never forms the v x d singular vectors: 1.3 s of CPU at
-v = 2000, d = 1000 against 1.7 s for a plain SVD; about a minute at v = 8192, d = 4096), and is
-used rather than an eigendecomposition of K because it resolves eigenvalues down to
-eps * s_max * s_i instead of eps * s_max^2.
+``(v, d)`` matrix D^(1/2) W costs O(v d min(v, d)) once (as a QR of [D^(1/2) W, c] and a reduction
+of the d x d triangular factor to bidiagonal form, whose SVD rotates the single vector Q^T c instead
+of forming singular vectors: 0.7 s of CPU at v = 2000, d = 1000, one BLAS thread, against 1.2 s
+for the same QR followed by a full SVD and 1.5 s for a plain SVD), and is used rather than an
+eigendecomposition of K because it resolves eigenvalues down to eps * s_max * s_i instead of
+eps * s_max^2.
 
 References:
     E. Paquette, C. Paquette, L. Xiao and J. Pennington, "4+3 Phases of Compute-Optimal Neural
@@ -54,6 +57,8 @@ References:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 import numpy as np
@@ -61,6 +66,7 @@ import scipy.linalg
 import scipy.optimize
 import xarray as xr
 from numba import njit
+from numba.extending import get_cython_function_address
 
 from . import dynamics
 from ._args import (BATCH_SIZE, BATCH_SIZES, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, PROGRESS, SEED, STEP, STEPS,
@@ -175,12 +181,16 @@ class PowerLawRF:
         return self._sqrt_cov[:, None] * self.features
 
     def _setup(self):
-        s, pc, resid_sq = _svd_projection(self._M, self._c)
+        # D^(1/2) W in the order the QR reads: columns of M (v >= d), of M^T (v < d)
+        M = np.empty((self.v, self.d), order="F" if self.v >= self.d else "C")
+        np.multiply(self._sqrt_cov[:, None], self.features, out=M)
+        s, pc, resid_sq = _svd_projection(M, self._c)
         if s.size == 0:
             raise ValueError("`features` must not be zero: K = W^T D W has no nonzero eigenvalue.")
         # rank v: the features span R^v and the residual is zero but for rounding
         self.irreducible_risk = 0.0 if s.size == self.v else 0.5 * resid_sq
-        self.regression = GaussianLinearRegression(s**2, pc / s, math.sqrt(2.0 * self.irreducible_risk))
+        # the sign convention p_i^T c >= 0 (module docstring)
+        self.regression = GaussianLinearRegression(s**2, np.abs(pc) / s, math.sqrt(2.0 * self.irreducible_risk))
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -433,26 +443,93 @@ def _svd_projection(M, c):
     P^T c ``(r,)`` and the squared residual |c - P P^T c|^2, without forming P.
 
     Tall M (v >= d): a Householder QR of [M, c] gives R_aug = [[R, q], [0, rho]] with R ``(d, d)``,
-    q = Q^T c and rho the part of c outside M's column space; then R = U S Q^T (an SVD of a d x d
-    matrix) and P^T c = U^T q.  Wide M: a QR of M^T gives M = R^T Q^T and the SVD of R^T ``(v, v)``
-    has P itself as its left factor.  Orthogonal transformations only, so s is as accurate as an SVD
-    of M (resolved down to eps * s_max * s_i), at O(v d min(v, d)) with a smaller constant: the
-    v x d factors are never formed.  The rank is an SVD's: s_i > s_max * max(v, d) * eps; the
-    directions below it count to the residual.
+    q = Q^T c and rho the part of c outside M's column space; then R = U S Q^T and P^T c = U^T q
+    (:func:`_singular_values_and_projection`, which never forms U).  Wide M: a QR of M^T gives
+    M = R^T Q^T, and the left singular vectors of R^T ``(v, v)`` are P itself.  Orthogonal
+    transformations only, so s is as accurate as an SVD of M (resolved down to eps * s_max * s_i),
+    at O(v d min(v, d)) with a smaller constant: no singular vectors are formed.  The rank is an
+    SVD's: s_i > s_max * max(v, d) * eps; the directions below it count to the residual.
     """
     v, d = M.shape
-    lapack = dict(check_finite=False)
     if v >= d:
-        R = scipy.linalg.qr(np.column_stack([M, c]), mode="r", **lapack)[0]
-        U, s, _ = scipy.linalg.svd(R[:d, :d], lapack_driver="gesdd", **lapack)
+        A = np.empty((v, d + 1), order="F")  # [M, c] in LAPACK's column order, factored in place
+        A[:, :d], A[:, d] = M, c
+        R = scipy.linalg.qr(A, mode="r", overwrite_a=True, check_finite=False)[0]
+        s, pc = _singular_values_and_projection(R[:d, :d], R[:d, d])
+        rho_sq = float(R[d, d]) ** 2 if R.shape[0] > d else 0.0
+    else:
+        R = scipy.linalg.qr(M.T, mode="r", check_finite=False)[0]
+        s, pc = _singular_values_and_projection(R[:v, :v].T, c)
+        rho_sq = 0.0
+    keep = s > (s[0] if s.size else 0.0) * max(v, d) * np.finfo(np.float64).eps
+    return s[keep], pc[keep], rho_sq + float(pc[~keep] @ pc[~keep])
+
+
+def _svd_projection_reference(M, c):
+    """:func:`_svd_projection` by the previous route, a full SVD (dgesdd, U formed) of the QR's
+    triangular factor: the slow reference of the tests and benchmarks/plrf_speed.py."""
+    v, d = M.shape
+    if v >= d:
+        R = scipy.linalg.qr(np.column_stack([M, c]), mode="r", check_finite=False)[0]
+        U, s, _ = scipy.linalg.svd(R[:d, :d], lapack_driver="gesdd", check_finite=False)
         pc = U.T @ R[:d, d]
         rho_sq = float(R[d, d]) ** 2 if R.shape[0] > d else 0.0
     else:
-        R = scipy.linalg.qr(M.T, mode="r", **lapack)[0]
-        U, s, _ = scipy.linalg.svd(R[:v, :v].T, lapack_driver="gesdd", **lapack)
+        R = scipy.linalg.qr(M.T, mode="r", check_finite=False)[0]
+        U, s, _ = scipy.linalg.svd(R[:v, :v].T, lapack_driver="gesdd", check_finite=False)
         pc, rho_sq = U.T @ c, 0.0
     keep = s > (s[0] if s.size else 0.0) * max(v, d) * np.finfo(np.float64).eps
     return s[keep], pc[keep], rho_sq + float(pc[~keep] @ pc[~keep])
+
+
+@functools.cache
+def _lapack(name: str, n_args: int):
+    """The LAPACK routine ``name`` of scipy's own build (:mod:`scipy.linalg.cython_lapack`, 32-bit
+    integers), callable through ctypes with every argument by pointer (Fortran's convention)."""
+    address = get_cython_function_address("scipy.linalg.cython_lapack", name)
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * n_args)(address)
+
+
+def _singular_values_and_projection(A, q):
+    """The singular values s ``(n,)`` of the square A ``(n, n)`` = U S V^T, decreasing, and U^T q
+    ``(n,)``, without forming U or V.
+
+    The route by which LAPACK's least-squares driver dgelss gets U^T b (Anderson et al. 1999, "LAPACK
+    Users' Guide", 3rd ed., the SVD's computational routines): dgebrd reduces A = Q_B B P_B^T with B
+    upper bidiagonal (Householder reflections, 8/3 n^3 flops), dormbr applies Q_B^T to q, and dbdsqr
+    computes B = U_B S V_B^T by implicit-shift QR sweeps (Demmel and Kahan 1990, "Accurate singular
+    values of bidiagonal matrices", SIAM J. Sci. Stat. Comput. 11(5)) whose rotations it applies to
+    the single column Q_B^T q only, giving U^T q = U_B^T Q_B^T q in O(n^2); it sorts s decreasing and
+    permutes the column with it.  The same reduction as an SVD (dgesdd) without the n x n singular
+    vectors: half of dgesdd's time at n = 1000 (0.4 s against 0.8 s of CPU, one thread).  The
+    routines are scipy's own LAPACK, called through ctypes (:func:`_lapack`): scipy.linalg.lapack
+    wraps none of the three.
+    """
+    n = A.shape[0]
+    a = np.array(A, dtype=np.float64, order="F")  # overwritten by the reflectors
+    x = np.array(q, dtype=np.float64).reshape(n, 1)  # overwritten by U^T q
+    s, e = np.empty(n), np.empty(max(n - 1, 1))
+    tauq, taup, one, rotations = np.empty(n), np.empty(n), np.empty(1), np.empty(4 * n)
+    info, query = ctypes.c_int(0), np.empty(1)
+    ptr = lambda arr: arr.ctypes.data  # noqa: E731
+    int_ = lambda i: ctypes.byref(ctypes.c_int(i))  # noqa: E731
+
+    def call(name, *args, workspace=True):
+        fn = _lapack(name, len(args) + 1 + 2 * workspace)
+        if workspace:  # a workspace query first
+            fn(*args, ptr(query), int_(-1), ctypes.byref(info))
+            buf = np.empty(max(1, int(query[0])))
+            fn(*args, ptr(buf), int_(buf.size), ctypes.byref(info))
+        else:
+            fn(*args, ctypes.byref(info))
+        if info.value != 0:
+            raise np.linalg.LinAlgError(f"LAPACK {name} failed (info = {info.value}).")
+
+    call("dgebrd", int_(n), int_(n), ptr(a), int_(n), ptr(s), ptr(e), ptr(tauq), ptr(taup))
+    call("dormbr", b"Q", b"L", b"T", int_(n), int_(1), int_(n), ptr(a), int_(n), ptr(tauq), ptr(x), int_(n))
+    call("dbdsqr", b"U", int_(n), int_(0), int_(0), int_(1), ptr(s), ptr(e), ptr(one), int_(1), ptr(one), int_(1),
+         ptr(x), int_(n), ptr(rotations), workspace=False)
+    return s, x[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

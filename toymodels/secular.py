@@ -149,9 +149,18 @@ def loss_modes(a, u, v, delta, f=None):
             raise ValueError(f"`{name}` must be of the shape of `a` {a.shape}; got {x.shape}.")
     if np.any(u * v < 0):
         raise ValueError("`u` must be of the sign of `v` in every entry (u_i v_i >= 0).")
-    b, W, FU, VD = _merge_poles(a, u * v, f * u, v * np.asarray(delta, dtype=np.float64))
+    mu, (gamma,) = _modes_of_readouts(a, u, v, np.asarray(delta, dtype=np.float64), (f,))
+    return mu, gamma
+
+
+def _modes_of_readouts(a, u, v, delta, reads):
+    """:func:`loss_modes` for several read-outs f at once, the roots mu found once: ``(mu, gammas)``
+    with one ``(n,)`` gamma per entry of ``reads`` (each ``(d,)``).  Arrays as float64, unchecked."""
+    b, W, VD, *FUs = _merge_poles(a, u * v, v * delta, *(f * u for f in reads))
     mu, origin, tau = np.empty(b.size), np.empty(b.size), np.empty(b.size)
     _roots_kernel(b, W, mu, origin, tau)
-    gamma = np.empty(b.size)
-    _coeffs_kernel(b, FU, VD, W, origin, tau, gamma)
-    return mu, gamma
+    gammas = []
+    for FU in FUs:
+        gammas.append(np.empty(b.size))
+        _coeffs_kernel(b, FU, VD, W, origin, tau, gammas[-1])
+    return mu, gammas
