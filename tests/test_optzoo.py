@@ -418,8 +418,11 @@ def test_models_without_the_new_optimizers_refuse_them_by_name():
     from toymodels import FiniteLinearRegression, GaussianLinearRegression
 
     flr = FiniteLinearRegression.gaussian(12, 4, noise_std=0.3, seed=0)
-    with pytest.raises(ValueError, match="weight_decay 0"):
-        flr.loss_at_step(SGD(0.1, weight_decay=0.1), 2.0, 5)
+    for opt in (ScheduleFree(0.1), PolyakAverage(SGD(0.1)), SGD(0.1, precond=0.5)):
+        with pytest.raises(ValueError, match="`optimizer` must be SGD without preconditioning"):
+            flr.loss_at_step(opt, 2.0, 5)
+    # weight decay it takes (tests/test_finite_regression.py)
+    assert math.isfinite(flr.loss_at_step(SGD(0.1, weight_decay=0.1), 2.0, 5))
     # online linear regression runs them (tests/test_linreg_time_varying.py)
     assert np.all(np.isfinite(GaussianLinearRegression.power_law(6, noise_std=0.1).loss_curve(ScheduleFree(0.1), 2,
                                                                                             5).values))
