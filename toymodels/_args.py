@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 from ._validate import MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Instance, Integer, Maybe, Real, Steps
+from .optimizers import _WD as WEIGHT_DECAY  # defined where weight decay is (the optimizers' docstring)
 from .optimizers import Optimizer
 from .schedules import BATCH_SIZE as BATCH_SIZES
 
 __all__ = ["BATCH_SIZE", "BATCH_SIZES", "OPTIMIZER", "TARGET", "SEED", "N_RUNS", "STEPS", "MC_STEPS", "STEP", "LR", "MAYBE_LR",
-           "PROGRESS", "POSITIVE_ARRAY", "MAX_MC_STEPS", "MAX_RUNS"]
+           "PROGRESS", "POSITIVE_ARRAY", "MAX_MC_STEPS", "MAX_RUNS", "WEIGHT_DECAY"]
 
 MAX_RUNS = 10**6  # Monte Carlo runs at once
 MAX_MC_STEPS = 10**8  # Monte Carlo steps (each one costs n_runs x d random draws)

@@ -43,7 +43,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from ._args import BATCH_SIZE, LR, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, SEED, STEP, TARGET
+from ._args import BATCH_SIZE, LR, MAYBE_LR, MC_STEPS, N_RUNS, OPTIMIZER, SEED, STEP, TARGET, WEIGHT_DECAY
 from ._validate import (Array, Boolean, Integer, Maybe, Options, Real, Steps, check_bytes, check_int, check_real,
                         check_steps, validate)
 from .montecarlo import mc_divergence, simulate_finite
@@ -56,7 +56,6 @@ __all__ = ["FiniteLinearRegression"]
 
 MAX_CURVE_STEPS = 10**7  # exact curves step the d x d moments one update at a time
 MAX_OPERATOR_DIM = 32  # steps_to_target / loss_at_step build the (d(d+1)/2 + d + 1)-state moment map
-_WD = Real(0.0, math.inf, high_open=True)  # weight decay
 _SEARCH_DEFAULT = 10**6  # default max_steps of steps_to_target
 _BLOCK = 1024  # steps_to_target evaluates the loss at this many steps per matrix product
 
@@ -353,7 +352,7 @@ class FiniteLinearRegression:
             m, S = step(m, S, lrs[k])
         return loss, sq
 
-    @validate(lr=LR, batch_size=BATCH_SIZE, steps=Steps(MAX_CURVE_STEPS), weight_decay=_WD)
+    @validate(lr=LR, batch_size=BATCH_SIZE, steps=Steps(MAX_CURVE_STEPS), weight_decay=WEIGHT_DECAY)
     def loss_curve(self, lr, batch_size, steps, *, weight_decay: float = 0.0) -> xr.Dataset:
         """Exact expected excess loss of SGD with batches drawn with replacement.
 
@@ -380,7 +379,7 @@ class FiniteLinearRegression:
         return ds
 
     @validate(lr=LR, batch_size=BATCH_SIZE, steps=MC_STEPS, replacement=Boolean(), n_runs=N_RUNS, seed=SEED,
-              weight_decay=_WD)
+              weight_decay=WEIGHT_DECAY)
     def simulate(self, lr, batch_size, steps, *, replacement: bool = True, n_runs: int = 200, seed: int = 0,
                  weight_decay: float = 0.0) -> xr.Dataset:
         """Monte Carlo SGD (numba kernel, explicit seed): batches of B rows drawn with replacement, or without (``replacement=False``:

@@ -35,7 +35,7 @@ import xarray as xr
 from scipy import optimize
 
 from . import _localmin, _schedfree, resume, warmup
-from ._args import BATCH_SIZE, TARGET
+from ._args import BATCH_SIZE, TARGET, WEIGHT_DECAY
 from ._validate import (MAX_EXACT_INT, MAX_STEPS, Array, Boolean, Constraint, Instance, Integer, Maybe, Options, Real,
                         check_int, check_real, validate)
 from .nqm import NQM, check_batch_size
@@ -129,7 +129,6 @@ _PROBLEM = _Problem()
 _FAMILY = Options(*FAMILIES)
 _PRECOND = Real(0.0, 1.0)
 _DECAY = Real(0.0, 1.0, high_open=True)
-_WEIGHT_DECAY = Real(0.0, math.inf, high_open=True)
 _BATCH_SIZES = Array((0, 1), low=1.0, high=float(MAX_EXACT_INT))
 
 
@@ -141,7 +140,7 @@ def _check_problem_family(problem, family):
 
 
 @validate(family=_FAMILY, lr=Real(0.0, math.inf, low_open=True, high_open=True), extra=Maybe(_DECAY),
-          precond=_PRECOND, decay=_DECAY, weight_decay=_WEIGHT_DECAY)
+          precond=_PRECOND, decay=_DECAY, weight_decay=WEIGHT_DECAY)
 def make_optimizer(family: str, lr: float, extra: float | None = None, *, precond: float = 0.5, decay: float = 0.99,
                    weight_decay: float = 0.0):
     """The optimizer of a family: ``extra`` is beta for the momentum families (``"momentum"``,
@@ -694,7 +693,7 @@ def _check_fixed_extra(family, extra):
 
 @validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET, precond=_PRECOND, decay=_DECAY,
           start=Maybe(Array(1, low=-1e3, high=1.0)), coarse=Boolean(), k_floor=Integer(0, MAX_STEPS),
-          extra=Maybe(_DECAY), weight_decay=_WEIGHT_DECAY)
+          extra=Maybe(_DECAY), weight_decay=WEIGHT_DECAY)
 def tune(problem, family, batch_size, target, *, precond: float = 0.5, decay: float = 0.99, start=None,
          coarse: bool = True, k_floor: int = 0, extra: float | None = None, weight_decay: float = 0.0):
     """Fewest steps to ``target`` at one batch size, over the family's hyper-parameters.
@@ -850,7 +849,7 @@ def default_grid(problem, family, *, n_lr: int = 100, n_extra: int = 20, precond
 @validate(problem=_PROBLEM, family=_FAMILY, batch_size=BATCH_SIZE, target=TARGET,
           lr_fractions=Array(1, low=0.0, high=1.0, low_open=True, high_open=True),
           extras=Instance(list, tuple, np.ndarray, what="a list of extras (None, or betas / decays in [0, 1))"),
-          precond=_PRECOND, decay=_DECAY, incumbent=Real(0.0, math.inf), weight_decay=_WEIGHT_DECAY)
+          precond=_PRECOND, decay=_DECAY, incumbent=Real(0.0, math.inf), weight_decay=WEIGHT_DECAY)
 def grid_search(problem, family, batch_size, target, *, lr_fractions, extras, precond=0.5, decay=0.99, incumbent=math.inf,
                 weight_decay=0.0):
     """Exact minimum of steps_to_target over a grid (lr given as fractions of the stability limit).
@@ -907,7 +906,7 @@ def _result_dataset(problem, family, batch_sizes, rows, target, precond, decay, 
 
 @validate(problem=_PROBLEM, family=_FAMILY, batch_sizes=_BATCH_SIZES, target=TARGET, precond=_PRECOND, decay=_DECAY,
           progress=Boolean(), path=Maybe(Instance(str, os.PathLike, what="a path (str or os.PathLike)")),
-          extra=Maybe(_DECAY), weight_decay=_WEIGHT_DECAY)
+          extra=Maybe(_DECAY), weight_decay=WEIGHT_DECAY)
 def batch_size_sweep(problem, family, batch_sizes, target, *, precond: float = 0.5, decay: float = 0.99,
                      progress: bool = True, path: str | os.PathLike | None = None, extra: float | None = None,
                      weight_decay: float = 0.0):
