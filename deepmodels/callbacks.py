@@ -262,7 +262,7 @@ class Probe:
                 (e.g. the step's last micro-batch ``(x, y)``); required on a stats step, else unused.
         """
         step = self.n_steps if step is None else step
-        due = self.stats_every is not None and step % self.stats_every == 0
+        due = self._stats_due(step)
         if due and batch is None:
             raise ValueError(f"`batch` must be given at step {step}: with stats_every={self.stats_every} the "
                              "per-example statistics are measured on it (e.g. the step's last micro-batch).")
@@ -279,7 +279,7 @@ class Probe:
         if self.estimator.n_recorded == 1 and self.estimator.world_size == 1:  # (none: update() says why)
             self._skip(step, "it has a single micro-batch (the two-batch estimate needs two or more)", 1)
             return None
-        est = self.estimator.update(micro_batch_size, step=step, sync=self._joins(step, due))
+        est = self.estimator.update(micro_batch_size, step=step, sync=self._joins(step))
         self.n_steps = step + 1
         if est is None:  # deferred: joined at the next row
             return None
@@ -347,14 +347,17 @@ class Probe:
             ds.attrs["diverged"] = "; ".join(div)
         return ds
 
-    def _joins(self, step: int, due: bool) -> bool:
+    def _stats_due(self, step: int) -> bool:
+        """Whether ``step`` is a stats step (``stats_every`` set and dividing it)."""
+        return self.stats_every is not None and step % self.stats_every == 0
+
+    def _joins(self, step: int) -> bool:
         """Whether ``step`` joins the processes: a row or stats step, or any step of a single process;
         under ``torch.distributed`` the others are deferred (the same decision on every process)."""
-        return self.estimator.world_size == 1 or step % self.every == 0 or due
+        return self.estimator.world_size == 1 or step % self.every == 0 or self._stats_due(step)
 
     def _skip(self, step: int, why: str, micro_batch_size: int) -> None:
-        due = self.stats_every is not None and step % self.stats_every == 0
-        self.estimator.skip(sync=self._joins(step, due))  # contributes the step's sums, as update() would
+        self.estimator.skip(sync=self._joins(step))  # contributes the step's sums, as update() would
         self.n_steps = step + 1
         warnings.warn(f"step {step} skipped by the gradient-noise-scale probe: {why}.", RuntimeWarning, stacklevel=3)
 

@@ -679,7 +679,8 @@ class GradientNoiseScale:
                              "process drops them, the EMA is unchanged.")
         flat = head[6 : 6 + 4 * min(k, _JOIN_ROWS)]
         for start in range(_JOIN_ROWS, k, _JOIN_ROWS):
-            flat += reduce([0.0] * 6, queue[start : start + _JOIN_ROWS])[6 : 6 + 4 * len(queue[start : start + _JOIN_ROWS])]
+            chunk = queue[start : start + _JOIN_ROWS]
+            flat += reduce([0.0] * 6, chunk)[6 : 6 + 4 * len(chunk)]
         rows = [flat[4 * i : 4 * i + 4] for i in range(k)]
         return rows + ([head[:4]] if current is not None else [])
 
