@@ -560,9 +560,8 @@ def _tune_schedule_free_on(problem, bs, target, start, coarse, fixed, weight_dec
     def kappas(thetas, cap_rule):
         """[kappa(theta, cap_rule()) for theta in thetas], the scans side by side (:func:`_side_by_side`)
         where each is long enough to pay for a thread."""
-        if pool is None or not math.isfinite(state["best"]) or len(thetas) < 2:
-            return [kappa(th, cap_rule()) for th in thetas]
-        if (cap_rule() or _SCAN_CAP) * h.size < _SF_PARALLEL_WORK:
+        if (pool is None or not math.isfinite(state["best"]) or len(thetas) < 2
+                or (cap_rule() or _SCAN_CAP) * h.size < _SF_PARALLEL_WORK):
             return [kappa(th, cap_rule()) for th in thetas]
         return _side_by_side(raw, thetas, lambda: cap_rule() or _SCAN_CAP, record, pool)
 
